@@ -1,0 +1,340 @@
+//! Subcommands → functions. Errors are one line on stderr; exit code 2 for bad configuration
+//! or arguments, 1 for everything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, AppError};
+use crate::auth::{self, AuthError, KeyRequest};
+use crate::billing::money::{self, MoneyError};
+use crate::config::{ConfigError, Settings};
+use crate::db::{DbError, DbPool, queries};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "turnpike",
+    version,
+    about = "Relay for the OpenAI Responses API WebSocket mode"
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it: built-in defaults plus TURNPIKE_* variables.
+    #[arg(long, global = true, env = "TURNPIKE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (applies pending migrations first unless database.migrate_on_start=false).
+    Serve,
+    /// Apply pending database migrations and exit (idempotent).
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user (no balance limit unless --balance-usd).
+    Create {
+        name: String,
+        /// Prepaid balance in USD, e.g. 25 or 0.50.
+        #[arg(long, value_name = "USD", allow_hyphen_values = true)]
+        balance_usd: Option<String>,
+    },
+    /// List users.
+    List,
+    /// Set a user's prepaid balance in USD ("none" removes the limit).
+    SetBalance {
+        name: String,
+        #[arg(allow_hyphen_values = true)]
+        usd: String,
+    },
+    /// Refuse every key of a user from the next connect or turn on.
+    Disable { name: String },
+    /// Re-enable a disabled user.
+    Enable { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints the key, and only the key, on stdout. It is not shown again.
+    Create {
+        #[arg(long)]
+        user: String,
+        /// Spending cap of this key in USD.
+        #[arg(long, value_name = "USD", allow_hyphen_values = true)]
+        quota_usd: Option<String>,
+        /// Most client WebSockets open at once with this key.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+        max_sessions: Option<i32>,
+        /// Most turns in flight at once with this key.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+        max_concurrent_turns: Option<i32>,
+        /// Free-text label.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List keys (prefixes only; keys are never stored).
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a key by id.
+    Revoke { id: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    BadValue(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::BadValue(_) => 2,
+            CliError::App(AppError::Config(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn usd_arg(flag: &str, text: &str) -> Result<i64, CliError> {
+    money::parse_usd(text).map_err(|e: MoneyError| CliError::BadValue(format!("{flag}: {e}")))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Serve | Command::Migrate) {
+        crate::telemetry::init(&settings.log);
+    }
+    // Actors, awc and the pool's PostgreSQL drivers need an actix System.
+    actix_web::rt::System::new().block_on(dispatch(cli.command, settings))
+}
+
+async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> {
+    match command {
+        Command::Serve => {
+            rustls_provider();
+            Ok(app::serve(settings).await?)
+        }
+        Command::Migrate => {
+            let db = app::open_database(&settings, true).await?;
+            eprintln!("migrations up to date ({})", db.backend());
+            Ok(())
+        }
+        Command::Users(cmd) => {
+            let db = app::open_database(&settings, true).await?;
+            users(&db, cmd).await
+        }
+        Command::Keys(cmd) => {
+            let db = app::open_database(&settings, true).await?;
+            keys(&db, cmd).await
+        }
+    }
+}
+
+/// awc's rustls connector needs a process-wide crypto provider.
+fn rustls_provider() {
+    // Err only means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+async fn users(db: &DbPool, cmd: UsersCommand) -> Result<(), CliError> {
+    let no_user = |name: &str| CliError::NotFound(format!("no user named {name:?}"));
+    match cmd {
+        UsersCommand::Create { name, balance_usd } => {
+            let name = name.trim().to_string();
+            if name.is_empty() {
+                return Err(CliError::BadValue("user name must not be empty".into()));
+            }
+            let balance = balance_usd
+                .map(|b| usd_arg("--balance-usd", &b))
+                .transpose()?;
+            let user = queries::users::create(db, &name, balance)
+                .await
+                .map_err(|e| {
+                    if e.is_unique_violation() {
+                        CliError::BadValue(format!("user {name:?} exists already"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            eprintln!("created user {} (id {})", user.name, user.id);
+        }
+        UsersCommand::List => {
+            let rows = queries::users::list(db).await?;
+            let table = rows.iter().map(|u| {
+                vec![
+                    u.id.to_string(),
+                    u.name.clone(),
+                    if u.enabled { "yes" } else { "no" }.into(),
+                    opt_usd(u.balance_nanousd),
+                    u.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ]
+            });
+            print_table(
+                &["ID", "NAME", "ENABLED", "BALANCE_USD", "CREATED_UTC"],
+                table,
+            );
+        }
+        UsersCommand::SetBalance { name, usd } => {
+            let balance = match usd.trim() {
+                "none" | "unlimited" => None,
+                text => Some(usd_arg("USD", text)?),
+            };
+            if !queries::users::set_balance(db, &name, balance).await? {
+                return Err(no_user(&name));
+            }
+            eprintln!("balance of {name}: {}", opt_usd(balance));
+        }
+        UsersCommand::Disable { name } => {
+            if !queries::users::set_enabled(db, &name, false).await? {
+                return Err(no_user(&name));
+            }
+            eprintln!("disabled {name}");
+        }
+        UsersCommand::Enable { name } => {
+            if !queries::users::set_enabled(db, &name, true).await? {
+                return Err(no_user(&name));
+            }
+            eprintln!("enabled {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
+    match cmd {
+        KeysCommand::Create {
+            user,
+            quota_usd,
+            max_sessions,
+            max_concurrent_turns,
+            label,
+        } => {
+            let owner = queries::users::by_name(db, &user)
+                .await?
+                .ok_or_else(|| CliError::NotFound(format!("no user named {user:?}")))?;
+            let req = KeyRequest {
+                label,
+                quota_nanousd: quota_usd.map(|q| usd_arg("--quota-usd", &q)).transpose()?,
+                max_sessions,
+                max_concurrent_turns,
+            };
+            let (key, row) = auth::create_key(db, owner.id, &req).await?;
+            // The key goes to stdout alone so that `KEY=$(turnpike keys create …)` works.
+            println!("{key}");
+            eprintln!(
+                "created key {} ({}…) for {}; it is not shown again",
+                row.id, row.key_prefix, owner.name
+            );
+        }
+        KeysCommand::List { user } => {
+            let rows = queries::keys::list(db, user.as_deref()).await?;
+            let table = rows.iter().map(|(k, owner)| {
+                vec![
+                    k.id.to_string(),
+                    owner.clone(),
+                    format!("{}…", k.key_prefix),
+                    k.label.clone().unwrap_or_default(),
+                    opt_usd(k.quota_nanousd),
+                    money::format_usd(k.spent_nanousd),
+                    opt_num(k.max_sessions),
+                    opt_num(k.max_concurrent_turns),
+                    if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                    .into(),
+                    k.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ]
+            });
+            print_table(
+                &[
+                    "ID",
+                    "USER",
+                    "PREFIX",
+                    "LABEL",
+                    "QUOTA_USD",
+                    "SPENT_USD",
+                    "MAX_SESSIONS",
+                    "MAX_TURNS",
+                    "STATE",
+                    "CREATED_UTC",
+                ],
+                table,
+            );
+        }
+        KeysCommand::Revoke { id } => {
+            if !queries::keys::revoke(db, id).await? {
+                return Err(CliError::NotFound(format!(
+                    "no active key with id {id} (see `turnpike keys list`)"
+                )));
+            }
+            eprintln!("revoked key {id}");
+        }
+    }
+    Ok(())
+}
+
+fn opt_usd(nanos: Option<i64>) -> String {
+    nanos.map_or_else(|| "-".into(), money::format_usd)
+}
+
+fn opt_num(n: Option<i32>) -> String {
+    n.map_or_else(|| "-".into(), |n| n.to_string())
+}
+
+/// Left-aligned columns separated by two spaces.
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

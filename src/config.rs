@@ -1,0 +1,385 @@
+//! Settings: defaults in code, then a TOML file, then `TURNPIKE_<SECTION>__<KEY>` environment
+//! overrides. Every problem is reported as one line naming the key (exit code 2 in the CLI).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; `__` separates the section from the key.
+pub const ENV_PREFIX: &str = "TURNPIKE_";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub accounts: Vec<AccountSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Client-facing listener.
+    pub bind: SocketAddr,
+    /// actix-web worker threads; 0 = one per core.
+    pub workers: usize,
+    /// How long a graceful stop waits for open connections before dropping them.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` (the default, a file under `./data/`) or `postgres://…`.
+    pub url: String,
+    pub pool_max_size: usize,
+    /// Wait for a pooled connection / for a new connection to open.
+    pub connect_timeout_ms: u64,
+    /// SQLite only: how long a writer waits on a locked database.
+    pub sqlite_busy_timeout_ms: u64,
+    /// Apply pending migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Admin API listener; loopback by default.
+    pub bind: SocketAddr,
+    /// Bearer token for the admin API; empty disables the admin API.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `turnpike=debug,actix_web=warn`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// One upstream account: a credential and the pool of upstream sockets opened with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    pub name: String,
+    /// The HTTP base, e.g. `http://127.0.0.1:18080/v1`; the WebSocket URL is derived from it.
+    pub base_url: String,
+    /// Name of the environment variable holding the account's API key (preferred).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The API key itself (for local setups; prefer `api_key_env`).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Most upstream sockets open at once for this account.
+    #[serde(default = "default_max_conns")]
+    pub max_conns: usize,
+}
+
+fn default_max_conns() -> usize {
+    16
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: 0,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/turnpike.db".into(),
+            pool_max_size: 8,
+            connect_timeout_ms: 5_000,
+            sqlite_busy_timeout_ms: 5_000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            token: String::new(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, rendered as one line: `config: <key>: <problem> (<where>)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config: {key}: {problem}{}", origin.as_ref().map(|o| format!(" (in {o})")).unwrap_or_default())]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub origin: Option<String>,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+            origin: None,
+        }
+    }
+
+    fn from_figment(err: figment::Error) -> Self {
+        use figment::error::Kind;
+        let origin = err.metadata.as_ref().map(|m| match &m.source {
+            Some(source) => source.to_string(),
+            None => m.name.to_string(),
+        });
+        let mut path = err.path.join(".");
+        let problem = match &err.kind {
+            // Name the offending key itself, not only its parent table.
+            Kind::UnknownField(field, _) => {
+                path = join_key(&path, field);
+                "unknown key".to_string()
+            }
+            Kind::MissingField(field) => {
+                path = join_key(&path, field);
+                "missing required key".to_string()
+            }
+            other => one_line(&other.to_string()),
+        };
+        Self {
+            key: if path.is_empty() {
+                "(file)".into()
+            } else {
+                path
+            },
+            problem,
+            origin,
+        }
+    }
+}
+
+/// Parser messages draw a source excerpt over several lines; keep the words, drop the drawing.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|'))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// `parent.field`, unless figment's path already ends with the field.
+fn join_key(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else if path == field || path.ends_with(&format!(".{field}")) {
+        path.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+impl Settings {
+    /// Defaults, then the TOML file (which must exist when named), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("no such file: {}", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only `SECTION__KEY` variables are settings; `TURNPIKE_CONFIG` and test variables are not.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        let settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks no serde type can express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        DatabaseTarget::parse(&self.database.url)?;
+        if self.database.pool_max_size == 0 {
+            return Err(ConfigError::new(
+                "database.pool_max_size",
+                "must be at least 1",
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::new("log.level", "must not be empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, account) in self.accounts.iter().enumerate() {
+            let key = |field: &str| format!("accounts[{i}].{field}");
+            if account.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if !seen.insert(account.name.as_str()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate account name {:?}", account.name),
+                ));
+            }
+            if !(account.base_url.starts_with("http://")
+                || account.base_url.starts_with("https://"))
+            {
+                return Err(ConfigError::new(
+                    key("base_url"),
+                    "must start with http:// or https://",
+                ));
+            }
+            if account.api_key_env.is_none() && account.api_key.is_none() {
+                return Err(ConfigError::new(
+                    key("api_key_env"),
+                    "set api_key_env or api_key",
+                ));
+            }
+            if account.max_conns == 0 {
+                return Err(ConfigError::new(key("max_conns"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which database a `database.url` selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Postgres(String),
+    Sqlite(PathBuf),
+}
+
+impl DatabaseTarget {
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_string()));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "database.url",
+                    format!("expected sqlite://PATH or postgres://…, got {url:?}"),
+                )
+            })?;
+        if path.is_empty() || path == ":memory:" {
+            // Every pooled connection would see its own empty in-memory database.
+            return Err(ConfigError::new(
+                "database.url",
+                "SQLite needs a file path (in-memory databases are not shared by the pool)",
+            ));
+        }
+        Ok(Self::Sqlite(PathBuf::from(path)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(
+            DatabaseTarget::parse("sqlite://data/t.db").unwrap(),
+            DatabaseTarget::Sqlite("data/t.db".into())
+        );
+        assert_eq!(
+            DatabaseTarget::parse("sqlite:/tmp/x.db").unwrap(),
+            DatabaseTarget::Sqlite("/tmp/x.db".into())
+        );
+        assert!(matches!(
+            DatabaseTarget::parse("postgres://u@h/db").unwrap(),
+            DatabaseTarget::Postgres(_)
+        ));
+        assert_eq!(
+            DatabaseTarget::parse("mysql://x").unwrap_err().key,
+            "database.url"
+        );
+        assert!(DatabaseTarget::parse("sqlite://:memory:").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Settings::default().validate().unwrap();
+        assert_eq!(
+            Settings::default().server.bind.to_string(),
+            "127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn duplicate_accounts_are_named() {
+        let mut s = Settings::default();
+        let a = AccountSettings {
+            name: "a".into(),
+            base_url: "http://x/v1".into(),
+            api_key_env: Some("K".into()),
+            api_key: None,
+            max_conns: 1,
+        };
+        s.accounts = vec![a.clone(), a];
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.key, "accounts[1].name");
+    }
+}
+
+#[cfg(test)]
+mod shipped_file_tests {
+    use super::*;
+
+    /// `config/turnpike.toml` sets every key to its default, so the file is the reference.
+    #[test]
+    fn reference_file_documents_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/turnpike.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed: Settings = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        assert_eq!(parsed, Settings::default());
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for (section, keys) in defaults.as_object().unwrap() {
+            let Some(keys) = keys.as_object() else {
+                continue;
+            };
+            let body = text
+                .split(&format!("[{section}]\n"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("no [{section}] in turnpike.toml"));
+            for key in keys.keys() {
+                assert!(
+                    body.contains(&format!("\n{key} = ")),
+                    "{section}.{key} undocumented"
+                );
+            }
+        }
+    }
+}

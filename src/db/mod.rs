@@ -1,0 +1,36 @@
+//! Database access on SQLite (embedded default) and PostgreSQL through one pool enum.
+//! `queries` is the only place that builds SQL; everything else calls its functions.
+
+/// Runs `$body` with `$c` bound to a pooled connection of the pool's concrete backend type.
+/// The body is expanded once per backend, so one query function serves both.
+macro_rules! with_conn {
+    ($pool:expr, |$c:ident| $body:expr) => {
+        match $pool {
+            $crate::db::DbPool::Postgres(p) => {
+                let mut obj = p.get().await?;
+                let $c: &mut ::diesel_async::AsyncPgConnection = &mut obj;
+                $body
+            }
+            $crate::db::DbPool::Sqlite(p) => {
+                let mut obj = p.get().await?;
+                let $c: &mut $crate::db::SqliteConn = &mut obj;
+                $body
+            }
+        }
+    };
+}
+
+pub mod error;
+pub mod migrate;
+pub mod models;
+pub mod pool;
+pub mod queries;
+pub mod schema;
+
+pub use error::DbError;
+pub use pool::{DbPool, SqliteConn};
+
+/// Current UTC time as stored in `TIMESTAMP` columns on both backends.
+pub fn now() -> chrono::NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}

@@ -1,0 +1,85 @@
+//! Rows as Rust types. `check_for_backend` makes a type that breaks on either backend fail to
+//! compile.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+
+use super::schema::{api_keys, users};
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub enabled: bool,
+    /// `None`: no balance limit.
+    pub balance_nanousd: Option<i64>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = users)]
+pub struct NewUser<'a> {
+    pub name: &'a str,
+    pub enabled: bool,
+    pub balance_nanousd: Option<i64>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = api_keys, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct ApiKey {
+    pub id: i64,
+    pub user_id: i64,
+    pub key_hash: String,
+    pub key_prefix: String,
+    pub label: Option<String>,
+    /// `None`: no spending cap.
+    pub quota_nanousd: Option<i64>,
+    pub spent_nanousd: i64,
+    pub max_sessions: Option<i32>,
+    pub max_concurrent_turns: Option<i32>,
+    pub created_at: NaiveDateTime,
+    pub revoked_at: Option<NaiveDateTime>,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = api_keys)]
+pub struct NewApiKey<'a> {
+    pub user_id: i64,
+    pub key_hash: &'a str,
+    pub key_prefix: &'a str,
+    pub label: Option<&'a str>,
+    pub quota_nanousd: Option<i64>,
+    pub spent_nanousd: i64,
+    pub max_sessions: Option<i32>,
+    pub max_concurrent_turns: Option<i32>,
+    pub created_at: NaiveDateTime,
+}
+
+/// One row of the `billing_compensation_backlog` view.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable)]
+pub struct BacklogRow {
+    pub status: String,
+    pub rows_count: i64,
+    pub amount_nanousd: i64,
+    pub oldest_created_at: Option<NaiveDateTime>,
+    pub oldest_age_s: i64,
+    pub max_attempts: Option<i32>,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = super::schema::billing_compensations)]
+pub struct NewCompensation<'a> {
+    pub request_id: &'a str,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub amount_nanousd: i64,
+    pub status: &'a str,
+    pub next_attempt_at: Option<NaiveDateTime>,
+    pub last_error: Option<&'a str>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}

@@ -1,0 +1,6 @@
+//! Query functions, each working on both backends. Grouped by table.
+
+pub mod billing;
+pub mod health;
+pub mod keys;
+pub mod users;

@@ -1,0 +1,22 @@
+//! turnpike: a relay server for the OpenAI Responses API WebSocket mode.
+//!
+//! Module map (data flows top to bottom; a lower module never imports a higher one):
+//! - [`cli`]: subcommands → functions.
+//! - [`app`]: wiring and order of startup and shutdown.
+//! - [`http`]: health, readiness, HTTP JSON errors.
+//! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
+//! - [`protocol`]: wire facts, all pure: the error table.
+//! - [`billing`]: money in integer nano-USD.
+//! - [`db`]: schema, migrations, the backend enum, query functions.
+//! - [`config`]: settings, defaults, loading, validation errors.
+//! - [`telemetry`]: tracing setup.
+
+pub mod app;
+pub mod auth;
+pub mod billing;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod protocol;
+pub mod telemetry;

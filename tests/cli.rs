@@ -1,0 +1,387 @@
+//! The real binary: key management, configuration errors, and `serve`'s probes and shutdown.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, turnpike};
+use turnpike::auth::{self, AuthError};
+
+fn run(db: &TestDb, args: &[&str]) -> Output {
+    turnpike()
+        .env("TURNPIKE_DATABASE__URL", &db.url)
+        .args(args)
+        .output()
+        .expect("run turnpike")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[actix_web::test]
+async fn key_lifecycle_through_the_binary() {
+    for db in TestDb::all().await {
+        let b = db.backend;
+        let out = run(&db, &["users", "create", "alice", "--balance-usd", "12.5"]);
+        assert!(out.status.success(), "{b}: {}", stderr(&out));
+        assert!(
+            stdout(&out).is_empty(),
+            "users create prints nothing on stdout"
+        );
+
+        let out = run(
+            &db,
+            &[
+                "keys",
+                "create",
+                "--user",
+                "alice",
+                "--quota-usd",
+                "3",
+                "--max-sessions",
+                "2",
+            ],
+        );
+        assert!(out.status.success(), "{b}: {}", stderr(&out));
+        let printed = stdout(&out);
+        // stdout is the key and nothing else.
+        let key = printed.strip_suffix('\n').expect("newline-terminated");
+        assert!(key.starts_with(auth::KEY_SCHEME) && !key.contains(char::is_whitespace));
+        assert!(
+            !stderr(&out).contains(key),
+            "the key must not reach the log"
+        );
+
+        let listing = stdout(&run(&db, &["keys", "list"]));
+        assert!(
+            listing.contains("alice") && listing.contains("active"),
+            "{listing}"
+        );
+        assert!(listing.contains(&key[..12]), "prefix shown: {listing}");
+        assert!(!listing.contains(key), "full key never listed");
+        let users = stdout(&run(&db, &["users", "list"]));
+        assert!(users.contains("alice") && users.contains("12.5"), "{users}");
+
+        // The server's own lookup accepts the key…
+        let pool = db.pool();
+        let p = auth::authenticate(&pool, key)
+            .await
+            .expect("fresh key authenticates");
+        assert_eq!((p.user_name.as_str(), p.max_sessions), ("alice", Some(2)));
+        let id = p.key_id.to_string();
+
+        // …until it is revoked.
+        let out = run(&db, &["keys", "revoke", &id]);
+        assert!(out.status.success(), "{b}: {}", stderr(&out));
+        assert!(matches!(
+            auth::authenticate(&pool, key).await,
+            Err(AuthError::Revoked)
+        ));
+        assert!(stdout(&run(&db, &["keys", "list"])).contains("revoked"));
+
+        let again = run(&db, &["keys", "revoke", &id]);
+        assert_eq!(again.status.code(), Some(1), "{b}");
+        assert_eq!(stderr(&again).lines().count(), 1, "{}", stderr(&again));
+
+        // Balance 0 refuses the (new) key of the user.
+        let key2 = stdout(&run(&db, &["keys", "create", "--user", "alice"]));
+        let out = run(&db, &["users", "set-balance", "alice", "0"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(matches!(
+            auth::authenticate(&pool, key2.trim()).await,
+            Err(AuthError::BalanceExhausted)
+        ));
+        let out = run(&db, &["users", "set-balance", "alice", "none"]);
+        assert!(out.status.success());
+        auth::authenticate(&pool, key2.trim())
+            .await
+            .expect("no balance limit");
+        drop(pool);
+        db.cleanup().await;
+    }
+}
+
+#[test]
+fn management_errors_are_one_line() {
+    let db = TestDb::sqlite();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["keys", "create", "--user", "nobody"],
+            1,
+            "no user named \"nobody\"",
+        ),
+        (&["users", "set-balance", "nobody", "1"], 1, "no user named"),
+        (
+            &["users", "create", "x", "--balance-usd", "1.2.3"],
+            2,
+            "--balance-usd",
+        ),
+        (
+            &["users", "create", "x", "--balance-usd", "-4"],
+            2,
+            "must not be negative",
+        ),
+        (&["users", "create", "  "], 2, "must not be empty"),
+    ];
+    for (args, code, needle) in cases {
+        let out = run(&db, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    let out = run(&db, &["users", "create", "x"]);
+    assert!(out.status.success());
+    let out = run(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--user",
+            "x",
+            "--quota-usd",
+            "0.0000000001",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("more than 9 decimals"));
+    assert!(stdout(&out).is_empty(), "no key printed on failure");
+}
+
+fn config_error(toml: Option<&str>, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = turnpike();
+    cmd.current_dir(dir.path()).arg("migrate");
+    if let Some(text) = toml {
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, text).unwrap();
+        cmd.arg("--config").arg(&path);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+/// (file text, environment, expected words of the error line)
+type ConfigCase<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn config_errors_name_the_key_and_exit_2() {
+    let cases: &[ConfigCase] = &[
+        (
+            Some("[server]\nbnd = \"127.0.0.1:1\"\n"),
+            &[],
+            "server.bnd: unknown key",
+        ),
+        (
+            Some("[sever]\nbind = \"127.0.0.1:1\"\n"),
+            &[],
+            "sever: unknown key",
+        ),
+        (Some("[server]\nbind = \"nope\"\n"), &[], "server.bind:"),
+        (
+            Some("[database]\npool_max_size = -1\n"),
+            &[],
+            "database.pool_max_size:",
+        ),
+        (
+            Some("[database]\nurl = \"mysql://x\"\n"),
+            &[],
+            "database.url:",
+        ),
+        (Some("[log]\nformat = \"xml\"\n"), &[], "log.format:"),
+        (
+            Some("[[accounts]]\nname = \"a\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n"),
+            &[],
+            "accounts[0].base_url:",
+        ),
+        (
+            Some("[[accounts]]\nbase_url = \"http://x\"\n"),
+            &[],
+            "accounts",
+        ),
+        (Some("this is [not toml"), &[], "config:"),
+        (None, &[("TURNPIKE_SERVER__BIND", "x:y")], "server.bind:"),
+        (
+            None,
+            &[("TURNPIKE_ADMIN__BOGUS", "1")],
+            "admin.bogus: unknown key",
+        ),
+    ];
+    for (toml, env, needle) in cases {
+        let (code, err) = config_error(*toml, env);
+        assert_eq!(code, Some(2), "{toml:?} {env:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line, got: {err}");
+        assert!(
+            err.contains(needle),
+            "{toml:?} {env:?}: expected {needle:?} in {err}"
+        );
+    }
+    let (code, err) = config_error(None, &[("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no such file"), "{err}");
+}
+
+#[test]
+fn shipped_configs_load() {
+    for file in ["config/turnpike.toml", "config/demo.toml"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let out = turnpike()
+            .current_dir(dir.path())
+            .env(
+                "TURNPIKE_DATABASE__URL",
+                format!("sqlite://{}/t.db", dir.path().display()),
+            )
+            .arg("--config")
+            .arg(&path)
+            .arg("migrate")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+    }
+}
+
+/// A `turnpike serve` child on a free port.
+struct Server {
+    child: Child,
+    addr: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(db_url: &str, extra_env: &[(&str, &str)]) -> Server {
+        let mut cmd = turnpike();
+        cmd.env("TURNPIKE_DATABASE__URL", db_url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .env("TURNPIKE_SERVER__WORKERS", "1")
+            .env("TURNPIKE_SERVER__SHUTDOWN_GRACE_MS", "2000")
+            .args(["serve"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            log: rx,
+        };
+        server.addr = server.wait_for_address();
+        server
+    }
+
+    fn wait_for_address(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server did not report its address");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let status = raw[9..12].parse().unwrap();
+        let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn terminate(&mut self) -> (Option<i32>, Duration, Vec<String>) {
+        let t0 = Instant::now();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let status = self.child.wait().unwrap();
+        // The reader thread ends at EOF, after the child's last line.
+        let log = self.log.iter().collect();
+        (status.code(), t0.elapsed(), log)
+    }
+}
+
+impl Drop for Server {
+    /// A failed assertion must not leave a server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[actix_web::test]
+async fn serve_probes_and_graceful_stop() {
+    for db in TestDb::all().await {
+        let mut server = Server::start(&db.url, &[]);
+        let (code, body) = server.get("/healthz");
+        assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+        let (code, body) = server.get("/readyz");
+        assert_eq!(code, 200, "{}: {body}", db.backend);
+        assert_eq!(body["database"], db.backend);
+        let (code, status, log) = server.terminate();
+        assert_eq!(code, Some(0), "{log:?}");
+        assert!(status < Duration::from_secs(10), "stop took {status:?}");
+        assert!(log.iter().any(|l| l.contains("SIGTERM")), "{log:?}");
+        db.cleanup().await;
+    }
+}
+
+#[test]
+fn readyz_reports_pending_migrations() {
+    let db = TestDb::sqlite();
+    let mut server = Server::start(&db.url, &[("TURNPIKE_DATABASE__MIGRATE_ON_START", "false")]);
+    let (code, body) = server.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "not_ready");
+    assert_eq!(body["error"]["type"], "service_unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("migrations pending")
+    );
+    assert_eq!(server.get("/healthz").0, 200, "alive while not ready");
+
+    // Migrating from the side makes the running server ready.
+    let out = run(&db, &["migrate"]);
+    assert!(out.status.success());
+    assert_eq!(server.get("/readyz").0, 200);
+    server.terminate();
+}

@@ -1,0 +1,281 @@
+//! Every query function, on SQLite and (when `TURNPIKE_TEST_PG_URL` is set) PostgreSQL.
+
+mod common;
+
+use common::{TestDb, on_each_backend};
+use turnpike::auth::{self, AuthError, KeyRequest};
+use turnpike::db::models::NewCompensation;
+use turnpike::db::{migrate, now, queries};
+
+#[actix_web::test]
+async fn migrations_are_idempotent_and_complete() {
+    for db in TestDb::all().await {
+        let pool = db.pool();
+        assert!(
+            !migrate::pending(&pool).await.unwrap().is_empty(),
+            "{}",
+            db.backend
+        );
+        let first = migrate::run_pending(&pool).await.unwrap();
+        assert_eq!(first, vec!["20261122000001".to_string()], "{}", db.backend);
+        let second = migrate::run_pending(&pool).await.unwrap();
+        assert!(
+            second.is_empty(),
+            "{}: second run applied {second:?}",
+            db.backend
+        );
+        assert!(migrate::pending(&pool).await.unwrap().is_empty());
+        queries::health::ping(&pool).await.unwrap();
+        drop(pool);
+        db.cleanup().await;
+    }
+}
+
+#[actix_web::test]
+async fn users_create_list_balance_enable() {
+    on_each_backend(|pool| async move {
+        let alice = queries::users::create(&pool, "alice", Some(5_000_000_000))
+            .await
+            .unwrap();
+        assert!(alice.enabled);
+        assert_eq!(alice.balance_nanousd, Some(5_000_000_000));
+        let bob = queries::users::create(&pool, "bob", None).await.unwrap();
+        assert!(bob.id > alice.id);
+        let dup = queries::users::create(&pool, "alice", None)
+            .await
+            .unwrap_err();
+        assert!(dup.is_unique_violation(), "{dup}");
+
+        let names: Vec<String> = queries::users::list(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["alice", "bob"]);
+
+        assert!(
+            queries::users::set_balance(&pool, "bob", Some(7))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !queries::users::set_balance(&pool, "nobody", Some(7))
+                .await
+                .unwrap()
+        );
+        let bob = queries::users::by_name(&pool, "bob")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bob.balance_nanousd, Some(7));
+        assert!(
+            queries::users::set_balance(&pool, "bob", None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            queries::users::set_enabled(&pool, "bob", false)
+                .await
+                .unwrap()
+        );
+        let bob = queries::users::by_name(&pool, "bob")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((bob.balance_nanousd, bob.enabled), (None, false));
+        assert!(
+            !queries::users::set_enabled(&pool, "nobody", true)
+                .await
+                .unwrap()
+        );
+        assert!(
+            queries::users::by_name(&pool, "nobody")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn keys_store_only_hashes_and_authenticate() {
+    on_each_backend(|pool| async move {
+        let user = queries::users::create(&pool, "carol", None).await.unwrap();
+        let req = KeyRequest {
+            label: Some("laptop".into()),
+            quota_nanousd: Some(1_000),
+            max_sessions: Some(2),
+            max_concurrent_turns: Some(1),
+        };
+        let (key, row) = auth::create_key(&pool, user.id, &req).await.unwrap();
+        assert_eq!(row.key_hash, auth::hash_key(&key));
+        assert_ne!(row.key_hash, key);
+        assert!(key.starts_with(&row.key_prefix));
+        assert!(
+            row.key_prefix.len() < key.len() / 2,
+            "prefix must not reveal the key"
+        );
+
+        let p = auth::authenticate(&pool, &key).await.unwrap();
+        assert_eq!(
+            (p.key_id, p.user_id, p.user_name.as_str()),
+            (row.id, user.id, "carol")
+        );
+        assert_eq!((p.max_sessions, p.max_concurrent_turns), (Some(2), Some(1)));
+
+        let (found, owner) = queries::keys::by_id(&pool, row.id).await.unwrap().unwrap();
+        assert_eq!((found.id, owner.id), (row.id, user.id));
+        assert!(
+            queries::keys::by_id(&pool, row.id + 100)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // A near miss is not a key.
+        let mut wrong = key.clone();
+        wrong.pop();
+        wrong.push('x');
+        assert!(matches!(
+            auth::authenticate(&pool, &wrong).await,
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(
+            auth::authenticate(&pool, "").await,
+            Err(AuthError::Missing)
+        ));
+
+        let other = queries::users::create(&pool, "dave", None).await.unwrap();
+        auth::create_key(&pool, other.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(queries::keys::list(&pool, None).await.unwrap().len(), 2);
+        let carols = queries::keys::list(&pool, Some("carol")).await.unwrap();
+        assert_eq!(carols.len(), 1);
+        assert_eq!(carols[0].1, "carol");
+
+        // A disabled owner refuses the key; enabling restores it.
+        queries::users::set_enabled(&pool, "carol", false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            auth::authenticate(&pool, &key).await,
+            Err(AuthError::UserDisabled)
+        ));
+        queries::users::set_enabled(&pool, "carol", true)
+            .await
+            .unwrap();
+
+        assert!(queries::keys::revoke(&pool, row.id).await.unwrap());
+        assert!(
+            !queries::keys::revoke(&pool, row.id).await.unwrap(),
+            "second revoke"
+        );
+        assert!(matches!(
+            auth::authenticate(&pool, &key).await,
+            Err(AuthError::Revoked)
+        ));
+        assert!(
+            queries::keys::list(&pool, Some("carol")).await.unwrap()[0]
+                .0
+                .revoked_at
+                .is_some()
+        );
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn balance_exhausted_user_is_refused() {
+    on_each_backend(|pool| async move {
+        let user = queries::users::create(&pool, "erin", Some(0))
+            .await
+            .unwrap();
+        let (key, _) = auth::create_key(&pool, user.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            auth::authenticate(&pool, &key).await,
+            Err(AuthError::BalanceExhausted)
+        ));
+        queries::users::set_balance(&pool, "erin", Some(1))
+            .await
+            .unwrap();
+        auth::authenticate(&pool, &key).await.unwrap();
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn compensation_backlog_view_answers() {
+    on_each_backend(|pool| async move {
+        assert!(
+            queries::billing::compensation_backlog(&pool)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let user = queries::users::create(&pool, "fay", None).await.unwrap();
+        let (_, key) = auth::create_key(&pool, user.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        let row = |request_id: &'static str, amount: i64, status: &'static str| NewCompensation {
+            request_id,
+            api_key_id: key.id,
+            user_id: user.id,
+            amount_nanousd: amount,
+            status,
+            next_attempt_at: Some(now()),
+            last_error: Some("serialization failure"),
+            created_at: now() - chrono::Duration::seconds(120),
+            updated_at: now(),
+        };
+        assert!(
+            queries::billing::insert_compensation(&pool, &row("resp_1", 100, "pending"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            queries::billing::insert_compensation(&pool, &row("resp_2", 250, "pending"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            queries::billing::insert_compensation(&pool, &row("resp_3", 7, "dead"))
+                .await
+                .unwrap()
+        );
+        // The same (request_id, api_key_id) again is ignored, not doubled.
+        assert!(
+            !queries::billing::insert_compensation(&pool, &row("resp_1", 100, "pending"))
+                .await
+                .unwrap()
+        );
+
+        let backlog = queries::billing::compensation_backlog(&pool).await.unwrap();
+        assert_eq!(backlog.len(), 2);
+        let dead = &backlog[0];
+        let pending = &backlog[1];
+        assert_eq!(
+            (dead.status.as_str(), dead.rows_count, dead.amount_nanousd),
+            ("dead", 1, 7)
+        );
+        assert_eq!(
+            (
+                pending.status.as_str(),
+                pending.rows_count,
+                pending.amount_nanousd
+            ),
+            ("pending", 2, 350)
+        );
+        assert!(
+            (100..=3600).contains(&pending.oldest_age_s),
+            "oldest pending is ~120 s old, view says {}",
+            pending.oldest_age_s
+        );
+        assert_eq!(pending.max_attempts, Some(0));
+    })
+    .await;
+}
