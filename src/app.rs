@@ -82,7 +82,8 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => tokio::select! {

@@ -38,6 +38,36 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the simulated upstream (a Responses WebSocket server with scriptable faults).
+    Sim(SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Listen address (port 0 picks a free port; the address is logged).
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    pub bind: std::net::SocketAddr,
+    /// Accepted bearer key (repeatable). Without it any non-empty key is accepted.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// Connection age limit in ms (the real service: 60 minutes).
+    #[arg(long, default_value_t = 3_600_000)]
+    pub max_age_ms: u64,
+    /// How often each socket is pinged, in ms.
+    #[arg(long, default_value_t = 20_000)]
+    pub ping_interval_ms: u64,
+    /// Close a socket whose last pong is older than this (ms).
+    #[arg(long, default_value_t = 80_000)]
+    pub pong_timeout_ms: u64,
+    /// Largest client frame accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Do not keep frames in the inspection log (for benchmarks).
+    #[arg(long)]
+    pub no_record: bool,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,7 +164,10 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let settings = Settings::load(cli.config.as_deref())?;
-    if matches!(cli.command, Command::Serve | Command::Migrate) {
+    if matches!(
+        cli.command,
+        Command::Serve | Command::Migrate | Command::Sim(_)
+    ) {
         crate::telemetry::init(&settings.log);
     }
     // Actors, awc and the pool's PostgreSQL drivers need an actix System.
@@ -160,7 +193,40 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
             let db = app::open_database(&settings, true).await?;
             keys(&db, cmd).await
         }
+        Command::Sim(args) => sim(args).await,
     }
+}
+
+async fn sim(args: SimArgs) -> Result<(), CliError> {
+    use std::time::Duration;
+    let config = crate::sim::SimConfig {
+        api_keys: args.api_keys,
+        max_age: Duration::from_millis(args.max_age_ms),
+        ping_interval: Duration::from_millis(args.ping_interval_ms.max(1)),
+        pong_timeout: Duration::from_millis(args.pong_timeout_ms),
+        max_frame: args.max_frame_bytes,
+        record_frames: !args.no_record,
+        workers: args.workers,
+    };
+    let (handle, server) =
+        crate::sim::start(config, args.bind).map_err(|source| AppError::Bind {
+            key: "--bind",
+            addr: args.bind,
+            source,
+        })?;
+    tracing::info!(
+        "turnpike sim listening on http://{} (base_url {})",
+        handle.addr,
+        handle.base_url()
+    );
+    let stopper = handle.server.clone();
+    actix_web::rt::spawn(async move {
+        let signal = app::wait_for_signal().await;
+        tracing::info!(signal, "sim shutting down");
+        stopper.stop(false).await;
+    });
+    server.await.map_err(AppError::Server)?;
+    Ok(())
 }
 
 /// awc's rustls connector needs a process-wide crypto provider.

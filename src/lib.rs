@@ -8,6 +8,7 @@
 //! - [`protocol`]: wire facts, all pure: the error table.
 //! - [`billing`]: money in integer nano-USD.
 //! - [`db`]: schema, migrations, the backend enum, query functions.
+//! - [`sim`]: the simulated upstream (a real WebSocket server with scriptable faults).
 //! - [`config`]: settings, defaults, loading, validation errors.
 //! - [`telemetry`]: tracing setup.
 
@@ -19,4 +20,5 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod protocol;
+pub mod sim;
 pub mod telemetry;

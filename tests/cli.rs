@@ -2,12 +2,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
-use common::{TestDb, turnpike};
+use common::{Proc, TestDb, http_get, turnpike};
 use turnpike::auth::{self, AuthError};
 
 fn run(db: &TestDb, args: &[&str]) -> Output {
@@ -255,104 +253,29 @@ fn shipped_configs_load() {
     }
 }
 
-/// A `turnpike serve` child on a free port.
-struct Server {
-    child: Child,
-    addr: String,
-    log: std::sync::mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(db_url: &str, extra_env: &[(&str, &str)]) -> Server {
-        let mut cmd = turnpike();
-        cmd.env("TURNPIKE_DATABASE__URL", db_url)
-            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
-            .env("TURNPIKE_SERVER__WORKERS", "1")
-            .env("TURNPIKE_SERVER__SHUTDOWN_GRACE_MS", "2000")
-            .args(["serve"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: String::new(),
-            log: rx,
-        };
-        server.addr = server.wait_for_address();
-        server
+/// `turnpike serve` on a free port.
+fn start_server(db_url: &str, extra_env: &[(&str, &str)]) -> (Proc, String) {
+    let mut cmd = turnpike();
+    cmd.env("TURNPIKE_DATABASE__URL", db_url)
+        .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+        .env("TURNPIKE_SERVER__WORKERS", "1")
+        .env("TURNPIKE_SERVER__SHUTDOWN_GRACE_MS", "2000")
+        .arg("serve");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
     }
-
-    fn wait_for_address(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let line = self
-                .log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("server did not report its address");
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-    }
-
-    fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let status = raw[9..12].parse().unwrap();
-        let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    fn terminate(&mut self) -> (Option<i32>, Duration, Vec<String>) {
-        let t0 = Instant::now();
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let status = self.child.wait().unwrap();
-        // The reader thread ends at EOF, after the child's last line.
-        let log = self.log.iter().collect();
-        (status.code(), t0.elapsed(), log)
-    }
-}
-
-impl Drop for Server {
-    /// A failed assertion must not leave a server running.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    let proc = Proc::spawn(cmd);
+    let addr = proc.listening_addr();
+    (proc, addr)
 }
 
 #[actix_web::test]
 async fn serve_probes_and_graceful_stop() {
     for db in TestDb::all().await {
-        let mut server = Server::start(&db.url, &[]);
-        let (code, body) = server.get("/healthz");
+        let (mut server, addr) = start_server(&db.url, &[]);
+        let (code, body) = http_get(&addr, "/healthz");
         assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
-        let (code, body) = server.get("/readyz");
+        let (code, body) = http_get(&addr, "/readyz");
         assert_eq!(code, 200, "{}: {body}", db.backend);
         assert_eq!(body["database"], db.backend);
         let (code, status, log) = server.terminate();
@@ -366,8 +289,9 @@ async fn serve_probes_and_graceful_stop() {
 #[test]
 fn readyz_reports_pending_migrations() {
     let db = TestDb::sqlite();
-    let mut server = Server::start(&db.url, &[("TURNPIKE_DATABASE__MIGRATE_ON_START", "false")]);
-    let (code, body) = server.get("/readyz");
+    let (mut server, addr) =
+        start_server(&db.url, &[("TURNPIKE_DATABASE__MIGRATE_ON_START", "false")]);
+    let (code, body) = http_get(&addr, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["error"]["code"], "not_ready");
     assert_eq!(body["error"]["type"], "service_unavailable");
@@ -377,11 +301,11 @@ fn readyz_reports_pending_migrations() {
             .unwrap()
             .contains("migrations pending")
     );
-    assert_eq!(server.get("/healthz").0, 200, "alive while not ready");
+    assert_eq!(http_get(&addr, "/healthz").0, 200, "alive while not ready");
 
     // Migrating from the side makes the running server ready.
     let out = run(&db, &["migrate"]);
     assert!(out.status.success());
-    assert_eq!(server.get("/readyz").0, 200);
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
     server.terminate();
 }

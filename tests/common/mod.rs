@@ -143,3 +143,118 @@ pub fn turnpike() -> std::process::Command {
     cmd.env_remove("RUST_LOG");
     cmd
 }
+
+pub mod ws;
+
+/// A child process whose stderr lines are collected; killed when dropped.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: std::process::Command) -> Proc {
+        use std::io::BufRead;
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, log: rx }
+    }
+
+    /// Waits for the log line `… listening on http://ADDR …` and returns ADDR.
+    pub fn listening_addr(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let line = self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("process did not report its address");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().expect("addr").to_string();
+            }
+        }
+    }
+
+    /// SIGTERM, then wait; returns the exit code, how long it took, and the rest of the log.
+    pub fn terminate(&mut self) -> (Option<i32>, std::time::Duration, Vec<String>) {
+        let t0 = std::time::Instant::now();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let status = self.child.wait().expect("wait");
+        // The reader thread ends at EOF, after the child's last line.
+        let log = self.log.iter().collect();
+        (status.code(), t0.elapsed(), log)
+    }
+}
+
+impl Drop for Proc {
+    /// A failed assertion must not leave a process running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, JSON body or Null).
+pub fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw[9..12].parse().expect("status");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    let body = if raw
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `turnpike sim` on a free port, with extra arguments.
+pub fn start_sim(args: &[&str]) -> (Proc, String) {
+    let mut cmd = turnpike();
+    cmd.args(["sim", "--bind", "127.0.0.1:0"]).args(args);
+    let p = Proc::spawn(cmd);
+    let addr = p.listening_addr();
+    (p, addr)
+}

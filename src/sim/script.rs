@@ -1,0 +1,321 @@
+//! The directive grammar that scripts one simulated turn.
+//!
+//! A directive is a list of whitespace-separated tokens, `key=value` or a bare flag, given either
+//! as `metadata.sim` of the `response.create` or inside a `[[sim: …]]` marker in the latest user
+//! text (so clients that cannot set metadata, such as Codex, can drive it too). `metadata.sim`
+//! wins when both are present. Unknown keys and bad values are errors (the sim answers them with
+//! a wrapped 400 `invalid_sim_directive`), so a typo never silently runs the default turn.
+
+use std::time::Duration;
+
+/// What happens instead of (or in the middle of) the normal event sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// A wrapped `error` event with this code and status; ends the response.
+    Error { code: String, status: u16 },
+    /// A WebSocket close frame with this code; ends the connection.
+    Close(u16),
+    /// The TCP connection dropped without a close frame.
+    Drop,
+    /// Nothing more is sent (pings are still answered).
+    Stall,
+    /// A binary frame, then the sequence continues.
+    Binary,
+    /// A text frame that is not JSON, then the sequence continues.
+    InvalidJson,
+    /// An extra delta event whose frame is this many bytes, then the sequence continues.
+    Oversize(usize),
+}
+
+impl Fault {
+    /// Faults after which the response goes on.
+    pub fn continues(&self) -> bool {
+        matches!(
+            self,
+            Fault::Binary | Fault::InvalidJson | Fault::Oversize(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageMode {
+    /// Full usage on the terminal event.
+    Normal,
+    /// No usage at all (`usage: null`).
+    Missing,
+    /// A usage that is not an object of numbers.
+    Malformed,
+    /// Input tokens on `response.in_progress`, output tokens on the terminal (input 0 there).
+    Split,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terminal {
+    Completed,
+    Incomplete,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    pub first_delay: Duration,
+    pub delta_delay: Duration,
+    pub terminal_delay: Duration,
+    /// Number of text deltas; `None`: one per word of the default reply.
+    pub deltas: Option<usize>,
+    /// Characters per delta when `deltas` is set.
+    pub delta_size: usize,
+    pub usage: UsageMode,
+    pub terminal: Terminal,
+    /// `incomplete_details.reason` (incomplete) or `error.code` (failed).
+    pub reason: Option<String>,
+    pub fault: Option<Fault>,
+    /// Events sent before the fault.
+    pub after: usize,
+    pub ignore_pings: bool,
+    /// Answer with a function call (to this tool, or the first function tool offered).
+    pub tool: Option<Option<String>>,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            first_delay: Duration::ZERO,
+            delta_delay: Duration::ZERO,
+            terminal_delay: Duration::ZERO,
+            deltas: None,
+            delta_size: 8,
+            usage: UsageMode::Normal,
+            terminal: Terminal::Completed,
+            reason: None,
+            fault: None,
+            after: 0,
+            ignore_pings: false,
+            tool: None,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+        }
+    }
+}
+
+const MARKER_OPEN: &str = "[[sim:";
+const MARKER_CLOSE: &str = "]]";
+
+/// The directive inside the last `[[sim: …]]` marker of `text`, if any.
+pub fn find_marker(text: &str) -> Option<&str> {
+    let start = text.rfind(MARKER_OPEN)? + MARKER_OPEN.len();
+    let len = text[start..].find(MARKER_CLOSE)?;
+    Some(text[start..start + len].trim())
+}
+
+impl Script {
+    pub fn parse(directive: &str) -> Result<Script, String> {
+        let mut s = Script::default();
+        let set_fault = |s: &mut Script, f: Fault| -> Result<(), String> {
+            if s.fault.is_some() {
+                return Err(
+                    "only one of error/close/drop/stall/binary/invalid_json/oversize per turn"
+                        .into(),
+                );
+            }
+            s.fault = Some(f);
+            Ok(())
+        };
+        let mut status: Option<u16> = None;
+        for token in directive.split_whitespace() {
+            let (key, value) = match token.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (token, None),
+            };
+            let need = || value.ok_or_else(|| format!("{key} needs a value ({key}=…)"));
+            let num = |v: &str| -> Result<u64, String> {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{key}={v}: expected a whole number"))
+            };
+            let ms = |v: &str| num(v).map(Duration::from_millis);
+            match key {
+                "first_delay_ms" => s.first_delay = ms(need()?)?,
+                "delta_delay_ms" => s.delta_delay = ms(need()?)?,
+                "terminal_delay_ms" => s.terminal_delay = ms(need()?)?,
+                "deltas" => s.deltas = Some(num(need()?)? as usize),
+                "delta_size" => s.delta_size = num(need()?)?.max(1) as usize,
+                "usage" => {
+                    s.usage = match need()? {
+                        "normal" => UsageMode::Normal,
+                        "missing" => UsageMode::Missing,
+                        "malformed" => UsageMode::Malformed,
+                        "split" => UsageMode::Split,
+                        v => {
+                            return Err(format!(
+                                "usage={v}: expected normal|missing|malformed|split"
+                            ));
+                        }
+                    }
+                }
+                "terminal" => {
+                    s.terminal = match need()? {
+                        "completed" => Terminal::Completed,
+                        "incomplete" => Terminal::Incomplete,
+                        "failed" => Terminal::Failed,
+                        v => {
+                            return Err(format!(
+                                "terminal={v}: expected completed|incomplete|failed"
+                            ));
+                        }
+                    }
+                }
+                "reason" => s.reason = Some(need()?.to_string()),
+                "error" => set_fault(
+                    &mut s,
+                    Fault::Error {
+                        code: need()?.to_string(),
+                        status: 0,
+                    },
+                )?,
+                "status" => {
+                    let v = num(need()?)?;
+                    if !(100..=599).contains(&v) {
+                        return Err(format!("status={v}: expected an HTTP status"));
+                    }
+                    status = Some(v as u16);
+                }
+                "close" => {
+                    let code = num(need()?)?;
+                    if !(1000..=4999).contains(&code) {
+                        return Err(format!("close={code}: expected a close code 1000..4999"));
+                    }
+                    set_fault(&mut s, Fault::Close(code as u16))?
+                }
+                "drop" => set_fault(&mut s, Fault::Drop)?,
+                "stall" => set_fault(&mut s, Fault::Stall)?,
+                "binary" => set_fault(&mut s, Fault::Binary)?,
+                "invalid_json" => set_fault(&mut s, Fault::InvalidJson)?,
+                "oversize" => set_fault(&mut s, Fault::Oversize(num(need()?)? as usize))?,
+                "after" => s.after = num(need()?)? as usize,
+                "ignore_pings" => s.ignore_pings = true,
+                "tool" => s.tool = Some(value.map(str::to_string)),
+                "cached" => s.cached_tokens = num(need()?)?,
+                "reasoning" => s.reasoning_tokens = num(need()?)?,
+                other => return Err(format!("unknown directive key {other:?}")),
+            }
+        }
+        if let Some(Fault::Error { status: st, .. }) = &mut s.fault {
+            *st = status.unwrap_or(400);
+        } else if status.is_some() {
+            return Err("status= goes with error=CODE".into());
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_empty() {
+        assert_eq!(Script::parse("").unwrap(), Script::default());
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let s = Script::parse(
+            "first_delay_ms=150 delta_delay_ms=5 terminal_delay_ms=300 deltas=4 delta_size=3 \
+             usage=split terminal=incomplete reason=max_output_tokens ignore_pings cached=7 reasoning=2",
+        )
+        .unwrap();
+        assert_eq!(s.first_delay, Duration::from_millis(150));
+        assert_eq!(s.delta_delay, Duration::from_millis(5));
+        assert_eq!(s.terminal_delay, Duration::from_millis(300));
+        assert_eq!((s.deltas, s.delta_size), (Some(4), 3));
+        assert_eq!(s.usage, UsageMode::Split);
+        assert_eq!(s.terminal, Terminal::Incomplete);
+        assert_eq!(s.reason.as_deref(), Some("max_output_tokens"));
+        assert!(s.ignore_pings);
+        assert_eq!((s.cached_tokens, s.reasoning_tokens), (7, 2));
+    }
+
+    #[test]
+    fn faults() {
+        let s = Script::parse("error=rate_limit_exceeded status=429 after=2").unwrap();
+        assert_eq!(
+            s.fault,
+            Some(Fault::Error {
+                code: "rate_limit_exceeded".into(),
+                status: 429
+            })
+        );
+        assert_eq!(s.after, 2);
+        assert_eq!(
+            Script::parse("error=x").unwrap().fault,
+            Some(Fault::Error {
+                code: "x".into(),
+                status: 400
+            })
+        );
+        assert_eq!(
+            Script::parse("close=1012").unwrap().fault,
+            Some(Fault::Close(1012))
+        );
+        assert_eq!(
+            Script::parse("drop after=3").unwrap().fault,
+            Some(Fault::Drop)
+        );
+        assert_eq!(
+            Script::parse("oversize=70000").unwrap().fault,
+            Some(Fault::Oversize(70000))
+        );
+        assert_eq!(Script::parse("tool").unwrap().tool, Some(None));
+        assert_eq!(
+            Script::parse("tool=shell").unwrap().tool,
+            Some(Some("shell".into()))
+        );
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        assert!(
+            Script::parse("bogus")
+                .unwrap_err()
+                .contains("unknown directive key")
+        );
+        assert!(
+            Script::parse("deltas=x")
+                .unwrap_err()
+                .contains("whole number")
+        );
+        assert!(
+            Script::parse("close=99")
+                .unwrap_err()
+                .contains("close code")
+        );
+        assert!(
+            Script::parse("drop stall")
+                .unwrap_err()
+                .contains("only one")
+        );
+        assert!(
+            Script::parse("status=500")
+                .unwrap_err()
+                .contains("goes with error")
+        );
+        assert!(
+            Script::parse("deltas")
+                .unwrap_err()
+                .contains("needs a value")
+        );
+    }
+
+    #[test]
+    fn marker_is_found_in_text() {
+        assert_eq!(
+            find_marker("hi [[sim: deltas=3 drop]] there"),
+            Some("deltas=3 drop")
+        );
+        assert_eq!(find_marker("[[sim: a]] then [[sim: b]]"), Some("b"));
+        assert_eq!(find_marker("no marker"), None);
+        assert_eq!(find_marker("[[sim: unterminated"), None);
+    }
+}
