@@ -18,7 +18,115 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub session: SessionSettings,
+    pub upstream: UpstreamSettings,
+    pub pool: PoolSettings,
+    pub limits: LimitSettings,
     pub accounts: Vec<AccountSettings>,
+}
+
+/// What a `response.create` during a turn in flight does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOverlap {
+    /// End the turn in flight (`response_preempted`) and start the new one.
+    Preempt,
+    /// Refuse the new frame (`response_already_in_flight`); the turn in flight goes on.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    pub on_overlap: OnOverlap,
+    /// After `response.cancel`, how long to wait for the upstream's terminal before the
+    /// connection is dropped and the turn ends as cancelled.
+    pub cancel_grace_ms: u64,
+    /// After the client vanishes mid-turn, how long to keep reading upstream for the terminal.
+    pub drain_ms: u64,
+    /// Without a turn for this long, the session gives its upstream lease back to the pool.
+    pub lease_idle_ms: u64,
+    /// Without a turn for this long, the session is closed (1000, `websocket idle timeout`).
+    pub idle_timeout_ms: u64,
+    /// Consecutive lease timeouts after which the session is closed with 1013.
+    pub max_lease_failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// WebSocket handshake timeout towards an upstream account.
+    pub connect_timeout_ms: u64,
+    /// A turn with no upstream frame for this long has lost its upstream.
+    pub read_timeout_ms: u64,
+    /// Largest upstream frame accepted.
+    pub frame_max_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSettings {
+    /// How long a session waits for an upstream connection before the turn is refused.
+    pub lease_timeout_ms: u64,
+    /// Connections are retired before this age (the upstream closes them at 60 minutes).
+    pub max_age_s: u64,
+    /// Idle connections kept open per account (beyond this they are closed).
+    pub max_idle: usize,
+    /// Idle connections older than this are closed.
+    pub idle_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest client frame; larger ones get `frame_too_large` and close 1009.
+    pub client_frame_max_bytes: usize,
+    /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
+    /// session is ended with `client_too_slow`.
+    pub client_send_buffer_bytes: usize,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            on_overlap: OnOverlap::Preempt,
+            cancel_grace_ms: 5_000,
+            drain_ms: 10_000,
+            lease_idle_ms: 60_000,
+            idle_timeout_ms: 900_000,
+            max_lease_failures: 3,
+        }
+    }
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 300_000,
+            frame_max_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            lease_timeout_ms: 5_000,
+            max_age_s: 55 * 60,
+            max_idle: 8,
+            idle_timeout_s: 300,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            client_frame_max_bytes: 16 * 1024 * 1024,
+            client_send_buffer_bytes: 8 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +194,47 @@ pub struct AccountSettings {
     /// Most upstream sockets open at once for this account.
     #[serde(default = "default_max_conns")]
     pub max_conns: usize,
+    /// Most turns in flight at once on this account; default `max_conns`.
+    #[serde(default)]
+    pub max_concurrent_turns: Option<usize>,
+}
+
+impl AccountSettings {
+    /// The WebSocket URL, derived like clients derive it: scheme http→ws / https→wss, then
+    /// `/responses` appended to the base path.
+    pub fn ws_url(&self) -> String {
+        let base = self.base_url.trim_end_matches('/');
+        let swapped = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            base.to_string()
+        };
+        format!("{swapped}/responses")
+    }
+
+    /// The account's API key: `api_key_env` names a variable, else `api_key`.
+    pub fn resolve_key(&self) -> Result<String, ConfigError> {
+        if let Some(var) = &self.api_key_env {
+            return std::env::var(var).map_err(|_| {
+                ConfigError::new(
+                    format!("accounts.{}.api_key_env", self.name),
+                    format!("environment variable {var} is not set"),
+                )
+            });
+        }
+        self.api_key.clone().ok_or_else(|| {
+            ConfigError::new(
+                format!("accounts.{}.api_key", self.name),
+                "no key configured",
+            )
+        })
+    }
+
+    pub fn turn_limit(&self) -> usize {
+        self.max_concurrent_turns.unwrap_or(self.max_conns)
+    }
 }
 
 fn default_max_conns() -> usize {
@@ -142,7 +291,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -266,6 +415,12 @@ impl Settings {
             if account.max_conns == 0 {
                 return Err(ConfigError::new(key("max_conns"), "must be at least 1"));
             }
+            if account.max_concurrent_turns == Some(0) {
+                return Err(ConfigError::new(
+                    key("max_concurrent_turns"),
+                    "must be at least 1",
+                ));
+            }
         }
         Ok(())
     }
@@ -347,10 +502,29 @@ mod tests {
             api_key_env: Some("K".into()),
             api_key: None,
             max_conns: 1,
+            max_concurrent_turns: None,
         };
         s.accounts = vec![a.clone(), a];
         let err = s.validate().unwrap_err();
         assert_eq!(err.key, "accounts[1].name");
+    }
+
+    #[test]
+    fn ws_url_is_derived_like_clients_do() {
+        let mut a = AccountSettings {
+            name: "a".into(),
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key_env: None,
+            api_key: Some("k".into()),
+            max_conns: 1,
+            max_concurrent_turns: None,
+        };
+        assert_eq!(a.ws_url(), "ws://127.0.0.1:18080/v1/responses");
+        a.base_url = "https://api.openai.com/v1/".into();
+        assert_eq!(a.ws_url(), "wss://api.openai.com/v1/responses");
+        assert_eq!(a.resolve_key().unwrap(), "k");
+        a.api_key_env = Some("TURNPIKE_TEST_SURELY_UNSET".into());
+        assert!(a.resolve_key().unwrap_err().to_string().contains("not set"));
     }
 }
 

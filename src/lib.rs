@@ -5,7 +5,8 @@
 //! - [`app`]: wiring and order of startup and shutdown.
 //! - [`http`]: health, readiness, HTTP JSON errors.
 //! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
-//! - [`protocol`]: wire facts, all pure: the error table.
+//! - [`session`]: the client session actor and its turn state machine.
+//! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
 //! - [`billing`]: money in integer nano-USD.
 //! - [`db`]: schema, migrations, the backend enum, query functions.
 //! - [`sim`]: the simulated upstream (a real WebSocket server with scriptable faults).
@@ -20,5 +21,6 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod protocol;
+pub mod session;
 pub mod sim;
 pub mod telemetry;

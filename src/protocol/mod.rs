@@ -1,4 +1,7 @@
-//! Wire facts of the client-facing protocol, all pure: the error table (more to come: client
-//! frames, event classification, usage extraction).
+//! Wire facts of the client-facing protocol, all pure: the error table, client frames, upstream
+//! event classification, usage extraction.
 
 pub mod errors;
+pub mod events;
+pub mod frames;
+pub mod usage;

@@ -1,0 +1,175 @@
+//! What an upstream event is, found by scanning bytes: its `type` is the first key of every
+//! event the upstream sends, so a full parse is needed only for the few events that carry data
+//! the relay uses (`response.created` and the terminals).
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// `response.created`: carries the response id.
+    Created,
+    /// `response.in_progress`, `output_item.*`, `content_part.*` …: never a token.
+    Lifecycle,
+    /// `….delta` events: tokens (they carry no response id).
+    Token,
+    /// `response.output_text.done` / `response.function_call_arguments.done`: a token only when
+    /// no delta came before it in the turn.
+    TokenDone,
+    /// `response.completed | incomplete | failed | cancelled`.
+    Terminal(TerminalKind),
+    /// A wrapped `error` event: ends the response.
+    Error,
+    /// Anything else (`response.steer.accepted`, `codex.*` …): forwarded, no effect on timing.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminalKind {
+    Completed,
+    Incomplete,
+    Failed,
+    Cancelled,
+}
+
+impl TerminalKind {
+    /// The `usage_logs.status` of a turn that ended with this terminal.
+    pub fn status(self) -> &'static str {
+        match self {
+            TerminalKind::Completed => "completed",
+            TerminalKind::Incomplete => "incomplete",
+            TerminalKind::Failed => "failed",
+            TerminalKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Classifies an event `type`.
+pub fn kind_of(event_type: &str) -> EventKind {
+    match event_type {
+        "response.created" => EventKind::Created,
+        "response.completed" | "response.done" => EventKind::Terminal(TerminalKind::Completed),
+        "response.incomplete" => EventKind::Terminal(TerminalKind::Incomplete),
+        "response.failed" => EventKind::Terminal(TerminalKind::Failed),
+        "response.cancelled" => EventKind::Terminal(TerminalKind::Cancelled),
+        "error" => EventKind::Error,
+        "response.output_text.done" | "response.function_call_arguments.done" => {
+            EventKind::TokenDone
+        }
+        t if t.ends_with(".delta") => EventKind::Token,
+        "response.in_progress" | "response.queued" => EventKind::Lifecycle,
+        t if t.starts_with("response.output_item.")
+            || t.starts_with("response.content_part.")
+            || t.ends_with(".done")
+            || t.ends_with(".added") =>
+        {
+            EventKind::Lifecycle
+        }
+        _ => EventKind::Other,
+    }
+}
+
+/// The event's `type`: a byte scan when `type` is the first key (always, from the upstream),
+/// else a parse of that one field. `None` for text that is not a JSON object with a string type.
+pub fn event_type(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(t) = scan_leading_type(text) {
+        return Some(std::borrow::Cow::Borrowed(t));
+    }
+    #[derive(Deserialize)]
+    struct TypeOnly {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    serde_json::from_str::<TypeOnly>(text)
+        .ok()
+        .map(|t| std::borrow::Cow::Owned(t.kind))
+}
+
+/// `{ "type" : "xyz"` → `xyz`, when the value has no escapes.
+fn scan_leading_type(text: &str) -> Option<&str> {
+    let rest = text.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix("\"type\"")?.trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let end = rest.find('"')?;
+    let value = &rest[..end];
+    (!value.contains('\\')).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(kind_of("response.created"), EventKind::Created);
+        assert_eq!(kind_of("response.in_progress"), EventKind::Lifecycle);
+        assert_eq!(kind_of("response.output_item.added"), EventKind::Lifecycle);
+        assert_eq!(kind_of("response.output_item.done"), EventKind::Lifecycle);
+        assert_eq!(kind_of("response.content_part.added"), EventKind::Lifecycle);
+        assert_eq!(kind_of("response.content_part.done"), EventKind::Lifecycle);
+        assert_eq!(kind_of("response.output_text.delta"), EventKind::Token);
+        assert_eq!(
+            kind_of("response.function_call_arguments.delta"),
+            EventKind::Token
+        );
+        assert_eq!(
+            kind_of("response.reasoning_summary_text.delta"),
+            EventKind::Token
+        );
+        assert_eq!(kind_of("response.refusal.delta"), EventKind::Token);
+        assert_eq!(kind_of("response.audio.delta"), EventKind::Token);
+        assert_eq!(kind_of("response.output_text.done"), EventKind::TokenDone);
+        assert_eq!(
+            kind_of("response.function_call_arguments.done"),
+            EventKind::TokenDone
+        );
+        assert_eq!(
+            kind_of("response.reasoning_summary_text.done"),
+            EventKind::Lifecycle
+        );
+        assert_eq!(
+            kind_of("response.completed"),
+            EventKind::Terminal(TerminalKind::Completed)
+        );
+        assert_eq!(
+            kind_of("response.incomplete"),
+            EventKind::Terminal(TerminalKind::Incomplete)
+        );
+        assert_eq!(
+            kind_of("response.failed"),
+            EventKind::Terminal(TerminalKind::Failed)
+        );
+        assert_eq!(
+            kind_of("response.cancelled"),
+            EventKind::Terminal(TerminalKind::Cancelled)
+        );
+        assert_eq!(kind_of("error"), EventKind::Error);
+        assert_eq!(kind_of("response.steer.accepted"), EventKind::Other);
+        assert_eq!(kind_of("codex.rate_limits"), EventKind::Other);
+    }
+
+    #[test]
+    fn type_by_scan_or_parse() {
+        assert_eq!(
+            event_type(r#"{"type":"response.output_text.delta","delta":"x"}"#).as_deref(),
+            Some("response.output_text.delta")
+        );
+        assert_eq!(
+            event_type(r#" { "type" : "error" , "status":400}"#).as_deref(),
+            Some("error")
+        );
+        // Not first: parsed.
+        assert_eq!(
+            event_type(r#"{"sequence_number":1,"type":"response.created"}"#).as_deref(),
+            Some("response.created")
+        );
+        // A nested "type" before the top-level one is not mistaken for it.
+        assert_eq!(
+            event_type(r#"{"item":{"type":"message"},"type":"response.output_item.added"}"#)
+                .as_deref(),
+            Some("response.output_item.added")
+        );
+        assert_eq!(event_type("not json"), None);
+        assert_eq!(event_type(r#"{"type":5}"#), None);
+    }
+}

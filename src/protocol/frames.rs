@@ -1,0 +1,208 @@
+//! Client → relay frames: what a text frame is, checked once when it arrives. The frame's bytes
+//! are kept and forwarded unchanged unless a rewrite is needed (`with_model`).
+
+use serde_json::Value;
+
+use super::errors::ErrorCode;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// `response.create` (or no `type`): starts a turn.
+    Create(CreateFrame),
+    /// `response.cancel` / `response.interrupt`.
+    Cancel,
+    /// Any other type (`response.steer`, unknown): forwarded while a lease is held.
+    Other(String),
+}
+
+/// The fields of a `response.create` the relay looks at; the rest stays in the raw text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateFrame {
+    pub raw: String,
+    pub model: Option<String>,
+    pub previous_response_id: Option<String>,
+    /// The API default is `true`.
+    pub store: bool,
+    /// `generate: false`.
+    pub warmup: bool,
+    /// The input holds a tool output (`function_call_output`, `custom_tool_call_output`, …).
+    pub has_tool_output: bool,
+}
+
+/// A frame the relay refuses; the session sends the error and closes (SPEC §3.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> FrameError {
+    FrameError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Parses one client text frame.
+pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        refuse(
+            ErrorCode::InvalidJson,
+            format!("frame is not valid JSON: {e}"),
+        )
+    })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| refuse(ErrorCode::InvalidJson, "frame is not a JSON object"))?;
+    let kind = match obj.get("type") {
+        None | Some(Value::Null) => "",
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(refuse(ErrorCode::InvalidJson, "`type` must be a string")),
+    };
+    match kind {
+        "" | "response.create" => {}
+        "response.cancel" | "response.interrupt" => return Ok(ClientFrame::Cancel),
+        other => return Ok(ClientFrame::Other(other.to_string())),
+    }
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) if !m.trim().is_empty() => Some(m.clone()),
+        Some(_) => {
+            return Err(refuse(
+                ErrorCode::InvalidModel,
+                "`model` must be a non-empty string",
+            ));
+        }
+    };
+    let previous_response_id = match obj.get("previous_response_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => {
+            if id.starts_with("msg_") || id.starts_with("item_") {
+                return Err(refuse(
+                    ErrorCode::InvalidPreviousResponseId,
+                    format!(
+                        "previous_response_id {id:?} is a message/item id, not a response id (resp_…)"
+                    ),
+                ));
+            }
+            Some(id.clone())
+        }
+        Some(_) => {
+            return Err(refuse(
+                ErrorCode::InvalidPreviousResponseId,
+                "`previous_response_id` must be a string",
+            ));
+        }
+    };
+    let has_tool_output = obj
+        .get("input")
+        .and_then(Value::as_array)
+        .is_some_and(|items| items.iter().any(is_tool_output));
+    Ok(ClientFrame::Create(CreateFrame {
+        raw: text.to_string(),
+        model,
+        previous_response_id,
+        store: obj.get("store").and_then(Value::as_bool).unwrap_or(true),
+        warmup: obj.get("generate").and_then(Value::as_bool) == Some(false),
+        has_tool_output,
+    }))
+}
+
+/// `function_call_output`, `custom_tool_call_output`, `mcp_tool_call_output`, …
+pub fn is_tool_output(item: &Value) -> bool {
+    item.get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.ends_with("_output"))
+}
+
+/// The frame with `"model"` added as its first field; everything else byte for byte.
+pub fn with_model(raw: &str, model: &str) -> String {
+    let model = Value::String(model.to_string()).to_string();
+    match raw.find('{') {
+        Some(at) => {
+            let rest = raw[at + 1..].trim_start();
+            let sep = if rest.starts_with('}') { "" } else { "," };
+            format!("{}{{\"model\":{model}{sep}{}", &raw[..at], &raw[at + 1..])
+        }
+        None => raw.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(text: &str) -> CreateFrame {
+        match parse(text).unwrap() {
+            ClientFrame::Create(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_fields() {
+        let c = create(
+            r#"{"type":"response.create","model":"gpt-x","store":false,"previous_response_id":"resp_1","input":[{"type":"function_call_output","call_id":"c","output":"o"}],"generate":false}"#,
+        );
+        assert_eq!(c.model.as_deref(), Some("gpt-x"));
+        assert_eq!(c.previous_response_id.as_deref(), Some("resp_1"));
+        assert!(!c.store && c.warmup && c.has_tool_output);
+        let c = create(r#"{"input":"hi"}"#);
+        assert!(c.store && !c.warmup && !c.has_tool_output && c.model.is_none());
+    }
+
+    #[test]
+    fn other_types() {
+        assert_eq!(
+            parse(r#"{"type":"response.cancel"}"#).unwrap(),
+            ClientFrame::Cancel
+        );
+        assert_eq!(
+            parse(r#"{"type":"response.interrupt","response_id":"r"}"#).unwrap(),
+            ClientFrame::Cancel
+        );
+        assert_eq!(
+            parse(r#"{"type":"response.steer","input":[]}"#).unwrap(),
+            ClientFrame::Other("response.steer".into())
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(parse("{nope").unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(parse("[1]").unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(
+            parse(r#"{"model":5}"#).unwrap_err().code,
+            ErrorCode::InvalidModel
+        );
+        assert_eq!(
+            parse(r#"{"model":""}"#).unwrap_err().code,
+            ErrorCode::InvalidModel
+        );
+        assert_eq!(
+            parse(r#"{"model":"m","previous_response_id":"msg_1"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidPreviousResponseId
+        );
+        assert_eq!(
+            parse(r#"{"model":"m","previous_response_id":"item_1"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidPreviousResponseId
+        );
+    }
+
+    #[test]
+    fn model_injection_keeps_the_rest() {
+        let raw = r#"{"type":"response.create","input":"hi","unknown":{"a":[1,2]}}"#;
+        let out = with_model(raw, "gpt-\"q\"");
+        assert_eq!(
+            out,
+            r#"{"model":"gpt-\"q\"","type":"response.create","input":"hi","unknown":{"a":[1,2]}}"#
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["model"], "gpt-\"q\"");
+        assert_eq!(with_model("{}", "m"), r#"{"model":"m"}"#);
+    }
+}

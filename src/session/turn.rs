@@ -1,0 +1,440 @@
+//! One turn's bookkeeping, pure: timing (SPEC §4.2), the response id, usage merge, and the
+//! outcome that becomes a usage row. The session actor feeds it events and instants.
+
+use std::time::{Duration, Instant};
+
+use crate::protocol::events::{EventKind, TerminalKind, event_type, kind_of};
+use crate::protocol::usage::{Usage, estimate_tokens};
+
+/// Timing of a turn in whole milliseconds from `accepted`.
+///
+/// Rounding: the `first_*` marks are rounded down and `duration_ms` up, and a turn that
+/// streamed a token before it ended has `duration_ms > first_token_ms` even when both fell in
+/// the same millisecond — so `first_event_ms <= first_token_ms < duration_ms` always holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timing {
+    pub upstream_wait_ms: Option<i64>,
+    pub first_event_ms: Option<i64>,
+    pub first_token_ms: Option<i64>,
+    pub duration_ms: i64,
+}
+
+/// The instants of one turn.
+#[derive(Debug, Clone)]
+pub struct TurnClock {
+    accepted: Instant,
+    written: Option<Instant>,
+    first_event: Option<Instant>,
+    first_token: Option<Instant>,
+    saw_delta: bool,
+}
+
+fn floor_ms(d: Duration) -> i64 {
+    d.as_millis() as i64
+}
+
+fn ceil_ms(d: Duration) -> i64 {
+    d.as_micros().div_ceil(1000) as i64
+}
+
+impl TurnClock {
+    pub fn new(accepted: Instant) -> Self {
+        Self {
+            accepted,
+            written: None,
+            first_event: None,
+            first_token: None,
+            saw_delta: false,
+        }
+    }
+
+    /// The request frame was written upstream (the first time only: a retry keeps the wait).
+    pub fn written(&mut self, now: Instant) {
+        self.written.get_or_insert(now);
+    }
+
+    /// An upstream event of this turn arrived. Deltas are credited here although they carry no
+    /// response id: the session has one turn in flight, and this is it.
+    pub fn event(&mut self, kind: EventKind, now: Instant) {
+        self.first_event.get_or_insert(now);
+        match kind {
+            EventKind::Token => {
+                self.saw_delta = true;
+                self.first_token.get_or_insert(now);
+            }
+            // A `.done` carries the whole text: a token only when no delta preceded it.
+            EventKind::TokenDone if !self.saw_delta => {
+                self.first_token.get_or_insert(now);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn saw_token(&self) -> bool {
+        self.first_token.is_some()
+    }
+
+    /// Timing of a turn that ends now (terminal event or any other end).
+    pub fn finish(&self, now: Instant) -> Timing {
+        let since = |t: Instant| t.saturating_duration_since(self.accepted);
+        let first_event_ms = self.first_event.map(|t| floor_ms(since(t)));
+        let first_token_ms = self.first_token.map(|t| floor_ms(since(t)));
+        let mut duration_ms = ceil_ms(since(now));
+        if let Some(ft) = first_token_ms {
+            duration_ms = duration_ms.max(ft + 1);
+        }
+        if let Some(fe) = first_event_ms {
+            duration_ms = duration_ms.max(fe);
+        }
+        Timing {
+            upstream_wait_ms: self.written.map(|t| floor_ms(since(t))),
+            first_event_ms,
+            first_token_ms,
+            duration_ms,
+        }
+    }
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// A terminal response event.
+    Terminal(TerminalKind),
+    /// An upstream `error` event (its code).
+    UpstreamError(Option<String>),
+    Preempted,
+    Cancelled,
+    ClientGone,
+    UpstreamLost(&'static str),
+    /// Refused before anything was sent upstream (admission, lease, capacity).
+    Rejected(&'static str),
+    /// The relay ended it (shutdown, slow client).
+    Aborted(&'static str),
+}
+
+/// What the usage row of a turn says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: &'static str,
+    pub usage_source: &'static str,
+    pub usage: Usage,
+    pub timing: Timing,
+    pub error_code: Option<String>,
+    pub response_id: Option<String>,
+}
+
+/// What one upstream frame meant to the turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub kind: EventKind,
+}
+
+/// The state of the turn in flight.
+#[derive(Debug, Clone)]
+pub struct TurnTracker {
+    pub clock: TurnClock,
+    pub response_id: Option<String>,
+    usage: Usage,
+    usage_reported: bool,
+    pub usage_malformed: bool,
+    streamed_chars: usize,
+    pub events: u32,
+}
+
+impl TurnTracker {
+    pub fn new(accepted: Instant) -> Self {
+        Self {
+            clock: TurnClock::new(accepted),
+            response_id: None,
+            usage: Usage::default(),
+            usage_reported: false,
+            usage_malformed: false,
+            streamed_chars: 0,
+            events: 0,
+        }
+    }
+
+    /// Feeds one upstream text frame. Only `response.created`, terminals and usage-bearing
+    /// lifecycle events are parsed; deltas are scanned.
+    pub fn observe(&mut self, text: &str, now: Instant) -> Observed {
+        let kind = event_type(text).map_or(EventKind::Other, |t| kind_of(&t));
+        self.events += 1;
+        self.clock.event(kind, now);
+        match kind {
+            EventKind::Token => self.streamed_chars += delta_len(text),
+            EventKind::Created | EventKind::Terminal(_) | EventKind::Lifecycle
+                if kind != EventKind::Lifecycle || text.contains("\"usage\"") =>
+            {
+                self.parse_response(text)
+            }
+            _ => {}
+        }
+        Observed { kind }
+    }
+
+    fn parse_response(&mut self, text: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+            return;
+        };
+        if self.response_id.is_none()
+            && let Some(id) = v.pointer("/response/id").and_then(|i| i.as_str())
+        {
+            self.response_id = Some(id.to_string());
+        }
+        match Usage::from_event(&v) {
+            Ok(Some(u)) => {
+                self.usage.merge(&u);
+                self.usage_reported = true;
+            }
+            Ok(None) => {}
+            Err(_) => self.usage_malformed = true,
+        }
+    }
+
+    /// The outcome of the turn ending now.
+    pub fn finish(&self, ending: Ending, now: Instant) -> Outcome {
+        let timing = self.clock.finish(now);
+        let (status, error_code) = match &ending {
+            Ending::Terminal(k) => (k.status(), None),
+            Ending::UpstreamError(code) => ("failed", code.clone()),
+            Ending::Preempted => ("preempted", Some("response_preempted".into())),
+            Ending::Cancelled => ("cancelled", None),
+            Ending::ClientGone => ("client_gone", None),
+            Ending::UpstreamLost(code) => ("upstream_lost", Some(code.to_string())),
+            Ending::Rejected(code) => ("rejected", Some(code.to_string())),
+            Ending::Aborted(code) => ("cancelled", Some(code.to_string())),
+        };
+        let complete = matches!(ending, Ending::Terminal(_));
+        let mut usage = self.usage;
+        let usage_source = if self.events == 0 {
+            "none"
+        } else if complete && self.usage_reported {
+            "reported"
+        } else if complete {
+            usage.output_tokens = estimate_tokens(self.streamed_chars);
+            "estimated"
+        } else {
+            // Cut short: what was seen, with the streamed text as a floor for the output.
+            usage.output_tokens = usage
+                .output_tokens
+                .max(estimate_tokens(self.streamed_chars));
+            "partial"
+        };
+        if usage.total_tokens == 0 {
+            usage.total_tokens = usage.input_tokens + usage.output_tokens;
+        }
+        Outcome {
+            status,
+            usage_source,
+            usage,
+            timing,
+            error_code,
+            response_id: self.response_id.clone(),
+        }
+    }
+}
+
+/// Length of the `"delta":"…"` string of a delta event, by scan (escapes counted as written).
+fn delta_len(text: &str) -> usize {
+    let Some(at) = text.find("\"delta\":\"") else {
+        return 0;
+    };
+    let body = &text[at + 9..];
+    let bytes = body.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return body[..i].chars().count(),
+            _ => i += 1,
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    /// The stream of seed 000: deltas carry no response id; only created and completed do.
+    #[test]
+    fn seed_stream_first_token_is_the_first_delta() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.clock.written(at(t0, 2));
+        t.observe(
+            r#"{"type":"response.created","response":{"id":"resp_X"}}"#,
+            at(t0, 100),
+        );
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"He"}"#,
+            at(t0, 150),
+        );
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"llo"}"#,
+            at(t0, 200),
+        );
+        let obs = t.observe(
+            r#"{"type":"response.completed","response":{"id":"resp_X","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7}}}"#,
+            at(t0, 300),
+        );
+        assert_eq!(obs.kind, EventKind::Terminal(TerminalKind::Completed));
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), at(t0, 300));
+        assert_eq!(o.timing.upstream_wait_ms, Some(2));
+        assert_eq!(o.timing.first_event_ms, Some(100));
+        assert_eq!(o.timing.first_token_ms, Some(150));
+        assert_eq!(o.timing.duration_ms, 300);
+        assert!(o.timing.first_token_ms.unwrap() < o.timing.duration_ms);
+        assert_eq!(o.response_id.as_deref(), Some("resp_X"));
+        assert_eq!((o.status, o.usage_source), ("completed", "reported"));
+        assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (5, 2));
+    }
+
+    #[test]
+    fn same_millisecond_still_strictly_ordered() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        let same = t0 + Duration::from_micros(1500);
+        t.observe(r#"{"type":"response.created","response":{"id":"r"}}"#, same);
+        t.observe(r#"{"type":"response.output_text.delta","delta":"x"}"#, same);
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r"}}"#,
+            same,
+        );
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), same);
+        let (fe, ft, d) = (
+            o.timing.first_event_ms.unwrap(),
+            o.timing.first_token_ms.unwrap(),
+            o.timing.duration_ms,
+        );
+        assert!(fe <= ft && ft < d, "{fe} {ft} {d}");
+    }
+
+    #[test]
+    fn terminals_and_lifecycle_are_never_tokens() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.created","response":{"id":"r"}}"#,
+            at(t0, 10),
+        );
+        t.observe(
+            r#"{"type":"response.in_progress","response":{"id":"r"}}"#,
+            at(t0, 11),
+        );
+        t.observe(
+            r#"{"type":"response.output_item.added","item":{}}"#,
+            at(t0, 12),
+        );
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r"}}"#,
+            at(t0, 50),
+        );
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), at(t0, 50));
+        assert_eq!(o.timing.first_token_ms, None);
+        assert_eq!(o.timing.first_event_ms, Some(10));
+    }
+
+    #[test]
+    fn done_without_delta_is_a_token() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.function_call_arguments.done","arguments":"{}"}"#,
+            at(t0, 40),
+        );
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r"}}"#,
+            at(t0, 60),
+        );
+        assert_eq!(
+            t.finish(Ending::Terminal(TerminalKind::Completed), at(t0, 60))
+                .timing
+                .first_token_ms,
+            Some(40)
+        );
+        // After deltas, the .done is not the first token.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"a"}"#,
+            at(t0, 20),
+        );
+        t.observe(
+            r#"{"type":"response.output_text.done","text":"a"}"#,
+            at(t0, 30),
+        );
+        assert_eq!(
+            t.finish(Ending::ClientGone, at(t0, 31))
+                .timing
+                .first_token_ms,
+            Some(20)
+        );
+    }
+
+    #[test]
+    fn usage_sources() {
+        let t0 = Instant::now();
+        // No usage at all: estimated from the streamed text.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"12345678"}"#,
+            t0,
+        );
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r","usage":null}}"#,
+            t0,
+        );
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), t0);
+        assert_eq!((o.usage_source, o.usage.output_tokens), ("estimated", 2));
+        // Malformed usage: flagged, never applied.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":"x"}}}"#,
+            t0,
+        );
+        assert!(t.usage_malformed);
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), t0);
+        assert_eq!((o.usage_source, o.usage.input_tokens), ("estimated", 0));
+        // Split usage merges; a later zero does not erase the input count.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.in_progress","response":{"id":"r","usage":{"input_tokens":9}}}"#,
+            t0,
+        );
+        t.observe(r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":0,"output_tokens":4}}}"#, t0);
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), t0);
+        assert_eq!(
+            (
+                o.usage.input_tokens,
+                o.usage.output_tokens,
+                o.usage.total_tokens
+            ),
+            (9, 4, 13)
+        );
+        // Cut short: partial.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"abcd"}"#,
+            t0,
+        );
+        let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
+        assert_eq!(
+            (o.status, o.usage_source, o.usage.output_tokens),
+            ("upstream_lost", "partial", 1)
+        );
+        // Nothing seen.
+        let o = TurnTracker::new(t0).finish(Ending::Rejected("account_busy"), t0);
+        assert_eq!((o.status, o.usage_source), ("rejected", "none"));
+    }
+
+    #[test]
+    fn delta_scan() {
+        assert_eq!(delta_len(r#"{"type":"x","delta":"a\"b"}"#), 4);
+        assert_eq!(delta_len(r#"{"type":"x","delta":""}"#), 0);
+        assert_eq!(delta_len(r#"{"type":"x"}"#), 0);
+    }
+}
