@@ -9,9 +9,20 @@ use actix_web::{App, HttpServer, web};
 use tracing::{info, warn};
 use tracing_actix_web::TracingLogger;
 
+use actix::Actor;
+
+use crate::accounting::Accounting;
+use crate::accounting::messages::Flush;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, migrate};
 use crate::http::health::{self, Readiness};
+use crate::http::ingress;
+use crate::pool::ContextPool;
+use crate::pool::messages::ShutdownPool;
+use crate::protocol::errors::ErrorCode;
+use crate::session::admission::Slots;
+use crate::session::registry::{Count, EndAll, Registry};
+use crate::session::{AccountHandle, SessionDeps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -39,21 +50,57 @@ pub async fn open_database(settings: &Settings, migrate_now: bool) -> Result<DbP
     Ok(db)
 }
 
-/// `turnpike serve`: runs until SIGINT/SIGTERM, then stops accepting, reports not-ready, and
-/// waits at most `server.shutdown_grace_ms` for open connections.
+/// Starts the actors every session shares: accounting, the session registry, one pool per
+/// upstream account.
+pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, AppError> {
+    let mut accounts = Vec::new();
+    for a in &settings.accounts {
+        let key = a.resolve_key()?;
+        let pool =
+            ContextPool::new(a, key, settings.pool.clone(), settings.upstream.clone()).start();
+        accounts.push(AccountHandle {
+            name: a.name.clone(),
+            turn_limit: a.turn_limit(),
+            pool,
+        });
+    }
+    if accounts.is_empty() {
+        warn!("no [[accounts]] configured: every turn will be refused (account_busy)");
+    }
+    Ok(Arc::new(SessionDeps {
+        accounting: Accounting::new(db.clone()).start(),
+        registry: Registry::default().start(),
+        slots: Arc::new(Slots::default()),
+        draining: Arc::new(AtomicBool::new(false)),
+        accounts,
+        db,
+        settings,
+    }))
+}
+
+/// `turnpike serve`: runs until SIGTERM/SIGINT, then drains (see `shutdown`).
 pub async fn serve(settings: Settings) -> Result<(), AppError> {
     let db = open_database(&settings, settings.database.migrate_on_start).await?;
-    let draining = Arc::new(AtomicBool::new(false));
+    let deps = start_relay(settings, db)?;
+    run_server(deps).await
+}
+
+/// Serves the ingress and probes for `deps` until a signal, then shuts down in order.
+pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
+    let settings = &deps.settings;
     let readiness = Readiness {
-        db: db.clone(),
-        draining: draining.clone(),
+        db: deps.db.clone(),
+        draining: deps.draining.clone(),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
+    let data = web::Data::from(deps.clone());
     let mut server = HttpServer::new(move || {
         App::new()
             .wrap(TracingLogger::default())
             .app_data(web::Data::new(readiness.clone()))
+            .app_data(data.clone())
             .configure(health::routes)
+            .configure(ingress::routes)
     })
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1));
@@ -67,19 +114,43 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
         source,
     })?;
     for a in server.addrs() {
-        info!(addr = %a, backend = db.backend(), "turnpike listening on http://{a}");
+        info!(addr = %a, backend = deps.db.backend(), accounts = deps.accounts.len(), "turnpike listening on http://{a}");
     }
     let server = server.run();
     let handle = server.handle();
+    let on_signal = deps.clone();
     actix_web::rt::spawn(async move {
         let signal = wait_for_signal().await;
         info!(signal, "shutting down");
-        draining.store(true, Ordering::Relaxed);
+        shutdown(&on_signal, grace).await;
         handle.stop(true).await;
     });
     server.await?;
-    info!("stopped");
+    for a in &deps.accounts {
+        let _ = a.pool.send(ShutdownPool).await;
+    }
+    let left = deps.accounting.send(Flush).await.unwrap_or(0);
+    info!(unwritten_records = left, "stopped");
     Ok(())
+}
+
+/// Stop accepting (readiness 503, ingress refuses), end every session — a turn in flight gets
+/// its terminal error event, then close 1001 — and wait for them, at most `grace`.
+pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
+    deps.draining.store(true, Ordering::Relaxed);
+    let asked = deps
+        .registry
+        .send(EndAll(ErrorCode::ShuttingDown))
+        .await
+        .unwrap_or(0);
+    info!(sessions = asked, "ending sessions");
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if deps.registry.send(Count).await.unwrap_or(0) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name.

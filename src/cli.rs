@@ -40,6 +40,12 @@ pub enum Command {
     Keys(KeysCommand),
     /// Run the simulated upstream (a Responses WebSocket server with scriptable faults).
     Sim(SimArgs),
+    /// Run the relay against an in-process simulated upstream, with a fresh demo key.
+    Demo {
+        /// Where the simulated upstream listens.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        sim_bind: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,7 +200,65 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
             keys(&db, cmd).await
         }
         Command::Sim(args) => sim(args).await,
+        Command::Demo { sim_bind } => {
+            rustls_provider();
+            demo(settings, sim_bind).await
+        }
     }
+}
+
+async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<(), CliError> {
+    let db = app::open_database(&settings, true).await?;
+    let user = match queries::users::by_name(&db, "demo").await? {
+        Some(u) => u,
+        None => queries::users::create(&db, "demo", None).await?,
+    };
+    let (key, _) = auth::create_key(
+        &db,
+        user.id,
+        &KeyRequest {
+            label: Some("demo".into()),
+            ..KeyRequest::default()
+        },
+    )
+    .await?;
+    let (sim, sim_server) =
+        crate::sim::start(crate::sim::SimConfig::default(), sim_bind).map_err(|source| {
+            AppError::Bind {
+                key: "--sim-bind",
+                addr: sim_bind,
+                source,
+            }
+        })?;
+    actix_web::rt::spawn(sim_server);
+    settings.accounts = vec![crate::config::AccountSettings {
+        name: "sim".into(),
+        base_url: sim.base_url(),
+        api_key_env: None,
+        api_key: Some("sk-sim-demo".into()),
+        max_conns: 8,
+        max_concurrent_turns: None,
+    }];
+    let base = format!("http://{}/v1", settings.server.bind);
+    println!(
+        "turnpike demo: relay on {base}, simulated upstream on {}\n\n\
+         Your demo key (shown once):\n  {key}\n\n\
+         Codex ($CODEX_HOME/config.toml, then `TURNPIKE_KEY={key} codex exec \"Say hello\"`):\n\
+         \n  model = \"gpt-5.2\"\n  model_provider = \"turnpike\"\n\n  [model_providers.turnpike]\n  \
+         name = \"turnpike\"\n  base_url = \"{base}\"\n  wire_api = \"responses\"\n  \
+         env_key = \"TURNPIKE_KEY\"\n  supports_websockets = true\n\n\
+         Python (pip install \"openai[realtime]\"):\n\n  from openai import OpenAI\n  \
+         client = OpenAI(api_key=\"{key}\", base_url=\"{base}\")\n  \
+         with client.responses.connect() as conn:\n      \
+         conn.response.create(model=\"gpt-test\", input=\"Say hello\", store=False)\n      \
+         for ev in conn:\n          print(ev.type)\n          \
+         if ev.type == \"response.completed\": break\n\n\
+         Script the simulated upstream with [[sim: …]] in your prompt (see README). Ctrl-C stops.",
+        sim.addr
+    );
+    let deps = app::start_relay(settings, db)?;
+    app::run_server(deps).await?;
+    Ok(())
 }
 
 async fn sim(args: SimArgs) -> Result<(), CliError> {

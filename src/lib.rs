@@ -13,6 +13,7 @@
 //! - [`config`]: settings, defaults, loading, validation errors.
 //! - [`telemetry`]: tracing setup.
 
+pub mod accounting;
 pub mod app;
 pub mod auth;
 pub mod billing;
@@ -20,7 +21,9 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod pool;
 pub mod protocol;
 pub mod session;
 pub mod sim;
 pub mod telemetry;
+pub mod upstream;

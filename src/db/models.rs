@@ -83,3 +83,62 @@ pub struct NewCompensation<'a> {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
 }
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = super::schema::usage_logs)]
+pub struct NewUsage<'a> {
+    pub request_id: &'a str,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub session_id: &'a str,
+    pub turn_index: i32,
+    pub account: &'a str,
+    pub model: &'a str,
+    pub status: &'a str,
+    pub usage_source: &'a str,
+    pub warmup: bool,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_nanousd: i64,
+    pub upstream_wait_ms: Option<i64>,
+    pub first_event_ms: Option<i64>,
+    pub first_token_ms: Option<i64>,
+    pub duration_ms: i64,
+    pub error_code: Option<&'a str>,
+    pub accepted_at: NaiveDateTime,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = super::schema::usage_logs, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct UsageRow {
+    pub id: i64,
+    pub request_id: String,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub session_id: String,
+    pub turn_index: i32,
+    pub account: String,
+    pub model: String,
+    pub status: String,
+    pub usage_source: String,
+    pub warmup: bool,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_nanousd: i64,
+    pub upstream_wait_ms: Option<i64>,
+    pub first_event_ms: Option<i64>,
+    pub first_token_ms: Option<i64>,
+    pub duration_ms: i64,
+    pub error_code: Option<String>,
+    pub accepted_at: NaiveDateTime,
+    pub created_at: NaiveDateTime,
+}

@@ -10,6 +10,8 @@ use crate::protocol::errors::ErrorCode;
 pub struct HttpError {
     pub code: ErrorCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl HttpError {
@@ -17,7 +19,13 @@ impl HttpError {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 }
 
@@ -27,6 +35,10 @@ impl ResponseError for HttpError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).json(self.code.http_body(&self.message))
+        let mut res = HttpResponse::build(self.status_code());
+        if let Some(s) = self.retry_after {
+            res.insert_header(("Retry-After", s.to_string()));
+        }
+        res.json(self.code.http_body(&self.message))
     }
 }

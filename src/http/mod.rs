@@ -1,4 +1,5 @@
-//! HTTP surface: health and readiness now; the WebSocket ingress comes with the relay core.
+//! HTTP surface: the WebSocket ingress, health and readiness, HTTP JSON errors.
 
 pub mod error;
 pub mod health;
+pub mod ingress;

@@ -1,5 +1,42 @@
 //! The client session: one actor per client WebSocket, owning the turn state machine.
 //!
+//! - `actor`: `SessionActor` — frames in, turn phases, upstream events, faults, shutdown.
 //! - `turn`: timing, usage merge and the outcome of one turn (pure).
+//! - `admission`: slots per key and per account, released by guards.
+//! - `registry`: every live session (shutdown, admin).
+//! - `messages`: `EndSession`.
 
+pub mod actor;
+pub mod admission;
+pub mod messages;
+pub mod registry;
 pub mod turn;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use actix::Addr;
+
+use crate::accounting::Accounting;
+use crate::config::Settings;
+use crate::db::DbPool;
+use crate::pool::ContextPool;
+
+/// One upstream account as sessions see it.
+#[derive(Clone)]
+pub struct AccountHandle {
+    pub name: String,
+    pub turn_limit: usize,
+    pub pool: Addr<ContextPool>,
+}
+
+/// What every session shares.
+pub struct SessionDeps {
+    pub settings: Settings,
+    pub db: DbPool,
+    pub accounting: Addr<Accounting>,
+    pub accounts: Vec<AccountHandle>,
+    pub slots: Arc<admission::Slots>,
+    pub registry: Addr<registry::Registry>,
+    pub draining: Arc<AtomicBool>,
+}

@@ -3,4 +3,5 @@
 pub mod billing;
 pub mod health;
 pub mod keys;
+pub mod usage;
 pub mod users;

@@ -1,0 +1,119 @@
+//! The WebSocket ingress: every check that can refuse a client happens here, before the
+//! upgrade, with an HTTP JSON error (SPEC §3.1); then a `SessionActor` takes the socket.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use super::error::HttpError;
+use crate::auth;
+use crate::protocol::errors::ErrorCode;
+use crate::session::SessionDeps;
+use crate::session::actor::{SessionActor, auth_error_code};
+use crate::upstream::dial::passes_through;
+
+/// Query parameters that would carry a key in the URL (refused: URLs end up in logs).
+const KEY_PARAMS: &[&str] = &[
+    "api_key",
+    "api-key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+];
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    for path in [
+        "/v1/responses",
+        "/responses",
+        "/backend-api/codex/responses",
+    ] {
+        cfg.route(path, web::get().to(upgrade));
+    }
+}
+
+fn presented_key(req: &HttpRequest) -> Option<&str> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or_else(|| header("x-api-key"))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+fn is_websocket(req: &HttpRequest) -> bool {
+    req.headers()
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+async fn upgrade(
+    req: HttpRequest,
+    stream: web::Payload,
+    deps: web::Data<SessionDeps>,
+) -> Result<HttpResponse, HttpError> {
+    let deps: Arc<SessionDeps> = deps.into_inner();
+    if deps.draining.load(Ordering::Relaxed) {
+        return Err(HttpError::new(
+            ErrorCode::NotReady,
+            "the relay is shutting down",
+        ));
+    }
+    let query_has_key = req
+        .query_string()
+        .split('&')
+        .filter_map(|p| p.split('=').next())
+        .any(|k| KEY_PARAMS.contains(&k.to_ascii_lowercase().as_str()));
+    if query_has_key {
+        return Err(HttpError::new(
+            ErrorCode::ApiKeyInQuery,
+            "API keys in the URL are refused; send Authorization: Bearer <key>",
+        ));
+    }
+    let Some(key) = presented_key(&req) else {
+        return Err(HttpError::new(
+            ErrorCode::MissingApiKey,
+            "send your turnpike key as Authorization: Bearer <key>",
+        ));
+    };
+    let principal = auth::authenticate(&deps.db, key).await.map_err(|e| {
+        let code = auth_error_code(&e);
+        let message = match &e {
+            auth::AuthError::Db(_) => {
+                "the key cannot be checked now (database unavailable)".to_string()
+            }
+            other => other.to_string(),
+        };
+        HttpError::new(code, message)
+    })?;
+    if !is_websocket(&req) {
+        return Err(HttpError::new(
+            ErrorCode::UpgradeRequired,
+            "this endpoint speaks WebSocket only (GET with Upgrade: websocket)",
+        ));
+    }
+    let Some(slot) = deps.slots.session(principal.key_id, principal.max_sessions) else {
+        return Err(HttpError::new(
+            ErrorCode::TooManySessions,
+            "this key has its maximum of sessions open",
+        )
+        .retry_after(1));
+    };
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(k, _)| passes_through(k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let frame_max = deps.settings.limits.client_frame_max_bytes;
+    let session = SessionActor::new(deps, principal, slot, headers);
+    actix_web_actors::ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(frame_max)
+        .start()
+        .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))
+}

@@ -1,0 +1,351 @@
+//! The pool actor of one upstream account.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{debug, info};
+
+use super::messages::{Acquire, Lease, LeaseError, PoolSnapshot, PoolStats, Release, ShutdownPool};
+use super::policy::{self, IdleConn};
+use crate::config::{AccountSettings, PoolSettings, UpstreamSettings};
+use crate::upstream::UpstreamConn;
+use crate::upstream::dial::{DialSpec, identity_of};
+use crate::upstream::messages::{CloseConn, ConnStatus, SetLessee, UpstreamEvent};
+
+enum State {
+    Dialing,
+    Idle { since: Instant },
+    Leased,
+}
+
+struct Entry {
+    addr: Addr<UpstreamConn>,
+    identity: String,
+    opened_at: Instant,
+    state: State,
+}
+
+struct Waiter {
+    id: u64,
+    identity: String,
+    headers: Vec<(String, String)>,
+    preferred: Option<u64>,
+    lessee: Recipient<UpstreamEvent>,
+    reply: oneshot::Sender<Result<Lease, LeaseError>>,
+}
+
+pub struct ContextPool {
+    account: Arc<str>,
+    url: String,
+    api_key: String,
+    max_conns: usize,
+    pool: PoolSettings,
+    upstream: UpstreamSettings,
+    conns: HashMap<u64, Entry>,
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+    dialled_total: u64,
+    leases_total: u64,
+    shutting_down: bool,
+}
+
+impl ContextPool {
+    pub fn new(
+        account: &AccountSettings,
+        api_key: String,
+        pool: PoolSettings,
+        upstream: UpstreamSettings,
+    ) -> Self {
+        Self {
+            account: Arc::from(account.name.as_str()),
+            url: account.ws_url(),
+            api_key,
+            max_conns: account.max_conns,
+            pool,
+            upstream,
+            conns: HashMap::new(),
+            waiters: VecDeque::new(),
+            next_id: 1,
+            dialled_total: 0,
+            leases_total: 0,
+            shutting_down: false,
+        }
+    }
+
+    fn max_age(&self) -> Duration {
+        Duration::from_secs(self.pool.max_age_s)
+    }
+
+    fn idle_view(&self) -> Vec<IdleConn<'_>> {
+        self.conns
+            .iter()
+            .filter_map(|(id, e)| match e.state {
+                State::Idle { since } => Some(IdleConn {
+                    id: *id,
+                    identity: &e.identity,
+                    opened_at: e.opened_at,
+                    idle_since: since,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dialing(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|e| matches!(e.state, State::Dialing))
+            .count()
+    }
+
+    fn dial(&mut self, identity: String, headers: Vec<(String, String)>, ctx: &mut Context<Self>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.dialled_total += 1;
+        let spec = DialSpec {
+            url: self.url.clone(),
+            api_key: self.api_key.clone(),
+            headers,
+            frame_max: self.upstream.frame_max_bytes,
+            timeout: Duration::from_millis(self.upstream.connect_timeout_ms),
+        };
+        let addr = UpstreamConn::new(id, spec, ctx.address().recipient()).start();
+        debug!(account = %self.account, conn = id, "dialling upstream");
+        self.conns.insert(
+            id,
+            Entry {
+                addr,
+                identity,
+                opened_at: Instant::now(),
+                state: State::Dialing,
+            },
+        );
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(e) = self.conns.remove(&id) {
+            e.addr.do_send(CloseConn);
+        }
+    }
+
+    /// Serves waiters in order from idle connections, then dials for those left.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            let picked = policy::pick(
+                &self.idle_view(),
+                &w.identity,
+                w.preferred,
+                self.max_age(),
+                now,
+            );
+            match picked {
+                Some(conn) => {
+                    if let Some(w) = self.waiters.remove(i) {
+                        self.grant(conn, w);
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        // Dial for waiters not covered by dials in progress, within capacity; make room by
+        // closing idle connections of another identity.
+        let mut uncovered = self.waiters.len().saturating_sub(self.dialing());
+        let mut k = 0;
+        while uncovered > 0 && k < self.waiters.len() {
+            if self.conns.len() >= self.max_conns {
+                let wanted = self.waiters[k].identity.clone();
+                let victim = self
+                    .idle_view()
+                    .iter()
+                    .find(|c| c.identity != wanted)
+                    .map(|c| c.id);
+                match victim {
+                    Some(v) => self.close(v),
+                    None => break,
+                }
+            }
+            let (identity, headers) = (
+                self.waiters[k].identity.clone(),
+                self.waiters[k].headers.clone(),
+            );
+            self.dial(identity, headers, ctx);
+            uncovered -= 1;
+            k += 1;
+        }
+    }
+
+    fn grant(&mut self, conn: u64, w: Waiter) {
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        // The lessee is set before the session learns of the lease, so no frame is lost.
+        entry.addr.do_send(SetLessee(Some(w.lessee)));
+        let lease = Lease {
+            conn,
+            addr: entry.addr.clone(),
+            account: self.account.clone(),
+            opened_at: entry.opened_at,
+        };
+        match w.reply.send(Ok(lease)) {
+            Ok(()) => {
+                entry.state = State::Leased;
+                self.leases_total += 1;
+            }
+            // The session is gone: the connection stays idle.
+            Err(_) => {
+                entry.addr.do_send(SetLessee(None));
+            }
+        }
+    }
+}
+
+impl Actor for ContextPool {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(1024);
+        ctx.run_interval(Duration::from_secs(1), |act, _| {
+            let retire = policy::retire(
+                &act.idle_view(),
+                act.max_age(),
+                Duration::from_secs(act.pool.idle_timeout_s),
+                act.pool.max_idle,
+                Instant::now(),
+            );
+            for id in retire {
+                debug!(account = %act.account, conn = id, "retiring idle upstream connection");
+                act.close(id);
+            }
+        });
+    }
+}
+
+impl Handler<Acquire> for ContextPool {
+    type Result = ResponseFuture<Result<Lease, LeaseError>>;
+
+    fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.shutting_down {
+            return Box::pin(async { Err(LeaseError::ShuttingDown) });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiters.push_back(Waiter {
+            id,
+            identity: identity_of(&msg.headers),
+            headers: msg.headers,
+            preferred: msg.preferred,
+            lessee: msg.lessee,
+            reply: tx,
+        });
+        let timeout = Duration::from_millis(self.pool.lease_timeout_ms);
+        ctx.run_later(timeout, move |act, _| {
+            if let Some(pos) = act.waiters.iter().position(|w| w.id == id)
+                && let Some(w) = act.waiters.remove(pos)
+            {
+                let _ = w.reply.send(Err(LeaseError::Timeout));
+            }
+        });
+        self.dispatch(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(LeaseError::ShuttingDown)) })
+    }
+}
+
+impl Handler<Release> for ContextPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
+        let max_age = self.max_age();
+        let Some(entry) = self.conns.get_mut(&msg.conn) else {
+            return;
+        };
+        entry.addr.do_send(SetLessee(None));
+        if msg.reusable && !self.shutting_down && entry.opened_at.elapsed() < max_age {
+            entry.state = State::Idle {
+                since: Instant::now(),
+            };
+        } else {
+            self.close(msg.conn);
+        }
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<ConnStatus> for ContextPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnStatus, ctx: &mut Context<Self>) {
+        match msg {
+            ConnStatus::Ready { conn } => {
+                if let Some(e) = self.conns.get_mut(&conn) {
+                    e.state = State::Idle {
+                        since: Instant::now(),
+                    };
+                }
+            }
+            ConnStatus::DialFailed { conn, error } => {
+                let identity = self.conns.remove(&conn).map(|e| e.identity);
+                // Fail a waiter now rather than let it time out, unless another dial covers it.
+                if self.waiters.len() > self.dialing()
+                    && let Some(pos) = self
+                        .waiters
+                        .iter()
+                        .position(|w| Some(&w.identity) == identity.as_ref())
+                    && let Some(w) = self.waiters.remove(pos)
+                {
+                    let _ = w.reply.send(Err(LeaseError::DialFailed(error)));
+                }
+                return;
+            }
+            ConnStatus::Broken { conn, reason } => {
+                debug!(account = %self.account, conn, ?reason, "upstream connection evicted");
+                self.conns.remove(&conn);
+            }
+        }
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<PoolStats> for ContextPool {
+    type Result = MessageResult<PoolStats>;
+
+    fn handle(&mut self, _: PoolStats, _: &mut Context<Self>) -> Self::Result {
+        let mut s = PoolSnapshot {
+            account: self.account.to_string(),
+            waiters: self.waiters.len(),
+            dialled_total: self.dialled_total,
+            leases_total: self.leases_total,
+            ..PoolSnapshot::default()
+        };
+        for e in self.conns.values() {
+            match e.state {
+                State::Dialing => s.dialing += 1,
+                State::Idle { .. } => s.idle += 1,
+                State::Leased => s.leased += 1,
+            }
+        }
+        MessageResult(s)
+    }
+}
+
+impl Handler<ShutdownPool> for ContextPool {
+    type Result = ();
+
+    fn handle(&mut self, _: ShutdownPool, _: &mut Context<Self>) {
+        self.shutting_down = true;
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(LeaseError::ShuttingDown));
+        }
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        info!(account = %self.account, connections = ids.len(), "closing upstream connections");
+        for id in ids {
+            self.close(id);
+        }
+    }
+}

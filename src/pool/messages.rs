@@ -1,0 +1,69 @@
+//! Messages of the pool actor.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use crate::upstream::UpstreamConn;
+use crate::upstream::messages::UpstreamEvent;
+
+/// A connection lent to one session until it is released.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub conn: u64,
+    pub addr: Addr<UpstreamConn>,
+    pub account: Arc<str>,
+    pub opened_at: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("no upstream connection free within the lease timeout")]
+    Timeout,
+    #[error("upstream dial failed: {0}")]
+    DialFailed(String),
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+}
+
+/// Lend a connection: the preferred one if it is idle and fit, else a fit idle one, else a new
+/// one when under capacity, else wait up to the lease timeout.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Lease, LeaseError>")]
+pub struct Acquire {
+    /// Handshake headers of the session (passed through when a connection is dialled).
+    pub headers: Vec<(String, String)>,
+    pub preferred: Option<u64>,
+    pub lessee: Recipient<UpstreamEvent>,
+}
+
+/// Give a connection back. `reusable: false` when a response may still be in flight on it or
+/// its state is unknown: it is closed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    pub conn: u64,
+    pub reusable: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolSnapshot {
+    pub account: String,
+    pub idle: usize,
+    pub leased: usize,
+    pub dialing: usize,
+    pub waiters: usize,
+    pub dialled_total: u64,
+    pub leases_total: u64,
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "PoolSnapshot")]
+pub struct PoolStats;
+
+/// Close every connection and refuse new leases.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ShutdownPool;

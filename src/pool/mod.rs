@@ -1,0 +1,13 @@
+//! One `ContextPool` actor per upstream account: capacity, waiters with a lease timeout, idle
+//! bounds, eviction of broken connections at once, recycling before `pool.max_age_s`, and no
+//! connection ever handed to a second session while one holds it.
+//!
+//! - `messages`: `Acquire`, `Release`, `PoolStats`, `ShutdownPool`.
+//! - `policy`: which idle connection serves a request, which are retired (pure).
+//! - `actor`: the pool actor.
+
+pub mod actor;
+pub mod messages;
+pub mod policy;
+
+pub use actor::ContextPool;

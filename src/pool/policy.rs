@@ -1,0 +1,118 @@
+//! Pool decisions as plain functions.
+
+use std::time::{Duration, Instant};
+
+/// What the pool knows of an idle connection.
+#[derive(Debug, Clone)]
+pub struct IdleConn<'a> {
+    pub id: u64,
+    pub identity: &'a str,
+    pub opened_at: Instant,
+    pub idle_since: Instant,
+}
+
+/// The idle connection to lend: the preferred one if fit, else the most recently used fit one.
+/// A connection is fit when its identity matches and it is younger than `max_age`.
+pub fn pick(
+    idle: &[IdleConn<'_>],
+    identity: &str,
+    preferred: Option<u64>,
+    max_age: Duration,
+    now: Instant,
+) -> Option<u64> {
+    let fit =
+        |c: &&IdleConn<'_>| c.identity == identity && now.duration_since(c.opened_at) < max_age;
+    if let Some(p) = preferred
+        && let Some(c) = idle.iter().filter(fit).find(|c| c.id == p)
+    {
+        return Some(c.id);
+    }
+    idle.iter()
+        .filter(fit)
+        .max_by_key(|c| c.idle_since)
+        .map(|c| c.id)
+}
+
+/// Idle connections to close: too old, idle too long, or beyond `max_idle` (oldest use first).
+pub fn retire(
+    idle: &[IdleConn<'_>],
+    max_age: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    now: Instant,
+) -> Vec<u64> {
+    let mut keep: Vec<&IdleConn<'_>> = Vec::new();
+    let mut out = Vec::new();
+    for c in idle {
+        if now.duration_since(c.opened_at) >= max_age
+            || now.duration_since(c.idle_since) >= idle_timeout
+        {
+            out.push(c.id);
+        } else {
+            keep.push(c);
+        }
+    }
+    keep.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
+    out.extend(keep.iter().skip(max_idle).map(|c| c.id));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(
+        id: u64,
+        identity: &'static str,
+        age_s: u64,
+        idle_s: u64,
+        now: Instant,
+    ) -> IdleConn<'static> {
+        IdleConn {
+            id,
+            identity,
+            opened_at: now - Duration::from_secs(age_s),
+            idle_since: now - Duration::from_secs(idle_s),
+        }
+    }
+
+    #[test]
+    fn picks_preferred_then_most_recent_fit() {
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let max = Duration::from_secs(3300);
+        let idle = [
+            conn(1, "a", 10, 5, now),
+            conn(2, "a", 10, 1, now),
+            conn(3, "b", 10, 0, now),
+            conn(4, "a", 4000, 0, now),
+        ];
+        assert_eq!(pick(&idle, "a", Some(1), max, now), Some(1));
+        assert_eq!(pick(&idle, "a", None, max, now), Some(2));
+        assert_eq!(
+            pick(&idle, "a", Some(3), max, now),
+            Some(2),
+            "identity must match"
+        );
+        assert_eq!(pick(&idle, "a", Some(4), max, now), Some(2), "too old");
+        assert_eq!(pick(&idle, "c", None, max, now), None);
+    }
+
+    #[test]
+    fn retires_old_stale_and_surplus() {
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let idle = [
+            conn(1, "a", 4000, 0, now),
+            conn(2, "a", 10, 400, now),
+            conn(3, "a", 10, 1, now),
+            conn(4, "a", 10, 2, now),
+        ];
+        let out = retire(
+            &idle,
+            Duration::from_secs(3300),
+            Duration::from_secs(300),
+            1,
+            now,
+        );
+        assert_eq!(out, vec![1, 2, 4]);
+    }
+}

@@ -1,0 +1,965 @@
+//! `SessionActor`: one per client WebSocket. Every input — a client frame, an upstream event,
+//! an admission or lease result, a timer tick, shutdown — is a message into this one
+//! single-threaded state machine (SPEC §4).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
+use bytestring::ByteString;
+use chrono::NaiveDateTime;
+use serde_json::{Value, json};
+use tracing::{Span, debug, info, info_span, warn};
+
+use super::SessionDeps;
+use super::admission::{AccountSlot, SlotGuard};
+use super::messages::EndSession;
+use super::registry::{Register, Unregister};
+use super::turn::{Ending, TurnTracker};
+use crate::accounting::messages::{RecordTurn, TurnRecord};
+use crate::auth::{AuthError, Principal, check_standing};
+use crate::db::models::{ApiKey, User};
+use crate::db::queries;
+use crate::pool::messages::{Acquire, Lease, LeaseError, Release};
+use crate::protocol::errors::ErrorCode;
+use crate::protocol::events::EventKind;
+use crate::protocol::frames::{self, ClientFrame, CreateFrame};
+use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
+
+/// Bytes sent between two backpressure pings.
+const PING_EVERY_BYTES: u64 = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Admitting,
+    Leasing,
+    Streaming,
+    /// The turn ended; its record is on its way to accounting, its last frame waits for that.
+    Finishing,
+}
+
+struct Turn {
+    index: i32,
+    turn_id: String,
+    accepted_wall: NaiveDateTime,
+    tracker: TurnTracker,
+    /// What goes upstream (the client's bytes, with `model` added if it was omitted).
+    frame: CreateFrame,
+    model: String,
+    phase: Phase,
+    key_slot: Option<SlotGuard>,
+    account_slot: Option<AccountSlot>,
+    forwarded: u32,
+    retried: bool,
+    last_upstream: Instant,
+    cancel_deadline: Option<Instant>,
+    drain_deadline: Option<Instant>,
+    span: Span,
+}
+
+/// How a turn's end is delivered to the client.
+struct Delivery {
+    /// The frame sent after the record is acknowledged (terminal event or error event).
+    last: Option<String>,
+    /// Whether the upstream connection may serve another turn.
+    reusable: bool,
+    /// Close the socket afterwards with this code.
+    close: Option<(u16, &'static str)>,
+}
+
+pub struct SessionActor {
+    id: String,
+    deps: Arc<SessionDeps>,
+    principal: Principal,
+    /// Last standing read from the database: admission falls back to it while the DB is down.
+    standing: Option<(ApiKey, User)>,
+    _session_slot: SlotGuard,
+    headers: Vec<(String, String)>,
+    turn_index: i32,
+    model: Option<String>,
+    lease: Option<Lease>,
+    /// The connection of the last lease, preferred for the next one (affinity).
+    preferred: Option<u64>,
+    turn: Option<Turn>,
+    /// Bumped whenever an async step (admission, lease) is abandoned, so its late result is ignored.
+    generation: u64,
+    queued: Option<CreateFrame>,
+    lease_failures: u32,
+    idle_since: Instant,
+    sent_bytes: u64,
+    acked_bytes: u64,
+    pinged_at: u64,
+    client_gone: bool,
+    close_after_turn: Option<(u16, &'static str)>,
+    span: Span,
+}
+
+impl SessionActor {
+    pub fn new(
+        deps: Arc<SessionDeps>,
+        principal: Principal,
+        session_slot: SlotGuard,
+        headers: Vec<(String, String)>,
+    ) -> Self {
+        let id = format!("sess_{}", random_hex(8));
+        let span = info_span!("session", session = %id, key = %principal.key_prefix, user = %principal.user_name);
+        Self {
+            id,
+            deps,
+            principal,
+            standing: None,
+            _session_slot: session_slot,
+            headers,
+            turn_index: 0,
+            model: None,
+            lease: None,
+            preferred: None,
+            turn: None,
+            generation: 0,
+            queued: None,
+            lease_failures: 0,
+            idle_since: Instant::now(),
+            sent_bytes: 0,
+            acked_bytes: 0,
+            pinged_at: 0,
+            client_gone: false,
+            close_after_turn: None,
+            span,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    // ---- writing to the client -------------------------------------------------------------
+
+    fn send(&mut self, text: impl Into<ByteString>, ctx: &mut WebsocketContext<Self>) {
+        if self.client_gone {
+            return;
+        }
+        let text: ByteString = text.into();
+        self.sent_bytes += text.len() as u64;
+        ctx.text(text);
+        if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
+            // The pong comes back only after the client has read everything before the ping.
+            self.pinged_at = self.sent_bytes;
+            ctx.ping(&self.sent_bytes.to_be_bytes());
+        }
+    }
+
+    fn error_event(code: ErrorCode, message: &str) -> String {
+        code.ws_event(message).to_string()
+    }
+
+    fn close(&mut self, code: u16, reason: &str, ctx: &mut WebsocketContext<Self>) {
+        if !self.client_gone {
+            ctx.close(Some(CloseReason {
+                code: CloseCode::from(code),
+                description: (!reason.is_empty()).then(|| reason.to_string()),
+            }));
+        }
+        ctx.stop();
+    }
+
+    /// A refusal that is not a turn: the error event, then the close its table row says.
+    fn protocol_error(&mut self, code: ErrorCode, message: &str, ctx: &mut WebsocketContext<Self>) {
+        let event = Self::error_event(code, message);
+        match code.spec().close {
+            Some(close) if self.turn.is_some() => {
+                // The turn in flight ends first, with this error as its last frame.
+                self.finish(
+                    Ending::Aborted(code.code()),
+                    Delivery {
+                        last: Some(event),
+                        reusable: false,
+                        close: Some((close, code.code())),
+                    },
+                    ctx,
+                );
+            }
+            Some(close) => {
+                self.send(event, ctx);
+                self.close(close, code.code(), ctx);
+            }
+            None => self.send(event, ctx),
+        }
+    }
+
+    // ---- turn start -------------------------------------------------------------------------
+
+    fn on_frame(&mut self, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+        let accepted = Instant::now();
+        match frames::parse(&text) {
+            Err(e) => self.protocol_error(e.code, &e.message, ctx),
+            Ok(ClientFrame::Create(frame)) => self.on_create(frame, accepted, ctx),
+            Ok(ClientFrame::Cancel) => self.on_cancel(ctx),
+            Ok(ClientFrame::Other(kind)) => self.on_other(kind, text, ctx),
+        }
+    }
+
+    fn on_create(
+        &mut self,
+        frame: CreateFrame,
+        accepted: Instant,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        if let Some(turn) = &self.turn {
+            if turn.phase == Phase::Finishing {
+                // Handled as soon as the ending turn's record is acknowledged.
+                self.queued = Some(frame);
+                return;
+            }
+            match self.deps.settings.session.on_overlap {
+                crate::config::OnOverlap::Reject => {
+                    let e = Self::error_event(
+                        ErrorCode::ResponseAlreadyInFlight,
+                        "a response is in flight on this session; wait for its terminal event",
+                    );
+                    return self.send(e, ctx);
+                }
+                crate::config::OnOverlap::Preempt => {
+                    self.queued = Some(frame);
+                    let e = Self::error_event(
+                        ErrorCode::ResponsePreempted,
+                        "this response was ended by a newer response.create",
+                    );
+                    let streaming = turn.phase == Phase::Streaming;
+                    return self.finish(
+                        Ending::Preempted,
+                        Delivery {
+                            last: Some(e),
+                            // A response may still be running on that socket.
+                            reusable: !streaming,
+                            close: None,
+                        },
+                        ctx,
+                    );
+                }
+            }
+        }
+        self.start_turn(frame, accepted, ctx);
+    }
+
+    fn start_turn(
+        &mut self,
+        mut frame: CreateFrame,
+        accepted: Instant,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let model = match (&frame.model, &self.model) {
+            (Some(m), _) => m.clone(),
+            (None, Some(m)) => {
+                frame.raw = frames::with_model(&frame.raw, m);
+                m.clone()
+            }
+            (None, None) => {
+                let e = Self::error_event(
+                    ErrorCode::ModelRequired,
+                    "the first response.create of a session needs `model`",
+                );
+                return self.send(e, ctx);
+            }
+        };
+        self.model = Some(model.clone());
+        self.turn_index += 1;
+        let index = self.turn_index;
+        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = tracing::field::Empty);
+        self.turn = Some(Turn {
+            index,
+            turn_id: format!("turn_{}", random_hex(12)),
+            accepted_wall: crate::db::now(),
+            tracker: TurnTracker::new(accepted),
+            frame,
+            model,
+            phase: Phase::Admitting,
+            key_slot: None,
+            account_slot: None,
+            forwarded: 0,
+            retried: false,
+            last_upstream: accepted,
+            cancel_deadline: None,
+            drain_deadline: None,
+            span,
+        });
+        self.admit(ctx);
+    }
+
+    /// Per-turn admission: standing re-read from the database, then the key and account slots.
+    fn admit(&mut self, ctx: &mut WebsocketContext<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let db = self.deps.db.clone();
+        let key_id = self.principal.key_id;
+        let fut = async move { queries::keys::by_id(&db, key_id).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            if act.generation != generation {
+                return;
+            }
+            let standing = match res {
+                Ok(Some(s)) => {
+                    act.standing = Some(s.clone());
+                    Some(s)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    // The database is down: decide on the last standing seen.
+                    warn!(parent: &act.span, error = %e, "standing read failed; using the last one");
+                    act.standing.clone()
+                }
+            };
+            let refusal = match &standing {
+                None if act.standing.is_none() => {
+                    // Never read, and unreadable now: the connect-time check stands.
+                    None
+                }
+                None => Some(AuthError::Revoked),
+                Some((key, user)) => check_standing(key, user, 0).err(),
+            };
+            if let Some(refusal) = refusal {
+                let code = auth_error_code(&refusal);
+                return act.reject(code, &refusal.to_string(), ctx);
+            }
+            let slots = act.deps.slots.clone();
+            let Some(key_slot) = slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns) else {
+                return act.reject(ErrorCode::ConcurrencyLimitExceeded, "this key has its maximum of turns in flight", ctx);
+            };
+            let candidates = act.account_candidates();
+            let Some(account_slot) = slots.account_turn(&candidates) else {
+                return act.reject(ErrorCode::AccountBusy, "every upstream account is at its turn limit", ctx);
+            };
+            if let Some(turn) = act.turn.as_mut() {
+                turn.key_slot = Some(key_slot);
+                turn.account_slot = Some(account_slot);
+                turn.phase = Phase::Leasing;
+            }
+            act.lease_and_send(ctx);
+        }));
+    }
+
+    /// Accounts in the order this session prefers them: the one it holds a lease on first.
+    fn account_candidates(&self) -> Vec<(String, usize)> {
+        let held = self.lease.as_ref().map(|l| l.account.to_string());
+        let mut out: Vec<(String, usize)> = self
+            .deps
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.turn_limit))
+            .collect();
+        if let Some(h) = held {
+            out.sort_by_key(|(n, _)| *n != h);
+        }
+        out
+    }
+
+    fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut WebsocketContext<Self>) {
+        let e = Self::error_event(code, message);
+        self.finish(
+            Ending::Rejected(code.code()),
+            Delivery {
+                last: Some(e),
+                reusable: true,
+                close: None,
+            },
+            ctx,
+        );
+    }
+
+    fn lease_and_send(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        let Some(account) = turn.account_slot.as_ref().map(|s| s.account.clone()) else {
+            return;
+        };
+        let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
+        if let Some(lease) = &self.lease {
+            if *lease.account == *account && lease.opened_at.elapsed() < max_age {
+                return self.send_upstream(ctx);
+            }
+            // Another account, or too old: give it back.
+            self.release_lease(true);
+        }
+        let Some(handle) = self.deps.accounts.iter().find(|a| a.name == account) else {
+            return;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        let acquire = handle.pool.send(Acquire {
+            headers: self.headers.clone(),
+            preferred: self.preferred,
+            lessee: ctx.address().recipient(),
+        });
+        ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
+            let res = res.unwrap_or(Err(LeaseError::ShuttingDown));
+            if act.generation != generation {
+                // Abandoned meanwhile: hand a late lease straight back.
+                if let Ok(lease) = res
+                    && let Some(h) = act.deps.accounts.iter().find(|a| *a.name == *lease.account)
+                {
+                    h.pool.do_send(Release {
+                        conn: lease.conn,
+                        reusable: true,
+                    });
+                }
+                return;
+            }
+            match res {
+                Ok(lease) => {
+                    act.lease_failures = 0;
+                    act.preferred = Some(lease.conn);
+                    act.lease = Some(lease);
+                    act.send_upstream(ctx);
+                }
+                Err(LeaseError::Timeout) => {
+                    act.lease_failures += 1;
+                    let e = Self::error_event(
+                        ErrorCode::UpstreamUnavailable,
+                        "no upstream connection became free in time; retry",
+                    );
+                    let close = (act.lease_failures
+                        >= act.deps.settings.session.max_lease_failures)
+                        .then_some((1013, "upstream_unavailable"));
+                    act.finish(
+                        Ending::Rejected("upstream_unavailable"),
+                        Delivery {
+                            last: Some(e),
+                            reusable: true,
+                            close,
+                        },
+                        ctx,
+                    );
+                }
+                Err(err) => {
+                    let e = Self::error_event(ErrorCode::UpstreamUnavailable, &err.to_string());
+                    act.finish(
+                        Ending::Rejected("upstream_unavailable"),
+                        Delivery {
+                            last: Some(e),
+                            reusable: true,
+                            close: None,
+                        },
+                        ctx,
+                    );
+                }
+            }
+        }));
+    }
+
+    fn send_upstream(&mut self, _ctx: &mut WebsocketContext<Self>) {
+        let (Some(turn), Some(lease)) = (self.turn.as_mut(), self.lease.as_ref()) else {
+            return;
+        };
+        let now = Instant::now();
+        lease
+            .addr
+            .do_send(SendText(ByteString::from(turn.frame.raw.clone())));
+        turn.tracker.clock.written(now);
+        turn.last_upstream = now;
+        turn.phase = Phase::Streaming;
+        debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
+    }
+
+    // ---- upstream events --------------------------------------------------------------------
+
+    fn on_upstream_text(&mut self, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+        let Some(turn) = self.turn.as_mut().filter(|t| t.phase == Phase::Streaming) else {
+            // Data between turns: the connection's state is unknown now.
+            warn!(parent: &self.span, "upstream frame outside a turn; dropping the connection");
+            return self.release_lease(false);
+        };
+        let now = Instant::now();
+        turn.last_upstream = now;
+        let observed = turn.tracker.observe(&text, now);
+        match observed.kind {
+            EventKind::Terminal(kind) => {
+                let delivery = Delivery {
+                    last: Some(text.to_string()),
+                    reusable: true,
+                    close: None,
+                };
+                self.finish(Ending::Terminal(kind), delivery, ctx);
+            }
+            EventKind::Error => {
+                let (code, request_level) = upstream_error_code(&text);
+                let delivery = Delivery {
+                    last: Some(text.to_string()),
+                    reusable: request_level,
+                    close: None,
+                };
+                self.finish(Ending::UpstreamError(code), delivery, ctx);
+            }
+            _ => {
+                turn.forwarded += 1;
+                self.send(text, ctx);
+                self.check_backpressure(ctx);
+            }
+        }
+    }
+
+    fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut WebsocketContext<Self>) {
+        // The pool has evicted it already.
+        self.lease = None;
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        if turn.phase != Phase::Streaming {
+            return;
+        }
+        let transparent = turn.forwarded == 0
+            && !turn.retried
+            && turn.frame.previous_response_id.is_none()
+            && !self.client_gone
+            && !matches!(reason, LostReason::Binary);
+        if transparent {
+            info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
+            turn.retried = true;
+            turn.phase = Phase::Leasing;
+            self.preferred = None;
+            return self.lease_and_send(ctx);
+        }
+        let (code, message) = match reason {
+            LostReason::Closed(Some(1012 | 1013)) => (
+                ErrorCode::UpstreamRestarting,
+                "the upstream is restarting; retry this turn",
+            ),
+            LostReason::Binary => (
+                ErrorCode::UpstreamProtocolError,
+                "the upstream sent a binary frame",
+            ),
+            _ => (
+                ErrorCode::UpstreamConnectionLost,
+                "the upstream connection was lost mid-turn; retry this turn",
+            ),
+        };
+        let e = Self::error_event(code, message);
+        self.finish(
+            Ending::UpstreamLost(code.code()),
+            Delivery {
+                last: Some(e),
+                reusable: false,
+                close: None,
+            },
+            ctx,
+        );
+    }
+
+    // ---- turn end ---------------------------------------------------------------------------
+
+    /// Ends the turn in flight: its record goes to accounting, and only once accounting has
+    /// acknowledged it does the client get the turn's last frame.
+    fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        if turn.phase == Phase::Finishing {
+            return;
+        }
+        self.generation += 1;
+        let streaming = turn.phase == Phase::Streaming;
+        turn.phase = Phase::Finishing;
+        // Slots are free as soon as the turn is over, whatever happens next.
+        turn.key_slot = None;
+        turn.account_slot = None;
+        let outcome = turn.tracker.finish(ending, Instant::now());
+        let account = self
+            .lease
+            .as_ref()
+            .map(|l| l.account.to_string())
+            .unwrap_or_default();
+        let request_id = outcome
+            .response_id
+            .clone()
+            .unwrap_or_else(|| turn.turn_id.clone());
+        turn.span.record("request_id", request_id.as_str());
+        let record = TurnRecord {
+            request_id,
+            api_key_id: self.principal.key_id,
+            user_id: self.principal.user_id,
+            session_id: self.id.clone(),
+            turn_index: turn.index,
+            account,
+            model: turn.model.clone(),
+            status: outcome.status,
+            usage_source: outcome.usage_source,
+            warmup: turn.frame.warmup,
+            usage: outcome.usage,
+            cost_nanousd: 0,
+            timing: outcome.timing,
+            error_code: outcome.error_code,
+            accepted_at: turn.accepted_wall,
+        };
+        info!(parent: &turn.span, status = record.status, usage_source = record.usage_source,
+            first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+        if streaming && !delivery.reusable {
+            self.release_lease(false);
+        }
+        let send = self.deps.accounting.send(RecordTurn(record));
+        // `wait`: nothing else happens in this session until the record is safe.
+        ctx.wait(send.into_actor(self).map(move |res, act, ctx| {
+            if let Err(e) = res {
+                warn!(parent: &act.span, error = %e, "accounting unreachable");
+            }
+            act.turn = None;
+            act.idle_since = Instant::now();
+            if let Some(last) = delivery.last {
+                act.send(last, ctx);
+            }
+            if let Some((code, reason)) = delivery.close.or(act.close_after_turn) {
+                return act.close(code, reason, ctx);
+            }
+            if act.client_gone {
+                return ctx.stop();
+            }
+            if let Some(next) = act.queued.take() {
+                act.start_turn(next, Instant::now(), ctx);
+            }
+        }));
+    }
+
+    fn release_lease(&mut self, reusable: bool) {
+        if let Some(lease) = self.lease.take()
+            && let Some(h) = self
+                .deps
+                .accounts
+                .iter()
+                .find(|a| *a.name == *lease.account)
+        {
+            h.pool.do_send(Release {
+                conn: lease.conn,
+                reusable,
+            });
+        }
+    }
+
+    // ---- cancel, other frames, backpressure, client gone -----------------------------------
+
+    fn on_cancel(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let grace = Duration::from_millis(self.deps.settings.session.cancel_grace_ms);
+        let Some(turn) = self.turn.as_mut() else {
+            let e = Self::error_event(ErrorCode::NoActiveResponse, "no response is in flight");
+            return self.send(e, ctx);
+        };
+        match turn.phase {
+            Phase::Streaming => {
+                if let Some(lease) = &self.lease {
+                    lease.addr.do_send(SendText(ByteString::from_static(
+                        r#"{"type":"response.cancel"}"#,
+                    )));
+                }
+                turn.cancel_deadline.get_or_insert(Instant::now() + grace);
+            }
+            Phase::Admitting | Phase::Leasing => {
+                let id = turn.turn_id.clone();
+                self.finish(
+                    Ending::Cancelled,
+                    Delivery {
+                        last: Some(cancelled_event(&id)),
+                        reusable: true,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            Phase::Finishing => {}
+        }
+    }
+
+    fn on_other(&mut self, kind: String, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+        match (&self.lease, self.turn.as_ref().map(|t| t.phase)) {
+            (Some(lease), Some(Phase::Streaming)) => lease.addr.do_send(SendText(text)),
+            _ => {
+                let e = Self::error_event(
+                    ErrorCode::NoActiveResponse,
+                    &format!("`{kind}` needs a response in flight"),
+                );
+                self.send(e, ctx);
+            }
+        }
+    }
+
+    fn check_backpressure(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
+        if unread as usize > self.deps.settings.limits.client_send_buffer_bytes {
+            let e = Self::error_event(
+                ErrorCode::ClientTooSlow,
+                "the client is not reading its events",
+            );
+            self.finish(
+                Ending::Aborted("client_too_slow"),
+                Delivery {
+                    last: Some(e),
+                    reusable: false,
+                    close: Some((1008, "client_too_slow")),
+                },
+                ctx,
+            );
+        }
+    }
+
+    fn on_client_gone(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if self.client_gone {
+            return;
+        }
+        self.client_gone = true;
+        let drain = Duration::from_millis(self.deps.settings.session.drain_ms);
+        let Some(turn) = self.turn.as_mut() else {
+            return ctx.stop();
+        };
+        match turn.phase {
+            Phase::Streaming => {
+                // Slots go at once; the upstream is read a while longer for the terminal.
+                turn.key_slot = None;
+                turn.account_slot = None;
+                turn.drain_deadline = Some(Instant::now() + drain);
+                debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
+            }
+            Phase::Admitting | Phase::Leasing => {
+                self.finish(
+                    Ending::ClientGone,
+                    Delivery {
+                        last: None,
+                        reusable: true,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            Phase::Finishing => {}
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let now = Instant::now();
+        let deps = self.deps.clone();
+        let s = &deps.settings;
+        let read_timeout = Duration::from_millis(s.upstream.read_timeout_ms);
+        if let Some(turn) = self.turn.as_ref() {
+            if turn.phase != Phase::Streaming {
+                return;
+            }
+            if turn.drain_deadline.is_some_and(|d| now >= d) {
+                return self.finish(
+                    Ending::ClientGone,
+                    Delivery {
+                        last: None,
+                        reusable: false,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            if turn.cancel_deadline.is_some_and(|d| now >= d) {
+                let id = turn
+                    .tracker
+                    .response_id
+                    .clone()
+                    .unwrap_or_else(|| turn.turn_id.clone());
+                return self.finish(
+                    Ending::Cancelled,
+                    Delivery {
+                        last: Some(cancelled_event(&id)),
+                        reusable: false,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            if now.duration_since(turn.last_upstream) >= read_timeout {
+                if let Some(lease) = &self.lease {
+                    lease.addr.do_send(crate::upstream::messages::CloseConn);
+                }
+                self.release_lease(false);
+                return self.on_upstream_lost(LostReason::Error("read timeout".into()), ctx);
+            }
+            return;
+        }
+        let idle = now.duration_since(self.idle_since);
+        if self.lease.is_some() && idle >= Duration::from_millis(s.session.lease_idle_ms) {
+            // Give the connection back, but prefer it next time.
+            self.release_lease(true);
+        }
+        if idle >= Duration::from_millis(s.session.idle_timeout_ms) {
+            self.close(1000, "websocket idle timeout", ctx);
+        }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    if getrandom::fill(&mut b).is_err() {
+        // Uniqueness, not secrecy, is what ids need.
+        let n = crate::sim::monotonic_ns().to_le_bytes();
+        b.iter_mut()
+            .zip(n.iter().cycle())
+            .for_each(|(x, y)| *x = *y);
+    }
+    hex::encode(b)
+}
+
+fn cancelled_event(response_id: &str) -> String {
+    json!({"type": "response.cancelled", "response": {"id": response_id, "object": "response", "status": "cancelled", "usage": null}}).to_string()
+}
+
+/// An upstream `error` event's code, and whether it concerns only the request (the socket stays
+/// usable) rather than the connection.
+fn upstream_error_code(text: &str) -> (Option<String>, bool) {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let code = v
+        .pointer("/error/code")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let kind = v
+        .pointer("/error/type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let request_level = matches!(code.as_deref(), Some("previous_response_not_found"))
+        || (kind == "invalid_request_error"
+            && code.as_deref() != Some("websocket_connection_limit_reached"));
+    (code, request_level)
+}
+
+/// The client error of a refused standing.
+pub fn auth_error_code(e: &AuthError) -> ErrorCode {
+    match e {
+        AuthError::Missing => ErrorCode::MissingApiKey,
+        AuthError::Invalid => ErrorCode::InvalidApiKey,
+        AuthError::Revoked => ErrorCode::ApiKeyRevoked,
+        AuthError::UserDisabled => ErrorCode::UserDisabled,
+        AuthError::QuotaExhausted => ErrorCode::QuotaExhausted,
+        AuthError::BalanceExhausted => ErrorCode::BalanceExhausted,
+        AuthError::Db(_) => ErrorCode::NotReady,
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(256);
+        self.deps.registry.do_send(Register {
+            id: self.id.clone(),
+            session: ctx.address().recipient(),
+        });
+        let s = &self.deps.settings;
+        let shortest = [
+            s.session.lease_idle_ms,
+            s.session.idle_timeout_ms,
+            s.upstream.read_timeout_ms,
+            s.session.cancel_grace_ms,
+            s.session.drain_ms,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(1000);
+        let every = Duration::from_millis((shortest / 4).clamp(10, 1000));
+        ctx.run_interval(every, |act, ctx| act.tick(ctx));
+        info!(parent: &self.span, "session opened");
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        let clean = self.turn.is_none();
+        self.release_lease(clean);
+        self.deps.registry.do_send(Unregister {
+            id: self.id.clone(),
+        });
+        info!(parent: &self.span, turns = self.turn_index, "session closed");
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SessionActor {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        match msg {
+            Ok(ws::Message::Text(text)) => self.on_frame(text, ctx),
+            Ok(ws::Message::Binary(_)) => self.protocol_error(
+                ErrorCode::BinaryFrame,
+                "binary frames are not supported; send JSON text frames",
+                ctx,
+            ),
+            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
+            Ok(ws::Message::Pong(p)) => {
+                if let Ok(mark) = <[u8; 8]>::try_from(p.as_ref()) {
+                    self.acked_bytes = self.acked_bytes.max(u64::from_be_bytes(mark));
+                }
+            }
+            Ok(ws::Message::Close(reason)) => {
+                if !self.client_gone {
+                    ctx.close(reason);
+                }
+                self.on_client_gone(ctx);
+            }
+            Ok(ws::Message::Continuation(_)) => self.protocol_error(
+                ErrorCode::InvalidJson,
+                "fragmented frames are not supported",
+                ctx,
+            ),
+            Ok(ws::Message::Nop) => {}
+            Err(ws::ProtocolError::Overflow) => {
+                let max = self.deps.settings.limits.client_frame_max_bytes;
+                self.protocol_error(
+                    ErrorCode::FrameTooLarge,
+                    &format!("frame larger than {max} bytes"),
+                    ctx,
+                )
+            }
+            Err(e) => {
+                debug!(parent: &self.span, error = %e, "client protocol error");
+                self.on_client_gone(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // EOF without a close frame (Codex never sends one).
+        self.on_client_gone(ctx);
+    }
+}
+
+impl Handler<UpstreamEvent> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UpstreamEvent, ctx: &mut Self::Context) {
+        let current = self.lease.as_ref().map(|l| l.conn);
+        match msg {
+            UpstreamEvent::Text { conn, text } if Some(conn) == current => {
+                self.on_upstream_text(text, ctx)
+            }
+            UpstreamEvent::Lost { conn, reason } if Some(conn) == current => {
+                self.on_upstream_lost(reason, ctx)
+            }
+            // A connection this session no longer holds.
+            _ => {}
+        }
+    }
+}
+
+impl Handler<EndSession> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndSession, ctx: &mut Self::Context) {
+        let code = msg.0;
+        let close = code.spec().close.unwrap_or(1001);
+        let e = Self::error_event(code, "the session was ended by the relay");
+        match self.turn.as_ref().map(|t| t.phase) {
+            None => self.close(close, code.code(), ctx),
+            Some(Phase::Finishing) => self.close_after_turn = Some((close, code.code())),
+            Some(phase) => {
+                let reusable = phase != Phase::Streaming;
+                self.finish(
+                    Ending::Aborted(code.code()),
+                    Delivery {
+                        last: Some(e),
+                        reusable,
+                        close: Some((close, code.code())),
+                    },
+                    ctx,
+                );
+            }
+        }
+    }
+}

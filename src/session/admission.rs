@@ -1,0 +1,164 @@
+//! Slots: open sessions per key, turns in flight per key and per account. A slot is held by a
+//! guard and released when the guard drops, so no exit path can leak one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug, Default)]
+struct Counts {
+    sessions: HashMap<i64, u32>,
+    key_turns: HashMap<i64, u32>,
+    account_turns: HashMap<String, u32>,
+}
+
+/// Shared by every worker; touched once per connect and once per turn, never per event.
+#[derive(Debug, Default)]
+pub struct Slots {
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Session,
+    KeyTurn,
+}
+
+/// Holds one slot; dropping it releases the slot.
+#[derive(Debug)]
+pub struct SlotGuard {
+    slots: Arc<Slots>,
+    key: i64,
+    kind: Kind,
+}
+
+/// Holds an account turn slot.
+#[derive(Debug)]
+pub struct AccountSlot {
+    slots: Arc<Slots>,
+    pub account: String,
+}
+
+fn take(map: &mut HashMap<i64, u32>, key: i64, limit: Option<i32>) -> bool {
+    let n = map.entry(key).or_insert(0);
+    if limit.is_some_and(|l| i64::from(*n) >= i64::from(l)) {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+fn give(map: &mut HashMap<i64, u32>, key: i64) {
+    if let Some(n) = map.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Slots {
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An open-session slot of a key (`max_sessions`).
+    pub fn session(self: &Arc<Self>, key: i64, limit: Option<i32>) -> Option<SlotGuard> {
+        take(&mut self.counts().sessions, key, limit).then(|| SlotGuard {
+            slots: self.clone(),
+            key,
+            kind: Kind::Session,
+        })
+    }
+
+    /// A turn slot of a key (`max_concurrent_turns`).
+    pub fn key_turn(self: &Arc<Self>, key: i64, limit: Option<i32>) -> Option<SlotGuard> {
+        take(&mut self.counts().key_turns, key, limit).then(|| SlotGuard {
+            slots: self.clone(),
+            key,
+            kind: Kind::KeyTurn,
+        })
+    }
+
+    /// A turn slot on the first account of `candidates` (name, limit) with room.
+    pub fn account_turn(self: &Arc<Self>, candidates: &[(String, usize)]) -> Option<AccountSlot> {
+        let mut c = self.counts();
+        for (name, limit) in candidates {
+            let n = c.account_turns.entry(name.clone()).or_insert(0);
+            if (*n as usize) < *limit {
+                *n += 1;
+                return Some(AccountSlot {
+                    slots: self.clone(),
+                    account: name.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    /// (open sessions, turns in flight) of a key.
+    pub fn of_key(&self, key: i64) -> (u32, u32) {
+        let c = self.counts();
+        (
+            c.sessions.get(&key).copied().unwrap_or(0),
+            c.key_turns.get(&key).copied().unwrap_or(0),
+        )
+    }
+
+    pub fn of_account(&self, account: &str) -> u32 {
+        self.counts()
+            .account_turns
+            .get(account)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut c = self.slots.counts();
+        match self.kind {
+            Kind::Session => give(&mut c.sessions, self.key),
+            Kind::KeyTurn => give(&mut c.key_turns, self.key),
+        }
+    }
+}
+
+impl Drop for AccountSlot {
+    fn drop(&mut self) {
+        let mut c = self.slots.counts();
+        if let Some(n) = c.account_turns.get_mut(&self.account) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_limited_and_released_on_drop() {
+        let s = Arc::new(Slots::default());
+        let a = s.key_turn(1, Some(2)).unwrap();
+        let b = s.key_turn(1, Some(2)).unwrap();
+        assert!(s.key_turn(1, Some(2)).is_none());
+        assert!(
+            s.key_turn(2, Some(2)).is_some(),
+            "other keys are independent"
+        );
+        drop(a);
+        assert_eq!(s.of_key(1).1, 1);
+        let _c = s.key_turn(1, Some(2)).unwrap();
+        drop(b);
+        assert!(s.session(1, None).is_some(), "no limit");
+        let x = s.account_turn(&[("a".into(), 1), ("b".into(), 1)]).unwrap();
+        let y = s.account_turn(&[("a".into(), 1), ("b".into(), 1)]).unwrap();
+        assert_eq!((x.account.as_str(), y.account.as_str()), ("a", "b"));
+        assert!(
+            s.account_turn(&[("a".into(), 1), ("b".into(), 1)])
+                .is_none()
+        );
+        drop(x);
+        assert_eq!(s.of_account("a"), 0);
+    }
+}

@@ -1,0 +1,11 @@
+//! Messages handled by the session actor (besides upstream events and client frames).
+
+use actix::prelude::*;
+
+use crate::protocol::errors::ErrorCode;
+
+/// End the session: the turn in flight gets `code`'s error event, then the socket closes with
+/// `code`'s close code (1001 for shutdown).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct EndSession(pub ErrorCode);

@@ -1,0 +1,75 @@
+//! Every live session, so that shutdown (and the admin API) can reach them.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+
+use super::messages::EndSession;
+use crate::protocol::errors::ErrorCode;
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: HashMap<String, Recipient<EndSession>>,
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub id: String,
+    pub session: Recipient<EndSession>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub id: String,
+}
+
+/// Ends every session; returns how many were asked.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct EndAll(pub ErrorCode);
+
+/// How many sessions are live.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Count;
+
+impl Handler<Register> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        self.sessions.insert(msg.id, msg.session);
+    }
+}
+
+impl Handler<Unregister> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+        self.sessions.remove(&msg.id);
+    }
+}
+
+impl Handler<EndAll> for Registry {
+    type Result = usize;
+    fn handle(&mut self, msg: EndAll, _: &mut Context<Self>) -> usize {
+        for s in self.sessions.values() {
+            s.do_send(EndSession(msg.0));
+        }
+        self.sessions.len()
+    }
+}
+
+impl Handler<Count> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
+        self.sessions.len()
+    }
+}

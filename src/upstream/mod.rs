@@ -1,0 +1,13 @@
+//! One upstream WebSocket per `UpstreamConn` actor: dialled with awc (HTTP/1.1, rustls), read by
+//! a resident reader from the moment it is connected (pings answered, peer closes and stray
+//! data noticed at once), frames delivered only to the current lessee.
+//!
+//! - `messages`: what the conn sends to its lessee and its pool, and what it accepts.
+//! - `dial`: the handshake (URL, credential, passed-through headers).
+//! - `actor`: the connection actor.
+
+pub mod actor;
+pub mod dial;
+pub mod messages;
+
+pub use actor::UpstreamConn;
