@@ -144,6 +144,7 @@ pub fn turnpike() -> std::process::Command {
     cmd
 }
 
+pub mod stack;
 pub mod ws;
 
 /// A child process whose stderr lines are collected; killed when dropped.
