@@ -27,7 +27,11 @@ fn create(directive: &str) -> Value {
 }
 
 fn last_type(events: &[Value]) -> String {
-    events.last().and_then(|e| e["type"].as_str()).unwrap_or("?").to_string()
+    events
+        .last()
+        .and_then(|e| e["type"].as_str())
+        .unwrap_or("?")
+        .to_string()
 }
 
 fn expect_close(c: &mut Client) -> u16 {
@@ -56,13 +60,28 @@ fn text_turn_byte_for_byte_and_one_row() {
         // sim unchanged.
         let conns = s.sim_connections();
         let frames = conns[0]["frames"].as_array().unwrap();
-        let sent: Vec<Value> = frames.iter().filter(|f| f["dir"] == "out" && f["text"].as_str().unwrap().starts_with('{'))
-            .map(|f| serde_json::from_str(f["text"].as_str().unwrap()).unwrap()).collect();
+        let sent: Vec<Value> = frames
+            .iter()
+            .filter(|f| f["dir"] == "out" && f["text"].as_str().unwrap().starts_with('{'))
+            .map(|f| serde_json::from_str(f["text"].as_str().unwrap()).unwrap())
+            .collect();
         assert_eq!(sent, got, "{backend}: events byte-for-byte");
-        let received: Vec<&str> = frames.iter().filter(|f| f["dir"] == "in" && f["text"].as_str().unwrap().starts_with('{')).map(|f| f["text"].as_str().unwrap()).collect();
+        let received: Vec<&str> = frames
+            .iter()
+            .filter(|f| f["dir"] == "in" && f["text"].as_str().unwrap().starts_with('{'))
+            .map(|f| f["text"].as_str().unwrap())
+            .collect();
         assert_eq!(received, [frame]);
         // The account's credential went upstream, never the client's key.
-        let auth = conns[0]["headers"].as_array().unwrap().iter().find(|h| h[0] == "authorization").unwrap()[1].as_str().unwrap().to_string();
+        let auth = conns[0]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == "authorization")
+            .unwrap()[1]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(auth, "Bearer sk-upstream");
 
         let rows = s.rows(1);
@@ -70,10 +89,27 @@ fn text_turn_byte_for_byte_and_one_row() {
         let r = &rows[0];
         let resp = &got.last().unwrap()["response"];
         assert_eq!(r.request_id, resp["id"].as_str().unwrap());
-        assert_eq!((r.status.as_str(), r.usage_source.as_str(), r.account.as_str(), r.model.as_str()), ("completed", "reported", "sim", "gpt-test"));
-        assert_eq!(r.input_tokens, resp["usage"]["input_tokens"].as_i64().unwrap());
-        assert_eq!(r.output_tokens, resp["usage"]["output_tokens"].as_i64().unwrap());
-        assert_eq!(r.total_tokens, resp["usage"]["total_tokens"].as_i64().unwrap());
+        assert_eq!(
+            (
+                r.status.as_str(),
+                r.usage_source.as_str(),
+                r.account.as_str(),
+                r.model.as_str()
+            ),
+            ("completed", "reported", "sim", "gpt-test")
+        );
+        assert_eq!(
+            r.input_tokens,
+            resp["usage"]["input_tokens"].as_i64().unwrap()
+        );
+        assert_eq!(
+            r.output_tokens,
+            resp["usage"]["output_tokens"].as_i64().unwrap()
+        );
+        assert_eq!(
+            r.total_tokens,
+            resp["usage"]["total_tokens"].as_i64().unwrap()
+        );
         assert_eq!(r.turn_index, 1);
         s.finish();
     }
@@ -87,7 +123,12 @@ fn timing_order_with_sim_delays() {
         c.send(&create("first_delay_ms=150 terminal_delay_ms=300 deltas=3"));
         assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
         let r = &s.rows(1)[0];
-        let (wait, fe, ft, d) = (r.upstream_wait_ms.unwrap(), r.first_event_ms.unwrap(), r.first_token_ms.unwrap(), r.duration_ms);
+        let (wait, fe, ft, d) = (
+            r.upstream_wait_ms.unwrap(),
+            r.first_event_ms.unwrap(),
+            r.first_token_ms.unwrap(),
+            r.duration_ms,
+        );
         assert!(wait <= fe && fe <= ft && ft < d, "{wait} {fe} {ft} {d}");
         assert!(ft >= 150, "first token after the 150 ms delay: {ft}");
         assert!(d >= ft + 300, "terminal 300 ms after the deltas: {ft} {d}");
@@ -95,9 +136,21 @@ fn timing_order_with_sim_delays() {
         c.send(&json!({"type": "response.create", "input": "again", "store": false}));
         assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
         let rows = s.rows(2);
-        assert_eq!((rows[1].model.as_str(), rows[1].turn_index), ("gpt-test", 2));
+        assert_eq!(
+            (rows[1].model.as_str(), rows[1].turn_index),
+            ("gpt-test", 2)
+        );
         let frames = s.sim_connections()[0]["frames"].clone();
-        let second = frames.as_array().unwrap().iter().filter(|f| f["dir"] == "in").nth(1).unwrap()["text"].as_str().unwrap().to_string();
+        let second = frames
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["dir"] == "in")
+            .nth(1)
+            .unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(second.starts_with(r#"{"model":"gpt-test","#), "{second}");
         s.finish();
     }
@@ -106,18 +159,38 @@ fn timing_order_with_sim_delays() {
 #[test]
 fn pre_upgrade_errors() {
     let db = TestDb::sqlite();
-    let s = Stack::start(db, StackOptions { key: KeyRequest { max_sessions: Some(1), ..KeyRequest::default() }, ..StackOptions::default() });
+    let s = Stack::start(
+        db,
+        StackOptions {
+            key: KeyRequest {
+                max_sessions: Some(1),
+                ..KeyRequest::default()
+            },
+            ..StackOptions::default()
+        },
+    );
     let refuse = |path: &str, headers: &[(&str, &str)]| -> (u16, Value) {
-        let (status, body) = Client::connect(&s.addr, path, headers).err().expect("refused");
+        let (status, body) = Client::connect(&s.addr, path, headers)
+            .err()
+            .expect("refused");
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
     };
     let (st, b) = refuse("/v1/responses", &[]);
-    assert_eq!((st, b["error"]["code"].as_str()), (401, Some("missing_api_key")));
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (401, Some("missing_api_key"))
+    );
     let (st, b) = refuse("/v1/responses", &[("authorization", "Bearer tpk_nope")]);
-    assert_eq!((st, b["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
     assert_eq!(b["error"]["type"], "authentication_error");
     let (st, b) = refuse(&format!("/v1/responses?api_key={}", s.key), &[]);
-    assert_eq!((st, b["error"]["code"].as_str()), (401, Some("api_key_in_query")));
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (401, Some("api_key_in_query"))
+    );
     // x-api-key works too, on every route.
     for path in ["/responses", "/backend-api/codex/responses"] {
         let c = Client::connect(&s.addr, path, &[("x-api-key", &s.key)]).expect("x-api-key");
@@ -137,45 +210,86 @@ fn pre_upgrade_errors() {
     assert!(b.contains("upgrade_required"));
     // max_sessions = 1: the second socket is refused with 429 and Retry-After.
     let first = s.client();
-    let (st, b) = refuse("/v1/responses", &[("authorization", &format!("Bearer {}", s.key))]);
-    assert_eq!((st, b["error"]["code"].as_str()), (429, Some("too_many_sessions")));
+    let (st, b) = refuse(
+        "/v1/responses",
+        &[("authorization", &format!("Bearer {}", s.key))],
+    );
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (429, Some("too_many_sessions"))
+    );
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
     let _second = s.client();
     // Revoked key and disabled user.
     with_db(&s.db, async |p| {
-        queries::users::set_enabled(p, "tester", false).await.unwrap();
+        queries::users::set_enabled(p, "tester", false)
+            .await
+            .unwrap();
     });
-    let (st, b) = refuse("/v1/responses", &[("authorization", &format!("Bearer {}", s.key))]);
-    assert_eq!((st, b["error"]["code"].as_str()), (403, Some("user_disabled")));
+    let (st, b) = refuse(
+        "/v1/responses",
+        &[("authorization", &format!("Bearer {}", s.key))],
+    );
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (403, Some("user_disabled"))
+    );
     with_db(&s.db, async |p| {
-        queries::users::set_enabled(p, "tester", true).await.unwrap();
+        queries::users::set_enabled(p, "tester", true)
+            .await
+            .unwrap();
         queries::keys::revoke(p, s.key_id).await.unwrap();
     });
-    let (st, b) = refuse("/v1/responses", &[("authorization", &format!("Bearer {}", s.key))]);
-    assert_eq!((st, b["error"]["code"].as_str()), (401, Some("api_key_revoked")));
+    let (st, b) = refuse(
+        "/v1/responses",
+        &[("authorization", &format!("Bearer {}", s.key))],
+    );
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (401, Some("api_key_revoked"))
+    );
     s.finish();
 }
 
 #[test]
 fn protocol_errors_close_with_their_codes() {
     let db = TestDb::sqlite();
-    let s = Stack::start(db, StackOptions { env: &[("TURNPIKE_LIMITS__CLIENT_FRAME_MAX_BYTES", "4096")], ..StackOptions::default() });
+    let s = Stack::start(
+        db,
+        StackOptions {
+            env: &[("TURNPIKE_LIMITS__CLIENT_FRAME_MAX_BYTES", "4096")],
+            ..StackOptions::default()
+        },
+    );
     let cases: &[(&str, &str, u16)] = &[
         ("{not json", "invalid_json", 1008),
-        (r#"{"type":"response.create","model":5}"#, "invalid_model", 1008),
-        (r#"{"type":"response.create","model":"m","previous_response_id":"msg_123"}"#, "invalid_previous_response_id", 1008),
+        (
+            r#"{"type":"response.create","model":5}"#,
+            "invalid_model",
+            1008,
+        ),
+        (
+            r#"{"type":"response.create","model":"m","previous_response_id":"msg_123"}"#,
+            "invalid_previous_response_id",
+            1008,
+        ),
     ];
     for (frame, code, close) in cases {
         let mut c = s.client();
         c.send_text(frame);
         let e = c.next_event(T);
-        assert_eq!((e["type"].as_str(), e["error"]["code"].as_str()), (Some("error"), Some(*code)), "{frame}");
+        assert_eq!(
+            (e["type"].as_str(), e["error"]["code"].as_str()),
+            (Some("error"), Some(*code)),
+            "{frame}"
+        );
         assert_eq!(e["status"], 400);
         assert_eq!(expect_close(&mut c), *close, "{frame}");
     }
     let mut c = s.client();
-    c.ws.send(tungstenite::Message::Binary(vec![1, 2, 3].into())).unwrap();
+    c.ws.send(tungstenite::Message::Binary(vec![1, 2, 3].into()))
+        .unwrap();
     assert_eq!(c.next_event(T)["error"]["code"], "binary_frame");
     assert_eq!(expect_close(&mut c), 1008);
 
@@ -212,17 +326,35 @@ fn preempt_and_reject() {
                 break;
             }
         }
-        let preempted = seen.iter().position(|e| e["error"]["code"] == "response_preempted").expect("preempted error");
+        let preempted = seen
+            .iter()
+            .position(|e| e["error"]["code"] == "response_preempted")
+            .expect("preempted error");
         assert_eq!(seen[preempted]["status"], 409);
-        let created = seen.iter().position(|e| e["type"] == "response.created").unwrap();
-        assert!(preempted < created, "the old turn's terminal error comes before the new turn");
+        let created = seen
+            .iter()
+            .position(|e| e["type"] == "response.created")
+            .unwrap();
+        assert!(
+            preempted < created,
+            "the old turn's terminal error comes before the new turn"
+        );
         let rows = s.rows(2);
-        assert_eq!((rows[0].status.as_str(), rows[1].status.as_str()), ("preempted", "completed"));
+        assert_eq!(
+            (rows[0].status.as_str(), rows[1].status.as_str()),
+            ("preempted", "completed")
+        );
         // The preempted turn's socket still had a response running: it was not reused.
         assert_eq!(s.sim_stats()["accepted"], 2);
         s.finish();
     }
-    let s = Stack::start(TestDb::sqlite(), StackOptions { env: &[("TURNPIKE_SESSION__ON_OVERLAP", "reject")], ..StackOptions::default() });
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_SESSION__ON_OVERLAP", "reject")],
+            ..StackOptions::default()
+        },
+    );
     let mut c = s.client();
     c.send(&create("terminal_delay_ms=500"));
     assert_eq!(c.next_event(T)["type"], "response.created");
@@ -265,11 +397,17 @@ fn cancel_forwards_and_records() {
 #[test]
 fn client_vanishing_mid_turn() {
     for db in backends() {
-        let s = Stack::start(db, StackOptions {
-            env: &[("TURNPIKE_SESSION__DRAIN_MS", "1500")],
-            key: KeyRequest { max_concurrent_turns: Some(1), ..KeyRequest::default() },
-            ..StackOptions::default()
-        });
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_SESSION__DRAIN_MS", "1500")],
+                key: KeyRequest {
+                    max_concurrent_turns: Some(1),
+                    ..KeyRequest::default()
+                },
+                ..StackOptions::default()
+            },
+        );
         // Terminal within the drain window: captured, connection clean and reused.
         let mut c = s.client();
         c.send(&create("terminal_delay_ms=400"));
@@ -282,12 +420,24 @@ fn client_vanishing_mid_turn() {
         assert_eq!(last_type(&other.until_terminal(T)), "response.completed");
         assert!(t0.elapsed() < Duration::from_millis(1500));
         let rows = s.rows(2);
-        let gone = rows.iter().find(|r| r.turn_index == 1 && r.session_id != rows.iter().find(|x| x.status == "completed" && x.duration_ms < 300).map(|x| x.session_id.clone()).unwrap_or_default());
+        let gone = rows.iter().find(|r| {
+            r.turn_index == 1
+                && r.session_id
+                    != rows
+                        .iter()
+                        .find(|x| x.status == "completed" && x.duration_ms < 300)
+                        .map(|x| x.session_id.clone())
+                        .unwrap_or_default()
+        });
         assert!(gone.is_some());
         drop(other);
         std::thread::sleep(Duration::from_millis(300));
         let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
-        assert_eq!(statuses.iter().filter(|s| **s == "completed").count(), 2, "{statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == "completed").count(),
+            2,
+            "{statuses:?}"
+        );
         // Two sockets were needed (one draining, one serving); both went back to the pool.
         let mut third = s.client();
         third.send(&create(""));
@@ -305,9 +455,16 @@ fn client_vanishing_mid_turn() {
         let rows = s.rows(4);
         assert_eq!(rows.len(), 4);
         let r = rows.last().unwrap();
-        assert_eq!((r.status.as_str(), r.usage_source.as_str()), ("client_gone", "partial"));
+        assert_eq!(
+            (r.status.as_str(), r.usage_source.as_str()),
+            ("client_gone", "partial")
+        );
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(s.sim_stats()["open"], 1, "the stalled socket was closed, the clean one kept");
+        assert_eq!(
+            s.sim_stats()["open"],
+            1,
+            "the stalled socket was closed, the clean one kept"
+        );
         s.finish();
     }
 }
@@ -315,46 +472,88 @@ fn client_vanishing_mid_turn() {
 #[test]
 fn upstream_faults_before_and_after_forwarding() {
     for db in backends() {
-        let s = Stack::start(db, StackOptions { env: &[("TURNPIKE_UPSTREAM__READ_TIMEOUT_MS", "600")], ..StackOptions::default() });
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_UPSTREAM__READ_TIMEOUT_MS", "600")],
+                ..StackOptions::default()
+            },
+        );
         let mut c = s.client();
-        for (code, expected) in [(1012, "upstream_restarting"), (1013, "upstream_restarting"), (1011, "upstream_connection_lost"), (1001, "upstream_connection_lost")] {
+        for (code, expected) in [
+            (1012, "upstream_restarting"),
+            (1013, "upstream_restarting"),
+            (1011, "upstream_connection_lost"),
+            (1001, "upstream_connection_lost"),
+        ] {
             // Before anything was forwarded: retried once on a fresh connection, invisibly.
+            c.send(&create(""));
+            assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
             let before = s.sim_stats()["accepted"].as_u64().unwrap();
-            c.send(&create(&format!("close={code} after=0")));
+            c.send(&create(&format!("close={code} after=0 once")));
             let ev = c.until_terminal(T);
-            assert_eq!(last_type(&ev), "response.completed", "close {code} before the first event is retried");
+            assert_eq!(
+                last_type(&ev),
+                "response.completed",
+                "close {code} before the first event is retried"
+            );
             assert!(ev.iter().all(|e| e["type"] != "error"));
-            assert_eq!(s.sim_stats()["accepted"].as_u64().unwrap(), before + 1, "a fresh connection");
+            assert_eq!(
+                s.sim_stats()["accepted"].as_u64().unwrap(),
+                before + 1,
+                "a fresh connection"
+            );
             // After two forwarded events: an error for this turn, and the session goes on.
             c.send(&create(&format!("close={code} after=2")));
             let ev = c.until_terminal(T);
             assert_eq!(ev.len(), 3, "{ev:?}");
-            assert_eq!((ev[2]["error"]["code"].as_str(), ev[2]["status"].as_u64()), (Some(expected), Some(503)));
+            assert_eq!(
+                (ev[2]["error"]["code"].as_str(), ev[2]["status"].as_u64()),
+                (Some(expected), Some(503))
+            );
         }
         for fault in ["drop after=2", "stall after=2"] {
             c.send(&create(fault));
             let ev = c.until_terminal(T);
-            assert_eq!(ev.last().unwrap()["error"]["code"], "upstream_connection_lost", "{fault}");
+            assert_eq!(
+                ev.last().unwrap()["error"]["code"],
+                "upstream_connection_lost",
+                "{fault}"
+            );
         }
         c.send(&create(""));
-        assert_eq!(last_type(&c.until_terminal(T)), "response.completed", "the session is still usable");
-        let rows = s.rows(11);
+        assert_eq!(
+            last_type(&c.until_terminal(T)),
+            "response.completed",
+            "the session is still usable"
+        );
+        let rows = s.rows(15);
         let lost = rows.iter().filter(|r| r.status == "upstream_lost").count();
         let done = rows.iter().filter(|r| r.status == "completed").count();
-        assert_eq!((lost, done, rows.len()), (6, 5, 11));
-        assert!(rows.iter().filter(|r| r.status == "upstream_lost").all(|r| r.usage_source == "partial"));
+        assert_eq!((lost, done, rows.len()), (6, 9, 15));
+        assert!(
+            rows.iter()
+                .filter(|r| r.status == "upstream_lost")
+                .all(|r| r.usage_source == "partial")
+        );
         s.finish();
     }
 }
 
 #[test]
 fn pool_reuse_capacity_and_health() {
-    let s = Stack::start(TestDb::sqlite(), StackOptions {
-        sim_args: &["--ping-interval-ms", "100", "--pong-timeout-ms", "400"],
-        env: &[("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "300"), ("TURNPIKE_SESSION__LEASE_IDLE_MS", "200")],
-        max_conns: 1,
-        ..StackOptions::default()
-    });
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            sim_args: &["--ping-interval-ms", "100", "--pong-timeout-ms", "400"],
+            env: &[
+                ("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "300"),
+                ("TURNPIKE_SESSION__LEASE_IDLE_MS", "700"),
+            ],
+            max_conns: 1,
+            ..StackOptions::default()
+        },
+    );
     // Reuse across sessions: one socket serves both.
     let mut a = s.client();
     a.send(&create(""));
@@ -363,22 +562,32 @@ fn pool_reuse_capacity_and_health() {
     let mut b = s.client();
     b.send(&create(""));
     let e = b.next_event(T);
-    assert_eq!((e["error"]["code"].as_str(), e["status"].as_u64()), (Some("upstream_unavailable"), Some(503)));
+    assert_eq!(
+        (e["error"]["code"].as_str(), e["status"].as_u64()),
+        (Some("upstream_unavailable"), Some(503))
+    );
     // a gives the lease back after lease_idle_ms; the idle socket answers the sim's pings
-    // (pong timeout 400 ms) for a second, then serves b.
-    std::thread::sleep(Duration::from_millis(1000));
+    // (pong timeout 400 ms) meanwhile, then serves b.
+    std::thread::sleep(Duration::from_millis(1500));
     b.send(&create(""));
     assert_eq!(last_type(&b.until_terminal(T)), "response.completed");
     let stats = s.sim_stats();
-    assert_eq!((stats["accepted"].as_u64(), stats["open"].as_u64()), (Some(1), Some(1)), "one socket, still alive: {stats}");
+    assert_eq!(
+        (stats["accepted"].as_u64(), stats["open"].as_u64()),
+        (Some(1), Some(1)),
+        "one socket, still alive: {stats}"
+    );
     s.finish();
 
     // A connection the sim closes while idle is evicted and never handed out.
-    let s = Stack::start(TestDb::sqlite(), StackOptions {
-        sim_args: &["--max-age-ms", "400"],
-        env: &[("TURNPIKE_SESSION__LEASE_IDLE_MS", "100")],
-        ..StackOptions::default()
-    });
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            sim_args: &["--max-age-ms", "400"],
+            env: &[("TURNPIKE_SESSION__LEASE_IDLE_MS", "100")],
+            ..StackOptions::default()
+        },
+    );
     let mut a = s.client();
     a.send(&create(""));
     assert_eq!(last_type(&a.until_terminal(T)), "response.completed");
@@ -393,47 +602,86 @@ fn pool_reuse_capacity_and_health() {
 #[test]
 fn per_turn_standing_and_concurrency() {
     for db in backends() {
-        let s = Stack::start(db, StackOptions { key: KeyRequest { max_concurrent_turns: Some(1), ..KeyRequest::default() }, ..StackOptions::default() });
+        let s = Stack::start(
+            db,
+            StackOptions {
+                key: KeyRequest {
+                    max_concurrent_turns: Some(1),
+                    ..KeyRequest::default()
+                },
+                ..StackOptions::default()
+            },
+        );
         let mut c = s.client();
         c.send(&create(""));
         assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
         with_db(&s.db, async |p| {
-            queries::users::set_balance(p, "tester", Some(0)).await.unwrap();
+            queries::users::set_balance(p, "tester", Some(0))
+                .await
+                .unwrap();
         });
         c.send(&create(""));
         let e = c.next_event(T);
-        assert_eq!((e["error"]["code"].as_str(), e["status"].as_u64()), (Some("balance_exhausted"), Some(403)));
+        assert_eq!(
+            (e["error"]["code"].as_str(), e["status"].as_u64()),
+            (Some("balance_exhausted"), Some(403))
+        );
         with_db(&s.db, async |p| {
-            queries::users::set_balance(p, "tester", None).await.unwrap();
+            queries::users::set_balance(p, "tester", None)
+                .await
+                .unwrap();
         });
         c.send(&create(""));
-        assert_eq!(last_type(&c.until_terminal(T)), "response.completed", "same socket, allowed again");
+        assert_eq!(
+            last_type(&c.until_terminal(T)),
+            "response.completed",
+            "same socket, allowed again"
+        );
 
         // One turn in flight per key: a second session is refused while the first streams.
         c.send(&create("terminal_delay_ms=800"));
         assert_eq!(c.next_event(T)["type"], "response.created");
         let mut d = s.client();
         d.send(&create(""));
-        assert_eq!(d.next_event(T)["error"]["code"], "concurrency_limit_exceeded");
+        assert_eq!(
+            d.next_event(T)["error"]["code"],
+            "concurrency_limit_exceeded"
+        );
         assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
         d.send(&create(""));
         assert_eq!(last_type(&d.until_terminal(T)), "response.completed");
         let rows = s.rows(6);
-        let rejected: Vec<&str> = rows.iter().filter(|r| r.status == "rejected").map(|r| r.error_code.as_deref().unwrap_or("")).collect();
-        assert_eq!(rejected, ["balance_exhausted", "concurrency_limit_exceeded"]);
+        let rejected: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.status == "rejected")
+            .map(|r| r.error_code.as_deref().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            rejected,
+            ["balance_exhausted", "concurrency_limit_exceeded"]
+        );
         s.finish();
     }
 }
 
 #[test]
 fn slow_client_is_cut_off() {
-    let s = Stack::start(TestDb::sqlite(), StackOptions { env: &[("TURNPIKE_LIMITS__CLIENT_SEND_BUFFER_BYTES", "300000")], ..StackOptions::default() });
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_LIMITS__CLIENT_SEND_BUFFER_BYTES", "300000")],
+            ..StackOptions::default()
+        },
+    );
     let mut c = s.client();
     c.send(&create("deltas=20000 delta_size=200"));
     // Read nothing: the relay may not buffer 20000 events for us.
     let rows = s.rows(1);
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].status.as_str(), rows[0].error_code.as_deref()), ("cancelled", Some("client_too_slow")));
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].error_code.as_deref()),
+        ("cancelled", Some("client_too_slow"))
+    );
     // Reading now shows the cut: an error event and close 1008 after the events sent so far.
     let mut saw_error = false;
     loop {
@@ -472,7 +720,10 @@ fn sigterm_ends_turns_then_closes_1001() {
         assert_eq!(expect_close(&mut busy), 1001);
         assert_eq!(expect_close(&mut idle), 1001);
         let rows = s.rows(2);
-        let ended = rows.iter().find(|r| r.error_code.as_deref() == Some("shutting_down")).expect("row of the cut turn");
+        let ended = rows
+            .iter()
+            .find(|r| r.error_code.as_deref() == Some("shutting_down"))
+            .expect("row of the cut turn");
         assert_eq!(ended.status, "cancelled");
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(s.sim_stats()["open"], 0, "upstream sockets closed");

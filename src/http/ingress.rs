@@ -10,7 +10,10 @@ use super::error::HttpError;
 use crate::auth;
 use crate::protocol::errors::ErrorCode;
 use crate::session::SessionDeps;
-use crate::session::actor::{SessionActor, auth_error_code};
+use actix::Actor;
+
+use crate::session::actor::{Attach, SessionActor, auth_error_code};
+use crate::session::socket::{ClientInput, ClientSocket};
 use crate::upstream::dial::passes_through;
 
 /// Query parameters that would carry a key in the URL (refused: URLs end up in logs).
@@ -111,9 +114,15 @@ async fn upgrade(
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     let frame_max = deps.settings.limits.client_frame_max_bytes;
-    let session = SessionActor::new(deps, principal, slot, headers);
-    actix_web_actors::ws::WsResponseBuilder::new(session, &req, stream)
+    let session = SessionActor::new(deps, principal, slot, headers).start();
+    let socket = ClientSocket::new(session.clone().recipient());
+    let started = actix_web_actors::ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(frame_max)
-        .start()
-        .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))
+        .start_with_addr();
+    let (socket, response) = started.map_err(|e| {
+        session.do_send(ClientInput::Gone);
+        HttpError::new(ErrorCode::UpgradeRequired, e.to_string())
+    })?;
+    session.do_send(Attach(socket.recipient()));
+    Ok(response)
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytestring::ByteString;
 use chrono::NaiveDateTime;
 use serde_json::{Value, json};
@@ -16,6 +15,7 @@ use super::SessionDeps;
 use super::admission::{AccountSlot, SlotGuard};
 use super::messages::EndSession;
 use super::registry::{Register, Unregister};
+use super::socket::{ClientInput, Outbound};
 use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::{RecordTurn, TurnRecord};
 use crate::auth::{AuthError, Principal, check_standing};
@@ -90,6 +90,8 @@ pub struct SessionActor {
     sent_bytes: u64,
     acked_bytes: u64,
     pinged_at: u64,
+    /// The client socket transport (set right after the upgrade).
+    client: Option<Recipient<Outbound>>,
     client_gone: bool,
     close_after_turn: Option<(u16, &'static str)>,
     span: Span,
@@ -123,6 +125,7 @@ impl SessionActor {
             sent_bytes: 0,
             acked_bytes: 0,
             pinged_at: 0,
+            client: None,
             client_gone: false,
             close_after_turn: None,
             span,
@@ -133,38 +136,42 @@ impl SessionActor {
         &self.id
     }
 
+    fn out(&self, msg: Outbound) {
+        if let Some(c) = &self.client
+            && !self.client_gone
+        {
+            c.do_send(msg);
+        }
+    }
+
     // ---- writing to the client -------------------------------------------------------------
 
-    fn send(&mut self, text: impl Into<ByteString>, ctx: &mut WebsocketContext<Self>) {
+    fn send(&mut self, text: impl Into<ByteString>, ctx: &mut Context<Self>) {
         if self.client_gone {
             return;
         }
         let text: ByteString = text.into();
         self.sent_bytes += text.len() as u64;
-        ctx.text(text);
+        self.out(Outbound::Text(text));
         if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
             // The pong comes back only after the client has read everything before the ping.
             self.pinged_at = self.sent_bytes;
-            ctx.ping(&self.sent_bytes.to_be_bytes());
+            self.out(Outbound::Ping(self.sent_bytes.to_be_bytes().to_vec()));
         }
+        let _ = ctx;
     }
 
     fn error_event(code: ErrorCode, message: &str) -> String {
         code.ws_event(message).to_string()
     }
 
-    fn close(&mut self, code: u16, reason: &str, ctx: &mut WebsocketContext<Self>) {
-        if !self.client_gone {
-            ctx.close(Some(CloseReason {
-                code: CloseCode::from(code),
-                description: (!reason.is_empty()).then(|| reason.to_string()),
-            }));
-        }
+    fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        self.out(Outbound::Close(code, reason.to_string()));
         ctx.stop();
     }
 
     /// A refusal that is not a turn: the error event, then the close its table row says.
-    fn protocol_error(&mut self, code: ErrorCode, message: &str, ctx: &mut WebsocketContext<Self>) {
+    fn protocol_error(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
         let event = Self::error_event(code, message);
         match code.spec().close {
             Some(close) if self.turn.is_some() => {
@@ -189,7 +196,7 @@ impl SessionActor {
 
     // ---- turn start -------------------------------------------------------------------------
 
-    fn on_frame(&mut self, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+    fn on_frame(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let accepted = Instant::now();
         match frames::parse(&text) {
             Err(e) => self.protocol_error(e.code, &e.message, ctx),
@@ -199,12 +206,7 @@ impl SessionActor {
         }
     }
 
-    fn on_create(
-        &mut self,
-        frame: CreateFrame,
-        accepted: Instant,
-        ctx: &mut WebsocketContext<Self>,
-    ) {
+    fn on_create(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
         if let Some(turn) = &self.turn {
             if turn.phase == Phase::Finishing {
                 // Handled as soon as the ending turn's record is acknowledged.
@@ -242,12 +244,7 @@ impl SessionActor {
         self.start_turn(frame, accepted, ctx);
     }
 
-    fn start_turn(
-        &mut self,
-        mut frame: CreateFrame,
-        accepted: Instant,
-        ctx: &mut WebsocketContext<Self>,
-    ) {
+    fn start_turn(&mut self, mut frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
         let model = match (&frame.model, &self.model) {
             (Some(m), _) => m.clone(),
             (None, Some(m)) => {
@@ -287,7 +284,7 @@ impl SessionActor {
     }
 
     /// Per-turn admission: standing re-read from the database, then the key and account slots.
-    fn admit(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn admit(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let generation = self.generation;
         let db = self.deps.db.clone();
@@ -353,7 +350,7 @@ impl SessionActor {
         out
     }
 
-    fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut WebsocketContext<Self>) {
+    fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
         let e = Self::error_event(code, message);
         self.finish(
             Ending::Rejected(code.code()),
@@ -366,7 +363,7 @@ impl SessionActor {
         );
     }
 
-    fn lease_and_send(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn lease_and_send(&mut self, ctx: &mut Context<Self>) {
         let Some(turn) = self.turn.as_ref() else {
             return;
         };
@@ -447,7 +444,7 @@ impl SessionActor {
         }));
     }
 
-    fn send_upstream(&mut self, _ctx: &mut WebsocketContext<Self>) {
+    fn send_upstream(&mut self, _ctx: &mut Context<Self>) {
         let (Some(turn), Some(lease)) = (self.turn.as_mut(), self.lease.as_ref()) else {
             return;
         };
@@ -463,7 +460,7 @@ impl SessionActor {
 
     // ---- upstream events --------------------------------------------------------------------
 
-    fn on_upstream_text(&mut self, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+    fn on_upstream_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let Some(turn) = self.turn.as_mut().filter(|t| t.phase == Phase::Streaming) else {
             // Data between turns: the connection's state is unknown now.
             warn!(parent: &self.span, "upstream frame outside a turn; dropping the connection");
@@ -498,7 +495,7 @@ impl SessionActor {
         }
     }
 
-    fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut WebsocketContext<Self>) {
+    fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
         // The pool has evicted it already.
         self.lease = None;
         let Some(turn) = self.turn.as_mut() else {
@@ -549,7 +546,7 @@ impl SessionActor {
 
     /// Ends the turn in flight: its record goes to accounting, and only once accounting has
     /// acknowledged it does the client get the turn's last frame.
-    fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
+    fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -635,7 +632,7 @@ impl SessionActor {
 
     // ---- cancel, other frames, backpressure, client gone -----------------------------------
 
-    fn on_cancel(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn on_cancel(&mut self, ctx: &mut Context<Self>) {
         let grace = Duration::from_millis(self.deps.settings.session.cancel_grace_ms);
         let Some(turn) = self.turn.as_mut() else {
             let e = Self::error_event(ErrorCode::NoActiveResponse, "no response is in flight");
@@ -666,7 +663,7 @@ impl SessionActor {
         }
     }
 
-    fn on_other(&mut self, kind: String, text: ByteString, ctx: &mut WebsocketContext<Self>) {
+    fn on_other(&mut self, kind: String, text: ByteString, ctx: &mut Context<Self>) {
         match (&self.lease, self.turn.as_ref().map(|t| t.phase)) {
             (Some(lease), Some(Phase::Streaming)) => lease.addr.do_send(SendText(text)),
             _ => {
@@ -679,7 +676,7 @@ impl SessionActor {
         }
     }
 
-    fn check_backpressure(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn check_backpressure(&mut self, ctx: &mut Context<Self>) {
         let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
         if unread as usize > self.deps.settings.limits.client_send_buffer_bytes {
             let e = Self::error_event(
@@ -698,7 +695,7 @@ impl SessionActor {
         }
     }
 
-    fn on_client_gone(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn on_client_gone(&mut self, ctx: &mut Context<Self>) {
         if self.client_gone {
             return;
         }
@@ -730,7 +727,7 @@ impl SessionActor {
         }
     }
 
-    fn tick(&mut self, ctx: &mut WebsocketContext<Self>) {
+    fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let deps = self.deps.clone();
         let s = &deps.settings;
@@ -834,7 +831,7 @@ pub fn auth_error_code(e: &AuthError) -> ErrorCode {
 }
 
 impl Actor for SessionActor {
-    type Context = WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
@@ -858,13 +855,11 @@ impl Actor for SessionActor {
         info!(parent: &self.span, "session opened");
     }
 
-    fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        Running::Stop
-    }
-
     fn stopped(&mut self, _: &mut Self::Context) {
         let clean = self.turn.is_none();
         self.release_lease(clean);
+        // Make sure the transport goes too.
+        self.out(Outbound::Close(1000, String::new()));
         self.deps.registry.do_send(Unregister {
             id: self.id.clone(),
         });
@@ -872,34 +867,41 @@ impl Actor for SessionActor {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SessionActor {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+/// The transport to write to; sent once, right after the upgrade.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attach(pub Recipient<Outbound>);
+
+impl Handler<Attach> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Attach, _: &mut Self::Context) {
+        self.client = Some(msg.0);
+    }
+}
+
+impl Handler<ClientInput> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClientInput, ctx: &mut Self::Context) {
         match msg {
-            Ok(ws::Message::Text(text)) => self.on_frame(text, ctx),
-            Ok(ws::Message::Binary(_)) => self.protocol_error(
+            ClientInput::Text(text) => self.on_frame(text, ctx),
+            ClientInput::Binary => self.protocol_error(
                 ErrorCode::BinaryFrame,
                 "binary frames are not supported; send JSON text frames",
                 ctx,
             ),
-            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
-            Ok(ws::Message::Pong(p)) => {
-                if let Ok(mark) = <[u8; 8]>::try_from(p.as_ref()) {
+            ClientInput::Pong(p) => {
+                if let Ok(mark) = <[u8; 8]>::try_from(p.as_slice()) {
                     self.acked_bytes = self.acked_bytes.max(u64::from_be_bytes(mark));
                 }
             }
-            Ok(ws::Message::Close(reason)) => {
-                if !self.client_gone {
-                    ctx.close(reason);
-                }
-                self.on_client_gone(ctx);
-            }
-            Ok(ws::Message::Continuation(_)) => self.protocol_error(
+            ClientInput::Fragment => self.protocol_error(
                 ErrorCode::InvalidJson,
                 "fragmented frames are not supported",
                 ctx,
             ),
-            Ok(ws::Message::Nop) => {}
-            Err(ws::ProtocolError::Overflow) => {
+            ClientInput::Oversize => {
                 let max = self.deps.settings.limits.client_frame_max_bytes;
                 self.protocol_error(
                     ErrorCode::FrameTooLarge,
@@ -907,16 +909,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SessionActor {
                     ctx,
                 )
             }
-            Err(e) => {
-                debug!(parent: &self.span, error = %e, "client protocol error");
-                self.on_client_gone(ctx);
-            }
+            ClientInput::Gone => self.on_client_gone(ctx),
         }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        // EOF without a close frame (Codex never sends one).
-        self.on_client_gone(ctx);
     }
 }
 

@@ -10,6 +10,7 @@ pub mod actor;
 pub mod admission;
 pub mod messages;
 pub mod registry;
+pub mod socket;
 pub mod turn;
 
 use std::sync::Arc;

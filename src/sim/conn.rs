@@ -79,7 +79,8 @@ impl SimConn {
             );
             return self.send_event(e, ctx);
         }
-        let script = match events::directive_of(&req).map(|d| Script::parse(&d)) {
+        let directive = events::directive_of(&req);
+        let mut script = match directive.as_deref().map(Script::parse) {
             None => Script::default(),
             Some(Ok(s)) => s,
             Some(Err(why)) => {
@@ -92,6 +93,13 @@ impl SimConn {
                 return self.send_event(e, ctx);
             }
         };
+        if script.once
+            && !self
+                .shared
+                .fire_once(directive.as_deref().unwrap_or_default())
+        {
+            script.fault = None;
+        }
         let latest = self.latest.clone();
         let shared = self.shared.clone();
         let known = |id: &str| {

@@ -137,16 +137,22 @@ fn text_deltas(script: &Script) -> Vec<String> {
             .split_inclusive(' ')
             .map(str::to_string)
             .collect(),
-        Some(n) => (0..n)
-            .map(|i| {
-                FILLER
-                    .chars()
-                    .cycle()
-                    .skip(i * script.delta_size)
-                    .take(script.delta_size)
-                    .collect()
-            })
-            .collect(),
+        Some(n) => {
+            // FILLER is ASCII: offsets are byte offsets.
+            let len = FILLER.len();
+            (0..n)
+                .map(|i| {
+                    let start = (i * script.delta_size) % len;
+                    FILLER
+                        .bytes()
+                        .cycle()
+                        .skip(start)
+                        .take(script.delta_size)
+                        .map(char::from)
+                        .collect()
+                })
+                .collect()
+        }
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Script {
     /// Events sent before the fault.
     pub after: usize,
     pub ignore_pings: bool,
+    /// The fault fires only the first time the sim sees this directive (so a client's or
+    /// relay's retry of the same request succeeds).
+    pub once: bool,
     /// Answer with a function call (to this tool, or the first function tool offered).
     pub tool: Option<Option<String>>,
     pub cached_tokens: u64,
@@ -93,6 +96,7 @@ impl Default for Script {
             fault: None,
             after: 0,
             ignore_pings: false,
+            once: false,
             tool: None,
             cached_tokens: 0,
             reasoning_tokens: 0,
@@ -195,6 +199,7 @@ impl Script {
                 "oversize" => set_fault(&mut s, Fault::Oversize(num(need()?)? as usize))?,
                 "after" => s.after = num(need()?)? as usize,
                 "ignore_pings" => s.ignore_pings = true,
+                "once" => s.once = true,
                 "tool" => s.tool = Some(value.map(str::to_string)),
                 "cached" => s.cached_tokens = num(need()?)?,
                 "reasoning" => s.reasoning_tokens = num(need()?)?,

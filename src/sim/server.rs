@@ -79,6 +79,8 @@ struct Registry {
     responses: u64,
     /// `store:true` responses, visible to every socket.
     stored: HashMap<String, Remembered>,
+    /// Directives whose `once` fault has fired.
+    fired: std::collections::HashSet<String>,
 }
 
 /// State shared by every connection of one sim.
@@ -172,6 +174,11 @@ impl SimShared {
 
     pub fn stored(&self, response_id: &str) -> Option<Remembered> {
         self.registry().stored.get(response_id).cloned()
+    }
+
+    /// Whether a `once` fault of this directive may fire now (true the first time only).
+    pub fn fire_once(&self, directive: &str) -> bool {
+        self.registry().fired.insert(directive.to_string())
     }
 
     fn rejected(&self) {

@@ -58,8 +58,12 @@ impl Stack {
     pub fn start(db: TestDb, opts: StackOptions<'_>) -> Stack {
         let (key, key_id) = block(async {
             let pool = db.migrated_pool().await;
-            let user = queries::users::create(&pool, "tester", None).await.expect("user");
-            let (key, row) = auth::create_key(&pool, user.id, &opts.key).await.expect("key");
+            let user = queries::users::create(&pool, "tester", None)
+                .await
+                .expect("user");
+            let (key, row) = auth::create_key(&pool, user.id, &opts.key)
+                .await
+                .expect("key");
             (key, row.id)
         });
         let (sim, sim_addr) = start_sim(opts.sim_args);
@@ -87,7 +91,16 @@ impl Stack {
         }
         let relay = Proc::spawn(cmd);
         let addr = relay.listening_addr();
-        Stack { db, sim, sim_addr, relay, addr, key, key_id, _config: dir }
+        Stack {
+            db,
+            sim,
+            sim_addr,
+            relay,
+            addr,
+            key,
+            key_id,
+            _config: dir,
+        }
     }
 
     pub fn client(&self) -> Client {
