@@ -40,6 +40,8 @@ pub struct StackOptions<'a> {
     /// `TURNPIKE_…` overrides for the relay.
     pub env: &'a [(&'a str, &'a str)],
     pub max_conns: usize,
+    /// More TOML lines for the account.
+    pub account_extra: &'a str,
     pub key: KeyRequest,
 }
 
@@ -49,6 +51,7 @@ impl Default for StackOptions<'_> {
             sim_args: &[],
             env: &[],
             max_conns: 4,
+            account_extra: "",
             key: KeyRequest::default(),
         }
     }
@@ -72,8 +75,8 @@ impl Stack {
         std::fs::write(
             &config,
             format!(
-                "[[accounts]]\nname = \"sim\"\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"sk-upstream\"\nmax_conns = {}\n",
-                opts.max_conns
+                "[[accounts]]\nname = \"sim\"\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"sk-upstream\"\nmax_conns = {}\n{}\n",
+                opts.max_conns, opts.account_extra
             ),
         )
         .expect("config");
