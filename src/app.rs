@@ -103,6 +103,8 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
             .configure(ingress::routes)
     })
     .disable_signals()
+    // Without it Nagle and delayed ACKs add tens of ms per event burst.
+    .tcp_nodelay(true)
     .shutdown_timeout(grace.as_secs().max(1));
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);

@@ -224,6 +224,7 @@ pub fn start(
             )
     })
     .disable_signals()
+    .tcp_nodelay(true)
     .shutdown_timeout(1);
     if config.workers > 0 {
         server = server.workers(config.workers);
