@@ -12,7 +12,9 @@ use tracing_actix_web::TracingLogger;
 use actix::Actor;
 
 use crate::accounting::Accounting;
+use crate::accounting::actor::AccountingConfig;
 use crate::accounting::messages::Flush;
+use crate::billing::pricing::PriceTable;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, migrate};
 use crate::http::health::{self, Readiness};
@@ -23,6 +25,7 @@ use crate::protocol::errors::ErrorCode;
 use crate::session::admission::Slots;
 use crate::session::registry::{Count, EndAll, Registry};
 use crate::session::{AccountHandle, SessionDeps};
+use actix::Addr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -67,8 +70,11 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
     if accounts.is_empty() {
         warn!("no [[accounts]] configured: every turn will be refused (account_busy)");
     }
+    let prices = PriceTable::from_settings(&settings.pricing)
+        .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
     Ok(Arc::new(SessionDeps {
-        accounting: Accounting::new(db.clone()).start(),
+        prices,
+        accounting: start_accounting(&settings, db.clone()),
         registry: Registry::default().start(),
         slots: Arc::new(Slots::default()),
         draining: Arc::new(AtomicBool::new(false)),
@@ -76,6 +82,17 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
         db,
         settings,
     }))
+}
+
+/// The accounting actor, supervised, on a thread of its own (it blocks on fsync).
+pub fn start_accounting(settings: &Settings, db: DbPool) -> Addr<Accounting> {
+    let cfg = AccountingConfig {
+        spool_dir: settings.spool_dir(),
+        batch_max_rows: settings.accounting.batch_max_rows,
+        flush_interval: Duration::from_millis(settings.accounting.flush_interval_ms.max(1)),
+    };
+    let arbiter = actix::Arbiter::new();
+    actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg))
 }
 
 /// `turnpike serve`: runs until SIGTERM/SIGINT, then drains (see `shutdown`).

@@ -22,7 +22,48 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub pool: PoolSettings,
     pub limits: LimitSettings,
+    pub accounting: AccountingSettings,
+    pub pricing: crate::billing::pricing::PricingSettings,
     pub accounts: Vec<AccountSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountingSettings {
+    /// Directory of the durable spool. Empty: beside the SQLite file (`<db>.spool/`), or
+    /// `data/spool` with PostgreSQL.
+    pub spool_dir: String,
+    /// Rows per database transaction.
+    pub batch_max_rows: usize,
+    /// How often buffered records are written to the database.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for AccountingSettings {
+    fn default() -> Self {
+        Self {
+            spool_dir: String::new(),
+            batch_max_rows: 500,
+            flush_interval_ms: 200,
+        }
+    }
+}
+
+impl Settings {
+    /// The spool directory in effect.
+    pub fn spool_dir(&self) -> PathBuf {
+        if !self.accounting.spool_dir.is_empty() {
+            return PathBuf::from(&self.accounting.spool_dir);
+        }
+        match DatabaseTarget::parse(&self.database.url) {
+            Ok(DatabaseTarget::Sqlite(path)) => {
+                let mut p = path.into_os_string();
+                p.push(".spool");
+                PathBuf::from(p)
+            }
+            _ => PathBuf::from("data/spool"),
+        }
+    }
 }
 
 /// What a `response.create` during a turn in flight does.
@@ -377,9 +418,17 @@ impl Settings {
     /// Checks no serde type can express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         DatabaseTarget::parse(&self.database.url)?;
+        crate::billing::pricing::PriceTable::from_settings(&self.pricing)
+            .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
         if self.database.pool_max_size == 0 {
             return Err(ConfigError::new(
                 "database.pool_max_size",
+                "must be at least 1",
+            ));
+        }
+        if self.accounting.batch_max_rows == 0 {
+            return Err(ConfigError::new(
+                "accounting.batch_max_rows",
                 "must be at least 1",
             ));
         }
@@ -548,11 +597,13 @@ mod shipped_file_tests {
                 .split(&format!("[{section}]\n"))
                 .nth(1)
                 .unwrap_or_else(|| panic!("no [{section}] in turnpike.toml"));
-            for key in keys.keys() {
-                assert!(
-                    body.contains(&format!("\n{key} = ")),
-                    "{section}.{key} undocumented"
-                );
+            for (key, value) in keys {
+                let documented = if value.is_object() {
+                    text.contains(&format!("[{section}.{key}"))
+                } else {
+                    body.contains(&format!("\n{key} = "))
+                };
+                assert!(documented, "{section}.{key} undocumented");
             }
         }
     }

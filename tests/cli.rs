@@ -255,7 +255,13 @@ fn shipped_configs_load() {
 
 /// `turnpike serve` on a free port.
 fn start_server(db_url: &str, extra_env: &[(&str, &str)]) -> (Proc, String) {
+    let spool = std::env::temp_dir().join(format!(
+        "tp-cli-spool-{}-{}",
+        std::process::id(),
+        turnpike::sim::monotonic_ns()
+    ));
     let mut cmd = turnpike();
+    cmd.env("TURNPIKE_ACCOUNTING__SPOOL_DIR", &spool);
     cmd.env("TURNPIKE_DATABASE__URL", db_url)
         .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
         .env("TURNPIKE_SERVER__WORKERS", "1")

@@ -1,26 +1,181 @@
-//! The accounting actor.
+//! The accounting actor (supervised, on a thread of its own because it fsyncs).
+//!
+//! `RecordTurn` → append to the spool → group-committed fsync (one fsync covers every record
+//! that arrived meanwhile) → acknowledge. Acknowledged records wait in memory (their segments
+//! sealed on disk) until a batch transaction commits them; only then are their segments removed.
+//! A failed batch is retried record by record; a record whose debit fails gets its usage row and
+//! a pending compensation. While the database is down, records wait in the spool and flushes
+//! retry with backoff. An fsync error stops the actor: its supervisor restarts it and the spool
+//! is replayed from disk (no retried fsync that "succeeds" over lost pages).
 
-use std::collections::VecDeque;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tracing::{error, warn};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
 
-use super::messages::{Flush, RecordTurn, TurnRecord};
+use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure, TurnRecord};
+use super::spool::{DirFs, Spool};
 use crate::db::{DbPool, queries};
+
+pub struct AccountingConfig {
+    pub spool_dir: PathBuf,
+    pub batch_max_rows: usize,
+    pub flush_interval: Duration,
+}
+
+/// Answers a `RecordTurn` once its record is durable.
+type Ack = oneshot::Sender<Result<(), SpoolFailure>>;
+
+/// A record acknowledged (durable) and not yet committed, with its segment.
+struct Pending {
+    seg: u64,
+    record: TurnRecord,
+}
 
 pub struct Accounting {
     db: DbPool,
-    /// Records whose insert failed, retried in order.
-    retry: VecDeque<TurnRecord>,
+    cfg: AccountingConfig,
+    spool: Option<Spool<DirFs>>,
+    /// Appended, waiting for the next fsync.
+    unsynced: Vec<(u64, TurnRecord, Ack)>,
+    sync_scheduled: bool,
+    /// Durable, waiting for the database.
+    pending: Vec<Pending>,
+    flushing: bool,
+    backoff: Duration,
+    next_flush_at: Instant,
+    restarts: u32,
 }
 
 impl Accounting {
-    pub fn new(db: DbPool) -> Self {
+    pub fn new(db: DbPool, cfg: AccountingConfig) -> Self {
         Self {
             db,
-            retry: VecDeque::new(),
+            cfg,
+            spool: None,
+            unsynced: Vec::new(),
+            sync_scheduled: false,
+            pending: Vec::new(),
+            flushing: false,
+            backoff: Duration::from_millis(100),
+            next_flush_at: Instant::now(),
+            restarts: 0,
         }
+    }
+
+    /// Opens the spool and queues whatever an earlier run left for the database.
+    fn open_spool(&mut self) -> std::io::Result<()> {
+        let (spool, recovered) = Spool::open(DirFs::new(&self.cfg.spool_dir)?)?;
+        if recovered.torn_tails + recovered.corrupt_segments > 0 {
+            warn!(
+                torn = recovered.torn_tails,
+                corrupt = recovered.corrupt_segments,
+                "spool recovered with damage (corrupt data quarantined)"
+            );
+        }
+        self.pending.clear();
+        let mut unreadable = 0;
+        for (seg, bytes) in recovered.records {
+            match serde_json::from_slice::<TurnRecord>(&bytes) {
+                Ok(record) => self.pending.push(Pending { seg, record }),
+                Err(_) => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            error!(
+                unreadable,
+                "spool records that are not turn records were skipped"
+            );
+        }
+        if !self.pending.is_empty() {
+            info!(records = self.pending.len(), "replaying the spool");
+        }
+        self.spool = Some(spool);
+        Ok(())
+    }
+
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        self.sync_scheduled = false;
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        if let Err(e) = spool.sync() {
+            error!(error = %e, "spool fsync failed; restarting the accounting actor");
+            // Dropping the senders tells every waiting session to send again.
+            self.unsynced.clear();
+            return ctx.stop();
+        }
+        for (seg, record, ack) in self.unsynced.drain(..) {
+            let _ = ack.send(Ok(()));
+            self.pending.push(Pending { seg, record });
+        }
+        if self.pending.len() >= self.cfg.batch_max_rows {
+            self.flush(ctx);
+        }
+    }
+
+    /// Seals the active segment and commits everything pending, in batches.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing || self.pending.is_empty() || Instant::now() < self.next_flush_at {
+            return;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        if let Err(e) = spool.rotate() {
+            error!(error = %e, "spool rotation failed; restarting the accounting actor");
+            return ctx.stop();
+        }
+        self.flushing = true;
+        let batch: Vec<TurnRecord> = self.pending.iter().map(|p| p.record.clone()).collect();
+        let taken = batch.len();
+        let db = self.db.clone();
+        let max = self.cfg.batch_max_rows.max(1);
+        let fut = async move {
+            for chunk in batch.chunks(max) {
+                if let Err(e) = queries::billing::record_batch(&db, chunk).await {
+                    warn!(error = %e, rows = chunk.len(), "batch failed; writing its records one by one");
+                    for r in chunk {
+                        if let Err(e) =
+                            queries::billing::record_batch(&db, std::slice::from_ref(r)).await
+                        {
+                            // The debit (or the whole write) failed: usage row + compensation.
+                            queries::billing::record_with_compensation(&db, r, &e.to_string())
+                                .await?;
+                        }
+                    }
+                }
+            }
+            Ok::<(), crate::db::DbError>(())
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            act.flushing = false;
+            match res {
+                Ok(()) => {
+                    let done: Vec<Pending> = act.pending.drain(..taken).collect();
+                    let mut segs: Vec<u64> = done.iter().map(|p| p.seg).collect();
+                    segs.dedup();
+                    // Segments still holding pending records stay.
+                    segs.retain(|s| !act.pending.iter().any(|p| p.seg == *s));
+                    if let Some(spool) = act.spool.as_mut()
+                        && let Err(e) = spool.remove(&segs)
+                    {
+                        warn!(error = %e, "could not remove committed spool segments (they replay harmlessly)");
+                    }
+                    act.backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    warn!(error = %e, pending = act.pending.len(), retry_in = ?act.backoff, "database unavailable; records stay in the spool");
+                    act.next_flush_at = Instant::now() + act.backoff;
+                    act.backoff = (act.backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }));
     }
 }
 
@@ -28,60 +183,95 @@ impl Actor for Accounting {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(4096);
-        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
-            if !act.retry.is_empty() {
-                ctx.notify(Flush);
-            }
-        });
+        ctx.set_mailbox_capacity(65_536);
+        if let Err(e) = self.open_spool() {
+            error!(error = %e, dir = %self.cfg.spool_dir.display(), "cannot open the spool; retrying");
+            ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
+            return;
+        }
+        let every = self.cfg.flush_interval;
+        ctx.run_interval(every, |act, ctx| act.flush(ctx));
+        ctx.notify(Flush);
+    }
+}
+
+impl Supervised for Accounting {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+        warn!(
+            restarts = self.restarts,
+            "accounting actor restarting; replaying the spool"
+        );
+        // The disk is the truth: what was pending is read back from the spool.
+        self.spool = None;
+        self.unsynced.clear();
+        self.sync_scheduled = false;
+        self.flushing = false;
     }
 }
 
 impl Handler<RecordTurn> for Accounting {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ResponseFuture<Result<(), SpoolFailure>>;
 
-    fn handle(&mut self, msg: RecordTurn, _: &mut Context<Self>) -> Self::Result {
-        let db = self.db.clone();
-        let record = msg.0;
-        Box::pin(
-            async move {
-                let result = queries::usage::insert(&db, &record).await;
-                (record, result)
-            }
-            .into_actor(self)
-            .map(|(record, result), act, _| {
-                if let Err(e) = result {
-                    warn!(request_id = %record.request_id, error = %e, "usage insert failed; queued for retry");
-                    act.retry.push_back(record);
+    fn handle(&mut self, msg: RecordTurn, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let appended = match (self.spool.as_mut(), serde_json::to_vec(&msg.0)) {
+            (Some(spool), Ok(bytes)) => spool.append(&bytes).map_err(|e| e.to_string()),
+            (None, _) => Err("spool not open".into()),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        match appended {
+            Ok(seg) => {
+                self.unsynced.push((seg, msg.0, tx));
+                if !self.sync_scheduled {
+                    // Behind every message already queued: they join this fsync.
+                    self.sync_scheduled = true;
+                    ctx.notify(SyncNow);
                 }
-            }),
-        )
+            }
+            Err(e) => {
+                error!(error = %e, "spool append failed; restarting the accounting actor");
+                let _ = tx.send(Err(SpoolFailure));
+                ctx.stop();
+            }
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(SpoolFailure)) })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SyncNow;
+
+impl Handler<SyncNow> for Accounting {
+    type Result = ();
+    fn handle(&mut self, _: SyncNow, ctx: &mut Context<Self>) {
+        self.sync(ctx);
     }
 }
 
 impl Handler<Flush> for Accounting {
-    type Result = AtomicResponse<Self, usize>;
+    type Result = usize;
 
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
-        let batch: Vec<TurnRecord> = self.retry.drain(..).collect();
-        let db = self.db.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let mut failed = Vec::new();
-                for r in batch {
-                    if let Err(e) = queries::usage::insert(&db, &r).await {
-                        error!(request_id = %r.request_id, error = %e, "usage insert failed again");
-                        failed.push(r);
-                    }
-                }
-                failed
-            }
-            .into_actor(self)
-            .map(|failed, act, _| {
-                let left = failed.len();
-                act.retry.extend(failed);
-                left
-            }),
-        ))
+    /// Starts a flush now (ignoring backoff); returns the records still waiting.
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> usize {
+        self.sync(ctx);
+        self.next_flush_at = Instant::now();
+        self.flush(ctx);
+        self.pending.len()
+    }
+}
+
+impl Handler<Backlog> for Accounting {
+    type Result = usize;
+    fn handle(&mut self, _: Backlog, _: &mut Context<Self>) -> usize {
+        self.pending.len() + self.unsynced.len()
+    }
+}
+
+impl Handler<Restart> for Accounting {
+    type Result = ();
+    fn handle(&mut self, _: Restart, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

@@ -7,5 +7,6 @@
 
 pub mod actor;
 pub mod messages;
+pub mod spool;
 
 pub use actor::Accounting;

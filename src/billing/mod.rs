@@ -1,3 +1,4 @@
-//! Money: integer nano-USD amounts (pricing and the ledger come with the accounting work).
+//! Money: integer nano-USD amounts and pricing.
 
 pub mod money;
+pub mod pricing;

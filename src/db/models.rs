@@ -142,3 +142,13 @@ pub struct UsageRow {
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
 }
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = super::schema::billing_ledger)]
+pub struct NewLedger<'a> {
+    pub request_id: &'a str,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub amount_nanousd: i64,
+    pub created_at: NaiveDateTime,
+}

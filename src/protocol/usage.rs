@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 /// Token counts of one turn. All fields are counts; `None` in the source counts as absent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
     pub cached_input_tokens: u64,

@@ -578,11 +578,14 @@ impl SessionActor {
             turn_index: turn.index,
             account,
             model: turn.model.clone(),
-            status: outcome.status,
-            usage_source: outcome.usage_source,
+            status: outcome.status.to_string(),
+            usage_source: outcome.usage_source.to_string(),
             warmup: turn.frame.warmup,
             usage: outcome.usage,
-            cost_nanousd: 0,
+            cost_nanousd: self
+                .deps
+                .prices
+                .cost(&turn.model, &outcome.usage, turn.frame.warmup),
             timing: outcome.timing,
             error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
@@ -592,11 +595,23 @@ impl SessionActor {
         if streaming && !delivery.reusable {
             self.release_lease(false);
         }
-        let send = self.deps.accounting.send(RecordTurn(record));
+        let accounting = self.deps.accounting.clone();
+        let send = async move {
+            // Durable in the spool, or (while accounting restarts) tried again.
+            for attempt in 0u64..50 {
+                match accounting.send(RecordTurn(record.clone())).await {
+                    Ok(Ok(())) => return Ok(()),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(20 * (attempt + 1).min(10))).await
+                    }
+                }
+            }
+            Err(record)
+        };
         // `wait`: nothing else happens in this session until the record is safe.
         ctx.wait(send.into_actor(self).map(move |res, act, ctx| {
-            if let Err(e) = res {
-                warn!(parent: &act.span, error = %e, "accounting unreachable");
+            if let Err(record) = res {
+                tracing::error!(parent: &act.span, request_id = %record.request_id, "accounting did not acknowledge the turn record");
             }
             act.turn = None;
             act.idle_since = Instant::now();

@@ -34,6 +34,7 @@ pub struct AccountHandle {
 /// What every session shares.
 pub struct SessionDeps {
     pub settings: Settings,
+    pub prices: crate::billing::pricing::PriceTable,
     pub db: DbPool,
     pub accounting: Addr<Accounting>,
     pub accounts: Vec<AccountHandle>,

@@ -11,7 +11,7 @@ use crate::protocol::usage::{Usage, estimate_tokens};
 /// Rounding: the `first_*` marks are rounded down and `duration_ms` up, and a turn that
 /// streamed a token before it ended has `duration_ms > first_token_ms` even when both fell in
 /// the same millisecond — so `first_event_ms <= first_token_ms < duration_ms` always holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     pub upstream_wait_ms: Option<i64>,
     pub first_event_ms: Option<i64>,

@@ -88,6 +88,8 @@ impl Stack {
             .env("TURNPIKE_SERVER__WORKERS", "2")
             .env("TURNPIKE_SERVER__SHUTDOWN_GRACE_MS", "3000")
             .env("TURNPIKE_LOG__LEVEL", "info,turnpike=debug")
+            .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
+            .env("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "50")
             .arg("serve");
         for (k, v) in opts.env {
             cmd.env(k, v);
@@ -104,6 +106,14 @@ impl Stack {
             key_id,
             _config: dir,
         }
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._config.path().join("relay.toml")
+    }
+
+    pub fn spool_dir(&self) -> std::path::PathBuf {
+        self._config.path().join("spool")
     }
 
     pub fn client(&self) -> Client {

@@ -1,12 +1,15 @@
 //! Billing tables. The writers come with the accounting actor; the backlog view is read here.
 
 use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use crate::db::models::{BacklogRow, NewCompensation};
+use crate::accounting::messages::TurnRecord;
+use crate::db::models::{BacklogRow, NewCompensation, NewLedger};
+use crate::db::queries::usage;
 use crate::db::schema::billing_compensation_backlog as backlog;
 use crate::db::schema::billing_compensations;
-use crate::db::{DbError, DbPool};
+use crate::db::schema::{api_keys, billing_ledger, usage_logs, users};
+use crate::db::{DbError, DbPool, now};
 
 /// The compensation backlog by status (`pending`, `settled`, `dead`), from the view.
 pub async fn compensation_backlog(pool: &DbPool) -> Result<Vec<BacklogRow>, DbError> {
@@ -44,4 +47,114 @@ pub async fn insert_compensation(
             .await?
     });
     Ok(n == 1)
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Usage rows written now (the others existed already: a replay).
+    pub usage_rows: usize,
+    /// Debits applied now.
+    pub debits: usize,
+}
+
+/// Writes a batch in one transaction: each record's usage row (`ON CONFLICT DO NOTHING`), and for
+/// a row written now with a cost, its ledger row and the key's `spent` and the user's balance
+/// updates. Replaying a batch changes nothing (the usage row gates the debit).
+pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<BatchOutcome, DbError> {
+    Ok(with_conn!(pool, |c| {
+        c.transaction::<_, DbError, _>(async |tx| {
+            let mut out = BatchOutcome::default();
+            for r in records {
+                let written = diesel::insert_into(usage_logs::table)
+                    .values(&usage::row_of(r))
+                    .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
+                    .do_nothing()
+                    .execute(tx)
+                    .await?;
+                if written == 0 {
+                    continue;
+                }
+                out.usage_rows += 1;
+                if r.cost_nanousd == 0 {
+                    continue;
+                }
+                let ledger = NewLedger {
+                    request_id: &r.request_id,
+                    api_key_id: r.api_key_id,
+                    user_id: r.user_id,
+                    amount_nanousd: r.cost_nanousd,
+                    created_at: now(),
+                };
+                let debited = diesel::insert_into(billing_ledger::table)
+                    .values(&ledger)
+                    .on_conflict((billing_ledger::request_id, billing_ledger::api_key_id))
+                    .do_nothing()
+                    .execute(tx)
+                    .await?;
+                if debited == 1 {
+                    // The key's spend and the user's balance (when it has one) move together.
+                    diesel::update(api_keys::table.filter(api_keys::id.eq(r.api_key_id)))
+                        .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + r.cost_nanousd))
+                        .execute(tx)
+                        .await?;
+                    diesel::update(
+                        users::table
+                            .filter(users::id.eq(r.user_id))
+                            .filter(users::balance_nanousd.is_not_null()),
+                    )
+                    .set(users::balance_nanousd.eq(users::balance_nanousd - r.cost_nanousd))
+                    .execute(tx)
+                    .await?;
+                    out.debits += 1;
+                }
+            }
+            Ok(out)
+        })
+        .await?
+    }))
+}
+
+/// A record whose debit failed: its usage row and a `pending` compensation, in a transaction of
+/// their own. Returns whether the compensation row was written now.
+pub async fn record_with_compensation(
+    pool: &DbPool,
+    r: &TurnRecord,
+    error: &str,
+) -> Result<bool, DbError> {
+    let at = now();
+    let history =
+        serde_json::json!([{"at": at.to_string(), "attempt": 0, "error": error}]).to_string();
+    Ok(with_conn!(pool, |c| {
+        c.transaction::<_, DbError, _>(async |tx| {
+            diesel::insert_into(usage_logs::table)
+                .values(&usage::row_of(r))
+                .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
+                .do_nothing()
+                .execute(tx)
+                .await?;
+            let n = diesel::insert_into(billing_compensations::table)
+                .values((
+                    billing_compensations::request_id.eq(&r.request_id),
+                    billing_compensations::api_key_id.eq(r.api_key_id),
+                    billing_compensations::user_id.eq(r.user_id),
+                    billing_compensations::amount_nanousd.eq(r.cost_nanousd),
+                    billing_compensations::status.eq("pending"),
+                    billing_compensations::next_attempt_at.eq(Some(at)),
+                    billing_compensations::last_error.eq(Some(error)),
+                    billing_compensations::error_history.eq(&history),
+                    billing_compensations::created_at.eq(at),
+                    billing_compensations::updated_at.eq(at),
+                ))
+                .on_conflict((
+                    billing_compensations::request_id,
+                    billing_compensations::api_key_id,
+                ))
+                .do_nothing()
+                .execute(tx)
+                .await?;
+            Ok(n == 1)
+        })
+        .await?
+    }))
 }

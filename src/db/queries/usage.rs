@@ -12,9 +12,9 @@ fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Writes the row of a turn; a second write of the same key is ignored. `true` when written.
-pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
-    let row = NewUsage {
+/// The `usage_logs` row of a record.
+pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
+    NewUsage {
         request_id: &r.request_id,
         api_key_id: r.api_key_id,
         user_id: r.user_id,
@@ -22,8 +22,8 @@ pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
         turn_index: r.turn_index,
         account: &r.account,
         model: &r.model,
-        status: r.status,
-        usage_source: r.usage_source,
+        status: &r.status,
+        usage_source: &r.usage_source,
         warmup: r.warmup,
         input_tokens: count(r.usage.input_tokens),
         cached_input_tokens: count(r.usage.cached_input_tokens),
@@ -39,7 +39,12 @@ pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
         error_code: r.error_code.as_deref(),
         accepted_at: r.accepted_at,
         created_at: now(),
-    };
+    }
+}
+
+/// Writes the row of a turn; a second write of the same key is ignored. `true` when written.
+pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
+    let row = row_of(r);
     let n = with_conn!(pool, |c| {
         diesel::insert_into(usage_logs::table)
             .values(&row)

@@ -1,0 +1,283 @@
+//! Nothing lost, nothing doubled: usage rows, ledger and compensations under load, under billing
+//! failures and across `kill -9`, on SQLite and (when `TURNPIKE_TEST_PG_URL` is set) PostgreSQL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::stack::{Stack, StackOptions, block};
+use common::ws::Client;
+use common::{Proc, TestDb};
+use diesel::sql_types::BigInt;
+use diesel::{QueryableByName, sql_query};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use serde_json::json;
+use turnpike::db::DbPool;
+
+const T: Duration = Duration::from_secs(20);
+
+#[derive(QueryableByName, Debug)]
+struct Sums {
+    #[diesel(sql_type = BigInt)]
+    usage_rows: i64,
+    #[diesel(sql_type = BigInt)]
+    distinct_keys: i64,
+    #[diesel(sql_type = BigInt)]
+    usage_cost: i64,
+    #[diesel(sql_type = BigInt)]
+    ledger: i64,
+    #[diesel(sql_type = BigInt)]
+    unsettled: i64,
+    #[diesel(sql_type = BigInt)]
+    spent: i64,
+}
+
+const SUMS: &str = "SELECT \
+    (SELECT COUNT(*) FROM usage_logs) AS usage_rows, \
+    (SELECT COUNT(*) FROM (SELECT DISTINCT request_id, api_key_id FROM usage_logs) d) AS distinct_keys, \
+    (SELECT CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) FROM usage_logs) AS usage_cost, \
+    (SELECT CAST(COALESCE(SUM(amount_nanousd), 0) AS BIGINT) FROM billing_ledger) AS ledger, \
+    (SELECT CAST(COALESCE(SUM(amount_nanousd), 0) AS BIGINT) FROM billing_compensations WHERE status <> 'settled') AS unsettled, \
+    (SELECT CAST(COALESCE(SUM(spent_nanousd), 0) AS BIGINT) FROM api_keys) AS spent";
+
+fn sums(db: &TestDb) -> Sums {
+    block(async {
+        let pool = db.pool();
+        query_sums(&pool).await
+    })
+}
+
+async fn query_sums(pool: &DbPool) -> Sums {
+    match pool {
+        DbPool::Postgres(p) => {
+            let mut c = p.get().await.unwrap();
+            sql_query(SUMS).get_result(&mut c).await.unwrap()
+        }
+        DbPool::Sqlite(p) => {
+            let mut c = p.get().await.unwrap();
+            sql_query(SUMS).get_result(&mut c).await.unwrap()
+        }
+    }
+}
+
+fn exec(db: &TestDb, sql: &str) {
+    block(async {
+        match db.pool() {
+            DbPool::Postgres(p) => p.get().await.unwrap().batch_execute(sql).await.unwrap(),
+            DbPool::Sqlite(p) => p.get().await.unwrap().batch_execute(sql).await.unwrap(),
+        }
+    })
+}
+
+/// `sessions` clients × `turns` turns; returns the response ids of the turns each client saw
+/// complete (a terminal event it received).
+fn load(
+    addr: &str,
+    key: &str,
+    sessions: usize,
+    turns: usize,
+    directive: &'static str,
+) -> Vec<String> {
+    let handles: Vec<_> = (0..sessions)
+        .map(|_| {
+            let (addr, key) = (addr.to_string(), key.to_string());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let Ok(mut c) = Client::connect(&addr, "/v1/responses", &[("authorization", &format!("Bearer {key}"))]) else {
+                    return seen;
+                };
+                for _ in 0..turns {
+                    c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "count me", "metadata": {"sim": directive}}));
+                    loop {
+                        match c.recv(T) {
+                            common::ws::Recv::Json(e) if e["type"] == "response.completed" => {
+                                seen.push(e["response"]["id"].as_str().unwrap().to_string());
+                                break;
+                            }
+                            common::ws::Recv::Json(e) if e["type"] == "error" => break,
+                            common::ws::Recv::Json(_) | common::ws::Recv::Ping | common::ws::Recv::Pong => {}
+                            _ => return seen,
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect()
+}
+
+fn wait_rows(db: &TestDb, n: i64) -> Sums {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = sums(db);
+        if s.usage_rows >= n || std::time::Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_invariant(s: &Sums) {
+    assert_eq!(
+        s.usage_rows, s.distinct_keys,
+        "no duplicate usage rows: {s:?}"
+    );
+    assert_eq!(
+        s.ledger + s.unsettled,
+        s.usage_cost,
+        "ledger + unsettled compensations = usage cost: {s:?}"
+    );
+    assert_eq!(s.spent, s.ledger, "keys' spend = ledger: {s:?}");
+}
+
+#[test]
+fn invariant_under_load() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                max_conns: 16,
+                ..StackOptions::default()
+            },
+        );
+        let seen = load(&s.addr, &s.key, 12, 15, "deltas=5");
+        assert_eq!(seen.len(), 12 * 15, "{backend}");
+        let sums = wait_rows(&s.db, seen.len() as i64);
+        assert_eq!(
+            sums.usage_rows,
+            seen.len() as i64,
+            "{backend}: exactly one row per finished turn"
+        );
+        assert!(sums.usage_cost > 0);
+        assert_invariant(&sums);
+        // Each row's cost is the price of its tokens (default: $1.25 in, $10 out per Mtok).
+        let rows = s.rows(seen.len());
+        for r in &rows {
+            let expected = (r.input_tokens as i128 * 1_250_000_000
+                + r.output_tokens as i128 * 10_000_000_000
+                + 500_000)
+                / 1_000_000;
+            assert_eq!(r.cost_nanousd as i128, expected, "{r:?}");
+        }
+        s.finish();
+    }
+}
+
+#[test]
+fn billing_failures_become_compensations() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        // A test-only trigger makes every debit fail.
+        match s.db.backend {
+            "sqlite" => exec(
+                &s.db,
+                "CREATE TRIGGER fail_debit BEFORE INSERT ON billing_ledger BEGIN SELECT RAISE(ABORT, 'injected billing failure'); END;",
+            ),
+            _ => exec(
+                &s.db,
+                "CREATE FUNCTION fail_debit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected billing failure'; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER fail_debit BEFORE INSERT ON billing_ledger FOR EACH ROW EXECUTE FUNCTION fail_debit();",
+            ),
+        }
+        let seen = load(&s.addr, &s.key, 3, 4, "");
+        assert_eq!(seen.len(), 12);
+        let sums = wait_rows(&s.db, 12);
+        assert_eq!(
+            sums.usage_rows, 12,
+            "usage rows land although billing failed"
+        );
+        assert_eq!(sums.ledger, 0);
+        assert_eq!(
+            sums.unsettled, sums.usage_cost,
+            "every debit is owed: {sums:?}"
+        );
+        assert_invariant(&sums);
+        let backlog = block(async {
+            let pool = s.db.pool();
+            turnpike::db::queries::billing::compensation_backlog(&pool)
+                .await
+                .unwrap()
+        });
+        assert_eq!(backlog.len(), 1);
+        assert_eq!(
+            (backlog[0].status.as_str(), backlog[0].rows_count),
+            ("pending", 12)
+        );
+        s.finish();
+    }
+}
+
+#[test]
+fn kill_9_mid_load_loses_nothing() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        // No flush before the kill: every record the clients saw finish is only in the spool.
+        let mut s = Stack::start(
+            db,
+            StackOptions {
+                max_conns: 16,
+                env: &[("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "600000")],
+                ..StackOptions::default()
+            },
+        );
+        let addr = s.addr.clone();
+        let key = s.key.clone();
+        let loader = std::thread::spawn(move || load(&addr, &key, 8, 40, "deltas=3"));
+        std::thread::sleep(Duration::from_millis(700));
+        let pid = s.relay.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-9", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let _ = s.relay.child.wait();
+        let seen_before_kill = loader.join().unwrap();
+        assert!(
+            !seen_before_kill.is_empty(),
+            "{backend}: some turns finished before the kill"
+        );
+        assert_eq!(
+            sums(&s.db).usage_rows,
+            0,
+            "{backend}: nothing reached the database before the kill"
+        );
+
+        // Start again on the same database and spool: the spool is replayed.
+        let mut cmd = common::turnpike();
+        let config = s.config_path();
+        cmd.arg("--config")
+            .arg(&config)
+            .env("TURNPIKE_DATABASE__URL", &s.db.url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", s.spool_dir())
+            .arg("serve");
+        let relay = Proc::spawn(cmd);
+        let addr2 = relay.listening_addr();
+        let seen_after = load(&addr2, &s.key, 2, 5, "");
+        let total = seen_before_kill.len() + seen_after.len();
+        let sums = wait_rows(&s.db, total as i64);
+        let rows = s.rows(total);
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for r in &rows {
+            *count.entry(r.request_id.as_str()).or_default() += 1;
+        }
+        for id in seen_before_kill.iter().chain(&seen_after) {
+            assert_eq!(
+                count.get(id.as_str()),
+                Some(&1),
+                "{backend}: turn {id} the client saw finish has exactly one row"
+            );
+        }
+        assert_invariant(&sums);
+        drop(relay);
+        s.finish();
+    }
+}
