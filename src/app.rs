@@ -14,6 +14,7 @@ use actix::Actor;
 use crate::accounting::Accounting;
 use crate::accounting::actor::AccountingConfig;
 use crate::accounting::messages::Flush;
+use crate::billing::compensator::{Compensator, CompensatorConfig};
 use crate::billing::pricing::PriceTable;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, migrate};
@@ -95,10 +96,23 @@ pub fn start_accounting(settings: &Settings, db: DbPool) -> Addr<Accounting> {
     actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg))
 }
 
+/// The Compensator, supervised.
+pub fn start_compensator(settings: &Settings, db: DbPool) -> Addr<Compensator> {
+    let c = &settings.compensation;
+    let cfg = CompensatorConfig {
+        poll_interval: Duration::from_millis(c.poll_interval_ms.max(1)),
+        base_backoff: Duration::from_millis(c.base_backoff_ms),
+        max_backoff: Duration::from_millis(c.max_backoff_ms),
+        max_attempts: c.max_attempts.max(1),
+    };
+    actix::Supervisor::start(move |_| Compensator::new(db, cfg))
+}
+
 /// `turnpike serve`: runs until SIGTERM/SIGINT, then drains (see `shutdown`).
 pub async fn serve(settings: Settings) -> Result<(), AppError> {
     let db = open_database(&settings, settings.database.migrate_on_start).await?;
     let deps = start_relay(settings, db)?;
+    let _compensator = start_compensator(&deps.settings, deps.db.clone());
     run_server(deps).await
 }
 

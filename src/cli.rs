@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Inspect and re-queue failed debits.
+    #[command(subcommand)]
+    Compensations(CompensationsCommand),
     /// Run the simulated upstream (a Responses WebSocket server with scriptable faults).
     Sim(SimArgs),
     /// Run the relay against an in-process simulated upstream, with a fresh demo key.
@@ -46,6 +49,17 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:18080")]
         sim_bind: std::net::SocketAddr,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CompensationsCommand {
+    /// List compensations (all, or one status: pending, settled, dead).
+    List {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Re-queue a dead (or pending) compensation: due now, attempts reset.
+    Retry { id: i64 },
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +213,10 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
             let db = app::open_database(&settings, true).await?;
             keys(&db, cmd).await
         }
+        Command::Compensations(cmd) => {
+            let db = app::open_database(&settings, true).await?;
+            compensations(&db, cmd).await
+        }
         Command::Sim(args) => sim(args).await,
         Command::Demo { sim_bind } => {
             rustls_provider();
@@ -257,6 +275,7 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
         sim.addr
     );
     let deps = app::start_relay(settings, db)?;
+    let _compensator = app::start_compensator(&deps.settings, deps.db.clone());
     app::run_server(deps).await?;
     Ok(())
 }
@@ -433,6 +452,57 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
                 )));
             }
             eprintln!("revoked key {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn compensations(db: &DbPool, cmd: CompensationsCommand) -> Result<(), CliError> {
+    match cmd {
+        CompensationsCommand::List { status } => {
+            if let Some(s) = status.as_deref()
+                && !matches!(s, "pending" | "settled" | "dead")
+            {
+                return Err(CliError::BadValue(format!(
+                    "--status {s:?}: expected pending, settled or dead"
+                )));
+            }
+            let rows = queries::billing::compensations(db, status.as_deref()).await?;
+            let table = rows.iter().map(|c| {
+                vec![
+                    c.id.to_string(),
+                    c.status.clone(),
+                    c.request_id.clone(),
+                    c.api_key_id.to_string(),
+                    money::format_usd(c.amount_nanousd),
+                    c.attempts.to_string(),
+                    c.next_attempt_at
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    c.last_error.clone().unwrap_or_default(),
+                ]
+            });
+            print_table(
+                &[
+                    "ID",
+                    "STATUS",
+                    "REQUEST_ID",
+                    "KEY",
+                    "AMOUNT_USD",
+                    "ATTEMPTS",
+                    "NEXT_UTC",
+                    "LAST_ERROR",
+                ],
+                table,
+            );
+        }
+        CompensationsCommand::Retry { id } => {
+            if !queries::billing::requeue_compensation(db, id).await? {
+                return Err(CliError::NotFound(format!(
+                    "no unsettled compensation with id {id}"
+                )));
+            }
+            eprintln!("compensation {id} re-queued");
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ pub struct Settings {
     pub pool: PoolSettings,
     pub limits: LimitSettings,
     pub accounting: AccountingSettings,
+    pub compensation: CompensationSettings,
     pub pricing: crate::billing::pricing::PricingSettings,
     pub accounts: Vec<AccountSettings>,
 }
@@ -45,6 +46,30 @@ impl Default for AccountingSettings {
             spool_dir: String::new(),
             batch_max_rows: 500,
             flush_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompensationSettings {
+    /// How often the compensator looks for due rows.
+    pub poll_interval_ms: u64,
+    /// Wait before the second attempt; doubled each attempt, with ±20 % jitter.
+    pub base_backoff_ms: u64,
+    /// Longest wait between attempts.
+    pub max_backoff_ms: u64,
+    /// Attempts after which a row is `dead` (an operator can re-queue it).
+    pub max_attempts: i32,
+}
+
+impl Default for CompensationSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1_000,
+            base_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            max_attempts: 12,
         }
     }
 }

@@ -169,10 +169,55 @@ fn invariant_under_load() {
     }
 }
 
+fn drop_trigger(db: &TestDb) {
+    match db.backend {
+        "sqlite" => exec(db, "DROP TRIGGER fail_debit;"),
+        _ => exec(
+            db,
+            "DROP TRIGGER fail_debit ON billing_ledger; DROP FUNCTION fail_debit();",
+        ),
+    }
+}
+
+fn backlog(db: &TestDb) -> Vec<(String, i64)> {
+    block(async {
+        let pool = db.pool();
+        turnpike::db::queries::billing::compensation_backlog(&pool)
+            .await
+            .unwrap()
+    })
+    .into_iter()
+    .map(|r| (r.status, r.rows_count))
+    .collect()
+}
+
+fn wait_backlog(db: &TestDb, want: &[(&str, i64)]) -> Vec<(String, i64)> {
+    let want: Vec<(String, i64)> = want.iter().map(|(s, n)| (s.to_string(), *n)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = backlog(db);
+        if b == want || std::time::Instant::now() > deadline {
+            return b;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn billing_failures_become_compensations() {
+fn billing_failures_become_compensations_then_settle() {
     for db in block(TestDb::all()) {
-        let s = Stack::start(db, StackOptions::default());
+        let backend = db.backend;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[
+                    ("TURNPIKE_COMPENSATION__POLL_INTERVAL_MS", "50"),
+                    ("TURNPIKE_COMPENSATION__BASE_BACKOFF_MS", "30"),
+                    ("TURNPIKE_COMPENSATION__MAX_ATTEMPTS", "3"),
+                ],
+                ..StackOptions::default()
+            },
+        );
         // A test-only trigger makes every debit fail.
         match s.db.backend {
             "sqlite" => exec(
@@ -187,28 +232,80 @@ fn billing_failures_become_compensations() {
         }
         let seen = load(&s.addr, &s.key, 3, 4, "");
         assert_eq!(seen.len(), 12);
-        let sums = wait_rows(&s.db, 12);
+        let owed = wait_rows(&s.db, 12);
         assert_eq!(
-            sums.usage_rows, 12,
-            "usage rows land although billing failed"
+            owed.usage_rows, 12,
+            "{backend}: usage rows land although billing failed"
         );
-        assert_eq!(sums.ledger, 0);
+        assert_eq!(owed.ledger, 0);
         assert_eq!(
-            sums.unsettled, sums.usage_cost,
-            "every debit is owed: {sums:?}"
+            owed.unsettled, owed.usage_cost,
+            "every debit is owed: {owed:?}"
         );
-        assert_invariant(&sums);
-        let backlog = block(async {
+        assert_invariant(&owed);
+        // The compensator tries 3 times each (the trigger is still there), then gives up.
+        assert_eq!(
+            wait_backlog(&s.db, &[("dead", 12)]),
+            vec![("dead".to_string(), 12)],
+            "{backend}"
+        );
+        let rows = block(async {
             let pool = s.db.pool();
-            turnpike::db::queries::billing::compensation_backlog(&pool)
+            turnpike::db::queries::billing::compensations(&pool, Some("dead"))
                 .await
                 .unwrap()
         });
-        assert_eq!(backlog.len(), 1);
+        for r in &rows {
+            assert_eq!(r.attempts, 3);
+            assert!(
+                r.last_error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("injected billing failure"),
+                "{r:?}"
+            );
+            let history: Vec<serde_json::Value> = serde_json::from_str(&r.error_history).unwrap();
+            assert_eq!(
+                history.len(),
+                4,
+                "the first failure and three attempts: {history:?}"
+            );
+            assert!(r.dead_at.is_some());
+        }
+        assert_invariant(&sums(&s.db));
+
+        // The cause is fixed; an operator re-queues the dead rows; they settle, exactly once.
+        drop_trigger(&s.db);
+        for r in &rows {
+            let out = common::turnpike()
+                .env("TURNPIKE_DATABASE__URL", &s.db.url)
+                .args(["compensations", "retry", &r.id.to_string()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         assert_eq!(
-            (backlog[0].status.as_str(), backlog[0].rows_count),
-            ("pending", 12)
+            wait_backlog(&s.db, &[("settled", 12)]),
+            vec![("settled".to_string(), 12)],
+            "{backend}"
         );
+        let after = sums(&s.db);
+        assert_eq!(
+            (after.unsettled, after.ledger),
+            (0, after.usage_cost),
+            "{after:?}"
+        );
+        assert_invariant(&after);
+        let listed = common::turnpike()
+            .env("TURNPIKE_DATABASE__URL", &s.db.url)
+            .args(["compensations", "list", "--status", "settled"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 13);
         s.finish();
     }
 }

@@ -1,4 +1,5 @@
-//! Money: integer nano-USD amounts and pricing.
+//! Money: integer nano-USD amounts, pricing, and the Compensator that settles failed debits.
 
+pub mod compensator;
 pub mod money;
 pub mod pricing;

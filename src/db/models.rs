@@ -152,3 +152,22 @@ pub struct NewLedger<'a> {
     pub amount_nanousd: i64,
     pub created_at: NaiveDateTime,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = super::schema::billing_compensations, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct Compensation {
+    pub id: i64,
+    pub request_id: String,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub amount_nanousd: i64,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<NaiveDateTime>,
+    pub last_error: Option<String>,
+    pub error_history: String,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+    pub settled_at: Option<NaiveDateTime>,
+    pub dead_at: Option<NaiveDateTime>,
+}

@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use crate::accounting::messages::TurnRecord;
-use crate::db::models::{BacklogRow, NewCompensation, NewLedger};
+use crate::db::models::{BacklogRow, Compensation, NewCompensation, NewLedger};
 use crate::db::queries::usage;
 use crate::db::schema::billing_compensation_backlog as backlog;
 use crate::db::schema::billing_compensations;
@@ -157,4 +157,174 @@ pub async fn record_with_compensation(
         })
         .await?
     }))
+}
+
+/// Compensations by status (all when `None`), oldest first.
+pub async fn compensations(
+    pool: &DbPool,
+    status: Option<&str>,
+) -> Result<Vec<Compensation>, DbError> {
+    Ok(with_conn!(pool, |c| {
+        let mut q = billing_compensations::table
+            .select(Compensation::as_select())
+            .order(billing_compensations::id)
+            .into_boxed();
+        if let Some(s) = status {
+            q = q.filter(billing_compensations::status.eq(s));
+        }
+        q.load(c).await?
+    }))
+}
+
+/// Pending compensations due now (at most `limit`).
+pub async fn due_compensations(pool: &DbPool, limit: i64) -> Result<Vec<Compensation>, DbError> {
+    let at = now();
+    Ok(with_conn!(pool, |c| {
+        billing_compensations::table
+            .filter(billing_compensations::status.eq("pending"))
+            .filter(billing_compensations::next_attempt_at.le(at))
+            .order(billing_compensations::next_attempt_at)
+            .limit(limit)
+            .select(Compensation::as_select())
+            .load(c)
+            .await?
+    }))
+}
+
+/// Claims a due row for one attempt: counts the attempt and schedules the next one in the same
+/// UPDATE (a worker that dies mid-attempt leaves a row that simply comes due again). `false`
+/// when another worker claimed it first.
+pub async fn claim_compensation(
+    pool: &DbPool,
+    row: &Compensation,
+    retry_at: chrono::NaiveDateTime,
+) -> Result<bool, DbError> {
+    let n = with_conn!(pool, |c| {
+        diesel::update(
+            billing_compensations::table
+                .filter(billing_compensations::id.eq(row.id))
+                .filter(billing_compensations::status.eq("pending"))
+                .filter(billing_compensations::attempts.eq(row.attempts)),
+        )
+        .set((
+            billing_compensations::attempts.eq(row.attempts + 1),
+            billing_compensations::next_attempt_at.eq(Some(retry_at)),
+            billing_compensations::updated_at.eq(now()),
+        ))
+        .execute(c)
+        .await?
+    });
+    Ok(n == 1)
+}
+
+/// Applies a compensation's debit and marks it settled, in one transaction. A debit that the
+/// ledger already holds is not applied twice.
+pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<(), DbError> {
+    let at = now();
+    with_conn!(pool, |c| {
+        c.transaction::<_, DbError, _>(async |tx| {
+            let ledger = NewLedger {
+                request_id: &row.request_id,
+                api_key_id: row.api_key_id,
+                user_id: row.user_id,
+                amount_nanousd: row.amount_nanousd,
+                created_at: at,
+            };
+            let debited = diesel::insert_into(billing_ledger::table)
+                .values(&ledger)
+                .on_conflict((billing_ledger::request_id, billing_ledger::api_key_id))
+                .do_nothing()
+                .execute(tx)
+                .await?;
+            if debited == 1 {
+                diesel::update(api_keys::table.filter(api_keys::id.eq(row.api_key_id)))
+                    .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + row.amount_nanousd))
+                    .execute(tx)
+                    .await?;
+                diesel::update(
+                    users::table
+                        .filter(users::id.eq(row.user_id))
+                        .filter(users::balance_nanousd.is_not_null()),
+                )
+                .set(users::balance_nanousd.eq(users::balance_nanousd - row.amount_nanousd))
+                .execute(tx)
+                .await?;
+            }
+            diesel::update(
+                billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
+            )
+            .set((
+                billing_compensations::status.eq("settled"),
+                billing_compensations::settled_at.eq(Some(at)),
+                billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
+                billing_compensations::updated_at.eq(at),
+            ))
+            .execute(tx)
+            .await?;
+            Ok(())
+        })
+        .await?
+    });
+    Ok(())
+}
+
+/// Records a failed attempt (error history appended); `dead` makes it final.
+pub async fn fail_compensation(
+    pool: &DbPool,
+    row: &Compensation,
+    attempt: i32,
+    error: &str,
+    dead: bool,
+) -> Result<(), DbError> {
+    let at = now();
+    let mut history: Vec<serde_json::Value> =
+        serde_json::from_str(&row.error_history).unwrap_or_default();
+    history.push(serde_json::json!({"at": at.to_string(), "attempt": attempt, "error": error}));
+    let history = serde_json::Value::Array(history).to_string();
+    with_conn!(pool, |c| {
+        diesel::update(billing_compensations::table.filter(billing_compensations::id.eq(row.id)))
+            .set((
+                billing_compensations::last_error.eq(Some(error)),
+                billing_compensations::error_history.eq(&history),
+                billing_compensations::updated_at.eq(at),
+            ))
+            .execute(c)
+            .await?;
+        if dead {
+            diesel::update(
+                billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
+            )
+            .set((
+                billing_compensations::status.eq("dead"),
+                billing_compensations::dead_at.eq(Some(at)),
+                billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
+            ))
+            .execute(c)
+            .await?;
+        }
+    });
+    Ok(())
+}
+
+/// An operator re-queues a dead (or pending) row: due now, attempts reset. `false` when there is
+/// no such row or it is settled.
+pub async fn requeue_compensation(pool: &DbPool, id: i64) -> Result<bool, DbError> {
+    let at = now();
+    let n = with_conn!(pool, |c| {
+        diesel::update(
+            billing_compensations::table
+                .filter(billing_compensations::id.eq(id))
+                .filter(billing_compensations::status.ne("settled")),
+        )
+        .set((
+            billing_compensations::status.eq("pending"),
+            billing_compensations::attempts.eq(0),
+            billing_compensations::next_attempt_at.eq(Some(at)),
+            billing_compensations::dead_at.eq(None::<chrono::NaiveDateTime>),
+            billing_compensations::updated_at.eq(at),
+        ))
+        .execute(c)
+        .await?
+    });
+    Ok(n == 1)
 }
