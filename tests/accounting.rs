@@ -378,3 +378,101 @@ fn kill_9_mid_load_loses_nothing() {
         s.finish();
     }
 }
+
+fn record(n: usize, key: i64, user: i64) -> turnpike::accounting::messages::TurnRecord {
+    use turnpike::accounting::messages::TurnRecord;
+    TurnRecord {
+        request_id: format!("resp_restart_{n}"),
+        api_key_id: key,
+        user_id: user,
+        session_id: "sess_test".into(),
+        turn_index: n as i32,
+        account: "sim".into(),
+        model: "gpt-test".into(),
+        status: "completed".into(),
+        usage_source: "reported".into(),
+        warmup: false,
+        usage: turnpike::protocol::usage::Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+            total_tokens: 15,
+            ..Default::default()
+        },
+        cost_nanousd: 1_000 + n as i64,
+        timing: turnpike::session::turn::Timing {
+            upstream_wait_ms: Some(1),
+            first_event_ms: Some(2),
+            first_token_ms: Some(3),
+            duration_ms: 4,
+        },
+        error_code: None,
+        accepted_at: turnpike::db::now(),
+    }
+}
+
+/// Restarting the supervised accounting actor mid-stream loses no record: what was acknowledged
+/// is in the spool and replayed; what was not is refused and sent again by the caller.
+#[test]
+fn accounting_restart_loses_nothing() {
+    use turnpike::accounting::messages::{Backlog, RecordTurn, Restart};
+    turnpike::telemetry::init(&turnpike::config::LogSettings::default());
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let spool = tempfile::tempdir().unwrap();
+        let spool_dir = spool.path().to_path_buf();
+        let dbref = &db;
+        actix_web::rt::System::new().block_on(async move {
+            let pool = dbref.migrated_pool().await;
+            let user = turnpike::db::queries::users::create(&pool, "u", Some(1_000_000_000))
+                .await
+                .unwrap();
+            let (_, key) = turnpike::auth::create_key(&pool, user.id, &Default::default())
+                .await
+                .unwrap();
+            let mut settings = turnpike::config::Settings::default();
+            settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
+            settings.accounting.flush_interval_ms = 30;
+            let acc = turnpike::app::start_accounting(&settings, pool.clone());
+            let mut acked = 0;
+            for n in 0..300 {
+                if n % 50 == 25 {
+                    acc.do_send(Restart);
+                }
+                // A record refused while the actor restarts is sent again, as sessions do.
+                let mut tries = 0;
+                loop {
+                    match acc.send(RecordTurn(record(n, key.id, user.id))).await {
+                        Ok(Ok(())) => break,
+                        other => {
+                            tries += 1;
+                            assert!(
+                                tries < 500,
+                                "{backend}: record {n} never acknowledged: {other:?}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(10)).await
+                        }
+                    }
+                }
+                acked += 1;
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while acc.send(Backlog).await.unwrap_or(1) > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let s = query_sums(&pool).await;
+            assert_eq!((s.usage_rows, acked), (300, 300), "{backend}: {s:?}");
+            assert_eq!(s.ledger, (0..300).map(|n| 1_000 + n).sum::<i64>());
+            assert_invariant(&s);
+            let u = turnpike::db::queries::users::by_name(&pool, "u")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                u.balance_nanousd,
+                Some(1_000_000_000 - s.ledger),
+                "{backend}: the balance moved by the ledger"
+            );
+        });
+        block(db.cleanup());
+    }
+}

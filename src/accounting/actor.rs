@@ -5,8 +5,11 @@
 //! sealed on disk) until a batch transaction commits them; only then are their segments removed.
 //! A failed batch is retried record by record; a record whose debit fails gets its usage row and
 //! a pending compensation. While the database is down, records wait in the spool and flushes
-//! retry with backoff. An fsync error stops the actor: its supervisor restarts it and the spool
-//! is replayed from disk (no retried fsync that "succeeds" over lost pages).
+//! retry with backoff. An fsync error restarts the actor: every in-memory state is dropped and
+//! rebuilt from the spool on disk (no retried fsync that "succeeds" over lost pages); the
+//! acknowledgements still owed are refused, so their senders send again. Restarts happen in
+//! place — a second stop/restart cycle through actix's `Supervisor` was seen to leave the actor
+//! dead (mailbox closed) here — and the Supervisor remains for a stop (spool cannot be opened).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,6 +50,8 @@ pub struct Accounting {
     backoff: Duration,
     next_flush_at: Instant,
     restarts: u32,
+    /// Bumped by every restart: a flush begun before it reports to nobody.
+    epoch: u64,
 }
 
 impl Accounting {
@@ -62,6 +67,7 @@ impl Accounting {
             backoff: Duration::from_millis(100),
             next_flush_at: Instant::now(),
             restarts: 0,
+            epoch: 0,
         }
     }
 
@@ -106,9 +112,7 @@ impl Accounting {
         };
         if let Err(e) = spool.sync() {
             error!(error = %e, "spool fsync failed; restarting the accounting actor");
-            // Dropping the senders tells every waiting session to send again.
-            self.unsynced.clear();
-            return ctx.stop();
+            return self.restart(ctx);
         }
         for (seg, record, ack) in self.unsynced.drain(..) {
             let _ = ack.send(Ok(()));
@@ -129,7 +133,7 @@ impl Accounting {
         };
         if let Err(e) = spool.rotate() {
             error!(error = %e, "spool rotation failed; restarting the accounting actor");
-            return ctx.stop();
+            return self.restart(ctx);
         }
         self.flushing = true;
         let batch: Vec<TurnRecord> = self.pending.iter().map(|p| p.record.clone()).collect();
@@ -153,11 +157,16 @@ impl Accounting {
             }
             Ok::<(), crate::db::DbError>(())
         };
+        let epoch = self.epoch;
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            if act.epoch != epoch {
+                // The actor restarted meanwhile; its pending list was reloaded from disk.
+                return;
+            }
             act.flushing = false;
             match res {
                 Ok(()) => {
-                    let done: Vec<Pending> = act.pending.drain(..taken).collect();
+                    let done: Vec<Pending> = act.pending.drain(..taken.min(act.pending.len())).collect();
                     let mut segs: Vec<u64> = done.iter().map(|p| p.seg).collect();
                     segs.dedup();
                     // Segments still holding pending records stay.
@@ -176,6 +185,33 @@ impl Accounting {
                 }
             }
         }));
+    }
+}
+
+impl Accounting {
+    /// Restart: forget every in-memory state and rebuild it from the spool on disk (the truth).
+    /// Records appended but not yet acknowledged are refused (their senders send again; a copy
+    /// that did reach the disk is harmless: rows are idempotent). A flush in flight reports to
+    /// nobody. If the spool cannot be reopened the actor stops and its Supervisor restarts it.
+    fn restart(&mut self, ctx: &mut Context<Self>) {
+        self.restarts += 1;
+        self.epoch += 1;
+        warn!(
+            restarts = self.restarts,
+            "accounting actor restarting; replaying the spool"
+        );
+        for (_, _, ack) in self.unsynced.drain(..) {
+            let _ = ack.send(Err(SpoolFailure));
+        }
+        self.sync_scheduled = false;
+        self.flushing = false;
+        self.spool = None;
+        self.next_flush_at = Instant::now();
+        if let Err(e) = self.open_spool() {
+            error!(error = %e, "cannot reopen the spool; stopping for the supervisor");
+            return ctx.stop();
+        }
+        ctx.notify(Flush);
     }
 }
 
@@ -198,6 +234,7 @@ impl Actor for Accounting {
 impl Supervised for Accounting {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.restarts += 1;
+        self.epoch += 1;
         warn!(
             restarts = self.restarts,
             "accounting actor restarting; replaying the spool"
@@ -232,7 +269,7 @@ impl Handler<RecordTurn> for Accounting {
             Err(e) => {
                 error!(error = %e, "spool append failed; restarting the accounting actor");
                 let _ = tx.send(Err(SpoolFailure));
-                ctx.stop();
+                self.restart(ctx);
             }
         }
         Box::pin(async move { rx.await.unwrap_or(Err(SpoolFailure)) })
@@ -272,6 +309,6 @@ impl Handler<Backlog> for Accounting {
 impl Handler<Restart> for Accounting {
     type Result = ();
     fn handle(&mut self, _: Restart, ctx: &mut Context<Self>) {
-        ctx.stop();
+        self.restart(ctx);
     }
 }
