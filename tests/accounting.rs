@@ -84,8 +84,13 @@ fn load(
             let (addr, key) = (addr.to_string(), key.to_string());
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
-                let Ok(mut c) = Client::connect(&addr, "/v1/responses", &[("authorization", &format!("Bearer {key}"))]) else {
-                    return seen;
+                let auth = format!("Bearer {key}");
+                let mut c = match Client::connect(&addr, "/v1/responses", &[("authorization", &auth)]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("connect refused: {e:?}");
+                        return seen;
+                    }
                 };
                 for _ in 0..turns {
                     c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "count me", "metadata": {"sim": directive}}));
@@ -95,7 +100,10 @@ fn load(
                                 seen.push(e["response"]["id"].as_str().unwrap().to_string());
                                 break;
                             }
-                            common::ws::Recv::Json(e) if e["type"] == "error" => break,
+                            common::ws::Recv::Json(e) if e["type"] == "error" => {
+                                eprintln!("turn error: {e}");
+                                break;
+                            }
                             common::ws::Recv::Json(_) | common::ws::Recv::Ping | common::ws::Recv::Pong => {}
                             _ => return seen,
                         }
