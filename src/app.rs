@@ -14,6 +14,7 @@ use actix::Actor;
 use crate::accounting::Accounting;
 use crate::accounting::actor::AccountingConfig;
 use crate::accounting::messages::Flush;
+use crate::accounting::pending::PendingSpend;
 use crate::billing::compensator::{Compensator, CompensatorConfig};
 use crate::billing::pricing::PriceTable;
 use crate::config::{ConfigError, Settings};
@@ -73,9 +74,11 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
     }
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
+    let pending_spend = Arc::new(PendingSpend::default());
     Ok(Arc::new(SessionDeps {
         prices,
-        accounting: start_accounting(&settings, db.clone()),
+        accounting: start_accounting(&settings, db.clone(), pending_spend.clone()),
+        pending_spend,
         registry: Registry::default().start(),
         slots: Arc::new(Slots::default()),
         draining: Arc::new(AtomicBool::new(false)),
@@ -86,14 +89,18 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
 }
 
 /// The accounting actor, supervised, on a thread of its own (it blocks on fsync).
-pub fn start_accounting(settings: &Settings, db: DbPool) -> Addr<Accounting> {
+pub fn start_accounting(
+    settings: &Settings,
+    db: DbPool,
+    spend: Arc<PendingSpend>,
+) -> Addr<Accounting> {
     let cfg = AccountingConfig {
         spool_dir: settings.spool_dir(),
         batch_max_rows: settings.accounting.batch_max_rows,
         flush_interval: Duration::from_millis(settings.accounting.flush_interval_ms.max(1)),
     };
     let arbiter = actix::Arbiter::new();
-    actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg))
+    actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg, spend))
 }
 
 /// The Compensator, supervised.

@@ -62,8 +62,10 @@ pub enum AuthError {
 }
 
 /// Whether a key and its owner may run a turn now. Checked at connect and before every turn.
-/// `pending_nanousd` is spend not yet in the database (still in the accounting spool).
-pub fn check_standing(key: &ApiKey, user: &User, pending_nanousd: i64) -> Result<(), AuthError> {
+/// `pending` is spend not yet in the database (still in the accounting spool): the key's and
+/// the user's.
+pub fn check_standing(key: &ApiKey, user: &User, pending: (i64, i64)) -> Result<(), AuthError> {
+    let (pending_key, pending_user) = pending;
     if key.revoked_at.is_some() {
         return Err(AuthError::Revoked);
     }
@@ -71,12 +73,12 @@ pub fn check_standing(key: &ApiKey, user: &User, pending_nanousd: i64) -> Result
         return Err(AuthError::UserDisabled);
     }
     if let Some(quota) = key.quota_nanousd
-        && key.spent_nanousd.saturating_add(pending_nanousd) >= quota
+        && key.spent_nanousd.saturating_add(pending_key) >= quota
     {
         return Err(AuthError::QuotaExhausted);
     }
     if let Some(balance) = user.balance_nanousd
-        && balance.saturating_sub(pending_nanousd) <= 0
+        && balance.saturating_sub(pending_user) <= 0
     {
         return Err(AuthError::BalanceExhausted);
     }
@@ -96,7 +98,7 @@ pub async fn authenticate(pool: &DbPool, presented: &str) -> Result<Principal, A
     if !bool::from(key.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return Err(AuthError::Invalid);
     }
-    check_standing(&key, &user, 0)?;
+    check_standing(&key, &user, (0, 0))?;
     Ok(Principal {
         key_id: key.id,
         key_prefix: key.key_prefix,
@@ -195,42 +197,42 @@ mod tests {
 
     #[test]
     fn standing_rules() {
-        check_standing(&key(), &user(), 0).unwrap();
+        check_standing(&key(), &user(), (0, 0)).unwrap();
         let mut k = key();
         k.quota_nanousd = Some(100);
         k.spent_nanousd = 99;
-        check_standing(&k, &user(), 0).unwrap();
+        check_standing(&k, &user(), (0, 0)).unwrap();
         // Pending spend counts against the quota before it reaches the database.
         assert!(matches!(
-            check_standing(&k, &user(), 1),
+            check_standing(&k, &user(), (1, 1)),
             Err(AuthError::QuotaExhausted)
         ));
         k.spent_nanousd = 100;
         assert!(matches!(
-            check_standing(&k, &user(), 0),
+            check_standing(&k, &user(), (0, 0)),
             Err(AuthError::QuotaExhausted)
         ));
         let mut u = user();
         u.balance_nanousd = Some(0);
         assert!(matches!(
-            check_standing(&key(), &u, 0),
+            check_standing(&key(), &u, (0, 0)),
             Err(AuthError::BalanceExhausted)
         ));
         u.balance_nanousd = Some(5);
-        check_standing(&key(), &u, 4).unwrap();
+        check_standing(&key(), &u, (4, 4)).unwrap();
         assert!(matches!(
-            check_standing(&key(), &u, 5),
+            check_standing(&key(), &u, (5, 5)),
             Err(AuthError::BalanceExhausted)
         ));
         u.enabled = false;
         assert!(matches!(
-            check_standing(&key(), &u, 0),
+            check_standing(&key(), &u, (0, 0)),
             Err(AuthError::UserDisabled)
         ));
         let mut k = key();
         k.revoked_at = Some(crate::db::now());
         assert!(matches!(
-            check_standing(&k, &user(), 0),
+            check_standing(&k, &user(), (0, 0)),
             Err(AuthError::Revoked)
         ));
     }

@@ -440,7 +440,7 @@ fn accounting_restart_loses_nothing() {
             let mut settings = turnpike::config::Settings::default();
             settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
             settings.accounting.flush_interval_ms = 30;
-            let acc = turnpike::app::start_accounting(&settings, pool.clone());
+            let acc = turnpike::app::start_accounting(&settings, pool.clone(), Default::default());
             let mut acked = 0;
             for n in 0..300 {
                 if n % 50 == 25 {
@@ -483,4 +483,35 @@ fn accounting_restart_loses_nothing() {
         });
         block(db.cleanup());
     }
+}
+
+/// A key's quota counts spend still in the spool: no overrun while the database lags.
+#[test]
+fn quota_counts_spend_still_in_the_spool() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "600000")],
+            key: turnpike::auth::KeyRequest {
+                quota_nanousd: Some(1_000),
+                ..Default::default()
+            },
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    let turn = json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "Say hello"});
+    c.send(&turn);
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(sums(&s.db).usage_rows, 0, "nothing in the database yet");
+    c.send(&turn);
+    let e = c.next_event(T);
+    assert_eq!(
+        (e["error"]["code"].as_str(), e["status"].as_u64()),
+        (Some("quota_exhausted"), Some(403))
+    );
+    s.finish();
 }

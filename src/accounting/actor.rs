@@ -12,6 +12,7 @@
 //! dead (mailbox closed) here — and the Supervisor remains for a stop (spool cannot be opened).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,6 +20,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure, TurnRecord};
+use super::pending::PendingSpend;
 use super::spool::{DirFs, Spool};
 use crate::db::{DbPool, queries};
 
@@ -39,6 +41,7 @@ struct Pending {
 
 pub struct Accounting {
     db: DbPool,
+    spend: Arc<PendingSpend>,
     cfg: AccountingConfig,
     spool: Option<Spool<DirFs>>,
     /// Appended, waiting for the next fsync.
@@ -55,9 +58,10 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    pub fn new(db: DbPool, cfg: AccountingConfig) -> Self {
+    pub fn new(db: DbPool, cfg: AccountingConfig, spend: Arc<PendingSpend>) -> Self {
         Self {
             db,
+            spend,
             cfg,
             spool: None,
             unsynced: Vec::new(),
@@ -82,10 +86,14 @@ impl Accounting {
             );
         }
         self.pending.clear();
+        self.spend.clear();
         let mut unreadable = 0;
         for (seg, bytes) in recovered.records {
             match serde_json::from_slice::<TurnRecord>(&bytes) {
-                Ok(record) => self.pending.push(Pending { seg, record }),
+                Ok(record) => {
+                    self.spend.add(&record);
+                    self.pending.push(Pending { seg, record });
+                }
                 Err(_) => unreadable += 1,
             }
         }
@@ -116,6 +124,7 @@ impl Accounting {
         }
         for (seg, record, ack) in self.unsynced.drain(..) {
             let _ = ack.send(Ok(()));
+            self.spend.add(&record);
             self.pending.push(Pending { seg, record });
         }
         if self.pending.len() >= self.cfg.batch_max_rows {
@@ -167,6 +176,9 @@ impl Accounting {
             match res {
                 Ok(()) => {
                     let done: Vec<Pending> = act.pending.drain(..taken.min(act.pending.len())).collect();
+                    for p in &done {
+                        act.spend.remove(&p.record);
+                    }
                     let mut segs: Vec<u64> = done.iter().map(|p| p.seg).collect();
                     segs.dedup();
                     // Segments still holding pending records stay.

@@ -7,6 +7,7 @@
 
 pub mod actor;
 pub mod messages;
+pub mod pending;
 pub mod spool;
 
 pub use actor::Accounting;

@@ -312,7 +312,10 @@ impl SessionActor {
                     None
                 }
                 None => Some(AuthError::Revoked),
-                Some((key, user)) => check_standing(key, user, 0).err(),
+                Some((key, user)) => {
+                    let pending = act.deps.pending_spend.of(key.id, user.id);
+                    check_standing(key, user, pending).err()
+                }
             };
             if let Some(refusal) = refusal {
                 let code = auth_error_code(&refusal);

@@ -37,6 +37,8 @@ pub struct SessionDeps {
     pub prices: crate::billing::pricing::PriceTable,
     pub db: DbPool,
     pub accounting: Addr<Accounting>,
+    /// Spend durable in the spool but not yet in the database (counted by admission).
+    pub pending_spend: Arc<crate::accounting::pending::PendingSpend>,
     pub accounts: Vec<AccountHandle>,
     pub slots: Arc<admission::Slots>,
     pub registry: Addr<registry::Registry>,
