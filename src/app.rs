@@ -129,6 +129,7 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
     let readiness = Readiness {
         db: deps.db.clone(),
         draining: deps.draining.clone(),
+        accounting: Some(deps.accounting.clone()),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let data = web::Data::from(deps.clone());

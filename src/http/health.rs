@@ -16,6 +16,8 @@ use crate::protocol::errors::ErrorCode;
 pub struct Readiness {
     pub db: DbPool,
     pub draining: Arc<AtomicBool>,
+    /// Reports the records waiting for the database, when the relay runs.
+    pub accounting: Option<actix::Addr<crate::accounting::Accounting>>,
 }
 
 #[get("/healthz")]
@@ -29,9 +31,16 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
     if state.draining.load(Ordering::Relaxed) {
         return Err(not_ready("draining: shutting down".into()));
     }
-    queries::health::ping(&state.db)
-        .await
-        .map_err(|e| not_ready(format!("database unreachable: {e}")))?;
+    let backlog = match &state.accounting {
+        Some(a) => a.send(crate::accounting::messages::Backlog).await.ok(),
+        None => None,
+    };
+    queries::health::ping(&state.db).await.map_err(|e| {
+        not_ready(format!(
+            "database unreachable: {e} (accounting backlog: {} records waiting in the spool)",
+            backlog.unwrap_or(0)
+        ))
+    })?;
     let pending = migrate::pending(&state.db)
         .await
         .map_err(|e| not_ready(format!("cannot read migrations: {e}")))?;
@@ -41,7 +50,11 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
             pending.join(", ")
         )));
     }
-    Ok(HttpResponse::Ok().json(json!({"status": "ready", "database": state.db.backend()})))
+    Ok(HttpResponse::Ok().json(json!({
+        "status": "ready",
+        "database": state.db.backend(),
+        "accounting_backlog": backlog,
+    })))
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

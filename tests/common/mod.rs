@@ -144,6 +144,7 @@ pub fn turnpike() -> std::process::Command {
     cmd
 }
 
+pub mod proxy;
 pub mod stack;
 pub mod ws;
 

@@ -42,6 +42,8 @@ pub struct StackOptions<'a> {
     pub max_conns: usize,
     /// More TOML lines for the account.
     pub account_extra: &'a str,
+    /// The database URL the relay uses, when not the test database's own (e.g. through a proxy).
+    pub relay_db_url: Option<String>,
     pub key: KeyRequest,
 }
 
@@ -52,6 +54,7 @@ impl Default for StackOptions<'_> {
             env: &[],
             max_conns: 4,
             account_extra: "",
+            relay_db_url: None,
             key: KeyRequest::default(),
         }
     }
@@ -83,7 +86,10 @@ impl Stack {
         let mut cmd = turnpike();
         cmd.arg("--config")
             .arg(&config)
-            .env("TURNPIKE_DATABASE__URL", &db.url)
+            .env(
+                "TURNPIKE_DATABASE__URL",
+                opts.relay_db_url.as_deref().unwrap_or(&db.url),
+            )
             .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
             .env("TURNPIKE_SERVER__WORKERS", "2")
             .env("TURNPIKE_SERVER__SHUTDOWN_GRACE_MS", "3000")
