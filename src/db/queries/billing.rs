@@ -61,58 +61,165 @@ pub struct BatchOutcome {
 /// Writes a batch in one transaction: each record's usage row (`ON CONFLICT DO NOTHING`), and for
 /// a row written now with a cost, its ledger row and the key's `spent` and the user's balance
 /// updates. Replaying a batch changes nothing (the usage row gates the debit).
+///
+/// PostgreSQL: multi-row INSERTs with RETURNING and one UPDATE per key and per user. SQLite: the
+/// same statements row by row on the blocking connection, in one transaction (diesel's SQLite
+/// batch insert is sync-only, and an in-process database gains nothing from fewer statements).
 pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<BatchOutcome, DbError> {
-    Ok(with_conn!(pool, |c| {
-        c.transaction::<_, DbError, _>(async |tx| {
-            let mut out = BatchOutcome::default();
-            for r in records {
-                let written = diesel::insert_into(usage_logs::table)
-                    .values(&usage::row_of(r))
-                    .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
-                    .do_nothing()
-                    .execute(tx)
-                    .await?;
-                if written == 0 {
-                    continue;
-                }
-                out.usage_rows += 1;
-                if r.cost_nanousd == 0 {
-                    continue;
-                }
-                let ledger = NewLedger {
-                    request_id: &r.request_id,
-                    api_key_id: r.api_key_id,
-                    user_id: r.user_id,
-                    amount_nanousd: r.cost_nanousd,
-                    created_at: now(),
-                };
-                let debited = diesel::insert_into(billing_ledger::table)
-                    .values(&ledger)
-                    .on_conflict((billing_ledger::request_id, billing_ledger::api_key_id))
-                    .do_nothing()
-                    .execute(tx)
-                    .await?;
-                if debited == 1 {
-                    // The key's spend and the user's balance (when it has one) move together.
-                    diesel::update(api_keys::table.filter(api_keys::id.eq(r.api_key_id)))
-                        .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + r.cost_nanousd))
+    match pool {
+        DbPool::Postgres(p) => {
+            let mut c = p.get().await?;
+            let out = c
+                .transaction::<_, DbError, _>(async |tx| {
+                    let rows: Vec<_> = records.iter().map(usage::row_of).collect();
+                    let written: Vec<(String, i64)> = diesel::insert_into(usage_logs::table)
+                        .values(&rows)
+                        .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
+                        .do_nothing()
+                        .returning((usage_logs::request_id, usage_logs::api_key_id))
+                        .get_results(tx)
+                        .await?;
+                    let billable = newly_written(records, &written);
+                    let ledger: Vec<NewLedger<'_>> =
+                        billable.iter().map(|r| ledger_of(r)).collect();
+                    let debited: Vec<(String, i64)> = if ledger.is_empty() {
+                        Vec::new()
+                    } else {
+                        diesel::insert_into(billing_ledger::table)
+                            .values(&ledger)
+                            .on_conflict((billing_ledger::request_id, billing_ledger::api_key_id))
+                            .do_nothing()
+                            .returning((billing_ledger::request_id, billing_ledger::api_key_id))
+                            .get_results(tx)
+                            .await?
+                    };
+                    let owed: Vec<TurnRecord> = billable.into_iter().cloned().collect();
+                    let debits = newly_written(&owed, &debited);
+                    let (by_key, by_user) = debit_totals(&debits);
+                    for (key, amount) in &by_key {
+                        diesel::update(api_keys::table.filter(api_keys::id.eq(key)))
+                            .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + amount))
+                            .execute(tx)
+                            .await?;
+                    }
+                    for (user, amount) in &by_user {
+                        diesel::update(
+                            users::table
+                                .filter(users::id.eq(user))
+                                .filter(users::balance_nanousd.is_not_null()),
+                        )
+                        .set(users::balance_nanousd.eq(users::balance_nanousd - amount))
                         .execute(tx)
                         .await?;
-                    diesel::update(
-                        users::table
-                            .filter(users::id.eq(r.user_id))
-                            .filter(users::balance_nanousd.is_not_null()),
-                    )
-                    .set(users::balance_nanousd.eq(users::balance_nanousd - r.cost_nanousd))
-                    .execute(tx)
-                    .await?;
-                    out.debits += 1;
-                }
-            }
+                    }
+                    Ok(BatchOutcome {
+                        usage_rows: written.len(),
+                        debits: debits.len(),
+                    })
+                })
+                .await?;
             Ok(out)
-        })
-        .await?
-    }))
+        }
+        DbPool::Sqlite(p) => {
+            let mut c = p.get().await?;
+            let records = records.to_vec();
+            let out = c
+                .spawn_blocking(move |conn| {
+                    use diesel::Connection as _;
+                    conn.transaction::<_, diesel::result::Error, _>(|tx| {
+                        let mut out = BatchOutcome::default();
+                        let mut debits = Vec::new();
+                        for r in &records {
+                            let written = diesel::RunQueryDsl::execute(
+                                diesel::insert_into(usage_logs::table)
+                                    .values(&usage::row_of(r))
+                                    .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
+                                    .do_nothing(),
+                                tx,
+                            )?;
+                            if written == 0 {
+                                continue;
+                            }
+                            out.usage_rows += 1;
+                            if r.cost_nanousd == 0 {
+                                continue;
+                            }
+                            let debited = diesel::RunQueryDsl::execute(
+                                diesel::insert_into(billing_ledger::table)
+                                    .values(&ledger_of(r))
+                                    .on_conflict((
+                                        billing_ledger::request_id,
+                                        billing_ledger::api_key_id,
+                                    ))
+                                    .do_nothing(),
+                                tx,
+                            )?;
+                            if debited == 1 {
+                                debits.push(r.clone());
+                            }
+                        }
+                        let (by_key, by_user) = debit_totals(&debits);
+                        for (key, amount) in &by_key {
+                            diesel::RunQueryDsl::execute(
+                                diesel::update(api_keys::table.filter(api_keys::id.eq(key))).set(
+                                    api_keys::spent_nanousd.eq(api_keys::spent_nanousd + amount),
+                                ),
+                                tx,
+                            )?;
+                        }
+                        for (user, amount) in &by_user {
+                            diesel::RunQueryDsl::execute(
+                                diesel::update(
+                                    users::table
+                                        .filter(users::id.eq(user))
+                                        .filter(users::balance_nanousd.is_not_null()),
+                                )
+                                .set(users::balance_nanousd.eq(users::balance_nanousd - amount)),
+                                tx,
+                            )?;
+                        }
+                        out.debits = debits.len();
+                        Ok(out)
+                    })
+                })
+                .await?;
+            Ok(out)
+        }
+    }
+}
+
+fn ledger_of(r: &TurnRecord) -> NewLedger<'_> {
+    NewLedger {
+        request_id: &r.request_id,
+        api_key_id: r.api_key_id,
+        user_id: r.user_id,
+        amount_nanousd: r.cost_nanousd,
+        created_at: now(),
+    }
+}
+
+/// The records (with a cost) whose key is among `written`.
+fn newly_written<'a>(records: &'a [TurnRecord], written: &[(String, i64)]) -> Vec<&'a TurnRecord> {
+    let set: std::collections::HashSet<(&str, i64)> =
+        written.iter().map(|(r, k)| (r.as_str(), *k)).collect();
+    records
+        .iter()
+        .filter(|r| r.cost_nanousd != 0 && set.contains(&(r.request_id.as_str(), r.api_key_id)))
+        .collect()
+}
+
+/// Debit totals per key and per user.
+fn debit_totals<R: std::borrow::Borrow<TurnRecord>>(
+    debits: &[R],
+) -> (Vec<(i64, i64)>, Vec<(i64, i64)>) {
+    let mut by_key = std::collections::BTreeMap::new();
+    let mut by_user = std::collections::BTreeMap::new();
+    for d in debits {
+        let d = d.borrow();
+        *by_key.entry(d.api_key_id).or_insert(0i64) += d.cost_nanousd;
+        *by_user.entry(d.user_id).or_insert(0i64) += d.cost_nanousd;
+    }
+    (by_key.into_iter().collect(), by_user.into_iter().collect())
 }
 
 /// A record whose debit failed: its usage row and a `pending` compensation, in a transaction of
