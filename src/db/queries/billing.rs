@@ -208,10 +208,11 @@ fn newly_written<'a>(records: &'a [TurnRecord], written: &[(String, i64)]) -> Ve
         .collect()
 }
 
+/// (id, nano-USD) pairs.
+type Totals = Vec<(i64, i64)>;
+
 /// Debit totals per key and per user.
-fn debit_totals<R: std::borrow::Borrow<TurnRecord>>(
-    debits: &[R],
-) -> (Vec<(i64, i64)>, Vec<(i64, i64)>) {
+fn debit_totals<R: std::borrow::Borrow<TurnRecord>>(debits: &[R]) -> (Totals, Totals) {
     let mut by_key = std::collections::BTreeMap::new();
     let mut by_user = std::collections::BTreeMap::new();
     for d in debits {
