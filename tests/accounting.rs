@@ -155,7 +155,7 @@ fn invariant_under_load() {
             },
         );
         let seen = load(&s.addr, &s.key, 12, 15, "deltas=5");
-        assert_eq!(seen.len(), 12 * 15, "{backend}");
+        assert_eq!(seen.len(), 12 * 15, "{backend}: {:?}", s.problems());
         let sums = wait_rows(&s.db, seen.len() as i64);
         assert_eq!(
             sums.usage_rows,

@@ -53,11 +53,13 @@ impl DbPool {
                     let url = url.to_string();
                     async move {
                         let mut conn = SqliteConn::establish(&url).await?;
-                        // WAL lets readers run beside the writer; FULL makes a commit durable
-                        // (the billing path depends on it); busy_timeout queues writers.
+                        // busy_timeout first: even `journal_mode=WAL` takes a lock, and a new
+                        // connection opened beside a writer must wait, not fail. WAL lets
+                        // readers run beside the writer; FULL makes a commit durable (the
+                        // billing path depends on it).
                         conn.batch_execute(&format!(
-                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
-                             PRAGMA busy_timeout={busy_ms}; PRAGMA foreign_keys=ON;"
+                            "PRAGMA busy_timeout={busy_ms}; PRAGMA journal_mode=WAL; \
+                             PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"
                         ))
                         .await
                         .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;

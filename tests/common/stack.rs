@@ -151,6 +151,15 @@ impl Stack {
         http_get(&self.sim_addr, "/sim/connections").1
     }
 
+    /// The relay's warnings and errors so far (for failure messages).
+    pub fn problems(&self) -> Vec<String> {
+        self.relay
+            .log
+            .try_iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect()
+    }
+
     pub fn finish(self) {
         let Stack { db, relay, sim, .. } = self;
         drop(relay);
