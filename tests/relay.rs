@@ -414,10 +414,13 @@ fn client_vanishing_mid_turn() {
         assert_eq!(c.next_event(T)["type"], "response.created");
         let t0 = Instant::now();
         drop(c); // no close frame, like Codex
-        // The key's only turn slot is free at once: another session runs a turn meanwhile.
+        // The key's only turn slot is freed as soon as the relay sees the EOF (well before the
+        // drained terminal at 400 ms): another session runs a turn meanwhile.
+        std::thread::sleep(Duration::from_millis(100));
         let mut other = s.client();
         other.send(&create("first_delay_ms=0"));
-        assert_eq!(last_type(&other.until_terminal(T)), "response.completed");
+        let ev = other.until_terminal(T);
+        assert_eq!(last_type(&ev), "response.completed", "{ev:?}");
         assert!(t0.elapsed() < Duration::from_millis(1500));
         let rows = s.rows(2);
         let gone = rows.iter().find(|r| {
