@@ -279,3 +279,79 @@ async fn compensation_backlog_view_answers() {
     })
     .await;
 }
+
+fn turn_record(
+    id: &str,
+    key: i64,
+    user: i64,
+    cost: i64,
+) -> turnpike::accounting::messages::TurnRecord {
+    turnpike::accounting::messages::TurnRecord {
+        request_id: id.into(),
+        api_key_id: key,
+        user_id: user,
+        session_id: "sess".into(),
+        turn_index: 1,
+        account: "sim".into(),
+        model: "m".into(),
+        status: "completed".into(),
+        usage_source: "reported".into(),
+        warmup: false,
+        usage: turnpike::protocol::usage::Usage {
+            input_tokens: 10,
+            output_tokens: 4,
+            total_tokens: 14,
+            ..Default::default()
+        },
+        cost_nanousd: cost,
+        timing: turnpike::session::turn::Timing {
+            upstream_wait_ms: Some(1),
+            first_event_ms: Some(2),
+            first_token_ms: Some(3),
+            duration_ms: 9,
+        },
+        error_code: None,
+        accepted_at: now(),
+    }
+}
+
+#[actix_web::test]
+async fn batches_bill_once_and_count_mismatched_replays() {
+    on_each_backend(|pool| async move {
+        let user = queries::users::create(&pool, "gil", Some(1_000))
+            .await
+            .unwrap();
+        let (_, k1) = auth::create_key(&pool, user.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        let (_, k2) = auth::create_key(&pool, user.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        let batch = vec![
+            turn_record("resp_a", k1.id, user.id, 100),
+            turn_record("resp_b", k1.id, user.id, 50),
+            turn_record("resp_a", k2.id, user.id, 7), // same response id, other key: its own row
+            turn_record("resp_w", k2.id, user.id, 0), // free (warm-up): row, no debit
+        ];
+        let out = queries::billing::record_batch(&pool, &batch).await.unwrap();
+        assert_eq!((out.usage_rows, out.debits, out.mismatched), (4, 3, 0));
+        // A replay changes nothing.
+        let again = queries::billing::record_batch(&pool, &batch).await.unwrap();
+        assert_eq!(
+            (again.usage_rows, again.debits, again.mismatched),
+            (0, 0, 0)
+        );
+        // A replay with a different payload is counted, not applied.
+        let odd =
+            queries::billing::record_batch(&pool, &[turn_record("resp_b", k1.id, user.id, 999)])
+                .await
+                .unwrap();
+        assert_eq!((odd.usage_rows, odd.debits, odd.mismatched), (0, 0, 1));
+        let (key1, owner) = queries::keys::by_id(&pool, k1.id).await.unwrap().unwrap();
+        let (key2, _) = queries::keys::by_id(&pool, k2.id).await.unwrap().unwrap();
+        assert_eq!((key1.spent_nanousd, key2.spent_nanousd), (150, 7));
+        assert_eq!(owner.balance_nanousd, Some(1_000 - 157));
+        assert_eq!(queries::usage::by_key(&pool, k1.id).await.unwrap().len(), 2);
+    })
+    .await;
+}

@@ -151,15 +151,24 @@ impl Accounting {
         let max = self.cfg.batch_max_rows.max(1);
         let fut = async move {
             for chunk in batch.chunks(max) {
-                if let Err(e) = queries::billing::record_batch(&db, chunk).await {
-                    warn!(error = %e, rows = chunk.len(), "batch failed; writing its records one by one");
-                    for r in chunk {
-                        if let Err(e) =
-                            queries::billing::record_batch(&db, std::slice::from_ref(r)).await
-                        {
-                            // The debit (or the whole write) failed: usage row + compensation.
-                            queries::billing::record_with_compensation(&db, r, &e.to_string())
-                                .await?;
+                match queries::billing::record_batch(&db, chunk).await {
+                    Ok(out) if out.mismatched > 0 => {
+                        error!(
+                            mismatched = out.mismatched,
+                            "replayed records differ from the rows already stored (kept the stored rows)"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, rows = chunk.len(), "batch failed; writing its records one by one");
+                        for r in chunk {
+                            if let Err(e) =
+                                queries::billing::record_batch(&db, std::slice::from_ref(r)).await
+                            {
+                                // The debit (or the whole write) failed: usage row + compensation.
+                                queries::billing::record_with_compensation(&db, r, &e.to_string())
+                                    .await?;
+                            }
                         }
                     }
                 }

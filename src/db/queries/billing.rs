@@ -56,6 +56,22 @@ pub struct BatchOutcome {
     pub usage_rows: usize,
     /// Debits applied now.
     pub debits: usize,
+    /// Records whose key existed already with a different payload (status, tokens or cost):
+    /// a replay that does not match what was stored. Counted and logged, never applied.
+    pub mismatched: usize,
+}
+
+/// The stored fields a replayed record must match.
+type Fingerprint = (String, i64, i64, i64);
+
+fn fingerprint(r: &TurnRecord) -> Fingerprint {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    (
+        r.status.clone(),
+        n(r.usage.input_tokens),
+        n(r.usage.output_tokens),
+        r.cost_nanousd,
+    )
 }
 
 /// Writes a batch in one transaction: each record's usage row (`ON CONFLICT DO NOTHING`), and for
@@ -80,6 +96,27 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                         .get_results(tx)
                         .await?;
                     let billable = newly_written(records, &written);
+                    let fresh: std::collections::HashSet<(&str, i64)> =
+                        written.iter().map(|(r, k)| (r.as_str(), *k)).collect();
+                    let mut mismatched = 0;
+                    for r in records
+                        .iter()
+                        .filter(|r| !fresh.contains(&(r.request_id.as_str(), r.api_key_id)))
+                    {
+                        let stored: Option<Fingerprint> = usage_logs::table
+                            .filter(usage_logs::request_id.eq(&r.request_id))
+                            .filter(usage_logs::api_key_id.eq(r.api_key_id))
+                            .select((
+                                usage_logs::status,
+                                usage_logs::input_tokens,
+                                usage_logs::output_tokens,
+                                usage_logs::cost_nanousd,
+                            ))
+                            .first(tx)
+                            .await
+                            .optional()?;
+                        mismatched += usize::from(stored.is_some_and(|s| s != fingerprint(r)));
+                    }
                     let ledger: Vec<NewLedger<'_>> =
                         billable.iter().map(|r| ledger_of(r)).collect();
                     let debited: Vec<(String, i64)> = if ledger.is_empty() {
@@ -115,6 +152,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                     Ok(BatchOutcome {
                         usage_rows: written.len(),
                         debits: debits.len(),
+                        mismatched,
                     })
                 })
                 .await?;
@@ -138,6 +176,21 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                                 tx,
                             )?;
                             if written == 0 {
+                                let stored: Option<Fingerprint> = diesel::RunQueryDsl::first(
+                                    usage_logs::table
+                                        .filter(usage_logs::request_id.eq(&r.request_id))
+                                        .filter(usage_logs::api_key_id.eq(r.api_key_id))
+                                        .select((
+                                            usage_logs::status,
+                                            usage_logs::input_tokens,
+                                            usage_logs::output_tokens,
+                                            usage_logs::cost_nanousd,
+                                        )),
+                                    tx,
+                                )
+                                .optional()?;
+                                out.mismatched +=
+                                    usize::from(stored.is_some_and(|s| s != fingerprint(r)));
                                 continue;
                             }
                             out.usage_rows += 1;
