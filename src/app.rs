@@ -98,6 +98,7 @@ pub fn start_accounting(
         spool_dir: settings.spool_dir(),
         batch_max_rows: settings.accounting.batch_max_rows,
         flush_interval: Duration::from_millis(settings.accounting.flush_interval_ms.max(1)),
+        max_in_memory: settings.accounting.max_in_memory.max(1),
     };
     let arbiter = actix::Arbiter::new();
     actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg, spend))

@@ -38,6 +38,8 @@ pub struct AccountingSettings {
     pub batch_max_rows: usize,
     /// How often buffered records are written to the database.
     pub flush_interval_ms: u64,
+    /// Records kept in memory while the database lags; beyond, they wait on disk only.
+    pub max_in_memory: usize,
 }
 
 impl Default for AccountingSettings {
@@ -46,6 +48,7 @@ impl Default for AccountingSettings {
             spool_dir: String::new(),
             batch_max_rows: 500,
             flush_interval_ms: 200,
+            max_in_memory: 100_000,
         }
     }
 }

@@ -363,6 +363,8 @@ fn kill_9_mid_load_loses_nothing() {
             .env("TURNPIKE_DATABASE__URL", &s.db.url)
             .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
             .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", s.spool_dir())
+            // Replay more than fits in memory: the rest is read back from disk.
+            .env("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "10")
             .arg("serve");
         let relay = Proc::spawn(cmd);
         let addr2 = relay.listening_addr();
@@ -440,6 +442,8 @@ fn accounting_restart_loses_nothing() {
             let mut settings = turnpike::config::Settings::default();
             settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
             settings.accounting.flush_interval_ms = 30;
+            // Restarts reload more than fits in memory: the rest is read back from disk.
+            settings.accounting.max_in_memory = 20;
             let acc = turnpike::app::start_accounting(&settings, pool.clone(), Default::default());
             let mut acked = 0;
             for n in 0..300 {
@@ -538,7 +542,11 @@ fn database_outage_mid_load() {
         db,
         StackOptions {
             relay_db_url: Some(via_proxy),
-            env: &[("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500")],
+            // A tiny memory cap: most of the outage's backlog waits on disk only.
+            env: &[
+                ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500"),
+                ("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "5"),
+            ],
             max_conns: 8,
             ..StackOptions::default()
         },

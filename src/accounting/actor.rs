@@ -28,6 +28,9 @@ pub struct AccountingConfig {
     pub spool_dir: PathBuf,
     pub batch_max_rows: usize,
     pub flush_interval: Duration,
+    /// Records kept in memory while the database lags; older ones stay only on disk ("spilled")
+    /// and are read back segment by segment when the database returns.
+    pub max_in_memory: usize,
 }
 
 /// Answers a `RecordTurn` once its record is durable.
@@ -49,6 +52,9 @@ pub struct Accounting {
     sync_scheduled: bool,
     /// Durable, waiting for the database.
     pending: Vec<Pending>,
+    /// Sealed segments whose records are only on disk (memory cap reached), oldest first, with
+    /// their record counts.
+    spilled: std::collections::VecDeque<(u64, usize)>,
     flushing: bool,
     backoff: Duration,
     next_flush_at: Instant,
@@ -67,6 +73,7 @@ impl Accounting {
             unsynced: Vec::new(),
             sync_scheduled: false,
             pending: Vec::new(),
+            spilled: std::collections::VecDeque::new(),
             flushing: false,
             backoff: Duration::from_millis(100),
             next_flush_at: Instant::now(),
@@ -86,13 +93,24 @@ impl Accounting {
             );
         }
         self.pending.clear();
+        self.spilled.clear();
         self.spend.clear();
         let mut unreadable = 0;
         for (seg, bytes) in recovered.records {
             match serde_json::from_slice::<TurnRecord>(&bytes) {
                 Ok(record) => {
                     self.spend.add(&record);
-                    self.pending.push(Pending { seg, record });
+                    if self.spilled.is_empty() && self.pending.len() < self.cfg.max_in_memory {
+                        self.pending.push(Pending { seg, record });
+                    } else {
+                        // A segment is either in memory or on disk only, never split: records
+                        // of this segment already in memory move to the spilled count.
+                        while self.pending.last().is_some_and(|p| p.seg == seg) {
+                            self.pending.pop();
+                            self.spill_one(seg);
+                        }
+                        self.spill_one(seg);
+                    }
                 }
                 Err(_) => unreadable += 1,
             }
@@ -103,11 +121,47 @@ impl Accounting {
                 "spool records that are not turn records were skipped"
             );
         }
-        if !self.pending.is_empty() {
-            info!(records = self.pending.len(), "replaying the spool");
+        let on_disk: usize = self.spilled.iter().map(|(_, n)| n).sum();
+        if !self.pending.is_empty() || on_disk > 0 {
+            info!(
+                records = self.pending.len() + on_disk,
+                spilled = on_disk,
+                "replaying the spool"
+            );
         }
         self.spool = Some(spool);
         Ok(())
+    }
+
+    /// Records durable and not yet committed.
+    fn backlog(&self) -> usize {
+        self.pending.len() + self.spilled.iter().map(|(_, n)| n).sum::<usize>()
+    }
+
+    fn spill_one(&mut self, seg: u64) {
+        match self.spilled.back_mut() {
+            Some((s, n)) if *s == seg => *n += 1,
+            _ => self.spilled.push_back((seg, 1)),
+        }
+    }
+
+    /// Memory cap reached: seal the active segment and keep the pending records on disk only.
+    fn spill(&mut self, ctx: &mut Context<Self>) {
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        if let Err(e) = spool.rotate() {
+            error!(error = %e, "spool rotation failed; restarting the accounting actor");
+            return self.restart(ctx);
+        }
+        let spilled = self.pending.len();
+        for p in std::mem::take(&mut self.pending) {
+            self.spill_one(p.seg);
+        }
+        warn!(
+            spilled,
+            "accounting backlog over accounting.max_in_memory: records kept on disk only"
+        );
     }
 
     fn sync(&mut self, ctx: &mut Context<Self>) {
@@ -127,6 +181,9 @@ impl Accounting {
             self.spend.add(&record);
             self.pending.push(Pending { seg, record });
         }
+        if self.pending.len() > self.cfg.max_in_memory && !self.flushing {
+            self.spill(ctx);
+        }
         if self.pending.len() >= self.cfg.batch_max_rows {
             self.flush(ctx);
         }
@@ -134,19 +191,39 @@ impl Accounting {
 
     /// Seals the active segment and commits everything pending, in batches.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing || self.pending.is_empty() || Instant::now() < self.next_flush_at {
+        if self.flushing
+            || (self.pending.is_empty() && self.spilled.is_empty())
+            || Instant::now() < self.next_flush_at
+        {
             return;
         }
         let Some(spool) = self.spool.as_mut() else {
             return;
         };
-        if let Err(e) = spool.rotate() {
-            error!(error = %e, "spool rotation failed; restarting the accounting actor");
-            return self.restart(ctx);
-        }
+        // Spilled segments first (the oldest records), one segment per pass, read from disk.
+        let from_disk = self.spilled.front().copied();
+        let batch: Vec<TurnRecord> = match from_disk {
+            Some((seg, _)) => match spool.read_records(seg) {
+                Ok(raw) => raw
+                    .iter()
+                    .filter_map(|b| serde_json::from_slice(b).ok())
+                    .collect(),
+                Err(e) => {
+                    error!(error = %e, seg, "cannot read a spilled spool segment; restarting the accounting actor");
+                    return self.restart(ctx);
+                }
+            },
+            None => {
+                if let Err(e) = spool.rotate() {
+                    error!(error = %e, "spool rotation failed; restarting the accounting actor");
+                    return self.restart(ctx);
+                }
+                self.pending.iter().map(|p| p.record.clone()).collect()
+            }
+        };
         self.flushing = true;
-        let batch: Vec<TurnRecord> = self.pending.iter().map(|p| p.record.clone()).collect();
         let taken = batch.len();
+        let committed_from_disk = from_disk.map(|_| batch.clone());
         let db = self.db.clone();
         let max = self.cfg.batch_max_rows.max(1);
         let fut = async move {
@@ -183,6 +260,19 @@ impl Accounting {
             }
             act.flushing = false;
             match res {
+                Ok(()) if committed_from_disk.is_some() => {
+                    if let Some((seg, _)) = act.spilled.pop_front() {
+                        for r in committed_from_disk.iter().flatten() {
+                            act.spend.remove(r);
+                        }
+                        if let Some(spool) = act.spool.as_mut()
+                            && let Err(e) = spool.remove(&[seg])
+                        {
+                            warn!(error = %e, "could not remove a committed spool segment (it replays harmlessly)");
+                        }
+                    }
+                    act.backoff = Duration::from_millis(100);
+                }
                 Ok(()) => {
                     let done: Vec<Pending> = act.pending.drain(..taken.min(act.pending.len())).collect();
                     for p in &done {
@@ -190,8 +280,10 @@ impl Accounting {
                     }
                     let mut segs: Vec<u64> = done.iter().map(|p| p.seg).collect();
                     segs.dedup();
-                    // Segments still holding pending records stay.
-                    segs.retain(|s| !act.pending.iter().any(|p| p.seg == *s));
+                    // Segments still holding pending or spilled records stay.
+                    segs.retain(|s| {
+                        !act.pending.iter().any(|p| p.seg == *s) && !act.spilled.iter().any(|(x, _)| x == s)
+                    });
                     if let Some(spool) = act.spool.as_mut()
                         && let Err(e) = spool.remove(&segs)
                     {
@@ -200,7 +292,7 @@ impl Accounting {
                     act.backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    warn!(error = %e, pending = act.pending.len(), retry_in = ?act.backoff, "database unavailable; records stay in the spool");
+                    warn!(error = %e, backlog = act.backlog(), retry_in = ?act.backoff, "database unavailable; records stay in the spool");
                     act.next_flush_at = Instant::now() + act.backoff;
                     act.backoff = (act.backoff * 2).min(Duration::from_secs(10));
                 }
@@ -316,14 +408,14 @@ impl Handler<Flush> for Accounting {
         self.sync(ctx);
         self.next_flush_at = Instant::now();
         self.flush(ctx);
-        self.pending.len()
+        self.backlog()
     }
 }
 
 impl Handler<Backlog> for Accounting {
     type Result = usize;
     fn handle(&mut self, _: Backlog, _: &mut Context<Self>) -> usize {
-        self.pending.len() + self.unsynced.len()
+        self.backlog() + self.unsynced.len()
     }
 }
 

@@ -245,6 +245,11 @@ impl<F: SpoolFs> Spool<F> {
         Ok(sealed)
     }
 
+    /// The records of a sealed segment, read back from disk (for records spilled from memory).
+    pub fn read_records(&mut self, seg: u64) -> io::Result<Vec<Vec<u8>>> {
+        Ok(decode(&self.fs.read(seg)?).records)
+    }
+
     /// Removes sealed segments whose records are all committed.
     pub fn remove(&mut self, segs: &[u64]) -> io::Result<()> {
         for &s in segs {
