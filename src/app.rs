@@ -79,6 +79,7 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
         prices,
         accounting: start_accounting(&settings, db.clone(), pending_spend.clone()),
         pending_spend,
+        auth_cache: crate::auth::AuthCache::new(Duration::from_secs(600)),
         registry: Registry::default().start(),
         slots: Arc::new(Slots::default()),
         draining: Arc::new(AtomicBool::new(false)),

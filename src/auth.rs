@@ -87,13 +87,67 @@ pub fn check_standing(key: &ApiKey, user: &User, pending: (i64, i64)) -> Result<
 
 /// Authenticates a presented key: lookup by hash, constant-time confirmation, standing check.
 pub async fn authenticate(pool: &DbPool, presented: &str) -> Result<Principal, AuthError> {
+    authenticate_cached(pool, None, presented).await
+}
+
+/// Standings of keys that authenticated recently, by key hash: while the database is
+/// unreachable, a key seen within `ttl` still connects (with the standing last read), so an
+/// outage does not lock out clients that reconnect (Codex reconnects after every error).
+#[derive(Debug)]
+pub struct AuthCache {
+    ttl: std::time::Duration,
+    entries:
+        std::sync::Mutex<std::collections::HashMap<String, (ApiKey, User, std::time::Instant)>>,
+}
+
+impl AuthCache {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    fn put(&self, hash: &str, key: &ApiKey, user: &User) {
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (_, _, at)| at.elapsed() < self.ttl);
+        m.insert(
+            hash.to_string(),
+            (key.clone(), user.clone(), std::time::Instant::now()),
+        );
+    }
+
+    fn get(&self, hash: &str) -> Option<(ApiKey, User)> {
+        let m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(hash)
+            .filter(|(_, _, at)| at.elapsed() < self.ttl)
+            .map(|(k, u, _)| (k.clone(), u.clone()))
+    }
+}
+
+/// `authenticate`, falling back to `cache` when the database cannot be read.
+pub async fn authenticate_cached(
+    pool: &DbPool,
+    cache: Option<&AuthCache>,
+    presented: &str,
+) -> Result<Principal, AuthError> {
     if presented.is_empty() {
         return Err(AuthError::Missing);
     }
     let hash = hash_key(presented);
-    let (key, user) = queries::keys::by_hash(pool, &hash)
-        .await?
-        .ok_or(AuthError::Invalid)?;
+    let (key, user) = match queries::keys::by_hash(pool, &hash).await {
+        Ok(found) => {
+            let (key, user) = found.ok_or(AuthError::Invalid)?;
+            if let Some(c) = cache {
+                c.put(&hash, &key, &user);
+            }
+            (key, user)
+        }
+        Err(e) => match cache.and_then(|c| c.get(&hash)) {
+            Some(seen) => seen,
+            None => return Err(e.into()),
+        },
+    };
     // The index lookup already matched; confirm without a data-dependent early exit.
     if !bool::from(key.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return Err(AuthError::Invalid);

@@ -578,6 +578,13 @@ fn database_outage_mid_load() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
+    // A key seen before the outage still connects (Codex reconnects after every error).
+    let mut late = s.client();
+    late.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "reconnected"}));
+    assert_eq!(
+        late.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
     let (status, body) = common::http_get(&s.addr, "/readyz");
     assert_eq!(status, 503, "readiness reports the outage: {body}");
     assert!(
@@ -598,8 +605,8 @@ fn database_outage_mid_load() {
         "at most the turn from before the outage is in the database"
     );
     proxy.restore();
-    let after = wait_rows(&s.db, 37);
-    assert_eq!(after.usage_rows, 37);
+    let after = wait_rows(&s.db, 38);
+    assert_eq!(after.usage_rows, 38);
     assert_invariant(&after);
     let (status, body) = common::http_get(&s.addr, "/readyz");
     assert_eq!(status, 200, "{body}");

@@ -84,16 +84,18 @@ async fn upgrade(
             "send your turnpike key as Authorization: Bearer <key>",
         ));
     };
-    let principal = auth::authenticate(&deps.db, key).await.map_err(|e| {
-        let code = auth_error_code(&e);
-        let message = match &e {
-            auth::AuthError::Db(_) => {
-                "the key cannot be checked now (database unavailable)".to_string()
-            }
-            other => other.to_string(),
-        };
-        HttpError::new(code, message)
-    })?;
+    let principal = auth::authenticate_cached(&deps.db, Some(&deps.auth_cache), key)
+        .await
+        .map_err(|e| {
+            let code = auth_error_code(&e);
+            let message = match &e {
+                auth::AuthError::Db(_) => {
+                    "the key cannot be checked now (database unavailable)".to_string()
+                }
+                other => other.to_string(),
+            };
+            HttpError::new(code, message)
+        })?;
     if !is_websocket(&req) {
         return Err(HttpError::new(
             ErrorCode::UpgradeRequired,

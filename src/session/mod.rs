@@ -39,6 +39,8 @@ pub struct SessionDeps {
     pub accounting: Addr<Accounting>,
     /// Spend durable in the spool but not yet in the database (counted by admission).
     pub pending_spend: Arc<crate::accounting::pending::PendingSpend>,
+    /// Recently authenticated keys, used at connect while the database is unreachable.
+    pub auth_cache: crate::auth::AuthCache,
     pub accounts: Vec<AccountHandle>,
     pub slots: Arc<admission::Slots>,
     pub registry: Addr<registry::Registry>,
