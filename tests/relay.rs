@@ -834,3 +834,79 @@ fn remaining_error_rows() {
     // statuses are checked against what was sent.
     s.finish();
 }
+
+#[test]
+fn connections_are_recycled_before_max_age() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_POOL__MAX_AGE_S", "1")],
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    std::thread::sleep(Duration::from_millis(1200));
+    // The session's connection is too old now: the next turn gets a fresh one, invisibly.
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    assert_eq!(s.sim_stats()["accepted"], 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        s.sim_stats()["open"].as_u64().unwrap() <= 1,
+        "retired connections are closed: {}",
+        s.sim_stats()
+    );
+    s.finish();
+}
+
+#[test]
+fn demo_runs_a_turn_with_its_printed_key() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = common::turnpike()
+        .current_dir(dir.path())
+        .env("TURNPIKE_SERVER__BIND", format!("127.0.0.1:{port}"))
+        .args(["demo", "--sim-bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut key = None;
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(k) = line.trim().strip_prefix("tpk_") {
+            key = Some(format!("tpk_{k}"));
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let key = key.expect("the demo prints a key");
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = Client::connect(
+        &addr,
+        "/v1/responses",
+        &[("authorization", &format!("Bearer {key}"))],
+    )
+    .expect("the demo relay accepts its key");
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    let _ = child.kill();
+    let _ = child.wait();
+}
