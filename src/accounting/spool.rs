@@ -373,6 +373,65 @@ pub mod tests {
     }
 
     #[test]
+    fn open_truncates_torn_tails_and_quarantines_corruption() {
+        let mut fs = ForgetfulFs::default();
+        let mut good = encode(b"kept-1");
+        good.extend(encode(b"kept-2"));
+        let mut torn = good.clone();
+        torn.extend(&encode(b"half")[..6]);
+        fs.durable.insert(1, torn);
+        let mut corrupt = encode(b"kept-3");
+        let mut bad = encode(b"flipped");
+        bad[10] ^= 0x55;
+        corrupt.extend(bad);
+        corrupt.extend(encode(b"after-the-damage"));
+        fs.durable.insert(2, corrupt);
+        let (mut spool, rec) = Spool::open(fs).unwrap();
+        let got: Vec<Vec<u8>> = rec.records.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(
+            got,
+            vec![b"kept-1".to_vec(), b"kept-2".to_vec(), b"kept-3".to_vec()]
+        );
+        assert_eq!((rec.torn_tails, rec.corrupt_segments), (1, 1));
+        assert_eq!(
+            spool.active(),
+            3,
+            "a fresh segment after the recovered ones"
+        );
+        // Both damaged segments were cut back to their good prefix; a second open finds them clean.
+        let fs = std::mem::take(spool.fs_mut());
+        assert_eq!(fs.durable[&1], good);
+        let (_, again) = Spool::open(fs).unwrap();
+        assert_eq!(
+            (
+                again.records.len(),
+                again.torn_tails,
+                again.corrupt_segments
+            ),
+            (3, 0, 0)
+        );
+    }
+
+    #[test]
+    fn dir_fs_quarantines_to_a_corrupt_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = encode(b"ok");
+        let mut bad = encode(b"bad");
+        bad[8] ^= 1;
+        bytes.extend(&bad);
+        std::fs::write(dir.path().join(format!("{:020}.seg", 7)), &bytes).unwrap();
+        let (mut spool, rec) = Spool::open(DirFs::new(dir.path()).unwrap()).unwrap();
+        assert_eq!((rec.records.len(), rec.corrupt_segments), (1, 1));
+        let quarantined = std::fs::read(dir.path().join(format!("{:020}.corrupt", 7))).unwrap();
+        assert_eq!(quarantined, bad);
+        spool.append(b"new").unwrap();
+        spool.sync().unwrap();
+        let (_, rec) = Spool::open(DirFs::new(dir.path()).unwrap()).unwrap();
+        let got: Vec<Vec<u8>> = rec.records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(got, vec![b"ok".to_vec(), b"new".to_vec()]);
+    }
+
+    #[test]
     fn synced_records_survive_a_crash_and_unsynced_do_not() {
         let fs = ForgetfulFs::default();
         let (mut spool, rec) = Spool::open(fs).unwrap();
