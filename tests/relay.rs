@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::stack::{Stack, StackOptions, block, with_db};
@@ -909,4 +910,64 @@ fn demo_runs_a_turn_with_its_printed_key() {
     assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn handshake_headers_pass_through_credentials_do_not() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let auth = format!("Bearer {}", s.key);
+    let mut c = Client::connect(
+        &s.addr,
+        "/v1/responses",
+        &[
+            ("authorization", &auth),
+            ("openai-beta", "responses_websockets=2026-02-06"),
+            ("x-codex-turn-metadata", "{\"turn\":1}"),
+            ("session-id", "sess-abc"),
+            ("originator", "codex_exec"),
+            ("cookie", "secret=1"),
+        ],
+    )
+    .unwrap();
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    let conns = s.sim_connections();
+    let headers: HashMap<String, String> = conns[0]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_string(),
+                h[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        headers.get("openai-beta").map(String::as_str),
+        Some("responses_websockets=2026-02-06")
+    );
+    assert_eq!(
+        headers.get("x-codex-turn-metadata").map(String::as_str),
+        Some("{\"turn\":1}")
+    );
+    assert_eq!(
+        headers.get("session-id").map(String::as_str),
+        Some("sess-abc")
+    );
+    assert_eq!(
+        headers.get("originator").map(String::as_str),
+        Some("codex_exec")
+    );
+    assert_eq!(
+        headers.get("authorization").map(String::as_str),
+        Some("Bearer sk-upstream"),
+        "the account's credential"
+    );
+    assert!(!headers.contains_key("cookie"));
+    assert!(
+        !headers.values().any(|v| v.contains(&s.key)),
+        "the client's key never goes upstream"
+    );
+    s.finish();
 }
