@@ -11,6 +11,27 @@ use crate::db::schema::billing_compensations;
 use crate::db::schema::{api_keys, billing_ledger, usage_logs, users};
 use crate::db::{DbError, DbPool, now};
 
+/// The statement that adds a debit to a key's spend (one statement for the async and the
+/// blocking connection types).
+macro_rules! spend_update {
+    ($key:expr, $amount:expr) => {
+        diesel::update(api_keys::table.filter(api_keys::id.eq($key)))
+            .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + $amount))
+    };
+}
+
+/// The statement that takes a debit off a user's balance, when the user has one.
+macro_rules! balance_update {
+    ($user:expr, $amount:expr) => {
+        diesel::update(
+            users::table
+                .filter(users::id.eq($user))
+                .filter(users::balance_nanousd.is_not_null()),
+        )
+        .set(users::balance_nanousd.eq(users::balance_nanousd - $amount))
+    };
+}
+
 /// The compensation backlog by status (`pending`, `settled`, `dead`), from the view.
 pub async fn compensation_backlog(pool: &DbPool) -> Result<Vec<BacklogRow>, DbError> {
     Ok(with_conn!(pool, |c| {
@@ -134,20 +155,10 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                     let debits = newly_written(&owed, &debited);
                     let (by_key, by_user) = debit_totals(&debits);
                     for (key, amount) in &by_key {
-                        diesel::update(api_keys::table.filter(api_keys::id.eq(key)))
-                            .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + amount))
-                            .execute(tx)
-                            .await?;
+                        spend_update!(*key, *amount).execute(tx).await?;
                     }
                     for (user, amount) in &by_user {
-                        diesel::update(
-                            users::table
-                                .filter(users::id.eq(user))
-                                .filter(users::balance_nanousd.is_not_null()),
-                        )
-                        .set(users::balance_nanousd.eq(users::balance_nanousd - amount))
-                        .execute(tx)
-                        .await?;
+                        balance_update!(*user, *amount).execute(tx).await?;
                     }
                     Ok(BatchOutcome {
                         usage_rows: written.len(),
@@ -213,23 +224,10 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                         }
                         let (by_key, by_user) = debit_totals(&debits);
                         for (key, amount) in &by_key {
-                            diesel::RunQueryDsl::execute(
-                                diesel::update(api_keys::table.filter(api_keys::id.eq(key))).set(
-                                    api_keys::spent_nanousd.eq(api_keys::spent_nanousd + amount),
-                                ),
-                                tx,
-                            )?;
+                            diesel::RunQueryDsl::execute(spend_update!(*key, *amount), tx)?;
                         }
                         for (user, amount) in &by_user {
-                            diesel::RunQueryDsl::execute(
-                                diesel::update(
-                                    users::table
-                                        .filter(users::id.eq(user))
-                                        .filter(users::balance_nanousd.is_not_null()),
-                                )
-                                .set(users::balance_nanousd.eq(users::balance_nanousd - amount)),
-                                tx,
-                            )?;
+                            diesel::RunQueryDsl::execute(balance_update!(*user, *amount), tx)?;
                         }
                         out.debits = debits.len();
                         Ok(out)
@@ -398,18 +396,12 @@ pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<()
                 .execute(tx)
                 .await?;
             if debited == 1 {
-                diesel::update(api_keys::table.filter(api_keys::id.eq(row.api_key_id)))
-                    .set(api_keys::spent_nanousd.eq(api_keys::spent_nanousd + row.amount_nanousd))
+                spend_update!(row.api_key_id, row.amount_nanousd)
                     .execute(tx)
                     .await?;
-                diesel::update(
-                    users::table
-                        .filter(users::id.eq(row.user_id))
-                        .filter(users::balance_nanousd.is_not_null()),
-                )
-                .set(users::balance_nanousd.eq(users::balance_nanousd - row.amount_nanousd))
-                .execute(tx)
-                .await?;
+                balance_update!(row.user_id, row.amount_nanousd)
+                    .execute(tx)
+                    .await?;
             }
             diesel::update(
                 billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
