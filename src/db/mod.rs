@@ -20,6 +20,19 @@ macro_rules! with_conn {
     };
 }
 
+/// A turn's `usage_logs` row(s), ignored when `(request_id, api_key_id)` exists already.
+macro_rules! usage_insert {
+    ($rows:expr) => {
+        diesel::insert_into($crate::db::schema::usage_logs::table)
+            .values($rows)
+            .on_conflict((
+                $crate::db::schema::usage_logs::request_id,
+                $crate::db::schema::usage_logs::api_key_id,
+            ))
+            .do_nothing()
+    };
+}
+
 pub mod error;
 pub mod migrate;
 pub mod models;

@@ -11,6 +11,21 @@ use crate::db::schema::billing_compensations;
 use crate::db::schema::{api_keys, billing_ledger, usage_logs, users};
 use crate::db::{DbError, DbPool, now};
 
+/// The stored fields of a record's row that a replay must match (see `Fingerprint`).
+macro_rules! stored_fingerprint {
+    ($r:expr) => {
+        usage_logs::table
+            .filter(usage_logs::request_id.eq(&$r.request_id))
+            .filter(usage_logs::api_key_id.eq($r.api_key_id))
+            .select((
+                usage_logs::status,
+                usage_logs::input_tokens,
+                usage_logs::output_tokens,
+                usage_logs::cost_nanousd,
+            ))
+    };
+}
+
 /// The statement that adds a debit to a key's spend (one statement for the async and the
 /// blocking connection types).
 macro_rules! spend_update {
@@ -109,33 +124,19 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
             let out = c
                 .transaction::<_, DbError, _>(async |tx| {
                     let rows: Vec<_> = records.iter().map(usage::row_of).collect();
-                    let written: Vec<(String, i64)> = diesel::insert_into(usage_logs::table)
-                        .values(&rows)
-                        .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
-                        .do_nothing()
+                    let written: Vec<(String, i64)> = usage_insert!(&rows)
                         .returning((usage_logs::request_id, usage_logs::api_key_id))
                         .get_results(tx)
                         .await?;
-                    let billable = newly_written(records, &written);
-                    let fresh: std::collections::HashSet<(&str, i64)> =
-                        written.iter().map(|(r, k)| (r.as_str(), *k)).collect();
+                    let fresh = keys_of(&written);
+                    let billable = newly_written(records, &fresh);
                     let mut mismatched = 0;
                     for r in records
                         .iter()
                         .filter(|r| !fresh.contains(&(r.request_id.as_str(), r.api_key_id)))
                     {
-                        let stored: Option<Fingerprint> = usage_logs::table
-                            .filter(usage_logs::request_id.eq(&r.request_id))
-                            .filter(usage_logs::api_key_id.eq(r.api_key_id))
-                            .select((
-                                usage_logs::status,
-                                usage_logs::input_tokens,
-                                usage_logs::output_tokens,
-                                usage_logs::cost_nanousd,
-                            ))
-                            .first(tx)
-                            .await
-                            .optional()?;
+                        let stored: Option<Fingerprint> =
+                            stored_fingerprint!(r).first(tx).await.optional()?;
                         mismatched += usize::from(stored.is_some_and(|s| s != fingerprint(r)));
                     }
                     let ledger: Vec<NewLedger<'_>> =
@@ -151,8 +152,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                             .get_results(tx)
                             .await?
                     };
-                    let owed: Vec<TurnRecord> = billable.into_iter().cloned().collect();
-                    let debits = newly_written(&owed, &debited);
+                    let debits = newly_written(billable.iter().copied(), &keys_of(&debited));
                     let (by_key, by_user) = debit_totals(&debits);
                     for (key, amount) in &by_key {
                         spend_update!(*key, *amount).execute(tx).await?;
@@ -179,27 +179,12 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                         let mut out = BatchOutcome::default();
                         let mut debits = Vec::new();
                         for r in &records {
-                            let written = diesel::RunQueryDsl::execute(
-                                diesel::insert_into(usage_logs::table)
-                                    .values(&usage::row_of(r))
-                                    .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
-                                    .do_nothing(),
-                                tx,
-                            )?;
+                            let written =
+                                diesel::RunQueryDsl::execute(usage_insert!(&usage::row_of(r)), tx)?;
                             if written == 0 {
-                                let stored: Option<Fingerprint> = diesel::RunQueryDsl::first(
-                                    usage_logs::table
-                                        .filter(usage_logs::request_id.eq(&r.request_id))
-                                        .filter(usage_logs::api_key_id.eq(r.api_key_id))
-                                        .select((
-                                            usage_logs::status,
-                                            usage_logs::input_tokens,
-                                            usage_logs::output_tokens,
-                                            usage_logs::cost_nanousd,
-                                        )),
-                                    tx,
-                                )
-                                .optional()?;
+                                let stored: Option<Fingerprint> =
+                                    diesel::RunQueryDsl::first(stored_fingerprint!(r), tx)
+                                        .optional()?;
                                 out.mismatched +=
                                     usize::from(stored.is_some_and(|s| s != fingerprint(r)));
                                 continue;
@@ -249,13 +234,19 @@ fn ledger_of(r: &TurnRecord) -> NewLedger<'_> {
     }
 }
 
+/// The `(request_id, api_key_id)` keys a RETURNING clause gave back.
+fn keys_of(written: &[(String, i64)]) -> std::collections::HashSet<(&str, i64)> {
+    written.iter().map(|(r, k)| (r.as_str(), *k)).collect()
+}
+
 /// The records (with a cost) whose key is among `written`.
-fn newly_written<'a>(records: &'a [TurnRecord], written: &[(String, i64)]) -> Vec<&'a TurnRecord> {
-    let set: std::collections::HashSet<(&str, i64)> =
-        written.iter().map(|(r, k)| (r.as_str(), *k)).collect();
+fn newly_written<'a>(
+    records: impl IntoIterator<Item = &'a TurnRecord>,
+    written: &std::collections::HashSet<(&str, i64)>,
+) -> Vec<&'a TurnRecord> {
     records
-        .iter()
-        .filter(|r| r.cost_nanousd != 0 && set.contains(&(r.request_id.as_str(), r.api_key_id)))
+        .into_iter()
+        .filter(|r| r.cost_nanousd != 0 && written.contains(&(r.request_id.as_str(), r.api_key_id)))
         .collect()
 }
 
@@ -286,12 +277,7 @@ pub async fn record_with_compensation(
         serde_json::json!([{"at": at.to_string(), "attempt": 0, "error": error}]).to_string();
     Ok(with_conn!(pool, |c| {
         c.transaction::<_, DbError, _>(async |tx| {
-            diesel::insert_into(usage_logs::table)
-                .values(&usage::row_of(r))
-                .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
-                .do_nothing()
-                .execute(tx)
-                .await?;
+            usage_insert!(&usage::row_of(r)).execute(tx).await?;
             let n = diesel::insert_into(billing_compensations::table)
                 .values((
                     billing_compensations::request_id.eq(&r.request_id),

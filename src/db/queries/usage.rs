@@ -45,14 +45,7 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
 /// Writes the row of a turn; a second write of the same key is ignored. `true` when written.
 pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
     let row = row_of(r);
-    let n = with_conn!(pool, |c| {
-        diesel::insert_into(usage_logs::table)
-            .values(&row)
-            .on_conflict((usage_logs::request_id, usage_logs::api_key_id))
-            .do_nothing()
-            .execute(c)
-            .await?
-    });
+    let n = with_conn!(pool, |c| usage_insert!(&row).execute(c).await?);
     Ok(n == 1)
 }
 
