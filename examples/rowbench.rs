@@ -15,6 +15,7 @@ use turnpike::db::{DbPool, migrate, queries};
 fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
     TurnRecord {
         request_id: format!("resp_{tag}_{n}"),
+        response_id: None,
         api_key_id: key,
         user_id: user,
         session_id: "sess_bench".into(),
@@ -76,7 +77,8 @@ fn main() {
     // Spool: one small record appended and fsynced, 500 times (the wait a lone terminal event
     // sees; records arriving together share one fsync).
     let dir = tempfile_dir();
-    let (mut spool, _) = Spool::open(DirFs::new(&dir).expect("dir")).expect("spool");
+    let (mut spool, _) =
+        Spool::open(DirFs::new(&dir).expect("dir"), &mut |_, _| {}).expect("spool");
     let payload = serde_json::to_vec(&record("spool", 1, 1, 1)).expect("json");
     let mut lat: Vec<u128> = Vec::new();
     for _ in 0..500 {

@@ -13,8 +13,10 @@ use actix::Actor;
 
 use crate::accounting::Accounting;
 use crate::accounting::actor::AccountingConfig;
+use crate::accounting::health::AccountingHealth;
 use crate::accounting::messages::Flush;
 use crate::accounting::pending::PendingSpend;
+use crate::accounting::spool::{DirFs, SpoolFs};
 use crate::billing::compensator::{Compensator, CompensatorConfig};
 use crate::billing::pricing::PriceTable;
 use crate::config::{ConfigError, Settings};
@@ -43,6 +45,8 @@ pub enum AppError {
     },
     #[error("server: {0}")]
     Server(#[from] std::io::Error),
+    #[error("accounting.spool_dir {dir}: {source}")]
+    Spool { dir: String, source: std::io::Error },
 }
 
 /// Opens the pool and applies pending migrations when configured to.
@@ -55,9 +59,30 @@ pub async fn open_database(settings: &Settings, migrate_now: bool) -> Result<DbP
     Ok(db)
 }
 
+/// Opens (and locks) the configured spool directory.
+pub fn open_spool_dir(settings: &Settings) -> Result<Box<dyn SpoolFs>, AppError> {
+    let dir = settings.spool_dir();
+    DirFs::new(&dir)
+        .map(|fs| Box::new(fs) as Box<dyn SpoolFs>)
+        .map_err(|source| AppError::Spool {
+            dir: dir.display().to_string(),
+            source,
+        })
+}
+
 /// Starts the actors every session shares: accounting, the session registry, one pool per
 /// upstream account.
 pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, AppError> {
+    let fs = open_spool_dir(&settings)?;
+    start_relay_with(settings, db, fs)
+}
+
+/// `start_relay` over a given spool filesystem (fault tests hand in one that fails on demand).
+pub fn start_relay_with(
+    settings: Settings,
+    db: DbPool,
+    spool_fs: Box<dyn SpoolFs>,
+) -> Result<Arc<SessionDeps>, AppError> {
     let mut accounts = Vec::new();
     for a in &settings.accounts {
         let key = a.resolve_key()?;
@@ -75,9 +100,17 @@ pub fn start_relay(settings: Settings, db: DbPool) -> Result<Arc<SessionDeps>, A
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
     let pending_spend = Arc::new(PendingSpend::default());
+    let health = Arc::new(AccountingHealth::default());
     Ok(Arc::new(SessionDeps {
         prices,
-        accounting: start_accounting(&settings, db.clone(), pending_spend.clone()),
+        accounting: start_accounting(
+            &settings,
+            db.clone(),
+            pending_spend.clone(),
+            health.clone(),
+            spool_fs,
+        ),
+        accounting_health: health,
         pending_spend,
         auth_cache: crate::auth::AuthCache::new(Duration::from_secs(600)),
         registry: Registry::default().start(),
@@ -94,15 +127,19 @@ pub fn start_accounting(
     settings: &Settings,
     db: DbPool,
     spend: Arc<PendingSpend>,
+    health: Arc<AccountingHealth>,
+    fs: Box<dyn SpoolFs>,
 ) -> Addr<Accounting> {
     let cfg = AccountingConfig {
-        spool_dir: settings.spool_dir(),
         batch_max_rows: settings.accounting.batch_max_rows,
         flush_interval: Duration::from_millis(settings.accounting.flush_interval_ms.max(1)),
         max_in_memory: settings.accounting.max_in_memory.max(1),
+        db_timeout: Duration::from_millis(settings.database.statement_timeout_ms.max(1)),
     };
     let arbiter = actix::Arbiter::new();
-    actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Accounting::new(db, cfg, spend))
+    actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+        Accounting::new(db, cfg, spend, health, fs)
+    })
 }
 
 /// The Compensator, supervised.
@@ -131,7 +168,8 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
     let readiness = Readiness {
         db: deps.db.clone(),
         draining: deps.draining.clone(),
-        accounting: Some(deps.accounting.clone()),
+        accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
+        no_accounts: deps.accounts.is_empty(),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let data = web::Data::from(deps.clone());

@@ -40,6 +40,10 @@ pub struct AccountingSettings {
     pub flush_interval_ms: u64,
     /// Records kept in memory while the database lags; beyond, they wait on disk only.
     pub max_in_memory: usize,
+    /// How long a finished turn waits for its record to be durable (spool fsync, or a direct
+    /// database commit while the spool is unusable) before the client gets
+    /// `accounting_unavailable` instead of the turn's terminal event.
+    pub ack_timeout_ms: u64,
 }
 
 impl Default for AccountingSettings {
@@ -49,6 +53,7 @@ impl Default for AccountingSettings {
             batch_max_rows: 500,
             flush_interval_ms: 200,
             max_in_memory: 100_000,
+            ack_timeout_ms: 5_000,
         }
     }
 }
@@ -219,6 +224,10 @@ pub struct DatabaseSettings {
     pub connect_timeout_ms: u64,
     /// SQLite only: how long a writer waits on a locked database.
     pub sqlite_busy_timeout_ms: u64,
+    /// Longest a statement may run: PostgreSQL's `statement_timeout`, and on both backends the
+    /// client-side limit after which accounting treats the database as down (a database that
+    /// accepts connections but never answers is an outage like any other).
+    pub statement_timeout_ms: u64,
     /// Apply pending migrations when `serve` starts.
     pub migrate_on_start: bool,
 }
@@ -327,6 +336,7 @@ impl Default for DatabaseSettings {
             pool_max_size: 8,
             connect_timeout_ms: 5_000,
             sqlite_busy_timeout_ms: 5_000,
+            statement_timeout_ms: 15_000,
             migrate_on_start: true,
         }
     }

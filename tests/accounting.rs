@@ -374,7 +374,9 @@ fn kill_9_mid_load_loses_nothing() {
         let rows = s.rows(total);
         let mut count: HashMap<&str, usize> = HashMap::new();
         for r in &rows {
-            *count.entry(r.request_id.as_str()).or_default() += 1;
+            *count
+                .entry(r.response_id.as_deref().unwrap_or_default())
+                .or_default() += 1;
         }
         for id in seen_before_kill.iter().chain(&seen_after) {
             assert_eq!(
@@ -392,7 +394,8 @@ fn kill_9_mid_load_loses_nothing() {
 fn record(n: usize, key: i64, user: i64) -> turnpike::accounting::messages::TurnRecord {
     use turnpike::accounting::messages::TurnRecord;
     TurnRecord {
-        request_id: format!("resp_restart_{n}"),
+        request_id: format!("turn_restart_{n}"),
+        response_id: None,
         api_key_id: key,
         user_id: user,
         session_id: "sess_test".into(),
@@ -444,7 +447,13 @@ fn accounting_restart_loses_nothing() {
             settings.accounting.flush_interval_ms = 30;
             // Restarts reload more than fits in memory: the rest is read back from disk.
             settings.accounting.max_in_memory = 20;
-            let acc = turnpike::app::start_accounting(&settings, pool.clone(), Default::default());
+            let acc = turnpike::app::start_accounting(
+                &settings,
+                pool.clone(),
+                Default::default(),
+                Default::default(),
+                turnpike::app::open_spool_dir(&settings).unwrap(),
+            );
             let mut acked = 0;
             for n in 0..300 {
                 if n % 50 == 25 {

@@ -253,14 +253,26 @@ fn shipped_configs_load() {
     }
 }
 
-/// `turnpike serve` on a free port.
+/// `turnpike serve` on a free port, with one upstream account (never dialled here).
 fn start_server(db_url: &str, extra_env: &[(&str, &str)]) -> (Proc, String) {
+    start_server_with(
+        db_url,
+        extra_env,
+        "[[accounts]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-x\"\n",
+    )
+}
+
+fn start_server_with(db_url: &str, extra_env: &[(&str, &str)], config: &str) -> (Proc, String) {
     let spool = std::env::temp_dir().join(format!(
         "tp-cli-spool-{}-{}",
         std::process::id(),
         turnpike::sim::monotonic_ns()
     ));
+    std::fs::create_dir_all(&spool).unwrap();
+    let config_path = spool.with_extension("toml");
+    std::fs::write(&config_path, config).unwrap();
     let mut cmd = turnpike();
+    cmd.arg("--config").arg(&config_path);
     cmd.env("TURNPIKE_ACCOUNTING__SPOOL_DIR", &spool);
     cmd.env("TURNPIKE_DATABASE__URL", db_url)
         .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
@@ -314,4 +326,40 @@ fn readyz_reports_pending_migrations() {
     assert!(out.status.success());
     assert_eq!(http_get(&addr, "/readyz").0, 200);
     server.terminate();
+}
+
+/// No `[[accounts]]`: not ready, and the reason says so.
+#[test]
+fn readyz_without_accounts() {
+    let db = TestDb::sqlite();
+    let (mut server, addr) = start_server_with(&db.url, &[], "");
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("no upstream accounts"), "{msg}");
+    server.terminate();
+}
+
+/// Two relays on one spool directory: the second refuses to start and names the directory.
+#[test]
+fn second_process_on_one_spool_refuses_to_start() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let spool_s = spool.to_string_lossy().into_owned();
+    let env = [("TURNPIKE_ACCOUNTING__SPOOL_DIR", spool_s.as_str())];
+    let (mut first, _) = start_server(&db.url, &env);
+    let out = turnpike()
+        .env("TURNPIKE_DATABASE__URL", &db.url)
+        .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+        .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", &spool)
+        .arg("serve")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&spool_s) && err.contains("locked"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, _) = first.terminate();
+    assert_eq!(code, Some(0));
 }

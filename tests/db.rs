@@ -17,7 +17,12 @@ async fn migrations_are_idempotent_and_complete() {
             db.backend
         );
         let first = migrate::run_pending(&pool).await.unwrap();
-        assert_eq!(first, vec!["20261122000001".to_string()], "{}", db.backend);
+        assert_eq!(
+            first,
+            vec!["20261122000001".to_string(), "20261127000001".to_string()],
+            "{}",
+            db.backend
+        );
         let second = migrate::run_pending(&pool).await.unwrap();
         assert!(
             second.is_empty(),
@@ -288,6 +293,7 @@ fn turn_record(
 ) -> turnpike::accounting::messages::TurnRecord {
     turnpike::accounting::messages::TurnRecord {
         request_id: id.into(),
+        response_id: None,
         api_key_id: key,
         user_id: user,
         session_id: "sess".into(),

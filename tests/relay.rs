@@ -89,7 +89,8 @@ fn text_turn_byte_for_byte_and_one_row() {
         assert_eq!(rows.len(), 1, "{backend}");
         let r = &rows[0];
         let resp = &got.last().unwrap()["response"];
-        assert_eq!(r.request_id, resp["id"].as_str().unwrap());
+        assert_eq!(r.response_id.as_deref(), resp["id"].as_str());
+        assert!(r.request_id.starts_with("turn_"), "{}", r.request_id);
         assert_eq!(
             (
                 r.status.as_str(),
@@ -340,13 +341,37 @@ fn preempt_and_reject() {
             preempted < created,
             "the old turn's terminal error comes before the new turn"
         );
-        let rows = s.rows(2);
+        let mut rows = s.rows(2);
+        rows.sort_by_key(|r| r.turn_index);
         assert_eq!(
             (rows[0].status.as_str(), rows[1].status.as_str()),
             ("preempted", "completed")
         );
-        // The preempted turn's socket still had a response running: it was not reused.
-        assert_eq!(s.sim_stats()["accepted"], 2);
+        // The preempted turn reached the upstream: its input is billed (the sim's cancelled
+        // terminal carries no usage, so it is estimated from the prompt), never zero.
+        assert_eq!(rows[0].usage_source, "estimated");
+        assert!(
+            rows[0].input_tokens > 0 && rows[0].cost_nanousd > 0,
+            "{:?}",
+            rows[0]
+        );
+        // The old response was cancelled upstream, by its id, on its own connection.
+        let conns = s.sim_connections();
+        let cancels: Vec<String> = conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["frames"].as_array().cloned().unwrap_or_default())
+            .filter(|f| {
+                f["dir"] == "in" && f["text"].as_str().unwrap_or("").contains("response.cancel")
+            })
+            .map(|f| f["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(cancels.len(), 1, "{cancels:?}");
+        assert!(
+            cancels[0].contains(rows[0].response_id.as_deref().unwrap()),
+            "{cancels:?}"
+        );
         s.finish();
     }
     let s = Stack::start(
@@ -461,7 +486,11 @@ fn client_vanishing_mid_turn() {
         let r = rows.last().unwrap();
         assert_eq!(
             (r.status.as_str(), r.usage_source.as_str()),
-            ("client_gone", "partial")
+            ("client_gone", "estimated")
+        );
+        assert!(
+            r.input_tokens > 0,
+            "the request reached the upstream: {r:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
@@ -538,7 +567,8 @@ fn upstream_faults_before_and_after_forwarding() {
         assert!(
             rows.iter()
                 .filter(|r| r.status == "upstream_lost")
-                .all(|r| r.usage_source == "partial")
+                .all(|r| r.usage_source == "estimated" && r.input_tokens > 0),
+            "cut-short turns bill their input: {rows:?}"
         );
         s.finish();
     }

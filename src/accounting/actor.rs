@@ -4,164 +4,305 @@
 //! that arrived meanwhile) → acknowledge. Acknowledged records wait in memory (their segments
 //! sealed on disk) until a batch transaction commits them; only then are their segments removed.
 //! A failed batch is retried record by record; a record whose debit fails gets its usage row and
-//! a pending compensation. While the database is down, records wait in the spool and flushes
-//! retry with backoff. An fsync error restarts the actor: every in-memory state is dropped and
-//! rebuilt from the spool on disk (no retried fsync that "succeeds" over lost pages); the
-//! acknowledgements still owed are refused, so their senders send again. Restarts happen in
-//! place — a second stop/restart cycle through actix's `Supervisor` was seen to leave the actor
-//! dead (mailbox closed) here — and the Supervisor remains for a stop (spool cannot be opened).
+//! a pending compensation; a record the database refuses for its content is quarantined, so it
+//! never blocks the records behind it. While the database is down, records wait in the spool
+//! and flushes retry with backoff.
+//!
+//! Fail closed (SPEC §5.4.7): when the spool cannot acknowledge (append, fsync or rotation
+//! error, directory removed or replaced), records are committed to the database directly and
+//! acknowledged only then; the spool is reopened with backoff, and every record not yet in the
+//! database that it no longer holds is written to it again. A record acknowledged by neither
+//! waits here (callers stop waiting after `accounting.ack_timeout_ms` and tell their client)
+//! and is written as soon as either works. Nothing in memory is dropped by a failure or a
+//! `Restart`; an fsync that failed is never retried over the same pages — its records go to
+//! the database or, after a reopen, to a fresh segment.
 
-use std::path::PathBuf;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure, TurnRecord};
+use super::health::AccountingHealth;
+use super::messages::{
+    Backlog, Flush, RecordError, RecordTurn, Restart, SpoolFailure, TurnRecord, decode_record,
+    encode_record,
+};
 use super::pending::PendingSpend;
-use super::spool::{DirFs, Spool};
-use crate::db::{DbPool, queries};
+use super::spool::{Spool, SpoolFs};
+use crate::db::{DbError, DbPool, queries};
 
 pub struct AccountingConfig {
-    pub spool_dir: PathBuf,
     pub batch_max_rows: usize,
     pub flush_interval: Duration,
     /// Records kept in memory while the database lags; older ones stay only on disk ("spilled")
     /// and are read back segment by segment when the database returns.
     pub max_in_memory: usize,
+    /// Longest one database statement may take before it counts as an outage.
+    pub db_timeout: Duration,
 }
 
 /// Answers a `RecordTurn` once its record is durable.
 type Ack = oneshot::Sender<Result<(), SpoolFailure>>;
 
-/// A record acknowledged (durable) and not yet committed, with its segment.
-struct Pending {
-    seg: u64,
-    record: TurnRecord,
+/// The idempotency key of a record.
+type Key = (String, i64);
+
+fn key(r: &TurnRecord) -> Key {
+    (r.request_id.clone(), r.api_key_id)
 }
+
+/// A record not yet committed to the database.
+struct Pending {
+    /// The spool segment holding it; `None` while it is in memory only (the spool failed
+    /// before it was acknowledged).
+    seg: Option<u64>,
+    record: TurnRecord,
+    /// The sender still waiting for its acknowledgement.
+    ack: Option<Ack>,
+}
+
+impl Pending {
+    fn acknowledge(&mut self) {
+        if let Some(ack) = self.ack.take() {
+            let _ = ack.send(Ok(()));
+        }
+    }
+}
+
+const SPOOL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const SPOOL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DB_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const DB_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Batches taken from memory per flush pass, so that a long backlog acknowledges as it goes.
+const CHUNKS_PER_PASS: usize = 8;
 
 pub struct Accounting {
     db: DbPool,
     spend: Arc<PendingSpend>,
+    health: Arc<AccountingHealth>,
     cfg: AccountingConfig,
-    spool: Option<Spool<DirFs>>,
+    spool: Spool<Box<dyn SpoolFs>>,
+    /// The spool acknowledges records; when false, records go to the database directly.
+    spool_ok: bool,
+    spool_opened: bool,
+    spool_backoff: Duration,
+    next_reopen_at: Instant,
     /// Appended, waiting for the next fsync.
-    unsynced: Vec<(u64, TurnRecord, Ack)>,
+    unsynced: Vec<Pending>,
     sync_scheduled: bool,
-    /// Durable, waiting for the database.
+    /// Waiting for the database, oldest first.
     pending: Vec<Pending>,
     /// Sealed segments whose records are only on disk (memory cap reached), oldest first, with
     /// their record counts.
-    spilled: std::collections::VecDeque<(u64, usize)>,
+    spilled: VecDeque<(u64, usize)>,
     flushing: bool,
+    db_failing: bool,
     backoff: Duration,
     next_flush_at: Instant,
     restarts: u32,
-    /// Bumped by every restart: a flush begun before it reports to nobody.
+    /// Bumped by every reopen: a flush begun before it reports to nobody.
     epoch: u64,
 }
 
 impl Accounting {
-    pub fn new(db: DbPool, cfg: AccountingConfig, spend: Arc<PendingSpend>) -> Self {
+    pub fn new(
+        db: DbPool,
+        cfg: AccountingConfig,
+        spend: Arc<PendingSpend>,
+        health: Arc<AccountingHealth>,
+        fs: Box<dyn SpoolFs>,
+    ) -> Self {
         Self {
             db,
             spend,
+            health,
             cfg,
-            spool: None,
+            spool: Spool::new(fs),
+            spool_ok: false,
+            spool_opened: false,
+            spool_backoff: SPOOL_BACKOFF_MIN,
+            next_reopen_at: Instant::now(),
             unsynced: Vec::new(),
             sync_scheduled: false,
             pending: Vec::new(),
-            spilled: std::collections::VecDeque::new(),
+            spilled: VecDeque::new(),
             flushing: false,
-            backoff: Duration::from_millis(100),
+            db_failing: false,
+            backoff: DB_BACKOFF_MIN,
             next_flush_at: Instant::now(),
             restarts: 0,
             epoch: 0,
         }
     }
 
-    /// Opens the spool and queues whatever an earlier run left for the database.
-    fn open_spool(&mut self) -> std::io::Result<()> {
-        let (spool, recovered) = Spool::open(DirFs::new(&self.cfg.spool_dir)?)?;
-        if recovered.torn_tails + recovered.corrupt_segments > 0 {
+    /// Records durable or waiting, not yet committed.
+    fn backlog(&self) -> usize {
+        self.unsynced.len()
+            + self.pending.len()
+            + self.spilled.iter().map(|(_, n)| n).sum::<usize>()
+    }
+
+    // ---- the spool: open, fail, reopen -------------------------------------------------------
+
+    /// (Re)reads the spool directory and merges it with what is in memory: records found on
+    /// disk and not in memory are loaded (up to `max_in_memory`, the rest stay on disk), records
+    /// in memory that the disk does not hold — never acknowledged by it, or lost with a removed
+    /// directory — are appended again and fsynced. Then every waiting sender is acknowledged.
+    fn reopen(&mut self, ctx: &mut Context<Self>) {
+        self.epoch += 1;
+        self.flushing = false;
+        self.sync_scheduled = false;
+        // Appended but never acknowledged by an fsync: not trusted to be on disk.
+        for mut p in std::mem::take(&mut self.unsynced) {
+            p.seg = None;
+            self.pending.push(p);
+        }
+        match self.try_reopen() {
+            Ok(rewritten) => {
+                for p in &mut self.pending {
+                    p.acknowledge();
+                }
+                if !self.spool_ok && self.spool_opened {
+                    info!(spool = %self.spool.describe(), rewritten, "spool usable again");
+                }
+                self.spool_ok = true;
+                self.spool_opened = true;
+                self.spool_backoff = SPOOL_BACKOFF_MIN;
+                self.health.spool_up();
+            }
+            Err(e) => self.spool_failed(e.to_string(), ctx),
+        }
+        self.next_flush_at = Instant::now();
+        ctx.notify(Flush);
+    }
+
+    /// Returns how many records in memory had to be written to the spool again.
+    fn try_reopen(&mut self) -> std::io::Result<usize> {
+        if self.spool_opened {
+            self.spool.fs_mut().reset()?;
+        }
+        let in_memory: HashSet<Key> = self.pending.iter().map(|p| key(&p.record)).collect();
+        let cap = self.cfg.max_in_memory;
+        let mut on_disk: HashSet<Key> = HashSet::new();
+        let mut loaded: Vec<Pending> = Vec::new();
+        let mut spilled: VecDeque<(u64, usize)> = VecDeque::new();
+        let mut unreadable: Vec<(u64, &'static str, Vec<u8>)> = Vec::new();
+        let mut fresh_all: Vec<TurnRecord> = Vec::new();
+        let mut in_mem = self.pending.len();
+        let rec = self.spool.recover(&mut |seg, records| {
+            let mut fresh = Vec::new();
+            for bytes in records {
+                match decode_record(&bytes) {
+                    Ok(r) => {
+                        let k = key(&r);
+                        if !in_memory.contains(&k) && on_disk.insert(k) {
+                            fresh.push(r);
+                        }
+                    }
+                    Err(RecordError::UnknownVersion(_)) => unreadable.push((seg, "unknown", bytes)),
+                    Err(RecordError::Invalid(_)) => unreadable.push((seg, "invalid", bytes)),
+                }
+            }
+            if fresh.is_empty() {
+                return;
+            }
+            // Pending spend counts every record not yet committed, in memory or not.
+            fresh_all.extend(fresh.iter().cloned());
+            if spilled.is_empty() && in_mem + fresh.len() <= cap {
+                in_mem += fresh.len();
+                loaded.extend(fresh.into_iter().map(|record| Pending {
+                    seg: Some(seg),
+                    record,
+                    ack: None,
+                }));
+            } else {
+                spilled.push_back((seg, fresh.len()));
+            }
+        })?;
+        // Keys of in-memory records found on disk are not in `on_disk` (skipped above): find
+        // them separately to know which need writing again.
+        let found_segs: HashSet<u64> = rec.segments.iter().map(|(s, _)| *s).collect();
+        if rec.torn_tails + rec.corrupt_segments > 0 {
             warn!(
-                torn = recovered.torn_tails,
-                corrupt = recovered.corrupt_segments,
+                torn = rec.torn_tails,
+                corrupt = rec.corrupt_segments,
                 "spool recovered with damage (corrupt data quarantined)"
             );
         }
-        self.pending.clear();
-        self.spilled.clear();
-        self.spend.clear();
-        let mut unreadable = 0;
-        for (seg, bytes) in recovered.records {
-            match serde_json::from_slice::<TurnRecord>(&bytes) {
-                Ok(record) => {
-                    self.spend.add(&record);
-                    if self.spilled.is_empty() && self.pending.len() < self.cfg.max_in_memory {
-                        self.pending.push(Pending { seg, record });
-                    } else {
-                        // A segment is either in memory or on disk only, never split: records
-                        // of this segment already in memory move to the spilled count.
-                        while self.pending.last().is_some_and(|p| p.seg == seg) {
-                            self.pending.pop();
-                            self.spill_one(seg);
-                        }
-                        self.spill_one(seg);
-                    }
-                }
-                Err(_) => unreadable += 1,
+        if !unreadable.is_empty() {
+            error!(
+                records = unreadable.len(),
+                "spool records this build cannot bill were quarantined (.unknown / .invalid files beside the segments)"
+            );
+            for (seg, suffix, bytes) in &unreadable {
+                self.spool.quarantine(*seg, suffix, bytes)?;
             }
         }
-        if unreadable > 0 {
+        let lost: usize = self
+            .spilled
+            .iter()
+            .filter(|(s, _)| !found_segs.contains(s))
+            .map(|(_, n)| n)
+            .sum();
+        if lost > 0 {
             error!(
-                unreadable,
-                "spool records that are not turn records were skipped"
+                records = lost,
+                "records kept on disk only were not found when the spool was reopened (the directory was removed)"
             );
         }
-        let on_disk: usize = self.spilled.iter().map(|(_, n)| n).sum();
-        if !self.pending.is_empty() || on_disk > 0 {
+        self.spend.clear();
+        for p in &self.pending {
+            self.spend.add(&p.record);
+        }
+        for r in &fresh_all {
+            self.spend.add(r);
+        }
+        self.pending.extend(loaded);
+        self.spilled = spilled;
+        // Records in memory whose segment is gone, or that no segment ever acknowledged.
+        let mut rewritten = 0;
+        for p in &mut self.pending {
+            if p.seg.is_none_or(|s| !found_segs.contains(&s)) {
+                p.seg = Some(self.spool.append(&encode_record(&p.record))?);
+                rewritten += 1;
+            }
+        }
+        self.spool.sync()?;
+        let on_disk_total: usize = self.spilled.iter().map(|(_, n)| n).sum();
+        if !fresh_all.is_empty() {
             info!(
-                records = self.pending.len() + on_disk,
-                spilled = on_disk,
+                records = fresh_all.len(),
+                spilled = on_disk_total,
                 "replaying the spool"
             );
         }
-        self.spool = Some(spool);
-        Ok(())
+        Ok(rewritten)
     }
 
-    /// Records durable and not yet committed.
-    fn backlog(&self) -> usize {
-        self.pending.len() + self.spilled.iter().map(|(_, n)| n).sum::<usize>()
-    }
-
-    fn spill_one(&mut self, seg: u64) {
-        match self.spilled.back_mut() {
-            Some((s, n)) if *s == seg => *n += 1,
-            _ => self.spilled.push_back((seg, 1)),
+    /// The spool cannot acknowledge: log once, send records to the database directly, try to
+    /// reopen later (with backoff).
+    fn spool_failed(&mut self, cause: String, ctx: &mut Context<Self>) {
+        if self.spool_ok || !self.spool_opened {
+            error!(spool = %self.spool.describe(), error = %cause,
+                "spool unusable: records go to the database directly until it can be reopened");
+            self.health.spool_down(cause);
+            self.spool_backoff = SPOOL_BACKOFF_MIN;
+        } else {
+            debug!(error = %cause, "spool still unusable");
         }
-    }
-
-    /// Memory cap reached: seal the active segment and keep the pending records on disk only.
-    fn spill(&mut self, ctx: &mut Context<Self>) {
-        let Some(spool) = self.spool.as_mut() else {
-            return;
-        };
-        if let Err(e) = spool.rotate() {
-            error!(error = %e, "spool rotation failed; restarting the accounting actor");
-            return self.restart(ctx);
+        self.spool_ok = false;
+        self.spool_opened = true;
+        self.next_reopen_at = Instant::now() + self.spool_backoff;
+        self.spool_backoff = (self.spool_backoff * 2).min(SPOOL_BACKOFF_MAX);
+        self.sync_scheduled = false;
+        for mut p in std::mem::take(&mut self.unsynced) {
+            p.seg = None;
+            self.pending.push(p);
         }
-        let spilled = self.pending.len();
-        for p in std::mem::take(&mut self.pending) {
-            self.spill_one(p.seg);
-        }
-        warn!(
-            spilled,
-            "accounting backlog over accounting.max_in_memory: records kept on disk only"
-        );
+        ctx.notify(Flush);
     }
 
     fn sync(&mut self, ctx: &mut Context<Self>) {
@@ -169,17 +310,12 @@ impl Accounting {
         if self.unsynced.is_empty() {
             return;
         }
-        let Some(spool) = self.spool.as_mut() else {
-            return;
-        };
-        if let Err(e) = spool.sync() {
-            error!(error = %e, "spool fsync failed; restarting the accounting actor");
-            return self.restart(ctx);
+        if let Err(e) = self.spool.sync() {
+            return self.spool_failed(e.to_string(), ctx);
         }
-        for (seg, record, ack) in self.unsynced.drain(..) {
-            let _ = ack.send(Ok(()));
-            self.spend.add(&record);
-            self.pending.push(Pending { seg, record });
+        for mut p in std::mem::take(&mut self.unsynced) {
+            p.acknowledge();
+            self.pending.push(p);
         }
         if self.pending.len() > self.cfg.max_in_memory && !self.flushing {
             self.spill(ctx);
@@ -189,7 +325,34 @@ impl Accounting {
         }
     }
 
-    /// Seals the active segment and commits everything pending, in batches.
+    /// Memory cap reached: seal the active segment and keep the records that are safely on
+    /// disk there only.
+    fn spill(&mut self, ctx: &mut Context<Self>) {
+        if let Err(e) = self.spool.rotate() {
+            return self.spool_failed(e.to_string(), ctx);
+        }
+        let before = self.pending.len();
+        let mut kept = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            match p.seg {
+                Some(seg) if p.ack.is_none() => match self.spilled.back_mut() {
+                    Some((s, n)) if *s == seg => *n += 1,
+                    _ => self.spilled.push_back((seg, 1)),
+                },
+                _ => kept.push(p),
+            }
+        }
+        self.pending = kept;
+        warn!(
+            spilled = before - self.pending.len(),
+            "accounting backlog over accounting.max_in_memory: records kept on disk only"
+        );
+    }
+
+    // ---- the database ----------------------------------------------------------------------
+
+    /// Commits the oldest records: a spilled segment read back from disk, else what is in
+    /// memory (sealing the active segment first).
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.flushing
             || (self.pending.is_empty() && self.spilled.is_empty())
@@ -197,135 +360,211 @@ impl Accounting {
         {
             return;
         }
-        let Some(spool) = self.spool.as_mut() else {
-            return;
-        };
-        // Spilled segments first (the oldest records), one segment per pass, read from disk.
-        let from_disk = self.spilled.front().copied();
+        let from_disk = self.spilled.front().copied().filter(|_| self.spool_ok);
         let batch: Vec<TurnRecord> = match from_disk {
-            Some((seg, _)) => match spool.read_records(seg) {
-                Ok(raw) => raw
-                    .iter()
-                    .filter_map(|b| serde_json::from_slice(b).ok())
-                    .collect(),
-                Err(e) => {
-                    error!(error = %e, seg, "cannot read a spilled spool segment; restarting the accounting actor");
-                    return self.restart(ctx);
+            Some((seg, _)) => match self.spool.read_records(seg) {
+                Ok(raw) => {
+                    let in_memory: HashSet<Key> =
+                        self.pending.iter().map(|p| key(&p.record)).collect();
+                    raw.iter()
+                        .filter_map(|b| decode_record(b).ok())
+                        .filter(|r| !in_memory.contains(&key(r)))
+                        .collect()
                 }
+                Err(e) => return self.spool_failed(e.to_string(), ctx),
             },
+            None if self.pending.is_empty() => return,
             None => {
-                if let Err(e) = spool.rotate() {
-                    error!(error = %e, "spool rotation failed; restarting the accounting actor");
-                    return self.restart(ctx);
+                if self.spool_ok
+                    && let Err(e) = self.spool.rotate()
+                {
+                    // The records stay pending; they commit below all the same.
+                    self.spool_failed(e.to_string(), ctx);
                 }
-                self.pending.iter().map(|p| p.record.clone()).collect()
+                let max = self.cfg.batch_max_rows.max(1) * CHUNKS_PER_PASS;
+                self.pending
+                    .iter()
+                    .take(max)
+                    .map(|p| p.record.clone())
+                    .collect()
             }
         };
         self.flushing = true;
-        let taken = batch.len();
-        let committed_from_disk = from_disk.map(|_| batch.clone());
         let db = self.db.clone();
-        let max = self.cfg.batch_max_rows.max(1);
-        let fut = async move {
-            for chunk in batch.chunks(max) {
-                match queries::billing::record_batch(&db, chunk).await {
-                    Ok(out) if out.mismatched > 0 => {
-                        error!(
-                            mismatched = out.mismatched,
-                            "replayed records differ from the rows already stored (kept the stored rows)"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!(error = %e, rows = chunk.len(), "batch failed; writing its records one by one");
-                        for r in chunk {
-                            if let Err(e) =
-                                queries::billing::record_batch(&db, std::slice::from_ref(r)).await
-                            {
-                                // The debit (or the whole write) failed: usage row + compensation.
-                                queries::billing::record_with_compensation(&db, r, &e.to_string())
-                                    .await?;
-                            }
-                        }
-                    }
-                }
-            }
-            Ok::<(), crate::db::DbError>(())
-        };
+        let chunk = self.cfg.batch_max_rows.max(1);
+        let timeout = self.cfg.db_timeout;
         let epoch = self.epoch;
-        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+        let fut = async move {
+            let res = commit(&db, &batch, chunk, timeout).await;
+            (batch, res)
+        };
+        ctx.spawn(fut.into_actor(self).map(move |(batch, res), act, ctx| {
             if act.epoch != epoch {
-                // The actor restarted meanwhile; its pending list was reloaded from disk.
+                // Reopened meanwhile: whatever this committed commits again harmlessly.
                 return;
             }
             act.flushing = false;
             match res {
-                Ok(()) if committed_from_disk.is_some() => {
-                    if let Some((seg, _)) = act.spilled.pop_front() {
-                        for r in committed_from_disk.iter().flatten() {
-                            act.spend.remove(r);
-                        }
-                        if let Some(spool) = act.spool.as_mut()
-                            && let Err(e) = spool.remove(&[seg])
-                        {
-                            warn!(error = %e, "could not remove a committed spool segment (it replays harmlessly)");
-                        }
-                    }
-                    act.backoff = Duration::from_millis(100);
-                }
                 Ok(()) => {
-                    let done: Vec<Pending> = act.pending.drain(..taken.min(act.pending.len())).collect();
-                    for p in &done {
-                        act.spend.remove(&p.record);
+                    act.database_ok(batch.len());
+                    match from_disk {
+                        Some(_) => act.committed_from_disk(&batch),
+                        None => act.committed_from_memory(&batch),
                     }
-                    let mut segs: Vec<u64> = done.iter().map(|p| p.seg).collect();
-                    segs.dedup();
-                    // Segments still holding pending or spilled records stay.
-                    segs.retain(|s| {
-                        !act.pending.iter().any(|p| p.seg == *s) && !act.spilled.iter().any(|(x, _)| x == s)
-                    });
-                    if let Some(spool) = act.spool.as_mut()
-                        && let Err(e) = spool.remove(&segs)
-                    {
-                        warn!(error = %e, "could not remove committed spool segments (they replay harmlessly)");
+                    if !act.pending.is_empty() || !act.spilled.is_empty() {
+                        ctx.notify(Flush);
                     }
-                    act.backoff = Duration::from_millis(100);
                 }
-                Err(e) => {
-                    warn!(error = %e, backlog = act.backlog(), retry_in = ?act.backoff, "database unavailable; records stay in the spool");
-                    act.next_flush_at = Instant::now() + act.backoff;
-                    act.backoff = (act.backoff * 2).min(Duration::from_secs(10));
-                }
+                Err(e) => act.database_failed(e),
             }
         }));
     }
-}
 
-impl Accounting {
-    /// Restart: forget every in-memory state and rebuild it from the spool on disk (the truth).
-    /// Records appended but not yet acknowledged are refused (their senders send again; a copy
-    /// that did reach the disk is harmless: rows are idempotent). A flush in flight reports to
-    /// nobody. If the spool cannot be reopened the actor stops and its Supervisor restarts it.
+    fn database_ok(&mut self, rows: usize) {
+        if self.db_failing {
+            info!(
+                rows,
+                backlog = self.backlog(),
+                "database answering again; writing the backlog"
+            );
+            self.db_failing = false;
+        }
+        self.health.db_ok();
+        self.backoff = DB_BACKOFF_MIN;
+        self.next_flush_at = Instant::now();
+    }
+
+    fn database_failed(&mut self, e: DbError) {
+        if !self.db_failing {
+            warn!(error = %e, backlog = self.backlog(),
+                "database unavailable: records wait in the spool; retrying with backoff");
+            self.db_failing = true;
+        } else {
+            debug!(error = %e, retry_in = ?self.backoff, "database still unavailable");
+        }
+        self.health.db_failed(e.to_string());
+        self.next_flush_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(DB_BACKOFF_MAX);
+    }
+
+    fn committed_from_disk(&mut self, batch: &[TurnRecord]) {
+        let Some((seg, _)) = self.spilled.pop_front() else {
+            return;
+        };
+        for r in batch {
+            self.spend.remove(r);
+        }
+        if !self.pending.iter().any(|p| p.seg == Some(seg))
+            && let Err(e) = self.spool.remove(&[seg])
+        {
+            warn!(error = %e, "could not remove a committed spool segment (it replays harmlessly)");
+        }
+    }
+
+    fn committed_from_memory(&mut self, batch: &[TurnRecord]) {
+        let done: HashSet<Key> = batch.iter().map(key).collect();
+        let mut segs = Vec::new();
+        let mut kept = Vec::with_capacity(self.pending.len());
+        for mut p in std::mem::take(&mut self.pending) {
+            if done.contains(&key(&p.record)) {
+                p.acknowledge();
+                self.spend.remove(&p.record);
+                segs.extend(p.seg);
+            } else {
+                kept.push(p);
+            }
+        }
+        self.pending = kept;
+        segs.sort_unstable();
+        segs.dedup();
+        // Segments still holding pending or spilled records stay; so does the active one.
+        segs.retain(|s| {
+            !self.pending.iter().any(|p| p.seg == Some(*s))
+                && !self.spilled.iter().any(|(x, _)| x == s)
+        });
+        if self.spool_ok
+            && let Err(e) = self.spool.remove(&segs)
+        {
+            warn!(error = %e, "could not remove committed spool segments (they replay harmlessly)");
+        }
+    }
+
+    /// Restart in place: reopen the spool, start flushing over. Nothing in memory is dropped.
     fn restart(&mut self, ctx: &mut Context<Self>) {
         self.restarts += 1;
-        self.epoch += 1;
-        warn!(
+        info!(
             restarts = self.restarts,
-            "accounting actor restarting; replaying the spool"
+            "accounting actor restarting; reopening the spool"
         );
-        for (_, _, ack) in self.unsynced.drain(..) {
-            let _ = ack.send(Err(SpoolFailure));
-        }
-        self.sync_scheduled = false;
-        self.flushing = false;
-        self.spool = None;
-        self.next_flush_at = Instant::now();
-        if let Err(e) = self.open_spool() {
-            error!(error = %e, "cannot reopen the spool; stopping for the supervisor");
-            return ctx.stop();
-        }
-        ctx.notify(Flush);
+        self.reopen(ctx);
     }
+}
+
+/// Writes `records` in batches of `chunk`. A batch that fails for another reason than an
+/// outage is written record by record; a record whose debit fails gets its usage row and a
+/// compensation; a record the database refuses even then, for its content, is quarantined.
+/// An outage (or a statement slower than `timeout`) ends the pass with the error.
+async fn commit(
+    db: &DbPool,
+    records: &[TurnRecord],
+    chunk: usize,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    for batch in records.chunks(chunk) {
+        match timed(timeout, queries::billing::record_batch(db, batch)).await {
+            Ok(out) if out.mismatched > 0 => error!(
+                mismatched = out.mismatched,
+                "replayed records differ from the rows already stored (kept the stored rows)"
+            ),
+            Ok(_) => {}
+            Err(e) if e.is_outage() => return Err(e),
+            Err(e) => {
+                warn!(error = %e, rows = batch.len(), "batch failed; writing its records one by one");
+                for r in batch {
+                    commit_one(db, r, timeout).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn commit_one(db: &DbPool, r: &TurnRecord, timeout: Duration) -> Result<(), DbError> {
+    let slice = std::slice::from_ref(r);
+    let e = match timed(timeout, queries::billing::record_batch(db, slice)).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.is_outage() => return Err(e),
+        Err(e) => e,
+    };
+    // The debit (or the whole write) failed: usage row + compensation.
+    let why = e.to_string();
+    let e2 = match timed(
+        timeout,
+        queries::billing::record_with_compensation(db, r, &why),
+    )
+    .await
+    {
+        Ok(_) => return Ok(()),
+        Err(e2) if !e2.is_content() => return Err(e2),
+        Err(e2) => e2,
+    };
+    let reason = format!("{why}; usage row with compensation: {e2}");
+    error!(request_id = %r.request_id, reason = %reason, "record refused by the database; quarantined");
+    let payload = String::from_utf8_lossy(&encode_record(r)).replace('\0', "");
+    timed(
+        timeout,
+        queries::billing::quarantine(db, r, &payload, &reason),
+    )
+    .await
+}
+
+async fn timed<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(DbError::Timeout(limit)))
 }
 
 impl Actor for Accounting {
@@ -333,30 +572,25 @@ impl Actor for Accounting {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(65_536);
-        if let Err(e) = self.open_spool() {
-            error!(error = %e, dir = %self.cfg.spool_dir.display(), "cannot open the spool; retrying");
-            ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
-            return;
-        }
+        self.reopen(ctx);
         let every = self.cfg.flush_interval;
-        ctx.run_interval(every, |act, ctx| act.flush(ctx));
-        ctx.notify(Flush);
+        ctx.run_interval(every, |act, ctx| {
+            if !act.spool_ok && Instant::now() >= act.next_reopen_at {
+                act.reopen(ctx);
+            }
+            act.flush(ctx);
+        });
     }
 }
 
 impl Supervised for Accounting {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        // In-memory state is kept; `started` reopens the spool and merges.
         self.restarts += 1;
-        self.epoch += 1;
         warn!(
             restarts = self.restarts,
-            "accounting actor restarting; replaying the spool"
+            "accounting actor restarted by its supervisor"
         );
-        // The disk is the truth: what was pending is read back from the spool.
-        self.spool = None;
-        self.unsynced.clear();
-        self.sync_scheduled = false;
-        self.flushing = false;
     }
 }
 
@@ -365,25 +599,33 @@ impl Handler<RecordTurn> for Accounting {
 
     fn handle(&mut self, msg: RecordTurn, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        let appended = match (self.spool.as_mut(), serde_json::to_vec(&msg.0)) {
-            (Some(spool), Ok(bytes)) => spool.append(&bytes).map_err(|e| e.to_string()),
-            (None, _) => Err("spool not open".into()),
-            (_, Err(e)) => Err(e.to_string()),
+        let record = msg.0.cleaned();
+        self.spend.add(&record);
+        let mut p = Pending {
+            seg: None,
+            record,
+            ack: Some(tx),
         };
-        match appended {
-            Ok(seg) => {
-                self.unsynced.push((seg, msg.0, tx));
-                if !self.sync_scheduled {
-                    // Behind every message already queued: they join this fsync.
-                    self.sync_scheduled = true;
-                    ctx.notify(SyncNow);
+        if self.spool_ok {
+            match self.spool.append(&encode_record(&p.record)) {
+                Ok(seg) => {
+                    p.seg = Some(seg);
+                    self.unsynced.push(p);
+                    if !self.sync_scheduled {
+                        // Behind every message already queued: they join this fsync.
+                        self.sync_scheduled = true;
+                        ctx.notify(SyncNow);
+                    }
+                }
+                Err(e) => {
+                    self.unsynced.push(p);
+                    self.spool_failed(e.to_string(), ctx);
                 }
             }
-            Err(e) => {
-                error!(error = %e, "spool append failed; restarting the accounting actor");
-                let _ = tx.send(Err(SpoolFailure));
-                self.restart(ctx);
-            }
+        } else {
+            // Straight to the database (acknowledged when committed).
+            self.pending.push(p);
+            self.flush(ctx);
         }
         Box::pin(async move { rx.await.unwrap_or(Err(SpoolFailure)) })
     }
@@ -415,7 +657,7 @@ impl Handler<Flush> for Accounting {
 impl Handler<Backlog> for Accounting {
     type Result = usize;
     fn handle(&mut self, _: Backlog, _: &mut Context<Self>) -> usize {
-        self.backlog() + self.unsynced.len()
+        self.backlog()
     }
 }
 

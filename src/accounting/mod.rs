@@ -1,11 +1,16 @@
-//! Usage accounting: every finished turn becomes one `usage_logs` row.
+//! Usage accounting: every finished turn becomes one `usage_logs` row, and nothing a client saw
+//! finish is lost (SPEC §5.4).
 //!
-//! - `messages`: `TurnRecord`, the message a session sends at the end of each turn.
-//! - `actor`: the accounting actor. It acknowledges a record once it is written (or, while the
-//!   database fails, once it is queued in memory for retry — the durable spool and batched
-//!   billing are the next step, see the README's status).
+//! - `messages`: `TurnRecord` (with its spool format and version) and the actor's messages.
+//! - `actor`: the accounting actor: durable spool, batched billing, fail-closed acknowledgement.
+//! - `spool`: append-only checksummed segments, group-committed fsync, recovery, the lock.
+//! - `health`: whether a record can be made durable now (sessions and `/readyz` read it).
+//! - `pending`: spend not yet in the database, counted by admission.
+//! - `faults`: filesystems that fail or forget on demand (fault tests).
 
 pub mod actor;
+pub mod faults;
+pub mod health;
 pub mod messages;
 pub mod pending;
 pub mod spool;

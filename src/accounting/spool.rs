@@ -6,9 +6,15 @@
 //! it is used; a sealed one is removed only after its records are committed to the database,
 //! then the directory is fsynced. On open, a torn tail (an incomplete last record) is truncated;
 //! a record whose checksum fails is moved, with the rest of its segment, to a `.corrupt` file and
-//! counted — never silently skipped, never a reason to refuse to start.
+//! counted — never silently skipped, never a reason to refuse to start. Segments left empty are
+//! removed. Opening hands the records to the caller one segment at a time, so the caller decides
+//! how many it keeps in memory.
 //!
-//! All I/O goes through `SpoolFs`, so a test filesystem can forget unsynced bytes on a crash.
+//! The directory is locked (`LOCK`, an advisory `flock`): a second process on the same spool is
+//! refused with the path in the message.
+//!
+//! All I/O goes through `SpoolFs`, so a test filesystem can forget unsynced bytes on a crash or
+//! fail an append, an fsync or a rotation on demand (`faults::FaultFs`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -16,7 +22,10 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 /// The filesystem operations the spool needs.
-pub trait SpoolFs {
+pub trait SpoolFs: Send {
+    /// Makes the directory usable again after a failure: forgets open files, recreates the
+    /// directory if it disappeared, takes the lock again.
+    fn reset(&mut self) -> io::Result<()>;
     fn list(&mut self) -> io::Result<Vec<u64>>;
     fn read(&mut self, seg: u64) -> io::Result<Vec<u8>>;
     fn create(&mut self, seg: u64) -> io::Result<()>;
@@ -24,24 +33,116 @@ pub trait SpoolFs {
     fn sync(&mut self, seg: u64) -> io::Result<()>;
     fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()>;
     fn remove(&mut self, seg: u64) -> io::Result<()>;
-    fn quarantine(&mut self, seg: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Keeps `bytes` of segment `seg` aside, in a file named after the segment and `suffix`
+    /// (`corrupt`: damaged data; `unknown`: records of an unknown format version).
+    fn quarantine(&mut self, seg: u64, suffix: &str, bytes: &[u8]) -> io::Result<()>;
     fn sync_dir(&mut self) -> io::Result<()>;
+    /// Where the spool lives (for messages).
+    fn describe(&self) -> String;
 }
 
-/// Segment files in a directory.
+impl SpoolFs for Box<dyn SpoolFs> {
+    fn reset(&mut self) -> io::Result<()> {
+        (**self).reset()
+    }
+    fn list(&mut self) -> io::Result<Vec<u64>> {
+        (**self).list()
+    }
+    fn read(&mut self, seg: u64) -> io::Result<Vec<u8>> {
+        (**self).read(seg)
+    }
+    fn create(&mut self, seg: u64) -> io::Result<()> {
+        (**self).create(seg)
+    }
+    fn append(&mut self, seg: u64, bytes: &[u8]) -> io::Result<()> {
+        (**self).append(seg, bytes)
+    }
+    fn sync(&mut self, seg: u64) -> io::Result<()> {
+        (**self).sync(seg)
+    }
+    fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()> {
+        (**self).truncate(seg, len)
+    }
+    fn remove(&mut self, seg: u64) -> io::Result<()> {
+        (**self).remove(seg)
+    }
+    fn quarantine(&mut self, seg: u64, suffix: &str, bytes: &[u8]) -> io::Result<()> {
+        (**self).quarantine(seg, suffix, bytes)
+    }
+    fn sync_dir(&mut self) -> io::Result<()> {
+        (**self).sync_dir()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Segment files in a directory, locked by this process.
 pub struct DirFs {
     dir: PathBuf,
     open: BTreeMap<u64, File>,
+    lock: Option<File>,
+    /// (device, inode) of the directory when it was locked: a directory removed or replaced
+    /// under the running relay is noticed at the next fsync instead of acknowledging records
+    /// into files nobody will read again.
+    identity: (u64, u64),
 }
 
 impl DirFs {
+    /// Creates the directory if needed and locks it; a spool locked by another process is an
+    /// error naming the directory.
     pub fn new(dir: impl Into<PathBuf>) -> io::Result<Self> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self {
-            dir,
+        let mut fs = Self {
+            dir: dir.into(),
             open: BTreeMap::new(),
-        })
+            lock: None,
+            identity: (0, 0),
+        };
+        fs.lock()?;
+        Ok(fs)
+    }
+
+    fn lock(&mut self) -> io::Result<()> {
+        self.lock = None;
+        std::fs::create_dir_all(&self.dir)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("LOCK"))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "spool directory {} is locked by another turnpike process (two relays cannot share a spool)",
+                        self.dir.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        self.lock = Some(f);
+        self.identity = dir_identity(&self.dir)?;
+        Ok(())
+    }
+
+    /// Fails when the directory or an open segment file is no longer where the spool looks.
+    fn check_in_place(&self, seg: u64, nlink: u64) -> io::Result<()> {
+        if nlink == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("segment {seg} was removed from {}", self.dir.display()),
+            ));
+        }
+        if dir_identity(&self.dir)? != self.identity {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("spool directory {} was replaced", self.dir.display()),
+            ));
+        }
+        Ok(())
     }
 
     fn path(&self, seg: u64) -> PathBuf {
@@ -59,7 +160,24 @@ impl DirFs {
     }
 }
 
+fn dir_identity(dir: &std::path::Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)?;
+    if !m.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    Ok((m.dev(), m.ino()))
+}
+
 impl SpoolFs for DirFs {
+    fn reset(&mut self) -> io::Result<()> {
+        self.open.clear();
+        self.lock()
+    }
+
     fn list(&mut self) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -93,7 +211,11 @@ impl SpoolFs for DirFs {
     }
 
     fn sync(&mut self, seg: u64) -> io::Result<()> {
-        self.file(seg)?.sync_data()
+        use std::os::unix::fs::MetadataExt;
+        let f = self.file(seg)?;
+        f.sync_data()?;
+        let nlink = f.metadata()?.nlink();
+        self.check_in_place(seg, nlink)
     }
 
     fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()> {
@@ -104,17 +226,28 @@ impl SpoolFs for DirFs {
 
     fn remove(&mut self, seg: u64) -> io::Result<()> {
         self.open.remove(&seg);
-        std::fs::remove_file(self.path(seg))
+        match std::fs::remove_file(self.path(seg)) {
+            // Gone already (a directory recreated after a failure): nothing left to remove.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 
-    fn quarantine(&mut self, seg: u64, bytes: &[u8]) -> io::Result<()> {
-        let mut f = File::create(self.dir.join(format!("{seg:020}.corrupt")))?;
+    fn quarantine(&mut self, seg: u64, suffix: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{seg:020}.{suffix}")))?;
         f.write_all(bytes)?;
         f.sync_all()
     }
 
     fn sync_dir(&mut self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
+    }
+
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
     }
 }
 
@@ -171,10 +304,12 @@ pub fn decode(bytes: &[u8]) -> Decoded {
 /// What opening the spool found.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// Records of earlier runs, oldest first, with their segment.
-    pub records: Vec<(u64, Vec<u8>)>,
+    /// Segments holding records of earlier runs, oldest first, with their record counts.
+    pub segments: Vec<(u64, usize)>,
     pub torn_tails: usize,
     pub corrupt_segments: usize,
+    /// Segments removed because they held no record.
+    pub empty_removed: usize,
 }
 
 pub struct Spool<F: SpoolFs> {
@@ -185,34 +320,53 @@ pub struct Spool<F: SpoolFs> {
 }
 
 impl<F: SpoolFs> Spool<F> {
-    /// Opens the spool: recovers every segment, then starts a fresh active segment.
-    pub fn open(mut fs: F) -> io::Result<(Self, Recovered)> {
+    /// A spool over `fs` that has not read its directory yet (`recover` does).
+    pub fn new(fs: F) -> Self {
+        Self {
+            fs,
+            active: 0,
+            dirty: false,
+        }
+    }
+
+    /// Opens the spool: recovers every segment (see `recover`), then starts a fresh active one.
+    pub fn open(fs: F, visit: &mut dyn FnMut(u64, Vec<Vec<u8>>)) -> io::Result<(Self, Recovered)> {
+        let mut spool = Self::new(fs);
+        let rec = spool.recover(visit)?;
+        Ok((spool, rec))
+    }
+
+    /// Reads the directory again (after `SpoolFs::reset`, or at open): damaged tails cut,
+    /// corruption quarantined, empty segments removed, each segment's records handed to `visit`
+    /// (one segment in memory at a time); then a new active segment, made durable.
+    pub fn recover(&mut self, visit: &mut dyn FnMut(u64, Vec<Vec<u8>>)) -> io::Result<Recovered> {
+        let fs = &mut self.fs;
         let mut rec = Recovered::default();
         let segs = fs.list()?;
         for &seg in &segs {
             let bytes = fs.read(seg)?;
             let d = decode(&bytes);
             if let Some(at) = d.corrupt_at {
-                fs.quarantine(seg, &bytes[at..])?;
+                fs.quarantine(seg, "corrupt", &bytes[at..])?;
                 fs.truncate(seg, at as u64)?;
                 rec.corrupt_segments += 1;
             } else if d.torn {
                 fs.truncate(seg, d.good_len as u64)?;
                 rec.torn_tails += 1;
             }
-            rec.records.extend(d.records.into_iter().map(|r| (seg, r)));
+            if d.records.is_empty() {
+                fs.remove(seg)?;
+                rec.empty_removed += 1;
+                continue;
+            }
+            rec.segments.push((seg, d.records.len()));
+            visit(seg, d.records);
         }
-        let active = segs.last().map_or(1, |s| s + 1);
-        fs.create(active)?;
-        fs.sync_dir()?;
-        Ok((
-            Self {
-                fs,
-                active,
-                dirty: false,
-            },
-            rec,
-        ))
+        self.active = segs.last().map_or(1, |s| s + 1).max(self.active + 1);
+        self.dirty = false;
+        self.fs.create(self.active)?;
+        self.fs.sync_dir()?;
+        Ok(rec)
     }
 
     pub fn active(&self) -> u64 {
@@ -250,6 +404,16 @@ impl<F: SpoolFs> Spool<F> {
         Ok(decode(&self.fs.read(seg)?).records)
     }
 
+    /// Keeps a record's bytes aside (a record of an unknown format version), framed like a
+    /// segment so that a later version can read it back.
+    pub fn quarantine(&mut self, seg: u64, suffix: &str, payload: &[u8]) -> io::Result<()> {
+        self.fs.quarantine(seg, suffix, &encode(payload))
+    }
+
+    pub fn describe(&self) -> String {
+        self.fs.describe()
+    }
+
     /// Removes sealed segments whose records are all committed.
     pub fn remove(&mut self, segs: &[u64]) -> io::Result<()> {
         for &s in segs {
@@ -268,81 +432,18 @@ impl<F: SpoolFs> Spool<F> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    /// A filesystem that keeps synced and unsynced bytes apart and forgets the unsynced ones
-    /// on `crash` — what a power cut or `kill -9` plus page-cache loss does.
-    #[derive(Default, Clone)]
-    pub struct ForgetfulFs {
-        pub durable: HashMap<u64, Vec<u8>>,
-        pub pending: HashMap<u64, Vec<u8>>,
-        /// Segments whose creation is not yet durable (no directory fsync since).
-        pub new_segs: Vec<u64>,
-        pub fail_sync: bool,
-    }
+    use super::super::faults::ForgetfulFs;
 
-    impl ForgetfulFs {
-        pub fn crash(&mut self) {
-            self.pending.clear();
-            for s in self.new_segs.drain(..) {
-                self.durable.remove(&s);
-            }
-        }
-        fn all(&self, seg: u64) -> Vec<u8> {
-            let mut b = self.durable.get(&seg).cloned().unwrap_or_default();
-            b.extend(self.pending.get(&seg).cloned().unwrap_or_default());
-            b
-        }
-    }
-
-    impl SpoolFs for ForgetfulFs {
-        fn list(&mut self) -> io::Result<Vec<u64>> {
-            let mut v: Vec<u64> = self.durable.keys().copied().collect();
-            v.sort_unstable();
-            Ok(v)
-        }
-        fn read(&mut self, seg: u64) -> io::Result<Vec<u8>> {
-            Ok(self.all(seg))
-        }
-        fn create(&mut self, seg: u64) -> io::Result<()> {
-            self.durable.entry(seg).or_default();
-            self.new_segs.push(seg);
-            Ok(())
-        }
-        fn append(&mut self, seg: u64, bytes: &[u8]) -> io::Result<()> {
-            self.pending
-                .entry(seg)
-                .or_default()
-                .extend_from_slice(bytes);
-            Ok(())
-        }
-        fn sync(&mut self, seg: u64) -> io::Result<()> {
-            if self.fail_sync {
-                return Err(io::Error::other("injected fsync failure"));
-            }
-            let p = self.pending.remove(&seg).unwrap_or_default();
-            self.durable.entry(seg).or_default().extend(p);
-            Ok(())
-        }
-        fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()> {
-            let mut b = self.all(seg);
-            b.truncate(len as usize);
-            self.pending.remove(&seg);
-            self.durable.insert(seg, b);
-            Ok(())
-        }
-        fn remove(&mut self, seg: u64) -> io::Result<()> {
-            self.durable.remove(&seg);
-            self.pending.remove(&seg);
-            Ok(())
-        }
-        fn quarantine(&mut self, _seg: u64, _bytes: &[u8]) -> io::Result<()> {
-            Ok(())
-        }
-        fn sync_dir(&mut self) -> io::Result<()> {
-            self.new_segs.clear();
-            Ok(())
-        }
+    /// Opens and collects every recovered record.
+    #[allow(clippy::type_complexity)]
+    fn open_all<F: SpoolFs>(fs: F) -> (Spool<F>, Recovered, Vec<(u64, Vec<u8>)>) {
+        let mut got = Vec::new();
+        let (spool, rec) = Spool::open(fs, &mut |seg, recs| {
+            got.extend(recs.into_iter().map(|r| (seg, r)))
+        })
+        .unwrap();
+        (spool, rec, got)
     }
 
     #[test]
@@ -386,8 +487,8 @@ pub mod tests {
         corrupt.extend(bad);
         corrupt.extend(encode(b"after-the-damage"));
         fs.durable.insert(2, corrupt);
-        let (mut spool, rec) = Spool::open(fs).unwrap();
-        let got: Vec<Vec<u8>> = rec.records.iter().map(|(_, r)| r.clone()).collect();
+        let (mut spool, rec, got) = open_all(fs);
+        let got: Vec<Vec<u8>> = got.into_iter().map(|(_, r)| r).collect();
         assert_eq!(
             got,
             vec![b"kept-1".to_vec(), b"kept-2".to_vec(), b"kept-3".to_vec()]
@@ -401,13 +502,9 @@ pub mod tests {
         // Both damaged segments were cut back to their good prefix; a second open finds them clean.
         let fs = std::mem::take(spool.fs_mut());
         assert_eq!(fs.durable[&1], good);
-        let (_, again) = Spool::open(fs).unwrap();
+        let (_, again, got) = open_all(fs);
         assert_eq!(
-            (
-                again.records.len(),
-                again.torn_tails,
-                again.corrupt_segments
-            ),
+            (got.len(), again.torn_tails, again.corrupt_segments),
             (3, 0, 0)
         );
     }
@@ -420,31 +517,70 @@ pub mod tests {
         bad[8] ^= 1;
         bytes.extend(&bad);
         std::fs::write(dir.path().join(format!("{:020}.seg", 7)), &bytes).unwrap();
-        let (mut spool, rec) = Spool::open(DirFs::new(dir.path()).unwrap()).unwrap();
-        assert_eq!((rec.records.len(), rec.corrupt_segments), (1, 1));
+        let (mut spool, rec, got) = open_all(DirFs::new(dir.path()).unwrap());
+        assert_eq!((got.len(), rec.corrupt_segments), (1, 1));
         let quarantined = std::fs::read(dir.path().join(format!("{:020}.corrupt", 7))).unwrap();
         assert_eq!(quarantined, bad);
         spool.append(b"new").unwrap();
         spool.sync().unwrap();
-        let (_, rec) = Spool::open(DirFs::new(dir.path()).unwrap()).unwrap();
-        let got: Vec<Vec<u8>> = rec.records.into_iter().map(|(_, r)| r).collect();
+        // The directory is locked while the spool is open.
+        let err = DirFs::new(dir.path())
+            .err()
+            .expect("a second open is refused");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+        drop(spool);
+        let (_, _, got) = open_all(DirFs::new(dir.path()).unwrap());
+        let got: Vec<Vec<u8>> = got.into_iter().map(|(_, r)| r).collect();
         assert_eq!(got, vec![b"ok".to_vec(), b"new".to_vec()]);
     }
 
     #[test]
     fn synced_records_survive_a_crash_and_unsynced_do_not() {
         let fs = ForgetfulFs::default();
-        let (mut spool, rec) = Spool::open(fs).unwrap();
-        assert!(rec.records.is_empty());
+        let (mut spool, _, got) = open_all(fs);
+        assert!(got.is_empty());
         spool.append(b"a").unwrap();
         spool.append(b"b").unwrap();
         spool.sync().unwrap();
         spool.append(b"c").unwrap(); // never synced
         let mut fs = std::mem::take(spool.fs_mut());
         fs.crash();
-        let (_, rec) = Spool::open(fs).unwrap();
-        let got: Vec<Vec<u8>> = rec.records.into_iter().map(|(_, r)| r).collect();
+        let (_, _, got) = open_all(fs);
+        let got: Vec<Vec<u8>> = got.into_iter().map(|(_, r)| r).collect();
         assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    #[test]
+    fn empty_segments_are_removed_and_reopen_finds_a_recreated_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (mut spool, _, _) = open_all(DirFs::new(&spool_dir).unwrap());
+        spool.append(b"kept").unwrap();
+        spool.rotate().unwrap();
+        spool.rotate().unwrap(); // an empty sealed segment
+        drop(spool);
+        let (mut spool, rec, got) = open_all(DirFs::new(&spool_dir).unwrap());
+        assert_eq!((got.len(), rec.segments.len()), (1, 1));
+        assert!(rec.empty_removed >= 2, "{rec:?}");
+        // The directory disappears under the open spool: appends fail, reset recreates it.
+        std::fs::remove_dir_all(&spool_dir).unwrap();
+        std::fs::write(&spool_dir, b"not a directory").unwrap();
+        assert!(spool.append(b"x").and_then(|_| spool.sync()).is_err());
+        std::fs::remove_file(&spool_dir).unwrap();
+        spool.fs_mut().reset().unwrap();
+        let rec = spool.recover(&mut |_, _| {}).unwrap();
+        assert!(rec.segments.is_empty());
+        spool.append(b"again").unwrap();
+        spool.sync().unwrap();
+        drop(spool);
+        let (_, _, got) = open_all(DirFs::new(&spool_dir).unwrap());
+        assert_eq!(
+            got.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            vec![b"again".to_vec()]
+        );
     }
 
     /// Model test: random appends, syncs, rotations, removals of committed segments and
@@ -459,7 +595,7 @@ pub mod tests {
             seed
         };
         for _run in 0..200 {
-            let (mut spool, _) = Spool::open(ForgetfulFs::default()).unwrap();
+            let (mut spool, _, _) = open_all(ForgetfulFs::default());
             let mut acked: Vec<(u64, Vec<u8>)> = Vec::new(); // durable, not yet committed
             let mut unacked: Vec<(u64, Vec<u8>)> = Vec::new();
             let mut sealed: Vec<u64> = Vec::new();
@@ -490,15 +626,14 @@ pub mod tests {
                     _ => {
                         let mut fs = std::mem::take(spool.fs_mut());
                         fs.crash();
-                        let (s2, rec) = Spool::open(fs).unwrap();
+                        let (s2, _, recovered) = open_all(fs);
                         spool = s2;
-                        let got: Vec<Vec<u8>> =
-                            rec.records.iter().map(|(_, r)| r.clone()).collect();
+                        let got: Vec<Vec<u8>> = recovered.iter().map(|(_, r)| r.clone()).collect();
                         for (_, a) in &acked {
                             assert!(got.contains(a), "acknowledged record {a:?} lost");
                         }
                         // After recovery everything found is pending again, in sealed segments.
-                        acked = rec.records;
+                        acked = recovered;
                         unacked.clear();
                         sealed = acked.iter().map(|(s, _)| *s).collect();
                         sealed.dedup();

@@ -20,9 +20,57 @@ pub enum DbError {
     Io(#[from] std::io::Error),
     #[error("blocking task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
+/// Messages of database errors that concern the statement's data, not the database's health.
+const CONTENT_MESSAGES: [&str; 5] = [
+    "invalid byte sequence",
+    "value too long",
+    "out of range",
+    "invalid input syntax",
+    "string or blob too big",
+];
+
 impl DbError {
+    /// The database refused the statement for its content (a constraint, bytes it cannot
+    /// store): sending the same statement again fails again. Everything else — pool and
+    /// connection errors, timeouts, locks, serialization failures — may pass on a retry.
+    pub fn is_content(&self) -> bool {
+        match self {
+            DbError::Query(QueryError::DatabaseError(kind, info)) => match kind {
+                DatabaseErrorKind::UniqueViolation
+                | DatabaseErrorKind::ForeignKeyViolation
+                | DatabaseErrorKind::NotNullViolation
+                | DatabaseErrorKind::CheckViolation => true,
+                _ => {
+                    let m = info.message().to_ascii_lowercase();
+                    CONTENT_MESSAGES.iter().any(|c| m.contains(c))
+                }
+            },
+            DbError::Query(QueryError::SerializationError(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// The database could not be reached or did not answer: no statement can succeed now.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            DbError::Pool(_)
+                | DbError::Connection(_)
+                | DbError::Io(_)
+                | DbError::Join(_)
+                | DbError::Timeout(_)
+                | DbError::Query(QueryError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection,
+                    _
+                ))
+                | DbError::Query(QueryError::BrokenTransactionManager)
+        )
+    }
+
     pub fn is_unique_violation(&self) -> bool {
         matches!(
             self,

@@ -111,6 +111,7 @@ pub struct NewUsage<'a> {
     pub error_code: Option<&'a str>,
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
+    pub response_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -140,6 +141,17 @@ pub struct UsageRow {
     pub duration_ms: i64,
     pub error_code: Option<String>,
     pub accepted_at: NaiveDateTime,
+    pub created_at: NaiveDateTime,
+    pub response_id: Option<String>,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = super::schema::usage_quarantine)]
+pub struct NewQuarantine<'a> {
+    pub request_id: &'a str,
+    pub api_key_id: i64,
+    pub payload: &'a str,
+    pub reason: &'a str,
     pub created_at: NaiveDateTime,
 }
 

@@ -55,6 +55,18 @@ diesel::table! {
         error_code -> Nullable<Text>,
         accepted_at -> Timestamp,
         created_at -> Timestamp,
+        response_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    usage_quarantine (id) {
+        id -> BigInt,
+        request_id -> Text,
+        api_key_id -> BigInt,
+        payload -> Text,
+        reason -> Text,
+        created_at -> Timestamp,
     }
 }
 

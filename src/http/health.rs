@@ -1,5 +1,6 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (it can serve: not draining, database
-//! reachable, migrations applied).
+//! `GET /healthz` (the process answers) and `GET /readyz` (it can serve: not draining, an
+//! upstream account configured, accounting able to make a record durable, database reachable,
+//! migrations applied). A 503 names its cause.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +17,14 @@ use crate::protocol::errors::ErrorCode;
 pub struct Readiness {
     pub db: DbPool,
     pub draining: Arc<AtomicBool>,
-    /// Reports the records waiting for the database, when the relay runs.
-    pub accounting: Option<actix::Addr<crate::accounting::Accounting>>,
+    /// Reports the records waiting for the database and accounting's health, when the relay
+    /// runs.
+    pub accounting: Option<(
+        actix::Addr<crate::accounting::Accounting>,
+        Arc<crate::accounting::health::AccountingHealth>,
+    )>,
+    /// No `[[accounts]]` configured: nothing can be served.
+    pub no_accounts: bool,
 }
 
 #[get("/healthz")]
@@ -31,10 +38,26 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
     if state.draining.load(Ordering::Relaxed) {
         return Err(not_ready("draining: shutting down".into()));
     }
-    let backlog = match &state.accounting {
-        Some(a) => a.send(crate::accounting::messages::Backlog).await.ok(),
-        None => None,
+    if state.no_accounts {
+        return Err(not_ready(
+            "no upstream accounts configured ([[accounts]] in the config)".into(),
+        ));
+    }
+    let (backlog, health) = match &state.accounting {
+        Some((a, h)) => (
+            a.send(crate::accounting::messages::Backlog).await.ok(),
+            h.report(),
+        ),
+        None => (None, Default::default()),
     };
+    if health.unavailable {
+        return Err(not_ready(format!(
+            "accounting unavailable: spool: {}; database: {} ({} records waiting)",
+            health.spool_error.as_deref().unwrap_or("-"),
+            health.db_error.as_deref().unwrap_or("-"),
+            backlog.unwrap_or(0)
+        )));
+    }
     queries::health::ping(&state.db).await.map_err(|e| {
         not_ready(format!(
             "database unreachable: {e} (accounting backlog: {} records waiting in the spool)",
@@ -54,6 +77,8 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
         "status": "ready",
         "database": state.db.backend(),
         "accounting_backlog": backlog,
+        // The spool can fail while the database carries every record (ready, degraded).
+        "spool_error": health.spool_error,
     })))
 }
 

@@ -33,6 +33,7 @@ pub enum ErrorCode {
     UpstreamProtocolError,
     ClientTooSlow,
     ShuttingDown,
+    AccountingUnavailable,
     IdleTimeout,
     InternalError,
 }
@@ -77,6 +78,7 @@ impl ErrorCode {
         ErrorCode::UpstreamProtocolError,
         ErrorCode::ClientTooSlow,
         ErrorCode::ShuttingDown,
+        ErrorCode::AccountingUnavailable,
         ErrorCode::IdleTimeout,
         ErrorCode::InternalError,
     ];
@@ -271,6 +273,13 @@ impl ErrorCode {
                 error_type: "server_error",
                 close: Some(1001),
                 when: "the relay is shutting down (the turn in flight is ended)",
+            },
+            ErrorCode::AccountingUnavailable => ErrorSpec {
+                code: "accounting_unavailable",
+                status: 503,
+                error_type: "server_error",
+                close: None,
+                when: "the turn's usage record could not be made durable within `accounting.ack_timeout_ms` (sent instead of its terminal event), or new turns while neither the spool nor the database can record usage",
             },
             ErrorCode::IdleTimeout => ErrorSpec {
                 code: "idle_timeout",

@@ -27,6 +27,18 @@ pub struct CreateFrame {
     pub warmup: bool,
     /// The input holds a tool output (`function_call_output`, `custom_tool_call_output`, …).
     pub has_tool_output: bool,
+    /// Bytes of the prompt the upstream bills as input (`input`, `instructions`, `tools`), for
+    /// the input estimate of a turn the upstream never reports usage for.
+    pub prompt_bytes: usize,
+}
+
+/// Bytes of a JSON value as the upstream reads it: a string's own length, else its JSON text.
+fn json_bytes(v: Option<&Value>) -> usize {
+    match v {
+        None | Some(Value::Null) => 0,
+        Some(Value::String(s)) => s.len(),
+        Some(v) => v.to_string().len(),
+    }
 }
 
 /// A frame the relay refuses; the session sends the error and closes (SPEC §3.2).
@@ -105,6 +117,10 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         store: obj.get("store").and_then(Value::as_bool).unwrap_or(true),
         warmup: obj.get("generate").and_then(Value::as_bool) == Some(false),
         has_tool_output,
+        prompt_bytes: ["input", "instructions", "tools"]
+            .iter()
+            .map(|k| json_bytes(obj.get(*k)))
+            .sum(),
     }))
 }
 
@@ -149,6 +165,9 @@ mod tests {
         assert!(!c.store && c.warmup && c.has_tool_output);
         let c = create(r#"{"input":"hi"}"#);
         assert!(c.store && !c.warmup && !c.has_tool_output && c.model.is_none());
+        assert_eq!(c.prompt_bytes, 2);
+        let c = create(r#"{"input":[{"type":"message"}],"instructions":"be brief","tools":[]}"#);
+        assert_eq!(c.prompt_bytes, r#"[{"type":"message"}]"#.len() + 8 + 2);
     }
 
     #[test]

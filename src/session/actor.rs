@@ -27,6 +27,10 @@ use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
+/// The client's message when usage cannot be recorded.
+const ACCOUNTING_UNAVAILABLE: &str =
+    "usage cannot be recorded right now, so the relay does not serve turns; retry later";
+
 /// Bytes sent between two backpressure pings.
 const PING_EVERY_BYTES: u64 = 256 * 1024;
 
@@ -58,6 +62,16 @@ struct Turn {
     span: Span,
 }
 
+/// A preempted turn whose connection is read in the background (after `response.cancel`) for
+/// the old response's terminal usage, which bills it (SPEC §4.3). The client has been told.
+struct Drain {
+    lease: Lease,
+    turn: Turn,
+    /// When the turn ended for the client (its duration ends there).
+    ended_at: Instant,
+    deadline: Instant,
+}
+
 /// How a turn's end is delivered to the client.
 struct Delivery {
     /// The frame sent after the record is acknowledged (terminal event or error event).
@@ -82,6 +96,10 @@ pub struct SessionActor {
     /// The connection of the last lease, preferred for the next one (affinity).
     preferred: Option<u64>,
     turn: Option<Turn>,
+    /// Preempted turns still being drained for their usage.
+    drains: Vec<Drain>,
+    /// The session ends once its drains are done.
+    stop_after_drains: bool,
     /// Bumped whenever an async step (admission, lease) is abandoned, so its late result is ignored.
     generation: u64,
     queued: Option<CreateFrame>,
@@ -118,6 +136,8 @@ impl SessionActor {
             lease: None,
             preferred: None,
             turn: None,
+            drains: Vec::new(),
+            stop_after_drains: false,
             generation: 0,
             queued: None,
             lease_failures: 0,
@@ -201,7 +221,7 @@ impl SessionActor {
         match frames::parse(&text) {
             Err(e) => self.protocol_error(e.code, &e.message, ctx),
             Ok(ClientFrame::Create(frame)) => self.on_create(frame, accepted, ctx),
-            Ok(ClientFrame::Cancel) => self.on_cancel(ctx),
+            Ok(ClientFrame::Cancel) => self.on_cancel(text, ctx),
             Ok(ClientFrame::Other(kind)) => self.on_other(kind, text, ctx),
         }
     }
@@ -227,13 +247,14 @@ impl SessionActor {
                         ErrorCode::ResponsePreempted,
                         "this response was ended by a newer response.create",
                     );
-                    let streaming = turn.phase == Phase::Streaming;
+                    if turn.phase == Phase::Streaming {
+                        return self.preempt_streaming(e, ctx);
+                    }
                     return self.finish(
                         Ending::Preempted,
                         Delivery {
                             last: Some(e),
-                            // A response may still be running on that socket.
-                            reusable: !streaming,
+                            reusable: true,
                             close: None,
                         },
                         ctx,
@@ -262,12 +283,13 @@ impl SessionActor {
         self.model = Some(model.clone());
         self.turn_index += 1;
         let index = self.turn_index;
-        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = tracing::field::Empty);
+        let turn_id = format!("turn_{}", random_hex(12));
+        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id);
         self.turn = Some(Turn {
             index,
-            turn_id: format!("turn_{}", random_hex(12)),
+            turn_id,
             accepted_wall: crate::db::now(),
-            tracker: TurnTracker::new(accepted),
+            tracker: TurnTracker::new(accepted).prompting(frame.prompt_bytes),
             frame,
             model,
             phase: Phase::Admitting,
@@ -320,6 +342,10 @@ impl SessionActor {
             if let Some(refusal) = refusal {
                 let code = auth_error_code(&refusal);
                 return act.reject(code, &refusal.to_string(), ctx);
+            }
+            if act.deps.accounting_health.refusal().is_some() {
+                // The cause (paths, hosts) is for the operator's log and /readyz, not clients.
+                return act.reject(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE, ctx);
             }
             let slots = act.deps.slots.clone();
             let Some(key_slot) = slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns) else {
@@ -547,34 +573,16 @@ impl SessionActor {
 
     // ---- turn end ---------------------------------------------------------------------------
 
-    /// Ends the turn in flight: its record goes to accounting, and only once accounting has
-    /// acknowledged it does the client get the turn's last frame.
-    fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
-        let Some(turn) = self.turn.as_mut() else {
-            return;
-        };
-        if turn.phase == Phase::Finishing {
-            return;
-        }
-        self.generation += 1;
-        let streaming = turn.phase == Phase::Streaming;
-        turn.phase = Phase::Finishing;
-        // Slots are free as soon as the turn is over, whatever happens next.
-        turn.key_slot = None;
-        turn.account_slot = None;
-        let outcome = turn.tracker.finish(ending, Instant::now());
-        let account = self
-            .lease
-            .as_ref()
-            .map(|l| l.account.to_string())
-            .unwrap_or_default();
-        let request_id = outcome
-            .response_id
-            .clone()
-            .unwrap_or_else(|| turn.turn_id.clone());
-        turn.span.record("request_id", request_id.as_str());
-        let record = TurnRecord {
-            request_id,
+    /// The usage record of `turn`, ended with `outcome`, on `account`.
+    fn record_of(
+        &self,
+        turn: &Turn,
+        outcome: crate::session::turn::Outcome,
+        account: String,
+    ) -> TurnRecord {
+        TurnRecord {
+            request_id: turn.turn_id.clone(),
+            response_id: outcome.response_id,
             api_key_id: self.principal.key_id,
             user_id: self.principal.user_id,
             session_id: self.id.clone(),
@@ -592,40 +600,64 @@ impl SessionActor {
             timing: outcome.timing,
             error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
+        }
+    }
+
+    /// Ends the turn in flight: its record goes to accounting, and only once accounting has
+    /// acknowledged it (durable) does the client get the turn's last frame. Not acknowledged
+    /// within `accounting.ack_timeout_ms` → the client gets `accounting_unavailable` instead
+    /// (never a terminal without a durable record); the record stays with accounting, which
+    /// writes it when it can.
+    fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
+        let Some(turn) = self.turn.as_mut() else {
+            return;
         };
+        if turn.phase == Phase::Finishing {
+            return;
+        }
+        self.generation += 1;
+        let streaming = turn.phase == Phase::Streaming;
+        turn.phase = Phase::Finishing;
+        // Slots are free as soon as the turn is over, whatever happens next.
+        turn.key_slot = None;
+        turn.account_slot = None;
+        // A refusal because accounting is down does not wait for accounting.
+        let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable.code());
+        let outcome = turn.tracker.finish(ending, Instant::now());
+        let account = self
+            .lease
+            .as_ref()
+            .map(|l| l.account.to_string())
+            .unwrap_or_default();
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        let record = self.record_of(turn, outcome, account);
         info!(parent: &turn.span, status = record.status, usage_source = record.usage_source,
+            response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
             first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
         if streaming && !delivery.reusable {
             self.release_lease(false);
         }
-        let accounting = self.deps.accounting.clone();
-        let send = async move {
-            // Durable in the spool, or (while accounting restarts) tried again.
-            for attempt in 0u64..50 {
-                match accounting.send(RecordTurn(record.clone())).await {
-                    Ok(Ok(())) => return Ok(()),
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(20 * (attempt + 1).min(10))).await
-                    }
-                }
-            }
-            Err(record)
-        };
+        let durable = self.record(record, wait);
         // `wait`: nothing else happens in this session until the record is safe.
-        ctx.wait(send.into_actor(self).map(move |res, act, ctx| {
-            if let Err(record) = res {
-                tracing::error!(parent: &act.span, request_id = %record.request_id, "accounting did not acknowledge the turn record");
-            }
+        ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
             act.turn = None;
             act.idle_since = Instant::now();
-            if let Some(last) = delivery.last {
+            let last = if durable {
+                delivery.last
+            } else {
+                warn!(parent: &act.span, "turn record not durable in time: accounting_unavailable instead of the terminal event");
+                Some(Self::error_event(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
+            };
+            if let Some(last) = last {
                 act.send(last, ctx);
             }
             if let Some((code, reason)) = delivery.close.or(act.close_after_turn) {
                 return act.close(code, reason, ctx);
             }
             if act.client_gone {
-                return ctx.stop();
+                return act.stop_when_drained(ctx);
             }
             if let Some(next) = act.queued.take() {
                 act.start_turn(next, Instant::now(), ctx);
@@ -633,13 +665,117 @@ impl SessionActor {
         }));
     }
 
+    /// Hands a record to accounting; resolves to whether it is durable within
+    /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller does not
+    /// hold anything back for it).
+    fn record(&self, record: TurnRecord, wait: bool) -> impl Future<Output = bool> + 'static {
+        let accounting = self.deps.accounting.clone();
+        let limit = Duration::from_millis(self.deps.settings.accounting.ack_timeout_ms);
+        async move {
+            let acked = accounting.send(RecordTurn(record));
+            if !wait {
+                // Queued with the actor all the same; it writes the record when it can.
+                tokio::spawn(acked);
+                return true;
+            }
+            matches!(tokio::time::timeout(limit, acked).await, Ok(Ok(Ok(()))))
+        }
+    }
+
+    /// Preempts the streaming turn (SPEC §4.3): the client is told at once and the new turn
+    /// starts on a fresh lease, while the old connection gets `response.cancel` and is read in
+    /// the background, up to `session.drain_ms`, for the old response's terminal usage.
+    fn preempt_streaming(&mut self, event: String, ctx: &mut Context<Self>) {
+        let (Some(mut turn), Some(lease)) = (self.turn.take(), self.lease.take()) else {
+            return;
+        };
+        self.generation += 1;
+        turn.key_slot = None;
+        turn.account_slot = None;
+        turn.phase = Phase::Finishing;
+        let id = turn.tracker.response_id.clone();
+        let cancel = match id {
+            Some(id) => json!({"type": "response.cancel", "response_id": id}),
+            None => json!({"type": "response.cancel"}),
+        };
+        lease.addr.do_send(SendText(cancel.to_string().into()));
+        debug!(parent: &turn.span, conn = lease.conn, "preempted; draining the old response in the background");
+        let now = Instant::now();
+        self.drains.push(Drain {
+            lease,
+            turn,
+            ended_at: now,
+            deadline: now + Duration::from_millis(self.deps.settings.session.drain_ms),
+        });
+        self.idle_since = now;
+        self.send(event, ctx);
+        if let Some(next) = self.queued.take() {
+            self.start_turn(next, now, ctx);
+        }
+    }
+
+    /// An upstream event for a drained connection; `None` means the connection was lost.
+    fn on_drain_event(&mut self, conn: u64, text: Option<ByteString>, ctx: &mut Context<Self>) {
+        let Some(i) = self.drains.iter().position(|d| d.lease.conn == conn) else {
+            return;
+        };
+        let Some(text) = text else {
+            return self.end_drain(i, false, ctx);
+        };
+        let d = &mut self.drains[i];
+        match d.turn.tracker.observe(&text, Instant::now()).kind {
+            EventKind::Terminal(_) => self.end_drain(i, true, ctx),
+            EventKind::Error => {
+                let (_, request_level) = upstream_error_code(&text);
+                self.end_drain(i, request_level, ctx)
+            }
+            _ => {}
+        }
+    }
+
+    /// A drain is over: the connection goes back (clean only after a terminal), and the
+    /// preempted turn is recorded with what the drain saw.
+    fn end_drain(&mut self, i: usize, clean: bool, ctx: &mut Context<Self>) {
+        let d = self.drains.swap_remove(i);
+        self.release(&d.lease, clean);
+        let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
+        let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+        info!(parent: &d.turn.span, status = record.status, usage_source = record.usage_source,
+            input_tokens = record.usage.input_tokens, clean, "preempted turn drained");
+        // Nobody waits on it: the client was told when the turn was preempted.
+        ctx.spawn(
+            self.record(record, false)
+                .into_actor(self)
+                .map(|_, act, ctx| {
+                    if act.stop_after_drains && act.drains.is_empty() {
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+
+    /// Stops the session once no preempted turn is still draining.
+    fn stop_when_drained(&mut self, ctx: &mut Context<Self>) {
+        if self.drains.is_empty() {
+            ctx.stop();
+        } else {
+            self.stop_after_drains = true;
+        }
+    }
+
     fn release_lease(&mut self, reusable: bool) {
-        if let Some(lease) = self.lease.take()
-            && let Some(h) = self
-                .deps
-                .accounts
-                .iter()
-                .find(|a| *a.name == *lease.account)
+        if let Some(lease) = self.lease.take() {
+            self.release(&lease, reusable);
+        }
+    }
+
+    /// Gives a connection back to its account's pool.
+    fn release(&self, lease: &Lease, reusable: bool) {
+        if let Some(h) = self
+            .deps
+            .accounts
+            .iter()
+            .find(|a| *a.name == *lease.account)
         {
             h.pool.do_send(Release {
                 conn: lease.conn,
@@ -650,7 +786,8 @@ impl SessionActor {
 
     // ---- cancel, other frames, backpressure, client gone -----------------------------------
 
-    fn on_cancel(&mut self, ctx: &mut Context<Self>) {
+    /// `response.cancel` / `response.interrupt`: forwarded as the client sent it.
+    fn on_cancel(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let grace = Duration::from_millis(self.deps.settings.session.cancel_grace_ms);
         let Some(turn) = self.turn.as_mut() else {
             let e = Self::error_event(ErrorCode::NoActiveResponse, "no response is in flight");
@@ -659,9 +796,7 @@ impl SessionActor {
         match turn.phase {
             Phase::Streaming => {
                 if let Some(lease) = &self.lease {
-                    lease.addr.do_send(SendText(ByteString::from_static(
-                        r#"{"type":"response.cancel"}"#,
-                    )));
+                    lease.addr.do_send(SendText(text));
                 }
                 turn.cancel_deadline.get_or_insert(Instant::now() + grace);
             }
@@ -720,7 +855,7 @@ impl SessionActor {
         self.client_gone = true;
         let drain = Duration::from_millis(self.deps.settings.session.drain_ms);
         let Some(turn) = self.turn.as_mut() else {
-            return ctx.stop();
+            return self.stop_when_drained(ctx);
         };
         match turn.phase {
             Phase::Streaming => {
@@ -750,6 +885,10 @@ impl SessionActor {
         let deps = self.deps.clone();
         let s = &deps.settings;
         let read_timeout = Duration::from_millis(s.upstream.read_timeout_ms);
+        while let Some(i) = self.drains.iter().position(|d| now >= d.deadline) {
+            // No terminal in time: the connection's state is unknown, it is closed.
+            self.end_drain(i, false, ctx);
+        }
         if let Some(turn) = self.turn.as_ref() {
             if turn.phase != Phase::Streaming {
                 return;
@@ -876,6 +1015,13 @@ impl Actor for SessionActor {
     fn stopped(&mut self, _: &mut Self::Context) {
         let clean = self.turn.is_none();
         self.release_lease(clean);
+        // Preempted turns still draining are recorded with what was seen (estimated usage).
+        for d in std::mem::take(&mut self.drains) {
+            self.release(&d.lease, false);
+            let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
+            let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+            self.deps.accounting.do_send(RecordTurn(record));
+        }
         // Make sure the transport goes too.
         self.out(Outbound::Close(1000, String::new()));
         self.deps.registry.do_send(Unregister {
@@ -944,8 +1090,9 @@ impl Handler<UpstreamEvent> for SessionActor {
             UpstreamEvent::Lost { conn, reason } if Some(conn) == current => {
                 self.on_upstream_lost(reason, ctx)
             }
-            // A connection this session no longer holds.
-            _ => {}
+            // A preempted turn's connection (or one this session no longer holds).
+            UpstreamEvent::Text { conn, text } => self.on_drain_event(conn, Some(text), ctx),
+            UpstreamEvent::Lost { conn, .. } => self.on_drain_event(conn, None, ctx),
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct SessionDeps {
     pub prices: crate::billing::pricing::PriceTable,
     pub db: DbPool,
     pub accounting: Addr<Accounting>,
+    /// Whether a finished turn can be made durable now (admission refuses turns when not).
+    pub accounting_health: Arc<crate::accounting::health::AccountingHealth>,
     /// Spend durable in the spool but not yet in the database (counted by admission).
     pub pending_spend: Arc<crate::accounting::pending::PendingSpend>,
     /// Recently authenticated keys, used at connect while the database is unreachable.

@@ -74,6 +74,11 @@ impl TurnClock {
         self.first_token.is_some()
     }
 
+    /// The request was written upstream (the upstream bills its input from then on).
+    pub fn reached_upstream(&self) -> bool {
+        self.written.is_some()
+    }
+
     /// Timing of a turn that ends now (terminal event or any other end).
     pub fn finish(&self, now: Instant) -> Timing {
         let since = |t: Instant| t.saturating_duration_since(self.accepted);
@@ -136,8 +141,13 @@ pub struct TurnTracker {
     pub response_id: Option<String>,
     usage: Usage,
     usage_reported: bool,
+    /// A terminal event arrived (its usage, if any, is the upstream's bill).
+    saw_terminal: bool,
     pub usage_malformed: bool,
     streamed_chars: usize,
+    /// Bytes of the request's prompt (input, instructions, tools): the input estimate when the
+    /// upstream never reports usage.
+    prompt_bytes: usize,
     pub events: u32,
 }
 
@@ -148,10 +158,18 @@ impl TurnTracker {
             response_id: None,
             usage: Usage::default(),
             usage_reported: false,
+            saw_terminal: false,
             usage_malformed: false,
             streamed_chars: 0,
+            prompt_bytes: 0,
             events: 0,
         }
+    }
+
+    /// The size of the request's prompt, for the input estimate.
+    pub fn prompting(mut self, prompt_bytes: usize) -> Self {
+        self.prompt_bytes = prompt_bytes;
+        self
     }
 
     /// Feeds one upstream text frame. Only `response.created`, terminals and usage-bearing
@@ -160,6 +178,7 @@ impl TurnTracker {
         let kind = event_type(text).map_or(EventKind::Other, |t| kind_of(&t));
         self.events += 1;
         self.clock.event(kind, now);
+        self.saw_terminal |= matches!(kind, EventKind::Terminal(_));
         match kind {
             EventKind::Token => self.streamed_chars += delta_len(text),
             EventKind::Created | EventKind::Terminal(_) | EventKind::Lifecycle
@@ -192,6 +211,11 @@ impl TurnTracker {
     }
 
     /// The outcome of the turn ending now.
+    ///
+    /// Usage (SPEC §4.3): the upstream's, when a terminal event reported it. Otherwise never
+    /// zero for a request that reached the upstream: input estimated from the prompt (about 4
+    /// bytes a token) when nothing reported it, output from the streamed text when that is
+    /// more than reported — `estimated`, or `partial` when part of it was reported.
     pub fn finish(&self, ending: Ending, now: Instant) -> Outcome {
         let timing = self.clock.finish(now);
         let (status, error_code) = match &ending {
@@ -204,21 +228,24 @@ impl TurnTracker {
             Ending::Rejected(code) => ("rejected", Some(code.to_string())),
             Ending::Aborted(code) => ("cancelled", Some(code.to_string())),
         };
-        let complete = matches!(ending, Ending::Terminal(_));
+        let reached = self.clock.reached_upstream();
         let mut usage = self.usage;
-        let usage_source = if self.events == 0 {
+        let usage_source = if self.events == 0 && !reached {
             "none"
-        } else if complete && self.usage_reported {
+        } else if self.usage_reported && self.saw_terminal {
             "reported"
-        } else if complete {
-            usage.output_tokens = estimate_tokens(self.streamed_chars);
-            "estimated"
         } else {
-            // Cut short: what was seen, with the streamed text as a floor for the output.
             usage.output_tokens = usage
                 .output_tokens
                 .max(estimate_tokens(self.streamed_chars));
-            "partial"
+            if reached && usage.input_tokens == 0 {
+                usage.input_tokens = estimate_tokens(self.prompt_bytes);
+            }
+            if self.usage_reported {
+                "partial"
+            } else {
+                "estimated"
+            }
         };
         if usage.total_tokens == 0 {
             usage.total_tokens = usage.input_tokens + usage.output_tokens;
@@ -424,11 +451,75 @@ mod tests {
         let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
         assert_eq!(
             (o.status, o.usage_source, o.usage.output_tokens),
-            ("upstream_lost", "partial", 1)
+            ("upstream_lost", "estimated", 1)
+        );
+        // Part of the usage reported before the cut: partial, output floored by the text.
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.in_progress","response":{"id":"r","usage":{"input_tokens":9}}}"#,
+            t0,
+        );
+        t.observe(
+            r#"{"type":"response.output_text.delta","delta":"abcdefgh"}"#,
+            t0,
+        );
+        let o = t.finish(Ending::ClientGone, t0);
+        assert_eq!(
+            (o.usage_source, o.usage.input_tokens, o.usage.output_tokens),
+            ("partial", 9, 2)
         );
         // Nothing seen.
         let o = TurnTracker::new(t0).finish(Ending::Rejected("account_busy"), t0);
         assert_eq!((o.status, o.usage_source), ("rejected", "none"));
+    }
+
+    /// A request that reached the upstream is never billed as zero input, however it ended.
+    #[test]
+    fn cut_short_turns_bill_estimated_input() {
+        let t0 = Instant::now();
+        for ending in [
+            Ending::Preempted,
+            Ending::Cancelled,
+            Ending::ClientGone,
+            Ending::UpstreamLost("upstream_restarting"),
+            Ending::Aborted("shutting_down"),
+        ] {
+            let mut t = TurnTracker::new(t0).prompting(4_000);
+            t.clock.written(t0);
+            t.observe(
+                r#"{"type":"response.created","response":{"id":"resp_1"}}"#,
+                t0,
+            );
+            t.observe(
+                r#"{"type":"response.output_text.delta","delta":"12345678"}"#,
+                t0,
+            );
+            let o = t.finish(ending.clone(), t0);
+            assert_eq!(
+                (o.usage_source, o.usage.input_tokens, o.usage.output_tokens),
+                ("estimated", 1_000, 2),
+                "{ending:?}"
+            );
+        }
+        // Written upstream, nothing came back: input still billed.
+        let mut t = TurnTracker::new(t0).prompting(40);
+        t.clock.written(t0);
+        let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
+        assert_eq!((o.usage_source, o.usage.input_tokens), ("estimated", 10));
+        // A cancelled terminal that carries usage is the upstream's bill.
+        let mut t = TurnTracker::new(t0).prompting(4_000);
+        t.clock.written(t0);
+        t.observe(r#"{"type":"response.cancelled","response":{"id":"r","usage":{"input_tokens":7,"output_tokens":3}}}"#, t0);
+        let o = t.finish(Ending::Preempted, t0);
+        assert_eq!(
+            (
+                o.status,
+                o.usage_source,
+                o.usage.input_tokens,
+                o.usage.output_tokens
+            ),
+            ("preempted", "reported", 7, 3)
+        );
     }
 
     #[test]

@@ -304,6 +304,41 @@ pub async fn record_with_compensation(
     }))
 }
 
+/// Keeps a record the database refused for its content, with the reason (SPEC §5.4.9).
+pub async fn quarantine(
+    pool: &DbPool,
+    r: &TurnRecord,
+    payload: &str,
+    reason: &str,
+) -> Result<(), DbError> {
+    let row = crate::db::models::NewQuarantine {
+        request_id: &r.request_id,
+        api_key_id: r.api_key_id,
+        payload,
+        reason,
+        created_at: now(),
+    };
+    with_conn!(pool, |c| {
+        diesel::insert_into(crate::db::schema::usage_quarantine::table)
+            .values(&row)
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Quarantined records, oldest first: (request_id, api_key_id, reason).
+pub async fn quarantined(pool: &DbPool) -> Result<Vec<(String, i64, String)>, DbError> {
+    use crate::db::schema::usage_quarantine as q;
+    Ok(with_conn!(pool, |c| {
+        q::table
+            .order(q::id)
+            .select((q::request_id, q::api_key_id, q::reason))
+            .load(c)
+            .await?
+    }))
+}
+
 /// Compensations by status (all when `None`), oldest first.
 pub async fn compensations(
     pool: &DbPool,

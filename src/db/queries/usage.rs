@@ -39,6 +39,7 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
         error_code: r.error_code.as_deref(),
         accepted_at: r.accepted_at,
         created_at: now(),
+        response_id: r.response_id.as_deref(),
     }
 }
 
