@@ -27,7 +27,7 @@ use crate::pool::ContextPool;
 use crate::pool::messages::ShutdownPool;
 use crate::protocol::errors::ErrorCode;
 use crate::session::admission::Slots;
-use crate::session::registry::{Count, EndAll, Registry};
+use crate::session::registry::{Count, EndAll, EndAllWhenIdle, Registry};
 use crate::session::{AccountHandle, SessionDeps};
 use actix::Addr;
 
@@ -207,28 +207,72 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
         handle.stop(true).await;
     });
     server.await?;
-    for a in &deps.accounts {
-        let _ = a.pool.send(ShutdownPool).await;
-    }
-    let left = deps.accounting.send(Flush).await.unwrap_or(0);
+    close_upstreams(&deps).await;
+    let left = flush_accounting(&deps, grace).await;
     info!(unwritten_records = left, "stopped");
     Ok(())
 }
 
-/// Stop accepting (readiness 503, ingress refuses), end every session — a turn in flight gets
-/// its terminal error event, then close 1001 — and wait for them, at most `grace`.
+/// Every upstream socket gets a close frame; waits (at most a second) until they are out.
+async fn close_upstreams(deps: &SessionDeps) {
+    let mut conns = Vec::new();
+    for a in &deps.accounts {
+        conns.extend(a.pool.send(ShutdownPool).await.unwrap_or_default());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while conns.iter().any(|c| c.connected()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Accounting's last flush, awaited: returns the records still not in the database after at
+/// most `limit` (they stay in the spool for the next start).
+async fn flush_accounting(deps: &SessionDeps, limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deps.accounting.send(Flush).await.unwrap_or(0);
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stop accepting (readiness 503, ingress refuses); sessions between turns close with 1001 at
+/// once, turns in flight get up to `grace` to finish normally (terminal delivered and billed),
+/// then close; turns still running after `grace` end with `shutting_down` and close 1001.
 pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
     deps.draining.store(true, Ordering::Relaxed);
-    let asked = deps
-        .registry
-        .send(EndAll(ErrorCode::ShuttingDown))
-        .await
-        .unwrap_or(0);
-    info!(sessions = asked, "ending sessions");
-    let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline {
+    let asked = deps.registry.send(EndAllWhenIdle).await.unwrap_or(0);
+    info!(
+        sessions = asked,
+        grace_ms = grace.as_millis() as u64,
+        "ending sessions after their turns"
+    );
+    if !wait_for_sessions(deps, grace).await {
+        let left = deps
+            .registry
+            .send(EndAll(ErrorCode::ShuttingDown))
+            .await
+            .unwrap_or(0);
+        info!(
+            sessions = left,
+            "grace over: ending the turns still in flight"
+        );
+        // Their records are handed to accounting before they close.
+        wait_for_sessions(deps, Duration::from_secs(2)).await;
+    }
+}
+
+/// Waits until no session is left, at most `limit`; returns whether none is.
+async fn wait_for_sessions(deps: &SessionDeps, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
         if deps.registry.send(Count).await.unwrap_or(0) == 0 {
-            break;
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -135,7 +135,8 @@ pub async fn authenticate_cached(
         return Err(AuthError::Missing);
     }
     let hash = hash_key(presented);
-    let (key, user) = match queries::keys::by_hash(pool, &hash).await {
+    let lookup = queries::keys::by_hash(pool, &hash);
+    let (key, user) = match crate::db::within(crate::db::READ_DEADLINE, lookup).await {
         Ok(found) => {
             let (key, user) = found.ok_or(AuthError::Invalid)?;
             if let Some(c) = cache {

@@ -361,3 +361,37 @@ async fn batches_bill_once_and_count_mismatched_replays() {
     })
     .await;
 }
+
+/// PostgreSQL connections carry `statement_timeout` from `database.statement_timeout_ms`.
+#[actix_web::test]
+async fn postgres_statement_timeout_is_set() {
+    use diesel::QueryableByName;
+    use diesel::sql_types::Text;
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        statement_timeout: String,
+    }
+    for db in TestDb::all().await {
+        if db.backend != "postgres" {
+            continue;
+        }
+        let mut settings = db.settings();
+        settings.statement_timeout_ms = 1500;
+        let pool = turnpike::db::DbPool::connect(&settings).unwrap();
+        let turnpike::db::DbPool::Postgres(p) = &pool else {
+            unreachable!()
+        };
+        let mut c = p.get().await.unwrap();
+        let s: Setting = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query("SHOW statement_timeout"),
+            &mut c,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.statement_timeout, "1500ms");
+        drop(c);
+        drop(pool);
+        db.cleanup().await;
+    }
+}

@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::TestDb;
 use common::stack::{Stack, StackOptions, block, with_db};
 use common::ws::{Client, Recv};
-use common::{TestDb, http_get};
 use serde_json::{Value, json};
 use turnpike::auth::KeyRequest;
 use turnpike::db::queries;
@@ -736,33 +736,71 @@ fn slow_client_is_cut_off() {
     s.finish();
 }
 
+/// SIGTERM (SPEC §5.5): a turn that finishes within `server.shutdown_grace_ms` is delivered
+/// and billed, one that does not ends with `shutting_down`; idle sessions close 1001 at once;
+/// every row is in the database when the process has exited; upstream sockets get close frames.
 #[test]
-fn sigterm_ends_turns_then_closes_1001() {
+fn sigterm_finishes_turns_within_grace_then_closes_1001() {
     for db in backends() {
+        let backend = db.backend;
         let mut s = Stack::start(db, StackOptions::default());
         let mut busy = s.client();
         busy.send(&create("terminal_delay_ms=10000"));
         assert_eq!(busy.next_event(T)["type"], "response.created");
+        let mut finishing = s.client();
+        finishing.send(&create("terminal_delay_ms=1200"));
+        assert_eq!(finishing.next_event(T)["type"], "response.created");
         let mut idle = s.client();
         idle.send(&create(""));
         idle.until_terminal(T);
         let (code, took, log) = s.relay.terminate();
         assert_eq!(code, Some(0), "{log:?}");
-        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(took < Duration::from_secs(8), "{took:?}");
+        assert!(
+            log.iter().any(|l| l.contains("unwritten_records=0")),
+            "{backend}: last flush awaited: {log:?}"
+        );
+        assert_eq!(expect_close(&mut idle), 1001, "idle: at once");
+        let done = finishing.until_terminal(T);
+        assert_eq!(
+            last_type(&done),
+            "response.completed",
+            "{backend}: a turn within the grace finishes normally"
+        );
+        assert_eq!(expect_close(&mut finishing), 1001);
         let e = busy.until_terminal(T);
         assert_eq!(e.last().unwrap()["error"]["code"], "shutting_down");
         assert_eq!(expect_close(&mut busy), 1001);
-        assert_eq!(expect_close(&mut idle), 1001);
-        let rows = s.rows(2);
+        // No waiting: the rows were written before the process exited.
+        let rows = block(async { queries::usage::by_key(&s.db.pool(), s.key_id).await }).unwrap();
+        assert_eq!(rows.len(), 3, "{backend}: {rows:?}");
         let ended = rows
             .iter()
             .find(|r| r.error_code.as_deref() == Some("shutting_down"))
             .expect("row of the cut turn");
         assert_eq!(ended.status, "cancelled");
+        assert!(ended.input_tokens > 0, "the cut turn's input is billed");
+        assert_eq!(
+            rows.iter().filter(|r| r.status == "completed").count(),
+            2,
+            "{rows:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(s.sim_stats()["open"], 0, "upstream sockets closed");
-        let (status, _) = http_get(&s.sim_addr, "/sim/stats");
-        assert_eq!(status, 200);
+        for c in s.sim_connections().as_array().unwrap() {
+            let last_in = c["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|f| f["dir"] == "in")
+                .map(|f| f["text"].as_str().unwrap().to_string());
+            assert_eq!(
+                last_in.as_deref(),
+                Some("<close 1000>"),
+                "{backend}: the upstream got a close frame"
+            );
+        }
         s.finish();
     }
 }

@@ -32,7 +32,7 @@ use super::messages::{
 };
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
-use crate::db::{DbError, DbPool, queries};
+use crate::db::{DbError, DbPool, queries, within as timed};
 
 pub struct AccountingConfig {
     pub batch_max_rows: usize,
@@ -556,15 +556,6 @@ async fn commit_one(db: &DbPool, r: &TurnRecord, timeout: Duration) -> Result<()
         queries::billing::quarantine(db, r, &payload, &reason),
     )
     .await
-}
-
-async fn timed<T>(
-    limit: Duration,
-    fut: impl Future<Output = Result<T, DbError>>,
-) -> Result<T, DbError> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or(Err(DbError::Timeout(limit)))
 }
 
 impl Actor for Accounting {

@@ -43,6 +43,22 @@ pub mod schema;
 pub use error::DbError;
 pub use pool::{DbPool, SqliteConn};
 
+/// Latency-sensitive reads (a turn's admission, a connect's key lookup, readiness) give up
+/// after this long: a database that accepts connections but never answers must not hang
+/// turns; they fall back to what was read last.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs a database call with a deadline; a call that does not finish in time is an outage
+/// (`DbError::Timeout`).
+pub async fn within<T>(
+    limit: std::time::Duration,
+    fut: impl Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(DbError::Timeout(limit)))
+}
+
 /// Current UTC time as stored in `TIMESTAMP` columns on both backends.
 pub fn now() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()

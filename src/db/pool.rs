@@ -34,12 +34,14 @@ impl DbPool {
         let timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
         match DatabaseTarget::parse(&settings.url)? {
             DatabaseTarget::Postgres(url) => {
+                let url = with_pg_defaults(&url, settings.statement_timeout_ms);
                 let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
                 let pool = Pool::builder(manager)
                     .max_size(settings.pool_max_size)
                     .runtime(Runtime::Tokio1)
                     .wait_timeout(timeout)
                     .create_timeout(timeout)
+                    .recycle_timeout(timeout)
                     .build()?;
                 Ok(Self::Postgres(pool))
             }
@@ -76,6 +78,7 @@ impl DbPool {
                     .runtime(Runtime::Tokio1)
                     .wait_timeout(timeout)
                     .create_timeout(timeout)
+                    .recycle_timeout(timeout)
                     .build()?;
                 Ok(Self::Sqlite(pool))
             }
@@ -87,5 +90,44 @@ impl DbPool {
             Self::Postgres(_) => "postgres",
             Self::Sqlite(_) => "sqlite",
         }
+    }
+}
+
+/// A PostgreSQL URL with the connection settings turnpike relies on, unless the URL sets them:
+/// a server-side `statement_timeout` (a runaway statement is cancelled) and TCP keepalives (a
+/// peer that vanished without a FIN is noticed on idle pooled connections).
+pub fn with_pg_defaults(url: &str, statement_timeout_ms: u64) -> String {
+    let mut out = url.to_string();
+    let mut add = |param: &str, value: String| {
+        if !url.contains(&format!("{param}=")) {
+            out.push(if out.contains('?') { '&' } else { '?' });
+            out.push_str(param);
+            out.push('=');
+            out.push_str(&value);
+        }
+    };
+    add(
+        "options",
+        format!("-c%20statement_timeout%3D{statement_timeout_ms}"),
+    );
+    add("keepalives", "1".into());
+    add("keepalives_idle", "30".into());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_defaults_are_added_unless_set() {
+        assert_eq!(
+            with_pg_defaults("postgres://u@h/db", 1500),
+            "postgres://u@h/db?options=-c%20statement_timeout%3D1500&keepalives=1&keepalives_idle=30"
+        );
+        assert_eq!(
+            with_pg_defaults("postgres://u@h/db?keepalives=0&options=x", 1),
+            "postgres://u@h/db?keepalives=0&options=x&keepalives_idle=30"
+        );
     }
 }

@@ -58,13 +58,16 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
             backlog.unwrap_or(0)
         )));
     }
-    queries::health::ping(&state.db).await.map_err(|e| {
-        not_ready(format!(
-            "database unreachable: {e} (accounting backlog: {} records waiting in the spool)",
-            backlog.unwrap_or(0)
-        ))
-    })?;
-    let pending = migrate::pending(&state.db)
+    let ping = queries::health::ping(&state.db);
+    crate::db::within(crate::db::READ_DEADLINE, ping)
+        .await
+        .map_err(|e| {
+            not_ready(format!(
+                "database unreachable: {e} (accounting backlog: {} records waiting in the spool)",
+                backlog.unwrap_or(0)
+            ))
+        })?;
+    let pending = crate::db::within(crate::db::READ_DEADLINE, migrate::pending(&state.db))
         .await
         .map_err(|e| not_ready(format!("cannot read migrations: {e}")))?;
     if !pending.is_empty() {

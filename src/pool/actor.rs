@@ -335,17 +335,22 @@ impl Handler<PoolStats> for ContextPool {
 }
 
 impl Handler<ShutdownPool> for ContextPool {
-    type Result = ();
+    type Result = MessageResult<ShutdownPool>;
 
-    fn handle(&mut self, _: ShutdownPool, _: &mut Context<Self>) {
+    fn handle(&mut self, _: ShutdownPool, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
         for w in self.waiters.drain(..) {
             let _ = w.reply.send(Err(LeaseError::ShuttingDown));
         }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         info!(account = %self.account, connections = ids.len(), "closing upstream connections");
+        let addrs = ids
+            .iter()
+            .filter_map(|id| self.conns.get(id).map(|e| e.addr.clone()))
+            .collect();
         for id in ids {
             self.close(id);
         }
+        MessageResult(addrs)
     }
 }

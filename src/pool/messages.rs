@@ -63,7 +63,8 @@ pub struct PoolSnapshot {
 #[rtype(result = "PoolSnapshot")]
 pub struct PoolStats;
 
-/// Close every connection and refuse new leases.
+/// Close every connection (close frames) and refuse new leases; answers with the connection
+/// actors, so the caller can wait for their close frames to go out.
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Vec<Addr<UpstreamConn>>")]
 pub struct ShutdownPool;

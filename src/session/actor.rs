@@ -13,7 +13,7 @@ use tracing::{Span, debug, info, info_span, warn};
 
 use super::SessionDeps;
 use super::admission::{AccountSlot, SlotGuard};
-use super::messages::EndSession;
+use super::messages::{EndSession, EndWhenIdle};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, Outbound};
 use super::turn::{Ending, TurnTracker};
@@ -311,7 +311,9 @@ impl SessionActor {
         let generation = self.generation;
         let db = self.deps.db.clone();
         let key_id = self.principal.key_id;
-        let fut = async move { queries::keys::by_id(&db, key_id).await };
+        let fut = async move {
+            crate::db::within(crate::db::READ_DEADLINE, queries::keys::by_id(&db, key_id)).await
+        };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             if act.generation != generation {
                 return;
@@ -995,6 +997,7 @@ impl Actor for SessionActor {
         self.deps.registry.do_send(Register {
             id: self.id.clone(),
             session: ctx.address().recipient(),
+            when_idle: ctx.address().recipient(),
         });
         let s = &self.deps.settings;
         let shortest = [
@@ -1119,6 +1122,22 @@ impl Handler<EndSession> for SessionActor {
                     ctx,
                 );
             }
+        }
+    }
+}
+
+impl Handler<EndWhenIdle> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: EndWhenIdle, ctx: &mut Self::Context) {
+        let code = ErrorCode::ShuttingDown;
+        let close = (code.spec().close.unwrap_or(1001), code.code());
+        if self.turn.is_none() {
+            self.close(close.0, close.1, ctx);
+        } else {
+            // The turn finishes normally; `finish` closes after its last frame.
+            self.close_after_turn = Some(close);
+            self.queued = None;
         }
     }
 }

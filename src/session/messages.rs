@@ -9,3 +9,9 @@ use crate::protocol::errors::ErrorCode;
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct EndSession(pub ErrorCode);
+
+/// Shutdown, first step: a session between turns closes now (1001); a session in a turn lets
+/// the turn finish (terminal delivered and billed), then closes.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct EndWhenIdle;

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 
-use super::messages::EndSession;
+use super::messages::{EndSession, EndWhenIdle};
 use crate::protocol::errors::ErrorCode;
 
 #[derive(Default)]
 pub struct Registry {
-    sessions: HashMap<String, Recipient<EndSession>>,
+    sessions: HashMap<String, (Recipient<EndSession>, Recipient<EndWhenIdle>)>,
 }
 
 impl Actor for Registry {
@@ -25,6 +25,7 @@ impl Actor for Registry {
 pub struct Register {
     pub id: String,
     pub session: Recipient<EndSession>,
+    pub when_idle: Recipient<EndWhenIdle>,
 }
 
 #[derive(Message)]
@@ -46,7 +47,7 @@ pub struct Count;
 impl Handler<Register> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
-        self.sessions.insert(msg.id, msg.session);
+        self.sessions.insert(msg.id, (msg.session, msg.when_idle));
     }
 }
 
@@ -60,8 +61,23 @@ impl Handler<Unregister> for Registry {
 impl Handler<EndAll> for Registry {
     type Result = usize;
     fn handle(&mut self, msg: EndAll, _: &mut Context<Self>) -> usize {
-        for s in self.sessions.values() {
+        for (s, _) in self.sessions.values() {
             s.do_send(EndSession(msg.0));
+        }
+        self.sessions.len()
+    }
+}
+
+/// Asks every session to close after its turn in flight (`EndWhenIdle`); returns how many.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct EndAllWhenIdle;
+
+impl Handler<EndAllWhenIdle> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: EndAllWhenIdle, _: &mut Context<Self>) -> usize {
+        for (_, s) in self.sessions.values() {
+            s.do_send(EndWhenIdle);
         }
         self.sessions.len()
     }

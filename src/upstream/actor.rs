@@ -57,7 +57,9 @@ impl UpstreamConn {
         self.shut(ctx);
     }
 
-    /// Close frame, flush, stop (the stop comes from the sink finishing, or a deadline).
+    /// The closing handshake (RFC 6455 §7.1): our close frame, then the TCP stream is shut
+    /// down once the peer's close frame arrives — shutting it down right after our own frame
+    /// can make a server drop that frame — or after a second, whichever comes first.
     fn shut(&mut self, ctx: &mut Context<Self>) {
         if self.closing {
             return;
@@ -65,8 +67,12 @@ impl UpstreamConn {
         self.closing = true;
         match self.sink.as_mut() {
             Some(sink) => {
-                let _ = sink.write(WsMessage::Close(Some(CloseReason::from(CloseCode::Normal))));
-                sink.close();
+                if sink
+                    .write(WsMessage::Close(Some(CloseReason::from(CloseCode::Normal))))
+                    .is_err()
+                {
+                    return ctx.stop();
+                }
                 ctx.run_later(std::time::Duration::from_secs(1), |_, ctx| ctx.stop());
             }
             None => ctx.stop(),
@@ -104,6 +110,13 @@ impl Actor for UpstreamConn {
 
 impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
     fn handle(&mut self, item: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
+        if self.closing && matches!(item, Ok(Frame::Close(_))) {
+            // The peer answered our close frame: the handshake is complete.
+            if let Some(sink) = self.sink.as_mut() {
+                sink.close();
+            }
+            return;
+        }
         if self.lost {
             return;
         }
