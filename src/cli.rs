@@ -88,6 +88,10 @@ pub struct SimArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Fixed id seed (hex): a restarted sim with the same seed repeats its response ids, as an
+    /// upstream may. Default: random per process.
+    #[arg(long)]
+    pub id_seed: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,6 +294,7 @@ async fn sim(args: SimArgs) -> Result<(), CliError> {
         max_frame: args.max_frame_bytes,
         record_frames: !args.no_record,
         workers: args.workers,
+        id_seed: args.id_seed,
     };
     let (handle, server) =
         crate::sim::start(config, args.bind).map_err(|source| AppError::Bind {

@@ -6,72 +6,15 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::ledger::{assert_invariant, exec, query_sums, sums, wait_rows};
 use common::stack::{Stack, StackOptions, block};
 use common::ws::Client;
 use common::{Proc, TestDb};
-use diesel::sql_types::BigInt;
-use diesel::{QueryableByName, sql_query};
-use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use serde_json::json;
-use turnpike::db::DbPool;
 
 const T: Duration = Duration::from_secs(20);
 
-#[derive(QueryableByName, Debug)]
-struct Sums {
-    #[diesel(sql_type = BigInt)]
-    usage_rows: i64,
-    #[diesel(sql_type = BigInt)]
-    distinct_keys: i64,
-    #[diesel(sql_type = BigInt)]
-    usage_cost: i64,
-    #[diesel(sql_type = BigInt)]
-    ledger: i64,
-    #[diesel(sql_type = BigInt)]
-    unsettled: i64,
-    #[diesel(sql_type = BigInt)]
-    spent: i64,
-}
-
-const SUMS: &str = "SELECT \
-    (SELECT COUNT(*) FROM usage_logs) AS usage_rows, \
-    (SELECT COUNT(*) FROM (SELECT DISTINCT request_id, api_key_id FROM usage_logs) d) AS distinct_keys, \
-    (SELECT CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) FROM usage_logs) AS usage_cost, \
-    (SELECT CAST(COALESCE(SUM(amount_nanousd), 0) AS BIGINT) FROM billing_ledger) AS ledger, \
-    (SELECT CAST(COALESCE(SUM(amount_nanousd), 0) AS BIGINT) FROM billing_compensations WHERE status <> 'settled') AS unsettled, \
-    (SELECT CAST(COALESCE(SUM(spent_nanousd), 0) AS BIGINT) FROM api_keys) AS spent";
-
-fn sums(db: &TestDb) -> Sums {
-    block(async {
-        let pool = db.pool();
-        query_sums(&pool).await
-    })
-}
-
-async fn query_sums(pool: &DbPool) -> Sums {
-    match pool {
-        DbPool::Postgres(p) => {
-            let mut c = p.get().await.unwrap();
-            sql_query(SUMS).get_result(&mut c).await.unwrap()
-        }
-        DbPool::Sqlite(p) => {
-            let mut c = p.get().await.unwrap();
-            sql_query(SUMS).get_result(&mut c).await.unwrap()
-        }
-    }
-}
-
-fn exec(db: &TestDb, sql: &str) {
-    block(async {
-        match db.pool() {
-            DbPool::Postgres(p) => p.get().await.unwrap().batch_execute(sql).await.unwrap(),
-            DbPool::Sqlite(p) => p.get().await.unwrap().batch_execute(sql).await.unwrap(),
-        }
-    })
-}
-
-/// `sessions` clients × `turns` turns; returns the response ids of the turns each client saw
-/// complete (a terminal event it received).
+/// The response ids of the turns the clients saw complete.
 fn load(
     addr: &str,
     key: &str,
@@ -79,68 +22,7 @@ fn load(
     turns: usize,
     directive: &'static str,
 ) -> Vec<String> {
-    let handles: Vec<_> = (0..sessions)
-        .map(|_| {
-            let (addr, key) = (addr.to_string(), key.to_string());
-            std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                let auth = format!("Bearer {key}");
-                let mut c = match Client::connect(&addr, "/v1/responses", &[("authorization", &auth)]) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("connect refused: {e:?}");
-                        return seen;
-                    }
-                };
-                for _ in 0..turns {
-                    c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "count me", "metadata": {"sim": directive}}));
-                    loop {
-                        match c.recv(T) {
-                            common::ws::Recv::Json(e) if e["type"] == "response.completed" => {
-                                seen.push(e["response"]["id"].as_str().unwrap().to_string());
-                                break;
-                            }
-                            common::ws::Recv::Json(e) if e["type"] == "error" => {
-                                eprintln!("turn error: {e}");
-                                break;
-                            }
-                            common::ws::Recv::Json(_) | common::ws::Recv::Ping | common::ws::Recv::Pong => {}
-                            _ => return seen,
-                        }
-                    }
-                }
-                seen
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect()
-}
-
-fn wait_rows(db: &TestDb, n: i64) -> Sums {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = sums(db);
-        if s.usage_rows >= n || std::time::Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn assert_invariant(s: &Sums) {
-    assert_eq!(
-        s.usage_rows, s.distinct_keys,
-        "no duplicate usage rows: {s:?}"
-    );
-    assert_eq!(
-        s.ledger + s.unsettled,
-        s.usage_cost,
-        "ledger + unsettled compensations = usage cost: {s:?}"
-    );
-    assert_eq!(s.spent, s.ledger, "keys' spend = ledger: {s:?}");
+    common::stack::load(addr, key, sessions, turns, directive).completed
 }
 
 #[test]
@@ -533,20 +415,10 @@ fn quota_counts_spend_still_in_the_spool() {
 /// keep flowing, readiness says so, and everything lands once the database is back.
 #[test]
 fn database_outage_mid_load() {
-    let Ok(base) = std::env::var(common::PG_ENV) else {
+    let Some((db, proxy, via_proxy)) = common::postgres_behind_proxy() else {
         eprintln!("PostgreSQL not configured: skipped");
         return;
     };
-    let db = block(TestDb::postgres(&base));
-    let host_port = base
-        .split('@')
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or("127.0.0.1:5432")
-        .to_string();
-    let proxy = common::proxy::Proxy::start(&host_port);
-    let db_name = db.url.rsplit('/').next().unwrap().to_string();
-    let via_proxy = common::pg_url_with_db(&base.replace(&host_port, &proxy.addr), &db_name);
     let s = Stack::start(
         db,
         StackOptions {
@@ -620,4 +492,79 @@ fn database_outage_mid_load() {
     let (status, body) = common::http_get(&s.addr, "/readyz");
     assert_eq!(status, 200, "{body}");
     s.finish();
+}
+
+/// A record the database refuses for its content (here: a key that does not exist) is
+/// quarantined with the reason and never blocks the records behind it; a spool record of an
+/// unknown format version is kept aside (`.unknown`), never skipped silently.
+#[test]
+fn poison_records_are_quarantined_and_never_block() {
+    use turnpike::accounting::messages::{Backlog, RecordTurn};
+    use turnpike::accounting::spool::{DirFs, Spool};
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let spool = tempfile::tempdir().unwrap();
+        let spool_dir = spool.path().to_path_buf();
+        // A record written by a future version, left by an earlier run.
+        {
+            let (mut s, _) = Spool::open(DirFs::new(&spool_dir).unwrap(), &mut |_, _| {}).unwrap();
+            s.append(br#"{"v":99,"request_id":"turn_future"}"#).unwrap();
+            s.sync().unwrap();
+        }
+        let dbref = &db;
+        actix_web::rt::System::new().block_on(async move {
+            let pool = dbref.migrated_pool().await;
+            let user = turnpike::db::queries::users::create(&pool, "u", None)
+                .await
+                .unwrap();
+            let (_, key) = turnpike::auth::create_key(&pool, user.id, &Default::default())
+                .await
+                .unwrap();
+            let mut settings = turnpike::config::Settings::default();
+            settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
+            settings.accounting.flush_interval_ms = 30;
+            let acc = turnpike::app::start_accounting(
+                &settings,
+                pool.clone(),
+                Default::default(),
+                Default::default(),
+                turnpike::app::open_spool_dir(&settings).unwrap(),
+            );
+            let mut poison = record(1_000, key.id, user.id);
+            poison.api_key_id = 987_654; // no such key: every insert fails its foreign key
+            poison.request_id = "turn_poison".into();
+            let mut all = vec![record(0, key.id, user.id), poison];
+            all.extend((1..6).map(|n| record(n, key.id, user.id)));
+            for r in all {
+                assert_eq!(acc.send(RecordTurn(r)).await.unwrap(), Ok(()));
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while acc.send(Backlog).await.unwrap_or(1) > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let s = query_sums(&pool).await;
+            assert_eq!(
+                s.usage_rows, 6,
+                "{backend}: the records behind the poison landed"
+            );
+            assert_invariant(&s);
+            let q = turnpike::db::queries::billing::quarantined(&pool)
+                .await
+                .unwrap();
+            assert_eq!(q.len(), 1, "{backend}: {q:?}");
+            assert_eq!((q[0].0.as_str(), q[0].1), ("turn_poison", 987_654));
+            assert!(q[0].2.to_lowercase().contains("foreign key"), "{q:?}");
+        });
+        let unknown: Vec<_> = std::fs::read_dir(spool.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".unknown"))
+            .collect();
+        assert_eq!(
+            unknown.len(),
+            1,
+            "{backend}: the future record was kept aside"
+        );
+        block(db.cleanup());
+    }
 }

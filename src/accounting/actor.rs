@@ -191,12 +191,16 @@ impl Accounting {
         let mut spilled: VecDeque<(u64, usize)> = VecDeque::new();
         let mut unreadable: Vec<(u64, &'static str, Vec<u8>)> = Vec::new();
         let mut fresh_all: Vec<TurnRecord> = Vec::new();
+        // Segments holding nothing this build can bill: removed once their records are aside.
+        let mut dead_segs: Vec<u64> = Vec::new();
         let mut in_mem = self.pending.len();
         let rec = self.spool.recover(&mut |seg, records| {
             let mut fresh = Vec::new();
+            let mut billable = 0;
             for bytes in records {
                 match decode_record(&bytes) {
                     Ok(r) => {
+                        billable += 1;
                         let k = key(&r);
                         if !in_memory.contains(&k) && on_disk.insert(k) {
                             fresh.push(r);
@@ -205,6 +209,9 @@ impl Accounting {
                     Err(RecordError::UnknownVersion(_)) => unreadable.push((seg, "unknown", bytes)),
                     Err(RecordError::Invalid(_)) => unreadable.push((seg, "invalid", bytes)),
                 }
+            }
+            if billable == 0 {
+                dead_segs.push(seg);
             }
             if fresh.is_empty() {
                 return;
@@ -240,6 +247,7 @@ impl Accounting {
             for (seg, suffix, bytes) in &unreadable {
                 self.spool.quarantine(*seg, suffix, bytes)?;
             }
+            self.spool.remove(&dead_segs)?;
         }
         let lost: usize = self
             .spilled

@@ -31,6 +31,9 @@ pub struct SimConfig {
     pub record_frames: bool,
     /// actix-web workers (0 = one per core).
     pub workers: usize,
+    /// Fixed id seed: a restarted sim with the same seed hands out the same response ids
+    /// again (an upstream that repeats ids). `None`: random per process.
+    pub id_seed: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -43,6 +46,7 @@ impl Default for SimConfig {
             max_frame: 16 * 1024 * 1024,
             record_frames: true,
             workers: 1,
+            id_seed: None,
         }
     }
 }
@@ -99,11 +103,12 @@ impl SimShared {
         if getrandom::fill(&mut bytes).is_err() {
             bytes = (monotonic_ns() as u32).to_le_bytes();
         }
+        let seed = config.id_seed.clone().unwrap_or_else(|| hex::encode(bytes));
         Self {
             config,
             registry: Mutex::new(Registry::default()),
             next: AtomicU64::new(1),
-            seed: hex::encode(bytes),
+            seed,
         }
     }
 

@@ -144,9 +144,27 @@ pub fn turnpike() -> std::process::Command {
     cmd
 }
 
+pub mod ledger;
 pub mod proxy;
 pub mod stack;
 pub mod ws;
+
+/// A fresh PostgreSQL database and a proxy in front of the server: the returned URL reaches
+/// the database through the proxy (cut or blackholed by the test). `None` without PostgreSQL.
+pub fn postgres_behind_proxy() -> Option<(TestDb, proxy::Proxy, String)> {
+    let base = std::env::var(PG_ENV).ok().filter(|b| !b.is_empty())?;
+    let db = stack::block(TestDb::postgres(&base));
+    let host_port = base
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:5432")
+        .to_string();
+    let proxy = proxy::Proxy::start(&host_port);
+    let db_name = db.url.rsplit('/').next().unwrap_or_default().to_string();
+    let via_proxy = pg_url_with_db(&base.replace(&host_port, &proxy.addr), &db_name);
+    Some((db, proxy, via_proxy))
+}
 
 /// A child process whose stderr lines are collected; killed when dropped.
 pub struct Proc {

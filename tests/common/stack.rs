@@ -167,3 +167,84 @@ impl Stack {
         block(db.cleanup());
     }
 }
+
+/// What the clients of a `load` saw.
+#[derive(Debug, Default)]
+pub struct LoadOutcome {
+    /// Response ids of the turns that ended with `response.completed`.
+    pub completed: Vec<String>,
+    /// Error codes of the turns that ended with an error event.
+    pub errors: Vec<String>,
+}
+
+/// `sessions` clients × `turns` turns, each client on its own thread.
+pub fn load(
+    addr: &str,
+    key: &str,
+    sessions: usize,
+    turns: usize,
+    directive: &'static str,
+) -> LoadOutcome {
+    use super::ws::Recv;
+    const T: Duration = Duration::from_secs(20);
+    let handles: Vec<_> = (0..sessions)
+        .map(|_| {
+            let (addr, key) = (addr.to_string(), key.to_string());
+            std::thread::spawn(move || {
+                let mut seen = LoadOutcome::default();
+                let auth = format!("Bearer {key}");
+                let mut c = match Client::connect(&addr, "/v1/responses", &[("authorization", &auth)]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("connect refused: {e:?}");
+                        return seen;
+                    }
+                };
+                for _ in 0..turns {
+                    c.send(&serde_json::json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "count me", "metadata": {"sim": directive}}));
+                    loop {
+                        match c.recv(T) {
+                            Recv::Json(e) if e["type"] == "response.completed" => {
+                                seen.completed.push(e["response"]["id"].as_str().unwrap_or_default().to_string());
+                                break;
+                            }
+                            Recv::Json(e) if e["type"] == "error" => {
+                                seen.errors.push(e["error"]["code"].as_str().unwrap_or_default().to_string());
+                                break;
+                            }
+                            Recv::Json(_) | Recv::Ping | Recv::Pong => {}
+                            _ => return seen,
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut out = LoadOutcome::default();
+    for h in handles {
+        let o = h.join().unwrap_or_default();
+        out.completed.extend(o.completed);
+        out.errors.extend(o.errors);
+    }
+    out
+}
+
+/// Collects a process's log lines until one contains `needle` (or `limit` passes); returns
+/// whether it was seen. Every line read is appended to `seen`.
+pub fn wait_log(p: &Proc, needle: &str, limit: Duration, seen: &mut Vec<String>) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match p.log.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
