@@ -175,7 +175,7 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
     let data = web::Data::from(deps.clone());
     let mut server = HttpServer::new(move || {
         App::new()
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<crate::http::request_log::PathOnlySpan>::new())
             .app_data(web::Data::new(readiness.clone()))
             .app_data(data.clone())
             .configure(health::routes)

@@ -260,6 +260,8 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
         api_key: Some("sk-sim-demo".into()),
         max_conns: 8,
         max_concurrent_turns: None,
+        organization: None,
+        project: None,
     }];
     let base = format!("http://{}/v1", settings.server.bind);
     println!(

@@ -275,6 +275,12 @@ pub struct AccountSettings {
     /// Most turns in flight at once on this account; default `max_conns`.
     #[serde(default)]
     pub max_concurrent_turns: Option<usize>,
+    /// `OpenAI-Organization` sent on this account's upstream handshakes (never the client's).
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// `OpenAI-Project` sent on this account's upstream handshakes (never the client's).
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 impl AccountSettings {
@@ -308,6 +314,17 @@ impl AccountSettings {
                 "no key configured",
             )
         })
+    }
+
+    /// The account's own handshake headers.
+    pub fn handshake_headers(&self) -> Vec<(&'static str, String)> {
+        [
+            ("openai-organization", &self.organization),
+            ("openai-project", &self.project),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
     }
 
     pub fn turn_limit(&self) -> usize {
@@ -590,6 +607,8 @@ mod tests {
             api_key: None,
             max_conns: 1,
             max_concurrent_turns: None,
+            organization: None,
+            project: None,
         };
         s.accounts = vec![a.clone(), a];
         let err = s.validate().unwrap_err();
@@ -605,6 +624,8 @@ mod tests {
             api_key: Some("k".into()),
             max_conns: 1,
             max_concurrent_turns: None,
+            organization: None,
+            project: None,
         };
         assert_eq!(a.ws_url(), "ws://127.0.0.1:18080/v1/responses");
         a.base_url = "https://api.openai.com/v1/".into();

@@ -417,6 +417,8 @@ mod in_process {
             api_key: Some("sk-upstream".into()),
             max_conns: 4,
             max_concurrent_turns: None,
+            organization: None,
+            project: None,
         }];
         let faults = Arc::new(Faults::default());
         let fs = FaultFs {

@@ -982,35 +982,77 @@ fn demo_runs_a_turn_with_its_printed_key() {
 
 #[test]
 fn handshake_headers_pass_through_credentials_do_not() {
-    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: "organization = \"org-operator\"\nproject = \"proj-operator\"",
+            ..StackOptions::default()
+        },
+    );
     let auth = format!("Bearer {}", s.key);
-    let mut c = Client::connect(
-        &s.addr,
-        "/v1/responses",
-        &[
-            ("authorization", &auth),
-            ("openai-beta", "responses_websockets=2026-02-06"),
-            ("x-codex-turn-metadata", "{\"turn\":1}"),
-            ("session-id", "sess-abc"),
-            ("originator", "codex_exec"),
-            ("cookie", "secret=1"),
-        ],
-    )
-    .unwrap();
+    let codex = |session: &str| {
+        Client::connect(
+            &s.addr,
+            "/v1/responses",
+            &[
+                ("authorization", &auth),
+                ("openai-beta", "responses_websockets=2026-02-06"),
+                ("x-codex-turn-metadata", "{\"turn\":1}"),
+                ("session-id", session),
+                ("originator", "codex_exec"),
+                ("openai-organization", "org-client-picked"),
+                ("openai-project", "proj-client-picked"),
+                ("cookie", "secret=1"),
+            ],
+        )
+        .unwrap()
+    };
+    let mut c = codex("sess-abc");
     c.send(&create(""));
     assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    drop(c);
+    // A second Codex session with its own session-id: the idle connection of the first is
+    // not lent to it (its handshake named another session).
+    let mut other = codex("sess-xyz");
+    other.send(&create(""));
+    assert_eq!(last_type(&other.until_terminal(T)), "response.completed");
     let conns = s.sim_connections();
-    let headers: HashMap<String, String> = conns[0]["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h[0].as_str().unwrap().to_string(),
-                h[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let headers_of = |i: usize| -> HashMap<String, String> {
+        conns[i]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h[0].as_str().unwrap().to_string(),
+                    h[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        conns.as_array().unwrap().len(),
+        2,
+        "one upstream handshake per session"
+    );
+    assert_eq!(
+        headers_of(1).get("session-id").map(String::as_str),
+        Some("sess-xyz")
+    );
+    assert_eq!(
+        conns[1]["responses"], 1,
+        "the second session's turn ran on its own connection"
+    );
+    let headers = headers_of(0);
+    assert_eq!(
+        headers.get("openai-organization").map(String::as_str),
+        Some("org-operator"),
+        "the organization is the operator's, never the client's"
+    );
+    assert_eq!(
+        headers.get("openai-project").map(String::as_str),
+        Some("proj-operator")
+    );
     assert_eq!(
         headers.get("openai-beta").map(String::as_str),
         Some("responses_websockets=2026-02-06")
@@ -1037,5 +1079,43 @@ fn handshake_headers_pass_through_credentials_do_not() {
         !headers.values().any(|v| v.contains(&s.key)),
         "the client's key never goes upstream"
     );
+    s.finish();
+}
+
+/// Keys never reach a log line in any form, at debug level, whatever the client does with them;
+/// a query parameter carrying a key is refused whatever its name.
+#[test]
+fn keys_never_logged() {
+    let mut s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_LOG__LEVEL", "debug")],
+            ..StackOptions::default()
+        },
+    );
+    let auth = format!("Bearer {}", s.key);
+    for query in ["api_key", "k", "foo"] {
+        let path = format!("/v1/responses?{query}={}", s.key);
+        // With and without the header: the query alone decides.
+        for headers in [vec![("authorization", auth.as_str())], vec![]] {
+            let (status, body) = Client::connect(&s.addr, &path, &headers).err().unwrap();
+            assert_eq!(status, 401, "?{query}=: {body}");
+            assert!(body.contains("api_key_in_query"), "{body}");
+        }
+    }
+    let mut c = s.client();
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    drop(c);
+    let (code, _, log) = s.relay.terminate();
+    assert_eq!(code, Some(0));
+    assert!(log.len() > 20, "debug logging was on: {log:?}");
+    // The secret part: everything after the displayed prefix (`tpk_` + 8 hex digits).
+    let secret = &s.key[12..];
+    let hash = turnpike::auth::hash_key(&s.key);
+    for line in &log {
+        assert!(!line.contains(secret), "key in the log: {line}");
+        assert!(!line.contains(&hash), "key hash in the log: {line}");
+    }
     s.finish();
 }

@@ -26,6 +26,26 @@ const KEY_PARAMS: &[&str] = &[
     "access_token",
 ];
 
+/// Whether a query string carries a key: a parameter named like one, or any value that looks
+/// like a turnpike key (`tpk_…`) or an OpenAI key (`sk-…`), whatever its name. Values are
+/// compared after percent-decoding of the few bytes that matter.
+pub fn query_carries_key(query: &str) -> bool {
+    query.split('&').any(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = value
+            .replace("%5F", "_")
+            .replace("%5f", "_")
+            .replace("%2D", "-")
+            .replace("%2d", "-");
+        let value = value
+            .trim_start_matches("Bearer%20")
+            .trim_start_matches("Bearer+");
+        KEY_PARAMS.contains(&name.to_ascii_lowercase().as_str())
+            || value.starts_with(crate::auth::KEY_SCHEME)
+            || value.starts_with("sk-")
+    })
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     for path in [
         "/v1/responses",
@@ -67,12 +87,7 @@ async fn upgrade(
             "the relay is shutting down",
         ));
     }
-    let query_has_key = req
-        .query_string()
-        .split('&')
-        .filter_map(|p| p.split('=').next())
-        .any(|k| KEY_PARAMS.contains(&k.to_ascii_lowercase().as_str()));
-    if query_has_key {
+    if query_carries_key(req.query_string()) {
         return Err(HttpError::new(
             ErrorCode::ApiKeyInQuery,
             "API keys in the URL are refused; send Authorization: Bearer <key>",
@@ -127,4 +142,26 @@ async fn upgrade(
     })?;
     session.do_send(Attach(socket.recipient()));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_carries_key;
+
+    #[test]
+    fn keys_in_the_query_whatever_the_name() {
+        for q in [
+            "api_key=abc",
+            "API_KEY=abc",
+            "k=tpk_0123",
+            "foo=1&bar=tpk%5F0123",
+            "x=sk-proj-1",
+            "auth=Bearer%20tpk_9",
+        ] {
+            assert!(query_carries_key(q), "{q}");
+        }
+        for q in ["", "model=gpt-5", "session=abc&turn=2", "q=tpk"] {
+            assert!(!query_carries_key(q), "{q}");
+        }
+    }
 }

@@ -3,3 +3,4 @@
 pub mod error;
 pub mod health;
 pub mod ingress;
+pub mod request_log;

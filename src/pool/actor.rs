@@ -34,12 +34,15 @@ struct Waiter {
     headers: Vec<(String, String)>,
     preferred: Option<u64>,
     lessee: Recipient<UpstreamEvent>,
+    arbiter: Option<actix::ArbiterHandle>,
     reply: oneshot::Sender<Result<Lease, LeaseError>>,
 }
 
 pub struct ContextPool {
     account: Arc<str>,
     url: String,
+    /// The account's own handshake headers (organization, project).
+    account_headers: Vec<(&'static str, String)>,
     api_key: String,
     max_conns: usize,
     pool: PoolSettings,
@@ -62,6 +65,7 @@ impl ContextPool {
         Self {
             account: Arc::from(account.name.as_str()),
             url: account.ws_url(),
+            account_headers: account.handshake_headers(),
             api_key,
             max_conns: account.max_conns,
             pool,
@@ -101,18 +105,27 @@ impl ContextPool {
             .count()
     }
 
-    fn dial(&mut self, identity: String, headers: Vec<(String, String)>, ctx: &mut Context<Self>) {
+    fn dial(&mut self, k: usize, ctx: &mut Context<Self>) {
         let id = self.next_id;
         self.next_id += 1;
         self.dialled_total += 1;
+        let w = &self.waiters[k];
+        let identity = w.identity.clone();
         let spec = DialSpec {
             url: self.url.clone(),
             api_key: self.api_key.clone(),
-            headers,
+            headers: w.headers.clone(),
+            account_headers: self.account_headers.clone(),
             frame_max: self.upstream.frame_max_bytes,
             timeout: Duration::from_millis(self.upstream.connect_timeout_ms),
         };
-        let addr = UpstreamConn::new(id, spec, ctx.address().recipient()).start();
+        let pool = ctx.address().recipient();
+        let addr = match &w.arbiter {
+            Some(arbiter) => {
+                UpstreamConn::start_in_arbiter(arbiter, move |_| UpstreamConn::new(id, spec, pool))
+            }
+            None => UpstreamConn::new(id, spec, pool).start(),
+        };
         debug!(account = %self.account, conn = id, "dialling upstream");
         self.conns.insert(
             id,
@@ -170,11 +183,7 @@ impl ContextPool {
                     None => break,
                 }
             }
-            let (identity, headers) = (
-                self.waiters[k].identity.clone(),
-                self.waiters[k].headers.clone(),
-            );
-            self.dial(identity, headers, ctx);
+            self.dial(k, ctx);
             uncovered -= 1;
             k += 1;
         }
@@ -242,6 +251,7 @@ impl Handler<Acquire> for ContextPool {
             headers: msg.headers,
             preferred: msg.preferred,
             lessee: msg.lessee,
+            arbiter: msg.arbiter,
             reply: tx,
         });
         let timeout = Duration::from_millis(self.pool.lease_timeout_ms);

@@ -37,6 +37,9 @@ pub struct Acquire {
     pub headers: Vec<(String, String)>,
     pub preferred: Option<u64>,
     pub lessee: Recipient<UpstreamEvent>,
+    /// The requester's thread: a connection dialled for it runs there, so its events reach
+    /// the session without crossing threads (and upstream sockets spread over the workers).
+    pub arbiter: Option<actix::ArbiterHandle>,
 }
 
 /// Give a connection back. `reusable: false` when a response may still be in flight on it or

@@ -418,6 +418,7 @@ impl SessionActor {
             headers: self.headers.clone(),
             preferred: self.preferred,
             lessee: ctx.address().recipient(),
+            arbiter: Some(actix::Arbiter::current()),
         });
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));

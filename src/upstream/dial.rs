@@ -7,7 +7,9 @@ use awc::BoxedSocket;
 use awc::ws::Codec;
 
 /// Handshake headers passed from the client to the upstream (SPEC §3.1). Never the client's
-/// `Authorization`: the upstream gets the account's credential.
+/// `Authorization` (the upstream gets the account's credential), and never
+/// `OpenAI-Organization` / `OpenAI-Project`: which organization the operator's credential
+/// bills is the operator's choice (`[[accounts]] organization`, `project`).
 pub fn passes_through(name: &str) -> bool {
     matches!(
         name,
@@ -18,26 +20,21 @@ pub fn passes_through(name: &str) -> bool {
             | "originator"
             | "user-agent"
             | "accept-language"
-            | "openai-organization"
-            | "openai-project"
     ) || name.starts_with("x-codex-")
 }
 
-/// Headers that make two upstream connections interchangeable only when equal: a pooled
-/// connection is reused only by a session with the same values. Per-session metadata headers
-/// (`session-id`, `x-codex-*` …) are sent when a connection is dialled but do not split the pool.
+/// The pool identity of a session's headers: a connection dialled with one set of headers is
+/// lent only to sessions presenting the same set, so no upstream ever sees one client's
+/// session headers (`session-id`, `thread-id`, `x-codex-*`, `x-client-request-id`) on another
+/// client's turn. Order-independent.
 pub fn identity_of(headers: &[(String, String)]) -> String {
-    headers
+    let mut parts: Vec<String> = headers
         .iter()
-        .filter(|(k, _)| {
-            matches!(
-                k.as_str(),
-                "openai-beta" | "openai-organization" | "openai-project"
-            )
-        })
+        .filter(|(k, _)| passes_through(k))
         .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    parts.sort_unstable();
+    parts.join("\n")
 }
 
 /// What a dial needs.
@@ -45,7 +42,10 @@ pub fn identity_of(headers: &[(String, String)]) -> String {
 pub struct DialSpec {
     pub url: String,
     pub api_key: String,
+    /// The session's pass-through headers.
     pub headers: Vec<(String, String)>,
+    /// The account's own headers (organization, project), set after the client's.
+    pub account_headers: Vec<(&'static str, String)>,
     pub frame_max: usize,
     pub timeout: Duration,
 }
@@ -61,6 +61,9 @@ fn client() -> awc::Client {
             awc::Client::builder()
                 // awc's WebSocket client does not work over h2.
                 .max_http_version(awc::http::Version::HTTP_11)
+                // The connector's default limit is 100 connections per scheme: upstream
+                // sockets are bounded by `[[accounts]] max_conns` only.
+                .connector(awc::Connector::new().limit(0))
                 .disable_timeout()
                 .finish()
         })
@@ -81,6 +84,10 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, String> {
             req = req.header(k.as_str(), v.as_str());
         }
     }
+    for (k, v) in &spec.account_headers {
+        req = req.header(*k, v.as_str());
+    }
+    // The URL goes to the operator's log only; clients get a generic message (SPEC §4.5).
     match tokio::time::timeout(spec.timeout, req.connect()).await {
         Err(_) => Err(format!("handshake with {} timed out", spec.url)),
         Ok(Err(e)) => Err(format!("handshake with {}: {e}", spec.url)),
@@ -99,17 +106,26 @@ mod tests {
         assert!(!passes_through("authorization"));
         assert!(!passes_through("x-api-key"));
         assert!(!passes_through("cookie"));
-        let h = vec![
-            (
-                "openai-beta".to_string(),
-                "responses_websockets=2026-02-06".to_string(),
-            ),
-            ("session-id".to_string(), "abc".to_string()),
-        ];
+        assert!(!passes_through("openai-organization"));
+        assert!(!passes_through("openai-project"));
+        let h = |sid: &str| {
+            vec![
+                ("session-id".to_string(), sid.to_string()),
+                (
+                    "openai-beta".to_string(),
+                    "responses_websockets=2026-02-06".to_string(),
+                ),
+                ("openai-organization".to_string(), "org-client".to_string()),
+            ]
+        };
         assert_eq!(
-            identity_of(&h),
-            "openai-beta=responses_websockets=2026-02-06"
+            identity_of(&h("abc")),
+            "openai-beta=responses_websockets=2026-02-06\nsession-id=abc"
         );
+        assert_ne!(identity_of(&h("abc")), identity_of(&h("xyz")));
+        let mut reordered = h("abc");
+        reordered.reverse();
+        assert_eq!(identity_of(&reordered), identity_of(&h("abc")));
         assert_eq!(identity_of(&[]), "");
     }
 }
