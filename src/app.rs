@@ -1,6 +1,6 @@
 //! Wiring and order: database → (actors, later) → listeners; shutdown in reverse.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -156,14 +156,42 @@ pub fn start_compensator(settings: &Settings, db: DbPool) -> Addr<Compensator> {
 
 /// `turnpike serve`: runs until SIGTERM/SIGINT, then drains (see `shutdown`).
 pub async fn serve(settings: Settings) -> Result<(), AppError> {
+    // The port first: a port in use is one clear error before anything else starts.
+    let listener = bind_listener("server.bind", settings.server.bind)?;
+    raise_fd_limit();
     let db = open_database(&settings, settings.database.migrate_on_start).await?;
     let deps = start_relay(settings, db)?;
     let _compensator = start_compensator(&deps.settings, deps.db.clone());
-    run_server(deps).await
+    run_server(deps, listener).await
 }
 
-/// Serves the ingress and probes for `deps` until a signal, then shuts down in order.
-pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
+/// Binds a listener, or the one-line error naming the setting and the address.
+pub fn bind_listener(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).map_err(|source| AppError::Bind { key, addr, source })
+}
+
+/// Raises the soft limit of open files to the hard limit: every client session and every
+/// upstream connection is a file descriptor (10,000 sessions need more than the usual 1,024).
+/// Logged, never fatal; the README says how to raise the hard limit.
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let wanted = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
+    };
+    match setrlimit(Resource::Nofile, wanted) {
+        Ok(()) => info!(
+            open_files = ?lim.maximum,
+            "open-file limit raised to the hard limit"
+        ),
+        Err(e) => warn!(error = %e, current = ?lim.current, "cannot raise the open-file limit"),
+    }
+}
+
+/// Serves the ingress and probes for `deps` on `listener` until a signal, then shuts down in
+/// order.
+pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result<(), AppError> {
     let settings = &deps.settings;
     let readiness = Readiness {
         db: deps.db.clone(),
@@ -188,8 +216,8 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);
     }
-    let addr = settings.server.bind;
-    let server = server.bind(addr).map_err(|source| AppError::Bind {
+    let addr = listener.local_addr()?;
+    let server = server.listen(listener).map_err(|source| AppError::Bind {
         key: "server.bind",
         addr,
         source,
@@ -204,10 +232,11 @@ pub async fn run_server(deps: Arc<SessionDeps>) -> Result<(), AppError> {
         let signal = wait_for_signal().await;
         info!(signal, "shutting down");
         shutdown(&on_signal, grace).await;
+        // Upstream connections live on the workers' threads: closed before the workers stop.
+        close_upstreams(&on_signal).await;
         handle.stop(true).await;
     });
     server.await?;
-    close_upstreams(&deps).await;
     let left = flush_accounting(&deps, grace).await;
     info!(unwritten_records = left, "stopped");
     Ok(())

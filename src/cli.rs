@@ -190,7 +190,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let settings = Settings::load(cli.config.as_deref())?;
     if matches!(
         cli.command,
-        Command::Serve | Command::Migrate | Command::Sim(_)
+        Command::Serve | Command::Migrate | Command::Sim(_) | Command::Demo { .. }
     ) {
         crate::telemetry::init(&settings.log);
     }
@@ -230,11 +230,21 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
 }
 
 async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<(), CliError> {
+    // Both ports first: a port in use is one clear error, and no key is made for nothing.
+    let listener = app::bind_listener("server.bind", settings.server.bind)?;
+    let sim_listener = app::bind_listener("--sim-bind", sim_bind)?;
+    settings.server.bind = listener.local_addr().map_err(AppError::from)?;
     let db = app::open_database(&settings, true).await?;
     let user = match queries::users::by_name(&db, "demo").await? {
         Some(u) => u,
         None => queries::users::create(&db, "demo", None).await?,
     };
+    // One demo key at a time: the keys of earlier demos are revoked.
+    for (old, _) in queries::keys::list(&db, Some("demo")).await? {
+        if old.revoked_at.is_none() && old.label.as_deref() == Some("demo") {
+            queries::keys::revoke(&db, old.id).await?;
+        }
+    }
     let (key, _) = auth::create_key(
         &db,
         user.id,
@@ -244,13 +254,11 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
         },
     )
     .await?;
-    let (sim, sim_server) =
-        crate::sim::start(crate::sim::SimConfig::default(), sim_bind).map_err(|source| {
-            AppError::Bind {
-                key: "--sim-bind",
-                addr: sim_bind,
-                source,
-            }
+    let (sim, sim_server) = crate::sim::start_on(crate::sim::SimConfig::default(), sim_listener)
+        .map_err(|source| AppError::Bind {
+            key: "--sim-bind",
+            addr: sim_bind,
+            source,
         })?;
     actix_web::rt::spawn(sim_server);
     settings.accounts = vec![crate::config::AccountSettings {
@@ -282,7 +290,8 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
     );
     let deps = app::start_relay(settings, db)?;
     let _compensator = app::start_compensator(&deps.settings, deps.db.clone());
-    app::run_server(deps).await?;
+    tracing::info!(relay = %base, sim = %sim.addr, "demo ready (earlier demo keys revoked)");
+    app::run_server(deps, listener).await?;
     Ok(())
 }
 

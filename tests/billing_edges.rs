@@ -398,11 +398,8 @@ mod in_process {
     /// Starts `serve`'s wiring on a free port with the sim at `sim_addr` as upstream.
     pub fn start(db_url: &str, sim_addr: &str, ack_timeout_ms: u64) -> Relay {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let mut settings = turnpike::config::Settings::default();
         settings.database.url = db_url.to_string();
         settings.server.bind = format!("127.0.0.1:{port}").parse().unwrap();
@@ -429,7 +426,7 @@ mod in_process {
             actix_web::rt::System::new().block_on(async move {
                 let db = turnpike::app::open_database(&settings, true).await.unwrap();
                 let deps = turnpike::app::start_relay_with(settings, db, Box::new(fs)).unwrap();
-                let _ = turnpike::app::run_server(deps).await;
+                let _ = turnpike::app::run_server(deps, listener).await;
             })
         });
         let addr = format!("127.0.0.1:{port}");

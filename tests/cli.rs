@@ -363,3 +363,77 @@ fn second_process_on_one_spool_refuses_to_start() {
     let (code, _, _) = first.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// A port in use is one clear error naming the address — no panic — for `serve` and `demo`,
+/// and `demo` makes no key when it cannot start.
+#[test]
+fn busy_port_is_one_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}/t.db", dir.path().display());
+    for args in [vec!["serve"], vec!["demo", "--sim-bind", "127.0.0.1:0"]] {
+        let out = turnpike()
+            .current_dir(dir.path())
+            .env("TURNPIKE_DATABASE__URL", &db_url)
+            .env("TURNPIKE_SERVER__BIND", &addr)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("server.bind {addr}")),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: no key printed");
+    }
+    // Nothing was created: not even the database file.
+    assert!(!dir.path().join("t.db").exists());
+}
+
+/// Each `demo` revokes the key of the one before: demo keys do not pile up.
+#[test]
+fn demo_revokes_earlier_demo_keys() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}/t.db", dir.path().display());
+    for _ in 0..2 {
+        let mut child = turnpike()
+            .current_dir(dir.path())
+            .env("TURNPIKE_DATABASE__URL", &db_url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .args(["demo", "--sim-bind", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("Ctrl-C") {
+                break;
+            }
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    let out = turnpike()
+        .env("TURNPIKE_DATABASE__URL", &db_url)
+        .args(["keys", "list", "--user", "demo"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<&str> = listing.lines().filter(|l| l.contains("tpk_")).collect();
+    assert_eq!(rows.len(), 2, "{listing}");
+    assert_eq!(
+        rows.iter().filter(|l| l.contains("revoked")).count(),
+        1,
+        "the first demo key is revoked: {listing}"
+    );
+}

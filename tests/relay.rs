@@ -1119,3 +1119,110 @@ fn keys_never_logged() {
     }
     s.finish();
 }
+
+/// RFC 6455 on the client side (fragments reassembled, invalid UTF-8 → 1007) and garbage on
+/// the upstream side (a text frame that is not a JSON event → `upstream_protocol_error`, never
+/// forwarded); client errors never name the internal upstream address.
+#[test]
+fn rfc6455_fragments_utf8_and_upstream_garbage() {
+    use tungstenite::Message;
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    // A response.create in three fragments.
+    let mut c = s.client();
+    let whole = create("").to_string();
+    let (a, rest) = whole.split_at(10);
+    let (b, z) = rest.split_at(15);
+    for (i, part) in [a, b, z].iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(part.as_bytes().to_vec(), opcode, i == 2);
+        c.ws.send(Message::Frame(frame)).unwrap();
+    }
+    assert_eq!(
+        last_type(&c.until_terminal(T)),
+        "response.completed",
+        "reassembled"
+    );
+    // Upstream garbage mid-turn: not forwarded, the turn ends, the session goes on.
+    c.send(&create("invalid_json after=2"));
+    let mut events = Vec::new();
+    loop {
+        match c.recv(T) {
+            Recv::Json(e) => {
+                let done = common::ws::is_terminal(&e);
+                events.push(e);
+                if done {
+                    break;
+                }
+            }
+            Recv::Ping | Recv::Pong => {}
+            other => panic!("only JSON events reach the client: {other:?}"),
+        }
+    }
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[2]["error"]["code"], "upstream_protocol_error");
+    assert_eq!(events[2]["status"], 502);
+    assert_eq!(
+        last_type(&{
+            c.send(&create(""));
+            c.until_terminal(T)
+        }),
+        "response.completed"
+    );
+    // Invalid UTF-8 in a text frame: an error event, then close 1007.
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    c.ws.send(Message::Frame(frame)).unwrap();
+    assert_eq!(c.next_event(T)["error"]["code"], "invalid_json");
+    assert_eq!(expect_close(&mut c), 1007);
+    // The upstream is gone: the client's error does not name where it was.
+    s.sim.child.kill().unwrap();
+    s.sim.child.wait().unwrap();
+    let mut c = s.client();
+    c.send(&create(""));
+    let e = c.until_terminal(T);
+    let err = e.last().unwrap();
+    assert_eq!(err["error"]["code"], "upstream_unavailable", "{e:?}");
+    let port = s.sim_addr.rsplit(':').next().unwrap();
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains(port) && !message.contains("127.0.0.1"),
+        "{message}"
+    );
+    s.finish();
+}
+
+/// A `response.create` that admission refuses preempts nothing: it gets its error event and
+/// the turn in flight completes (SPEC §4.3).
+#[test]
+fn refused_create_preempts_nothing() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    c.send(&create("terminal_delay_ms=800"));
+    assert_eq!(c.next_event(T)["type"], "response.created");
+    with_db(&s.db, async |p| {
+        queries::users::set_enabled(p, "tester", false)
+            .await
+            .unwrap();
+    });
+    c.send(&create(""));
+    let events = c.until_terminal(T);
+    assert_eq!(
+        events.last().unwrap()["error"]["code"],
+        "user_disabled",
+        "{events:?}"
+    );
+    assert_eq!(
+        last_type(&c.until_terminal(T)),
+        "response.completed",
+        "the turn in flight went on"
+    );
+    let rows = s.rows(1);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "completed");
+    s.finish();
+}

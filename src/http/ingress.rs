@@ -132,7 +132,7 @@ async fn upgrade(
         .collect();
     let frame_max = deps.settings.limits.client_frame_max_bytes;
     let session = SessionActor::new(deps, principal, slot, headers).start();
-    let socket = ClientSocket::new(session.clone().recipient());
+    let socket = ClientSocket::new(session.clone().recipient(), frame_max);
     let started = actix_web_actors::ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(frame_max)
         .start_with_addr();

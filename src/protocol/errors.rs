@@ -27,6 +27,7 @@ pub enum ErrorCode {
     ResponsePreempted,
     ConcurrencyLimitExceeded,
     AccountBusy,
+    NoUpstreamAccounts,
     UpstreamUnavailable,
     UpstreamRestarting,
     UpstreamConnectionLost,
@@ -72,6 +73,7 @@ impl ErrorCode {
         ErrorCode::ResponsePreempted,
         ErrorCode::ConcurrencyLimitExceeded,
         ErrorCode::AccountBusy,
+        ErrorCode::NoUpstreamAccounts,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamRestarting,
         ErrorCode::UpstreamConnectionLost,
@@ -160,7 +162,7 @@ impl ErrorCode {
                 status: 400,
                 error_type: "invalid_request_error",
                 close: Some(1008),
-                when: "a client frame that is not a JSON object",
+                when: "a client frame that is not a JSON object (close 1007 instead when it is not valid UTF-8)",
             },
             ErrorCode::BinaryFrame => ErrorSpec {
                 code: "binary_frame",
@@ -231,6 +233,13 @@ impl ErrorCode {
                 error_type: "rate_limit_error",
                 close: None,
                 when: "every upstream account is at its turn limit",
+            },
+            ErrorCode::NoUpstreamAccounts => ErrorSpec {
+                code: "no_upstream_accounts",
+                status: 503,
+                error_type: "server_error",
+                close: None,
+                when: "the relay has no `[[accounts]]` configured (readiness is 503 too)",
             },
             ErrorCode::UpstreamUnavailable => ErrorSpec {
                 code: "upstream_unavailable",

@@ -21,6 +21,8 @@ pub enum EventKind {
     Error,
     /// Anything else (`response.steer.accepted`, `codex.*` …): forwarded, no effect on timing.
     Other,
+    /// Not a JSON object with a `type`: never forwarded (`upstream_protocol_error`).
+    Invalid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,16 @@ pub fn kind_of(event_type: &str) -> EventKind {
     }
 }
 
+/// The kind of an upstream text frame. A frame that is not shaped like a JSON object (`{…}`,
+/// a structural check that costs no parse) or has no string `type` is `Invalid`.
+pub fn classify(text: &str) -> EventKind {
+    let t = text.trim_ascii();
+    if !(t.starts_with('{') && t.ends_with('}')) {
+        return EventKind::Invalid;
+    }
+    event_type(text).map_or(EventKind::Invalid, |k| kind_of(&k))
+}
+
 /// The event's `type`: a byte scan when `type` is the first key (always, from the upstream),
 /// else a parse of that one field. `None` for text that is not a JSON object with a string type.
 pub fn event_type(text: &str) -> Option<std::borrow::Cow<'_, str>> {
@@ -98,6 +110,21 @@ fn scan_leading_type(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_that_are_not_events_are_invalid() {
+        assert_eq!(
+            classify(r#"{"type":"response.output_text.delta","delta":"x"}"#),
+            EventKind::Token
+        );
+        assert_eq!(
+            classify("{\"type\": \"response.output_text.delta\", oops"),
+            EventKind::Invalid
+        );
+        assert_eq!(classify("hello"), EventKind::Invalid);
+        assert_eq!(classify(r#"{"no_type":1}"#), EventKind::Invalid);
+        assert_eq!(classify(" {\"type\":\"error\"}\n"), EventKind::Error);
+    }
 
     #[test]
     fn classification() {

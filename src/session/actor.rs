@@ -98,6 +98,8 @@ pub struct SessionActor {
     turn: Option<Turn>,
     /// Preempted turns still being drained for their usage.
     drains: Vec<Drain>,
+    /// A `response.create` that would preempt the turn in flight, being admitted.
+    preempting: Option<CreateFrame>,
     /// The session ends once its drains are done.
     stop_after_drains: bool,
     /// Bumped whenever an async step (admission, lease) is abandoned, so its late result is ignored.
@@ -137,6 +139,7 @@ impl SessionActor {
             preferred: None,
             turn: None,
             drains: Vec::new(),
+            preempting: None,
             stop_after_drains: false,
             generation: 0,
             queued: None,
@@ -192,8 +195,19 @@ impl SessionActor {
 
     /// A refusal that is not a turn: the error event, then the close its table row says.
     fn protocol_error(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
+        self.refuse_frame(code, message, code.spec().close, ctx)
+    }
+
+    /// The error event of `code`, then close with `close` (after ending a turn in flight).
+    fn refuse_frame(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        close: Option<u16>,
+        ctx: &mut Context<Self>,
+    ) {
         let event = Self::error_event(code, message);
-        match code.spec().close {
+        match close {
             Some(close) if self.turn.is_some() => {
                 // The turn in flight ends first, with this error as its last frame.
                 self.finish(
@@ -241,28 +255,54 @@ impl SessionActor {
                     );
                     return self.send(e, ctx);
                 }
-                crate::config::OnOverlap::Preempt => {
-                    self.queued = Some(frame);
-                    let e = Self::error_event(
-                        ErrorCode::ResponsePreempted,
-                        "this response was ended by a newer response.create",
-                    );
-                    if turn.phase == Phase::Streaming {
-                        return self.preempt_streaming(e, ctx);
-                    }
-                    return self.finish(
-                        Ending::Preempted,
-                        Delivery {
-                            last: Some(e),
-                            reusable: true,
-                            close: None,
-                        },
-                        ctx,
-                    );
-                }
+                crate::config::OnOverlap::Preempt => return self.admit_then_preempt(frame, ctx),
             }
         }
         self.start_turn(frame, accepted, ctx);
+    }
+
+    /// SPEC §4.3: the new frame is admitted first — a refused frame gets its error event and
+    /// preempts nothing; an admitted one ends the turn in flight (`response_preempted`) and
+    /// starts. The latest frame wins while the check runs.
+    fn admit_then_preempt(&mut self, frame: CreateFrame, ctx: &mut Context<Self>) {
+        let checking = self.preempting.is_some();
+        self.preempting = Some(frame);
+        if checking {
+            return;
+        }
+        ctx.spawn(self.read_standing().into_actor(self).map(|res, act, ctx| {
+            let Some(frame) = act.preempting.take() else {
+                return;
+            };
+            if let Some((code, message)) = act.refusal(res) {
+                let e = Self::error_event(code, &message);
+                return act.send(e, ctx);
+            }
+            let Some(turn) = act.turn.as_ref() else {
+                // The turn in flight ended meanwhile.
+                return act.start_turn(frame, Instant::now(), ctx);
+            };
+            act.queued = Some(frame);
+            if turn.phase == Phase::Finishing {
+                return;
+            }
+            let e = Self::error_event(
+                ErrorCode::ResponsePreempted,
+                "this response was ended by a newer response.create",
+            );
+            if turn.phase == Phase::Streaming {
+                return act.preempt_streaming(e, ctx);
+            }
+            act.finish(
+                Ending::Preempted,
+                Delivery {
+                    last: Some(e),
+                    reusable: true,
+                    close: None,
+                },
+                ctx,
+            );
+        }));
     }
 
     fn start_turn(&mut self, mut frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
@@ -309,61 +349,100 @@ impl SessionActor {
     fn admit(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let generation = self.generation;
+        ctx.spawn(
+            self.read_standing()
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    if act.generation != generation {
+                        return;
+                    }
+                    if let Some((code, message)) = act.refusal(res) {
+                        return act.reject(code, &message, ctx);
+                    }
+                    let slots = act.deps.slots.clone();
+                    let Some(key_slot) =
+                        slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
+                    else {
+                        return act.reject(
+                            ErrorCode::ConcurrencyLimitExceeded,
+                            "this key has its maximum of turns in flight",
+                            ctx,
+                        );
+                    };
+                    let candidates = act.account_candidates();
+                    let Some(account_slot) = slots.account_turn(&candidates) else {
+                        return act.reject(
+                            ErrorCode::AccountBusy,
+                            "every upstream account is at its turn limit",
+                            ctx,
+                        );
+                    };
+                    if let Some(turn) = act.turn.as_mut() {
+                        turn.key_slot = Some(key_slot);
+                        turn.account_slot = Some(account_slot);
+                        turn.phase = Phase::Leasing;
+                    }
+                    act.lease_and_send(ctx);
+                }),
+        );
+    }
+
+    /// The key and its user, re-read for a turn (bounded: a database that does not answer
+    /// counts as down).
+    fn read_standing(
+        &self,
+    ) -> impl Future<Output = Result<Option<(ApiKey, User)>, crate::db::DbError>> + 'static {
         let db = self.deps.db.clone();
         let key_id = self.principal.key_id;
-        let fut = async move {
+        async move {
             crate::db::within(crate::db::READ_DEADLINE, queries::keys::by_id(&db, key_id)).await
+        }
+    }
+
+    /// Why a new turn must be refused before anything else (standing, accounting, accounts),
+    /// given the standing just read.
+    fn refusal(
+        &mut self,
+        read: Result<Option<(ApiKey, User)>, crate::db::DbError>,
+    ) -> Option<(ErrorCode, String)> {
+        let standing = match read {
+            Ok(Some(s)) => {
+                self.standing = Some(s.clone());
+                Some(s)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                // The database is down: decide on the last standing seen.
+                warn!(parent: &self.span, error = %e, "standing read failed; using the last one");
+                self.standing.clone()
+            }
         };
-        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            if act.generation != generation {
-                return;
+        let refused = match &standing {
+            // Never read, and unreadable now: the connect-time check stands.
+            None if self.standing.is_none() => None,
+            None => Some(AuthError::Revoked),
+            Some((key, user)) => {
+                let pending = self.deps.pending_spend.of(key.id, user.id);
+                check_standing(key, user, pending).err()
             }
-            let standing = match res {
-                Ok(Some(s)) => {
-                    act.standing = Some(s.clone());
-                    Some(s)
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    // The database is down: decide on the last standing seen.
-                    warn!(parent: &act.span, error = %e, "standing read failed; using the last one");
-                    act.standing.clone()
-                }
-            };
-            let refusal = match &standing {
-                None if act.standing.is_none() => {
-                    // Never read, and unreadable now: the connect-time check stands.
-                    None
-                }
-                None => Some(AuthError::Revoked),
-                Some((key, user)) => {
-                    let pending = act.deps.pending_spend.of(key.id, user.id);
-                    check_standing(key, user, pending).err()
-                }
-            };
-            if let Some(refusal) = refusal {
-                let code = auth_error_code(&refusal);
-                return act.reject(code, &refusal.to_string(), ctx);
-            }
-            if act.deps.accounting_health.refusal().is_some() {
-                // The cause (paths, hosts) is for the operator's log and /readyz, not clients.
-                return act.reject(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE, ctx);
-            }
-            let slots = act.deps.slots.clone();
-            let Some(key_slot) = slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns) else {
-                return act.reject(ErrorCode::ConcurrencyLimitExceeded, "this key has its maximum of turns in flight", ctx);
-            };
-            let candidates = act.account_candidates();
-            let Some(account_slot) = slots.account_turn(&candidates) else {
-                return act.reject(ErrorCode::AccountBusy, "every upstream account is at its turn limit", ctx);
-            };
-            if let Some(turn) = act.turn.as_mut() {
-                turn.key_slot = Some(key_slot);
-                turn.account_slot = Some(account_slot);
-                turn.phase = Phase::Leasing;
-            }
-            act.lease_and_send(ctx);
-        }));
+        };
+        if let Some(r) = refused {
+            return Some((auth_error_code(&r), r.to_string()));
+        }
+        if self.deps.accounting_health.refusal().is_some() {
+            // The cause (paths, hosts) is for the operator's log and /readyz, not clients.
+            return Some((
+                ErrorCode::AccountingUnavailable,
+                ACCOUNTING_UNAVAILABLE.into(),
+            ));
+        }
+        if self.deps.accounts.is_empty() {
+            return Some((
+                ErrorCode::NoUpstreamAccounts,
+                "the relay has no upstream account configured".into(),
+            ));
+        }
+        None
     }
 
     /// Accounts in the order this session prefers them: the one it holds a lease on first.
@@ -461,7 +540,13 @@ impl SessionActor {
                     );
                 }
                 Err(err) => {
-                    let e = Self::error_event(ErrorCode::UpstreamUnavailable, &err.to_string());
+                    // The detail (upstream URL, host) is for the operator's log only.
+                    warn!(parent: &act.span, error = %err, "no upstream connection for the turn");
+                    let message = match err {
+                        LeaseError::ShuttingDown => "the relay is shutting down",
+                        _ => "the upstream could not be reached; retry",
+                    };
+                    let e = Self::error_event(ErrorCode::UpstreamUnavailable, message);
                     act.finish(
                         Ending::Rejected("upstream_unavailable"),
                         Delivery {
@@ -502,6 +587,17 @@ impl SessionActor {
         turn.last_upstream = now;
         let observed = turn.tracker.observe(&text, now);
         match observed.kind {
+            EventKind::Invalid => {
+                // Never forwarded; the connection's state is unknown.
+                if let Some(lease) = &self.lease {
+                    lease.addr.do_send(crate::upstream::messages::CloseConn);
+                }
+                self.release_lease(false);
+                self.on_upstream_lost(
+                    LostReason::Protocol("the upstream sent a frame that is not a JSON event"),
+                    ctx,
+                )
+            }
             EventKind::Terminal(kind) => {
                 let delivery = Delivery {
                     last: Some(text.to_string()),
@@ -540,7 +636,7 @@ impl SessionActor {
             && !turn.retried
             && turn.frame.previous_response_id.is_none()
             && !self.client_gone
-            && !matches!(reason, LostReason::Binary);
+            && !matches!(reason, LostReason::Protocol(_));
         if transparent {
             info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
             turn.retried = true;
@@ -553,10 +649,7 @@ impl SessionActor {
                 ErrorCode::UpstreamRestarting,
                 "the upstream is restarting; retry this turn",
             ),
-            LostReason::Binary => (
-                ErrorCode::UpstreamProtocolError,
-                "the upstream sent a binary frame",
-            ),
+            LostReason::Protocol(what) => (ErrorCode::UpstreamProtocolError, what),
             _ => (
                 ErrorCode::UpstreamConnectionLost,
                 "the upstream connection was lost mid-turn; retry this turn",
@@ -728,6 +821,7 @@ impl SessionActor {
         let d = &mut self.drains[i];
         match d.turn.tracker.observe(&text, Instant::now()).kind {
             EventKind::Terminal(_) => self.end_drain(i, true, ctx),
+            EventKind::Invalid => self.end_drain(i, false, ctx),
             EventKind::Error => {
                 let (_, request_level) = upstream_error_code(&text);
                 self.end_drain(i, request_level, ctx)
@@ -1064,9 +1158,10 @@ impl Handler<ClientInput> for SessionActor {
                     self.acked_bytes = self.acked_bytes.max(u64::from_be_bytes(mark));
                 }
             }
-            ClientInput::Fragment => self.protocol_error(
+            ClientInput::InvalidUtf8 => self.refuse_frame(
                 ErrorCode::InvalidJson,
-                "fragmented frames are not supported",
+                "a text frame that is not valid UTF-8",
+                Some(1007),
                 ctx,
             ),
             ClientInput::Oversize => {
@@ -1139,6 +1234,7 @@ impl Handler<EndWhenIdle> for SessionActor {
             // The turn finishes normally; `finish` closes after its last frame.
             self.close_after_turn = Some(close);
             self.queued = None;
+            self.preempting = None;
         }
     }
 }

@@ -16,9 +16,9 @@ pub enum ClientInput {
     Binary,
     /// A pong to one of the session's backpressure pings: the byte mark it carried.
     Pong(Vec<u8>),
-    /// A fragmented message (not supported).
-    Fragment,
-    /// A frame over the size limit.
+    /// A text message that is not valid UTF-8 (RFC 6455: close 1007).
+    InvalidUtf8,
+    /// A frame (or a reassembled fragmented message) over the size limit.
     Oversize,
     /// Close frame, EOF, a protocol error, or the transport stopped: the client is gone.
     Gone,
@@ -36,14 +36,52 @@ pub enum Outbound {
 pub struct ClientSocket {
     session: Recipient<ClientInput>,
     gone_sent: bool,
+    /// A fragmented message being reassembled (RFC 6455 §5.4): whether it is text, its bytes.
+    partial: Option<(bool, Vec<u8>)>,
+    /// Largest message, whole or reassembled (`limits.client_frame_max_bytes`).
+    max_message: usize,
 }
 
 impl ClientSocket {
-    pub fn new(session: Recipient<ClientInput>) -> Self {
+    pub fn new(session: Recipient<ClientInput>, max_message: usize) -> Self {
         Self {
             session,
             gone_sent: false,
+            partial: None,
+            max_message,
         }
+    }
+
+    /// One fragment; the whole message once its last fragment arrived.
+    fn fragment(&mut self, item: actix_http::ws::Item) -> Option<ClientInput> {
+        let (first_text, bytes, last) = match item {
+            actix_http::ws::Item::FirstText(b) => (Some(true), b, false),
+            actix_http::ws::Item::FirstBinary(b) => (Some(false), b, false),
+            actix_http::ws::Item::Continue(b) => (None, b, false),
+            actix_http::ws::Item::Last(b) => (None, b, true),
+        };
+        if let Some(text) = first_text {
+            self.partial = Some((text, Vec::new()));
+        }
+        let (text, buf) = self.partial.as_mut()?;
+        if buf.len() + bytes.len() > self.max_message {
+            self.partial = None;
+            return Some(ClientInput::Oversize);
+        }
+        buf.extend_from_slice(&bytes);
+        let text = *text;
+        if !last {
+            return None;
+        }
+        let (_, whole) = self.partial.take()?;
+        Some(if !text {
+            ClientInput::Binary
+        } else {
+            match String::from_utf8(whole) {
+                Ok(s) => ClientInput::Text(ByteString::from(s)),
+                Err(_) => ClientInput::InvalidUtf8,
+            }
+        })
     }
 
     fn gone(&mut self) {
@@ -74,9 +112,16 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ClientSocket {
                 ctx.stop();
                 return self.gone();
             }
-            Ok(ws::Message::Continuation(_)) => ClientInput::Fragment,
+            Ok(ws::Message::Continuation(item)) => match self.fragment(item) {
+                Some(input) => input,
+                None => return,
+            },
             Ok(ws::Message::Nop) => return,
             Err(ws::ProtocolError::Overflow) => ClientInput::Oversize,
+            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
+            Err(ws::ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                ClientInput::InvalidUtf8
+            }
             Err(_) => {
                 ctx.stop();
                 return self.gone();

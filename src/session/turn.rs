@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::protocol::events::{EventKind, TerminalKind, event_type, kind_of};
+use crate::protocol::events::{EventKind, TerminalKind, classify};
 use crate::protocol::usage::{Usage, estimate_tokens};
 
 /// Timing of a turn in whole milliseconds from `accepted`.
@@ -175,7 +175,7 @@ impl TurnTracker {
     /// Feeds one upstream text frame. Only `response.created`, terminals and usage-bearing
     /// lifecycle events are parsed; deltas are scanned.
     pub fn observe(&mut self, text: &str, now: Instant) -> Observed {
-        let kind = event_type(text).map_or(EventKind::Other, |t| kind_of(&t));
+        let kind = classify(text);
         self.events += 1;
         self.clock.event(kind, now);
         self.saw_terminal |= matches!(kind, EventKind::Terminal(_));

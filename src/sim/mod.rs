@@ -11,7 +11,7 @@ pub mod events;
 pub mod script;
 pub mod server;
 
-pub use server::{SimConfig, SimHandle, start};
+pub use server::{SimConfig, SimHandle, start, start_on};
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable across processes on one machine, so a test can
 /// subtract the `sim_ts_ns` stamped into an event from its own receive time.

@@ -214,6 +214,14 @@ pub fn start(
     config: SimConfig,
     bind: SocketAddr,
 ) -> std::io::Result<(SimHandle, actix_web::dev::Server)> {
+    start_on(config, std::net::TcpListener::bind(bind)?)
+}
+
+/// `start` on a listener bound beforehand.
+pub fn start_on(
+    config: SimConfig,
+    listener: std::net::TcpListener,
+) -> std::io::Result<(SimHandle, actix_web::dev::Server)> {
     let shared = Arc::new(SimShared::new(config.clone()));
     let data = web::Data::from(shared.clone());
     let mut server = HttpServer::new(move || {
@@ -234,7 +242,7 @@ pub fn start(
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
-    let server = server.bind(bind)?;
+    let server = server.listen(listener)?;
     let addr = server
         .addrs()
         .first()

@@ -132,7 +132,10 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
                 // Nobody asked: the socket's state is unknown now.
                 (None, _) => self.lose(LostReason::StrayData, ctx),
             },
-            Ok(Frame::Binary(_)) => self.lose(LostReason::Binary, ctx),
+            Ok(Frame::Binary(_)) => self.lose(
+                LostReason::Protocol("the upstream sent a binary frame"),
+                ctx,
+            ),
             Ok(Frame::Ping(p)) => {
                 if let Some(sink) = self.sink.as_mut() {
                     let _ = sink.write(WsMessage::Pong(p));

@@ -15,8 +15,9 @@ pub enum LostReason {
     Error(String),
     /// A frame arrived while nobody held the connection.
     StrayData,
-    /// A binary frame (the protocol is text only).
-    Binary,
+    /// A frame that breaks the protocol: binary (the protocol is text only), or text that is
+    /// not a JSON event.
+    Protocol(&'static str),
 }
 
 /// Delivered to the lessee: a frame of its response, or the end of the connection.
