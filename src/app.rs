@@ -201,6 +201,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let data = web::Data::from(deps.clone());
+    let stall_ms = u32::try_from(settings.limits.client_stall_timeout_ms).unwrap_or(u32::MAX);
     let mut server = HttpServer::new(move || {
         App::new()
             .wrap(TracingLogger::<crate::http::request_log::PathOnlySpan>::new())
@@ -210,6 +211,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
             .configure(ingress::routes)
     })
     .disable_signals()
+    .on_connect(move |conn, _| bound_stalled_socket(conn, stall_ms))
     // Without it Nagle and delayed ACKs add tens of ms per event burst.
     .tcp_nodelay(true)
     .shutdown_timeout(grace.as_secs().max(1));
@@ -240,6 +242,21 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     let left = flush_accounting(&deps, grace).await;
     info!(unwritten_records = left, "stopped");
     Ok(())
+}
+
+/// A client that stops reading leaves its socket's send queue full and the peer's window at
+/// zero; the kernel then aborts the connection after `limits.client_stall_timeout_ms`
+/// (`TCP_USER_TIMEOUT` also bounds zero-window probing), freeing whatever the relay still had
+/// queued for it. Without it a cut-off client's queue would live until TCP keepalive noticed.
+fn bound_stalled_socket(conn: &dyn std::any::Any, stall_ms: u32) {
+    if stall_ms == 0 {
+        return;
+    }
+    if let Some(sock) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
+        && let Err(e) = rustix::net::sockopt::set_tcp_user_timeout(sock, stall_ms)
+    {
+        warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client socket");
+    }
 }
 
 /// Every upstream socket gets a close frame; waits (at most a second) until they are out.

@@ -156,8 +156,14 @@ pub struct LimitSettings {
     /// Largest client frame; larger ones get `frame_too_large` and close 1009.
     pub client_frame_max_bytes: usize,
     /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
-    /// session is ended with `client_too_slow`.
+    /// session is ended with `client_too_slow`. What one connection can hold queued is this
+    /// plus one frame.
     pub client_send_buffer_bytes: usize,
+    /// A client socket whose peer acknowledges nothing (or keeps a zero window) for this long
+    /// is aborted by the kernel (`TCP_USER_TIMEOUT`); 0 leaves the system default.
+    pub client_stall_timeout_ms: u64,
+    /// Sessions open at once per key when the key sets no `max_sessions`.
+    pub default_max_sessions_per_key: i32,
 }
 
 impl Default for SessionSettings {
@@ -199,6 +205,8 @@ impl Default for LimitSettings {
         Self {
             client_frame_max_bytes: 16 * 1024 * 1024,
             client_send_buffer_bytes: 8 * 1024 * 1024,
+            client_stall_timeout_ms: 30_000,
+            default_max_sessions_per_key: 256,
         }
     }
 }

@@ -117,7 +117,10 @@ async fn upgrade(
             "this endpoint speaks WebSocket only (GET with Upgrade: websocket)",
         ));
     }
-    let Some(slot) = deps.slots.session(principal.key_id, principal.max_sessions) else {
+    let max_sessions = principal
+        .max_sessions
+        .or(Some(deps.settings.limits.default_max_sessions_per_key));
+    let Some(slot) = deps.slots.session(principal.key_id, max_sessions) else {
         return Err(HttpError::new(
             ErrorCode::TooManySessions,
             "this key has its maximum of sessions open",

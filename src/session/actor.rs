@@ -113,6 +113,11 @@ pub struct SessionActor {
     /// The client socket transport (set right after the upgrade).
     client: Option<Recipient<Outbound>>,
     client_gone: bool,
+    /// Cut off for not reading (`client_too_slow`): nothing more is queued but the last frame.
+    cut_off: bool,
+    /// The largest frame sent and possibly unread: (its length, the byte mark that shows it
+    /// read).
+    largest_unread: (u64, u64),
     close_after_turn: Option<(u16, &'static str)>,
     span: Span,
 }
@@ -150,6 +155,8 @@ impl SessionActor {
             pinged_at: 0,
             client: None,
             client_gone: false,
+            cut_off: false,
+            largest_unread: (0, 0),
             close_after_turn: None,
             span,
         }
@@ -169,19 +176,66 @@ impl SessionActor {
 
     // ---- writing to the client -------------------------------------------------------------
 
+    /// Queues a frame for the client. Every byte counts against
+    /// `limits.client_send_buffer_bytes`, the relay's own error events included (SPEC §4.4b).
+    /// The largest frame not yet shown read is allowed on top of the limit, so a client that
+    /// reads is never cut off because one event is large; a client that does not read is cut
+    /// off before this frame is queued once the rest of what it left unread is over the limit —
+    /// what one connection holds queued never exceeds the limit plus its largest frame.
     fn send(&mut self, text: impl Into<ByteString>, ctx: &mut Context<Self>) {
         if self.client_gone {
             return;
         }
         let text: ByteString = text.into();
-        self.sent_bytes += text.len() as u64;
+        if self.cut_off {
+            // Only the cut-off's own last frame, right before the close.
+            return self.out(Outbound::Text(text));
+        }
+        if self.acked_bytes >= self.largest_unread.1 {
+            self.largest_unread = (0, 0);
+        }
+        let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
+        let beyond_largest = unread.saturating_sub(self.largest_unread.0);
+        if beyond_largest as usize > self.deps.settings.limits.client_send_buffer_bytes {
+            return self.too_slow(unread, ctx);
+        }
+        let len = text.len() as u64;
+        self.sent_bytes += len;
+        if len >= self.largest_unread.0 {
+            self.largest_unread = (len, self.sent_bytes);
+        }
         self.out(Outbound::Text(text));
         if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
             // The pong comes back only after the client has read everything before the ping.
             self.pinged_at = self.sent_bytes;
             self.out(Outbound::Ping(self.sent_bytes.to_be_bytes().to_vec()));
         }
-        let _ = ctx;
+    }
+
+    /// The client does not read: `client_too_slow`, close 1008 (a turn in flight ends first).
+    fn too_slow(&mut self, unread: u64, ctx: &mut Context<Self>) {
+        self.cut_off = true;
+        warn!(parent: &self.span, unread, "client not reading: cut off (client_too_slow)");
+        let e = Self::error_event(
+            ErrorCode::ClientTooSlow,
+            "the client is not reading its events",
+        );
+        match self.turn.as_ref().map(|t| t.phase) {
+            Some(phase) if phase != Phase::Finishing => self.finish(
+                Ending::Aborted("client_too_slow"),
+                Delivery {
+                    last: Some(e),
+                    reusable: false,
+                    close: Some((1008, "client_too_slow")),
+                },
+                ctx,
+            ),
+            Some(_) => self.close_after_turn = Some((1008, "client_too_slow")),
+            None => {
+                self.out(Outbound::Text(e.into()));
+                self.close(1008, "client_too_slow", ctx);
+            }
+        }
     }
 
     fn error_event(code: ErrorCode, message: &str) -> String {
@@ -618,7 +672,6 @@ impl SessionActor {
             _ => {
                 turn.forwarded += 1;
                 self.send(text, ctx);
-                self.check_backpressure(ctx);
             }
         }
     }
@@ -923,25 +976,6 @@ impl SessionActor {
                 );
                 self.send(e, ctx);
             }
-        }
-    }
-
-    fn check_backpressure(&mut self, ctx: &mut Context<Self>) {
-        let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
-        if unread as usize > self.deps.settings.limits.client_send_buffer_bytes {
-            let e = Self::error_event(
-                ErrorCode::ClientTooSlow,
-                "the client is not reading its events",
-            );
-            self.finish(
-                Ending::Aborted("client_too_slow"),
-                Delivery {
-                    last: Some(e),
-                    reusable: false,
-                    close: Some((1008, "client_too_slow")),
-                },
-                ctx,
-            );
         }
     }
 

@@ -1,0 +1,186 @@
+//! A gateway for many users, and a few hostile ones (SPEC §3.1, §4.4b, §4.5): a thousand
+//! sessions holding their upstream sockets, a client that never reads while it sends, one very
+//! large event to a client that reads, an upstream restarting behind pooled connections.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::stack::{Stack, StackOptions, wait_log};
+use common::ws::{Client, Recv};
+use common::{TestDb, http_get};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(60);
+
+fn create(directive: &str) -> Value {
+    json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "hello", "metadata": {"sim": directive}})
+}
+
+fn last_type(events: &[Value]) -> String {
+    events
+        .last()
+        .map(|e| e["type"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// 1,000 sessions (ten times awc's old default connector limit) each run a turn, all hold their
+/// session and upstream socket at once, then each runs a second turn on the same socket.
+#[test]
+fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
+    const N: usize = 1_000;
+    turnpike::app::raise_fd_limit();
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            max_conns: N + 50,
+            env: &[
+                ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "2000"),
+                ("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "30000"),
+                ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let barrier = Arc::new(Barrier::new(N + 1));
+    let handles: Vec<_> = (0..N)
+        .map(|_| {
+            let (addr, key, barrier) = (s.addr.clone(), s.key.clone(), barrier.clone());
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut outcomes = Vec::new();
+                    let mut c = Client::bearer(&addr, &key);
+                    c.send(&create(""));
+                    outcomes.push(last_type(&c.until_terminal(T)));
+                    barrier.wait();
+                    // Everyone holds a session and an upstream socket now; the test looks.
+                    barrier.wait();
+                    c.send(&create(""));
+                    outcomes.push(last_type(&c.until_terminal(T)));
+                    outcomes
+                })
+                .unwrap()
+        })
+        .collect();
+    barrier.wait();
+    let held = s.sim_stats();
+    barrier.wait();
+    let outcomes: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let done = outcomes
+        .iter()
+        .filter(|o| *o == "response.completed")
+        .count();
+    assert_eq!(done, 2 * N, "{:?}", s.problems());
+    assert_eq!(
+        held["open"], N as u64,
+        "every session held its upstream socket: {held}"
+    );
+    let after = s.sim_stats();
+    assert_eq!(
+        after["accepted"], N as u64,
+        "second turns reused their sockets (no redial): {after}"
+    );
+    assert_eq!(s.rows(2 * N).len(), 2 * N);
+    s.finish();
+}
+
+/// A client that never reads while it sends frames in a loop (each answered by an error event)
+/// is cut off before its queue exceeds the limit plus one frame; the relay logs how much was
+/// unread; the session's resources go.
+#[test]
+fn a_client_that_never_reads_is_cut_off() {
+    const LIMIT: usize = 64 * 1024;
+    let limit = LIMIT.to_string();
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_LIMITS__CLIENT_SEND_BUFFER_BYTES", &limit),
+                ("TURNPIKE_LIMITS__CLIENT_STALL_TIMEOUT_MS", "1500"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    // Never reading: every cancel is answered with `no_active_response`.
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while sent < 20_000 && t0.elapsed() < Duration::from_secs(20) {
+        let frame = tungstenite::Message::text(r#"{"type":"response.cancel"}"#);
+        if c.ws.send(frame).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let mut log = Vec::new();
+    assert!(
+        wait_log(
+            &s.relay,
+            "cut off (client_too_slow)",
+            Duration::from_secs(10),
+            &mut log
+        ),
+        "sent {sent}: {log:?}"
+    );
+    let line = log.iter().find(|l| l.contains("client_too_slow")).unwrap();
+    let unread: usize = line
+        .split("unread=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("unread in the log line");
+    let largest = 200; // the frames are error events of ~150 bytes
+    assert!(
+        unread > LIMIT && unread <= LIMIT + largest,
+        "queue bounded by the limit plus its largest frame: {unread}"
+    );
+    // The session ended; reading now shows its last words: client_too_slow, close 1008.
+    let mut saw = false;
+    loop {
+        match c.recv(Duration::from_secs(10)) {
+            Recv::Json(e) if e["error"]["code"] == "client_too_slow" => saw = true,
+            Recv::Json(_) | Recv::Ping | Recv::Pong => {}
+            Recv::Close(code) => {
+                assert_eq!(code, 1008);
+                break;
+            }
+            // The kernel may have aborted it already (TCP_USER_TIMEOUT).
+            Recv::Gone(_) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(saw || wait_log(&s.relay, "session closed", Duration::from_secs(5), &mut log));
+    assert_eq!(http_get(&s.addr, "/healthz").0, 200);
+    s.finish();
+}
+
+/// One event of 8.4 MB — more than `limits.client_send_buffer_bytes` (8 MiB), under the frame
+/// limit — reaches a client that reads; the turn completes.
+#[test]
+fn one_large_event_reaches_a_reading_client() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    c.send(&create("oversize=8400000 after=3"));
+    let events = c.until_terminal(T);
+    assert_eq!(
+        last_type(&events),
+        "response.completed",
+        "{:?}",
+        events
+            .last()
+            .map(|e| e.to_string().chars().take(300).collect::<String>())
+    );
+    let big = events
+        .iter()
+        .map(|e| e.to_string().len())
+        .max()
+        .unwrap_or(0);
+    assert!(big > 8_388_608, "the large event arrived whole: {big}");
+    s.finish();
+}
