@@ -135,6 +135,16 @@ pub struct UpstreamSettings {
     pub read_timeout_ms: u64,
     /// Largest upstream frame accepted.
     pub frame_max_bytes: usize,
+    /// A turn whose first upstream event has not arrived this long after its request was
+    /// written has lost its upstream (retried on a fresh connection when nothing was
+    /// forwarded): an upstream that went silent costs a turn seconds, not `read_timeout_ms`.
+    pub first_event_timeout_ms: u64,
+    /// A connection that has heard nothing from the upstream for this long is proven alive
+    /// (ping, pong) before a request is written on it.
+    pub probe_idle_ms: u64,
+    /// How long that proof may take; no pong in time → the connection is dropped and the turn
+    /// goes to a fresh one.
+    pub probe_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +195,9 @@ impl Default for UpstreamSettings {
             connect_timeout_ms: 10_000,
             read_timeout_ms: 300_000,
             frame_max_bytes: 16 * 1024 * 1024,
+            first_event_timeout_ms: 10_000,
+            probe_idle_ms: 10_000,
+            probe_timeout_ms: 1_000,
         }
     }
 }

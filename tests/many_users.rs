@@ -184,3 +184,57 @@ fn one_large_event_reaches_a_reading_client() {
     assert!(big > 8_388_608, "the large event arrived whole: {big}");
     s.finish();
 }
+
+/// An upstream rolling restart: the old process keeps its open sockets silent while a new one
+/// takes the address. A turn on a pooled connection completes within seconds, whether the
+/// connection was idle long enough to be probed (ping, no pong) or not (no first event).
+#[test]
+fn upstream_rolling_restart_costs_seconds() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            upstream_proxy: true,
+            env: &[
+                ("TURNPIKE_UPSTREAM__FIRST_EVENT_TIMEOUT_MS", "1500"),
+                ("TURNPIKE_UPSTREAM__PROBE_IDLE_MS", "600"),
+                ("TURNPIKE_UPSTREAM__PROBE_TIMEOUT_MS", "500"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let proxy = s.upstream_proxy.as_ref().unwrap();
+    let mut quick = s.client();
+    let mut idle = s.client();
+    for c in [&mut quick, &mut idle] {
+        c.send(&create(""));
+        assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    }
+    // The new upstream process; the old one's sockets go mute.
+    let (_new_sim, new_addr) = common::start_sim(&[]);
+    proxy.retarget(&new_addr);
+    // At once (no probe: heard from recently): the first-event deadline moves the turn.
+    let t0 = Instant::now();
+    quick.send(&create(""));
+    assert_eq!(last_type(&quick.until_terminal(T)), "response.completed");
+    let took_quick = t0.elapsed();
+    // After a pause: the liveness probe finds the connection dead before the request goes.
+    std::thread::sleep(Duration::from_millis(800));
+    let t0 = Instant::now();
+    idle.send(&create(""));
+    assert_eq!(last_type(&idle.until_terminal(T)), "response.completed");
+    let took_idle = t0.elapsed();
+    assert!(took_quick < Duration::from_secs(5), "{took_quick:?}");
+    assert!(took_idle < Duration::from_secs(3), "{took_idle:?}");
+    let new_stats = http_get(&new_addr, "/sim/stats").1;
+    assert_eq!(
+        new_stats["responses"], 2,
+        "both turns ran on the new upstream: {new_stats}"
+    );
+    let rows = s.rows(4);
+    assert_eq!(
+        rows.iter().filter(|r| r.status == "completed").count(),
+        4,
+        "{rows:?}"
+    );
+    s.finish();
+}

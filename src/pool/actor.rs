@@ -118,6 +118,8 @@ impl ContextPool {
             account_headers: self.account_headers.clone(),
             frame_max: self.upstream.frame_max_bytes,
             timeout: Duration::from_millis(self.upstream.connect_timeout_ms),
+            probe_idle: Duration::from_millis(self.upstream.probe_idle_ms),
+            probe_timeout: Duration::from_millis(self.upstream.probe_timeout_ms),
         };
         let pool = ctx.address().recipient();
         let addr = match &w.arbiter {

@@ -1051,7 +1051,18 @@ impl SessionActor {
                     ctx,
                 );
             }
-            if now.duration_since(turn.last_upstream) >= read_timeout {
+            let first_event_timeout = Duration::from_millis(s.upstream.first_event_timeout_ms);
+            let silent = now.duration_since(turn.last_upstream);
+            if turn.tracker.events == 0 && silent >= first_event_timeout {
+                // The request went out and nothing came back: the upstream may have gone
+                // silent (a graceful restart keeps its old sockets open and mute).
+                if let Some(lease) = &self.lease {
+                    lease.addr.do_send(crate::upstream::messages::CloseConn);
+                }
+                self.release_lease(false);
+                return self.on_upstream_lost(LostReason::Error("no first event".into()), ctx);
+            }
+            if silent >= read_timeout {
                 if let Some(lease) = &self.lease {
                     lease.addr.do_send(crate::upstream::messages::CloseConn);
                 }
@@ -1133,6 +1144,7 @@ impl Actor for SessionActor {
             s.session.lease_idle_ms,
             s.session.idle_timeout_ms,
             s.upstream.read_timeout_ms,
+            s.upstream.first_event_timeout_ms,
             s.session.cancel_grace_ms,
             s.session.drain_ms,
         ]

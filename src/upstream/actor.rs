@@ -13,9 +13,20 @@ use super::messages::{CloseConn, ConnStatus, LostReason, SendText, SetLessee, Up
 
 type Sink = SinkWrite<WsMessage, SplitSink<Socket, WsMessage>>;
 
+/// The payload of a liveness probe's ping.
+const PROBE: &[u8] = b"tp-probe";
+
 pub struct UpstreamConn {
     id: u64,
     spec: Option<DialSpec>,
+    probe_idle: std::time::Duration,
+    probe_timeout: std::time::Duration,
+    /// When the upstream last sent anything.
+    last_heard: std::time::Instant,
+    /// Requests held back while a probe waits for its pong.
+    held: Option<Vec<ByteString>>,
+    /// Probes sent (a late deadline of an earlier probe is ignored).
+    probes: u64,
     pool: Recipient<ConnStatus>,
     sink: Option<Sink>,
     lessee: Option<Recipient<UpstreamEvent>>,
@@ -28,6 +39,11 @@ impl UpstreamConn {
     pub fn new(id: u64, spec: DialSpec, pool: Recipient<ConnStatus>) -> Self {
         Self {
             id,
+            probe_idle: spec.probe_idle,
+            probe_timeout: spec.probe_timeout,
+            last_heard: std::time::Instant::now(),
+            held: None,
+            probes: 0,
             spec: Some(spec),
             pool,
             sink: None,
@@ -120,6 +136,7 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
         if self.lost {
             return;
         }
+        self.last_heard = std::time::Instant::now();
         match item {
             Ok(Frame::Text(bytes)) => match (&self.lessee, ByteString::try_from(bytes)) {
                 (Some(lessee), Ok(text)) => lessee.do_send(UpstreamEvent::Text {
@@ -141,6 +158,7 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
                     let _ = sink.write(WsMessage::Pong(p));
                 }
             }
+            Ok(Frame::Pong(p)) if p.as_ref() == PROBE => self.probe_answered(ctx),
             Ok(Frame::Pong(_)) => {}
             Ok(Frame::Close(reason)) => {
                 let code = reason.map(|r| u16::from(r.code));
@@ -171,16 +189,62 @@ impl WriteHandler<WsProtocolError> for UpstreamConn {
     }
 }
 
-impl Handler<SendText> for UpstreamConn {
-    type Result = ();
-
-    fn handle(&mut self, msg: SendText, ctx: &mut Context<Self>) {
+impl UpstreamConn {
+    fn write_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let failed = match self.sink.as_mut() {
-            Some(sink) if !self.lost => sink.write(WsMessage::Text(msg.0)).is_err(),
+            Some(sink) if !self.lost => sink.write(WsMessage::Text(text)).is_err(),
             _ => true,
         };
         if failed {
             self.lose(LostReason::Error("upstream socket is closing".into()), ctx);
+        }
+    }
+
+    /// Liveness before reuse: after `probe_idle` of silence the upstream may be gone without
+    /// a word (a graceful restart leaves its old sockets open and silent); a ping must come
+    /// back within `probe_timeout` before the request is written.
+    fn probe(&mut self, ctx: &mut Context<Self>) {
+        let Some(sink) = self.sink.as_mut() else {
+            return;
+        };
+        self.held = Some(Vec::new());
+        self.probes += 1;
+        let probe = self.probes;
+        if sink
+            .write(WsMessage::Ping(actix_web::web::Bytes::from_static(PROBE)))
+            .is_err()
+        {
+            return self.lose(LostReason::Error("upstream socket is closing".into()), ctx);
+        }
+        ctx.run_later(self.probe_timeout, move |act, ctx| {
+            if act.held.is_some() && act.probes == probe {
+                act.held = None;
+                act.lose(
+                    LostReason::Error("no pong to the liveness probe".into()),
+                    ctx,
+                );
+                act.shut(ctx);
+            }
+        });
+    }
+
+    fn probe_answered(&mut self, ctx: &mut Context<Self>) {
+        for text in self.held.take().unwrap_or_default() {
+            self.write_text(text, ctx);
+        }
+    }
+}
+
+impl Handler<SendText> for UpstreamConn {
+    type Result = ();
+
+    fn handle(&mut self, msg: SendText, ctx: &mut Context<Self>) {
+        if self.held.is_none() && self.last_heard.elapsed() >= self.probe_idle {
+            self.probe(ctx);
+        }
+        match self.held.as_mut() {
+            Some(held) => held.push(msg.0),
+            None => self.write_text(msg.0, ctx),
         }
     }
 }

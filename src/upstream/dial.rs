@@ -48,6 +48,9 @@ pub struct DialSpec {
     pub account_headers: Vec<(&'static str, String)>,
     pub frame_max: usize,
     pub timeout: Duration,
+    /// Silence after which a request waits for a ping's pong before it is written.
+    pub probe_idle: Duration,
+    pub probe_timeout: Duration,
 }
 
 thread_local! {

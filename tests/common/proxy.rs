@@ -1,8 +1,9 @@
 //! A TCP proxy the test controls. `cut`: every connection through it dies and new ones are
 //! dropped at once, as when the database host goes away. `blackhole`: connections stay open
-//! but nothing is forwarded any more and new ones are accepted and never answered — a database
+//! but nothing is forwarded any more and new ones are accepted and never answered — a server
 //! that accepts connections but never answers. `restore`: connections work again (those held
-//! by a blackhole are dropped, so clients reconnect).
+//! by a blackhole are dropped, so clients reconnect). `retarget`: a graceful restart behind a
+//! load balancer — the existing connections stay open and go silent, new ones reach `target`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -13,13 +14,21 @@ const UP: u8 = 0;
 const CUT: u8 = 1;
 const BLACKHOLE: u8 = 2;
 
-pub struct Proxy {
-    pub addr: String,
+/// One proxied connection: its mode and both sockets.
+struct Conn {
     mode: Arc<AtomicU8>,
-    live: Arc<Mutex<Vec<TcpStream>>>,
+    sockets: Vec<TcpStream>,
 }
 
-/// Copies `from` → `to` while the proxy is up; in a blackhole, reads and drops.
+pub struct Proxy {
+    pub addr: String,
+    /// What new connections get.
+    mode: Arc<AtomicU8>,
+    target: Arc<Mutex<String>>,
+    conns: Arc<Mutex<Vec<Conn>>>,
+}
+
+/// Copies `from` → `to` while the connection is up; in a blackhole, reads and drops.
 fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
@@ -47,8 +56,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let mode = Arc::new(AtomicU8::new(UP));
-        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (mode2, live2, target) = (mode.clone(), live.clone(), target.to_string());
+        let target = Arc::new(Mutex::new(target.to_string()));
+        let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
+        let (mode2, conns2, target2) = (mode.clone(), conns.clone(), target.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 match mode2.load(Ordering::SeqCst) {
@@ -58,12 +68,16 @@ impl Proxy {
                     }
                     BLACKHOLE => {
                         // Accepted, never answered.
-                        live2.lock().unwrap().push(client);
+                        conns2.lock().unwrap().push(Conn {
+                            mode: Arc::new(AtomicU8::new(BLACKHOLE)),
+                            sockets: vec![client],
+                        });
                         continue;
                     }
                     _ => {}
                 }
-                let Ok(server) = TcpStream::connect(&target) else {
+                let to = target2.lock().unwrap().clone();
+                let Ok(server) = TcpStream::connect(&to) else {
                     continue;
                 };
                 if let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
@@ -72,34 +86,59 @@ impl Proxy {
                     client.try_clone(),
                     server.try_clone(),
                 ) {
-                    live2.lock().unwrap().extend([c3, s3]);
-                    pipe(client, s2, mode2.clone());
-                    pipe(server, c2, mode2.clone());
+                    let conn_mode = Arc::new(AtomicU8::new(UP));
+                    conns2.lock().unwrap().push(Conn {
+                        mode: conn_mode.clone(),
+                        sockets: vec![c3, s3],
+                    });
+                    pipe(client, s2, conn_mode.clone());
+                    pipe(server, c2, conn_mode);
                 }
             }
         });
-        Proxy { addr, mode, live }
+        Proxy {
+            addr,
+            mode,
+            target,
+            conns,
+        }
     }
 
-    fn drop_all(&self) {
-        for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
+    fn set_all(&self, mode: u8, drop_them: bool) {
+        let mut conns = self.conns.lock().unwrap();
+        for c in conns.iter() {
+            c.mode.store(mode, Ordering::SeqCst);
+            if drop_them {
+                for s in &c.sockets {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        if drop_them {
+            conns.clear();
         }
     }
 
     pub fn cut(&self) {
         self.mode.store(CUT, Ordering::SeqCst);
-        self.drop_all();
+        self.set_all(CUT, true);
     }
 
     pub fn blackhole(&self) {
         self.mode.store(BLACKHOLE, Ordering::SeqCst);
+        self.set_all(BLACKHOLE, false);
     }
 
     pub fn restore(&self) {
         let was = self.mode.swap(UP, Ordering::SeqCst);
         if was == BLACKHOLE {
-            self.drop_all();
+            self.set_all(CUT, true);
         }
+    }
+
+    /// Existing connections stay open and silent; new ones go to `target`.
+    pub fn retarget(&self, target: &str) {
+        self.set_all(BLACKHOLE, false);
+        *self.target.lock().unwrap() = target.to_string();
     }
 }

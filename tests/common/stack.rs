@@ -27,6 +27,8 @@ pub struct Stack {
     pub addr: String,
     pub key: String,
     pub key_id: i64,
+    /// The proxy between relay and sim (`StackOptions::upstream_proxy`).
+    pub upstream_proxy: Option<super::proxy::Proxy>,
     _config: tempfile::TempDir,
 }
 
@@ -44,6 +46,8 @@ pub struct StackOptions<'a> {
     pub account_extra: &'a str,
     /// The database URL the relay uses, when not the test database's own (e.g. through a proxy).
     pub relay_db_url: Option<String>,
+    /// A proxy in front of the sim: the relay's account reaches the sim through it.
+    pub upstream_proxy: bool,
     pub key: KeyRequest,
 }
 
@@ -55,6 +59,7 @@ impl Default for StackOptions<'_> {
             max_conns: 4,
             account_extra: "",
             relay_db_url: None,
+            upstream_proxy: false,
             key: KeyRequest::default(),
         }
     }
@@ -73,12 +78,18 @@ impl Stack {
             (key, row.id)
         });
         let (sim, sim_addr) = start_sim(opts.sim_args);
+        let upstream_proxy = opts
+            .upstream_proxy
+            .then(|| super::proxy::Proxy::start(&sim_addr));
+        let upstream_addr = upstream_proxy
+            .as_ref()
+            .map_or(sim_addr.clone(), |p| p.addr.clone());
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "[[accounts]]\nname = \"sim\"\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"sk-upstream\"\nmax_conns = {}\n{}\n",
+                "[[accounts]]\nname = \"sim\"\nbase_url = \"http://{upstream_addr}/v1\"\napi_key = \"sk-upstream\"\nmax_conns = {}\n{}\n",
                 opts.max_conns, opts.account_extra
             ),
         )
@@ -110,6 +121,7 @@ impl Stack {
             addr,
             key,
             key_id,
+            upstream_proxy,
             _config: dir,
         }
     }
