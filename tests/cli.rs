@@ -337,6 +337,19 @@ fn readyz_without_accounts() {
     assert_eq!(code, 503, "{body}");
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("no upstream accounts"), "{msg}");
+    // A turn gets the clear error, not a misleading `account_busy`; the session stays open.
+    assert!(run(&db, &["users", "create", "u"]).status.success());
+    let key = stdout(&run(&db, &["keys", "create", "--user", "u"]))
+        .trim()
+        .to_string();
+    let mut c = common::ws::Client::bearer(&addr, &key);
+    let turn = serde_json::json!({"type": "response.create", "model": "m", "input": "hi"});
+    for _ in 0..2 {
+        c.send(&turn);
+        let e = c.next_event(Duration::from_secs(10));
+        assert_eq!(e["error"]["code"], "no_upstream_accounts", "{e}");
+        assert_eq!(e["status"], 503);
+    }
     server.terminate();
 }
 

@@ -238,3 +238,53 @@ fn upstream_rolling_restart_costs_seconds() {
     );
     s.finish();
 }
+
+/// 10,000 client sessions open at once on one relay process (each a WebSocket, idle after its
+/// handshake); the relay still serves a turn and its probes. Reports the relay's RSS per session.
+#[test]
+fn ten_thousand_open_sessions() {
+    const N: usize = 10_000;
+    turnpike::app::raise_fd_limit();
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "20000"),
+                ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let pid = s.relay.child.id();
+    let before = rss(pid);
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        match Client::connect(
+            &s.addr,
+            "/v1/responses",
+            &[("authorization", &format!("Bearer {}", s.key))],
+        ) {
+            Ok(c) => clients.push(c),
+            Err(e) => panic!("session {i} refused: {e:?}"),
+        }
+    }
+    let after = rss(pid);
+    eprintln!(
+        "{N} open sessions: relay RSS {before} KiB → {after} KiB ({:.1} KiB per session)",
+        (after.saturating_sub(before)) as f64 / N as f64
+    );
+    assert_eq!(http_get(&s.addr, "/healthz").0, 200);
+    let c = clients.last_mut().unwrap();
+    c.send(&create(""));
+    assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
+    drop(clients);
+    s.finish();
+}
