@@ -7,10 +7,10 @@
 
 use std::time::Instant;
 
-use turnpike::accounting::messages::TurnRecord;
 use turnpike::accounting::spool::{DirFs, Spool};
 use turnpike::config::DatabaseSettings;
 use turnpike::db::{DbPool, migrate, queries};
+use turnpike::record::TurnRecord;
 
 fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
     TurnRecord {
@@ -33,7 +33,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
             ..Default::default()
         },
         cost_nanousd: 4_000 + n as i64,
-        timing: turnpike::session::turn::Timing {
+        timing: turnpike::record::Timing {
             upstream_wait_ms: Some(2),
             first_event_ms: Some(40),
             first_token_ms: Some(90),

@@ -7,6 +7,7 @@
 //! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
 //! - [`session`]: the client session actor and its turn state machine.
 //! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
+//! - [`record`]: a turn's usage record (`TurnRecord`, `Timing`) and its spool format.
 //! - [`billing`]: money in integer nano-USD.
 //! - [`db`]: schema, migrations, the backend enum, query functions.
 //! - [`sim`]: the simulated upstream (a real WebSocket server with scriptable faults).
@@ -23,6 +24,7 @@ pub mod db;
 pub mod http;
 pub mod pool;
 pub mod protocol;
+pub mod record;
 pub mod session;
 pub mod sim;
 pub mod telemetry;

@@ -273,8 +273,8 @@ fn kill_9_mid_load_loses_nothing() {
     }
 }
 
-fn record(n: usize, key: i64, user: i64) -> turnpike::accounting::messages::TurnRecord {
-    use turnpike::accounting::messages::TurnRecord;
+fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
+    use turnpike::record::TurnRecord;
     TurnRecord {
         request_id: format!("turn_restart_{n}"),
         response_id: None,
@@ -294,7 +294,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::accounting::messages::Turn
             ..Default::default()
         },
         cost_nanousd: 1_000 + n as i64,
-        timing: turnpike::session::turn::Timing {
+        timing: turnpike::record::Timing {
             upstream_wait_ms: Some(1),
             first_event_ms: Some(2),
             first_token_ms: Some(3),

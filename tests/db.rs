@@ -285,13 +285,8 @@ async fn compensation_backlog_view_answers() {
     .await;
 }
 
-fn turn_record(
-    id: &str,
-    key: i64,
-    user: i64,
-    cost: i64,
-) -> turnpike::accounting::messages::TurnRecord {
-    turnpike::accounting::messages::TurnRecord {
+fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::TurnRecord {
+    turnpike::record::TurnRecord {
         request_id: id.into(),
         response_id: None,
         api_key_id: key,
@@ -310,7 +305,7 @@ fn turn_record(
             ..Default::default()
         },
         cost_nanousd: cost,
-        timing: turnpike::session::turn::Timing {
+        timing: turnpike::record::Timing {
             upstream_wait_ms: Some(1),
             first_event_ms: Some(2),
             first_token_ms: Some(3),

@@ -26,13 +26,11 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::health::AccountingHealth;
-use super::messages::{
-    Backlog, Flush, RecordError, RecordTurn, Restart, SpoolFailure, TurnRecord, decode_record,
-    encode_record,
-};
+use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure};
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
 use crate::db::{DbError, DbPool, queries, within as timed};
+use crate::record::{RecordError, TurnRecord, decode_record, encode_record};
 
 pub struct AccountingConfig {
     pub batch_max_rows: usize,

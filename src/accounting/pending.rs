@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::messages::TurnRecord;
+use crate::record::TurnRecord;
 
 #[derive(Debug, Default)]
 pub struct PendingSpend {

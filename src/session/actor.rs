@@ -17,7 +17,7 @@ use super::messages::{EndSession, EndWhenIdle};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, Outbound};
 use super::turn::{Ending, TurnTracker};
-use crate::accounting::messages::{RecordTurn, TurnRecord};
+use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal, check_standing};
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
@@ -25,6 +25,7 @@ use crate::pool::messages::{Acquire, Lease, LeaseError, Release};
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
+use crate::record::TurnRecord;
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 /// The client's message when usage cannot be recorded.

@@ -5,19 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::events::{EventKind, TerminalKind, classify};
 use crate::protocol::usage::{Usage, estimate_tokens};
-
-/// Timing of a turn in whole milliseconds from `accepted`.
-///
-/// Rounding: the `first_*` marks are rounded down and `duration_ms` up, and a turn that
-/// streamed a token before it ended has `duration_ms > first_token_ms` even when both fell in
-/// the same millisecond — so `first_event_ms <= first_token_ms < duration_ms` always holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Timing {
-    pub upstream_wait_ms: Option<i64>,
-    pub first_event_ms: Option<i64>,
-    pub first_token_ms: Option<i64>,
-    pub duration_ms: i64,
-}
+use crate::record::Timing;
 
 /// The instants of one turn.
 #[derive(Debug, Clone)]

@@ -3,13 +3,13 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use crate::accounting::messages::TurnRecord;
 use crate::db::models::{BacklogRow, Compensation, NewCompensation, NewLedger};
 use crate::db::queries::usage;
 use crate::db::schema::billing_compensation_backlog as backlog;
 use crate::db::schema::billing_compensations;
 use crate::db::schema::{api_keys, billing_ledger, usage_logs, users};
 use crate::db::{DbError, DbPool, now};
+use crate::record::TurnRecord;
 
 /// The stored fields of a record's row that a replay must match (see `Fingerprint`).
 macro_rules! stored_fingerprint {

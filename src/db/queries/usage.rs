@@ -3,10 +3,10 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use crate::accounting::messages::TurnRecord;
 use crate::db::models::{NewUsage, UsageRow};
 use crate::db::schema::usage_logs;
 use crate::db::{DbError, DbPool, now};
+use crate::record::TurnRecord;
 
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
