@@ -124,6 +124,9 @@ pub struct SessionSettings {
     pub idle_timeout_ms: u64,
     /// Consecutive lease timeouts after which the session is closed with 1013.
     pub max_lease_failures: u32,
+    /// Bytes of conversation a session keeps to replay a `store:false` chain whose connection
+    /// is gone; past it a lost chain fails closed (`continuation_unavailable`), never truncated.
+    pub replay_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +188,7 @@ impl Default for SessionSettings {
             lease_idle_ms: 60_000,
             idle_timeout_ms: 900_000,
             max_lease_failures: 3,
+            replay_max_bytes: 8 * 1024 * 1024,
         }
     }
 }

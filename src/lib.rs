@@ -6,6 +6,7 @@
 //! - [`http`]: health, readiness, HTTP JSON errors.
 //! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
 //! - [`session`]: the client session actor and its turn state machine.
+//! - [`continuation`]: `previous_response_id` across lost connections (replay, fail-close), pure.
 //! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
 //! - [`record`]: a turn's usage record (`TurnRecord`, `Timing`) and its spool format.
 //! - [`billing`]: money in integer nano-USD.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod continuation;
 pub mod db;
 pub mod http;
 pub mod pool;

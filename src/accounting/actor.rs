@@ -174,7 +174,9 @@ impl Accounting {
             Err(e) => self.spool_failed(e.to_string(), ctx),
         }
         self.next_flush_at = Instant::now();
-        ctx.notify(Flush);
+        if !self.pending.is_empty() || !self.spilled.is_empty() {
+            ctx.notify(Flush);
+        }
     }
 
     /// Returns how many records in memory had to be written to the spool again.
@@ -395,6 +397,8 @@ impl Accounting {
                     .collect()
             }
         };
+        let full_pass =
+            from_disk.is_none() && batch.len() >= self.cfg.batch_max_rows.max(1) * CHUNKS_PER_PASS;
         self.flushing = true;
         let db = self.db.clone();
         let chunk = self.cfg.batch_max_rows.max(1);
@@ -417,7 +421,9 @@ impl Accounting {
                         Some(_) => act.committed_from_disk(&batch),
                         None => act.committed_from_memory(&batch),
                     }
-                    if !act.pending.is_empty() || !act.spilled.is_empty() {
+                    // A backlog (on disk, or more than one pass) drains at once; otherwise the
+                    // next flush waits for `flush_interval` (or `batch_max_rows`).
+                    if !act.spilled.is_empty() || full_pass {
                         ctx.notify(Flush);
                     }
                 }

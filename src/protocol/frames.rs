@@ -30,6 +30,8 @@ pub struct CreateFrame {
     /// Bytes of the prompt the upstream bills as input (`input`, `instructions`, `tools`), for
     /// the input estimate of a turn the upstream never reports usage for.
     pub prompt_bytes: usize,
+    /// The `input` (string or items), kept for the session's replay history.
+    pub input: Option<Value>,
 }
 
 /// Bytes of a JSON value as the upstream reads it: a string's own length, else its JSON text.
@@ -121,6 +123,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             .iter()
             .map(|k| json_bytes(obj.get(*k)))
             .sum(),
+        input: obj.get("input").cloned(),
     }))
 }
 

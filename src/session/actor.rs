@@ -19,6 +19,7 @@ use super::socket::{ClientInput, Outbound};
 use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal, check_standing};
+use crate::continuation::{self, Chain, Decision, History};
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
 use crate::pool::messages::{Acquire, Lease, LeaseError, Release};
@@ -57,6 +58,8 @@ struct Turn {
     account_slot: Option<AccountSlot>,
     forwarded: u32,
     retried: bool,
+    /// The conversation was replayed for this turn (never twice).
+    replayed: bool,
     last_upstream: Instant,
     cancel_deadline: Option<Instant>,
     drain_deadline: Option<Instant>,
@@ -96,6 +99,10 @@ pub struct SessionActor {
     lease: Option<Lease>,
     /// The connection of the last lease, preferred for the next one (affinity).
     preferred: Option<u64>,
+    /// The conversation so far, for replay when a chain's connection is gone (SPEC §4.6).
+    history: History,
+    /// The session's last response id, and the connection that holds it.
+    last_response: Option<(String, u64)>,
     turn: Option<Turn>,
     /// Preempted turns still being drained for their usage.
     drains: Vec<Drain>,
@@ -131,6 +138,7 @@ impl SessionActor {
         headers: Vec<(String, String)>,
     ) -> Self {
         let id = format!("sess_{}", random_hex(8));
+        let replay_max = deps.settings.session.replay_max_bytes;
         let span = info_span!("session", session = %id, key = %principal.key_prefix, user = %principal.user_name);
         Self {
             id,
@@ -143,6 +151,8 @@ impl SessionActor {
             model: None,
             lease: None,
             preferred: None,
+            history: History::new(replay_max),
+            last_response: None,
             turn: None,
             drains: Vec::new(),
             preempting: None,
@@ -392,6 +402,7 @@ impl SessionActor {
             account_slot: None,
             forwarded: 0,
             retried: false,
+            replayed: false,
             last_upstream: accepted,
             cancel_deadline: None,
             drain_deadline: None,
@@ -616,14 +627,73 @@ impl SessionActor {
         }));
     }
 
-    fn send_upstream(&mut self, _ctx: &mut Context<Self>) {
+    /// The continuation decision for the turn about to run on `conn` (SPEC §4.6).
+    fn continuation(&self, turn: &Turn, conn: u64, not_found: bool) -> Decision {
+        let chain = Chain {
+            last_response_id: self.last_response.as_ref().map(|(id, _)| id.as_str()),
+            same_connection: self.last_response.as_ref().is_some_and(|(_, c)| *c == conn),
+            history: &self.history,
+        };
+        let frame = continuation::Turn {
+            previous_response_id: turn.frame.previous_response_id.as_deref(),
+            store: turn.frame.store,
+            input: turn.frame.input.as_ref(),
+        };
+        if not_found {
+            continuation::after_not_found(chain, frame)
+        } else {
+            continuation::before_send(chain, frame)
+        }
+    }
+
+    /// Writes the turn's request on the lease, after the continuation decision: as sent, with
+    /// the last response id injected, replayed (once) without the lost id, or not at all
+    /// (`continuation_unavailable`).
+    fn send_upstream(&mut self, ctx: &mut Context<Self>) {
+        let (Some(turn), Some(lease)) = (self.turn.as_ref(), self.lease.as_ref()) else {
+            return;
+        };
+        let decision = self.continuation(turn, lease.conn, false);
+        self.write_request(decision, ctx);
+    }
+
+    fn write_request(&mut self, decision: Decision, ctx: &mut Context<Self>) {
         let (Some(turn), Some(lease)) = (self.turn.as_mut(), self.lease.as_ref()) else {
             return;
         };
+        let decision = match decision {
+            Decision::Replay { .. } if turn.replayed => Decision::FailClosed {
+                reason: "the chain was lost again after its conversation was replayed once for this turn; start a new chain".into(),
+            },
+            d => d,
+        };
+        let rewritten = continuation::rewrite(&turn.frame.raw, &decision);
+        match &decision {
+            Decision::FailClosed { reason } => {
+                info!(parent: &turn.span, reason = %reason, "continuation: fail closed, nothing sent upstream");
+                let e = Self::error_event(ErrorCode::ContinuationUnavailable, reason);
+                return self.finish(
+                    Ending::Rejected(ErrorCode::ContinuationUnavailable.code()),
+                    Delivery {
+                        last: Some(e),
+                        reusable: true,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            Decision::Replay { input, reason } => {
+                info!(parent: &turn.span, reason, items = input.len(), "continuation: chain lost; previous_response_id dropped, conversation replayed");
+                turn.replayed = true;
+            }
+            Decision::Inject(id) => {
+                debug!(parent: &turn.span, previous_response_id = %id, "continuation: tool output continues the last response");
+            }
+            _ => {}
+        }
+        let raw = rewritten.unwrap_or_else(|| turn.frame.raw.clone());
         let now = Instant::now();
-        lease
-            .addr
-            .do_send(SendText(ByteString::from(turn.frame.raw.clone())));
+        lease.addr.do_send(SendText(ByteString::from(raw)));
         turn.tracker.clock.written(now);
         turn.last_upstream = now;
         turn.phase = Phase::Streaming;
@@ -663,6 +733,17 @@ impl SessionActor {
             }
             EventKind::Error => {
                 let (code, request_level) = upstream_error_code(&text);
+                if code.as_deref() == Some("previous_response_not_found")
+                    && turn.forwarded == 0
+                    && !turn.replayed
+                    && let Some(lease) = self.lease.as_ref()
+                    && let Some(turn) = self.turn.as_ref()
+                    && let decision @ Decision::Replay { .. } =
+                        self.continuation(turn, lease.conn, true)
+                {
+                    // Once, on the same (clean) connection: the upstream answered.
+                    return self.write_request(decision, ctx);
+                }
                 let delivery = Delivery {
                     last: Some(text.to_string()),
                     reusable: request_level,
@@ -686,9 +767,10 @@ impl SessionActor {
         if turn.phase != Phase::Streaming {
             return;
         }
+        // A chained turn is retried too: on the fresh connection the continuation decision
+        // replays it or fails closed.
         let transparent = turn.forwarded == 0
             && !turn.retried
-            && turn.frame.previous_response_id.is_none()
             && !self.client_gone
             && !matches!(reason, LostReason::Protocol(_));
         if transparent {
@@ -759,12 +841,17 @@ impl SessionActor {
     /// (never a terminal without a durable record); the record stays with accounting, which
     /// writes it when it can.
     fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
+        if self
+            .turn
+            .as_ref()
+            .is_none_or(|t| t.phase == Phase::Finishing)
+        {
+            return;
+        }
+        self.remember_response(&ending, delivery.last.as_deref());
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
-        if turn.phase == Phase::Finishing {
-            return;
-        }
         self.generation += 1;
         let streaming = turn.phase == Phase::Streaming;
         turn.phase = Phase::Finishing;
@@ -813,6 +900,24 @@ impl SessionActor {
                 act.start_turn(next, Instant::now(), ctx);
             }
         }));
+    }
+
+    /// A response that completed (or is incomplete) continues the chain: its id is the one a
+    /// next turn may name, its connection the one that holds it, and its input and output
+    /// join the history a replay would send.
+    fn remember_response(&mut self, ending: &Ending, terminal: Option<&str>) {
+        use crate::protocol::events::TerminalKind::{Completed, Incomplete};
+        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) =
+            (ending, self.turn.as_ref(), self.lease.as_ref())
+        else {
+            return;
+        };
+        let Some(id) = turn.tracker.response_id.clone() else {
+            return;
+        };
+        let output = terminal.map(continuation::output_items).unwrap_or_default();
+        self.history.record_turn(turn.frame.input.as_ref(), &output);
+        self.last_response = Some((id, lease.conn));
     }
 
     /// Hands a record to accounting; resolves to whether it is durable within

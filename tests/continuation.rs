@@ -1,0 +1,233 @@
+//! Continuation end to end (SPEC §4.6), against the sim's connection-local response cache:
+//! chains on one socket, chains whose connection is gone (replayed once, or failed closed when
+//! tool outputs are involved — the seed `003_…` case), `previous_response_not_found`
+//! recovered once, and the last response id injected for a bare tool output.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use common::stack::{Stack, StackOptions};
+use common::ws::Client;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+/// One turn; the terminal (or error) event.
+fn turn(c: &mut Client, frame: Value) -> Value {
+    c.send(&frame);
+    c.until_terminal(T).pop().unwrap()
+}
+
+fn create(extra: Value) -> Value {
+    let mut f = json!({"type": "response.create", "model": "gpt-test", "store": false});
+    for (k, v) in extra.as_object().unwrap() {
+        f[k] = v.clone();
+    }
+    f
+}
+
+fn call_id(terminal: &Value) -> String {
+    terminal["response"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .expect("a function call")["call_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `response.create` frames the sim received, per connection, parsed.
+fn creates_seen(s: &Stack) -> Vec<Vec<Value>> {
+    s.sim_connections()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["dir"] == "in")
+                .filter_map(|f| serde_json::from_str::<Value>(f["text"].as_str()?).ok())
+                .filter(|v| v["type"] == "response.create")
+                .collect()
+        })
+        .collect()
+}
+
+fn stack(max_age_s: &'static str) -> Stack {
+    Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_POOL__MAX_AGE_S", max_age_s)],
+            ..StackOptions::default()
+        },
+    )
+}
+
+/// A Codex-style tool loop chained with `previous_response_id` on one socket.
+#[test]
+fn tool_chain_on_one_socket() {
+    let s = stack("3300");
+    let mut c = s.client();
+    let t1 = turn(
+        &mut c,
+        create(json!({"input": "run it", "metadata": {"sim": "tool"}})),
+    );
+    assert_eq!(t1["type"], "response.completed");
+    let t2 = turn(
+        &mut c,
+        create(json!({"previous_response_id": t1["response"]["id"],
+            "input": [{"type": "function_call_output", "call_id": call_id(&t1), "output": "ok"}]})),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    let t3 = turn(
+        &mut c,
+        create(json!({"previous_response_id": t2["response"]["id"], "input": "thanks"})),
+    );
+    assert_eq!(t3["type"], "response.completed", "{t3}");
+    let seen = creates_seen(&s);
+    assert_eq!(seen.len(), 1, "one upstream socket");
+    assert_eq!(seen[0][2]["previous_response_id"], t2["response"]["id"]);
+    assert_eq!(seen[0][2]["input"], "thanks", "sent as the client sent it");
+    s.finish();
+}
+
+/// The connection is gone between turns (recycled at `pool.max_age_s`); no tool output in the
+/// conversation: `previous_response_id` is dropped and the conversation replayed, once.
+#[test]
+fn lost_connection_replays_a_plain_conversation() {
+    let s = stack("1");
+    let mut c = s.client();
+    let t1 = turn(&mut c, create(json!({"input": "hello"})));
+    assert_eq!(t1["type"], "response.completed");
+    std::thread::sleep(Duration::from_millis(1200));
+    let t2 = turn(
+        &mut c,
+        create(json!({"previous_response_id": t1["response"]["id"], "input": "again"})),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    let seen = creates_seen(&s);
+    assert_eq!(seen.len(), 2, "a fresh connection for the second turn");
+    let replay = &seen[1][0];
+    assert!(replay.get("previous_response_id").is_none(), "{replay}");
+    let input = replay["input"].as_array().unwrap();
+    assert_eq!(input.len(), 3, "hello, the answer, again: {replay}");
+    assert_eq!(input[0]["content"][0]["text"], "hello");
+    assert_eq!(input[1]["role"], "assistant");
+    assert_eq!(input[2]["content"][0]["text"], "again");
+    assert_eq!(
+        (&replay["model"], &replay["store"]),
+        (&json!("gpt-test"), &json!(false)),
+        "other fields survive"
+    );
+    s.finish();
+}
+
+/// The seed `003_…` case: the tool output is only in an earlier turn; this turn is plain input
+/// with `previous_response_id`; the connection is gone → `continuation_unavailable`, nothing
+/// reaches the upstream, the session stays open. A tool output in the frame itself too.
+#[test]
+fn lost_connection_with_tool_outputs_fails_closed() {
+    let s = stack("1");
+    let mut c = s.client();
+    let t1 = turn(
+        &mut c,
+        create(json!({"input": "run it", "metadata": {"sim": "tool"}})),
+    );
+    let t2 = turn(
+        &mut c,
+        create(json!({"previous_response_id": t1["response"]["id"],
+            "input": [{"type": "function_call_output", "call_id": call_id(&t1), "output": "ok"}]})),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let t3 = turn(
+        &mut c,
+        create(json!({"previous_response_id": t2["response"]["id"], "input": "thanks"})),
+    );
+    assert_eq!(t3["error"]["code"], "continuation_unavailable", "{t3}");
+    assert_eq!(t3["status"], 409);
+    let t3b = turn(
+        &mut c,
+        create(json!({"previous_response_id": t2["response"]["id"],
+            "input": [{"type": "function_call_output", "call_id": "call_x", "output": "late"}]})),
+    );
+    assert_eq!(t3b["error"]["code"], "continuation_unavailable", "{t3b}");
+    let sent: usize = creates_seen(&s).iter().map(Vec::len).sum();
+    assert_eq!(sent, 2, "the refused turns sent nothing upstream");
+    // The session goes on: a new chain works.
+    let t4 = turn(&mut c, create(json!({"input": "start over"})));
+    assert_eq!(t4["type"], "response.completed");
+    let rows = s.rows(5);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.error_code.as_deref() == Some("continuation_unavailable"))
+            .count(),
+        2
+    );
+    s.finish();
+}
+
+/// `previous_response_not_found` before anything was forwarded: one retry with the replay input
+/// on the same connection.
+#[test]
+fn previous_response_not_found_is_recovered_once() {
+    let s = stack("3300");
+    let mut c = s.client();
+    let t1 = turn(&mut c, create(json!({"input": "hello"})));
+    let t2 = turn(
+        &mut c,
+        create(
+            json!({"previous_response_id": t1["response"]["id"], "input": "again",
+            "metadata": {"sim": "error=previous_response_not_found once"}}),
+        ),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    let seen = creates_seen(&s);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].len(),
+        3,
+        "the turn, the refused chained request, the replay"
+    );
+    assert!(seen[0][2].get("previous_response_id").is_none());
+    assert_eq!(seen[0][2]["input"].as_array().unwrap().len(), 3);
+    s.finish();
+}
+
+/// A tool output without `previous_response_id`, whose call is not in the frame, on the live
+/// connection: the session's last response id is injected. A self-contained frame is not
+/// touched.
+#[test]
+fn last_response_id_injected_for_a_bare_tool_output() {
+    let s = stack("3300");
+    let mut c = s.client();
+    let t1 = turn(
+        &mut c,
+        create(json!({"input": "run it", "metadata": {"sim": "tool"}})),
+    );
+    let call = call_id(&t1);
+    let t2 = turn(
+        &mut c,
+        create(
+            json!({"input": [{"type": "function_call_output", "call_id": call, "output": "ok"}]}),
+        ),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    let t3 = turn(
+        &mut c,
+        create(json!({"input": [
+            {"type": "function_call", "call_id": "call_self", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_self", "output": "ok"}]})),
+    );
+    assert_eq!(t3["type"], "response.completed", "{t3}");
+    let seen = creates_seen(&s);
+    assert_eq!(seen[0][1]["previous_response_id"], t1["response"]["id"]);
+    assert!(seen[0][2].get("previous_response_id").is_none());
+    s.finish();
+}
