@@ -231,3 +231,55 @@ fn last_response_id_injected_for_a_bare_tool_output() {
     assert!(seen[0][2].get("previous_response_id").is_none());
     s.finish();
 }
+
+/// Idle sessions never starve busy ones (SPEC §4.4c): with `max_conns = 2`, five sessions that
+/// ran a turn each and sit idle, a sixth session's turn completes at once (connections held
+/// between turns are reclaimed, the one parked longest first), and a reclaimed session's next
+/// turn continues its chain by replay.
+#[test]
+fn idle_sessions_are_reclaimed_and_continue_by_replay() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            max_conns: 2,
+            env: &[("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "5000")],
+            ..StackOptions::default()
+        },
+    );
+    let mut idle: Vec<(Client, Value)> = Vec::new();
+    for i in 0..5 {
+        let mut c = s.client();
+        let t = turn(&mut c, create(json!({"input": format!("session {i}")})));
+        assert_eq!(t["type"], "response.completed", "session {i}: {t}");
+        idle.push((c, t));
+    }
+    let mut sixth = s.client();
+    let t0 = std::time::Instant::now();
+    let t = turn(&mut sixth, create(json!({"input": "busy"})));
+    let took = t0.elapsed();
+    assert_eq!(t["type"], "response.completed", "{t}");
+    assert!(
+        took < Duration::from_secs(2),
+        "no wait for the lease timeout: {took:?}"
+    );
+    assert_eq!(
+        s.sim_stats()["accepted"],
+        2,
+        "never more than max_conns sockets"
+    );
+    // The first session's connection went to others: its chain continues by replay.
+    let (c, first) = &mut idle[0];
+    let again = turn(
+        c,
+        create(json!({"previous_response_id": first["response"]["id"], "input": "still there?"})),
+    );
+    assert_eq!(again["type"], "response.completed", "{again}");
+    let replayed = creates_seen(&s)
+        .into_iter()
+        .flatten()
+        .find(|f| f["input"].as_array().is_some_and(|i| i.len() == 3))
+        .expect("a replayed request");
+    assert!(replayed.get("previous_response_id").is_none());
+    assert_eq!(replayed["input"][0]["content"][0]["text"], "session 0");
+    s.finish();
+}

@@ -8,7 +8,9 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
-use super::messages::{Acquire, Lease, LeaseError, PoolSnapshot, PoolStats, Release, ShutdownPool};
+use super::messages::{
+    Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
+};
 use super::policy::{self, IdleConn};
 use crate::config::{AccountSettings, PoolSettings, UpstreamSettings};
 use crate::upstream::UpstreamConn;
@@ -17,8 +19,16 @@ use crate::upstream::messages::{CloseConn, ConnStatus, SetLessee, UpstreamEvent}
 
 enum State {
     Dialing,
-    Idle { since: Instant },
-    Leased,
+    Idle {
+        since: Instant,
+    },
+    Leased {
+        /// Since when the session has held it between turns (`None`: a turn runs on it).
+        parked_since: Option<Instant>,
+        /// A `Reclaim` is on its way to the lessee.
+        reclaiming: bool,
+        lessee: Option<Recipient<Reclaim>>,
+    },
 }
 
 struct Entry {
@@ -35,6 +45,7 @@ struct Waiter {
     preferred: Option<u64>,
     lessee: Recipient<UpstreamEvent>,
     arbiter: Option<actix::ArbiterHandle>,
+    reclaim: Option<Recipient<Reclaim>>,
     reply: oneshot::Sender<Result<Lease, LeaseError>>,
 }
 
@@ -52,6 +63,7 @@ pub struct ContextPool {
     next_id: u64,
     dialled_total: u64,
     leases_total: u64,
+    reclaimed_total: u64,
     shutting_down: bool,
 }
 
@@ -75,6 +87,7 @@ impl ContextPool {
             next_id: 1,
             dialled_total: 0,
             leases_total: 0,
+            reclaimed_total: 0,
             shutting_down: false,
         }
     }
@@ -189,6 +202,80 @@ impl ContextPool {
             uncovered -= 1;
             k += 1;
         }
+        if uncovered > 0 && self.conns.len() >= self.max_conns {
+            self.reclaim(uncovered, ctx);
+        }
+    }
+
+    /// SPEC §4.4c: turns wait and the account is at `max_conns` — ask the sessions holding a
+    /// connection between turns for it back, the one parked longest first (`needed` of them).
+    /// `max_conns` bounds concurrent turns, not open sessions.
+    fn reclaim(&mut self, needed: usize, ctx: &mut Context<Self>) {
+        let asked = self
+            .conns
+            .values()
+            .filter(|e| {
+                matches!(
+                    e.state,
+                    State::Leased {
+                        reclaiming: true,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let mut parked: Vec<(Instant, u64)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, e)| match &e.state {
+                State::Leased {
+                    parked_since: Some(t),
+                    reclaiming: false,
+                    lessee: Some(_),
+                } => Some((*t, *id)),
+                _ => None,
+            })
+            .collect();
+        parked.sort_unstable();
+        for (_, conn) in parked.into_iter().take(needed.saturating_sub(asked)) {
+            let Some(Entry {
+                state:
+                    State::Leased {
+                        reclaiming,
+                        lessee: Some(lessee),
+                        ..
+                    },
+                ..
+            }) = self.conns.get_mut(&conn)
+            else {
+                continue;
+            };
+            *reclaiming = true;
+            debug!(account = %self.account, conn, "reclaiming a connection held between turns");
+            let ask = lessee.send(Reclaim { conn });
+            ctx.spawn(ask.into_actor(self).map(move |given, act, ctx| {
+                if given == Ok(true) {
+                    act.reclaimed_total += 1;
+                    // The session's Release follows.
+                    return;
+                }
+                // In use again (or gone): not a candidate until it parks again.
+                if let Some(Entry {
+                    state:
+                        State::Leased {
+                            parked_since,
+                            reclaiming,
+                            ..
+                        },
+                    ..
+                }) = act.conns.get_mut(&conn)
+                {
+                    *parked_since = None;
+                    *reclaiming = false;
+                }
+                act.dispatch(ctx);
+            }));
+        }
     }
 
     fn grant(&mut self, conn: u64, w: Waiter) {
@@ -205,7 +292,11 @@ impl ContextPool {
         };
         match w.reply.send(Ok(lease)) {
             Ok(()) => {
-                entry.state = State::Leased;
+                entry.state = State::Leased {
+                    parked_since: None,
+                    reclaiming: false,
+                    lessee: w.reclaim,
+                };
                 self.leases_total += 1;
             }
             // The session is gone: the connection stays idle.
@@ -254,6 +345,7 @@ impl Handler<Acquire> for ContextPool {
             preferred: msg.preferred,
             lessee: msg.lessee,
             arbiter: msg.arbiter,
+            reclaim: msg.reclaim,
             reply: tx,
         });
         let timeout = Duration::from_millis(self.pool.lease_timeout_ms);
@@ -324,6 +416,23 @@ impl Handler<ConnStatus> for ContextPool {
     }
 }
 
+impl Handler<Parked> for ContextPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: Parked, ctx: &mut Context<Self>) {
+        if let Some(Entry {
+            state: State::Leased { parked_since, .. },
+            ..
+        }) = self.conns.get_mut(&msg.conn)
+        {
+            *parked_since = msg.parked.then(Instant::now);
+            if msg.parked && !self.waiters.is_empty() {
+                self.dispatch(ctx);
+            }
+        }
+    }
+}
+
 impl Handler<PoolStats> for ContextPool {
     type Result = MessageResult<PoolStats>;
 
@@ -333,13 +442,17 @@ impl Handler<PoolStats> for ContextPool {
             waiters: self.waiters.len(),
             dialled_total: self.dialled_total,
             leases_total: self.leases_total,
+            reclaimed_total: self.reclaimed_total,
             ..PoolSnapshot::default()
         };
         for e in self.conns.values() {
             match e.state {
                 State::Dialing => s.dialing += 1,
                 State::Idle { .. } => s.idle += 1,
-                State::Leased => s.leased += 1,
+                State::Leased { parked_since, .. } => {
+                    s.leased += 1;
+                    s.parked += usize::from(parked_since.is_some());
+                }
             }
         }
         MessageResult(s)

@@ -40,6 +40,25 @@ pub struct Acquire {
     /// The requester's thread: a connection dialled for it runs there, so its events reach
     /// the session without crossing threads (and upstream sockets spread over the workers).
     pub arbiter: Option<actix::ArbiterHandle>,
+    /// Where the pool asks for the connection back while the session holds it between turns.
+    pub reclaim: Option<Recipient<Reclaim>>,
+}
+
+/// The pool needs the connection a session holds between turns (SPEC §4.4c): give it back if
+/// no turn is in flight (answer `true` and release it), else keep it (`false`).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct Reclaim {
+    pub conn: u64,
+}
+
+/// The lessee holds `conn` between turns (`parked: true`) or uses it for a turn (`false`):
+/// only a parked connection is reclaimed, the one parked longest first.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Parked {
+    pub conn: u64,
+    pub parked: bool,
 }
 
 /// Give a connection back. `reusable: false` when a response may still be in flight on it or
@@ -56,6 +75,9 @@ pub struct PoolSnapshot {
     pub account: String,
     pub idle: usize,
     pub leased: usize,
+    /// Leased connections whose session holds them between turns.
+    pub parked: usize,
+    pub reclaimed_total: u64,
     pub dialing: usize,
     pub waiters: usize,
     pub dialled_total: u64,

@@ -22,7 +22,7 @@ use crate::auth::{AuthError, Principal, check_standing};
 use crate::continuation::{self, Chain, Decision, History};
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
-use crate::pool::messages::{Acquire, Lease, LeaseError, Release};
+use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
@@ -549,6 +549,7 @@ impl SessionActor {
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
         if let Some(lease) = &self.lease {
             if *lease.account == *account && lease.opened_at.elapsed() < max_age {
+                self.park(false);
                 return self.send_upstream(ctx);
             }
             // Another account, or too old: give it back.
@@ -564,6 +565,7 @@ impl SessionActor {
             preferred: self.preferred,
             lessee: ctx.address().recipient(),
             arbiter: Some(actix::Arbiter::current()),
+            reclaim: Some(ctx.address().recipient()),
         });
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));
@@ -881,6 +883,7 @@ impl SessionActor {
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
             act.turn = None;
             act.idle_since = Instant::now();
+            act.park(true);
             let last = if durable {
                 delivery.last
             } else {
@@ -1022,6 +1025,22 @@ impl SessionActor {
     fn release_lease(&mut self, reusable: bool) {
         if let Some(lease) = self.lease.take() {
             self.release(&lease, reusable);
+        }
+    }
+
+    /// Tells the pool whether the held connection is between turns (reclaimable) or in use.
+    fn park(&self, parked: bool) {
+        if let Some(lease) = &self.lease
+            && let Some(h) = self
+                .deps
+                .accounts
+                .iter()
+                .find(|a| *a.name == *lease.account)
+        {
+            h.pool.do_send(Parked {
+                conn: lease.conn,
+                parked,
+            });
         }
     }
 
@@ -1388,5 +1407,21 @@ impl Handler<EndWhenIdle> for SessionActor {
             self.queued = None;
             self.preempting = None;
         }
+    }
+}
+
+impl Handler<Reclaim> for SessionActor {
+    type Result = bool;
+
+    /// The pool needs the connection this session holds between turns (SPEC §4.4c). Given back
+    /// only when no turn is in flight; the next turn continues its chain through §4.6.
+    fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) -> bool {
+        let holds = self.lease.as_ref().is_some_and(|l| l.conn == msg.conn);
+        if !holds || self.turn.is_some() {
+            return false;
+        }
+        debug!(parent: &self.span, conn = msg.conn, "connection reclaimed by the pool between turns");
+        self.release_lease(true);
+        true
     }
 }
