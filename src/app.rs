@@ -99,6 +99,7 @@ pub fn start_relay_with(
     }
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
+    purge_expired_bindings(db.clone());
     let pending_spend = Arc::new(PendingSpend::default());
     let health = Arc::new(AccountingHealth::default());
     Ok(Arc::new(SessionDeps {
@@ -120,6 +121,20 @@ pub fn start_relay_with(
         db,
         settings,
     }))
+}
+
+/// Deletes expired `response_bindings` every ten minutes (any instance may; it is idempotent).
+fn purge_expired_bindings(db: DbPool) {
+    actix::spawn(async move {
+        loop {
+            match crate::db::queries::bindings::purge_expired(&db).await {
+                Ok(0) => {}
+                Ok(n) => info!(bindings = n, "expired response bindings deleted"),
+                Err(e) => tracing::debug!(error = %e, "expired response bindings not deleted now"),
+            }
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+    });
 }
 
 /// The accounting actor, supervised, on a thread of its own (it blocks on fsync).

@@ -127,6 +127,9 @@ pub struct SessionSettings {
     /// Bytes of conversation a session keeps to replay a `store:false` chain whose connection
     /// is gone; past it a lost chain fails closed (`continuation_unavailable`), never truncated.
     pub replay_max_bytes: usize,
+    /// How long a `store:true` response stays bound to its account and key
+    /// (`response_bindings`); the upstream keeps stored responses 30 days.
+    pub binding_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +192,7 @@ impl Default for SessionSettings {
             idle_timeout_ms: 900_000,
             max_lease_failures: 3,
             replay_max_bytes: 8 * 1024 * 1024,
+            binding_ttl_s: 30 * 24 * 3600,
         }
     }
 }

@@ -283,3 +283,82 @@ fn idle_sessions_are_reclaimed_and_continue_by_replay() {
     assert_eq!(replayed["input"][0]["content"][0]["text"], "session 0");
     s.finish();
 }
+
+/// `store:true`: a response is bound to its account and key (`response_bindings`), so its chain
+/// continues on that account from another relay process sharing the database; another key's
+/// continuation is refused; expired bindings are cleaned up.
+#[test]
+fn stored_chain_continues_from_a_second_relay() {
+    use turnpike::db::queries;
+    for db in common::stack::block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let (other_key, _) = common::stack::with_db(&s.db, async |p| {
+            let user = queries::users::by_name(p, "tester").await.unwrap().unwrap();
+            let stale = turnpike::db::now() - chrono::Duration::seconds(5);
+            queries::bindings::bind(p, "resp_stale", "sim", s.key_id, stale)
+                .await
+                .unwrap();
+            turnpike::auth::create_key(p, user.id, &Default::default())
+                .await
+                .unwrap()
+        });
+        let mut c = s.client();
+        let first = turn(
+            &mut c,
+            json!({"type": "response.create", "model": "gpt-test",
+            "store": true, "input": "remember this"}),
+        );
+        assert_eq!(first["type"], "response.completed", "{first}");
+        // A second relay: another account listed first (an upstream that never saw the
+        // response), then the same account name as the first relay's.
+        let (_other_sim, other_addr) = common::start_sim(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relay2.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[accounts]]\nname = \"other\"\nbase_url = \"http://{other_addr}/v1\"\napi_key = \"k\"\n\
+                 [[accounts]]\nname = \"sim\"\nbase_url = \"http://{}/v1\"\napi_key = \"k\"\n",
+                s.sim_addr
+            ),
+        )
+        .unwrap();
+        let mut cmd = common::turnpike();
+        cmd.arg("--config")
+            .arg(&config)
+            .env("TURNPIKE_DATABASE__URL", &s.db.url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
+            .arg("serve");
+        let relay2 = common::Proc::spawn(cmd);
+        let addr2 = relay2.listening_addr();
+        let next = json!({"type": "response.create", "model": "gpt-test", "store": true,
+            "previous_response_id": first["response"]["id"], "input": "what was it?"});
+        let mut c2 = Client::bearer(&addr2, &s.key);
+        let second = turn(&mut c2, next.clone());
+        assert_eq!(
+            second["type"], "response.completed",
+            "{backend}: continued on the account holding the response: {second}"
+        );
+        let mut stranger = Client::bearer(&addr2, &other_key);
+        let refused = turn(&mut stranger, next);
+        assert_eq!(
+            refused["error"]["code"], "previous_response_forbidden",
+            "{refused}"
+        );
+        assert_eq!(refused["status"], 403);
+        // The second relay deleted the expired binding when it started.
+        let left = common::stack::with_db(&s.db, async |p| {
+            queries::bindings::purge_expired(p).await.unwrap()
+        });
+        assert_eq!(left, 0, "expired bindings already cleaned up");
+        let other_stats = common::http_get(&other_addr, "/sim/stats").1;
+        assert_eq!(
+            other_stats["responses"], 0,
+            "the other account never served it"
+        );
+        drop(relay2);
+        s.finish();
+    }
+}

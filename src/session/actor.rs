@@ -60,6 +60,8 @@ struct Turn {
     retried: bool,
     /// The conversation was replayed for this turn (never twice).
     replayed: bool,
+    /// The account holding the stored response this turn continues (`response_bindings`).
+    bound_account: Option<String>,
     last_upstream: Instant,
     cancel_deadline: Option<Instant>,
     drain_deadline: Option<Instant>,
@@ -403,6 +405,7 @@ impl SessionActor {
             forwarded: 0,
             retried: false,
             replayed: false,
+            bound_account: None,
             last_upstream: accepted,
             cancel_deadline: None,
             drain_deadline: None,
@@ -415,42 +418,44 @@ impl SessionActor {
     fn admit(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let generation = self.generation;
-        ctx.spawn(
-            self.read_standing()
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    if act.generation != generation {
-                        return;
-                    }
-                    if let Some((code, message)) = act.refusal(res) {
-                        return act.reject(code, &message, ctx);
-                    }
-                    let slots = act.deps.slots.clone();
-                    let Some(key_slot) =
-                        slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
-                    else {
-                        return act.reject(
-                            ErrorCode::ConcurrencyLimitExceeded,
-                            "this key has its maximum of turns in flight",
-                            ctx,
-                        );
-                    };
-                    let candidates = act.account_candidates();
-                    let Some(account_slot) = slots.account_turn(&candidates) else {
-                        return act.reject(
-                            ErrorCode::AccountBusy,
-                            "every upstream account is at its turn limit",
-                            ctx,
-                        );
-                    };
-                    if let Some(turn) = act.turn.as_mut() {
-                        turn.key_slot = Some(key_slot);
-                        turn.account_slot = Some(account_slot);
-                        turn.phase = Phase::Leasing;
-                    }
-                    act.lease_and_send(ctx);
-                }),
-        );
+        let standing = self.read_standing();
+        let binding = self.read_binding();
+        let reads = futures_util::future::join(standing, binding);
+        ctx.spawn(reads.into_actor(self).map(move |(res, binding), act, ctx| {
+            if act.generation != generation {
+                return;
+            }
+            if let Some((code, message)) = act.refusal(res) {
+                return act.reject(code, &message, ctx);
+            }
+            if let Some((code, message)) = act.apply_binding(binding) {
+                return act.reject(code, &message, ctx);
+            }
+            let slots = act.deps.slots.clone();
+            let Some(key_slot) =
+                slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
+            else {
+                return act.reject(
+                    ErrorCode::ConcurrencyLimitExceeded,
+                    "this key has its maximum of turns in flight",
+                    ctx,
+                );
+            };
+            let candidates = act.account_candidates();
+            let Some(account_slot) = slots.account_turn(&candidates) else {
+                return act.reject(
+                    ErrorCode::AccountBusy,
+                    "every upstream account is at its turn limit",
+                    ctx,
+                );
+            };
+            if let Some(turn) = act.turn.as_mut() {
+                turn.key_slot = Some(key_slot);
+                turn.account_slot = Some(account_slot);
+                turn.phase = Phase::Leasing;
+            }
+            act.lease_and_send(ctx);
+        }));
     }
 
     /// The key and its user, re-read for a turn (bounded: a database that does not answer
@@ -511,19 +516,63 @@ impl SessionActor {
         None
     }
 
-    /// Accounts in the order this session prefers them: the one it holds a lease on first.
+    /// Accounts in the order this session prefers them: the one it holds a lease on first; a
+    /// turn continuing a stored response goes to the account holding it, and only there.
     fn account_candidates(&self) -> Vec<(String, usize)> {
-        let held = self.lease.as_ref().map(|l| l.account.to_string());
-        let mut out: Vec<(String, usize)> = self
+        let all = self
             .deps
             .accounts
             .iter()
-            .map(|a| (a.name.clone(), a.turn_limit))
-            .collect();
+            .map(|a| (a.name.clone(), a.turn_limit));
+        if let Some(bound) = self.turn.as_ref().and_then(|t| t.bound_account.as_deref()) {
+            return all.filter(|(n, _)| n == bound).collect();
+        }
+        let held = self.lease.as_ref().map(|l| l.account.to_string());
+        let mut out: Vec<(String, usize)> = all.collect();
         if let Some(h) = held {
             out.sort_by_key(|(n, _)| *n != h);
         }
         out
+    }
+
+    /// The binding of the stored response a turn continues (`store:true` with
+    /// `previous_response_id`), read with the standing; `None` when there is none to read or
+    /// the database does not answer (the turn then goes to any account).
+    fn read_binding(&self) -> impl Future<Output = Option<(String, i64)>> + 'static {
+        let db = self.deps.db.clone();
+        let prev = self
+            .turn
+            .as_ref()
+            .filter(|t| t.frame.store)
+            .and_then(|t| t.frame.previous_response_id.clone());
+        async move {
+            let prev = prev?;
+            let read = queries::bindings::lookup(&db, &prev);
+            crate::db::within(crate::db::READ_DEADLINE, read)
+                .await
+                .ok()
+                .flatten()
+        }
+    }
+
+    /// Applies a stored response's binding: another key's response is refused; the account
+    /// holding it serves the turn (when this relay has it).
+    fn apply_binding(&mut self, binding: Option<(String, i64)>) -> Option<(ErrorCode, String)> {
+        let (account, key_id) = binding?;
+        if key_id != self.principal.key_id {
+            return Some((
+                ErrorCode::PreviousResponseForbidden,
+                "previous_response_id names a response created with another key".into(),
+            ));
+        }
+        if self.deps.accounts.iter().any(|a| a.name == account) {
+            if let Some(turn) = self.turn.as_mut() {
+                turn.bound_account = Some(account);
+            }
+        } else {
+            warn!(parent: &self.span, %account, "stored response bound to an account this relay does not have");
+        }
+        None
     }
 
     fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
@@ -878,7 +927,10 @@ impl SessionActor {
         if streaming && !delivery.reusable {
             self.release_lease(false);
         }
+        let store = self.turn.as_ref().is_some_and(|t| t.frame.store);
+        let bind = self.bind_stored(&record, store);
         let durable = self.record(record, wait);
+        let durable = async move { futures_util::future::join(durable, bind).await.0 };
         // `wait`: nothing else happens in this session until the record is safe.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
             act.turn = None;
@@ -921,6 +973,31 @@ impl SessionActor {
         let output = terminal.map(continuation::output_items).unwrap_or_default();
         self.history.record_turn(turn.frame.input.as_ref(), &output);
         self.last_response = Some((id, lease.conn));
+    }
+
+    /// A completed `store:true` response is bound to its account and key (`response_bindings`)
+    /// before the client hears of it, so its chain continues there from any relay instance.
+    /// A failure is logged: the chain then goes to any account (the upstream decides).
+    fn bind_stored(&self, record: &TurnRecord, store: bool) -> impl Future<Output = ()> + 'static {
+        let binding = (store && record.status == "completed")
+            .then(|| record.response_id.clone())
+            .flatten()
+            .map(|id| (id, record.account.clone(), record.api_key_id));
+        let db = self.deps.db.clone();
+        let ttl = chrono::Duration::seconds(
+            i64::try_from(self.deps.settings.session.binding_ttl_s).unwrap_or(i64::MAX / 2),
+        );
+        let span = self.span.clone();
+        async move {
+            let Some((id, account, key)) = binding else {
+                return;
+            };
+            let expires = crate::db::now() + ttl;
+            let write = queries::bindings::bind(&db, &id, &account, key, expires);
+            if let Err(e) = crate::db::within(crate::db::READ_DEADLINE, write).await {
+                warn!(parent: &span, error = %e, response_id = %id, "stored response not bound to its account");
+            }
+        }
     }
 
     /// Hands a record to accounting; resolves to whether it is durable within
