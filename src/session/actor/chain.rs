@@ -1,0 +1,126 @@
+//! Continuation (SPEC §4.6) as the session applies it: the decision before a request is
+//! written, what a completed response leaves for the next turn, bindings of stored responses.
+
+use super::*;
+
+impl SessionActor {
+    /// The continuation decision for the turn about to run on `conn` (SPEC §4.6).
+    pub(super) fn continuation(&self, turn: &Turn, conn: u64, not_found: bool) -> Decision {
+        let chain = Chain {
+            last_response_id: self.last_response.as_ref().map(|(id, _)| id.as_str()),
+            same_connection: self.last_response.as_ref().is_some_and(|(_, c)| *c == conn),
+            history: &self.history,
+        };
+        let frame = continuation::Turn {
+            previous_response_id: turn.frame.previous_response_id.as_deref(),
+            store: turn.frame.store,
+            input: turn.frame.input.as_ref(),
+        };
+        if not_found {
+            continuation::after_not_found(chain, frame)
+        } else {
+            continuation::before_send(chain, frame)
+        }
+    }
+
+    /// Writes the turn's request on the lease, after the continuation decision: as sent, with
+    /// the last response id injected, replayed (once) without the lost id, or not at all
+    /// (`continuation_unavailable`).
+    pub(super) fn send_upstream(&mut self, ctx: &mut Context<Self>) {
+        let (Some(turn), Some(lease)) = (self.turn.as_ref(), self.lease.as_ref()) else {
+            return;
+        };
+        let decision = self.continuation(turn, lease.conn, false);
+        self.write_request(decision, ctx);
+    }
+
+    pub(super) fn write_request(&mut self, decision: Decision, ctx: &mut Context<Self>) {
+        let (Some(turn), Some(lease)) = (self.turn.as_mut(), self.lease.as_ref()) else {
+            return;
+        };
+        let decision = match decision {
+            Decision::Replay { .. } if turn.replayed => Decision::FailClosed {
+                reason: "the chain was lost again after its conversation was replayed once for this turn; start a new chain".into(),
+            },
+            d => d,
+        };
+        let rewritten = continuation::rewrite(&turn.frame.raw, &decision);
+        match &decision {
+            Decision::FailClosed { reason } => {
+                info!(parent: &turn.span, reason = %reason, "continuation: fail closed, nothing sent upstream");
+                let e = Self::error_event(ErrorCode::ContinuationUnavailable, reason);
+                return self.finish(
+                    Ending::Rejected(ErrorCode::ContinuationUnavailable.code()),
+                    Delivery {
+                        last: Some(e),
+                        reusable: true,
+                        close: None,
+                    },
+                    ctx,
+                );
+            }
+            Decision::Replay { input, reason } => {
+                info!(parent: &turn.span, reason, items = input.len(), "continuation: chain lost; previous_response_id dropped, conversation replayed");
+                turn.replayed = true;
+            }
+            Decision::Inject(id) => {
+                debug!(parent: &turn.span, previous_response_id = %id, "continuation: tool output continues the last response");
+            }
+            _ => {}
+        }
+        let raw = rewritten.unwrap_or_else(|| turn.frame.raw.clone());
+        let now = Instant::now();
+        lease.addr.do_send(SendText(ByteString::from(raw)));
+        turn.tracker.clock.written(now);
+        turn.last_upstream = now;
+        turn.phase = Phase::Streaming;
+        debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
+    }
+
+    /// A response that completed (or is incomplete) continues the chain: its id is the one a
+    /// next turn may name, its connection the one that holds it, and its input and output
+    /// join the history a replay would send.
+    pub(super) fn remember_response(&mut self, ending: &Ending, terminal: Option<&str>) {
+        use crate::protocol::events::TerminalKind::{Completed, Incomplete};
+        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) =
+            (ending, self.turn.as_ref(), self.lease.as_ref())
+        else {
+            return;
+        };
+        let Some(id) = turn.tracker.response_id.clone() else {
+            return;
+        };
+        let output = terminal.map(continuation::output_items).unwrap_or_default();
+        self.history.record_turn(turn.frame.input.as_ref(), &output);
+        self.last_response = Some((id, lease.conn));
+    }
+
+    /// A completed `store:true` response is bound to its account and key (`response_bindings`)
+    /// before the client hears of it, so its chain continues there from any relay instance.
+    /// A failure is logged: the chain then goes to any account (the upstream decides).
+    pub(super) fn bind_stored(
+        &self,
+        record: &TurnRecord,
+        store: bool,
+    ) -> impl Future<Output = ()> + 'static {
+        let binding = (store && record.status == "completed")
+            .then(|| record.response_id.clone())
+            .flatten()
+            .map(|id| (id, record.account.clone(), record.api_key_id));
+        let db = self.deps.db.clone();
+        let ttl = chrono::Duration::seconds(
+            i64::try_from(self.deps.settings.session.binding_ttl_s).unwrap_or(i64::MAX / 2),
+        );
+        let span = self.span.clone();
+        async move {
+            let Some((id, account, key)) = binding else {
+                return;
+            };
+            let expires = crate::db::now() + ttl;
+            let write = queries::bindings::bind(&db, &id, &account, key, expires);
+            if let Err(e) = crate::db::within(crate::db::READ_DEADLINE, write).await {
+                warn!(parent: &span, error = %e, response_id = %id, "stored response not bound to its account");
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The end of a turn: its usage record, made durable before the client hears the end (SPEC §5.4).
+
+use super::*;
+
+impl SessionActor {
+    /// The usage record of `turn`, ended with `outcome`, on `account`.
+    pub(super) fn record_of(
+        &self,
+        turn: &Turn,
+        outcome: crate::session::turn::Outcome,
+        account: String,
+    ) -> TurnRecord {
+        TurnRecord {
+            request_id: turn.turn_id.clone(),
+            response_id: outcome.response_id,
+            api_key_id: self.principal.key_id,
+            user_id: self.principal.user_id,
+            session_id: self.id.clone(),
+            turn_index: turn.index,
+            account,
+            model: turn.model.clone(),
+            status: outcome.status.to_string(),
+            usage_source: outcome.usage_source.to_string(),
+            warmup: turn.frame.warmup,
+            usage: outcome.usage,
+            cost_nanousd: self
+                .deps
+                .prices
+                .cost(&turn.model, &outcome.usage, turn.frame.warmup),
+            timing: outcome.timing,
+            error_code: outcome.error_code,
+            accepted_at: turn.accepted_wall,
+        }
+    }
+
+    /// Ends the turn in flight: its record goes to accounting, and only once accounting has
+    /// acknowledged it (durable) does the client get the turn's last frame. Not acknowledged
+    /// within `accounting.ack_timeout_ms` → the client gets `accounting_unavailable` instead
+    /// (never a terminal without a durable record); the record stays with accounting, which
+    /// writes it when it can.
+    pub(super) fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
+        if self
+            .turn
+            .as_ref()
+            .is_none_or(|t| t.phase == Phase::Finishing)
+        {
+            return;
+        }
+        self.remember_response(&ending, delivery.last.as_deref());
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        self.generation += 1;
+        let streaming = turn.phase == Phase::Streaming;
+        turn.phase = Phase::Finishing;
+        // Slots are free as soon as the turn is over, whatever happens next.
+        turn.key_slot = None;
+        turn.account_slot = None;
+        // A refusal because accounting is down does not wait for accounting.
+        let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable.code());
+        let outcome = turn.tracker.finish(ending, Instant::now());
+        let account = self
+            .lease
+            .as_ref()
+            .map(|l| l.account.to_string())
+            .unwrap_or_default();
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        let record = self.record_of(turn, outcome, account);
+        info!(parent: &turn.span, status = record.status, usage_source = record.usage_source,
+            response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
+            first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+        if streaming && !delivery.reusable {
+            self.release_lease(false);
+        }
+        let store = self.turn.as_ref().is_some_and(|t| t.frame.store);
+        let bind = self.bind_stored(&record, store);
+        let durable = self.record(record, wait);
+        let durable = async move { futures_util::future::join(durable, bind).await.0 };
+        // `wait`: nothing else happens in this session until the record is safe.
+        ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
+            act.turn = None;
+            act.idle_since = Instant::now();
+            act.park(true);
+            let last = if durable {
+                delivery.last
+            } else {
+                warn!(parent: &act.span, "turn record not durable in time: accounting_unavailable instead of the terminal event");
+                Some(Self::error_event(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
+            };
+            if let Some(last) = last {
+                act.send(last, ctx);
+            }
+            if let Some((code, reason)) = delivery.close.or(act.close_after_turn) {
+                return act.close(code, reason, ctx);
+            }
+            if act.client_gone {
+                return act.stop_when_drained(ctx);
+            }
+            if let Some(next) = act.queued.take() {
+                act.start_turn(next, Instant::now(), ctx);
+            }
+        }));
+    }
+
+    /// Hands a record to accounting; resolves to whether it is durable within
+    /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller does not
+    /// hold anything back for it).
+    pub(super) fn record(
+        &self,
+        record: TurnRecord,
+        wait: bool,
+    ) -> impl Future<Output = bool> + 'static {
+        let accounting = self.deps.accounting.clone();
+        let limit = Duration::from_millis(self.deps.settings.accounting.ack_timeout_ms);
+        async move {
+            let acked = accounting.send(RecordTurn(record));
+            if !wait {
+                // Queued with the actor all the same; it writes the record when it can.
+                tokio::spawn(acked);
+                return true;
+            }
+            matches!(tokio::time::timeout(limit, acked).await, Ok(Ok(Ok(()))))
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Writing to the client: every frame counts against the send buffer (SPEC §4.4b), refusals
+//! and closes.
+
+use super::*;
+
+impl SessionActor {
+    /// Queues a frame for the client. Every byte counts against
+    /// `limits.client_send_buffer_bytes`, the relay's own error events included (SPEC §4.4b).
+    /// The largest frame not yet shown read is allowed on top of the limit, so a client that
+    /// reads is never cut off because one event is large; a client that does not read is cut
+    /// off before this frame is queued once the rest of what it left unread is over the limit —
+    /// what one connection holds queued never exceeds the limit plus its largest frame.
+    pub(super) fn send(&mut self, text: impl Into<ByteString>, ctx: &mut Context<Self>) {
+        if self.client_gone {
+            return;
+        }
+        let text: ByteString = text.into();
+        if self.cut_off {
+            // Only the cut-off's own last frame, right before the close.
+            return self.out(Outbound::Text(text));
+        }
+        if self.acked_bytes >= self.largest_unread.1 {
+            self.largest_unread = (0, 0);
+        }
+        let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
+        let beyond_largest = unread.saturating_sub(self.largest_unread.0);
+        if beyond_largest as usize > self.deps.settings.limits.client_send_buffer_bytes {
+            return self.too_slow(unread, ctx);
+        }
+        let len = text.len() as u64;
+        self.sent_bytes += len;
+        if len >= self.largest_unread.0 {
+            self.largest_unread = (len, self.sent_bytes);
+        }
+        self.out(Outbound::Text(text));
+        if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
+            // The pong comes back only after the client has read everything before the ping.
+            self.pinged_at = self.sent_bytes;
+            self.out(Outbound::Ping(self.sent_bytes.to_be_bytes().to_vec()));
+        }
+    }
+
+    /// The client does not read: `client_too_slow`, close 1008 (a turn in flight ends first).
+    pub(super) fn too_slow(&mut self, unread: u64, ctx: &mut Context<Self>) {
+        self.cut_off = true;
+        warn!(parent: &self.span, unread, "client not reading: cut off (client_too_slow)");
+        let e = Self::error_event(
+            ErrorCode::ClientTooSlow,
+            "the client is not reading its events",
+        );
+        match self.turn.as_ref().map(|t| t.phase) {
+            Some(phase) if phase != Phase::Finishing => self.finish(
+                Ending::Aborted("client_too_slow"),
+                Delivery {
+                    last: Some(e),
+                    reusable: false,
+                    close: Some((1008, "client_too_slow")),
+                },
+                ctx,
+            ),
+            Some(_) => self.close_after_turn = Some((1008, "client_too_slow")),
+            None => {
+                self.out(Outbound::Text(e.into()));
+                self.close(1008, "client_too_slow", ctx);
+            }
+        }
+    }
+
+    pub(super) fn error_event(code: ErrorCode, message: &str) -> String {
+        code.ws_event(message).to_string()
+    }
+
+    pub(super) fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        self.out(Outbound::Close(code, reason.to_string()));
+        ctx.stop();
+    }
+
+    /// A refusal that is not a turn: the error event, then the close its table row says.
+    pub(super) fn protocol_error(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        self.refuse_frame(code, message, code.spec().close, ctx)
+    }
+
+    /// The error event of `code`, then close with `close` (after ending a turn in flight).
+    pub(super) fn refuse_frame(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        close: Option<u16>,
+        ctx: &mut Context<Self>,
+    ) {
+        let event = Self::error_event(code, message);
+        match close {
+            Some(close) if self.turn.is_some() => {
+                // The turn in flight ends first, with this error as its last frame.
+                self.finish(
+                    Ending::Aborted(code.code()),
+                    Delivery {
+                        last: Some(event),
+                        reusable: false,
+                        close: Some((close, code.code())),
+                    },
+                    ctx,
+                );
+            }
+            Some(close) => {
+                self.send(event, ctx);
+                self.close(close, code.code(), ctx);
+            }
+            None => self.send(event, ctx),
+        }
+    }
+}
