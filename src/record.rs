@@ -129,11 +129,17 @@ pub fn decode_record(bytes: &[u8]) -> Result<TurnRecord, RecordError> {
     serde_json::from_slice(bytes).map_err(|e| RecordError::Invalid(e.to_string()))
 }
 
+/// A record for unit tests: key 1, user 7, 40 nano-USD.
+#[cfg(test)]
+pub fn sample() -> TurnRecord {
+    tests::record()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record() -> TurnRecord {
+    pub(super) fn record() -> TurnRecord {
         serde_json::from_value(serde_json::json!({
             "request_id": "turn_1", "api_key_id": 1, "user_id": 7, "session_id": "s", "turn_index": 1,
             "account": "a", "model": "m", "status": "completed", "usage_source": "reported",

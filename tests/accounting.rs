@@ -327,6 +327,34 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
     }
 }
 
+/// An accounting actor over `spool_dir` and `pool` (flushing every 30 ms), with a user (balance
+/// `balance`) and a key to bill: (actor, user id, key id).
+async fn accounting_with_key(
+    pool: &turnpike::db::DbPool,
+    spool_dir: &std::path::Path,
+    balance: Option<i64>,
+    max_in_memory: usize,
+) -> (actix::Addr<turnpike::accounting::Accounting>, i64, i64) {
+    let user = turnpike::db::queries::users::create(pool, "u", balance)
+        .await
+        .unwrap();
+    let (_, key) = turnpike::auth::create_key(pool, user.id, &Default::default())
+        .await
+        .unwrap();
+    let mut settings = turnpike::config::Settings::default();
+    settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
+    settings.accounting.flush_interval_ms = 30;
+    settings.accounting.max_in_memory = max_in_memory;
+    let acc = turnpike::app::start_accounting(
+        &settings,
+        pool.clone(),
+        Default::default(),
+        Default::default(),
+        turnpike::app::open_spool_dir(&settings).unwrap(),
+    );
+    (acc, user.id, key.id)
+}
+
 /// Restarting the supervised accounting actor mid-stream loses no record: what was acknowledged
 /// is in the spool and replayed; what was not is refused and sent again by the caller.
 #[test]
@@ -340,24 +368,9 @@ fn accounting_restart_loses_nothing() {
         let dbref = &db;
         actix_web::rt::System::new().block_on(async move {
             let pool = dbref.migrated_pool().await;
-            let user = turnpike::db::queries::users::create(&pool, "u", Some(1_000_000_000))
-                .await
-                .unwrap();
-            let (_, key) = turnpike::auth::create_key(&pool, user.id, &Default::default())
-                .await
-                .unwrap();
-            let mut settings = turnpike::config::Settings::default();
-            settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
-            settings.accounting.flush_interval_ms = 30;
             // Restarts reload more than fits in memory: the rest is read back from disk.
-            settings.accounting.max_in_memory = 20;
-            let acc = turnpike::app::start_accounting(
-                &settings,
-                pool.clone(),
-                Default::default(),
-                Default::default(),
-                turnpike::app::open_spool_dir(&settings).unwrap(),
-            );
+            let (acc, user_id, key_id) =
+                accounting_with_key(&pool, &spool_dir, Some(1_000_000_000), 20).await;
             let mut acked = 0;
             for n in 0..300 {
                 if n % 50 == 25 {
@@ -366,7 +379,7 @@ fn accounting_restart_loses_nothing() {
                 // A record refused while the actor restarts is sent again, as sessions do.
                 let mut tries = 0;
                 loop {
-                    match acc.send(RecordTurn(record(n, key.id, user.id))).await {
+                    match acc.send(RecordTurn(record(n, key_id, user_id))).await {
                         Ok(Ok(())) => break,
                         other => {
                             tries += 1;
@@ -437,23 +450,15 @@ fn quota_counts_spend_still_in_the_spool() {
 /// keep flowing, readiness says so, and everything lands once the database is back.
 #[test]
 fn database_outage_mid_load() {
-    let Some((db, proxy, via_proxy)) = common::postgres_behind_proxy() else {
+    // A tiny memory cap: most of the outage's backlog waits on disk only.
+    let env = [
+        ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500"),
+        ("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "5"),
+    ];
+    let Some((s, proxy)) = Stack::behind_pg_proxy(&env) else {
         eprintln!("PostgreSQL not configured: skipped");
         return;
     };
-    let s = Stack::start(
-        db,
-        StackOptions {
-            relay_db_url: Some(via_proxy),
-            // A tiny memory cap: most of the outage's backlog waits on disk only.
-            env: &[
-                ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500"),
-                ("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "5"),
-            ],
-            max_conns: 8,
-            ..StackOptions::default()
-        },
-    );
     // Sessions connect (and authenticate) while the database is up.
     let clients: Vec<Client> = (0..6).map(|_| s.client()).collect();
     let mut first = s.client();
@@ -536,27 +541,13 @@ fn poison_records_are_quarantined_and_never_block() {
         let dbref = &db;
         actix_web::rt::System::new().block_on(async move {
             let pool = dbref.migrated_pool().await;
-            let user = turnpike::db::queries::users::create(&pool, "u", None)
-                .await
-                .unwrap();
-            let (_, key) = turnpike::auth::create_key(&pool, user.id, &Default::default())
-                .await
-                .unwrap();
-            let mut settings = turnpike::config::Settings::default();
-            settings.accounting.spool_dir = spool_dir.to_string_lossy().into_owned();
-            settings.accounting.flush_interval_ms = 30;
-            let acc = turnpike::app::start_accounting(
-                &settings,
-                pool.clone(),
-                Default::default(),
-                Default::default(),
-                turnpike::app::open_spool_dir(&settings).unwrap(),
-            );
-            let mut poison = record(1_000, key.id, user.id);
+            let (acc, user_id, key_id) =
+                accounting_with_key(&pool, &spool_dir, None, 100_000).await;
+            let mut poison = record(1_000, key_id, user_id);
             poison.api_key_id = 987_654; // no such key: every insert fails its foreign key
             poison.request_id = "turn_poison".into();
-            let mut all = vec![record(0, key.id, user.id), poison];
-            all.extend((1..6).map(|n| record(n, key.id, user.id)));
+            let mut all = vec![record(0, key_id, user_id), poison];
+            all.extend((1..6).map(|n| record(n, key_id, user_id)));
             for r in all {
                 assert_eq!(acc.send(RecordTurn(r)).await.unwrap(), Ok(()));
             }

@@ -142,21 +142,14 @@ fn spool_replaced_by_a_file_mid_load() {
 /// ends; when both return, everything lands, the refused turns' records too.
 #[test]
 fn spool_and_database_down() {
-    let Some((db, proxy, via_proxy)) = common::postgres_behind_proxy() else {
+    let env = [
+        ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "300"),
+        ("TURNPIKE_ACCOUNTING__ACK_TIMEOUT_MS", "1500"),
+    ];
+    let Some((s, proxy)) = Stack::behind_pg_proxy(&env) else {
         eprintln!("PostgreSQL not configured: skipped (SQLite is embedded: it cannot be cut)");
         return;
     };
-    let s = Stack::start(
-        db,
-        StackOptions {
-            relay_db_url: Some(via_proxy),
-            env: &[
-                ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "300"),
-                ("TURNPIKE_ACCOUNTING__ACK_TIMEOUT_MS", "1500"),
-            ],
-            ..StackOptions::default()
-        },
-    );
     let mut c = s.client();
     assert_eq!(turn(&mut c, ""), "completed");
     wait_rows(&s.db, 1);
@@ -234,23 +227,15 @@ fn spool_and_database_down() {
 /// when it answers again.
 #[test]
 fn blackholed_postgres() {
-    let Some((db, proxy, via_proxy)) = common::postgres_behind_proxy() else {
+    let env = [
+        ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500"),
+        ("TURNPIKE_DATABASE__STATEMENT_TIMEOUT_MS", "800"),
+        ("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "8"),
+    ];
+    let Some((s, proxy)) = Stack::behind_pg_proxy(&env) else {
         eprintln!("PostgreSQL not configured: skipped");
         return;
     };
-    let s = Stack::start(
-        db,
-        StackOptions {
-            relay_db_url: Some(via_proxy),
-            env: &[
-                ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500"),
-                ("TURNPIKE_DATABASE__STATEMENT_TIMEOUT_MS", "800"),
-                ("TURNPIKE_ACCOUNTING__MAX_IN_MEMORY", "8"),
-            ],
-            max_conns: 8,
-            ..StackOptions::default()
-        },
-    );
     let clients: Vec<Client> = (0..4).map(|_| s.client()).collect();
     let mut warm = s.client();
     assert_eq!(turn(&mut warm, ""), "completed");

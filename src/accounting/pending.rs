@@ -58,15 +58,7 @@ mod tests {
     #[test]
     fn adds_and_removes_per_key_and_user() {
         let p = PendingSpend::default();
-        let mut r: TurnRecord = serde_json::from_value(serde_json::json!({
-            "request_id": "r", "api_key_id": 1, "user_id": 7, "session_id": "s", "turn_index": 1,
-            "account": "a", "model": "m", "status": "completed", "usage_source": "reported",
-            "warmup": false, "usage": {"input_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0,
-            "output_tokens": 1, "reasoning_tokens": 0, "total_tokens": 2}, "cost_nanousd": 40,
-            "timing": {"upstream_wait_ms": null, "first_event_ms": null, "first_token_ms": null, "duration_ms": 1},
-            "error_code": null, "accepted_at": "2026-11-22T00:00:00"
-        }))
-        .unwrap();
+        let mut r = crate::record::sample();
         p.add(&r);
         r.api_key_id = 2;
         p.add(&r);

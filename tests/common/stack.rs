@@ -126,6 +126,22 @@ impl Stack {
         }
     }
 
+    /// A stack whose relay reaches a fresh PostgreSQL database through a proxy the test can cut
+    /// or blackhole (`None` without PostgreSQL). `env`: more relay settings.
+    pub fn behind_pg_proxy(env: &[(&str, &str)]) -> Option<(Stack, super::proxy::Proxy)> {
+        let (db, proxy, via_proxy) = super::postgres_behind_proxy()?;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                relay_db_url: Some(via_proxy),
+                env,
+                max_conns: 8,
+                ..StackOptions::default()
+            },
+        );
+        Some((s, proxy))
+    }
+
     pub fn config_path(&self) -> std::path::PathBuf {
         self._config.path().join("relay.toml")
     }
