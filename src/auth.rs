@@ -135,7 +135,8 @@ pub async fn authenticate_cached(
         return Err(AuthError::Missing);
     }
     let hash = hash_key(presented);
-    let lookup = queries::keys::by_hash(pool, &hash);
+    let (db, h) = (pool.clone(), hash.clone());
+    let lookup = async move { queries::keys::by_hash(&db, &h).await };
     let (key, user) = match crate::db::within(crate::db::READ_DEADLINE, lookup).await {
         Ok(found) => {
             let (key, user) = found.ok_or(AuthError::Invalid)?;

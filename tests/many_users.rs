@@ -62,7 +62,11 @@ fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
                     let mut outcomes = Vec::new();
                     let mut c = Client::bearer(&addr, &key);
                     let turn = |c: &mut Client| {
-                        c.send(&create(""));
+                        if let Err(e) =
+                            c.ws.send(tungstenite::Message::text(create("").to_string()))
+                        {
+                            return format!("send: {e}");
+                        }
                         loop {
                             match c.recv(T) {
                                 Recv::Json(e) if common::ws::is_terminal(&e) => {

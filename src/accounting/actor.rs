@@ -523,7 +523,7 @@ async fn commit(
     timeout: Duration,
 ) -> Result<(), DbError> {
     for batch in records.chunks(chunk) {
-        match timed(timeout, queries::billing::record_batch(db, batch)).await {
+        match write_batch(db, batch.to_vec(), timeout).await {
             Ok(out) if out.mismatched > 0 => error!(
                 mismatched = out.mismatched,
                 "replayed records differ from the rows already stored (kept the stored rows)"
@@ -541,21 +541,31 @@ async fn commit(
     Ok(())
 }
 
+/// One batch transaction, with a deadline.
+async fn write_batch(
+    db: &DbPool,
+    batch: Vec<TurnRecord>,
+    timeout: Duration,
+) -> Result<queries::billing::BatchOutcome, DbError> {
+    let db = db.clone();
+    timed(timeout, async move {
+        queries::billing::record_batch(&db, &batch).await
+    })
+    .await
+}
+
 async fn commit_one(db: &DbPool, r: &TurnRecord, timeout: Duration) -> Result<(), DbError> {
-    let slice = std::slice::from_ref(r);
-    let e = match timed(timeout, queries::billing::record_batch(db, slice)).await {
+    let e = match write_batch(db, vec![r.clone()], timeout).await {
         Ok(_) => return Ok(()),
         Err(e) if e.is_outage() => return Err(e),
         Err(e) => e,
     };
     // The debit (or the whole write) failed: usage row + compensation.
     let why = e.to_string();
-    let e2 = match timed(
-        timeout,
-        queries::billing::record_with_compensation(db, r, &why),
-    )
-    .await
-    {
+    let (pool, record, reason) = (db.clone(), r.clone(), why.clone());
+    let with_compensation =
+        async move { queries::billing::record_with_compensation(&pool, &record, &reason).await };
+    let e2 = match timed(timeout, with_compensation).await {
         Ok(_) => return Ok(()),
         Err(e2) if !e2.is_content() => return Err(e2),
         Err(e2) => e2,
@@ -563,10 +573,10 @@ async fn commit_one(db: &DbPool, r: &TurnRecord, timeout: Duration) -> Result<()
     let reason = format!("{why}; usage row with compensation: {e2}");
     error!(request_id = %r.request_id, reason = %reason, "record refused by the database; quarantined");
     let payload = String::from_utf8_lossy(&encode_record(r)).replace('\0', "");
-    timed(
-        timeout,
-        queries::billing::quarantine(db, r, &payload, &reason),
-    )
+    let (pool, record) = (db.clone(), r.clone());
+    timed(timeout, async move {
+        queries::billing::quarantine(&pool, &record, &payload, &reason).await
+    })
     .await
 }
 

@@ -161,3 +161,57 @@ impl<F: SpoolFs> SpoolFs for FaultFs<F> {
         format!("{} (fault injection)", self.inner.describe())
     }
 }
+
+/// A `ForgetfulFs` shared between a relay and a test: the test takes a crashed copy (what a
+/// power cut would leave on disk) while the relay runs, and starts another relay over it.
+#[derive(Clone, Default)]
+pub struct SharedFs(pub Arc<std::sync::Mutex<ForgetfulFs>>);
+
+impl SharedFs {
+    fn fs(&self) -> std::sync::MutexGuard<'_, ForgetfulFs> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What survives a power cut now: synced bytes only.
+    pub fn crashed_copy(&self) -> ForgetfulFs {
+        let mut copy = self.fs().clone();
+        copy.crash();
+        copy
+    }
+}
+
+impl SpoolFs for SharedFs {
+    fn reset(&mut self) -> io::Result<()> {
+        self.fs().reset()
+    }
+    fn list(&mut self) -> io::Result<Vec<u64>> {
+        self.fs().list()
+    }
+    fn read(&mut self, seg: u64) -> io::Result<Vec<u8>> {
+        self.fs().read(seg)
+    }
+    fn create(&mut self, seg: u64) -> io::Result<()> {
+        self.fs().create(seg)
+    }
+    fn append(&mut self, seg: u64, bytes: &[u8]) -> io::Result<()> {
+        self.fs().append(seg, bytes)
+    }
+    fn sync(&mut self, seg: u64) -> io::Result<()> {
+        self.fs().sync(seg)
+    }
+    fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()> {
+        self.fs().truncate(seg, len)
+    }
+    fn remove(&mut self, seg: u64) -> io::Result<()> {
+        self.fs().remove(seg)
+    }
+    fn quarantine(&mut self, seg: u64, suffix: &str, bytes: &[u8]) -> io::Result<()> {
+        self.fs().quarantine(seg, suffix, bytes)
+    }
+    fn sync_dir(&mut self) -> io::Result<()> {
+        self.fs().sync_dir()
+    }
+    fn describe(&self) -> String {
+        "memory (forgetful, shared)".into()
+    }
+}

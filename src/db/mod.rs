@@ -49,14 +49,19 @@ pub use pool::{DbPool, SqliteConn};
 pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs a database call with a deadline; a call that does not finish in time is an outage
-/// (`DbError::Timeout`).
-pub async fn within<T>(
+/// (`DbError::Timeout`). The call runs as a task of its own and is never dropped half-way: a
+/// late call finishes (and its result is discarded) — dropping an in-flight diesel-async
+/// SQLite call panics, and a dropped PostgreSQL call loses its connection.
+pub async fn within<T: 'static>(
     limit: std::time::Duration,
-    fut: impl Future<Output = Result<T, DbError>>,
+    fut: impl Future<Output = Result<T, DbError>> + 'static,
 ) -> Result<T, DbError> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or(Err(DbError::Timeout(limit)))
+    let task = actix_web::rt::spawn(fut);
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(join)) => Err(DbError::Join(join)),
+        Err(_) => Err(DbError::Timeout(limit)),
+    }
 }
 
 /// Current UTC time as stored in `TIMESTAMP` columns on both backends.

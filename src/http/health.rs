@@ -58,7 +58,8 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
             backlog.unwrap_or(0)
         )));
     }
-    let ping = queries::health::ping(&state.db);
+    let db = state.db.clone();
+    let ping = async move { queries::health::ping(&db).await };
     crate::db::within(crate::db::READ_DEADLINE, ping)
         .await
         .map_err(|e| {
@@ -67,7 +68,9 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
                 backlog.unwrap_or(0)
             ))
         })?;
-    let pending = crate::db::within(crate::db::READ_DEADLINE, migrate::pending(&state.db))
+    let db = state.db.clone();
+    let pending = async move { migrate::pending(&db).await };
+    let pending = crate::db::within(crate::db::READ_DEADLINE, pending)
         .await
         .map_err(|e| not_ready(format!("cannot read migrations: {e}")))?;
     if !pending.is_empty() {

@@ -1,7 +1,12 @@
 //! Admission of a turn (SPEC §4.1, §4.3): standing, accounting, accounts, stored-response
 //! bindings, slots; admission before preemption.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::*;
+
+/// Standing reads are failing (process-wide): the state is logged when it changes only.
+static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
 
 impl SessionActor {
     /// SPEC §4.3: the new frame is admitted first — a refused frame gets its error event and
@@ -100,7 +105,8 @@ impl SessionActor {
         let db = self.deps.db.clone();
         let key_id = self.principal.key_id;
         async move {
-            crate::db::within(crate::db::READ_DEADLINE, queries::keys::by_id(&db, key_id)).await
+            let read = async move { queries::keys::by_id(&db, key_id).await };
+            crate::db::within(crate::db::READ_DEADLINE, read).await
         }
     }
 
@@ -112,13 +118,19 @@ impl SessionActor {
     ) -> Option<(ErrorCode, String)> {
         let standing = match read {
             Ok(Some(s)) => {
+                if STANDING_READS_FAILING.swap(false, Ordering::Relaxed) {
+                    info!(parent: &self.span, "standing reads work again");
+                }
                 self.standing = Some(s.clone());
                 Some(s)
             }
             Ok(None) => None,
             Err(e) => {
-                // The database is down: decide on the last standing seen.
-                warn!(parent: &self.span, error = %e, "standing read failed; using the last one");
+                // The database is down: decide on the last standing seen. Logged once when
+                // reads start failing and once when they work again, not per turn.
+                if !STANDING_READS_FAILING.swap(true, Ordering::Relaxed) {
+                    warn!(parent: &self.span, error = %e, "standing reads failing; turns are admitted on the last standing read");
+                }
                 self.standing.clone()
             }
         };
@@ -181,7 +193,7 @@ impl SessionActor {
             .and_then(|t| t.frame.previous_response_id.clone());
         async move {
             let prev = prev?;
-            let read = queries::bindings::lookup(&db, &prev);
+            let read = async move { queries::bindings::lookup(&db, &prev).await };
             crate::db::within(crate::db::READ_DEADLINE, read)
                 .await
                 .ok()

@@ -117,7 +117,10 @@ impl SessionActor {
                 return;
             };
             let expires = crate::db::now() + ttl;
-            let write = queries::bindings::bind(&db, &id, &account, key, expires);
+            let response = id.clone();
+            let write = async move {
+                queries::bindings::bind(&db, &response, &account, key, expires).await
+            };
             if let Err(e) = crate::db::within(crate::db::READ_DEADLINE, write).await {
                 warn!(parent: &span, error = %e, response_id = %id, "stored response not bound to its account");
             }
