@@ -585,6 +585,7 @@ fn pool_reuse_capacity_and_health() {
                 ("TURNPIKE_SESSION__LEASE_IDLE_MS", "700"),
             ],
             max_conns: 1,
+            account_extra: "max_concurrent_turns = 4",
             ..StackOptions::default()
         },
     );
@@ -592,7 +593,10 @@ fn pool_reuse_capacity_and_health() {
     let mut a = s.client();
     a.send(&create(""));
     assert_eq!(last_type(&a.until_terminal(T)), "response.completed");
-    // At capacity (a holds the only connection, b must wait): b's turn times out, b stays open.
+    // At capacity with a turn in flight on the only connection: b's turn times out, b stays
+    // open.
+    a.send(&create("terminal_delay_ms=1000"));
+    assert_eq!(a.next_event(T)["type"], "response.created");
     let mut b = s.client();
     b.send(&create(""));
     let e = b.next_event(T);
@@ -600,9 +604,10 @@ fn pool_reuse_capacity_and_health() {
         (e["error"]["code"].as_str(), e["status"].as_u64()),
         (Some("upstream_unavailable"), Some(503))
     );
-    // a gives the lease back after lease_idle_ms; the idle socket answers the sim's pings
-    // (pong timeout 400 ms) meanwhile, then serves b.
-    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(last_type(&a.until_terminal(T)), "response.completed");
+    // a now holds the connection between turns: b's next turn gets it at once (reclaimed,
+    // SPEC §4.4c); the idle socket answered the sim's pings (pong timeout 400 ms) meanwhile.
+    std::thread::sleep(Duration::from_millis(600));
     b.send(&create(""));
     assert_eq!(last_type(&b.until_terminal(T)), "response.completed");
     let stats = s.sim_stats();
