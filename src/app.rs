@@ -173,10 +173,24 @@ pub fn start_compensator(settings: &Settings, db: DbPool) -> Addr<Compensator> {
 pub async fn serve(settings: Settings) -> Result<(), AppError> {
     // The port first: a port in use is one clear error before anything else starts.
     let listener = bind_listener("server.bind", settings.server.bind)?;
+    let admin_listener = if settings.admin.token.is_empty() {
+        info!("admin API off (set admin.token to turn it on)");
+        None
+    } else {
+        Some(bind_listener("admin.bind", settings.admin.bind)?)
+    };
     raise_fd_limit();
     let db = open_database(&settings, settings.database.migrate_on_start).await?;
     let deps = start_relay(settings, db)?;
-    let _compensator = start_compensator(&deps.settings, deps.db.clone());
+    let compensator = start_compensator(&deps.settings, deps.db.clone());
+    if let Some(l) = admin_listener {
+        let state = crate::admin::AdminState {
+            token: deps.settings.admin.token.clone(),
+            deps: deps.clone(),
+            compensator,
+        };
+        crate::admin::start(l, state)?;
+    }
     run_server(deps, listener).await
 }
 

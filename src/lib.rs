@@ -2,6 +2,8 @@
 //!
 //! Module map (data flows top to bottom; a lower module never imports a higher one):
 //! - [`cli`]: subcommands → functions.
+//! - [`admin`]: the operators' HTTP API (actors, sessions, pools, compensations).
+//! - [`actors`]: the status every long-lived actor reports, and the restart message.
 //! - [`app`]: wiring and order of startup and shutdown.
 //! - [`http`]: health, readiness, HTTP JSON errors.
 //! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
@@ -16,6 +18,8 @@
 //! - [`telemetry`]: tracing setup.
 
 pub mod accounting;
+pub mod actors;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod billing;

@@ -29,6 +29,7 @@ use super::health::AccountingHealth;
 use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure};
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
+use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::db::{DbError, DbPool, queries, within as timed};
 use crate::record::{RecordError, TurnRecord, decode_record, encode_record};
 
@@ -101,6 +102,7 @@ pub struct Accounting {
     backoff: Duration,
     next_flush_at: Instant,
     restarts: u32,
+    started_at: chrono::NaiveDateTime,
     /// Bumped by every reopen: a flush begun before it reports to nobody.
     epoch: u64,
 }
@@ -132,6 +134,7 @@ impl Accounting {
             backoff: DB_BACKOFF_MIN,
             next_flush_at: Instant::now(),
             restarts: 0,
+            started_at: crate::db::now(),
             epoch: 0,
         }
     }
@@ -678,5 +681,47 @@ impl Handler<Restart> for Accounting {
     type Result = ();
     fn handle(&mut self, _: Restart, ctx: &mut Context<Self>) {
         self.restart(ctx);
+    }
+}
+
+impl Accounting {
+    fn status(&self) -> ActorStatus {
+        let report = self.health.report();
+        let state = match (&report.spool_error, &report.db_error) {
+            (None, None) => "running".to_string(),
+            (Some(_), None) => {
+                "degraded: spool unusable, records go to the database directly".into()
+            }
+            (None, Some(_)) => "degraded: database unavailable, records wait in the spool".into(),
+            (Some(_), Some(_)) => "unavailable: neither spool nor database can record usage".into(),
+        };
+        ActorStatus {
+            name: "accounting".into(),
+            kind: "accounting",
+            state,
+            started_at: self.started_at,
+            restarts: self.restarts,
+            last_error: report.spool_error.or(report.db_error),
+        }
+    }
+}
+
+impl Handler<GetStatus> for Accounting {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status())
+    }
+}
+
+impl Handler<RestartActor> for Accounting {
+    type Result = MessageResult<RestartActor>;
+
+    /// In place: the spool is reopened and merged with what is in memory, flushing starts
+    /// over; nothing acknowledged or pending is dropped (see the module doc for why not
+    /// through actix's `Supervisor`).
+    fn handle(&mut self, _: RestartActor, ctx: &mut Context<Self>) -> Self::Result {
+        self.restart(ctx);
+        self.started_at = crate::db::now();
+        MessageResult(self.status())
     }
 }

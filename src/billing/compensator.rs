@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{info, warn};
 
+use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::db::{DbPool, queries};
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,11 @@ pub struct Compensator {
     db: DbPool,
     cfg: CompensatorConfig,
     busy: bool,
+    /// Bumped by a restart: a pass begun before it reports to nobody.
+    epoch: u64,
+    restarts: u32,
+    started_at: chrono::NaiveDateTime,
+    last_error: Option<String>,
 }
 
 impl Compensator {
@@ -45,7 +51,45 @@ impl Compensator {
             db,
             cfg,
             busy: false,
+            epoch: 0,
+            restarts: 0,
+            started_at: crate::db::now(),
+            last_error: None,
         }
+    }
+
+    fn status(&self) -> ActorStatus {
+        ActorStatus {
+            name: "compensator".into(),
+            kind: "compensator",
+            state: "running".into(),
+            started_at: self.started_at,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+impl Handler<GetStatus> for Compensator {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status())
+    }
+}
+
+impl Handler<RestartActor> for Compensator {
+    type Result = MessageResult<RestartActor>;
+
+    /// In place: a pass in flight reports to nobody, a new pass starts now. Rows are claimed
+    /// in the database (attempt counted in the claiming UPDATE), so nothing is lost or doubled.
+    fn handle(&mut self, _: RestartActor, ctx: &mut Context<Self>) -> Self::Result {
+        self.epoch += 1;
+        self.restarts += 1;
+        self.busy = false;
+        self.started_at = crate::db::now();
+        info!(restarts = self.restarts, "compensator restarted");
+        ctx.notify(RunDue);
+        MessageResult(self.status())
     }
 }
 
@@ -77,6 +121,7 @@ impl Handler<RunDue> for Compensator {
             return;
         }
         self.busy = true;
+        let epoch = self.epoch;
         let (db, cfg) = (self.db.clone(), self.cfg.clone());
         let work = async move {
             let due = queries::billing::due_compensations(&db, 100).await?;
@@ -112,12 +157,18 @@ impl Handler<RunDue> for Compensator {
             }
             Ok::<usize, crate::db::DbError>(settled)
         };
-        ctx.spawn(work.into_actor(self).map(|res, act, _| {
+        ctx.spawn(work.into_actor(self).map(move |res, act, _| {
+            if act.epoch != epoch {
+                return;
+            }
             act.busy = false;
             match res {
                 Ok(0) => {}
                 Ok(n) => info!(settled = n, "compensations settled"),
-                Err(e) => warn!(error = %e, "compensator pass failed; retrying at the next poll"),
+                Err(e) => {
+                    warn!(error = %e, "compensator pass failed; retrying at the next poll");
+                    act.last_error = Some(e.to_string());
+                }
             }
         }));
     }

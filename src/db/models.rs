@@ -165,7 +165,7 @@ pub struct NewLedger<'a> {
     pub created_at: NaiveDateTime,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
 #[diesel(table_name = super::schema::billing_compensations, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct Compensation {
     pub id: i64,

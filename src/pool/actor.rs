@@ -12,6 +12,7 @@ use super::messages::{
     Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
 };
 use super::policy::{self, IdleConn};
+use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::config::{AccountSettings, PoolSettings, UpstreamSettings};
 use crate::upstream::UpstreamConn;
 use crate::upstream::dial::{DialSpec, identity_of};
@@ -36,6 +37,9 @@ struct Entry {
     identity: String,
     opened_at: Instant,
     state: State,
+    /// Closed when given back (a pool restart retires what was leased at the time); the
+    /// lessee sees it through its `Lease`.
+    retire: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Waiter {
@@ -64,6 +68,8 @@ pub struct ContextPool {
     dialled_total: u64,
     leases_total: u64,
     reclaimed_total: u64,
+    restarts: u32,
+    started_at: chrono::NaiveDateTime,
     shutting_down: bool,
 }
 
@@ -88,6 +94,8 @@ impl ContextPool {
             dialled_total: 0,
             leases_total: 0,
             reclaimed_total: 0,
+            restarts: 0,
+            started_at: crate::db::now(),
             shutting_down: false,
         }
     }
@@ -149,6 +157,7 @@ impl ContextPool {
                 identity,
                 opened_at: Instant::now(),
                 state: State::Dialing,
+                retire: Arc::default(),
             },
         );
     }
@@ -289,6 +298,7 @@ impl ContextPool {
             addr: entry.addr.clone(),
             account: self.account.clone(),
             opened_at: entry.opened_at,
+            retired: entry.retire.clone(),
         };
         match w.reply.send(Ok(lease)) {
             Ok(()) => {
@@ -370,7 +380,11 @@ impl Handler<Release> for ContextPool {
             return;
         };
         entry.addr.do_send(SetLessee(None));
-        if msg.reusable && !self.shutting_down && entry.opened_at.elapsed() < max_age {
+        if msg.reusable
+            && !entry.retire.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.shutting_down
+            && entry.opened_at.elapsed() < max_age
+        {
             entry.state = State::Idle {
                 since: Instant::now(),
             };
@@ -477,5 +491,66 @@ impl Handler<ShutdownPool> for ContextPool {
             self.close(id);
         }
         MessageResult(addrs)
+    }
+}
+
+impl ContextPool {
+    fn status(&self) -> ActorStatus {
+        ActorStatus {
+            name: format!("pool:{}", self.account),
+            kind: "pool",
+            state: if self.shutting_down {
+                "stopping".into()
+            } else {
+                "running".into()
+            },
+            started_at: self.started_at,
+            restarts: self.restarts,
+            last_error: None,
+        }
+    }
+}
+
+impl Handler<GetStatus> for ContextPool {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status())
+    }
+}
+
+impl Handler<RestartActor> for ContextPool {
+    type Result = MessageResult<RestartActor>;
+
+    /// Rebuilds the account's pool: idle connections are closed now; leased ones finish their
+    /// turn and are retired when given back; sessions holding one between turns are asked for
+    /// it back (they continue on new connections, their chains through continuation).
+    fn handle(&mut self, _: RestartActor, ctx: &mut Context<Self>) -> Self::Result {
+        self.restarts += 1;
+        self.started_at = crate::db::now();
+        let idle: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| matches!(e.state, State::Idle { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &idle {
+            self.close(*id);
+        }
+        let mut parked = 0;
+        for (id, e) in self.conns.iter_mut() {
+            e.retire.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let State::Leased {
+                parked_since: Some(_),
+                lessee: Some(lessee),
+                ..
+            } = &e.state
+            {
+                parked += 1;
+                lessee.do_send(Reclaim { conn: *id });
+            }
+        }
+        info!(account = %self.account, closed = idle.len(), parked, retiring = self.conns.len(), "pool restarted");
+        self.dispatch(ctx);
+        MessageResult(self.status())
     }
 }

@@ -16,6 +16,15 @@ pub struct Lease {
     pub addr: Addr<UpstreamConn>,
     pub account: Arc<str>,
     pub opened_at: Instant,
+    /// Set when the pool retires the connection (a pool restart): the lessee gives it back
+    /// before its next turn instead of using it again.
+    pub retired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Lease {
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

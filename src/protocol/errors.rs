@@ -38,6 +38,9 @@ pub enum ErrorCode {
     ShuttingDown,
     AccountingUnavailable,
     IdleTimeout,
+    SessionEnded,
+    AdminUnauthorized,
+    NotFound,
     InternalError,
 }
 
@@ -86,6 +89,9 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::AccountingUnavailable,
         ErrorCode::IdleTimeout,
+        ErrorCode::SessionEnded,
+        ErrorCode::AdminUnauthorized,
+        ErrorCode::NotFound,
         ErrorCode::InternalError,
     ];
 
@@ -314,6 +320,27 @@ impl ErrorCode {
                 error_type: "invalid_request_error",
                 close: Some(1000),
                 when: "no turn for `session.idle_timeout_ms` (close reason `websocket idle timeout`)",
+            },
+            ErrorCode::SessionEnded => ErrorSpec {
+                code: "session_ended",
+                status: 503,
+                error_type: "server_error",
+                close: Some(1001),
+                when: "an operator ended the session (`DELETE /admin/sessions/{id}`); a turn in flight ends first",
+            },
+            ErrorCode::AdminUnauthorized => ErrorSpec {
+                code: "admin_unauthorized",
+                status: 401,
+                error_type: "authentication_error",
+                close: None,
+                when: "an admin route without `Authorization: Bearer <admin.token>`",
+            },
+            ErrorCode::NotFound => ErrorSpec {
+                code: "not_found",
+                status: 404,
+                error_type: "invalid_request_error",
+                close: None,
+                when: "an admin route naming an actor, session or compensation that does not exist",
             },
             ErrorCode::InternalError => ErrorSpec {
                 code: "internal_error",

@@ -23,7 +23,7 @@ use tracing::{Span, debug, info, info_span, warn};
 
 use super::SessionDeps;
 use super::admission::{AccountSlot, SlotGuard};
-use super::messages::{EndSession, EndWhenIdle};
+use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, Outbound};
 use super::turn::{Ending, TurnTracker};
@@ -127,6 +127,7 @@ pub struct SessionActor {
     queued: Option<CreateFrame>,
     lease_failures: u32,
     idle_since: Instant,
+    opened_at: Instant,
     sent_bytes: u64,
     acked_bytes: u64,
     pinged_at: u64,
@@ -173,6 +174,7 @@ impl SessionActor {
             queued: None,
             lease_failures: 0,
             idle_since: Instant::now(),
+            opened_at: Instant::now(),
             sent_bytes: 0,
             acked_bytes: 0,
             pinged_at: 0,
@@ -281,11 +283,14 @@ impl SessionActor {
         };
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
         if let Some(lease) = &self.lease {
-            if *lease.account == *account && lease.opened_at.elapsed() < max_age {
+            if *lease.account == *account
+                && lease.opened_at.elapsed() < max_age
+                && !lease.is_retired()
+            {
                 self.park(false);
                 return self.send_upstream(ctx);
             }
-            // Another account, or too old: give it back.
+            // Another account, too old, or retired by a pool restart: give it back.
             self.release_lease(true);
         }
         let Some(handle) = self.deps.accounts.iter().find(|a| a.name == account) else {
@@ -706,6 +711,7 @@ impl Actor for SessionActor {
             id: self.id.clone(),
             session: ctx.address().recipient(),
             when_idle: ctx.address().recipient(),
+            describe: ctx.address().recipient(),
         });
         let s = &self.deps.settings;
         let shortest = [
@@ -818,7 +824,13 @@ impl Handler<EndSession> for SessionActor {
         let close = code.spec().close.unwrap_or(1001);
         let e = Self::error_event(code, "the session was ended by the relay");
         match self.turn.as_ref().map(|t| t.phase) {
-            None => self.close(close, code.code(), ctx),
+            None => {
+                // An operator's end is said in words too; a shutdown's close code says it.
+                if code == ErrorCode::SessionEnded {
+                    self.send(e, ctx);
+                }
+                self.close(close, code.code(), ctx)
+            }
             Some(Phase::Finishing) => self.close_after_turn = Some((close, code.code())),
             Some(phase) => {
                 let reusable = phase != Phase::Streaming;
@@ -866,5 +878,28 @@ impl Handler<Reclaim> for SessionActor {
         debug!(parent: &self.span, conn = msg.conn, "connection reclaimed by the pool between turns");
         self.release_lease(true);
         true
+    }
+}
+
+impl Handler<Describe> for SessionActor {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _: &mut Self::Context) -> Self::Result {
+        let state = match self.turn.as_ref().map(|t| t.phase) {
+            None => "idle",
+            Some(Phase::Admitting) => "admitting",
+            Some(Phase::Leasing) => "leasing",
+            Some(Phase::Streaming) => "streaming",
+            Some(Phase::Finishing) => "finishing",
+        };
+        MessageResult(SessionInfo {
+            id: self.id.clone(),
+            key_prefix: self.principal.key_prefix.clone(),
+            user: self.principal.user_name.clone(),
+            account: self.lease.as_ref().map(|l| l.account.to_string()),
+            turns: self.turn_index,
+            state,
+            age_s: self.opened_at.elapsed().as_secs(),
+        })
     }
 }

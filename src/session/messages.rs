@@ -15,3 +15,22 @@ pub struct EndSession(pub ErrorCode);
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct EndWhenIdle;
+
+/// What a session is, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub key_prefix: String,
+    pub user: String,
+    /// The account of the connection it holds, if any.
+    pub account: Option<String>,
+    pub turns: i32,
+    /// `idle`, or the phase of the turn in flight (`admitting`, `leasing`, `streaming`,
+    /// `finishing`).
+    pub state: &'static str,
+    pub age_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "SessionInfo")]
+pub struct Describe;

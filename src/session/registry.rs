@@ -4,12 +4,18 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 
-use super::messages::{EndSession, EndWhenIdle};
+use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use crate::protocol::errors::ErrorCode;
 
 #[derive(Default)]
 pub struct Registry {
-    sessions: HashMap<String, (Recipient<EndSession>, Recipient<EndWhenIdle>)>,
+    sessions: HashMap<String, Entry>,
+}
+
+struct Entry {
+    end: Recipient<EndSession>,
+    when_idle: Recipient<EndWhenIdle>,
+    describe: Recipient<Describe>,
 }
 
 impl Actor for Registry {
@@ -26,6 +32,7 @@ pub struct Register {
     pub id: String,
     pub session: Recipient<EndSession>,
     pub when_idle: Recipient<EndWhenIdle>,
+    pub describe: Recipient<Describe>,
 }
 
 #[derive(Message)]
@@ -47,7 +54,14 @@ pub struct Count;
 impl Handler<Register> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
-        self.sessions.insert(msg.id, (msg.session, msg.when_idle));
+        self.sessions.insert(
+            msg.id,
+            Entry {
+                end: msg.session,
+                when_idle: msg.when_idle,
+                describe: msg.describe,
+            },
+        );
     }
 }
 
@@ -61,8 +75,8 @@ impl Handler<Unregister> for Registry {
 impl Handler<EndAll> for Registry {
     type Result = usize;
     fn handle(&mut self, msg: EndAll, _: &mut Context<Self>) -> usize {
-        for (s, _) in self.sessions.values() {
-            s.do_send(EndSession(msg.0));
+        for s in self.sessions.values() {
+            s.end.do_send(EndSession(msg.0));
         }
         self.sessions.len()
     }
@@ -76,8 +90,8 @@ pub struct EndAllWhenIdle;
 impl Handler<EndAllWhenIdle> for Registry {
     type Result = usize;
     fn handle(&mut self, _: EndAllWhenIdle, _: &mut Context<Self>) -> usize {
-        for (_, s) in self.sessions.values() {
-            s.do_send(EndWhenIdle);
+        for s in self.sessions.values() {
+            s.when_idle.do_send(EndWhenIdle);
         }
         self.sessions.len()
     }
@@ -87,5 +101,51 @@ impl Handler<Count> for Registry {
     type Result = usize;
     fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
         self.sessions.len()
+    }
+}
+
+/// Ends one session (`DELETE /admin/sessions/{id}`); `false` when there is no such session.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct EndOne {
+    pub id: String,
+    pub code: ErrorCode,
+}
+
+impl Handler<EndOne> for Registry {
+    type Result = bool;
+    fn handle(&mut self, msg: EndOne, _: &mut Context<Self>) -> bool {
+        match self.sessions.get(&msg.id) {
+            Some(s) => {
+                s.end.do_send(EndSession(msg.code));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Every live session described (each asked, at most one second).
+#[derive(Message)]
+#[rtype(result = "Vec<SessionInfo>")]
+pub struct ListSessions;
+
+impl Handler<ListSessions> for Registry {
+    type Result = ResponseFuture<Vec<SessionInfo>>;
+    fn handle(&mut self, _: ListSessions, _: &mut Context<Self>) -> Self::Result {
+        let asks: Vec<_> = self
+            .sessions
+            .values()
+            .map(|s| s.describe.send(Describe))
+            .collect();
+        Box::pin(async move {
+            let all = futures_util::future::join_all(asks);
+            let answers = tokio::time::timeout(std::time::Duration::from_secs(1), all)
+                .await
+                .unwrap_or_default();
+            let mut out: Vec<SessionInfo> = answers.into_iter().filter_map(Result::ok).collect();
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            out
+        })
     }
 }

@@ -232,11 +232,22 @@ impl Drop for Proc {
 
 /// A plain HTTP/1.1 GET: (status, JSON body or Null).
 pub fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    http(addr, "GET", path, None)
+}
+
+/// A plain HTTP/1.1 request with an optional bearer token: (status, JSON body or Null).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .expect("write");
     let mut raw = String::new();

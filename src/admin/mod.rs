@@ -1,0 +1,243 @@
+//! The operators' HTTP API (SPEC §7): its own listener (`admin.bind`, loopback by default),
+//! started only when `admin.token` is set; every route needs `Authorization: Bearer <token>`,
+//! compared in constant time.
+//!
+//! - `GET /admin/actors`, `POST /admin/actors/{name}/restart` (`accounting`, `compensator`,
+//!   `pool:<account>`)
+//! - `GET /admin/sessions`, `DELETE /admin/sessions/{id}`
+//! - `GET /admin/pools`
+//! - `GET /admin/compensations?status=&limit=`, `POST /admin/compensations/{id}/retry`
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{HttpRequest, HttpResponse, HttpServer, web};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tracing::info;
+
+use crate::actors::{ActorStatus, GetStatus, RestartActor};
+use crate::billing::compensator::Compensator;
+use crate::db::queries;
+use crate::http::error::HttpError;
+use crate::pool::messages::PoolStats;
+use crate::protocol::errors::ErrorCode;
+use crate::session::SessionDeps;
+use crate::session::registry::{EndOne, ListSessions};
+
+/// What the admin routes reach.
+pub struct AdminState {
+    pub token: String,
+    pub deps: Arc<SessionDeps>,
+    pub compensator: Addr<Compensator>,
+}
+
+/// Serves the admin API on `listener` (one worker; it is for operators, not traffic).
+pub fn start(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(data.clone())
+            .configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    actix_web::rt::spawn(server);
+    info!(addr = %addr, "admin API on http://{addr}/admin");
+    Ok(())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/admin/actors", web::get().to(actors))
+        .route("/admin/actors/{name}/restart", web::post().to(restart))
+        .route("/admin/sessions", web::get().to(sessions))
+        .route("/admin/sessions/{id}", web::delete().to(end_session))
+        .route("/admin/pools", web::get().to(pools))
+        .route("/admin/compensations", web::get().to(compensations))
+        .route(
+            "/admin/compensations/{id}/retry",
+            web::post().to(retry_compensation),
+        );
+}
+
+/// The bearer token, compared in constant time.
+fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), HttpError> {
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = presented.len() == state.token.len()
+        && bool::from(presented.as_bytes().ct_eq(state.token.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(HttpError::new(
+            ErrorCode::AdminUnauthorized,
+            "send the admin token as Authorization: Bearer <admin.token>",
+        ))
+    }
+}
+
+fn unavailable(what: &str) -> HttpError {
+    HttpError::new(ErrorCode::NotReady, format!("{what} did not answer"))
+}
+
+async fn all_statuses(state: &AdminState) -> Result<Vec<ActorStatus>, HttpError> {
+    let mut out = vec![
+        state
+            .deps
+            .accounting
+            .send(GetStatus)
+            .await
+            .map_err(|_| unavailable("accounting"))?,
+        state
+            .compensator
+            .send(GetStatus)
+            .await
+            .map_err(|_| unavailable("compensator"))?,
+    ];
+    for a in &state.deps.accounts {
+        out.push(
+            a.pool
+                .send(GetStatus)
+                .await
+                .map_err(|_| unavailable("pool"))?,
+        );
+    }
+    Ok(out)
+}
+
+async fn actors(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(json!({"actors": all_statuses(&state).await?})))
+}
+
+async fn restart(
+    req: HttpRequest,
+    name: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let name = name.into_inner();
+    let status = match name.as_str() {
+        "accounting" => state.deps.accounting.send(RestartActor).await,
+        "compensator" => state.compensator.send(RestartActor).await,
+        other => {
+            let pool = other
+                .strip_prefix("pool:")
+                .and_then(|account| state.deps.accounts.iter().find(|a| a.name == account));
+            match pool {
+                Some(a) => a.pool.send(RestartActor).await,
+                None => {
+                    return Err(HttpError::new(
+                        ErrorCode::NotFound,
+                        format!("no actor named {name:?} (see GET /admin/actors)"),
+                    ));
+                }
+            }
+        }
+    }
+    .map_err(|_| unavailable(&name))?;
+    info!(actor = %name, "restarted by an operator");
+    Ok(HttpResponse::Ok().json(status))
+}
+
+async fn sessions(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let list = state
+        .deps
+        .registry
+        .send(ListSessions)
+        .await
+        .map_err(|_| unavailable("session registry"))?;
+    Ok(HttpResponse::Ok().json(json!({"sessions": list})))
+}
+
+async fn end_session(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let id = id.into_inner();
+    let found = state
+        .deps
+        .registry
+        .send(EndOne {
+            id: id.clone(),
+            code: ErrorCode::SessionEnded,
+        })
+        .await
+        .map_err(|_| unavailable("session registry"))?;
+    if !found {
+        return Err(HttpError::new(
+            ErrorCode::NotFound,
+            format!("no session {id:?}"),
+        ));
+    }
+    info!(session = %id, "session ended by an operator");
+    Ok(HttpResponse::Ok().json(json!({"ended": id})))
+}
+
+async fn pools(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let mut out = Vec::new();
+    for a in &state.deps.accounts {
+        out.push(
+            a.pool
+                .send(PoolStats)
+                .await
+                .map_err(|_| unavailable("pool"))?,
+        );
+    }
+    Ok(HttpResponse::Ok().json(json!({"pools": out})))
+}
+
+#[derive(Deserialize)]
+struct CompensationQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn compensations(
+    req: HttpRequest,
+    query: web::Query<CompensationQuery>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let rows = queries::billing::compensations(&state.deps.db, query.status.as_deref())
+        .await
+        .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let rows: Vec<_> = rows.into_iter().take(limit).collect();
+    Ok(HttpResponse::Ok().json(json!({"compensations": rows})))
+}
+
+async fn retry_compensation(
+    req: HttpRequest,
+    id: web::Path<i64>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let id = id.into_inner();
+    let requeued = queries::billing::requeue_compensation(&state.deps.db, id)
+        .await
+        .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
+    if !requeued {
+        return Err(HttpError::new(
+            ErrorCode::NotFound,
+            format!("no unsettled compensation {id}"),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(json!({"requeued": id})))
+}

@@ -1,0 +1,211 @@
+//! The admin API (SPEC §7) through the real binary: the token on every route, actor restarts
+//! during load (nothing lost, twice in a row), a pool restart with a turn in flight, ending a
+//! session, compensations.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ledger::{assert_invariant, wait_rows};
+use common::stack::{Stack, StackOptions, block, load};
+use common::ws::Recv;
+use common::{TestDb, http};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = "admin-secret-token";
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn create(directive: &str) -> Value {
+    json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi",
+        "metadata": {"sim": directive}})
+}
+
+/// A stack with the admin API on; returns it and the admin address.
+fn stack_with_admin(db: TestDb) -> (Stack, String) {
+    let admin = free_addr();
+    let env: Vec<(&str, &str)> = vec![
+        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
+        (
+            "TURNPIKE_ADMIN__BIND",
+            Box::leak(admin.clone().into_boxed_str()),
+        ),
+    ];
+    let s = Stack::start(
+        db,
+        StackOptions {
+            env: Box::leak(env.into_boxed_slice()),
+            max_conns: 8,
+            ..StackOptions::default()
+        },
+    );
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpStream::connect(&admin).is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (s, admin)
+}
+
+const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/admin/actors"),
+    ("POST", "/admin/actors/compensator/restart"),
+    ("GET", "/admin/sessions"),
+    ("DELETE", "/admin/sessions/sess_none"),
+    ("GET", "/admin/pools"),
+    ("GET", "/admin/compensations?status=dead&limit=5"),
+    ("POST", "/admin/compensations/999/retry"),
+];
+
+#[test]
+fn every_route_needs_the_admin_token() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    for (method, path) in ROUTES {
+        for bad in [None, Some("wrong"), Some(&s.key[..])] {
+            let (code, body) = http(&admin, method, path, bad);
+            assert_eq!(code, 401, "{method} {path} with {bad:?}: {body}");
+            assert_eq!(body["error"]["code"], "admin_unauthorized");
+        }
+        let (code, body) = http(&admin, method, path, Some(TOKEN));
+        assert!(code == 200 || code == 404, "{method} {path}: {code} {body}");
+    }
+    // The client listener does not serve the admin API.
+    assert_eq!(http(&s.addr, "GET", "/admin/actors", Some(TOKEN)).0, 404);
+    s.finish();
+}
+
+/// Restarting accounting twice in a row, and the compensator, during load loses nothing and
+/// keeps the sessions streaming; an unknown actor is a 404.
+#[test]
+fn actor_restarts_during_load_lose_nothing() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let (s, admin) = stack_with_admin(db);
+        let (code, body) = http(&admin, "GET", "/admin/actors", Some(TOKEN));
+        assert_eq!(code, 200, "{body}");
+        let names: Vec<&str> = body["actors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["accounting", "compensator", "pool:sim"]);
+        let (addr, key) = (s.addr.clone(), s.key.clone());
+        let loader = std::thread::spawn(move || load(&addr, &key, 4, 15, "deltas=3"));
+        for n in 1..=2 {
+            std::thread::sleep(Duration::from_millis(150));
+            let (code, status) = http(
+                &admin,
+                "POST",
+                "/admin/actors/accounting/restart",
+                Some(TOKEN),
+            );
+            assert_eq!(code, 200, "{status}");
+            assert_eq!(
+                status["restarts"], n,
+                "{backend}: two restarts in a row: {status}"
+            );
+            assert_eq!(status["state"], "running");
+        }
+        let (code, status) = http(
+            &admin,
+            "POST",
+            "/admin/actors/compensator/restart",
+            Some(TOKEN),
+        );
+        assert_eq!((code, status["restarts"].as_u64()), (200, Some(1)));
+        let seen = loader.join().unwrap();
+        assert_eq!(seen.completed.len(), 60, "{backend}: {:?}", seen.errors);
+        let sums = wait_rows(&s.db, 60);
+        assert_eq!(sums.usage_rows, 60, "{backend}");
+        assert_invariant(&sums);
+        let (code, body) = http(&admin, "POST", "/admin/actors/nope/restart", Some(TOKEN));
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
+        s.finish();
+    }
+}
+
+/// A pool restart with a turn in flight: the turn completes on its connection, which is then
+/// retired; the session's next turn runs on a new connection.
+#[test]
+fn pool_restart_with_a_turn_in_flight() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let mut c = s.client();
+    c.send(&create("terminal_delay_ms=600"));
+    assert_eq!(c.next_event(T)["type"], "response.created");
+    let (code, status) = http(
+        &admin,
+        "POST",
+        "/admin/actors/pool:sim/restart",
+        Some(TOKEN),
+    );
+    assert_eq!(
+        (code, status["restarts"].as_u64()),
+        (200, Some(1)),
+        "{status}"
+    );
+    let done = c.until_terminal(T);
+    assert_eq!(done.last().unwrap()["type"], "response.completed");
+    c.send(&create(""));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    let stats = s.sim_stats();
+    assert_eq!(
+        stats["accepted"], 2,
+        "the second turn ran on a new connection: {stats}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s.sim_stats()["open"],
+        1,
+        "the retired connection was closed"
+    );
+    s.finish();
+}
+
+/// Sessions listed; one ended by an operator: a terminal error event, then close 1001.
+#[test]
+fn sessions_listed_and_ended() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let mut a = s.client();
+    a.send(&create(""));
+    a.until_terminal(T);
+    let _b = s.client();
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, body) = http(&admin, "GET", "/admin/sessions", Some(TOKEN));
+    assert_eq!(code, 200);
+    let list = body["sessions"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{body}");
+    let with_turn = list.iter().find(|x| x["turns"] == 1).expect("a's session");
+    assert_eq!(with_turn["state"], "idle");
+    assert_eq!(with_turn["key_prefix"], &s.key[..12]);
+    let id = with_turn["id"].as_str().unwrap();
+    let (code, _) = http(
+        &admin,
+        "DELETE",
+        &format!("/admin/sessions/{id}"),
+        Some(TOKEN),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(a.next_event(T)["error"]["code"], "session_ended");
+    match a.recv(T) {
+        Recv::Close(code) => assert_eq!(code, 1001),
+        other => panic!("{other:?}"),
+    }
+    let (code, _) = http(
+        &admin,
+        "DELETE",
+        &format!("/admin/sessions/{id}"),
+        Some(TOKEN),
+    );
+    assert_eq!(code, 404, "gone");
+    s.finish();
+}
