@@ -258,8 +258,10 @@ fn idle_sessions_are_reclaimed_and_continue_by_replay() {
     let t = turn(&mut sixth, create(json!({"input": "busy"})));
     let took = t0.elapsed();
     assert_eq!(t["type"], "response.completed", "{t}");
+    // Completing at all shows the reclaim (else: upstream_unavailable after the 5 s lease
+    // timeout); the bound only keeps a busy machine from hiding a wait for it.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_millis(4_500),
         "no wait for the lease timeout: {took:?}"
     );
     assert_eq!(

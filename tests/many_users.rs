@@ -254,8 +254,12 @@ fn upstream_rolling_restart_costs_seconds() {
     idle.send(&create(""));
     assert_eq!(last_type(&idle.until_terminal(T)), "response.completed");
     let took_idle = t0.elapsed();
-    assert!(took_quick < Duration::from_secs(5), "{took_quick:?}");
-    assert!(took_idle < Duration::from_secs(3), "{took_idle:?}");
+    // Seconds, not `upstream.read_timeout_ms` (300 s): generous bounds, a busy machine is slow.
+    assert!(took_quick < Duration::from_secs(30), "{took_quick:?}");
+    assert!(took_idle < Duration::from_secs(30), "{took_idle:?}");
+    eprintln!(
+        "rolling restart: turn on a heard-from connection {took_quick:?}, on an idle one {took_idle:?}"
+    );
     let new_stats = http_get(&new_addr, "/sim/stats").1;
     assert_eq!(
         new_stats["responses"], 2,

@@ -131,9 +131,13 @@ fn timing_order_with_sim_delays() {
             r.first_token_ms.unwrap(),
             r.duration_ms,
         );
+        // What the spec promises, from the relay's own marks: their order, and lower bounds
+        // the upstream's delays impose (the relay cannot see an event before it was sent).
+        // No upper bound and no gap between two relay marks: a busy machine may delay one
+        // observation more than another.
         assert!(wait <= fe && fe <= ft && ft < d, "{wait} {fe} {ft} {d}");
         assert!(ft >= 150, "first token after the 150 ms delay: {ft}");
-        assert!(d >= ft + 300, "terminal 300 ms after the deltas: {ft} {d}");
+        assert!(d >= 150 + 300, "terminal after both delays: {d}");
         // The model is reused on a later turn that omits it, and the relay adds it upstream.
         c.send(&json!({"type": "response.create", "input": "again", "store": false}));
         assert_eq!(last_type(&c.until_terminal(T)), "response.completed");
@@ -447,7 +451,8 @@ fn client_vanishing_mid_turn() {
         other.send(&create("first_delay_ms=0"));
         let ev = other.until_terminal(T);
         assert_eq!(last_type(&ev), "response.completed", "{ev:?}");
-        assert!(t0.elapsed() < Duration::from_millis(1500));
+        // Completing shows the freed slot (a held one is refused at once, not waited for).
+        assert!(t0.elapsed() < Duration::from_secs(10));
         let rows = s.rows(2);
         let gone = rows.iter().find(|r| {
             r.turn_index == 1
@@ -760,7 +765,10 @@ fn sigterm_finishes_turns_within_grace_then_closes_1001() {
         idle.until_terminal(T);
         let (code, took, log) = s.relay.terminate();
         assert_eq!(code, Some(0), "{log:?}");
-        assert!(took < Duration::from_secs(8), "{took:?}");
+        assert!(
+            took < Duration::from_secs(20),
+            "bounded by the grace, not hung: {took:?}"
+        );
         assert!(
             log.iter().any(|l| l.contains("unwritten_records=0")),
             "{backend}: last flush awaited: {log:?}"
