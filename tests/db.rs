@@ -390,3 +390,42 @@ async fn postgres_statement_timeout_is_set() {
         db.cleanup().await;
     }
 }
+
+/// A test that panics still drops its PostgreSQL database (no `tp_t_*` left behind).
+#[test]
+fn a_failing_test_drops_its_database() {
+    let Ok(base) = std::env::var(common::PG_ENV) else {
+        return;
+    };
+    let b = base.clone();
+    let outcome = std::thread::spawn(move || {
+        let db = common::stack::block(TestDb::postgres(&b));
+        let name = db.url.rsplit('/').next().unwrap().to_string();
+        std::panic::panic_any(name);
+    })
+    .join();
+    let name = *outcome.unwrap_err().downcast::<String>().unwrap();
+    let left = common::stack::block(async {
+        use diesel::QueryableByName;
+        use diesel::sql_types::BigInt;
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        use diesel_async::AsyncConnection;
+        let mut c = diesel_async::AsyncPgConnection::establish(&base)
+            .await
+            .unwrap();
+        let r: N = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query(format!(
+                "SELECT count(*) AS n FROM pg_database WHERE datname = '{name}'"
+            )),
+            &mut c,
+        )
+        .await
+        .unwrap();
+        r.n
+    });
+    assert_eq!(left, 0, "{name} was dropped");
+}

@@ -107,13 +107,29 @@ impl TestDb {
         pool
     }
 
-    pub async fn cleanup(self) {
-        if let Some((base, name)) = &self.pg_admin
-            && let Ok(mut admin) = AsyncPgConnection::establish(base).await
-        {
-            let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await;
+    pub async fn cleanup(mut self) {
+        if let Some((base, name)) = self.pg_admin.take() {
+            drop_pg_database(&base, &name).await;
+        }
+    }
+}
+
+async fn drop_pg_database(base: &str, name: &str) {
+    if let Ok(mut admin) = AsyncPgConnection::establish(base).await {
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+}
+
+/// A test that fails (panics) before `cleanup` still drops its PostgreSQL database.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((base, name)) = self.pg_admin.take() {
+            let _ = std::thread::spawn(move || {
+                actix_web::rt::System::new().block_on(drop_pg_database(&base, &name))
+            })
+            .join();
         }
     }
 }
