@@ -186,6 +186,8 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
     if let Some(l) = admin_listener {
         let state = crate::admin::AdminState {
             token: deps.settings.admin.token.clone(),
+            metrics_require_token: deps.settings.admin.metrics_require_token,
+            metrics: crate::telemetry::install_metrics(),
             deps: deps.clone(),
             compensator,
         };

@@ -266,8 +266,10 @@ pub struct DatabaseSettings {
 pub struct AdminSettings {
     /// Admin API listener; loopback by default.
     pub bind: SocketAddr,
-    /// Bearer token for the admin API; empty disables the admin API.
+    /// Bearer token for the admin API; empty disables the admin API (and `/metrics`).
     pub token: String,
+    /// `GET /metrics` needs the token too (off: a loopback/private scrape target).
+    pub metrics_require_token: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +395,7 @@ impl Default for AdminSettings {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
             token: String::new(),
+            metrics_require_token: false,
         }
     }
 }

@@ -21,3 +21,66 @@ pub fn init(log: &LogSettings) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Prometheus metrics (served at `GET /metrics` on the admin listener). Every name is listed in
+/// the README; recording is a no-op until `install_metrics` ran (tests that embed the relay).
+pub mod metric {
+    pub const SESSIONS_OPEN: &str = "turnpike_sessions_open";
+    pub const TURNS: &str = "turnpike_turns_total";
+    pub const FIRST_TOKEN_MS: &str = "turnpike_first_token_ms";
+    pub const DURATION_MS: &str = "turnpike_turn_duration_ms";
+    pub const UPSTREAM_WAIT_MS: &str = "turnpike_upstream_wait_ms";
+    pub const USAGE_MALFORMED: &str = "turnpike_usage_malformed_total";
+    pub const UPSTREAM_ERRORS: &str = "turnpike_upstream_errors_total";
+    pub const DIALS: &str = "turnpike_upstream_dials_total";
+    pub const DIAL_FAILURES: &str = "turnpike_upstream_dial_failures_total";
+    pub const UPSTREAM_CONNECTIONS: &str = "turnpike_upstream_connections";
+    pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
+    pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
+    pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
+    pub const FLUSH_SECONDS: &str = "turnpike_accounting_flush_seconds";
+    pub const DB_ERRORS: &str = "turnpike_accounting_db_errors_total";
+    pub const ACCOUNTING_UNAVAILABLE: &str = "turnpike_accounting_unavailable";
+    pub const COMPENSATIONS: &str = "turnpike_compensations";
+    pub const COMPENSATION_AMOUNT: &str = "turnpike_compensations_nanousd";
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls get `None`).
+pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let ms = [
+        1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+        60000.0,
+    ];
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_ms".into()), &ms)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(metric::FLUSH_SECONDS.into()),
+                &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(metric::BATCH_ROWS.into()),
+                &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 4000.0],
+            )
+        })
+        .ok()?;
+    builder.install_recorder().ok()
+}
+
+/// A turn's record reached accounting: count it and its timing.
+pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
+    ::metrics::counter!(metric::TURNS, "status" => r.status.clone()).increment(1);
+    if let Some(ms) = r.timing.first_token_ms {
+        ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(ms as f64);
+    }
+    if let Some(ms) = r.timing.upstream_wait_ms {
+        ::metrics::histogram!(metric::UPSTREAM_WAIT_MS).record(ms as f64);
+    }
+    ::metrics::histogram!(metric::DURATION_MS).record(r.timing.duration_ms as f64);
+    if usage_malformed {
+        ::metrics::counter!(metric::USAGE_MALFORMED).increment(1);
+    }
+}

@@ -209,3 +209,62 @@ fn sessions_listed_and_ended() {
     assert_eq!(code, 404, "gone");
     s.finish();
 }
+
+/// `GET /metrics` (Prometheus text, no token needed by default) reflects what the test did:
+/// turns by status, sessions open, upstream connections, dials, errors, the accounting backlog.
+#[test]
+fn metrics_match_what_happened() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let mut c = s.client();
+    // The failed turn's connection is dropped (a server error); the next one is dialled and
+    // kept by the session between turns.
+    for directive in ["error=server_error status=500", "", ""] {
+        c.send(&create(directive));
+        c.until_terminal(T);
+    }
+    let _idle = s.client();
+    std::thread::sleep(Duration::from_millis(100));
+    let text = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&admin).unwrap();
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        raw
+    };
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+    };
+    assert_eq!(value(r#"turnpike_turns_total{status="completed"}"#), 2.0);
+    assert_eq!(value(r#"turnpike_turns_total{status="failed"}"#), 1.0);
+    assert_eq!(value("turnpike_sessions_open"), 2.0);
+    assert_eq!(
+        value(r#"turnpike_upstream_dials_total{account="sim"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"turnpike_upstream_connections{account="sim",state="leased"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"turnpike_upstream_errors_total{code="server_error"}"#),
+        1.0
+    );
+    assert_eq!(value("turnpike_turn_duration_ms_count"), 3.0);
+    assert_eq!(value("turnpike_first_token_ms_count"), 2.0);
+    assert_eq!(value("turnpike_accounting_unavailable"), 0.0);
+    assert!(
+        text.contains("turnpike_accounting_backlog_records"),
+        "{text}"
+    );
+    s.finish();
+}

@@ -32,6 +32,7 @@ use super::spool::{Spool, SpoolFs};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::db::{DbError, DbPool, queries, within as timed};
 use crate::record::{RecordError, TurnRecord, decode_record, encode_record};
+use crate::telemetry::metric;
 
 pub struct AccountingConfig {
     pub batch_max_rows: usize,
@@ -408,7 +409,10 @@ impl Accounting {
         let timeout = self.cfg.db_timeout;
         let epoch = self.epoch;
         let fut = async move {
+            let t0 = Instant::now();
             let res = commit(&db, &batch, chunk, timeout).await;
+            ::metrics::histogram!(metric::FLUSH_SECONDS).record(t0.elapsed().as_secs_f64());
+            ::metrics::histogram!(metric::BATCH_ROWS).record(batch.len() as f64);
             (batch, res)
         };
         ctx.spawn(fut.into_actor(self).map(move |(batch, res), act, ctx| {
@@ -450,6 +454,7 @@ impl Accounting {
     }
 
     fn database_failed(&mut self, e: DbError) {
+        ::metrics::counter!(metric::DB_ERRORS).increment(1);
         if !self.db_failing {
             warn!(error = %e, backlog = self.backlog(),
                 "database unavailable: records wait in the spool; retrying with backoff");

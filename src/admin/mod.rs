@@ -7,6 +7,7 @@
 //! - `GET /admin/sessions`, `DELETE /admin/sessions/{id}`
 //! - `GET /admin/pools`
 //! - `GET /admin/compensations?status=&limit=`, `POST /admin/compensations/{id}/retry`
+//! - `GET /metrics` (Prometheus text; without the token unless `admin.metrics_require_token`)
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -32,6 +33,10 @@ pub struct AdminState {
     pub token: String,
     pub deps: Arc<SessionDeps>,
     pub compensator: Addr<Compensator>,
+    /// The Prometheus recorder's handle (`None`: metrics not installed in this process).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// `GET /metrics` needs the admin token too (`admin.metrics_require_token`).
+    pub metrics_require_token: bool,
 }
 
 /// Serves the admin API on `listener` (one worker; it is for operators, not traffic).
@@ -53,7 +58,8 @@ pub fn start(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/actors", web::get().to(actors))
+    cfg.route("/metrics", web::get().to(metrics))
+        .route("/admin/actors", web::get().to(actors))
         .route("/admin/actors/{name}/restart", web::post().to(restart))
         .route("/admin/sessions", web::get().to(sessions))
         .route("/admin/sessions/{id}", web::delete().to(end_session))
@@ -240,4 +246,63 @@ async fn retry_compensation(
         ));
     }
     Ok(HttpResponse::Ok().json(json!({"requeued": id})))
+}
+
+/// `GET /metrics`: what the actors recorded, plus gauges read now (pools, spool backlog,
+/// accounting availability, compensation backlog).
+async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    use crate::telemetry::metric;
+    if state.metrics_require_token {
+        authorize(&req, &state)?;
+    }
+    let Some(handle) = &state.metrics else {
+        return Err(HttpError::new(
+            ErrorCode::NotFound,
+            "metrics are not installed in this process",
+        ));
+    };
+    for a in &state.deps.accounts {
+        if let Ok(p) = a.pool.send(PoolStats).await {
+            for (s, n) in [
+                ("idle", p.idle),
+                ("leased", p.leased),
+                ("parked", p.parked),
+                ("dialing", p.dialing),
+            ] {
+                ::metrics::gauge!(metric::UPSTREAM_CONNECTIONS, "account" => a.name.clone(), "state" => s)
+                    .set(n as f64);
+            }
+            ::metrics::gauge!(metric::LEASE_WAITERS, "account" => a.name.clone())
+                .set(p.waiters as f64);
+        }
+    }
+    if let Ok(n) = state
+        .deps
+        .accounting
+        .send(crate::accounting::messages::Backlog)
+        .await
+    {
+        ::metrics::gauge!(metric::SPOOL_BACKLOG).set(n as f64);
+    }
+    let unavailable = state.deps.accounting_health.report().unavailable;
+    ::metrics::gauge!(metric::ACCOUNTING_UNAVAILABLE).set(f64::from(u8::from(unavailable)));
+    let db = state.deps.db.clone();
+    let backlog = crate::db::within(crate::db::READ_DEADLINE, async move {
+        queries::billing::compensation_backlog(&db).await
+    })
+    .await;
+    if let Ok(rows) = backlog {
+        for r in rows {
+            ::metrics::gauge!(metric::COMPENSATIONS, "status" => r.status.clone())
+                .set(r.rows_count as f64);
+            ::metrics::gauge!(metric::COMPENSATION_AMOUNT, "status" => r.status)
+                .set(r.amount_nanousd as f64);
+        }
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(handle.render()))
 }

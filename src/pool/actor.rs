@@ -14,6 +14,7 @@ use super::messages::{
 use super::policy::{self, IdleConn};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::config::{AccountSettings, PoolSettings, UpstreamSettings};
+use crate::telemetry::metric;
 use crate::upstream::UpstreamConn;
 use crate::upstream::dial::{DialSpec, identity_of};
 use crate::upstream::messages::{CloseConn, ConnStatus, SetLessee, UpstreamEvent};
@@ -143,6 +144,7 @@ impl ContextPool {
             probe_timeout: Duration::from_millis(self.upstream.probe_timeout_ms),
         };
         let pool = ctx.address().recipient();
+        ::metrics::counter!(metric::DIALS, "account" => self.account.to_string()).increment(1);
         let addr = match &w.arbiter {
             Some(arbiter) => {
                 UpstreamConn::start_in_arbiter(arbiter, move |_| UpstreamConn::new(id, spec, pool))
@@ -408,6 +410,8 @@ impl Handler<ConnStatus> for ContextPool {
                 }
             }
             ConnStatus::DialFailed { conn, error } => {
+                ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
+                    .increment(1);
                 let identity = self.conns.remove(&conn).map(|e| e.identity);
                 // Fail a waiter now rather than let it time out, unless another dial covers it.
                 if self.waiters.len() > self.dialing()

@@ -37,6 +37,7 @@ use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
 use crate::record::TurnRecord;
+use crate::telemetry::metric;
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 /// The client's message when usage cannot be recorded.
@@ -398,6 +399,8 @@ impl SessionActor {
             }
             EventKind::Error => {
                 let (code, request_level) = upstream_error_code(&text);
+                let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
+                ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
                 if code.as_deref() == Some("previous_response_not_found")
                     && turn.forwarded == 0
                     && !turn.replayed
@@ -456,6 +459,7 @@ impl SessionActor {
                 "the upstream connection was lost mid-turn; retry this turn",
             ),
         };
+        ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
         let e = Self::error_event(code, message);
         self.finish(
             Ending::UpstreamLost(code.code()),
@@ -707,6 +711,7 @@ impl Actor for SessionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
+        ::metrics::gauge!(metric::SESSIONS_OPEN).increment(1.0);
         self.deps.registry.do_send(Register {
             id: self.id.clone(),
             session: ctx.address().recipient(),
@@ -731,6 +736,7 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        ::metrics::gauge!(metric::SESSIONS_OPEN).decrement(1.0);
         let clean = self.turn.is_none();
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).

@@ -68,6 +68,7 @@ impl SessionActor {
         self.release(&d.lease, clean);
         let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
         let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+        crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
         info!(parent: &d.turn.span, status = record.status, usage_source = record.usage_source,
             input_tokens = record.usage.input_tokens, clean, "preempted turn drained");
         // Nobody waits on it: the client was told when the turn was preempted.

@@ -68,6 +68,7 @@ impl SessionActor {
             return;
         };
         let record = self.record_of(turn, outcome, account);
+        crate::telemetry::turn_ended(&record, turn.tracker.usage_malformed);
         info!(parent: &turn.span, status = record.status, usage_source = record.usage_source,
             response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
             first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
