@@ -229,6 +229,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
         draining: deps.draining.clone(),
         accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
         no_accounts: deps.accounts.is_empty(),
+        stuck_after: Duration::from_millis(settings.accounting.stuck_after_ms),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let data = web::Data::from(deps.clone());

@@ -44,6 +44,9 @@ pub struct AccountingSettings {
     /// database commit while the spool is unusable) before the client gets
     /// `accounting_unavailable` instead of the turn's terminal event.
     pub ack_timeout_ms: u64,
+    /// Database writes failing this long (while the database may still answer a ping) make
+    /// `/readyz` answer 503 `billing stuck`.
+    pub stuck_after_ms: u64,
 }
 
 impl Default for AccountingSettings {
@@ -54,6 +57,7 @@ impl Default for AccountingSettings {
             flush_interval_ms: 200,
             max_in_memory: 100_000,
             ack_timeout_ms: 5_000,
+            stuck_after_ms: 60_000,
         }
     }
 }

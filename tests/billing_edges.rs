@@ -546,3 +546,51 @@ fn injected_spool_faults_through_the_relay() {
         block(db.cleanup());
     }
 }
+
+/// Database writes that keep failing while the database still answers a ping (here: every
+/// usage insert outlasts the statement timeout) make `/readyz` answer 503 `billing stuck`
+/// after `accounting.stuck_after_ms`; it recovers when writes pass again.
+#[test]
+fn readiness_reports_stuck_billing() {
+    let Ok(base) = std::env::var(common::PG_ENV) else {
+        eprintln!("PostgreSQL not configured: skipped (needs pg_sleep in a trigger)");
+        return;
+    };
+    let db = block(TestDb::postgres(&base));
+    let s = Stack::start(
+        db,
+        StackOptions {
+            env: &[
+                ("TURNPIKE_ACCOUNTING__STUCK_AFTER_MS", "1000"),
+                ("TURNPIKE_DATABASE__STATEMENT_TIMEOUT_MS", "300"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    common::ledger::exec(
+        &s.db,
+        "CREATE FUNCTION slow_usage() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER slow_usage BEFORE INSERT ON usage_logs FOR EACH ROW EXECUTE FUNCTION slow_usage();",
+    );
+    let mut c = s.client();
+    assert_eq!(turn(&mut c, ""), "completed", "the spool takes it");
+    let deadline = std::time::Instant::now() + T;
+    let body = loop {
+        let (code, body) = http_get(&s.addr, "/readyz");
+        if code == 503 || std::time::Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("billing stuck"), "{body}");
+    common::ledger::exec(&s.db, "DROP TRIGGER slow_usage ON usage_logs;");
+    let sums = wait_rows(&s.db, 1);
+    assert_eq!(sums.usage_rows, 1);
+    let deadline = std::time::Instant::now() + T;
+    while http_get(&s.addr, "/readyz").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http_get(&s.addr, "/readyz").0, 200);
+    s.finish();
+}

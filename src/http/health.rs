@@ -25,6 +25,8 @@ pub struct Readiness {
     )>,
     /// No `[[accounts]]` configured: nothing can be served.
     pub no_accounts: bool,
+    /// `accounting.stuck_after_ms`.
+    pub stuck_after: std::time::Duration,
 }
 
 #[get("/healthz")]
@@ -50,6 +52,15 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
         ),
         None => (None, Default::default()),
     };
+    if let (Some(ms), Some(err)) = (health.db_failing_for_ms, &health.db_error)
+        && ms >= state.stuck_after.as_millis() as u64
+    {
+        return Err(not_ready(format!(
+            "billing stuck: database writes failing for {} s ({} records waiting): {err}",
+            ms / 1000,
+            backlog.unwrap_or(0)
+        )));
+    }
     if health.unavailable {
         return Err(not_ready(format!(
             "accounting unavailable: spool: {}; database: {} ({} records waiting)",
