@@ -153,10 +153,15 @@ pub enum CliError {
     BadValue(String),
     #[error("{0}")]
     NotFound(String),
+    /// The thing to create exists already (exit 1, like "no such").
+    #[error("{0}")]
+    Exists(String),
     #[error(transparent)]
     App(#[from] AppError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("{target}: {source}")]
+    DbAt { target: String, source: DbError },
     #[error(transparent)]
     Auth(#[from] AuthError),
 }
@@ -198,28 +203,76 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     actix_web::rt::System::new().block_on(dispatch(cli.command, settings))
 }
 
+/// Where the database is, for error messages: the SQLite path, or the PostgreSQL host and
+/// database (never the user or password).
+fn database_target(settings: &Settings) -> String {
+    match crate::config::DatabaseTarget::parse(&settings.database.url) {
+        Ok(crate::config::DatabaseTarget::Sqlite(path)) => format!("SQLite {}", path.display()),
+        Ok(crate::config::DatabaseTarget::Postgres(url)) => {
+            let host = url.rsplit('@').next().unwrap_or(&url);
+            let host = host.split('?').next().unwrap_or(host);
+            format!(
+                "PostgreSQL {}",
+                host.trim_start_matches("postgres://")
+                    .trim_start_matches("postgresql://")
+            )
+        }
+        Err(_) => settings.database.url.clone(),
+    }
+}
+
+/// A database error of a management command, naming the database.
+fn at_database(target: String) -> impl Fn(CliError) -> CliError {
+    move |e| match e {
+        CliError::Db(source) | CliError::App(AppError::Db(source)) => CliError::DbAt {
+            target: target.clone(),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// Opens the database for a command; a command that only reads never migrates, and says so
+/// when migrations are pending.
+async fn open_for(settings: &Settings, read_only: bool) -> Result<crate::db::DbPool, CliError> {
+    let db = app::open_database(settings, !read_only).await?;
+    if read_only && !crate::db::migrate::pending(&db).await?.is_empty() {
+        return Err(CliError::NotFound(
+            "the database has pending migrations; run `turnpike migrate` first".into(),
+        ));
+    }
+    Ok(db)
+}
+
 async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> {
+    let at = at_database(database_target(&settings));
     match command {
         Command::Serve => {
             rustls_provider();
             Ok(app::serve(settings).await?)
         }
         Command::Migrate => {
-            let db = app::open_database(&settings, true).await?;
+            let db = app::open_database(&settings, true)
+                .await
+                .map_err(|e| at(e.into()))?;
             eprintln!("migrations up to date ({})", db.backend());
             Ok(())
         }
+        // Commands that only read never change the schema.
         Command::Users(cmd) => {
-            let db = app::open_database(&settings, true).await?;
-            users(&db, cmd).await
+            let read_only = matches!(cmd, UsersCommand::List);
+            let run = async { users(&open_for(&settings, read_only).await?, cmd).await };
+            run.await.map_err(at)
         }
         Command::Keys(cmd) => {
-            let db = app::open_database(&settings, true).await?;
-            keys(&db, cmd).await
+            let read_only = matches!(cmd, KeysCommand::List { .. });
+            let run = async { keys(&open_for(&settings, read_only).await?, cmd).await };
+            run.await.map_err(at)
         }
         Command::Compensations(cmd) => {
-            let db = app::open_database(&settings, true).await?;
-            compensations(&db, cmd).await
+            let read_only = matches!(cmd, CompensationsCommand::List { .. });
+            let run = async { compensations(&open_for(&settings, read_only).await?, cmd).await };
+            run.await.map_err(at)
         }
         Command::Sim(args) => sim(args).await,
         Command::Demo { sim_bind } => {
@@ -349,7 +402,7 @@ async fn users(db: &DbPool, cmd: UsersCommand) -> Result<(), CliError> {
                 .await
                 .map_err(|e| {
                     if e.is_unique_violation() {
-                        CliError::BadValue(format!("user {name:?} exists already"))
+                        CliError::Exists(format!("user {name:?} exists already"))
                     } else {
                         e.into()
                     }

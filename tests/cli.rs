@@ -450,3 +450,42 @@ fn demo_revokes_earlier_demo_keys() {
         "the first demo key is revoked: {listing}"
     );
 }
+
+/// `users create` for an existing user exits 1; commands that only read do not migrate (and
+/// say so on a fresh database); database errors name the database.
+#[test]
+fn management_exit_codes_read_only_commands_and_database_errors() {
+    let db = TestDb::sqlite();
+    for cmd in [
+        &["users", "list"][..],
+        &["keys", "list"],
+        &["compensations", "list"],
+    ] {
+        let out = run(&db, cmd);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("turnpike migrate"),
+            "{cmd:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(run(&db, &["migrate"]).status.success());
+    assert!(run(&db, &["users", "create", "ann"]).status.success());
+    let again = run(&db, &["users", "create", "ann"]);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(stderr(&again).contains("exists already"));
+    // A PostgreSQL that cannot be reached: the error names host and database, not the user.
+    let out = turnpike()
+        .env(
+            "TURNPIKE_DATABASE__URL",
+            "postgres://someone:secret@127.0.0.1:9/nodb",
+        )
+        .env("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500")
+        .args(["users", "list"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("127.0.0.1:9/nodb"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+}
