@@ -50,28 +50,40 @@ fn stack_with_admin(db: TestDb) -> (Stack, String) {
     (s, admin)
 }
 
-const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/admin/actors"),
-    ("POST", "/admin/actors/compensator/restart"),
-    ("GET", "/admin/sessions"),
-    ("DELETE", "/admin/sessions/sess_none"),
-    ("GET", "/admin/pools"),
-    ("GET", "/admin/compensations?status=dead&limit=5"),
-    ("POST", "/admin/compensations/999/retry"),
-];
+/// Every route the admin API serves (its OpenAPI description lists the same), with sample
+/// parameters.
+fn routes() -> Vec<(&'static str, String)> {
+    turnpike::admin::ROUTES
+        .iter()
+        .map(|(m, p)| {
+            let p = p
+                .replace("{name}", "compensator")
+                .replace("{id}/retry", "999/retry")
+                .replace("{id}", "sess_none");
+            (*m, p)
+        })
+        .collect()
+}
 
 #[test]
 fn every_route_needs_the_admin_token() {
     let (s, admin) = stack_with_admin(TestDb::sqlite());
-    for (method, path) in ROUTES {
+    for (method, path) in routes() {
+        if path == "/metrics" {
+            // Scrapeable without the token unless admin.metrics_require_token.
+            assert_eq!(http(&admin, method, &path, None).0, 200);
+            continue;
+        }
         for bad in [None, Some("wrong"), Some(&s.key[..])] {
-            let (code, body) = http(&admin, method, path, bad);
+            let (code, body) = http(&admin, method, &path, bad);
             assert_eq!(code, 401, "{method} {path} with {bad:?}: {body}");
             assert_eq!(body["error"]["code"], "admin_unauthorized");
         }
-        let (code, body) = http(&admin, method, path, Some(TOKEN));
+        let (code, body) = http(&admin, method, &path, Some(TOKEN));
         assert!(code == 200 || code == 404, "{method} {path}: {code} {body}");
     }
+    let (code, doc) = http(&admin, "GET", "/admin/openapi.json", Some(TOKEN));
+    assert_eq!((code, doc["openapi"].as_str()), (200, Some("3.0.3")));
     // The client listener does not serve the admin API.
     assert_eq!(http(&s.addr, "GET", "/admin/actors", Some(TOKEN)).0, 404);
     s.finish();

@@ -57,8 +57,26 @@ pub fn start(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Every route, as (method, path) — the OpenAPI description (`openapi.json`, served at
+/// `/admin/openapi.json`) lists exactly these; a test keeps them in step.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/metrics"),
+    ("GET", "/admin/openapi.json"),
+    ("GET", "/admin/actors"),
+    ("POST", "/admin/actors/{name}/restart"),
+    ("GET", "/admin/sessions"),
+    ("DELETE", "/admin/sessions/{id}"),
+    ("GET", "/admin/pools"),
+    ("GET", "/admin/compensations"),
+    ("POST", "/admin/compensations/{id}/retry"),
+];
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
+        .route("/admin/openapi.json", web::get().to(openapi))
         .route("/admin/actors", web::get().to(actors))
         .route("/admin/actors/{name}/restart", web::post().to(restart))
         .route("/admin/sessions", web::get().to(sessions))
@@ -305,4 +323,37 @@ async fn metrics(
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(handle.render()))
+}
+
+async fn openapi(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
 }
