@@ -37,6 +37,7 @@ pub mod metric {
     pub const UPSTREAM_CONNECTIONS: &str = "turnpike_upstream_connections";
     pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
+    pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
     pub const FLUSH_SECONDS: &str = "turnpike_accounting_flush_seconds";
     pub const DB_ERRORS: &str = "turnpike_accounting_db_errors_total";

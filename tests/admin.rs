@@ -89,8 +89,8 @@ fn every_route_needs_the_admin_token() {
     s.finish();
 }
 
-/// Restarting accounting twice in a row, and the compensator, during load loses nothing and
-/// keeps the sessions streaming; an unknown actor is a 404.
+/// Restarting accounting twice in a row, the compensator, and the pool twice, during load,
+/// loses nothing and keeps the sessions streaming; an unknown actor is a 404.
 #[test]
 fn actor_restarts_during_load_lose_nothing() {
     for db in block(TestDb::all()) {
@@ -129,6 +129,20 @@ fn actor_restarts_during_load_lose_nothing() {
             Some(TOKEN),
         );
         assert_eq!((code, status["restarts"].as_u64()), (200, Some(1)));
+        for n in 1..=2 {
+            std::thread::sleep(Duration::from_millis(100));
+            let (code, status) = http(
+                &admin,
+                "POST",
+                "/admin/actors/pool:sim/restart",
+                Some(TOKEN),
+            );
+            assert_eq!(
+                (code, status["restarts"].as_u64()),
+                (200, Some(n)),
+                "{status}"
+            );
+        }
         let seen = loader.join().unwrap();
         assert_eq!(seen.completed.len(), 60, "{backend}: {:?}", seen.errors);
         let sums = wait_rows(&s.db, 60);

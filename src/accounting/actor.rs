@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::health::AccountingHealth;
-use super::messages::{Backlog, Flush, RecordTurn, Restart, SpoolFailure};
+use super::messages::{Backlog, BacklogAge, Flush, RecordTurn, Restart, SpoolFailure};
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
@@ -98,6 +98,8 @@ pub struct Accounting {
     /// Sealed segments whose records are only on disk (memory cap reached), oldest first, with
     /// their record counts.
     spilled: VecDeque<(u64, usize)>,
+    /// When the oldest record kept on disk only was accepted.
+    spilled_oldest: Option<chrono::NaiveDateTime>,
     flushing: bool,
     db_failing: bool,
     backoff: Duration,
@@ -130,6 +132,7 @@ impl Accounting {
             sync_scheduled: false,
             pending: Vec::new(),
             spilled: VecDeque::new(),
+            spilled_oldest: None,
             flushing: false,
             db_failing: false,
             backoff: DB_BACKOFF_MIN,
@@ -273,6 +276,9 @@ impl Accounting {
             self.spend.add(r);
         }
         self.pending.extend(loaded);
+        self.spilled_oldest = (!spilled.is_empty())
+            .then(|| fresh_all.iter().map(|r| r.accepted_at).min())
+            .flatten();
         self.spilled = spilled;
         // Records in memory whose segment is gone, or that no segment ever acknowledged.
         let mut rewritten = 0;
@@ -346,12 +352,15 @@ impl Accounting {
         let before = self.pending.len();
         let mut kept = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            match p.seg {
-                Some(seg) if p.ack.is_none() => match self.spilled.back_mut() {
-                    Some((s, n)) if *s == seg => *n += 1,
-                    _ => self.spilled.push_back((seg, 1)),
-                },
-                _ => kept.push(p),
+            let Some(seg) = p.seg.filter(|_| p.ack.is_none()) else {
+                kept.push(p);
+                continue;
+            };
+            let at = p.record.accepted_at;
+            self.spilled_oldest = Some(self.spilled_oldest.map_or(at, |t| t.min(at)));
+            match self.spilled.back_mut() {
+                Some((s, n)) if *s == seg => *n += 1,
+                _ => self.spilled.push_back((seg, 1)),
             }
         }
         self.pending = kept;
@@ -471,6 +480,9 @@ impl Accounting {
         let Some((seg, _)) = self.spilled.pop_front() else {
             return;
         };
+        if self.spilled.is_empty() {
+            self.spilled_oldest = None;
+        }
         for r in batch {
             self.spend.remove(r);
         }
@@ -672,6 +684,20 @@ impl Handler<Flush> for Accounting {
         self.next_flush_at = Instant::now();
         self.flush(ctx);
         self.backlog()
+    }
+}
+
+impl Handler<BacklogAge> for Accounting {
+    type Result = u64;
+    fn handle(&mut self, _: BacklogAge, _: &mut Context<Self>) -> u64 {
+        let oldest = self
+            .unsynced
+            .iter()
+            .chain(&self.pending)
+            .map(|p| p.record.accepted_at)
+            .chain(self.spilled_oldest)
+            .min();
+        oldest.map_or(0, |t| (crate::db::now() - t).num_seconds().max(0) as u64)
     }
 }
 

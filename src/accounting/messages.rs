@@ -28,6 +28,11 @@ pub struct Restart;
 #[rtype(result = "usize")]
 pub struct Backlog;
 
+/// Seconds since the oldest record not yet in the database was accepted (0 when none).
+#[derive(Debug, Message)]
+#[rtype(result = "u64")]
+pub struct BacklogAge;
+
 /// Write everything buffered now (shutdown).
 #[derive(Debug, Message)]
 #[rtype(result = "usize")]

@@ -305,6 +305,14 @@ async fn metrics(
     {
         ::metrics::gauge!(metric::SPOOL_BACKLOG).set(n as f64);
     }
+    if let Ok(age) = state
+        .deps
+        .accounting
+        .send(crate::accounting::messages::BacklogAge)
+        .await
+    {
+        ::metrics::gauge!(metric::SPOOL_BACKLOG_AGE).set(age as f64);
+    }
     let unavailable = state.deps.accounting_health.report().unavailable;
     ::metrics::gauge!(metric::ACCOUNTING_UNAVAILABLE).set(f64::from(u8::from(unavailable)));
     let db = state.deps.db.clone();
