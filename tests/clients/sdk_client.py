@@ -1,5 +1,7 @@
 """openai-python `client.responses.connect()` against a Responses WebSocket endpoint (the sim, or
-turnpike): a text turn, then a tool-call loop on the same socket. Exits non-zero on any failure."""
+turnpike): a text turn, then a tool-call loop on the same socket, chained. Each completed response
+is appended to $REPORT (when set) as a JSON line for the usage check. Exits non-zero on any
+failure."""
 import json
 import os
 import subprocess
@@ -15,13 +17,30 @@ TOOLS = [{
 }]
 
 
+def report(resp):
+    path = os.environ.get("REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"client": "python", "response_id": resp.id,
+                                "input_tokens": resp.usage.input_tokens,
+                                "output_tokens": resp.usage.output_tokens}) + "\n")
+
+
 def run_turn(conn, **params):
     conn.response.create(model="gpt-test", store=False, **params)
     text = ""
+    seq = -1
     for ev in conn:
+        # Deltas arrive in order.
+        number = getattr(ev, "sequence_number", None)
+        if number is not None:
+            if number <= seq:
+                sys.exit(f"events out of order: {number} after {seq}")
+            seq = number
         if ev.type == "response.output_text.delta":
             text += ev.delta
         elif ev.type == "response.completed":
+            report(ev.response)
             return ev.response, text
         elif ev.type in ("error", "response.failed", "response.incomplete"):
             sys.exit(f"turn failed: {ev}")

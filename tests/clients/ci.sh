@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Real clients through `turnpike serve` in front of `turnpike sim`, as CI runs them:
+#   Codex CLI 0.169.0 (`exec --json`): a text turn, a tool-call loop, a turn the sim cuts with
+#     1012 mid-stream (Codex recovers);
+#   openai-python 3.51.0 (`client.responses.connect()`): chained turns and a tool loop;
+#   openai-node 6.49.0 (`ResponsesWS`): two chained turns and a tool loop.
+# Then it checks the usage rows against what each client saw (token for token), the timing
+# order of every row, and what the sim received (the account's credential, Codex's headers).
+# Pinned clients are installed once into $TURNPIKE_CLIENTS_CACHE (default
+# ~/.cache/turnpike-clients, outside the clone); a failing install is a failure.
+# Prints `clients: N passed, M failed` and exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+CACHE=${TURNPIKE_CLIENTS_CACHE:-$HOME/.cache/turnpike-clients}
+WORK=$(mktemp -d)
+UPSTREAM_KEY=sk-upstream-clients
+mkdir -p "$CACHE"
+
+cargo build -q
+BIN=$ROOT/target/debug/turnpike
+
+echo "== installing pinned clients into $CACHE (once) =="
+if [ ! -x "$CACHE/venv/bin/python" ] || ! "$CACHE/venv/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.51.0")'; then
+  rm -rf "$CACHE/venv"
+  python3 -m venv "$CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q "openai[realtime]==3.51.0"
+fi
+CODEX=$CACHE/node/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex
+if [ ! -x "$CODEX" ] || [ ! -d "$CACHE/node/node_modules/ws" ]; then
+  rm -rf "$CACHE/node"
+  mkdir -p "$CACHE/node"
+  (cd "$CACHE/node" && npm init -y >/dev/null &&
+    npm install --no-audit --no-fund @openai/codex@0.169.0 openai@6.49.0 ws@8 >/dev/null)
+fi
+"$CODEX" --version
+
+# The address a process logged as "listening on http://ADDR".
+addr_from() {
+  local a=""
+  for _ in $(seq 1 200); do
+    a=$(grep -o 'listening on http://[0-9.:]*' "$1" | head -1 | sed 's|.*http://||') || true
+    [ -n "$a" ] && break
+    sleep 0.1
+  done
+  [ -n "$a" ] || { echo "no address in $1" >&2; cat "$1" >&2; exit 1; }
+  echo "$a"
+}
+
+"$BIN" sim --bind 127.0.0.1:0 --api-key "$UPSTREAM_KEY" 2>"$WORK/sim.log" &
+PIDS=$!
+trap 'kill $PIDS 2>/dev/null || true; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
+SIM=$(addr_from "$WORK/sim.log")
+
+export TURNPIKE_DATABASE__URL="sqlite://$WORK/turnpike.db"
+printf '[[accounts]]\nname = "sim"\nbase_url = "http://%s/v1"\napi_key = "%s"\n' "$SIM" "$UPSTREAM_KEY" >"$WORK/relay.toml"
+"$BIN" users create clients >/dev/null 2>&1
+KEY=$("$BIN" keys create --user clients 2>/dev/null)
+TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool \
+  TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
+  "$BIN" --config "$WORK/relay.toml" serve 2>"$WORK/relay.log" &
+PIDS="$PIDS $!"
+RELAY=$(addr_from "$WORK/relay.log")
+BASE=http://$RELAY/v1
+echo "sim at $SIM, turnpike at $BASE"
+
+PASSED=0
+FAILED=0
+check() { # name, command...
+  local name=$1
+  shift
+  if "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+    PASSED=$((PASSED + 1))
+    echo "ok   $name"
+  else
+    FAILED=$((FAILED + 1))
+    echo "FAIL $name"
+    tail -n 20 "$WORK/$name.out" "$WORK/$name.err" | sed 's/^/     /'
+  fi
+}
+
+echo "== openai-python 3.51.0 =="
+check python env REPORT="$WORK/report.jsonl" SIM_KEY="$KEY" \
+  "$CACHE/venv/bin/python" "$ROOT/tests/clients/sdk_client.py" "$BASE"
+
+echo "== openai-node 6.49.0 (ResponsesWS) =="
+cp "$ROOT/tests/clients/node_client.mjs" "$CACHE/node/node_client.mjs"
+check node env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" node "$CACHE/node/node_client.mjs" "$BASE"
+
+echo "== Codex CLI 0.169.0 =="
+export CODEX_HOME=$WORK/codexhome HOME_FOR_CODEX=$WORK
+mkdir -p "$CODEX_HOME" "$WORK/cwd"
+cat >"$CODEX_HOME/config.toml" <<TOML
+model = "gpt-5.2"
+model_provider = "turnpike"
+
+[model_providers.turnpike]
+name = "turnpike"
+base_url = "$BASE"
+wire_api = "responses"
+env_key = "TURNPIKE_KEY"
+supports_websockets = true
+stream_idle_timeout_ms = 20000
+stream_max_retries = 2
+TOML
+codex() { # name, prompt: runs `codex exec --json`, keeps its JSON lines
+  (cd "$WORK/cwd" && HOME=$WORK TURNPIKE_KEY=$KEY "$CODEX" exec --skip-git-repo-check --ephemeral --json "$2" \
+    >"$WORK/codex-$1.jsonl" 2>"$WORK/codex-$1.log") &&
+    grep -q '"type":"turn.completed"' "$WORK/codex-$1.jsonl"
+}
+check codex-text codex text "Say hello"
+check codex-tool codex tool "Run the tool [[sim: tool]]"
+grep -q 'sim-tool-ran' "$WORK/codex-tool.jsonl" && PASSED=$((PASSED + 1)) ||
+  { FAILED=$((FAILED + 1)); echo "FAIL codex-tool-output"; }
+check codex-1012 codex restart "Say hello [[sim: close=1012 after=4 once]]"
+
+echo "== rows, timing and what the upstream saw =="
+check rows "$CACHE/venv/bin/python" - "$WORK" "$SIM" "$KEY" "$UPSTREAM_KEY" <<'PY'
+import json, sqlite3, sys, time, urllib.request
+work, sim, key, upstream_key = sys.argv[1:5]
+db = sqlite3.connect(f"{work}/turnpike.db")
+reports = [json.loads(l) for l in open(f"{work}/report.jsonl")]
+assert len(reports) == 7, f"python 3 + node 4 responses, got {len(reports)}"
+deadline = time.time() + 10
+while True:
+    rows = {r[0]: r for r in db.execute(
+        "select response_id, status, input_tokens, output_tokens, upstream_wait_ms, first_event_ms,"
+        " first_token_ms, duration_ms, session_id, warmup, usage_source from usage_logs")}
+    if all(r["response_id"] in rows for r in reports) or time.time() > deadline:
+        break
+    time.sleep(0.1)
+for r in reports:
+    row = rows.get(r["response_id"])
+    assert row, f"no row for {r}"
+    assert row[1] == "completed", (r, row)
+    assert (row[2], row[3]) == (r["input_tokens"], r["output_tokens"]), f"{r['client']}: client saw {r}, row {row}"
+# Codex: the usage it reports for a turn equals the sum over that session's rows.
+def codex_usage(name):
+    done = [json.loads(l) for l in open(f"{work}/codex-{name}.jsonl") if '"turn.completed"' in l]
+    return done[-1]["usage"]
+sessions = [s for (s,) in db.execute("select distinct session_id from usage_logs order by id")]
+# Sessions in order: python, node, Codex text, Codex tool, then the 1012 run (Codex reconnects
+# after `upstream_restarting`: its retry is a session of its own).
+assert len(sessions) >= 6, sessions
+runs = {"text": sessions[2:3], "tool": sessions[3:4], "restart": sessions[4:]}
+for name, group in runs.items():
+    seen = codex_usage(name)
+    marks = ",".join("?" * len(group))
+    got = db.execute("select coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0) from usage_logs"
+                     f" where session_id in ({marks}) and status = 'completed' and warmup = 0", group).fetchone()
+    assert (got[0], got[1]) == (seen["input_tokens"], seen["output_tokens"]), f"codex {name}: saw {seen}, rows {got}"
+# The 1012 cut is billed (estimated input, never 0) with its code; the retry completed.
+marks = ",".join("?" * len(runs["restart"]))
+cut = db.execute(f"select status, error_code, input_tokens from usage_logs where session_id in ({marks})",
+                 runs["restart"]).fetchall()
+assert any(s == "upstream_lost" and e == "upstream_restarting" and i > 0 for (s, e, i) in cut), cut
+codex_sessions = sessions[2:]
+# Timing order of every row that streamed a token.
+for (wait, fe, ft, d) in db.execute("select upstream_wait_ms, first_event_ms, first_token_ms, duration_ms"
+                                    " from usage_logs where first_token_ms is not null"):
+    assert wait <= fe <= ft < d, (wait, fe, ft, d)
+# What the upstream saw: the account's credential, never the client's key; Codex's headers.
+conns = json.load(urllib.request.urlopen(f"http://{sim}/sim/connections"))
+for c in conns:
+    h = dict(c["headers"])
+    assert h.get("authorization") == f"Bearer {upstream_key}", h
+    assert key not in json.dumps(c), "the turnpike key reached the upstream"
+codex_conns = [dict(c["headers"]) for c in conns if "codex" in dict(c["headers"]).get("originator", "")]
+assert codex_conns, [dict(c["headers"]) for c in conns]
+assert all(any(k.startswith("x-codex") or k in ("session_id", "session-id") for k in h) for h in codex_conns), codex_conns
+print(f"{len(reports)} SDK responses and {len(codex_sessions)} Codex sessions match their rows")
+PY
+
+echo "clients: $PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
