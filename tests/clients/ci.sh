@@ -168,6 +168,12 @@ for c in conns:
 codex_conns = [dict(c["headers"]) for c in conns if "codex" in dict(c["headers"]).get("originator", "")]
 assert codex_conns, [dict(c["headers"]) for c in conns]
 assert all(any(k.startswith("x-codex") or k in ("session_id", "session-id") for k in h) for h in codex_conns), codex_conns
+# Codex's tool loop ran on one socket, its tool output chained with previous_response_id.
+def creates(c):
+    return [json.loads(f["text"]) for f in c["frames"] if f["dir"] == "in" and f["text"].startswith("{")]
+chained = [r for c in conns if "codex" in dict(c["headers"]).get("originator", "") for r in creates(c)
+           if r.get("previous_response_id") and any(i.get("type") == "function_call_output" for i in r.get("input") or [])]
+assert chained, "no Codex tool output chained with previous_response_id"
 print(f"{len(reports)} SDK responses and {len(codex_sessions)} Codex sessions match their rows")
 PY
 
