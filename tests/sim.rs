@@ -287,26 +287,32 @@ fn scripted_delays() {
     c.send(&with_sim(
         "first_delay_ms=150 delta_delay_ms=20 terminal_delay_ms=300 deltas=3 delta_size=5",
     ));
-    let mut first_delta = None;
+    // Lower bounds from the client's clock (it cannot see an event before it was sent); gaps
+    // between events from the sim's own send stamps (`sim_ts_ns`), which a busy machine does
+    // not blur the way it can delay one observation more than another.
+    let mut first_delta: Option<(Duration, u64)> = None;
     let mut created = None;
     loop {
         let e = c.next_event(T);
         let at = t0.elapsed();
+        let stamp = e["sim_ts_ns"].as_u64().unwrap();
         match e["type"].as_str().unwrap() {
             "response.created" => created = Some(at),
             "response.output_text.delta" => {
                 assert_eq!(e["delta"].as_str().unwrap().len(), 5);
-                first_delta.get_or_insert(at);
+                first_delta.get_or_insert((at, stamp));
             }
             "response.completed" => {
                 assert!(
                     created.unwrap() >= Duration::from_millis(150),
                     "{created:?}"
                 );
-                assert!(first_delta.unwrap() >= Duration::from_millis(150));
+                let (seen, sent) = first_delta.unwrap();
+                assert!(seen >= Duration::from_millis(150));
+                let gap = Duration::from_nanos(stamp - sent);
                 assert!(
-                    at >= first_delta.unwrap() + Duration::from_millis(340),
-                    "2×20 ms + 300 ms: {at:?}"
+                    gap >= Duration::from_millis(340),
+                    "2×20 ms + 300 ms between the first delta and the terminal: {gap:?}"
                 );
                 break;
             }
