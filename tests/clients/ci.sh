@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-CACHE=${TURNPIKE_CLIENTS_CACHE:-$HOME/.cache/turnpike-clients}
+CACHE=${TURNPIKE_CLIENTS_CACHE:-${HOME:-/root}/.cache/turnpike-clients}
 WORK=$(mktemp -d)
 UPSTREAM_KEY=sk-upstream-clients
 mkdir -p "$CACHE"
