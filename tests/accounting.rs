@@ -359,7 +359,8 @@ async fn accounting_with_key(
 /// is in the spool and replayed; what was not is refused and sent again by the caller.
 #[test]
 fn accounting_restart_loses_nothing() {
-    use turnpike::accounting::messages::{Backlog, RecordTurn, Restart};
+    use turnpike::accounting::messages::{Backlog, RecordTurn};
+    use turnpike::actors::RestartActor;
     turnpike::telemetry::init(&turnpike::config::LogSettings::default());
     for db in block(TestDb::all()) {
         let backend = db.backend;
@@ -374,7 +375,7 @@ fn accounting_restart_loses_nothing() {
             let mut acked = 0;
             for n in 0..300 {
                 if n % 50 == 25 {
-                    acc.do_send(Restart);
+                    acc.do_send(RestartActor);
                 }
                 // A record refused while the actor restarts is sent again, as sessions do.
                 let mut tries = 0;

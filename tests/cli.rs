@@ -409,28 +409,16 @@ fn busy_port_is_one_clear_error() {
 /// Each `demo` revokes the key of the one before: demo keys do not pile up.
 #[test]
 fn demo_revokes_earlier_demo_keys() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite://{}/t.db", dir.path().display());
     for _ in 0..2 {
-        let mut child = turnpike()
-            .current_dir(dir.path())
-            .env("TURNPIKE_DATABASE__URL", &db_url)
-            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
-            .args(["demo", "--sim-bind", "127.0.0.1:0"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("Ctrl-C") {
-                break;
-            }
-        }
+        let (mut child, _) = common::run_demo(
+            dir.path(),
+            &[
+                ("TURNPIKE_DATABASE__URL", &db_url),
+                ("TURNPIKE_SERVER__BIND", "127.0.0.1:0"),
+            ],
+        );
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();

@@ -945,34 +945,14 @@ fn connections_are_recycled_before_max_age() {
 
 #[test]
 fn demo_runs_a_turn_with_its_printed_key() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut child = common::turnpike()
-        .current_dir(dir.path())
-        .env("TURNPIKE_SERVER__BIND", format!("127.0.0.1:{port}"))
-        .args(["demo", "--sim-bind", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut key = None;
-    for line in std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-    {
-        if let Some(k) = line.trim().strip_prefix("tpk_") {
-            key = Some(format!("tpk_{k}"));
-        }
-        if line.contains("Ctrl-C") {
-            break;
-        }
-    }
+    let bind = format!("127.0.0.1:{port}");
+    let (mut child, key) = common::run_demo(dir.path(), &[("TURNPIKE_SERVER__BIND", &bind)]);
     let key = key.expect("the demo prints a key");
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..100 {

@@ -14,8 +14,8 @@
 //! database that it no longer holds is written to it again. A record acknowledged by neither
 //! waits here (callers stop waiting after `accounting.ack_timeout_ms` and tell their client)
 //! and is written as soon as either works. Nothing in memory is dropped by a failure or a
-//! `Restart`; an fsync that failed is never retried over the same pages — its records go to
-//! the database or, after a reopen, to a fresh segment.
+//! restart (`RestartActor`); an fsync that failed is never retried over the same pages — its
+//! records go to the database or, after a reopen, to a fresh segment.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::health::AccountingHealth;
-use super::messages::{Backlog, BacklogAge, Flush, RecordTurn, Restart, SpoolFailure};
+use super::messages::{Backlog, BacklogAge, Flush, RecordTurn, SpoolFailure};
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
@@ -705,13 +705,6 @@ impl Handler<Backlog> for Accounting {
     type Result = usize;
     fn handle(&mut self, _: Backlog, _: &mut Context<Self>) -> usize {
         self.backlog()
-    }
-}
-
-impl Handler<Restart> for Accounting {
-    type Result = ();
-    fn handle(&mut self, _: Restart, ctx: &mut Context<Self>) {
-        self.restart(ctx);
     }
 }
 

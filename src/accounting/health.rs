@@ -27,7 +27,6 @@ pub struct AccountingHealth {
 pub struct HealthReport {
     pub spool_error: Option<String>,
     pub db_error: Option<String>,
-    pub db_failing_for_s: Option<u64>,
     pub db_failing_for_ms: Option<u64>,
     /// Neither the spool nor the database can acknowledge a record.
     pub unavailable: bool,
@@ -95,7 +94,6 @@ impl AccountingHealth {
         HealthReport {
             spool_error: g.spool.as_ref().map(|s| s.0.clone()),
             db_error: g.db.as_ref().map(|s| s.0.clone()),
-            db_failing_for_s: g.db.as_ref().map(|s| s.1.elapsed().as_secs()),
             db_failing_for_ms: g.db.as_ref().map(|s| s.1.elapsed().as_millis() as u64),
             unavailable: g.spool.is_some() && g.db.is_some(),
         }

@@ -17,12 +17,6 @@ pub struct RecordTurn(pub TurnRecord);
 #[error("the record is not durable")]
 pub struct SpoolFailure;
 
-/// Restart the accounting actor in place: the spool is reopened (and records not found in it
-/// written again), flushes start over; nothing in memory is dropped.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Restart;
-
 /// Records acknowledged but not yet committed to the database.
 #[derive(Debug, Message)]
 #[rtype(result = "usize")]

@@ -31,18 +31,6 @@ pub fn rewrite(raw: &str, decision: &Decision) -> Option<String> {
     Some(Value::Object(v).to_string())
 }
 
-/// The output items of a terminal event's response (`response.output`).
-pub fn output_items(terminal: &str) -> Vec<Value> {
-    serde_json::from_str::<Value>(terminal)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/response/output")
-                .and_then(Value::as_array)
-                .cloned()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,15 +53,5 @@ mod tests {
             rewrite(raw, &Decision::Inject("resp_9".into())).unwrap(),
             r#"{"type":"response.create","input":[],"previous_response_id":"resp_9"}"#
         );
-    }
-
-    #[test]
-    fn output_items_of_a_terminal() {
-        let t = r#"{"type":"response.completed","response":{"id":"r","output":[{"type":"message","id":"m1"}]}}"#;
-        assert_eq!(
-            output_items(t),
-            vec![json!({"type": "message", "id": "m1"})]
-        );
-        assert!(output_items(r#"{"type":"error"}"#).is_empty());
     }
 }

@@ -487,10 +487,7 @@ impl Handler<ShutdownPool> for ContextPool {
         }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         info!(account = %self.account, connections = ids.len(), "closing upstream connections");
-        let addrs = ids
-            .iter()
-            .filter_map(|id| self.conns.get(id).map(|e| e.addr.clone()))
-            .collect();
+        let addrs = self.conns.values().map(|e| e.addr.clone()).collect();
         for id in ids {
             self.close(id);
         }

@@ -741,9 +741,7 @@ impl Actor for SessionActor {
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).
         for d in std::mem::take(&mut self.drains) {
-            self.release(&d.lease, false);
-            let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
-            let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+            let record = self.close_drain(&d, false);
             self.deps.accounting.do_send(RecordTurn(record));
         }
         // Make sure the transport goes too.

@@ -131,6 +131,9 @@ pub struct TurnTracker {
     usage_reported: bool,
     /// A terminal event arrived (its usage, if any, is the upstream's bill).
     saw_terminal: bool,
+    /// The terminal response's output items (`response.output`), kept from the one parse of
+    /// the terminal for the session's replay history.
+    pub output: Vec<serde_json::Value>,
     pub usage_malformed: bool,
     streamed_chars: usize,
     /// Bytes of the request's prompt (input, instructions, tools): the input estimate when the
@@ -147,6 +150,7 @@ impl TurnTracker {
             usage: Usage::default(),
             usage_reported: false,
             saw_terminal: false,
+            output: Vec::new(),
             usage_malformed: false,
             streamed_chars: 0,
             prompt_bytes: 0,
@@ -172,17 +176,22 @@ impl TurnTracker {
             EventKind::Created | EventKind::Terminal(_) | EventKind::Lifecycle
                 if kind != EventKind::Lifecycle || text.contains("\"usage\"") =>
             {
-                self.parse_response(text)
+                self.parse_response(text, kind)
             }
             _ => {}
         }
         Observed { kind }
     }
 
-    fn parse_response(&mut self, text: &str) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+    fn parse_response(&mut self, text: &str, kind: EventKind) {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
             return;
         };
+        if matches!(kind, EventKind::Terminal(_))
+            && let Some(serde_json::Value::Array(items)) = v.pointer_mut("/response/output")
+        {
+            self.output = std::mem::take(items);
+        }
         if self.response_id.is_none()
             && let Some(id) = v.pointer("/response/id").and_then(|i| i.as_str())
         {
@@ -508,6 +517,27 @@ mod tests {
             ),
             ("preempted", "reported", 7, 3)
         );
+    }
+
+    #[test]
+    fn terminal_output_items_are_kept() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.observe(
+            r#"{"type":"response.created","response":{"id":"r","output":[]}}"#,
+            t0,
+        );
+        t.observe(
+            r#"{"type":"response.completed","response":{"id":"r","output":[{"type":"message","id":"m1"}]}}"#,
+            t0,
+        );
+        assert_eq!(
+            t.output,
+            vec![serde_json::json!({"type": "message", "id": "m1"})]
+        );
+        let mut t = TurnTracker::new(t0);
+        t.observe(r#"{"type":"error","error":{"code":"x"}}"#, t0);
+        assert!(t.output.is_empty());
     }
 
     #[test]

@@ -297,6 +297,38 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// `turnpike demo` in `dir` with these `TURNPIKE_…` settings: the running child and the key
+/// it printed, once it printed everything (the line ending in `Ctrl-C stops.`).
+pub fn run_demo(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, Option<String>) {
+    use std::io::BufRead;
+    let mut cmd = turnpike();
+    cmd.current_dir(dir)
+        .args(["demo", "--sim-bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut key = None;
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(k) = line.trim().strip_prefix("tpk_") {
+            key = Some(format!("tpk_{k}"));
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    (child, key)
+}
+
 /// `turnpike sim` on a free port, with extra arguments.
 pub fn start_sim(args: &[&str]) -> (Proc, String) {
     let mut cmd = turnpike();

@@ -80,7 +80,7 @@ impl SessionActor {
     /// A response that completed (or is incomplete) continues the chain: its id is the one a
     /// next turn may name, its connection the one that holds it, and its input and output
     /// join the history a replay would send.
-    pub(super) fn remember_response(&mut self, ending: &Ending, terminal: Option<&str>) {
+    pub(super) fn remember_response(&mut self, ending: &Ending) {
         use crate::protocol::events::TerminalKind::{Completed, Incomplete};
         let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) =
             (ending, self.turn.as_ref(), self.lease.as_ref())
@@ -90,8 +90,8 @@ impl SessionActor {
         let Some(id) = turn.tracker.response_id.clone() else {
             return;
         };
-        let output = terminal.map(continuation::output_items).unwrap_or_default();
-        self.history.record_turn(turn.frame.input.as_ref(), &output);
+        self.history
+            .record_turn(turn.frame.input.as_ref(), &turn.tracker.output);
         self.last_response = Some((id, lease.conn));
     }
 

@@ -65,10 +65,7 @@ impl SessionActor {
     /// preempted turn is recorded with what the drain saw.
     pub(super) fn end_drain(&mut self, i: usize, clean: bool, ctx: &mut Context<Self>) {
         let d = self.drains.swap_remove(i);
-        self.release(&d.lease, clean);
-        let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
-        let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
-        crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
+        let record = self.close_drain(&d, clean);
         info!(parent: &d.turn.span, status = record.status, usage_source = record.usage_source,
             input_tokens = record.usage.input_tokens, clean, "preempted turn drained");
         // Nobody waits on it: the client was told when the turn was preempted.
@@ -81,6 +78,16 @@ impl SessionActor {
                     }
                 }),
         );
+    }
+
+    /// Gives a drained connection back and makes the preempted turn's record from what the
+    /// drain saw (the upstream's usage, or the estimates).
+    pub(super) fn close_drain(&self, d: &Drain, clean: bool) -> TurnRecord {
+        self.release(&d.lease, clean);
+        let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
+        let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+        crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
+        record
     }
 
     /// Stops the session once no preempted turn is still draining.

@@ -46,7 +46,7 @@ impl SessionActor {
         {
             return;
         }
-        self.remember_response(&ending, delivery.last.as_deref());
+        self.remember_response(&ending);
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
