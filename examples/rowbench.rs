@@ -4,6 +4,8 @@
 //!
 //! cargo run --release --example rowbench -- sqlite:///tmp/rows.db 5000
 //! cargo run --release --example rowbench -- postgres://postgres@127.0.0.1:5432/rowbench 5000
+//!
+//! With `--json` as third argument, one JSON line (for `scripts/bench.sh`).
 
 use std::time::Instant;
 
@@ -51,7 +53,8 @@ fn main() {
         .cloned()
         .unwrap_or_else(|| "sqlite:///tmp/turnpike-rowbench.db".into());
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5000);
-    actix_web::rt::System::new().block_on(async move {
+    let json = args.get(3).is_some_and(|a| a == "--json");
+    let (batched, per_row) = actix_web::rt::System::new().block_on(async move {
         let pool = DbPool::connect(&DatabaseSettings { url: url.clone(), ..Default::default() }).expect("pool");
         migrate::run_pending(&pool).await.expect("migrate");
         let name = format!("bench{}", turnpike::sim::monotonic_ns());
@@ -65,13 +68,16 @@ fn main() {
         }
         let batched = n as f64 / t.elapsed().as_secs_f64();
 
-        let single: Vec<TurnRecord> = (0..n / 5).map(|i| record(&format!("{name}s"), i, key.id, user.id)).collect();
+        let single: Vec<TurnRecord> = (0..(n / 20).max(1)).map(|i| record(&format!("{name}s"), i, key.id, user.id)).collect();
         let t = Instant::now();
         for r in &single {
             queries::billing::record_batch(&pool, std::slice::from_ref(r)).await.expect("row");
         }
         let per_row = single.len() as f64 / t.elapsed().as_secs_f64();
-        println!("{} backend={} batched_rows_per_s={batched:.0} per_row_tx_rows_per_s={per_row:.0} (usage + ledger + spend/balance per row)", url.split(':').next().unwrap_or(""), pool.backend());
+        if !json {
+            println!("{} backend={} batched_rows_per_s={batched:.0} per_row_tx_rows_per_s={per_row:.0} (usage + ledger + spend/balance per row)", url.split(':').next().unwrap_or(""), pool.backend());
+        }
+        (batched, per_row)
     });
 
     // Spool: one small record appended and fsynced, 500 times (the wait a lone terminal event
@@ -88,6 +94,17 @@ fn main() {
         lat.push(t.elapsed().as_micros());
     }
     lat.sort_unstable();
+    if json {
+        println!(
+            "{{\"rows\":{n},\"batched_rows_per_s\":{batched:.0},\"per_row_tx_rows_per_s\":{per_row:.0},\"spool_record_bytes\":{},\"spool_fsync_p50_us\":{},\"spool_fsync_p99_us\":{},\"spool_fsync_max_us\":{}}}",
+            payload.len(),
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() - 1]
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
     println!(
         "spool append+fsync of one {} B record: p50={} us p99={} us max={} us",
         payload.len(),

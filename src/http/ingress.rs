@@ -10,10 +10,10 @@ use super::error::HttpError;
 use crate::auth;
 use crate::protocol::errors::ErrorCode;
 use crate::session::SessionDeps;
-use actix::Actor;
+use actix::{Actor, AsyncContext};
 
-use crate::session::actor::{Attach, SessionActor, auth_error_code};
-use crate::session::socket::{ClientInput, ClientSocket};
+use crate::session::actor::{SessionActor, auth_error_code};
+use crate::session::socket;
 use crate::upstream::dial::passes_through;
 
 /// Query parameters that would carry a key in the URL (refused: URLs end up in logs).
@@ -133,18 +133,14 @@ async fn upgrade(
         .filter(|(k, _)| passes_through(k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let frame_max = deps.settings.limits.client_frame_max_bytes;
-    let session = SessionActor::new(deps, principal, slot, headers).start();
-    let socket = ClientSocket::new(session.clone().recipient(), frame_max);
-    let started = actix_web_actors::ws::WsResponseBuilder::new(socket, &req, stream)
-        .frame_size(frame_max)
-        .start_with_addr();
-    let (socket, response) = started.map_err(|e| {
-        session.do_send(ClientInput::Gone);
-        HttpError::new(ErrorCode::UpgradeRequired, e.to_string())
-    })?;
-    session.do_send(Attach(socket.recipient()));
-    Ok(response)
+    let mut response = actix_web_actors::ws::handshake(&req)
+        .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))?;
+    let (tx, body) = socket::transport();
+    SessionActor::create(move |ctx| {
+        ctx.add_stream(stream);
+        SessionActor::new(deps, principal, slot, headers, tx)
+    });
+    Ok(response.streaming(body))
 }
 
 #[cfg(test)]

@@ -120,13 +120,6 @@ impl ContextPool {
             .collect()
     }
 
-    fn dialing(&self) -> usize {
-        self.conns
-            .values()
-            .filter(|e| matches!(e.state, State::Dialing))
-            .count()
-    }
-
     fn dial(&mut self, k: usize, ctx: &mut Context<Self>) {
         let id = self.next_id;
         self.next_id += 1;
@@ -170,33 +163,66 @@ impl ContextPool {
         }
     }
 
-    /// Serves waiters in order from idle connections, then dials for those left.
-    fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let w = &self.waiters[i];
-            let picked = policy::pick(
-                &self.idle_view(),
-                &w.identity,
-                w.preferred,
-                self.max_age(),
-                now,
-            );
-            match picked {
-                Some(conn) => {
-                    if let Some(w) = self.waiters.remove(i) {
-                        self.grant(conn, w);
-                    }
-                }
-                None => i += 1,
+    /// Dials in progress per identity.
+    fn dialing_by_identity(&self) -> HashMap<&str, usize> {
+        let mut dialing: HashMap<&str, usize> = HashMap::new();
+        for e in self.conns.values() {
+            if matches!(e.state, State::Dialing) {
+                *dialing.entry(e.identity.as_str()).or_default() += 1;
             }
         }
-        // Dial for waiters not covered by dials in progress, within capacity; make room by
-        // closing idle connections of another identity.
-        let mut uncovered = self.waiters.len().saturating_sub(self.dialing());
-        let mut k = 0;
-        while uncovered > 0 && k < self.waiters.len() {
+        dialing
+    }
+
+    /// Serves waiters in order from idle connections, then dials for those left.
+    /// One pass over the connections and one over the waiters: with a thousand sessions each
+    /// of its own identity (Codex sends a `session-id` per conversation) a dispatch must not
+    /// cost waiters × connections.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let max_age = self.max_age();
+        let mut lend: Vec<(usize, u64)> = Vec::new();
+        {
+            let mut idle = self.idle_view();
+            for (i, w) in self.waiters.iter().enumerate() {
+                if idle.is_empty() {
+                    break;
+                }
+                if let Some(conn) = policy::pick(&idle, &w.identity, w.preferred, max_age, now) {
+                    idle.retain(|c| c.id != conn);
+                    lend.push((i, conn));
+                }
+            }
+        }
+        // Back to front, so the indices left to remove stay valid.
+        for (i, conn) in lend.into_iter().rev() {
+            if let Some(w) = self.waiters.remove(i) {
+                self.grant(conn, w);
+            }
+        }
+        // A dial serves only waiters of its own identity: dial for each waiter that no dial
+        // of its identity in progress covers, within capacity; make room by closing idle
+        // connections of another identity.
+        let uncovered: Vec<usize> = {
+            let mut covering = self.dialing_by_identity();
+            self.waiters
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| match covering.get_mut(w.identity.as_str()) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        false
+                    }
+                    _ => true,
+                })
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let mut left = uncovered.len();
+        for k in uncovered {
             if self.conns.len() >= self.max_conns {
                 let wanted = self.waiters[k].identity.clone();
                 let victim = self
@@ -210,11 +236,10 @@ impl ContextPool {
                 }
             }
             self.dial(k, ctx);
-            uncovered -= 1;
-            k += 1;
+            left -= 1;
         }
-        if uncovered > 0 && self.conns.len() >= self.max_conns {
-            self.reclaim(uncovered, ctx);
+        if left > 0 && self.conns.len() >= self.max_conns {
+            self.reclaim(left, ctx);
         }
     }
 
@@ -413,8 +438,18 @@ impl Handler<ConnStatus> for ContextPool {
                 ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
                     .increment(1);
                 let identity = self.conns.remove(&conn).map(|e| e.identity);
-                // Fail a waiter now rather than let it time out, unless another dial covers it.
-                if self.waiters.len() > self.dialing()
+                // Fail a waiter now rather than let it time out, unless another dial of its
+                // identity covers it.
+                let dialing = identity
+                    .as_deref()
+                    .and_then(|i| self.dialing_by_identity().get(i).copied())
+                    .unwrap_or(0);
+                let waiting = self
+                    .waiters
+                    .iter()
+                    .filter(|w| Some(&w.identity) == identity.as_ref())
+                    .count();
+                if waiting > dialing
                     && let Some(pos) = self
                         .waiters
                         .iter()

@@ -25,7 +25,7 @@ use super::SessionDeps;
 use super::admission::{AccountSlot, SlotGuard};
 use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use super::registry::{Register, Unregister};
-use super::socket::{ClientInput, Outbound};
+use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
 use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal, check_standing};
@@ -132,8 +132,9 @@ pub struct SessionActor {
     sent_bytes: u64,
     acked_bytes: u64,
     pinged_at: u64,
-    /// The client socket transport (set right after the upgrade).
-    client: Option<Recipient<Outbound>>,
+    /// The client socket: frames out (no actor in between), and the decoder of what comes in.
+    client: ClientTx,
+    reader: ClientReader,
     client_gone: bool,
     /// Cut off for not reading (`client_too_slow`): nothing more is queued but the last frame.
     cut_off: bool,
@@ -150,8 +151,10 @@ impl SessionActor {
         principal: Principal,
         session_slot: SlotGuard,
         headers: Vec<(String, String)>,
+        client: ClientTx,
     ) -> Self {
         let id = format!("sess_{}", random_hex(8));
+        let reader = ClientReader::new(deps.settings.limits.client_frame_max_bytes);
         let replay_max = deps.settings.session.replay_max_bytes;
         let span = info_span!("session", session = %id, key = %principal.key_prefix, user = %principal.user_name);
         Self {
@@ -179,7 +182,8 @@ impl SessionActor {
             sent_bytes: 0,
             acked_bytes: 0,
             pinged_at: 0,
-            client: None,
+            client,
+            reader,
             client_gone: false,
             cut_off: false,
             largest_unread: (0, 0),
@@ -192,11 +196,9 @@ impl SessionActor {
         &self.id
     }
 
-    fn out(&self, msg: Outbound) {
-        if let Some(c) = &self.client
-            && !self.client_gone
-        {
-            c.do_send(msg);
+    fn out(&mut self, msg: Outbound) {
+        if !self.client_gone {
+            self.client.send(msg);
         }
     }
 
@@ -753,23 +755,39 @@ impl Actor for SessionActor {
     }
 }
 
-/// The transport to write to; sent once, right after the upgrade.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Attach(pub Recipient<Outbound>);
+/// The client's bytes, straight from the request body.
+impl StreamHandler<Result<actix_web::web::Bytes, actix_web::error::PayloadError>> for SessionActor {
+    fn handle(
+        &mut self,
+        chunk: Result<actix_web::web::Bytes, actix_web::error::PayloadError>,
+        ctx: &mut Self::Context,
+    ) {
+        let Ok(chunk) = chunk else {
+            return self.on_client(ClientInput::Gone, ctx);
+        };
+        let mut steps = Vec::new();
+        self.reader.feed(&chunk, |step| steps.push(step));
+        for step in steps {
+            match step {
+                Read::Input(input) => self.on_client(input, ctx),
+                Read::Ping(p) => self.client.pong(p),
+                Read::Close(reason) => {
+                    self.client.echo_close(reason);
+                    self.on_client(ClientInput::Gone, ctx);
+                }
+            }
+        }
+    }
 
-impl Handler<Attach> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Attach, _: &mut Self::Context) {
-        self.client = Some(msg.0);
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // EOF without a close frame (Codex never sends one). The session outlives its client
+        // while a turn drains, so this must not stop the actor (the default would).
+        self.on_client(ClientInput::Gone, ctx);
     }
 }
 
-impl Handler<ClientInput> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: ClientInput, ctx: &mut Self::Context) {
+impl SessionActor {
+    fn on_client(&mut self, msg: ClientInput, ctx: &mut Context<Self>) {
         match msg {
             ClientInput::Text(text) => self.on_frame(text, ctx),
             ClientInput::Binary => self.protocol_error(
@@ -778,7 +796,7 @@ impl Handler<ClientInput> for SessionActor {
                 ctx,
             ),
             ClientInput::Pong(p) => {
-                if let Ok(mark) = <[u8; 8]>::try_from(p.as_slice()) {
+                if let Ok(mark) = <[u8; 8]>::try_from(p.as_ref()) {
                     self.acked_bytes = self.acked_bytes.max(u64::from_be_bytes(mark));
                 }
             }

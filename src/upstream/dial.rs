@@ -3,8 +3,12 @@
 use std::time::Duration;
 
 use actix_codec::Framed;
+use actix_service::Service;
+use actix_tls::connect::{ConnectError, ConnectInfo, Connection};
 use awc::BoxedSocket;
+use awc::http::Uri;
 use awc::ws::Codec;
+use tokio::net::TcpStream;
 
 /// Handshake headers passed from the client to the upstream (SPEC §3.1). Never the client's
 /// `Authorization` (the upstream gets the account's credential), and never
@@ -66,11 +70,30 @@ fn client() -> awc::Client {
                 .max_http_version(awc::http::Version::HTTP_11)
                 // The connector's default limit is 100 connections per scheme: upstream
                 // sockets are bounded by `[[accounts]] max_conns` only.
-                .connector(awc::Connector::new().limit(0))
+                .connector(awc::Connector::new().connector(nodelay_tcp()).limit(0))
                 .disable_timeout()
                 .finish()
         })
         .clone()
+    })
+}
+
+/// awc's TCP connector with TCP_NODELAY set on every socket it opens: awc has no setting for
+/// it, and without it Nagle holds back a small request frame written right after another.
+fn nodelay_tcp() -> impl Service<
+    ConnectInfo<Uri>,
+    Response = Connection<Uri, TcpStream>,
+    Error = ConnectError,
+    Future = impl Future<Output = Result<Connection<Uri, TcpStream>, ConnectError>>,
+> + Clone {
+    let tcp = actix_tls::connect::Connector::default().service();
+    actix_service::fn_service(move |req: ConnectInfo<Uri>| {
+        let connecting = tcp.call(req);
+        async move {
+            let conn = connecting.await?;
+            let _ = conn.io_ref().set_nodelay(true);
+            Ok(conn)
+        }
     })
 }
 

@@ -36,7 +36,9 @@ impl SessionActor {
         if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
             // The pong comes back only after the client has read everything before the ping.
             self.pinged_at = self.sent_bytes;
-            self.out(Outbound::Ping(self.sent_bytes.to_be_bytes().to_vec()));
+            self.out(Outbound::Ping(actix_web::web::Bytes::copy_from_slice(
+                &self.sent_bytes.to_be_bytes(),
+            )));
         }
     }
 

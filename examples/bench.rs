@@ -1,0 +1,393 @@
+//! The relay benchmark's two ends (driven by `scripts/bench.sh`, figures in BENCHMARKS.md).
+//!
+//! `bench upstream ADDR` — a minimal Responses WebSocket upstream: a thread per connection; each
+//! `response.create` is answered with `response.created`, E deltas of ~200 bytes each stamped
+//! with CLOCK_MONOTONIC at send (`"t":ns`), paced G µs apart on an absolute schedule, and a
+//! `response.completed` with usage. Parameters come in the request's `metadata.bench`
+//! (`events=E gap_us=G`). No auth and no JSON parser: it costs the same whatever is in front.
+//!
+//! `bench stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID]` — SESSIONS threads, each one
+//! WebSocket running TURNS turns back to back; prints one JSON line: events, seconds, events/s,
+//! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, and, with PID,
+//! that process's CPU seconds over the run (the relay's).
+//!
+//! `bench ttfe URL KEY N` — N fresh WebSockets one after another (each with its own `session-id`,
+//! so a relay cannot lend it an upstream socket dialled for another): time to first event of
+//! turn 1 (fresh dial) and turns 2–3 (warm lease), p50/p90 in µs.
+//!
+//! `bench idle URL KEY N PID` — N WebSockets, each runs one turn and stays open; prints PID's RSS
+//! before and with them, per session.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+
+const PAD: &str = "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor";
+
+fn now_ns() -> u64 {
+    turnpike::sim::monotonic_ns()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a = |i: usize| args.get(i).cloned().unwrap_or_default();
+    let n = |i: usize| a(i).parse::<u64>().unwrap_or(0);
+    match a(0).as_str() {
+        "upstream" => upstream(&a(1)),
+        "stream" => stream(&a(1), &a(2), n(3), n(4), n(5), n(6), a(7).parse().ok()),
+        "ttfe" => ttfe(&a(1), &a(2), n(3)),
+        "idle" => idle(&a(1), &a(2), n(3), n(4) as u32),
+        _ => {
+            eprintln!(
+                "usage: bench upstream ADDR | stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID] | ttfe URL KEY N | idle URL KEY N PID"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+// ---- upstream ---------------------------------------------------------------------------------
+
+fn upstream(addr: &str) {
+    let listener = TcpListener::bind(addr).expect("bind");
+    for (n, conn) in listener.incoming().enumerate() {
+        let Ok(conn) = conn else { continue };
+        conn.set_nodelay(true).ok();
+        let _ = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || serve_conn(conn, n));
+    }
+}
+
+fn param(frame: &str, key: &str) -> u64 {
+    frame
+        .find(key)
+        .map(|at| {
+            frame[at + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+fn serve_conn(conn: TcpStream, conn_no: usize) {
+    let Ok(mut ws) = tungstenite::accept(conn) else {
+        return;
+    };
+    let mut turn = 0u64;
+    while let Ok(msg) = ws.read() {
+        let Message::Text(frame) = msg else {
+            if matches!(msg, Message::Close(_)) {
+                let _ = ws.flush();
+                break;
+            }
+            continue;
+        };
+        if !frame.contains("\"response.create\"") {
+            continue;
+        }
+        turn += 1;
+        let events = param(&frame, "events=").max(1);
+        let gap = Duration::from_micros(param(&frame, "gap_us="));
+        let id = format!("resp_b{conn_no}x{turn}");
+        let head = format!(
+            r#"{{"type":"response.created","sequence_number":0,"response":{{"id":"{id}","object":"response","status":"in_progress","model":"gpt-bench","output":[]}}}}"#
+        );
+        if ws.send(Message::text(head)).is_err() {
+            return;
+        }
+        let start = Instant::now();
+        for i in 0..events {
+            if !gap.is_zero() {
+                let due = start + gap * i as u32;
+                let left = due.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    std::thread::sleep(left);
+                }
+            }
+            let ev = format!(
+                r#"{{"type":"response.output_text.delta","sequence_number":{},"item_id":"msg_{conn_no}","output_index":0,"content_index":0,"delta":"{PAD}","t":{}}}"#,
+                i + 1,
+                now_ns()
+            );
+            if ws.send(Message::text(ev)).is_err() {
+                return;
+            }
+        }
+        let done = format!(
+            r#"{{"type":"response.completed","sequence_number":{},"response":{{"id":"{id}","object":"response","status":"completed","model":"gpt-bench","output":[],"usage":{{"input_tokens":12,"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{events},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}}}}}"#,
+            events + 1,
+            events + 12
+        );
+        if ws.send(Message::text(done)).is_err() {
+            return;
+        }
+    }
+}
+
+// ---- clients ----------------------------------------------------------------------------------
+
+fn connect(
+    url: &str,
+    key: &str,
+    session: &str,
+) -> Result<tungstenite::WebSocket<TcpStream>, String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    let h = req.headers_mut();
+    h.insert(
+        "authorization",
+        format!("Bearer {key}").parse().map_err(|_| "key")?,
+    );
+    h.insert("session-id", session.parse().map_err(|_| "session")?);
+    let host = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).ok();
+    let (ws, _) = tungstenite::client(req, stream).map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+fn create(events: u64, gap_us: u64) -> Message {
+    Message::text(format!(
+        r#"{{"type":"response.create","model":"gpt-bench","store":false,"input":"bench","metadata":{{"bench":"events={events} gap_us={gap_us}"}}}}"#
+    ))
+}
+
+/// One turn: sends the request, reads to the terminal. Latencies (ns) of stamped events are
+/// pushed to `lat`; returns (events, ns from send to first event).
+fn turn(
+    ws: &mut tungstenite::WebSocket<TcpStream>,
+    msg: Message,
+    lat: &mut Vec<u64>,
+) -> Result<(u64, u64), String> {
+    let sent = now_ns();
+    ws.send(msg).map_err(|e| e.to_string())?;
+    let mut events = 0u64;
+    let mut first = 0u64;
+    loop {
+        let text = match ws.read().map_err(|e| e.to_string())? {
+            Message::Text(t) => t,
+            Message::Binary(b) => String::from_utf8_lossy(&b).into_owned().into(),
+            Message::Close(c) => return Err(format!("closed: {c:?}")),
+            _ => continue,
+        };
+        let at = now_ns();
+        if events == 0 {
+            first = at - sent;
+        }
+        events += 1;
+        let t = text.as_str();
+        if let Some(i) = t.rfind("\"t\":") {
+            let stamp = param(&t[i..], "\"t\":");
+            if stamp > 0 {
+                lat.push(at.saturating_sub(stamp));
+            }
+        }
+        if t.starts_with(r#"{"type":"error""#) {
+            return Err(t.chars().take(200).collect());
+        }
+        if t.starts_with(r#"{"type":"response.completed""#) {
+            return Ok((events, first));
+        }
+    }
+}
+
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .expect("thread")
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    url: &str,
+    key: &str,
+    sessions: u64,
+    turns: u64,
+    events: u64,
+    gap_us: u64,
+    pid: Option<u32>,
+) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(sessions as usize + 1));
+    let handles: Vec<_> = (0..sessions)
+        .map(|s| {
+            let (url, key, barrier) = (url.to_string(), key.to_string(), barrier.clone());
+            spawn(move || -> Result<(u64, Vec<u64>), String> {
+                let ws = connect(&url, &key, &format!("bench-{s}"));
+                barrier.wait();
+                let mut ws = ws?;
+                let mut lat = Vec::with_capacity((turns * events) as usize);
+                let mut n = 0;
+                for _ in 0..turns {
+                    n += turn(&mut ws, create(events, gap_us), &mut lat)?.0;
+                }
+                let _ = ws.close(None);
+                let _ = ws.flush();
+                Ok((n, lat))
+            })
+        })
+        .collect();
+    barrier.wait();
+    let cpu0 = pid.map(cpu_s);
+    let t0 = Instant::now();
+    let (mut total, mut lat, mut failed) = (0u64, Vec::new(), Vec::new());
+    for h in handles {
+        match h.join() {
+            Ok(Ok((n, l))) => {
+                total += n;
+                lat.extend(l);
+            }
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push("panic".into()),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = pid.map(|p| cpu_s(p) - cpu0.unwrap_or(0.0));
+    lat.sort_unstable();
+    let us = |p: f64| pct(&lat, p) as f64 / 1000.0;
+    println!(
+        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"cpu_s_per_m_events\":{}}}",
+        failed.len(),
+        failed.first().cloned().unwrap_or_default(),
+        total as f64 / secs,
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        cpu.map_or("null".into(), |c| format!("{c:.2}")),
+        cpu.map_or("null".into(), |c| format!(
+            "{:.2}",
+            c / total.max(1) as f64 * 1e6
+        )),
+    );
+}
+
+fn ttfe(url: &str, key: &str, n: u64) {
+    let (mut fresh, mut warm) = (Vec::new(), Vec::new());
+    let run_id = now_ns();
+    for s in 0..n {
+        let mut ws = match connect(url, key, &format!("ttfe-{run_id}-{s}")) {
+            Ok(ws) => ws,
+            Err(e) => {
+                eprintln!("connect: {e}");
+                continue;
+            }
+        };
+        let mut lat = Vec::new();
+        for t in 0..3 {
+            match turn(&mut ws, create(1, 0), &mut lat) {
+                Ok((_, first)) if t == 0 => fresh.push(first),
+                Ok((_, first)) => warm.push(first),
+                Err(e) => eprintln!("turn: {e}"),
+            }
+        }
+        let _ = ws.close(None);
+        let _ = ws.flush();
+    }
+    fresh.sort_unstable();
+    warm.sort_unstable();
+    let us = |v: &[u64], p| pct(v, p) as f64 / 1000.0;
+    println!(
+        "{{\"sessions\":{n},\"fresh_p50_us\":{:.0},\"fresh_p90_us\":{:.0},\"warm_p50_us\":{:.0},\"warm_p90_us\":{:.0}}}",
+        us(&fresh, 0.5),
+        us(&fresh, 0.9),
+        us(&warm, 0.5),
+        us(&warm, 0.9)
+    );
+}
+
+fn idle(url: &str, key: &str, n: u64, pid: u32) {
+    let before = rss_kib(pid);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Opened in waves so the listen backlog is never the limit.
+    let mut handles = Vec::new();
+    for s in 0..n {
+        let (url, key, tx, done) = (url.to_string(), key.to_string(), tx.clone(), done.clone());
+        handles.push(
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let r = connect(&url, &key, "idle").and_then(|mut ws| {
+                        turn(&mut ws, create(1, 0), &mut Vec::new())?;
+                        Ok(ws)
+                    });
+                    match r {
+                        Ok(ws) => {
+                            let _ = tx.send(Ok(()));
+                            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            drop(ws);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                })
+                .expect("thread"),
+        );
+        if s % 200 == 199 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    drop(tx);
+    let (mut ok, mut failed) = (0u64, Vec::new());
+    for r in rx.iter().take(n as usize) {
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => failed.push(e),
+        }
+    }
+    // Let the relay settle (buffers released after the turn) before reading its memory.
+    std::thread::sleep(Duration::from_secs(2));
+    let with = rss_kib(pid);
+    println!(
+        "{{\"sessions\":{n},\"open\":{ok},\"failed\":{},\"first_failure\":{:?},\"rss_before_kib\":{before},\"rss_with_kib\":{with},\"kib_per_session\":{:.1}}}",
+        failed.len(),
+        failed.first().cloned().unwrap_or_default(),
+        (with.saturating_sub(before)) as f64 / ok.max(1) as f64
+    );
+    let _ = std::io::stdout().flush();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+}

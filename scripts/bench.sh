@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The relay benchmark (BENCHMARKS.md): the same workload three ways in one run — directly to a
+# minimal upstream, through websocat 4 (TCP_NODELAY forced by an LD_PRELOAD shim), through
+# turnpike — then accounting rows/s on SQLite and PostgreSQL and the spool's fsync cost.
+# Figures are printed and written between the `bench:` markers of BENCHMARKS.md.
+#
+#   scripts/bench.sh            # everything (~6 min on 2 cores after the release build)
+#   BENCH_ONLY=stream scripts/bench.sh   # only the latency/throughput rows (stream|ttfe|idle|rows)
+#   BENCH_NO_WRITE=1 scripts/bench.sh    # print, leave BENCHMARKS.md alone
+#   BENCH_SCENARIOS='s1_|s1000' ...      # a regex choosing among the stream workloads
+#
+# Needs: cargo, gcc, python3; websocat is installed once into ~/.cache/turnpike-bench.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE=${TURNPIKE_BENCH_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/turnpike-bench}
+PG_URL=${TURNPIKE_BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+ONLY=${BENCH_ONLY:-all}
+mkdir -p "$CACHE"
+
+cargo build --release --quiet --bin turnpike --example bench --example rowbench
+T=$ROOT/target/release/turnpike
+B=$ROOT/target/release/examples/bench
+R=$ROOT/target/release/examples/rowbench
+WS=$CACHE/websocat/bin/websocat
+if [ ! -x "$WS" ]; then
+  echo "bench: installing websocat 4.0.0-alpha3 into $CACHE (once)" >&2
+  cargo install --quiet websocat --version 4.0.0-alpha3 --no-default-features --root "$CACHE/websocat"
+fi
+SHIM=$CACHE/nodelay.so
+gcc -O2 -shared -fPIC -o "$SHIM" scripts/nodelay.c -ldl
+
+WORK=$(mktemp -d /tmp/turnpike-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+# 10,000 sessions take 20,000 descriptors in a relay (client and upstream side).
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
+
+UP=$(free_port); WSP=$(free_port); TP=$(free_port)
+"$B" upstream "127.0.0.1:$UP" & PIDS+=($!)
+wait_port "$UP"
+start_websocat() {
+  LD_PRELOAD=$SHIM "$WS" --text "ws-l:127.0.0.1:$WSP" "ws://127.0.0.1:$UP/v1/responses" 2>>"$WORK/websocat.log" &
+  WS_PID=$!; PIDS+=($WS_PID)
+  wait_port "$WSP"
+}
+start_websocat
+
+cat >"$WORK/turnpike.toml" <<EOF
+[server]
+bind = "127.0.0.1:$TP"
+[database]
+url = "sqlite://$WORK/bench.db"
+[log]
+level = "warn"
+[limits]
+default_max_sessions_per_key = 20000
+[[accounts]]
+name = "bench"
+base_url = "http://127.0.0.1:$UP/v1"
+api_key = "sk-bench"
+max_conns = 20000
+EOF
+"$T" --config "$WORK/turnpike.toml" migrate >/dev/null
+"$T" --config "$WORK/turnpike.toml" users create bench >/dev/null
+KEY=$("$T" --config "$WORK/turnpike.toml" keys create --user bench)
+start_turnpike() {
+  "$T" --config "$WORK/turnpike.toml" serve 2>>"$WORK/turnpike.log" &
+  TP_PID=$!; PIDS+=($TP_PID)
+  wait_port "$TP"
+}
+start_turnpike
+# Memory is measured on fresh relays: what earlier loads left allocated would hide it.
+restart_relays() {
+  kill "$WS_PID" "$TP_PID"; wait "$WS_PID" "$TP_PID" 2>/dev/null || true
+  start_websocat; start_turnpike
+}
+
+DIRECT=ws://127.0.0.1:$UP/v1/responses
+VIA_WS=ws://127.0.0.1:$WSP/v1/responses
+VIA_TP=ws://127.0.0.1:$TP/v1/responses
+OUT=$WORK/results.jsonl
+: >"$OUT"
+# One line of results: scenario, path, then the bench tool's JSON.
+rec() { local scen=$1 path=$2; shift 2; local j; j=$("$B" "$@"); echo "{\"scenario\":\"$scen\",\"path\":\"$path\",\"r\":$j}" | tee -a "$OUT"; }
+three() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_US)
+  local scen=$1; shift
+  [[ $scen =~ ${BENCH_SCENARIOS:-.} ]] || return 0
+  rec "$scen" direct stream "$DIRECT" k "$@"
+  rec "$scen" websocat stream "$VIA_WS" k "$@" "$WS_PID"
+  rec "$scen" turnpike stream "$VIA_TP" "$KEY" "$@" "$TP_PID"
+}
+
+if [[ $ONLY == all || $ONLY == stream ]]; then
+  # Warm-up: both relays' first connections and code paths.
+  "$B" stream "$VIA_WS" k 10 2 200 0 >/dev/null
+  "$B" stream "$VIA_TP" "$KEY" 10 2 200 0 >/dev/null
+  three s1_500eps 1 3 1500 2000          # 1 session, 500 events/s
+  three s100_50keps 100 2 1500 2000      # 100 sessions × 500 events/s = 50k events/s
+  three s1000_50keps 1000 2 150 20000    # 1,000 sessions × 50 events/s = 50k events/s
+  three s100_saturation 100 5 2000 0     # 100 sessions, unpaced
+fi
+if [[ $ONLY == all || $ONLY == ttfe ]]; then
+  rec ttfe direct ttfe "$DIRECT" k 100
+  rec ttfe websocat ttfe "$VIA_WS" k 100
+  rec ttfe turnpike ttfe "$VIA_TP" "$KEY" 100
+fi
+if [[ $ONLY == all || $ONLY == idle ]]; then
+  restart_relays
+  rec idle1k websocat idle "$VIA_WS" k 1000 "$WS_PID"
+  rec idle1k turnpike idle "$VIA_TP" "$KEY" 1000 "$TP_PID"
+  restart_relays
+  rec idle10k websocat idle "$VIA_WS" k 10000 "$WS_PID"
+  rec idle10k turnpike idle "$VIA_TP" "$KEY" 10000 "$TP_PID"
+fi
+if [[ $ONLY == all || $ONLY == rows ]]; then
+  for run in 1 2; do
+    j=$("$R" "sqlite://$WORK/rows$run.db" 20000 --json)
+    echo "{\"scenario\":\"rows\",\"path\":\"sqlite\",\"r\":$j}" | tee -a "$OUT"
+  done
+  if psql "$PG_URL" -qc 'select 1' >/dev/null 2>&1; then
+    psql "$PG_URL" -qc 'drop database if exists turnpike_rowbench' -c 'create database turnpike_rowbench' >/dev/null
+    for run in 1 2; do
+      j=$("$R" "${PG_URL%/*}/turnpike_rowbench" 20000 --json)
+      echo "{\"scenario\":\"rows\",\"path\":\"postgres\",\"r\":$j}" | tee -a "$OUT"
+    done
+    psql "$PG_URL" -qc 'drop database turnpike_rowbench' >/dev/null
+  else
+    echo "bench: PostgreSQL at $PG_URL not reachable: rows on SQLite only" >&2
+  fi
+fi
+
+if grep -q '"failed":[1-9]' "$OUT"; then
+  echo "bench: some sessions failed (see above); turnpike log:" >&2
+  tail -20 "$WORK/turnpike.log" >&2
+fi
+python3 scripts/bench_report.py "$OUT" "${BENCH_NO_WRITE:+-}" "$(git rev-parse --short HEAD)$(git diff --quiet || echo +)"

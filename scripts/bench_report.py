@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench.sh's JSON lines into the BENCHMARKS.md section between the
+`<!-- bench:begin -->` and `<!-- bench:end -->` markers (or prints it, with '-')."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+results, target, commit = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "", sys.argv[3] if len(sys.argv) > 3 else "?"
+rows = [json.loads(l) for l in open(results) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault(r["scenario"], []).append(r)
+
+
+def cpu_model():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+out = []
+w = out.append
+w(f"## Relay benchmark: direct vs websocat vs turnpike ({datetime.date.today()}, commit {commit})")
+w("")
+w(f"Machine: {os.cpu_count()} cores ({cpu_model()}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
+  f"Linux {platform.release()}, {sh('rustc --version')}. Load generator, upstream and relay share the cores.")
+w("Command: `scripts/bench.sh` (release builds; websocat 4.0.0-alpha3 `--text ws-l: ws://`, TCP_NODELAY by "
+  "`scripts/nodelay.c` preloaded; upstream `bench upstream`: ~200-byte deltas stamped at send; "
+  "latency = stamp → client receive).")
+w("")
+labels = {
+    "s1_500eps": "1 session, 500 events/s",
+    "s100_50keps": "100 sessions, 50k events/s paced",
+    "s1000_50keps": "1,000 sessions, 50k events/s paced",
+    "s100_saturation": "100 sessions, unpaced (saturation)",
+}
+if any(k in by for k in labels):
+    w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | failed sessions |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for scen, label in labels.items():
+        rs = by.get(scen, [])
+        direct = next((x["r"] for x in rs if x["path"] == "direct"), None)
+        for x in rs:
+            r = x["r"]
+            added = "—"
+            if direct and x["path"] != "direct":
+                added = " / ".join(f"{r[k] - direct[k]:+.0f}" for k in ("p50_us", "p99_us", "p999_us"))
+            cpu = r.get("cpu_s_per_m_events")
+            w(f"| {label} | {x['path']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p999_us']:.0f} | {added} | "
+              f"{r['events_per_s']:,.0f} | {'—' if cpu is None else f'{cpu:.2f}'} | {r['failed']} |")
+    w("")
+if "ttfe" in by:
+    w("Time to first event (request sent → first event read), 100 fresh WebSockets one after another, "
+      "3 turns each; turn 1 needs an upstream socket (turnpike dials one: each client has its own "
+      "`session-id`), turns 2–3 reuse it:")
+    w("")
+    w("| path | turn 1 p50 / p90 µs | turns 2–3 p50 / p90 µs |")
+    w("|---|---|---|")
+    for x in by["ttfe"]:
+        r = x["r"]
+        w(f"| {x['path']} | {r['fresh_p50_us']:.0f} / {r['fresh_p90_us']:.0f} | {r['warm_p50_us']:.0f} / {r['warm_p90_us']:.0f} |")
+    w("")
+idle = by.get("idle1k", []) + by.get("idle10k", [])
+if idle:
+    w("Memory per idle session (each ran one turn and holds its upstream socket; relay RSS with the "
+      "sessions open minus before, divided by the sessions):")
+    w("")
+    w("| sessions | path | open | RSS before → with (MiB) | KiB per session |")
+    w("|---|---|---|---|---|")
+    for x in idle:
+        r = x["r"]
+        w(f"| {r['sessions']:,} | {x['path']} | {r['open']:,} | {r['rss_before_kib'] / 1024:.1f} → {r['rss_with_kib'] / 1024:.1f} | {r['kib_per_session']:.1f} |")
+    w("")
+if "rows" in by:
+    w("Accounting (`examples/rowbench.rs`: the accounting actor's batch query — usage row, ledger row, key spend, "
+      "user balance — 20,000 records in batches of 500; then 1,000 with one transaction each) and the spool "
+      "(one record appended and fsynced, 500 times: what a lone terminal event waits for):")
+    w("")
+    w("| database | batched rows/s | one tx per row, rows/s | spool append+fsync p50 / p99 / max µs |")
+    w("|---|---|---|---|")
+    for x in by["rows"]:
+        r = x["r"]
+        w(f"| {x['path']} | {r['batched_rows_per_s']:,.0f} | {r['per_row_tx_rows_per_s']:,.0f} | "
+          f"{r['spool_fsync_p50_us']} / {r['spool_fsync_p99_us']} / {r['spool_fsync_max_us']} |")
+    w("")
+section = "\n".join(out)
+print(section)
+if target == "-":
+    sys.exit(0)
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+text = open(path).read()
+begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    text = f"{head}{begin}\n{section}\n{end}{tail}"
+else:
+    text = text.rstrip("\n") + f"\n\n{begin}\n{section}\n{end}\n"
+open(path, "w").write(text)
+print(f"bench: written to {os.path.normpath(path)}", file=sys.stderr)
