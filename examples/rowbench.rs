@@ -63,7 +63,8 @@ fn main() {
 
         let batch: Vec<TurnRecord> = (0..n).map(|i| record(&format!("{name}b"), i, key.id, user.id)).collect();
         let t = Instant::now();
-        for chunk in batch.chunks(500) {
+        let per_tx: usize = std::env::var("ROWBENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+        for chunk in batch.chunks(per_tx) {
             queries::billing::record_batch(&pool, chunk).await.expect("batch");
         }
         let batched = n as f64 / t.elapsed().as_secs_f64();

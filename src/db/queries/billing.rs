@@ -124,10 +124,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
             let out = c
                 .transaction::<_, DbError, _>(async |tx| {
                     let rows: Vec<_> = records.iter().map(usage::row_of).collect();
-                    let written: Vec<(String, i64)> = usage_insert!(&rows)
-                        .returning((usage_logs::request_id, usage_logs::api_key_id))
-                        .get_results(tx)
-                        .await?;
+                    let written = usage::insert_pg(tx, &rows).await?;
                     let fresh = keys_of(&written);
                     let billable = newly_written(records, &fresh);
                     let mut mismatched = 0;
@@ -144,13 +141,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                     let debited: Vec<(String, i64)> = if ledger.is_empty() {
                         Vec::new()
                     } else {
-                        diesel::insert_into(billing_ledger::table)
-                            .values(&ledger)
-                            .on_conflict((billing_ledger::request_id, billing_ledger::api_key_id))
-                            .do_nothing()
-                            .returning((billing_ledger::request_id, billing_ledger::api_key_id))
-                            .get_results(tx)
-                            .await?
+                        insert_ledger_pg(tx, &ledger).await?
                     };
                     let debits = newly_written(billable.iter().copied(), &keys_of(&debited));
                     let (by_key, by_user) = debit_totals(&debits);
@@ -222,6 +213,29 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
             Ok(out)
         }
     }
+}
+
+/// PostgreSQL: ledger rows as one array per column (see `usage::insert_pg`); returns the keys
+/// of the rows written.
+async fn insert_ledger_pg(
+    tx: &mut diesel_async::AsyncPgConnection,
+    rows: &[NewLedger<'_>],
+) -> diesel::QueryResult<Vec<(String, i64)>> {
+    use diesel::sql_types::{Array, BigInt, Text, Timestamp};
+    const SQL: &str = "INSERT INTO billing_ledger (request_id, api_key_id, user_id, \
+        amount_nanousd, created_at) \
+        SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::timestamp[]) \
+        ON CONFLICT (request_id, api_key_id) DO NOTHING \
+        RETURNING request_id, api_key_id";
+    let written: Vec<usage::WrittenKey> = diesel::sql_query(SQL)
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.request_id).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.amount_nanousd).collect::<Vec<_>>())
+        .bind::<Array<Timestamp>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .load(tx)
+        .await?;
+    Ok(usage::WrittenKey::pairs(written))
 }
 
 fn ledger_of(r: &TurnRecord) -> NewLedger<'_> {

@@ -61,3 +61,77 @@ pub async fn by_key(pool: &DbPool, api_key_id: i64) -> Result<Vec<UsageRow>, DbE
             .await?
     }))
 }
+
+/// PostgreSQL: usage rows as one array per column (`INSERT … SELECT FROM UNNEST`). The
+/// statement text is the same for every batch size and has 25 parameters, where a multi-row
+/// `VALUES` has 25 × rows and a text of its own per size, parsed and planned each time.
+/// Returns the (request_id, api_key_id) of the rows written (not those already present).
+pub async fn insert_pg(
+    tx: &mut diesel_async::AsyncPgConnection,
+    rows: &[NewUsage<'_>],
+) -> diesel::QueryResult<Vec<(String, i64)>> {
+    use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamp};
+    use diesel_async::RunQueryDsl;
+
+    fn col<'r, T>(rows: &'r [NewUsage<'r>], f: impl Fn(&'r NewUsage<'r>) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    const SQL: &str = "INSERT INTO usage_logs (request_id, api_key_id, user_id, session_id, \
+        turn_index, account, model, status, usage_source, warmup, input_tokens, \
+        cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, \
+        cost_nanousd, upstream_wait_ms, first_event_ms, first_token_ms, duration_ms, error_code, \
+        accepted_at, created_at, response_id) \
+        SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int4[], \
+        $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::int8[], $12::int8[], \
+        $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], \
+        $19::int8[], $20::int8[], $21::int8[], $22::text[], $23::timestamp[], \
+        $24::timestamp[], $25::text[]) \
+        ON CONFLICT (request_id, api_key_id) DO NOTHING \
+        RETURNING request_id, api_key_id";
+    let written: Vec<WrittenKey> = diesel::sql_query(SQL)
+        .bind::<Array<Text>, _>(col(rows, |r| r.request_id))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.api_key_id))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.user_id))
+        .bind::<Array<Text>, _>(col(rows, |r| r.session_id))
+        .bind::<Array<Integer>, _>(col(rows, |r| r.turn_index))
+        .bind::<Array<Text>, _>(col(rows, |r| r.account))
+        .bind::<Array<Text>, _>(col(rows, |r| r.model))
+        .bind::<Array<Text>, _>(col(rows, |r| r.status))
+        .bind::<Array<Text>, _>(col(rows, |r| r.usage_source))
+        .bind::<Array<Bool>, _>(col(rows, |r| r.warmup))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.input_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.cached_input_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.cache_write_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.output_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.reasoning_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.total_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.cost_nanousd))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.upstream_wait_ms))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.first_event_ms))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.first_token_ms))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.duration_ms))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.error_code))
+        .bind::<Array<Timestamp>, _>(col(rows, |r| r.accepted_at))
+        .bind::<Array<Timestamp>, _>(col(rows, |r| r.created_at))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.response_id))
+        .load(tx)
+        .await?;
+    Ok(WrittenKey::pairs(written))
+}
+
+/// A `RETURNING request_id, api_key_id` row of a raw statement.
+#[derive(diesel::QueryableByName)]
+pub struct WrittenKey {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    request_id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    api_key_id: i64,
+}
+
+impl WrittenKey {
+    pub fn pairs(rows: Vec<WrittenKey>) -> Vec<(String, i64)> {
+        rows.into_iter()
+            .map(|w| (w.request_id, w.api_key_id))
+            .collect()
+    }
+}
