@@ -15,8 +15,8 @@
 //! so a relay cannot lend it an upstream socket dialled for another): time to first event of
 //! turn 1 (fresh dial) and turns 2–3 (warm lease), p50/p90 in µs.
 //!
-//! `bench idle URL KEY N PID` — N WebSockets, each runs one turn and stays open; prints PID's RSS
-//! before and with them, per session.
+//! `bench idle URL KEY N PID [no-turn]` — N WebSockets, each runs one turn (none with `no-turn`)
+//! and stays open; prints PID's RSS before and with them, per session.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -39,7 +39,7 @@ fn main() {
         "upstream" => upstream(&a(1)),
         "stream" => stream(&a(1), &a(2), n(3), n(4), n(5), n(6), a(7).parse().ok()),
         "ttfe" => ttfe(&a(1), &a(2), n(3)),
-        "idle" => idle(&a(1), &a(2), n(3), n(4) as u32),
+        "idle" => idle(&a(1), &a(2), n(3), n(4) as u32, a(5) != "no-turn"),
         _ => {
             eprintln!(
                 "usage: bench upstream ADDR | stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID] | ttfe URL KEY N | idle URL KEY N PID"
@@ -53,6 +53,8 @@ fn main() {
 
 fn upstream(addr: &str) {
     let listener = TcpListener::bind(addr).expect("bind");
+    // std listens with a backlog of 128: thousands of relay dials at once would be refused.
+    rustix::net::listen(&listener, 4096).expect("listen");
     for (n, conn) in listener.incoming().enumerate() {
         let Ok(conn) = conn else { continue };
         conn.set_nodelay(true).ok();
@@ -333,7 +335,7 @@ fn ttfe(url: &str, key: &str, n: u64) {
     );
 }
 
-fn idle(url: &str, key: &str, n: u64, pid: u32) {
+fn idle(url: &str, key: &str, n: u64, pid: u32, with_turn: bool) {
     let before = rss_kib(pid);
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -346,7 +348,9 @@ fn idle(url: &str, key: &str, n: u64, pid: u32) {
                 .stack_size(64 * 1024)
                 .spawn(move || {
                     let r = connect(&url, &key, "idle").and_then(|mut ws| {
-                        turn(&mut ws, create(1, 0), &mut Vec::new())?;
+                        if with_turn {
+                            turn(&mut ws, create(1, 0), &mut Vec::new())?;
+                        }
                         Ok(ws)
                     });
                     match r {

@@ -42,23 +42,50 @@ w("")
 labels = {
     "s1_500eps": "1 session, 500 events/s",
     "s100_50keps": "100 sessions, 50k events/s paced",
-    "s1000_50keps": "1,000 sessions, 50k events/s paced",
+    "s1000_20keps": "1,000 sessions, 20k events/s paced",
     "s100_saturation": "100 sessions, unpaced (saturation)",
 }
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def merged(rs, path):
+    """The median of each figure over a path's rounds, and the rounds' p50 range."""
+    runs = [x["r"] for x in rs if x["path"] == path]
+    if not runs:
+        return None
+    m = {k: median([r[k] for r in runs]) for k in ("p50_us", "p99_us", "p999_us", "events_per_s")}
+    cpu = [r["cpu_s_per_m_events"] for r in runs if r.get("cpu_s_per_m_events") is not None]
+    m["cpu"] = median(cpu) if cpu else None
+    m["cpu_range"] = (min(cpu), max(cpu)) if cpu else None
+    m["p50_range"] = (min(r["p50_us"] for r in runs), max(r["p50_us"] for r in runs))
+    m["failed"] = sum(r["failed"] for r in runs)
+    m["runs"] = len(runs)
+    return m
+
+
 if any(k in by for k in labels):
-    w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | failed sessions |")
+    w("Medians over the rounds (each round runs the three paths one after another); p50 and CPU "
+      "show [lowest–highest] round. *added* = the path's figure minus direct's.")
+    w("")
+    w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | rounds, failed sessions |")
     w("|---|---|---|---|---|---|---|---|---|")
     for scen, label in labels.items():
         rs = by.get(scen, [])
-        direct = next((x["r"] for x in rs if x["path"] == "direct"), None)
-        for x in rs:
-            r = x["r"]
+        direct = merged(rs, "direct")
+        for path in ("direct", "websocat", "turnpike"):
+            m = merged(rs, path)
+            if m is None:
+                continue
             added = "—"
-            if direct and x["path"] != "direct":
-                added = " / ".join(f"{r[k] - direct[k]:+.0f}" for k in ("p50_us", "p99_us", "p999_us"))
-            cpu = r.get("cpu_s_per_m_events")
-            w(f"| {label} | {x['path']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p999_us']:.0f} | {added} | "
-              f"{r['events_per_s']:,.0f} | {'—' if cpu is None else f'{cpu:.2f}'} | {r['failed']} |")
+            if direct and path != "direct":
+                added = " / ".join(f"{m[k] - direct[k]:+.0f}" for k in ("p50_us", "p99_us", "p999_us"))
+            cpu = "—" if m["cpu"] is None else f"{m['cpu']:.2f} [{m['cpu_range'][0]:.2f}–{m['cpu_range'][1]:.2f}]"
+            lo, hi = m["p50_range"]
+            w(f"| {label} | {path} | {m['p50_us']:.0f} [{lo:.0f}–{hi:.0f}] | {m['p99_us']:.0f} | {m['p999_us']:.0f} | {added} | "
+              f"{m['events_per_s']:,.0f} | {cpu} | {m['runs']}, {m['failed']} |")
     w("")
 if "ttfe" in by:
     w("Time to first event (request sent → first event read), 100 fresh WebSockets one after another, "

@@ -21,6 +21,24 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A relay (SQLite) for `n` sessions of one key, each able to hold an upstream socket.
+fn crowd(n: usize, env: &[(&'static str, &'static str)]) -> Stack {
+    turnpike::app::raise_fd_limit();
+    let mut all = vec![
+        ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "2000"),
+        ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
+    ];
+    all.extend_from_slice(env);
+    Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            max_conns: n + 50,
+            env: &all,
+            ..StackOptions::default()
+        },
+    )
+}
+
 fn create(directive: &str) -> Value {
     json!({"type": "response.create", "model": "gpt-test", "store": false,
         "input": "hello", "metadata": {"sim": directive}})
@@ -43,18 +61,7 @@ fn last_type(events: &[Value]) -> String {
 fn sessions_of_distinct_identities_each_get_one_dial() {
     let _serial = one_at_a_time();
     const N: usize = 600;
-    turnpike::app::raise_fd_limit();
-    let s = Stack::start(
-        TestDb::sqlite(),
-        StackOptions {
-            max_conns: N + 50,
-            env: &[
-                ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "2000"),
-                ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
-            ],
-            ..StackOptions::default()
-        },
-    );
+    let s = crowd(N, &[]);
     let barrier = Arc::new(Barrier::new(N));
     let handles: Vec<_> = (0..N)
         .map(|n| {
@@ -102,19 +109,7 @@ fn sessions_of_distinct_identities_each_get_one_dial() {
 fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
     let _serial = one_at_a_time();
     const N: usize = 1_000;
-    turnpike::app::raise_fd_limit();
-    let s = Stack::start(
-        TestDb::sqlite(),
-        StackOptions {
-            max_conns: N + 50,
-            env: &[
-                ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "2000"),
-                ("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "30000"),
-                ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
-            ],
-            ..StackOptions::default()
-        },
-    );
+    let s = crowd(N, &[("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "30000")]);
     let barrier = Arc::new(Barrier::new(N + 1));
     let handles: Vec<_> = (0..N)
         .map(|_| {

@@ -101,8 +101,8 @@ impl ClientReader {
                 each(step);
             }
         }
-        if self.buf.is_empty() && self.buf.capacity() > 16 * 1024 {
-            // A large message passed: idle sessions keep no large buffer.
+        if self.buf.is_empty() {
+            // Frames arrive one per turn: an idle session keeps no buffer.
             self.buf = BytesMut::new();
         }
     }
@@ -251,8 +251,9 @@ impl Stream for ClientBody {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut outbox = self.0.borrow_mut();
         if !outbox.buf.is_empty() {
-            // Everything queued since the last write, in one chunk.
-            let chunk = outbox.buf.split().freeze();
+            // Everything queued since the last write, in one chunk; the buffer goes with it,
+            // so an idle session holds none (the next frame allocates anew).
+            let chunk = std::mem::take(&mut outbox.buf).freeze();
             return Poll::Ready(Some(Ok(chunk)));
         }
         if outbox.closed {

@@ -1,17 +1,14 @@
 //! The upstream connection actor.
 
-use actix::io::{SinkWrite, WriteHandler};
 use actix::prelude::*;
 use awc::error::WsProtocolError;
 use awc::ws::{CloseCode, CloseReason, Frame, Message as WsMessage};
 use bytestring::ByteString;
-use futures_util::stream::{SplitSink, StreamExt};
 use tracing::{debug, warn};
 
-use super::dial::{DialSpec, Socket, dial};
+use super::dial::{DialSpec, dial};
 use super::messages::{CloseConn, ConnStatus, LostReason, SendText, SetLessee, UpstreamEvent};
-
-type Sink = SinkWrite<WsMessage, SplitSink<Socket, WsMessage>>;
+use super::socket::{self, Writer};
 
 /// The payload of a liveness probe's ping.
 const PROBE: &[u8] = b"tp-probe";
@@ -28,7 +25,11 @@ pub struct UpstreamConn {
     /// Probes sent (a late deadline of an earlier probe is ignored).
     probes: u64,
     pool: Recipient<ConnStatus>,
-    sink: Option<Sink>,
+    sink: Option<Writer>,
+    /// A flush of the writer is running (it also writes what is encoded meanwhile).
+    flushing: bool,
+    /// Shut the write side down once flushed (the closing handshake is complete).
+    shut_write: bool,
     lessee: Option<Recipient<UpstreamEvent>>,
     /// Set once the socket is unusable; everything after that is ignored.
     lost: bool,
@@ -47,6 +48,8 @@ impl UpstreamConn {
             spec: Some(spec),
             pool,
             sink: None,
+            flushing: false,
+            shut_write: false,
             lessee: None,
             lost: false,
             closing: false,
@@ -81,18 +84,49 @@ impl UpstreamConn {
             return;
         }
         self.closing = true;
-        match self.sink.as_mut() {
-            Some(sink) => {
-                if sink
-                    .write(WsMessage::Close(Some(CloseReason::from(CloseCode::Normal))))
-                    .is_err()
-                {
-                    return ctx.stop();
-                }
-                ctx.run_later(std::time::Duration::from_secs(1), |_, ctx| ctx.stop());
-            }
-            None => ctx.stop(),
+        if self.sink.is_none()
+            || !self.write(
+                WsMessage::Close(Some(CloseReason::from(CloseCode::Normal))),
+                ctx,
+            )
+        {
+            return ctx.stop();
         }
+        ctx.run_later(std::time::Duration::from_secs(1), |_, ctx| ctx.stop());
+    }
+
+    /// Encodes a frame and makes sure a flush is running; false when the socket is unusable.
+    fn write(&mut self, msg: WsMessage, ctx: &mut Context<Self>) -> bool {
+        let Some(sink) = self.sink.as_ref() else {
+            return false;
+        };
+        if sink.write(msg).is_err() {
+            return false;
+        }
+        self.flush(ctx);
+        true
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        if self.flushing {
+            return;
+        }
+        self.flushing = true;
+        ctx.spawn(sink.flush().into_actor(self).map(|res, act, ctx| {
+            act.flushing = false;
+            match res {
+                Err(e) => act.lose(LostReason::Error(e.to_string()), ctx),
+                Ok(()) if act.shut_write => {
+                    if let Some(sink) = act.sink.take() {
+                        ctx.spawn(sink.shutdown().into_actor(act).map(|_, _, ctx| ctx.stop()));
+                    }
+                }
+                Ok(()) => {}
+            }
+        }));
     }
 }
 
@@ -106,9 +140,9 @@ impl Actor for UpstreamConn {
         // The resident reader starts with the connection: nothing else runs before it.
         ctx.wait(dial(spec).into_actor(self).map(|res, act, ctx| match res {
             Ok(socket) => {
-                let (sink, stream) = socket.split();
+                let (stream, sink) = socket::split(socket);
                 ctx.add_stream(stream);
-                act.sink = Some(SinkWrite::new(sink, ctx));
+                act.sink = Some(sink);
                 act.pool.do_send(ConnStatus::Ready { conn: act.id });
             }
             Err(error) => {
@@ -128,10 +162,8 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
     fn handle(&mut self, item: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
         if self.closing && matches!(item, Ok(Frame::Close(_))) {
             // The peer answered our close frame: the handshake is complete.
-            if let Some(sink) = self.sink.as_mut() {
-                sink.close();
-            }
-            return;
+            self.shut_write = true;
+            return self.flush(ctx);
         }
         if self.lost {
             return;
@@ -154,9 +186,7 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
                 ctx,
             ),
             Ok(Frame::Ping(p)) => {
-                if let Some(sink) = self.sink.as_mut() {
-                    let _ = sink.write(WsMessage::Pong(p));
-                }
+                self.write(WsMessage::Pong(p), ctx);
             }
             Ok(Frame::Pong(p)) if p.as_ref() == PROBE => self.probe_answered(ctx),
             Ok(Frame::Pong(_)) => {}
@@ -178,24 +208,9 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
     }
 }
 
-impl WriteHandler<WsProtocolError> for UpstreamConn {
-    fn error(&mut self, err: WsProtocolError, ctx: &mut Self::Context) -> Running {
-        self.lose(LostReason::Error(err.to_string()), ctx);
-        Running::Stop
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
-}
-
 impl UpstreamConn {
     fn write_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
-        let failed = match self.sink.as_mut() {
-            Some(sink) if !self.lost => sink.write(WsMessage::Text(text)).is_err(),
-            _ => true,
-        };
-        if failed {
+        if self.lost || !self.write(WsMessage::Text(text), ctx) {
             self.lose(LostReason::Error("upstream socket is closing".into()), ctx);
         }
     }
@@ -204,16 +219,16 @@ impl UpstreamConn {
     /// a word (a graceful restart leaves its old sockets open and silent); a ping must come
     /// back within `probe_timeout` before the request is written.
     fn probe(&mut self, ctx: &mut Context<Self>) {
-        let Some(sink) = self.sink.as_mut() else {
+        if self.sink.is_none() {
             return;
-        };
+        }
         self.held = Some(Vec::new());
         self.probes += 1;
         let probe = self.probes;
-        if sink
-            .write(WsMessage::Ping(actix_web::web::Bytes::from_static(PROBE)))
-            .is_err()
-        {
+        if !self.write(
+            WsMessage::Ping(actix_web::web::Bytes::from_static(PROBE)),
+            ctx,
+        ) {
             return self.lose(LostReason::Error("upstream socket is closing".into()), ctx);
         }
         ctx.run_later(self.probe_timeout, move |act, ctx| {

@@ -4,10 +4,12 @@
 //!
 //! - `messages`: what the conn sends to its lessee and its pool, and what it accepts.
 //! - `dial`: the handshake (URL, credential, passed-through headers).
+//! - `socket`: the socket's reader and writer, holding buffers only while bytes are in flight.
 //! - `actor`: the connection actor.
 
 pub mod actor;
 pub mod dial;
 pub mod messages;
+pub mod socket;
 
 pub use actor::UpstreamConn;
