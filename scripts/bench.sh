@@ -9,6 +9,7 @@
 #   BENCH_NO_WRITE=1 scripts/bench.sh    # print, leave BENCHMARKS.md alone
 #   BENCH_SCENARIOS='s1_|s1000' ...      # a regex choosing among the stream workloads
 #   BENCH_ROUNDS=3                       # rounds of each stream workload (medians reported)
+#   TURNPIKE_BIN=/path/to/turnpike ...   # measure another build (before/after comparisons)
 #
 # Needs: cargo, gcc, python3; websocat is installed once into ~/.cache/turnpike-bench.
 set -euo pipefail
@@ -20,7 +21,8 @@ ONLY=${BENCH_ONLY:-all}
 mkdir -p "$CACHE"
 
 cargo build --release --quiet --bin turnpike --example bench --example rowbench
-T=$ROOT/target/release/turnpike
+# TURNPIKE_BIN: measure another build (an earlier commit's) with this harness.
+T=${TURNPIKE_BIN:-$ROOT/target/release/turnpike}
 B=$ROOT/target/release/examples/bench
 R=$ROOT/target/release/examples/rowbench
 WS=$CACHE/websocat/bin/websocat
