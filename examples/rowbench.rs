@@ -95,24 +95,22 @@ fn main() {
         lat.push(t.elapsed().as_micros());
     }
     lat.sort_unstable();
-    if json {
-        println!(
-            "{{\"rows\":{n},\"batched_rows_per_s\":{batched:.0},\"per_row_tx_rows_per_s\":{per_row:.0},\"spool_record_bytes\":{},\"spool_fsync_p50_us\":{},\"spool_fsync_p99_us\":{},\"spool_fsync_max_us\":{}}}",
-            payload.len(),
-            lat[lat.len() / 2],
-            lat[lat.len() * 99 / 100],
-            lat[lat.len() - 1]
-        );
-        let _ = std::fs::remove_dir_all(dir);
-        return;
-    }
-    println!(
-        "spool append+fsync of one {} B record: p50={} us p99={} us max={} us",
-        payload.len(),
+    let (p50, p99, max) = (
         lat[lat.len() / 2],
         lat[lat.len() * 99 / 100],
-        lat[lat.len() - 1]
+        lat[lat.len() - 1],
     );
+    if json {
+        println!(
+            "{{\"rows\":{n},\"batched_rows_per_s\":{batched:.0},\"per_row_tx_rows_per_s\":{per_row:.0},\"spool_record_bytes\":{},\"spool_fsync_p50_us\":{p50},\"spool_fsync_p99_us\":{p99},\"spool_fsync_max_us\":{max}}}",
+            payload.len()
+        );
+    } else {
+        println!(
+            "spool append+fsync of one {} B record: p50={p50} us p99={p99} us max={max} us",
+            payload.len()
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 
