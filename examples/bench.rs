@@ -16,7 +16,8 @@
 //! turn 1 (fresh dial) and turns 2–3 (warm lease), p50/p90 in µs.
 //!
 //! `bench idle URL KEY N PID [no-turn]` — N WebSockets, each runs one turn (none with `no-turn`)
-//! and stays open; prints PID's RSS before and with them, per session.
+//! and stays open, opened in two halves; prints PID's RSS before, after the first half and with
+//! all, per session overall and per session of the second half (the marginal cost).
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -337,57 +338,64 @@ fn ttfe(url: &str, key: &str, n: u64) {
 
 fn idle(url: &str, key: &str, n: u64, pid: u32, with_turn: bool) {
     let before = rss_kib(pid);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Opened in waves so the listen backlog is never the limit.
     let mut handles = Vec::new();
-    for s in 0..n {
-        let (url, key, tx, done) = (url.to_string(), key.to_string(), tx.clone(), done.clone());
-        handles.push(
-            std::thread::Builder::new()
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    let r = connect(&url, &key, "idle").and_then(|mut ws| {
-                        if with_turn {
-                            turn(&mut ws, create(1, 0), &mut Vec::new())?;
-                        }
-                        Ok(ws)
-                    });
-                    match r {
-                        Ok(ws) => {
-                            let _ = tx.send(Ok(()));
-                            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(200));
-                            }
-                            drop(ws);
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
-                    }
-                })
-                .expect("thread"),
-        );
-        if s % 200 == 199 {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    drop(tx);
     let (mut ok, mut failed) = (0u64, Vec::new());
-    for r in rx.iter().take(n as usize) {
-        match r {
-            Ok(()) => ok += 1,
-            Err(e) => failed.push(e),
+    // Two halves: the second half's growth is the marginal cost of a session, free of what the
+    // first sessions warmed once (database page cache, request pools, thread stacks).
+    let mut rss = Vec::new();
+    for half in [n / 2, n - n / 2] {
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        for s in 0..half {
+            let (url, key, tx, done) = (url.to_string(), key.to_string(), tx.clone(), done.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let r = connect(&url, &key, "idle").and_then(|mut ws| {
+                            if with_turn {
+                                turn(&mut ws, create(1, 0), &mut Vec::new())?;
+                            }
+                            Ok(ws)
+                        });
+                        match r {
+                            Ok(ws) => {
+                                let _ = tx.send(Ok(()));
+                                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                                    std::thread::sleep(Duration::from_millis(200));
+                                }
+                                drop(ws);
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                            }
+                        }
+                    })
+                    .expect("thread"),
+            );
+            // Opened in waves so the listen backlog is never the limit.
+            if s % 200 == 199 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        drop(tx);
+        for r in rx.iter().take(half as usize) {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        // Let the relay settle (buffers released after the turn) before reading its memory.
+        std::thread::sleep(Duration::from_secs(2));
+        rss.push(rss_kib(pid));
     }
-    // Let the relay settle (buffers released after the turn) before reading its memory.
-    std::thread::sleep(Duration::from_secs(2));
-    let with = rss_kib(pid);
+    let (half, with) = (rss[0], rss[1]);
     println!(
-        "{{\"sessions\":{n},\"open\":{ok},\"failed\":{},\"first_failure\":{:?},\"rss_before_kib\":{before},\"rss_with_kib\":{with},\"kib_per_session\":{:.1}}}",
+        "{{\"sessions\":{n},\"open\":{ok},\"failed\":{},\"first_failure\":{:?},\"rss_before_kib\":{before},\"rss_half_kib\":{half},\"rss_with_kib\":{with},\"kib_per_session\":{:.1},\"marginal_kib_per_session\":{:.1}}}",
         failed.len(),
         failed.first().cloned().unwrap_or_default(),
-        (with.saturating_sub(before)) as f64 / ok.max(1) as f64
+        (with.saturating_sub(before)) as f64 / ok.max(1) as f64,
+        (with.saturating_sub(half)) as f64 / (n - n / 2).max(1) as f64
     );
     let _ = std::io::stdout().flush();
     done.store(true, std::sync::atomic::Ordering::Relaxed);

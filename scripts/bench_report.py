@@ -100,14 +100,18 @@ if "ttfe" in by:
     w("")
 idle = by.get("idle1k", []) + by.get("idle10k", [])
 if idle:
-    w("Memory per idle session (each ran one turn and holds its upstream socket; relay RSS with the "
-      "sessions open minus before, divided by the sessions):")
+    w("Memory per idle session (each ran one turn and holds its upstream socket; fresh relays; "
+      "sessions opened in two halves). *Overall*: RSS with all open minus before, per session — "
+      "includes what the first sessions warm once (SQLite page cache, request pools); "
+      "*marginal*: the second half's growth per session:")
     w("")
-    w("| sessions | path | open | RSS before → with (MiB) | KiB per session |")
-    w("|---|---|---|---|---|")
+    w("| sessions | path | open | RSS before → half → all (MiB) | KiB per session overall | marginal |")
+    w("|---|---|---|---|---|---|")
     for x in idle:
         r = x["r"]
-        w(f"| {r['sessions']:,} | {x['path']} | {r['open']:,} | {r['rss_before_kib'] / 1024:.1f} → {r['rss_with_kib'] / 1024:.1f} | {r['kib_per_session']:.1f} |")
+        w(f"| {r['sessions']:,} | {x['path']} | {r['open']:,} | {r['rss_before_kib'] / 1024:.1f} → "
+          f"{r['rss_half_kib'] / 1024:.1f} → {r['rss_with_kib'] / 1024:.1f} | {r['kib_per_session']:.1f} | "
+          f"{r['marginal_kib_per_session']:.1f} |")
     w("")
 if "rows" in by:
     w("Accounting (`examples/rowbench.rs`: the accounting actor's batch query — usage row, ledger row, key spend, "
