@@ -66,6 +66,18 @@ fn assert_one_row_each(rows: &[UsageRow], seen: &[String], what: &str) {
     }
 }
 
+/// A migrated database's first user and key: (the key, its id).
+fn user_with_key(db: &TestDb) -> (String, i64) {
+    let pool = block(db.migrated_pool());
+    block(async {
+        let user = queries::users::create(&pool, "u", None).await.unwrap();
+        let (key, row) = turnpike::auth::create_key(&pool, user.id, &Default::default())
+            .await
+            .unwrap();
+        (key, row.id)
+    })
+}
+
 fn count_lines(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
@@ -451,14 +463,7 @@ fn power_cut_keeps_every_acknowledged_turn() {
     use turnpike::accounting::faults::SharedFs;
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let pool = block(db.migrated_pool());
-        let (key, key_id) = block(async {
-            let user = queries::users::create(&pool, "u", None).await.unwrap();
-            let (key, row) = turnpike::auth::create_key(&pool, user.id, &Default::default())
-                .await
-                .unwrap();
-            (key, row.id)
-        });
+        let (key, key_id) = user_with_key(&db);
         let (_sim, sim_addr) = start_sim(&[]);
         let disk = SharedFs::default();
         // The first relay never flushes: what clients saw finish is only in its spool.
@@ -496,14 +501,7 @@ fn injected_spool_faults_through_the_relay() {
     use std::sync::atomic::Ordering;
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let pool = block(db.migrated_pool());
-        let (key, key_id) = block(async {
-            let user = queries::users::create(&pool, "u", None).await.unwrap();
-            let (key, row) = turnpike::auth::create_key(&pool, user.id, &Default::default())
-                .await
-                .unwrap();
-            (key, row.id)
-        });
+        let (key, key_id) = user_with_key(&db);
         let (_sim, sim_addr) = start_sim(&[]);
         let relay = in_process::start(&db.url, &sim_addr, 2000);
         let mut c = Client::bearer(&relay.addr, &key);

@@ -156,9 +156,9 @@ async fn restart(
         other => {
             let pool = other
                 .strip_prefix("pool:")
-                .and_then(|account| state.deps.accounts.iter().find(|a| a.name == account));
+                .and_then(|account| state.deps.pool_of(account));
             match pool {
-                Some(a) => a.pool.send(RestartActor).await,
+                Some(pool) => pool.send(RestartActor).await,
                 None => {
                     return Err(HttpError::new(
                         ErrorCode::NotFound,

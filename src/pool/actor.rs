@@ -438,23 +438,17 @@ impl Handler<ConnStatus> for ContextPool {
                 ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
                     .increment(1);
                 let identity = self.conns.remove(&conn).map(|e| e.identity);
-                // Fail a waiter now rather than let it time out, unless another dial of its
-                // identity covers it.
-                let dialing = identity
+                // Fail a waiter of its identity now rather than let it time out, unless another
+                // dial of that identity covers it.
+                let covering = identity
                     .as_deref()
                     .and_then(|i| self.dialing_by_identity().get(i).copied())
                     .unwrap_or(0);
-                let waiting = self
-                    .waiters
-                    .iter()
-                    .filter(|w| Some(&w.identity) == identity.as_ref())
-                    .count();
-                if waiting > dialing
-                    && let Some(pos) = self
-                        .waiters
-                        .iter()
-                        .position(|w| Some(&w.identity) == identity.as_ref())
-                    && let Some(w) = self.waiters.remove(pos)
+                let same = |w: &&Waiter| Some(&w.identity) == identity.as_ref();
+                let waiting = self.waiters.iter().filter(same).count();
+                let first = self.waiters.iter().position(|w| same(&w));
+                if waiting > covering
+                    && let Some(w) = first.and_then(|pos| self.waiters.remove(pos))
                 {
                     let _ = w.reply.send(Err(LeaseError::DialFailed(error)));
                 }

@@ -296,12 +296,12 @@ impl SessionActor {
             // Another account, too old, or retired by a pool restart: give it back.
             self.release_lease(true);
         }
-        let Some(handle) = self.deps.accounts.iter().find(|a| a.name == account) else {
+        let Some(pool) = self.deps.pool_of(&account) else {
             return;
         };
         self.generation += 1;
         let generation = self.generation;
-        let acquire = handle.pool.send(Acquire {
+        let acquire = pool.send(Acquire {
             headers: self.headers.clone(),
             preferred: self.preferred,
             lessee: ctx.address().recipient(),
@@ -312,13 +312,8 @@ impl SessionActor {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));
             if act.generation != generation {
                 // Abandoned meanwhile: hand a late lease straight back.
-                if let Ok(lease) = res
-                    && let Some(h) = act.deps.accounts.iter().find(|a| *a.name == *lease.account)
-                {
-                    h.pool.do_send(Release {
-                        conn: lease.conn,
-                        reusable: true,
-                    });
+                if let Ok(lease) = res {
+                    act.release(&lease, true);
                 }
                 return;
             }
@@ -485,13 +480,9 @@ impl SessionActor {
     /// Tells the pool whether the held connection is between turns (reclaimable) or in use.
     fn park(&self, parked: bool) {
         if let Some(lease) = &self.lease
-            && let Some(h) = self
-                .deps
-                .accounts
-                .iter()
-                .find(|a| *a.name == *lease.account)
+            && let Some(pool) = self.deps.pool_of(&lease.account)
         {
-            h.pool.do_send(Parked {
+            pool.do_send(Parked {
                 conn: lease.conn,
                 parked,
             });
@@ -500,13 +491,8 @@ impl SessionActor {
 
     /// Gives a connection back to its account's pool.
     fn release(&self, lease: &Lease, reusable: bool) {
-        if let Some(h) = self
-            .deps
-            .accounts
-            .iter()
-            .find(|a| *a.name == *lease.account)
-        {
-            h.pool.do_send(Release {
+        if let Some(pool) = self.deps.pool_of(&lease.account) {
+            pool.do_send(Release {
                 conn: lease.conn,
                 reusable,
             });

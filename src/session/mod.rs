@@ -48,3 +48,13 @@ pub struct SessionDeps {
     pub registry: Addr<registry::Registry>,
     pub draining: Arc<AtomicBool>,
 }
+
+impl SessionDeps {
+    /// The pool of the account named `account`.
+    pub fn pool_of(&self, account: &str) -> Option<&Addr<ContextPool>> {
+        self.accounts
+            .iter()
+            .find(|a| a.name == account)
+            .map(|a| &a.pool)
+    }
+}

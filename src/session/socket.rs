@@ -190,47 +190,39 @@ pub fn transport() -> (ClientTx, ClientBody) {
 impl ClientTx {
     /// Encodes a frame for the client; nothing after a close.
     pub fn send(&mut self, msg: Outbound) {
-        let mut outbox = self.outbox.borrow_mut();
-        if outbox.closed {
-            return;
-        }
         let msg = match msg {
             Outbound::Text(t) => Message::Text(t),
             Outbound::Ping(p) => Message::Ping(p),
-            Outbound::Close(code, reason) => {
-                outbox.closed = true;
-                Message::Close(Some(CloseReason {
-                    code: CloseCode::from(code),
-                    description: (!reason.is_empty()).then_some(reason),
-                }))
-            }
+            Outbound::Close(code, reason) => Message::Close(Some(CloseReason {
+                code: CloseCode::from(code),
+                description: (!reason.is_empty()).then_some(reason),
+            })),
         };
-        encode(&mut self.codec, &mut outbox, msg);
+        self.push(msg);
     }
 
     /// Answers a ping.
     pub fn pong(&mut self, payload: Bytes) {
-        let mut outbox = self.outbox.borrow_mut();
-        if !outbox.closed {
-            encode(&mut self.codec, &mut outbox, Message::Pong(payload));
-        }
+        self.push(Message::Pong(payload));
     }
 
     /// Answers the client's close frame with the same code, and ends the body.
     pub fn echo_close(&mut self, reason: Option<CloseReason>) {
-        let mut outbox = self.outbox.borrow_mut();
-        if !outbox.closed {
-            outbox.closed = true;
-            encode(&mut self.codec, &mut outbox, Message::Close(reason));
-        }
+        self.push(Message::Close(reason));
     }
-}
 
-fn encode(codec: &mut Codec, outbox: &mut Outbox, msg: Message) {
-    // Encoding a server frame into memory cannot fail.
-    let _ = codec.encode(msg, &mut outbox.buf);
-    if let Some(w) = outbox.waker.take() {
-        w.wake();
+    /// The one way into the outbox: a close frame is the last frame.
+    fn push(&mut self, msg: Message) {
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.closed {
+            return;
+        }
+        outbox.closed = matches!(msg, Message::Close(_));
+        // Encoding a server frame into memory cannot fail.
+        let _ = self.codec.encode(msg, &mut outbox.buf);
+        if let Some(w) = outbox.waker.take() {
+            w.wake();
+        }
     }
 }
 

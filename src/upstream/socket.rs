@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use actix_codec::{Decoder, Encoder};
-use actix_web::web::BytesMut;
+use actix_web::web::{Buf, BytesMut};
 use awc::BoxedSocket;
 use awc::error::WsProtocolError;
 use awc::ws::{Codec, Frame, Message};
@@ -119,7 +119,7 @@ impl Writer {
                     }
                     Poll::Ready(Ok(n)) => n,
                 };
-                let _ = s.wbuf.split_to(n);
+                s.wbuf.advance(n);
             }
             s.wbuf = BytesMut::new();
             Pin::new(&mut s.io).poll_flush(cx).map_err(Into::into)

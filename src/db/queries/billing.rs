@@ -228,11 +228,11 @@ async fn insert_ledger_pg(
         ON CONFLICT (request_id, api_key_id) DO NOTHING \
         RETURNING request_id, api_key_id";
     let written: Vec<usage::WrittenKey> = diesel::sql_query(SQL)
-        .bind::<Array<Text>, _>(rows.iter().map(|r| r.request_id).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.amount_nanousd).collect::<Vec<_>>())
-        .bind::<Array<Timestamp>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(usage::column(rows, |r| r.request_id))
+        .bind::<Array<BigInt>, _>(usage::column(rows, |r| r.api_key_id))
+        .bind::<Array<BigInt>, _>(usage::column(rows, |r| r.user_id))
+        .bind::<Array<BigInt>, _>(usage::column(rows, |r| r.amount_nanousd))
+        .bind::<Array<Timestamp>, _>(usage::column(rows, |r| r.created_at))
         .load(tx)
         .await?;
     Ok(usage::WrittenKey::pairs(written))

@@ -73,9 +73,6 @@ pub async fn insert_pg(
     use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamp};
     use diesel_async::RunQueryDsl;
 
-    fn col<'r, T>(rows: &'r [NewUsage<'r>], f: impl Fn(&'r NewUsage<'r>) -> T) -> Vec<T> {
-        rows.iter().map(f).collect()
-    }
     const SQL: &str = "INSERT INTO usage_logs (request_id, api_key_id, user_id, session_id, \
         turn_index, account, model, status, usage_source, warmup, input_tokens, \
         cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, \
@@ -89,34 +86,39 @@ pub async fn insert_pg(
         ON CONFLICT (request_id, api_key_id) DO NOTHING \
         RETURNING request_id, api_key_id";
     let written: Vec<WrittenKey> = diesel::sql_query(SQL)
-        .bind::<Array<Text>, _>(col(rows, |r| r.request_id))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.api_key_id))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.user_id))
-        .bind::<Array<Text>, _>(col(rows, |r| r.session_id))
-        .bind::<Array<Integer>, _>(col(rows, |r| r.turn_index))
-        .bind::<Array<Text>, _>(col(rows, |r| r.account))
-        .bind::<Array<Text>, _>(col(rows, |r| r.model))
-        .bind::<Array<Text>, _>(col(rows, |r| r.status))
-        .bind::<Array<Text>, _>(col(rows, |r| r.usage_source))
-        .bind::<Array<Bool>, _>(col(rows, |r| r.warmup))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.input_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.cached_input_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.cache_write_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.output_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.reasoning_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.total_tokens))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.cost_nanousd))
-        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.upstream_wait_ms))
-        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.first_event_ms))
-        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.first_token_ms))
-        .bind::<Array<BigInt>, _>(col(rows, |r| r.duration_ms))
-        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.error_code))
-        .bind::<Array<Timestamp>, _>(col(rows, |r| r.accepted_at))
-        .bind::<Array<Timestamp>, _>(col(rows, |r| r.created_at))
-        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.response_id))
+        .bind::<Array<Text>, _>(column(rows, |r| r.request_id))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.api_key_id))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.user_id))
+        .bind::<Array<Text>, _>(column(rows, |r| r.session_id))
+        .bind::<Array<Integer>, _>(column(rows, |r| r.turn_index))
+        .bind::<Array<Text>, _>(column(rows, |r| r.account))
+        .bind::<Array<Text>, _>(column(rows, |r| r.model))
+        .bind::<Array<Text>, _>(column(rows, |r| r.status))
+        .bind::<Array<Text>, _>(column(rows, |r| r.usage_source))
+        .bind::<Array<Bool>, _>(column(rows, |r| r.warmup))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.input_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.cached_input_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.cache_write_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.output_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.reasoning_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.total_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.cost_nanousd))
+        .bind::<Array<Nullable<BigInt>>, _>(column(rows, |r| r.upstream_wait_ms))
+        .bind::<Array<Nullable<BigInt>>, _>(column(rows, |r| r.first_event_ms))
+        .bind::<Array<Nullable<BigInt>>, _>(column(rows, |r| r.first_token_ms))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.duration_ms))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.error_code))
+        .bind::<Array<Timestamp>, _>(column(rows, |r| r.accepted_at))
+        .bind::<Array<Timestamp>, _>(column(rows, |r| r.created_at))
+        .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.response_id))
         .load(tx)
         .await?;
     Ok(WrittenKey::pairs(written))
+}
+
+/// One column of a batch, as the array an `UNNEST` statement binds.
+pub fn column<'r, R, T>(rows: &'r [R], f: impl Fn(&'r R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
 }
 
 /// A `RETURNING request_id, api_key_id` row of a raw statement.
