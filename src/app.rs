@@ -123,7 +123,8 @@ pub fn start_relay_with(
     }))
 }
 
-/// Deletes expired `response_bindings` every ten minutes (any instance may; it is idempotent).
+/// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
+/// instance may; it is idempotent; an expired reservation already counts for nothing).
 fn purge_expired_bindings(db: DbPool) {
     actix::spawn(async move {
         loop {
@@ -131,6 +132,15 @@ fn purge_expired_bindings(db: DbPool) {
                 Ok(0) => {}
                 Ok(n) => info!(bindings = n, "expired response bindings deleted"),
                 Err(e) => tracing::debug!(error = %e, "expired response bindings not deleted now"),
+            }
+            let now = crate::db::now();
+            match crate::db::queries::reservations::purge_expired(&db, now).await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    reservations = n,
+                    "expired turn reservations deleted (turns of a relay that stopped)"
+                ),
+                Err(e) => tracing::debug!(error = %e, "expired reservations not deleted now"),
             }
             tokio::time::sleep(Duration::from_secs(600)).await;
         }
@@ -246,6 +256,10 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     .on_connect(move |conn, _| bound_stalled_socket(conn, stall_ms))
     // Without it Nagle and delayed ACKs add tens of ms per event burst.
     .tcp_nodelay(true)
+    // No linger after a response whose request body is unread: a WebSocket's body is never
+    // finished, and actix-http would wait this long, without sending FIN, after the close
+    // handshake (docs/DESIGN.md#close-handshake).
+    .client_disconnect_timeout(Duration::ZERO)
     .shutdown_timeout(grace.as_secs().max(1));
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);

@@ -24,6 +24,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub accounting: AccountingSettings,
     pub compensation: CompensationSettings,
+    pub billing: BillingSettings,
     pub pricing: crate::billing::pricing::PricingSettings,
     pub accounts: Vec<AccountSettings>,
 }
@@ -82,6 +83,30 @@ impl Default for CompensationSettings {
             base_backoff_ms: 1_000,
             max_backoff_ms: 300_000,
             max_attempts: 12,
+        }
+    }
+}
+
+/// Bounds on what one turn is billed (docs/DESIGN.md#usage-bounds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingSettings {
+    /// A reported usage with any count (or input + output) above this is not believed: the
+    /// turn is billed from the relay's estimate and the report kept in `usage_quarantine`.
+    pub max_tokens_per_response: u64,
+    /// Output tokens a turn reserves against its key's quota and its user's balance when the
+    /// request sets no `max_output_tokens` (docs/DESIGN.md#reservations).
+    pub reserve_output_tokens: u64,
+    /// How long a reservation counts when its turn's record never comes (a relay that died).
+    pub reservation_ttl_s: u64,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens_per_response: 20_000_000,
+            reserve_output_tokens: 4_096,
+            reservation_ttl_s: 3_600,
         }
     }
 }
@@ -509,8 +534,25 @@ impl Settings {
     /// Checks no serde type can express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         DatabaseTarget::parse(&self.database.url)?;
-        crate::billing::pricing::PriceTable::from_settings(&self.pricing)
+        let prices = crate::billing::pricing::PriceTable::from_settings(&self.pricing)
             .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
+        let max_tokens = self.billing.max_tokens_per_response;
+        if max_tokens == 0 {
+            return Err(ConfigError::new(
+                "billing.max_tokens_per_response",
+                "must be at least 1",
+            ));
+        }
+        if !prices
+            .prices()
+            .all(|p| crate::billing::bounds::max_cost_fits(p, max_tokens))
+        {
+            return Err(ConfigError::new(
+                "billing.max_tokens_per_response",
+                "at the dearest configured price a response of this size costs more than a \
+                 64-bit nano-USD amount holds; lower it or the prices",
+            ));
+        }
         if self.database.pool_max_size == 0 {
             return Err(ConfigError::new(
                 "database.pool_max_size",

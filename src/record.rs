@@ -44,6 +44,17 @@ pub struct TurnRecord {
     pub timing: Timing,
     pub error_code: Option<String>,
     pub accepted_at: NaiveDateTime,
+    /// The usage the upstream reported and the relay did not believe (billed from its
+    /// estimate instead): written to `usage_quarantine` with the usage row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside: Option<SetAside>,
+}
+
+/// A reported usage set aside (docs/DESIGN.md#usage-bounds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAside {
+    pub reported: Usage,
+    pub reason: String,
 }
 
 /// Longest `model` stored; longer names are cut (they come from the client).

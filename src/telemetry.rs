@@ -31,11 +31,13 @@ pub mod metric {
     pub const DURATION_MS: &str = "turnpike_turn_duration_ms";
     pub const UPSTREAM_WAIT_MS: &str = "turnpike_upstream_wait_ms";
     pub const USAGE_MALFORMED: &str = "turnpike_usage_malformed_total";
+    pub const USAGE_QUARANTINED: &str = "turnpike_usage_quarantined_total";
     pub const UPSTREAM_ERRORS: &str = "turnpike_upstream_errors_total";
     pub const DIALS: &str = "turnpike_upstream_dials_total";
     pub const DIAL_FAILURES: &str = "turnpike_upstream_dial_failures_total";
     pub const UPSTREAM_CONNECTIONS: &str = "turnpike_upstream_connections";
     pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
+    pub const LEASES_RECOVERED: &str = "turnpike_upstream_leases_recovered_total";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
     pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";

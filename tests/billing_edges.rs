@@ -592,3 +592,51 @@ fn readiness_reports_stuck_billing() {
     assert_eq!(http_get(&s.addr, "/readyz").0, 200);
     s.finish();
 }
+
+/// An upstream reporting absurd usage (10^19 input, u64::MAX-ish output, 10^18 output) is never
+/// billed at face value (docs/DESIGN.md#usage-bounds): each turn is billed from the relay's
+/// estimate (`estimated`, more than zero), the report is kept in `usage_quarantine` with its
+/// reason, no compensation dies, and the money adds up — on a key without limits too.
+#[test]
+fn absurd_usage_is_quarantined_and_billed_estimated() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        let absurd = [
+            "report_input=10000000000000000000",
+            "report_output=9223372036854775807",
+            "report_output=1000000000000000000",
+        ];
+        for d in absurd {
+            assert_eq!(turn(&mut c, d), "completed", "{d}");
+        }
+        // A plausible turn after them is billed as reported.
+        assert_eq!(turn(&mut c, ""), "completed");
+        let rows = s.rows(4);
+        assert_eq!(rows.len(), 4);
+        for r in &rows[..3] {
+            assert_eq!(r.usage_source, "estimated", "{r:?}");
+            assert!(r.input_tokens > 0 && r.input_tokens < 1_000, "{r:?}");
+            assert!(r.output_tokens > 0 && r.output_tokens < 1_000, "{r:?}");
+            assert!(r.cost_nanousd > 0 && r.cost_nanousd < 1_000_000, "{r:?}");
+        }
+        assert_eq!(rows[3].usage_source, "reported");
+        let kept = block(async { queries::billing::quarantined(&s.db.pool()).await }).unwrap();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        for ((request_id, key, reason), row) in kept.iter().zip(&rows) {
+            assert_eq!((request_id, *key), (&row.request_id, s.key_id));
+            assert!(
+                reason.contains("max_tokens_per_response"),
+                "the reason names the bound: {reason}"
+            );
+        }
+        let sums = sums(&s.db);
+        assert_invariant(&sums);
+        assert_eq!(sums.unsettled, 0, "no compensation: {sums:?}");
+        let dead =
+            block(async { queries::billing::compensations(&s.db.pool(), Some("dead")).await })
+                .unwrap();
+        assert!(dead.is_empty());
+        s.finish();
+    }
+}

@@ -1,5 +1,7 @@
 //! Money: integer nano-USD amounts, pricing, and the Compensator that settles failed debits.
 
+pub mod bounds;
 pub mod compensator;
 pub mod money;
 pub mod pricing;
+pub mod reservation;

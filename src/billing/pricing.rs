@@ -3,7 +3,8 @@
 //! Rounding rule: each price is nano-USD per million tokens; a turn's cost is
 //! `Σ tokens × price / 1,000,000` summed exactly (128-bit) and rounded half up once, at the end.
 //! Input tokens are split into cached (cached price), cache writes (cache-write price) and the
-//! rest (input price); output tokens include reasoning tokens. Warm-ups cost zero.
+//! rest (input price); output tokens include reasoning tokens. Warm-ups cost zero
+//! (`bounds::settle`).
 
 use std::collections::BTreeMap;
 
@@ -97,26 +98,29 @@ impl PriceTable {
         self.models.get(model).copied().unwrap_or(self.default)
     }
 
-    /// The cost of a turn in nano-USD.
-    pub fn cost(&self, model: &str, usage: &Usage, warmup: bool) -> i64 {
-        if warmup {
-            return 0;
-        }
+    /// The cost of `usage` at `model`'s prices (`None`: it does not fit).
+    pub fn cost(&self, model: &str, usage: &Usage) -> Option<i64> {
         cost(&self.price_of(model), usage)
+    }
+
+    /// The prices of every configured model, the default's first.
+    pub fn prices(&self) -> impl Iterator<Item = &Price> {
+        std::iter::once(&self.default).chain(self.models.values())
     }
 }
 
-/// `Σ tokens × price / 10^6`, rounded half up once.
-pub fn cost(p: &Price, u: &Usage) -> i64 {
+/// `Σ tokens × price / 10^6`, rounded half up once; `None` when it does not fit a 64-bit
+/// nano-USD amount (never saturated: docs/DESIGN.md#usage-bounds).
+pub fn cost(p: &Price, u: &Usage) -> Option<i64> {
     let cached = u.cached_input_tokens.min(u.input_tokens);
     let writes = u.cache_write_tokens.min(u.input_tokens - cached);
     let plain = u.input_tokens - cached - writes;
-    let micro: i128 = i128::from(plain) * i128::from(p.input)
-        + i128::from(cached) * i128::from(p.cached_input)
-        + i128::from(writes) * i128::from(p.cache_write)
-        + i128::from(u.output_tokens) * i128::from(p.output);
-    let rounded = (micro + 500_000) / 1_000_000;
-    i64::try_from(rounded).unwrap_or(i64::MAX)
+    let term = |tokens: u64, price: i64| i128::from(tokens).checked_mul(i128::from(price));
+    let micro = term(plain, p.input)?
+        .checked_add(term(cached, p.cached_input)?)?
+        .checked_add(term(writes, p.cache_write)?)?
+        .checked_add(term(u.output_tokens, p.output)?)?;
+    i64::try_from((micro + 500_000) / 1_000_000).ok()
 }
 
 #[cfg(test)]
@@ -137,20 +141,17 @@ mod tests {
         let t = PriceTable::from_settings(&PricingSettings::default()).unwrap();
         // 1M input at $1.25 + 1M output at $10.
         assert_eq!(
-            t.cost("x", &usage(1_000_000, 0, 1_000_000), false),
-            11_250_000_000
+            t.cost("x", &usage(1_000_000, 0, 1_000_000)),
+            Some(11_250_000_000)
         );
         // 1000 input of which 400 cached, 500 output:
         // 600 × 1250 + 400 × 125 + 500 × 10000 nano-USD per token... per million: exact sum.
         assert_eq!(
-            t.cost("x", &usage(1000, 400, 500), false),
-            (600 * 1_250_000_000 + 400 * 125_000_000 + 500 * 10_000_000_000i64) / 1_000_000
+            t.cost("x", &usage(1000, 400, 500)),
+            Some((600 * 1_250_000_000 + 400 * 125_000_000 + 500 * 10_000_000_000i64) / 1_000_000)
         );
-        assert_eq!(
-            t.cost("x", &usage(1000, 400, 500), true),
-            0,
-            "warm-ups are free"
-        );
+        // Beyond 64 bits: no amount rather than a saturated one.
+        assert_eq!(t.cost("x", &usage(u64::MAX, 0, u64::MAX)), None);
     }
 
     #[test]
@@ -161,10 +162,10 @@ mod tests {
             cache_write: 1,
             output: 1,
         };
-        assert_eq!(cost(&p, &usage(499_999, 0, 0)), 0);
-        assert_eq!(cost(&p, &usage(500_000, 0, 0)), 1);
+        assert_eq!(cost(&p, &usage(499_999, 0, 0)), Some(0));
+        assert_eq!(cost(&p, &usage(500_000, 0, 0)), Some(1));
         // Summed before rounding: two halves make one.
-        assert_eq!(cost(&p, &usage(250_000, 0, 250_000)), 1);
+        assert_eq!(cost(&p, &usage(250_000, 0, 250_000)), Some(1));
     }
 
     #[test]
@@ -186,7 +187,7 @@ mod tests {
             output_tokens: 0,
             ..Usage::default()
         };
-        assert_eq!(t.cost("big", &u, false), 500_000 * 2_000 + 500_000 * 3_000);
+        assert_eq!(t.cost("big", &u), Some(500_000 * 2_000 + 500_000 * 3_000));
         assert_eq!(
             t.price_of("big").cached_input,
             2_000_000_000,
@@ -199,7 +200,7 @@ mod tests {
             output_tokens: 0,
             ..Usage::default()
         };
-        assert!(t.cost("big", &odd, false) >= 0);
+        assert!(t.cost("big", &odd).is_some_and(|c| c >= 0));
         let mut bad = PricingSettings::default();
         bad.default.output_usd_per_mtok = "ten".into();
         assert_eq!(

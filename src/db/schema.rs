@@ -111,6 +111,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    turn_reservations (request_id, api_key_id) {
+        request_id -> Text,
+        api_key_id -> BigInt,
+        user_id -> BigInt,
+        amount_nanousd -> BigInt,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     /// A view: the compensation backlog by status.
     billing_compensation_backlog (status) {
         status -> Text,
@@ -134,4 +145,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     billing_ledger,
     billing_compensations,
     response_bindings,
+    turn_reservations,
 );

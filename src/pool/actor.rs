@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::messages::{
     Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
@@ -25,11 +25,16 @@ enum State {
         since: Instant,
     },
     Leased {
+        /// The lease's number (`Lease::id`): messages about an older lease are ignored.
+        lease: u64,
         /// Since when the session has held it between turns (`None`: a turn runs on it).
         parked_since: Option<Instant>,
         /// A `Reclaim` is on its way to the lessee.
         reclaiming: bool,
         lessee: Option<Recipient<Reclaim>>,
+        /// The session's mailbox: once it is closed, the session is gone and the lease is
+        /// taken back (docs/DESIGN.md#leases).
+        holder: Recipient<UpstreamEvent>,
     },
 }
 
@@ -69,6 +74,7 @@ pub struct ContextPool {
     dialled_total: u64,
     leases_total: u64,
     reclaimed_total: u64,
+    recovered_total: u64,
     restarts: u32,
     started_at: chrono::NaiveDateTime,
     shutting_down: bool,
@@ -95,6 +101,7 @@ impl ContextPool {
             dialled_total: 0,
             leases_total: 0,
             reclaimed_total: 0,
+            recovered_total: 0,
             restarts: 0,
             started_at: crate::db::now(),
             shutting_down: false,
@@ -179,6 +186,8 @@ impl ContextPool {
     /// of its own identity (Codex sends a `session-id` per conversation) a dispatch must not
     /// cost waiters × connections.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        // A waiter whose session is gone is served nothing (and dialled for by nobody).
+        self.waiters.retain(|w| w.lessee.connected());
         if self.waiters.is_empty() {
             return;
         }
@@ -268,6 +277,7 @@ impl ContextPool {
                     parked_since: Some(t),
                     reclaiming: false,
                     lessee: Some(_),
+                    ..
                 } => Some((*t, *id)),
                 _ => None,
             })
@@ -290,10 +300,18 @@ impl ContextPool {
             debug!(account = %self.account, conn, "reclaiming a connection held between turns");
             let ask = lessee.send(Reclaim { conn });
             ctx.spawn(ask.into_actor(self).map(move |given, act, ctx| {
-                if given == Ok(true) {
-                    act.reclaimed_total += 1;
-                    // The session's Release follows.
-                    return;
+                match given {
+                    Ok(true) => {
+                        act.reclaimed_total += 1;
+                        // The session's Release follows.
+                        return;
+                    }
+                    // The session is gone: nobody will give it back.
+                    Err(_) => {
+                        act.recover_orphans();
+                        return act.dispatch(ctx);
+                    }
+                    Ok(false) => {}
                 }
                 // In use again (or gone): not a candidate until it parks again.
                 if let Some(Entry {
@@ -315,13 +333,16 @@ impl ContextPool {
     }
 
     fn grant(&mut self, conn: u64, w: Waiter) {
+        let lease_id = self.next_id;
+        self.next_id += 1;
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
         // The lessee is set before the session learns of the lease, so no frame is lost.
-        entry.addr.do_send(SetLessee(Some(w.lessee)));
+        entry.addr.do_send(SetLessee(Some(w.lessee.clone())));
         let lease = Lease {
             conn,
+            id: lease_id,
             addr: entry.addr.clone(),
             account: self.account.clone(),
             opened_at: entry.opened_at,
@@ -330,9 +351,11 @@ impl ContextPool {
         match w.reply.send(Ok(lease)) {
             Ok(()) => {
                 entry.state = State::Leased {
+                    lease: lease_id,
                     parked_since: None,
                     reclaiming: false,
                     lessee: w.reclaim,
+                    holder: w.lessee,
                 };
                 self.leases_total += 1;
             }
@@ -344,12 +367,76 @@ impl ContextPool {
     }
 }
 
+impl ContextPool {
+    /// Takes back every lease whose session is gone (its mailbox closed) — whatever path it
+    /// left by: a lease granted while it was vanishing, a reclaim it never answered
+    /// (docs/DESIGN.md#leases). A connection held between turns is clean and goes idle; one
+    /// with a turn on it is in an unknown state and is closed. Returns how many.
+    fn recover_orphans(&mut self) -> usize {
+        let orphans: Vec<(u64, bool)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, e)| match &e.state {
+                State::Leased {
+                    holder,
+                    parked_since,
+                    ..
+                } if !holder.connected() => Some((*id, parked_since.is_some())),
+                _ => None,
+            })
+            .collect();
+        for &(id, clean) in &orphans {
+            self.give_back(id, clean);
+        }
+        if !orphans.is_empty() {
+            self.recovered_total += orphans.len() as u64;
+            ::metrics::counter!(metric::LEASES_RECOVERED, "account" => self.account.to_string())
+                .increment(orphans.len() as u64);
+            warn!(account = %self.account, leases = orphans.len(), recovered_total = self.recovered_total,
+                "took back upstream connections whose session is gone");
+        }
+        orphans.len()
+    }
+
+    /// A leased connection comes back: idle when `reusable` and still fit, else closed.
+    fn give_back(&mut self, conn: u64, reusable: bool) {
+        let max_age = self.max_age();
+        let shutting_down = self.shutting_down;
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        entry.addr.do_send(SetLessee(None));
+        if reusable
+            && !entry.retire.load(std::sync::atomic::Ordering::Relaxed)
+            && !shutting_down
+            && entry.opened_at.elapsed() < max_age
+        {
+            entry.state = State::Idle {
+                since: Instant::now(),
+            };
+        } else {
+            self.close(conn);
+        }
+    }
+
+    /// Whether `conn` is leased under the lease number `lease`.
+    fn is_lease(&self, conn: u64, lease: u64) -> bool {
+        matches!(
+            self.conns.get(&conn),
+            Some(Entry { state: State::Leased { lease: l, .. }, .. }) if *l == lease
+        )
+    }
+}
+
 impl Actor for ContextPool {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
-        ctx.run_interval(Duration::from_secs(1), |act, _| {
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            if act.recover_orphans() > 0 {
+                act.dispatch(ctx);
+            }
             let retire = policy::retire(
                 &act.idle_view(),
                 act.max_age(),
@@ -402,22 +489,11 @@ impl Handler<Release> for ContextPool {
     type Result = ();
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
-        let max_age = self.max_age();
-        let Some(entry) = self.conns.get_mut(&msg.conn) else {
+        // A release of a lease already taken back (the connection may serve another now).
+        if !self.is_lease(msg.conn, msg.lease) {
             return;
-        };
-        entry.addr.do_send(SetLessee(None));
-        if msg.reusable
-            && !entry.retire.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.shutting_down
-            && entry.opened_at.elapsed() < max_age
-        {
-            entry.state = State::Idle {
-                since: Instant::now(),
-            };
-        } else {
-            self.close(msg.conn);
         }
+        self.give_back(msg.conn, msg.reusable);
         self.dispatch(ctx);
     }
 }
@@ -468,9 +544,15 @@ impl Handler<Parked> for ContextPool {
 
     fn handle(&mut self, msg: Parked, ctx: &mut Context<Self>) {
         if let Some(Entry {
-            state: State::Leased { parked_since, .. },
+            state:
+                State::Leased {
+                    parked_since,
+                    lease,
+                    ..
+                },
             ..
         }) = self.conns.get_mut(&msg.conn)
+            && *lease == msg.lease
         {
             *parked_since = msg.parked.then(Instant::now);
             if msg.parked && !self.waiters.is_empty() {
@@ -490,6 +572,7 @@ impl Handler<PoolStats> for ContextPool {
             dialled_total: self.dialled_total,
             leases_total: self.leases_total,
             reclaimed_total: self.reclaimed_total,
+            recovered_total: self.recovered_total,
             ..PoolSnapshot::default()
         };
         for e in self.conns.values() {

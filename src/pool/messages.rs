@@ -13,6 +13,9 @@ use crate::upstream::messages::UpstreamEvent;
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub conn: u64,
+    /// This lease's own number: a `Release` or `Parked` that names an older lease of the same
+    /// connection (one the pool took back from a holder that is gone) is ignored.
+    pub id: u64,
     pub addr: Addr<UpstreamConn>,
     pub account: Arc<str>,
     pub opened_at: Instant,
@@ -67,6 +70,7 @@ pub struct Reclaim {
 #[rtype(result = "()")]
 pub struct Parked {
     pub conn: u64,
+    pub lease: u64,
     pub parked: bool,
 }
 
@@ -76,6 +80,7 @@ pub struct Parked {
 #[rtype(result = "()")]
 pub struct Release {
     pub conn: u64,
+    pub lease: u64,
     pub reusable: bool,
 }
 
@@ -87,6 +92,8 @@ pub struct PoolSnapshot {
     /// Leased connections whose session holds them between turns.
     pub parked: usize,
     pub reclaimed_total: u64,
+    /// Leases taken back because their session was gone (docs/DESIGN.md#leases).
+    pub recovered_total: u64,
     pub dialing: usize,
     pub waiters: usize,
     pub dialled_total: u64,

@@ -32,6 +32,8 @@ pub struct CreateFrame {
     pub prompt_bytes: usize,
     /// The `input` (string or items), kept for the session's replay history.
     pub input: Option<Value>,
+    /// `max_output_tokens`, when a count: what the turn reserves for output.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Bytes of a JSON value as the upstream reads it: a string's own length, else its JSON text.
@@ -124,6 +126,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             .map(|k| json_bytes(obj.get(*k)))
             .sum(),
         input: obj.get("input").cloned(),
+        max_output_tokens: obj.get("max_output_tokens").and_then(Value::as_u64),
     }))
 }
 

@@ -484,6 +484,7 @@ impl SessionActor {
         {
             pool.do_send(Parked {
                 conn: lease.conn,
+                lease: lease.id,
                 parked,
             });
         }
@@ -494,6 +495,7 @@ impl SessionActor {
         if let Some(pool) = self.deps.pool_of(&lease.account) {
             pool.do_send(Release {
                 conn: lease.conn,
+                lease: lease.id,
                 reusable,
             });
         }

@@ -111,6 +111,8 @@ pub struct Outcome {
     pub status: &'static str,
     pub usage_source: &'static str,
     pub usage: Usage,
+    /// What the relay measured itself: billed instead of an implausible report.
+    pub estimate: Usage,
     pub timing: Timing,
     pub error_code: Option<String>,
     pub response_id: Option<String>,
@@ -207,6 +209,23 @@ impl TurnTracker {
         }
     }
 
+    /// The relay's own measure of the turn: input from the prompt's size (once the request
+    /// reached the upstream), output from the streamed text.
+    fn estimate(&self, reached: bool) -> Usage {
+        let input_tokens = if reached {
+            estimate_tokens(self.prompt_bytes)
+        } else {
+            0
+        };
+        let output_tokens = estimate_tokens(self.streamed_chars);
+        Usage {
+            input_tokens,
+            output_tokens,
+            total_tokens: input_tokens + output_tokens,
+            ..Usage::default()
+        }
+    }
+
     /// The outcome of the turn ending now.
     ///
     /// Usage (SPEC §4.3): the upstream's, when a terminal event reported it. Otherwise never
@@ -226,17 +245,16 @@ impl TurnTracker {
             Ending::Aborted(code) => ("cancelled", Some(code.to_string())),
         };
         let reached = self.clock.reached_upstream();
+        let estimate = self.estimate(reached);
         let mut usage = self.usage;
         let usage_source = if self.events == 0 && !reached {
             "none"
         } else if self.usage_reported && self.saw_terminal {
             "reported"
         } else {
-            usage.output_tokens = usage
-                .output_tokens
-                .max(estimate_tokens(self.streamed_chars));
-            if reached && usage.input_tokens == 0 {
-                usage.input_tokens = estimate_tokens(self.prompt_bytes);
+            usage.output_tokens = usage.output_tokens.max(estimate.output_tokens);
+            if usage.input_tokens == 0 {
+                usage.input_tokens = estimate.input_tokens;
             }
             if self.usage_reported {
                 "partial"
@@ -251,6 +269,7 @@ impl TurnTracker {
             status,
             usage_source,
             usage,
+            estimate,
             timing,
             error_code,
             response_id: self.response_id.clone(),
@@ -258,12 +277,28 @@ impl TurnTracker {
     }
 }
 
-/// Length of the `"delta":"…"` string of a delta event, by scan (escapes counted as written).
+/// Length of the `"delta": "…"` string of a delta event, by scan (escapes counted as
+/// written), whatever JSON whitespace surrounds the colon.
 fn delta_len(text: &str) -> usize {
-    let Some(at) = text.find("\"delta\":\"") else {
-        return 0;
-    };
-    let body = &text[at + 9..];
+    const KEY: &str = "\"delta\"";
+    let json_ws: &[char] = &[' ', '\t', '\n', '\r'];
+    let mut rest = text;
+    while let Some(found) = rest.find(KEY) {
+        rest = &rest[found + KEY.len()..];
+        // The key is followed by a colon; the same word as a value is not.
+        let Some(value) = rest.trim_start_matches(json_ws).strip_prefix(':') else {
+            continue;
+        };
+        return match value.trim_start_matches(json_ws).strip_prefix('"') {
+            Some(body) => string_len(body),
+            None => 0,
+        };
+    }
+    0
+}
+
+/// Characters of a JSON string's body up to its closing quote (0 if it never closes).
+fn string_len(body: &str) -> usize {
     let bytes = body.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -316,6 +351,33 @@ mod tests {
         assert_eq!(o.response_id.as_deref(), Some("resp_X"));
         assert_eq!((o.status, o.usage_source), ("completed", "reported"));
         assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (5, 2));
+    }
+
+    /// A stream without usage is estimated from its deltas, compact or spaced JSON alike.
+    #[test]
+    fn spaced_and_compact_deltas_estimate_the_same_output() {
+        let estimate = |events: &[&str]| {
+            let t0 = Instant::now();
+            let mut t = TurnTracker::new(t0).prompting(40);
+            t.clock.written(t0);
+            for e in events {
+                t.observe(e, t0);
+            }
+            t.finish(Ending::ClientGone, t0)
+        };
+        let compact = estimate(&[
+            r#"{"type":"response.created","response":{"id":"r"}}"#,
+            r#"{"type":"response.output_text.delta","delta":"Hello there, "}"#,
+            r#"{"type":"response.output_text.delta","delta":"world"}"#,
+        ]);
+        let spaced = estimate(&[
+            r#"{"type": "response.created", "response": {"id": "r"}}"#,
+            r#"{"type": "response.output_text.delta", "delta": "Hello there, "}"#,
+            r#"{"type": "response.output_text.delta", "delta": "world"}"#,
+        ]);
+        assert_eq!(compact.usage_source, "estimated");
+        assert_eq!(spaced.usage.output_tokens, 5);
+        assert_eq!(spaced.usage, compact.usage);
     }
 
     #[test]
@@ -545,5 +607,10 @@ mod tests {
         assert_eq!(delta_len(r#"{"type":"x","delta":"a\"b"}"#), 4);
         assert_eq!(delta_len(r#"{"type":"x","delta":""}"#), 0);
         assert_eq!(delta_len(r#"{"type":"x"}"#), 0);
+        // Any JSON whitespace around the colon (Python's json.dumps writes `": "`).
+        assert_eq!(delta_len(r#"{"type": "x", "delta": "hello"}"#), 5);
+        assert_eq!(delta_len("{\"type\":\"x\",\"delta\"\n :\t\"ab\"}"), 2);
+        // A `"delta"` that is a value, not the key, is skipped.
+        assert_eq!(delta_len(r#"{"name":"delta","delta" : "abc"}"#), 3);
     }
 }

@@ -200,7 +200,7 @@ impl Usage {
             "input_tokens_details": {"cached_tokens": self.cached},
             "output_tokens": self.output,
             "output_tokens_details": {"reasoning_tokens": self.reasoning},
-            "total_tokens": self.input + self.output,
+            "total_tokens": self.input.saturating_add(self.output),
         })
     }
 }
@@ -361,11 +361,13 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
 }
 
 fn usage_of(req: &Value, script: &Script, output_chars: usize) -> Usage {
-    let input = input_tokens(req);
+    let input = script.report_input.unwrap_or_else(|| input_tokens(req));
     Usage {
         input,
         cached: script.cached_tokens.min(input),
-        output: tokens_of(output_chars) + script.reasoning_tokens,
+        output: script
+            .report_output
+            .unwrap_or_else(|| tokens_of(output_chars) + script.reasoning_tokens),
         reasoning: script.reasoning_tokens,
     }
 }

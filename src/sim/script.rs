@@ -80,6 +80,9 @@ pub struct Script {
     pub tool: Option<Option<String>>,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
+    /// Report these counts instead of the computed ones (an upstream reporting nonsense).
+    pub report_input: Option<u64>,
+    pub report_output: Option<u64>,
 }
 
 impl Default for Script {
@@ -100,6 +103,8 @@ impl Default for Script {
             tool: None,
             cached_tokens: 0,
             reasoning_tokens: 0,
+            report_input: None,
+            report_output: None,
         }
     }
 }
@@ -203,6 +208,8 @@ impl Script {
                 "tool" => s.tool = Some(value.map(str::to_string)),
                 "cached" => s.cached_tokens = num(need()?)?,
                 "reasoning" => s.reasoning_tokens = num(need()?)?,
+                "report_input" => s.report_input = Some(num(need()?)?),
+                "report_output" => s.report_output = Some(num(need()?)?),
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }

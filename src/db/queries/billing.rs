@@ -47,6 +47,53 @@ macro_rules! balance_update {
     };
 }
 
+/// The `usage_quarantine` row of a record whose reported usage was set aside: the report as
+/// JSON (with the response id and model), and the reason.
+struct SetAsideRow {
+    payload: String,
+    reason: String,
+}
+
+fn set_aside_of(r: &TurnRecord) -> Option<SetAsideRow> {
+    let s = r.set_aside.as_ref()?;
+    let payload = serde_json::json!({
+        "reported_usage": s.reported,
+        "response_id": r.response_id,
+        "model": r.model,
+        "billed_usage": r.usage,
+        "billed_cost_nanousd": r.cost_nanousd,
+    });
+    Some(SetAsideRow {
+        payload: payload.to_string(),
+        reason: format!("implausible usage: {}", s.reason),
+    })
+}
+
+/// The statement that keeps a set-aside report (one statement for both connection types).
+macro_rules! set_aside_insert {
+    ($r:expr, $row:expr) => {
+        diesel::insert_into(crate::db::schema::usage_quarantine::table).values(
+            crate::db::models::NewQuarantine {
+                request_id: &$r.request_id,
+                api_key_id: $r.api_key_id,
+                payload: &$row.payload,
+                reason: &$row.reason,
+                created_at: now(),
+            },
+        )
+    };
+}
+
+/// The statement that settles the reservations of these turn ids (docs/DESIGN.md#reservations):
+/// in the transaction that writes their records, so a turn's cost is counted once — reserved,
+/// then spent.
+macro_rules! reservations_settle {
+    ($ids:expr) => {{
+        use crate::db::schema::turn_reservations as tr;
+        diesel::delete(tr::table.filter(tr::request_id.eq_any($ids)))
+    }};
+}
+
 /// The compensation backlog by status (`pending`, `settled`, `dead`), from the view.
 pub async fn compensation_backlog(pool: &DbPool) -> Result<Vec<BacklogRow>, DbError> {
     Ok(with_conn!(pool, |c| {
@@ -125,7 +172,17 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                 .transaction::<_, DbError, _>(async |tx| {
                     let rows: Vec<_> = records.iter().map(usage::row_of).collect();
                     let written = usage::insert_pg(tx, &rows).await?;
+                    let ids: Vec<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
+                    reservations_settle!(ids).execute(tx).await?;
                     let fresh = keys_of(&written);
+                    for r in records
+                        .iter()
+                        .filter(|r| fresh.contains(&(r.request_id.as_str(), r.api_key_id)))
+                    {
+                        if let Some(row) = set_aside_of(r) {
+                            set_aside_insert!(r, row).execute(tx).await?;
+                        }
+                    }
                     let billable = newly_written(records, &fresh);
                     let mut mismatched = 0;
                     for r in records
@@ -168,6 +225,9 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                     use diesel::Connection as _;
                     conn.transaction::<_, diesel::result::Error, _>(|tx| {
                         let mut out = BatchOutcome::default();
+                        let ids: Vec<&str> =
+                            records.iter().map(|r| r.request_id.as_str()).collect();
+                        diesel::RunQueryDsl::execute(reservations_settle!(ids), tx)?;
                         let mut debits = Vec::new();
                         for r in &records {
                             let written =
@@ -181,6 +241,9 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                                 continue;
                             }
                             out.usage_rows += 1;
+                            if let Some(row) = set_aside_of(r) {
+                                diesel::RunQueryDsl::execute(set_aside_insert!(r, row), tx)?;
+                            }
                             if r.cost_nanousd == 0 {
                                 continue;
                             }
@@ -291,7 +354,15 @@ pub async fn record_with_compensation(
         serde_json::json!([{"at": at.to_string(), "attempt": 0, "error": error}]).to_string();
     Ok(with_conn!(pool, |c| {
         c.transaction::<_, DbError, _>(async |tx| {
-            usage_insert!(&usage::row_of(r)).execute(tx).await?;
+            let written = usage_insert!(&usage::row_of(r)).execute(tx).await?;
+            reservations_settle!([r.request_id.as_str()])
+                .execute(tx)
+                .await?;
+            if written == 1
+                && let Some(row) = set_aside_of(r)
+            {
+                set_aside_insert!(r, row).execute(tx).await?;
+            }
             let n = diesel::insert_into(billing_compensations::table)
                 .values((
                     billing_compensations::request_id.eq(&r.request_id),

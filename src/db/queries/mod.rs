@@ -4,5 +4,6 @@ pub mod billing;
 pub mod bindings;
 pub mod health;
 pub mod keys;
+pub mod reservations;
 pub mod usage;
 pub mod users;

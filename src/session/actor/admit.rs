@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
+use crate::billing::reservation::Refusal;
+use crate::db::queries::reservations::NewReservation;
 
 /// Standing reads are failing (process-wide): the state is logged when it changes only.
 static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
@@ -91,10 +93,97 @@ impl SessionActor {
             if let Some(turn) = act.turn.as_mut() {
                 turn.key_slot = Some(key_slot);
                 turn.account_slot = Some(account_slot);
-                turn.phase = Phase::Leasing;
             }
-            act.lease_and_send(ctx);
+            act.reserve_then_lease(generation, ctx);
         }));
+    }
+
+    /// docs/DESIGN.md#reservations: a key with a quota, or a user with a balance, reserves the
+    /// turn's expected cost in the database before anything goes upstream; a reservation that
+    /// does not fit refuses the turn, and one that cannot be taken (the database is down)
+    /// refuses it too — money fails closed. Others go straight to the lease.
+    fn reserve_then_lease(&mut self, generation: u64, ctx: &mut Context<Self>) {
+        let Some(reservation) = self.reservation() else {
+            return self.start_leasing(ctx);
+        };
+        let db = self.deps.db.clone();
+        let request_id = reservation.request_id.clone();
+        let reserve = async move {
+            let call = async move { queries::reservations::reserve(&db, &reservation).await };
+            crate::db::within(crate::db::READ_DEADLINE, call).await
+        };
+        ctx.spawn(reserve.into_actor(self).map(move |res, act, ctx| {
+            if act.generation != generation {
+                // The turn ended meanwhile (its record may be written already): a reservation
+                // taken late is dropped rather than left to expire.
+                if matches!(res, Ok(Ok(()))) {
+                    let db = act.deps.db.clone();
+                    actix::spawn(async move {
+                        let _ = queries::reservations::release(&db, &request_id).await;
+                    });
+                }
+                return;
+            }
+            match res {
+                Ok(Ok(())) => act.start_leasing(ctx),
+                Ok(Err(Refusal::Quota)) => act.reject(
+                    ErrorCode::QuotaExhausted,
+                    "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
+                    ctx,
+                ),
+                Ok(Err(Refusal::Balance)) => act.reject(
+                    ErrorCode::BalanceExhausted,
+                    "the remaining balance does not cover the turn's expected cost (turns in flight included)",
+                    ctx,
+                ),
+                Err(e) => {
+                    warn!(parent: &act.span, error = %e, "turn reservation not taken; the turn is refused");
+                    act.reject(
+                        ErrorCode::AccountingUnavailable,
+                        ACCOUNTING_UNAVAILABLE,
+                        ctx,
+                    )
+                }
+            }
+        }));
+    }
+
+    fn start_leasing(&mut self, ctx: &mut Context<Self>) {
+        if let Some(turn) = self.turn.as_mut() {
+            turn.phase = Phase::Leasing;
+        }
+        self.lease_and_send(ctx);
+    }
+
+    /// The reservation the turn in flight takes, if its key or user is limited.
+    fn reservation(&self) -> Option<NewReservation> {
+        let (key, user) = self.standing.as_ref()?;
+        if key.quota_nanousd.is_none() && user.balance_nanousd.is_none() {
+            return None;
+        }
+        let turn = self.turn.as_ref()?;
+        let billing = &self.deps.settings.billing;
+        let amount = crate::billing::reservation::expected_cost(
+            &self.deps.prices.price_of(&turn.model),
+            turn.frame.warmup,
+            turn.frame.prompt_bytes,
+            turn.frame
+                .max_output_tokens
+                .unwrap_or(billing.reserve_output_tokens),
+            billing.max_tokens_per_response,
+        )?;
+        let at = crate::db::now();
+        let ttl = chrono::Duration::seconds(
+            i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
+        );
+        Some(NewReservation {
+            request_id: turn.turn_id.clone(),
+            api_key_id: key.id,
+            user_id: user.id,
+            amount_nanousd: amount,
+            created_at: at,
+            expires_at: at + ttl,
+        })
     }
 
     /// The key and its user, re-read for a turn (bounded: a database that does not answer

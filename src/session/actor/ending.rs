@@ -10,6 +10,23 @@ impl SessionActor {
         outcome: crate::session::turn::Outcome,
         account: String,
     ) -> TurnRecord {
+        let billed = crate::billing::bounds::settle(
+            &self.deps.prices.price_of(&turn.model),
+            turn.frame.warmup,
+            outcome.usage,
+            outcome.usage_source,
+            &outcome.estimate,
+            self.deps.settings.billing.max_tokens_per_response,
+        );
+        let set_aside = billed.set_aside.map(|(reported, why)| {
+            ::metrics::counter!(metric::USAGE_QUARANTINED, "reason" => why.label()).increment(1);
+            warn!(parent: &turn.span, reported = ?reported, reason = %why,
+                "implausible usage from the upstream: billed from the relay's estimate, the report quarantined");
+            crate::record::SetAside {
+                reported,
+                reason: why.to_string(),
+            }
+        });
         TurnRecord {
             request_id: turn.turn_id.clone(),
             response_id: outcome.response_id,
@@ -20,16 +37,14 @@ impl SessionActor {
             account,
             model: turn.model.clone(),
             status: outcome.status.to_string(),
-            usage_source: outcome.usage_source.to_string(),
+            usage_source: billed.usage_source.to_string(),
             warmup: turn.frame.warmup,
-            usage: outcome.usage,
-            cost_nanousd: self
-                .deps
-                .prices
-                .cost(&turn.model, &outcome.usage, turn.frame.warmup),
+            usage: billed.usage,
+            cost_nanousd: billed.cost_nanousd,
             timing: outcome.timing,
             error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
+            set_aside,
         }
     }
 

@@ -1,0 +1,154 @@
+//! `turn_reservations` (docs/DESIGN.md#reservations): taken at admission under row locks of the
+//! key and the user, so concurrent turns on any number of relays see each other's; settled by
+//! the batch that writes the turn's record; expired ones count for nothing and are purged.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+
+use crate::billing::reservation::{Holdings, Refusal, decide};
+use crate::db::schema::{api_keys, turn_reservations as r, users};
+use crate::db::{DbError, DbPool, now};
+
+/// A reservation to take.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = crate::db::schema::turn_reservations)]
+pub struct NewReservation {
+    pub request_id: String,
+    pub api_key_id: i64,
+    pub user_id: i64,
+    pub amount_nanousd: i64,
+    pub created_at: NaiveDateTime,
+    pub expires_at: NaiveDateTime,
+}
+
+/// The statements of a reservation, for the async and the blocking connection types.
+macro_rules! key_row {
+    ($n:expr) => {
+        api_keys::table
+            .filter(api_keys::id.eq($n.api_key_id))
+            .select((api_keys::quota_nanousd, api_keys::spent_nanousd))
+    };
+}
+macro_rules! user_row {
+    ($n:expr) => {
+        users::table
+            .filter(users::id.eq($n.user_id))
+            .select(users::balance_nanousd)
+    };
+}
+macro_rules! reserved_by {
+    ($column:expr, $id:expr, $at:expr) => {
+        r::table
+            .filter($column.eq($id))
+            .filter(r::expires_at.gt($at))
+            .select(r::amount_nanousd)
+    };
+}
+
+/// What a locked read found: `None` when the key or the user is gone.
+fn holdings(
+    key: Option<(Option<i64>, i64)>,
+    balance: Option<Option<i64>>,
+    key_reserved: &[i64],
+    user_reserved: &[i64],
+) -> Option<Holdings> {
+    let (quota, spent) = key?;
+    // A total beyond 64 bits counts as the largest amount: it refuses, never admits.
+    let total = |v: &[i64]| {
+        i64::try_from(v.iter().map(|a| i128::from(*a)).sum::<i128>()).unwrap_or(i64::MAX)
+    };
+    Some(Holdings {
+        quota,
+        spent,
+        key_reserved: total(key_reserved),
+        balance: balance?,
+        user_reserved: total(user_reserved),
+    })
+}
+
+/// Takes `n` if it fits the key's quota and the user's balance with every live reservation;
+/// `Ok(Err(_))` says which does not. One transaction holding the key's and the user's rows
+/// (PostgreSQL: `FOR UPDATE`, key before user as every writer does; SQLite: `BEGIN IMMEDIATE`).
+pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Refusal>, DbError> {
+    let at = n.created_at;
+    match pool {
+        DbPool::Postgres(p) => {
+            let mut c = p.get().await?;
+            let n = n.clone();
+            c.transaction::<_, DbError, _>(async |tx| {
+                let key = key_row!(n).for_update().first(tx).await.optional()?;
+                let balance = user_row!(n).for_update().first(tx).await.optional()?;
+                let key_reserved: Vec<i64> = reserved_by!(r::api_key_id, n.api_key_id, at)
+                    .load(tx)
+                    .await?;
+                let user_reserved: Vec<i64> =
+                    reserved_by!(r::user_id, n.user_id, at).load(tx).await?;
+                let Some(h) = holdings(key, balance, &key_reserved, &user_reserved) else {
+                    return Ok(Err(Refusal::Quota));
+                };
+                if let Err(why) = decide(&h, n.amount_nanousd) {
+                    return Ok(Err(why));
+                }
+                diesel::insert_into(r::table).values(&n).execute(tx).await?;
+                Ok(Ok(()))
+            })
+            .await
+        }
+        DbPool::Sqlite(p) => {
+            let mut c = p.get().await?;
+            let n = n.clone();
+            Ok(c.spawn_blocking(move |conn| {
+                use diesel::RunQueryDsl as Sync;
+                conn.immediate_transaction::<_, diesel::result::Error, _>(|tx| {
+                    let key = Sync::first(key_row!(n), tx).optional()?;
+                    let balance = Sync::first(user_row!(n), tx).optional()?;
+                    let key_reserved: Vec<i64> =
+                        Sync::load(reserved_by!(r::api_key_id, n.api_key_id, at), tx)?;
+                    let user_reserved: Vec<i64> =
+                        Sync::load(reserved_by!(r::user_id, n.user_id, at), tx)?;
+                    let Some(h) = holdings(key, balance, &key_reserved, &user_reserved) else {
+                        return Ok(Err(Refusal::Quota));
+                    };
+                    if let Err(why) = decide(&h, n.amount_nanousd) {
+                        return Ok(Err(why));
+                    }
+                    Sync::execute(diesel::insert_into(r::table).values(&n), tx)?;
+                    Ok(Ok(()))
+                })
+            })
+            .await?)
+        }
+    }
+}
+
+/// Drops the reservation of a turn that ended before it was taken.
+pub async fn release(pool: &DbPool, request_id: &str) -> Result<usize, DbError> {
+    Ok(with_conn!(pool, |c| {
+        diesel::delete(r::table.filter(r::request_id.eq(request_id)))
+            .execute(c)
+            .await?
+    }))
+}
+
+/// Drops reservations that expired before `before`; returns how many.
+pub async fn purge_expired(pool: &DbPool, before: NaiveDateTime) -> Result<usize, DbError> {
+    Ok(with_conn!(pool, |c| {
+        diesel::delete(r::table.filter(r::expires_at.le(before)))
+            .execute(c)
+            .await?
+    }))
+}
+
+/// Live reservations: (count, nano-USD).
+pub async fn live(pool: &DbPool) -> Result<(i64, i64), DbError> {
+    let at = now();
+    let rows: Vec<i64> = with_conn!(pool, |c| {
+        r::table
+            .filter(r::expires_at.gt(at))
+            .select(r::amount_nanousd)
+            .load(c)
+            .await?
+    });
+    Ok((rows.len() as i64, rows.iter().sum()))
+}

@@ -1,0 +1,244 @@
+//! Client churn: clients that connect, send a turn and vanish within milliseconds must never
+//! leave an upstream connection leased to nobody (docs/DESIGN.md#leases), and every response
+//! the upstream finished is billed exactly once.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use common::http;
+use common::stack::{Stack, StackOptions, block};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = "admin-secret-token-of-32-characters";
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn create(directive: &str) -> Value {
+    json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "churn",
+        "metadata": {"sim": directive}})
+}
+
+/// A tiny xorshift, so the churn is varied but needs no crate.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// `loops` threads, each connecting, sending one turn and going away 0–50 ms later (a close
+/// frame or a dropped socket), for `run`.
+fn churn(addr: &str, key: &str, loops: usize, run: Duration) -> usize {
+    let handles: Vec<_> = (0..loops)
+        .map(|i| {
+            let (addr, key) = (addr.to_string(), key.to_string());
+            std::thread::spawn(move || {
+                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1);
+                let end = Instant::now() + run;
+                let mut n = 0;
+                while Instant::now() < end {
+                    let auth = format!("Bearer {key}");
+                    let Ok(mut c) = common::ws::Client::connect(
+                        &addr,
+                        "/v1/responses",
+                        &[("authorization", &auth)],
+                    ) else {
+                        continue;
+                    };
+                    let delay = next(&mut seed) % 51;
+                    let directive = if next(&mut seed).is_multiple_of(2) {
+                        "delta_delay_ms=5"
+                    } else {
+                        "first_delay_ms=20"
+                    };
+                    c.send(&create(directive));
+                    std::thread::sleep(Duration::from_millis(delay));
+                    if next(&mut seed).is_multiple_of(2) {
+                        let _ = c.ws.close(None);
+                        let _ = c.ws.flush();
+                    }
+                    drop(c);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+fn pools(admin: &str) -> Value {
+    let (code, body) = http(admin, "GET", "/admin/pools", Some(TOKEN));
+    assert_eq!(code, 200, "{body}");
+    body["pools"][0].clone()
+}
+
+fn sessions(admin: &str) -> usize {
+    let (_, body) = http(admin, "GET", "/admin/sessions", Some(TOKEN));
+    body["sessions"].as_array().map_or(0, Vec::len)
+}
+
+/// Response ids the sim ended with a terminal event (what the upstream bills).
+fn finished_upstream(s: &Stack) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for conn in s.sim_connections().as_array().unwrap() {
+        for f in conn["frames"].as_array().unwrap() {
+            if f["dir"] != "out" {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(f["text"].as_str().unwrap_or("")) else {
+                continue;
+            };
+            if matches!(
+                v["type"].as_str(),
+                Some("response.completed" | "response.incomplete" | "response.failed")
+            ) {
+                ids.insert(v["response"]["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    ids
+}
+
+fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize) {
+    let admin = free_addr();
+    let env: Vec<(&str, &str)> = vec![
+        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
+        (
+            "TURNPIKE_ADMIN__BIND",
+            Box::leak(admin.clone().into_boxed_str()),
+        ),
+        ("TURNPIKE_LOG__LEVEL", "info"),
+    ];
+    let s = Stack::start(
+        db,
+        StackOptions {
+            env: Box::leak(env.into_boxed_slice()),
+            max_conns,
+            ..StackOptions::default()
+        },
+    );
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect(&admin).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = churn(&s.addr, &s.key, loops, run);
+    assert!(sent > loops, "the churn ran ({sent} connections)");
+
+    // Within the drain window every session is gone and no connection is leased.
+    let deadline = Instant::now() + T;
+    let mut p = pools(&admin);
+    while (p["leased"] != 0 || sessions(&admin) != 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        p = pools(&admin);
+    }
+    assert_eq!(p["leased"], 0, "a lease outlived its session: {p}");
+    assert_eq!(sessions(&admin), 0);
+
+    // The account still serves.
+    let mut c = s.client();
+    c.send(&create(""));
+    let events = c.until_terminal(T);
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "response.completed",
+        "{events:?}"
+    );
+    drop(c);
+
+    // Every response the upstream finished is billed, once.
+    let finished = finished_upstream(&s);
+    // Rows land a flush after the client heard the end: wait for them.
+    let deadline = Instant::now() + T;
+    let mut rows = s.rows(0);
+    while Instant::now() < deadline
+        && !finished
+            .iter()
+            .all(|id| rows.iter().any(|r| r.response_id.as_deref() == Some(id)))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        rows = s.rows(0);
+    }
+    let billed: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.response_id.as_deref())
+        .collect();
+    let unique: HashSet<&str> = billed.iter().copied().collect();
+    assert_eq!(unique.len(), billed.len(), "a response billed twice");
+    for id in &finished {
+        if !unique.contains(id.as_str()) {
+            let conns = s.sim_connections();
+            let conn = conns
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c.to_string().contains(id.as_str()));
+            let anonymous: Vec<_> = rows
+                .iter()
+                .filter(|r| r.response_id.is_none())
+                .map(|r| (&r.status, &r.usage_source, r.input_tokens))
+                .collect();
+            panic!(
+                "{id} finished upstream, not billed; its connection: {conn:?}; rows without a response id: {anonymous:?}"
+            );
+        }
+    }
+    let ids: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids.len(), rows.len(), "one row per turn");
+    s.finish();
+}
+
+#[test]
+fn churn_with_one_connection_leaks_no_lease() {
+    for db in block(TestDb::all()) {
+        storm(db, 2, Duration::from_secs(5), 1);
+    }
+}
+
+#[test]
+fn churn_of_twenty_loops_leaks_no_lease() {
+    for db in block(TestDb::all()) {
+        storm(db, 20, Duration::from_secs(10), 4);
+    }
+}
+
+/// The client's close handshake completes at once: the relay answers the close frame and ends
+/// the TCP connection, idle or after a turn (a client waiting for the server's EOF, as
+/// RFC 6455 §7.1.1 asks, must not wait for a timer).
+#[test]
+fn client_close_completes_without_a_wait() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    for turn_first in [false, true] {
+        let mut c = s.client();
+        if turn_first {
+            c.send(&create(""));
+            c.until_terminal(T);
+        }
+        let t0 = Instant::now();
+        c.ws.close(None).unwrap();
+        let mut code = None;
+        loop {
+            match c.recv(T) {
+                common::ws::Recv::Close(k) => code = Some(k),
+                common::ws::Recv::Gone(_) => break,
+                common::ws::Recv::Timeout => panic!("no EOF after the close handshake"),
+                _ => {}
+            }
+        }
+        let took = t0.elapsed();
+        assert_eq!(code, Some(1005), "the close frame is echoed");
+        // A hang guard, not a benchmark: the old relay took a whole second here.
+        assert!(
+            took < Duration::from_millis(500),
+            "close took {took:?} (turn first: {turn_first})"
+        );
+    }
+    s.finish();
+}

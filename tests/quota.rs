@@ -1,0 +1,187 @@
+//! Quota and balance under concurrency (docs/DESIGN.md#reservations): 20 sessions firing turns
+//! at once against a key worth about three turns, on one relay and on two relays sharing one
+//! PostgreSQL database. What is spent never exceeds the quota by more than one turn's excess
+//! over its reservation, and the money adds up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ledger::{assert_invariant, exec};
+use common::stack::{Stack, StackOptions, block};
+use common::ws::{Client, Recv};
+use common::{Proc, TestDb, turnpike};
+use serde_json::json;
+use turnpike::auth::KeyRequest;
+
+const T: Duration = Duration::from_secs(20);
+/// What one turn of this test costs at the default prices, about: 2 input tokens ("go!!"
+/// and the sim's count) and 7 output tokens — 2 × 1,250 + 7 × 10,000 nano-USD.
+const TURN: i64 = 72_500;
+
+/// `sessions` clients on `addrs` (round robin), each sending `turns` turns one after another
+/// with `max_output_tokens = 16`; returns (completed, refused by quota or balance).
+fn fire(addrs: &[String], key: &str, sessions: usize, turns: usize) -> (usize, usize) {
+    let handles: Vec<_> = (0..sessions)
+        .map(|i| {
+            let (addr, key) = (addrs[i % addrs.len()].clone(), key.to_string());
+            std::thread::spawn(move || {
+                let mut c = Client::bearer(&addr, &key);
+                let (mut done, mut refused) = (0, 0);
+                for _ in 0..turns {
+                    c.send(
+                        &json!({"type": "response.create", "model": "gpt-test", "store": false,
+                        "input": "go!!", "max_output_tokens": 16}),
+                    );
+                    loop {
+                        match c.recv(T) {
+                            Recv::Json(e) if e["type"] == "response.completed" => {
+                                done += 1;
+                                break;
+                            }
+                            Recv::Json(e) if e["type"] == "error" => {
+                                let code = e["error"]["code"].as_str().unwrap_or("").to_string();
+                                assert!(
+                                    code == "quota_exhausted" || code == "balance_exhausted",
+                                    "unexpected refusal {e}"
+                                );
+                                refused += 1;
+                                break;
+                            }
+                            Recv::Json(_) | Recv::Ping | Recv::Pong => {}
+                            other => panic!("connection ended: {other:?}"),
+                        }
+                    }
+                }
+                (done, refused)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// The most one turn may cost over its reservation here: none (16 output tokens reserved,
+/// 7 used), so spend stays within the limit itself.
+fn assert_bounded(spent: i64, limit: i64, what: &str) {
+    assert!(
+        spent <= limit,
+        "{what}: spent {spent} over the limit {limit}"
+    );
+    assert!(
+        spent >= limit - 2 * 125_000,
+        "{what}: the limit was used ({spent} of {limit})"
+    );
+}
+
+#[test]
+fn twenty_sessions_never_overspend_a_quota() {
+    for db in block(TestDb::all()) {
+        let quota = 3 * TURN + TURN / 2;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                max_conns: 20,
+                key: KeyRequest {
+                    quota_nanousd: Some(quota),
+                    ..KeyRequest::default()
+                },
+                ..StackOptions::default()
+            },
+        );
+        let (done, refused) = fire(std::slice::from_ref(&s.addr), &s.key, 20, 3);
+        assert!(
+            done >= 1 && refused >= 1,
+            "{done} completed, {refused} refused"
+        );
+        let sums = common::ledger::wait_rows(&s.db, 60);
+        assert_invariant(&sums);
+        assert_bounded(sums.spent, quota, "quota");
+        let per_turn = sums.ledger / done as i64;
+        assert!(
+            (TURN - 5_000..=TURN + 5_000).contains(&per_turn),
+            "every completed turn billed: {done} turns, {} nano-USD",
+            sums.ledger
+        );
+        s.finish();
+    }
+}
+
+#[test]
+fn twenty_sessions_never_overspend_a_balance() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(
+            db,
+            StackOptions {
+                max_conns: 20,
+                ..StackOptions::default()
+            },
+        );
+        let balance = 3 * TURN + TURN / 2;
+        exec(
+            &s.db,
+            &format!("UPDATE users SET balance_nanousd = {balance}"),
+        );
+        let (done, refused) = fire(std::slice::from_ref(&s.addr), &s.key, 20, 3);
+        assert!(
+            done >= 1 && refused >= 1,
+            "{done} completed, {refused} refused"
+        );
+        let sums = common::ledger::wait_rows(&s.db, 60);
+        assert_invariant(&sums);
+        assert_bounded(sums.spent, balance, "balance");
+        s.finish();
+    }
+}
+
+/// A second relay on the stack's database and config (a spool of its own).
+fn second_relay(s: &Stack) -> (Proc, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = turnpike();
+    cmd.arg("--config")
+        .arg(s.config_path())
+        .env("TURNPIKE_DATABASE__URL", &s.db.url)
+        .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+        .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
+        .env("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "50")
+        .arg("serve");
+    let p = Proc::spawn(cmd);
+    let addr = p.listening_addr();
+    (p, addr, dir)
+}
+
+#[test]
+fn two_relays_on_one_database_hold_one_quota() {
+    let Some(pg) = block(TestDb::all())
+        .into_iter()
+        .find(|d| d.url.starts_with("postgres"))
+    else {
+        eprintln!("PostgreSQL not reachable: two relays on one database not tested");
+        return;
+    };
+    let quota = 3 * TURN + TURN / 2;
+    let s = Stack::start(
+        pg,
+        StackOptions {
+            max_conns: 20,
+            key: KeyRequest {
+                quota_nanousd: Some(quota),
+                ..KeyRequest::default()
+            },
+            ..StackOptions::default()
+        },
+    );
+    let (second, addr2, _dir) = second_relay(&s);
+    let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 3);
+    assert!(
+        done >= 1 && refused >= 1,
+        "{done} completed, {refused} refused"
+    );
+    let sums = common::ledger::wait_rows(&s.db, 60);
+    assert_invariant(&sums);
+    assert_bounded(sums.spent, quota, "quota across two relays");
+    drop(second);
+    s.finish();
+}
