@@ -242,6 +242,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
         stuck_after: Duration::from_millis(settings.accounting.stuck_after_ms),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
+    crate::http::refusals::start_summaries(Duration::from_secs(settings.log.refusal_summary_s));
     let data = web::Data::from(deps.clone());
     let stall_ms = u32::try_from(settings.limits.client_stall_timeout_ms).unwrap_or(u32::MAX);
     let mut server = HttpServer::new(move || {
@@ -285,6 +286,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
         handle.stop(true).await;
     });
     server.await?;
+    crate::http::refusals::log_summary();
     let left = flush_accounting(&deps, grace).await;
     info!(unwritten_records = left, "stopped");
     Ok(())

@@ -209,6 +209,11 @@ pub struct LimitSettings {
     pub client_stall_timeout_ms: u64,
     /// Sessions open at once per key when the key sets no `max_sessions`.
     pub default_max_sessions_per_key: i32,
+    /// Refused handshakes from one address prefix (IPv4 /24, IPv6 /48) within a summary
+    /// interval after which each further refusal is answered only after
+    /// `refused_handshake_delay_ms` (valid keys are never delayed); 0 disables.
+    pub refused_handshakes_before_delay: u32,
+    pub refused_handshake_delay_ms: u64,
 }
 
 impl Default for SessionSettings {
@@ -257,6 +262,8 @@ impl Default for LimitSettings {
             client_send_buffer_bytes: 8 * 1024 * 1024,
             client_stall_timeout_ms: 30_000,
             default_max_sessions_per_key: 256,
+            refused_handshakes_before_delay: 100,
+            refused_handshake_delay_ms: 500,
         }
     }
 }
@@ -314,6 +321,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter (`info`, `turnpike=debug,actix_web=warn`); `RUST_LOG` wins when set.
     pub level: String,
+    /// Refused handshakes are not logged one by one: one summary line per this many seconds
+    /// (counts by reason and by address prefix) when there were any.
+    pub refusal_summary_s: u64,
 }
 
 /// One upstream account: a credential and the pool of upstream sockets opened with it.
@@ -434,6 +444,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            refusal_summary_s: 60,
         }
     }
 }

@@ -26,6 +26,7 @@ pub fn init(log: &LogSettings) {
 /// the README; recording is a no-op until `install_metrics` ran (tests that embed the relay).
 pub mod metric {
     pub const SESSIONS_OPEN: &str = "turnpike_sessions_open";
+    pub const HANDSHAKES_REFUSED: &str = "turnpike_handshakes_refused_total";
     pub const TURNS: &str = "turnpike_turns_total";
     pub const FIRST_TOKEN_MS: &str = "turnpike_first_token_ms";
     pub const DURATION_MS: &str = "turnpike_turn_duration_ms";

@@ -425,14 +425,17 @@ fn quota_counts_spend_still_in_the_spool() {
         StackOptions {
             env: &[("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "600000")],
             key: turnpike::auth::KeyRequest {
-                quota_nanousd: Some(1_000),
+                // The first turn's reservation (≈ 3 input + 5 output tokens: 53,750) fits;
+                // what it costs (7 output tokens) passes the quota while in the spool only.
+                quota_nanousd: Some(60_000),
                 ..Default::default()
             },
             ..StackOptions::default()
         },
     );
     let mut c = s.client();
-    let turn = json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "Say hello"});
+    let turn = json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "Say hello",
+        "max_output_tokens": 5});
     c.send(&turn);
     assert_eq!(
         c.until_terminal(T).last().unwrap()["type"],

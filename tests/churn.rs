@@ -242,3 +242,156 @@ fn client_close_completes_without_a_wait() {
     }
     s.finish();
 }
+
+fn metric_value(admin: &str, name: &str) -> f64 {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// 5,000 handshakes with bad keys from four threads: each is refused (401), counted in a metric,
+/// and the log holds a few summary lines, not one line each; a valid client connects and
+/// runs a turn in the middle of it (docs/DESIGN.md#refusals).
+#[test]
+fn a_storm_of_bad_keys_is_counted_not_logged() {
+    let admin = free_addr();
+    let env: Vec<(&str, &str)> = vec![
+        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
+        (
+            "TURNPIKE_ADMIN__BIND",
+            Box::leak(admin.clone().into_boxed_str()),
+        ),
+        ("TURNPIKE_LOG__REFUSAL_SUMMARY_S", "1"),
+        ("TURNPIKE_LIMITS__REFUSED_HANDSHAKES_BEFORE_DELAY", "0"),
+    ];
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: Box::leak(env.into_boxed_slice()),
+            ..StackOptions::default()
+        },
+    );
+    let mut seen = Vec::new();
+    // Whatever the start-up wrote.
+    common::stack::wait_log(
+        &s.relay,
+        "never printed",
+        Duration::from_millis(300),
+        &mut seen,
+    );
+    let storm: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = s.addr.clone();
+            std::thread::spawn(move || {
+                for _ in 0..1_250 {
+                    let refused = common::ws::Client::connect(
+                        &addr,
+                        "/v1/responses",
+                        &[("authorization", "Bearer tpk_not_a_real_key")],
+                    );
+                    assert_eq!(refused.err().map(|e| e.0), Some(401));
+                }
+            })
+        })
+        .collect();
+    let mut c = s.client();
+    c.send(&create(""));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    for t in storm {
+        t.join().unwrap();
+    }
+    let mut lines = Vec::new();
+    common::stack::wait_log(
+        &s.relay,
+        "never printed",
+        Duration::from_millis(2_500),
+        &mut lines,
+    );
+    let refusal_lines: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("refused") || l.contains("invalid_api_key"))
+        .collect();
+    assert!(
+        !refusal_lines.is_empty() && refusal_lines.len() <= 30,
+        "{} refusal lines: {:?}",
+        refusal_lines.len(),
+        refusal_lines.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        refusal_lines
+            .iter()
+            .all(|l| l.contains("handshakes refused: invalid_api_key=")
+                && l.contains("127.0.0.0/24=")),
+        "{refusal_lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("tpk_not_a_real_key")),
+        "keys never logged"
+    );
+    assert_eq!(
+        metric_value(
+            &admin,
+            "turnpike_handshakes_refused_total{reason=\"invalid_api_key\"}"
+        ),
+        5_000.0
+    );
+    s.finish();
+}
+
+/// Past `limits.refused_handshakes_before_delay` refusals from one prefix, each further refusal
+/// waits `limits.refused_handshake_delay_ms`; a valid key is never delayed.
+#[test]
+fn repeated_refusals_from_one_prefix_are_slowed() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_LIMITS__REFUSED_HANDSHAKES_BEFORE_DELAY", "5"),
+                ("TURNPIKE_LIMITS__REFUSED_HANDSHAKE_DELAY_MS", "400"),
+                ("TURNPIKE_LOG__REFUSAL_SUMMARY_S", "60"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let bad = || {
+        let t0 = Instant::now();
+        let r = common::ws::Client::connect(
+            &s.addr,
+            "/v1/responses",
+            &[("authorization", "Bearer tpk_wrong")],
+        );
+        assert_eq!(r.err().map(|e| e.0), Some(401));
+        t0.elapsed()
+    };
+    for _ in 0..5 {
+        bad();
+    }
+    for _ in 0..2 {
+        let took = bad();
+        assert!(
+            took >= Duration::from_millis(400),
+            "the 6th refusal waited: {took:?}"
+        );
+    }
+    // The valid key from the same address is served without the delay.
+    let mut c = s.client();
+    c.send(&create(""));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    s.finish();
+}

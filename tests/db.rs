@@ -19,7 +19,11 @@ async fn migrations_are_idempotent_and_complete() {
         let first = migrate::run_pending(&pool).await.unwrap();
         assert_eq!(
             first,
-            vec!["20261122000001".to_string(), "20261127000001".to_string()],
+            vec![
+                "20261122000001".to_string(),
+                "20261127000001".to_string(),
+                "20261128000001".to_string()
+            ],
             "{}",
             db.backend
         );

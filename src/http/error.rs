@@ -12,6 +12,8 @@ pub struct HttpError {
     pub message: String,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u32>,
+    /// Counted in the refusal summary instead of a log line of its own.
+    pub summarized: bool,
 }
 
 impl HttpError {
@@ -20,6 +22,7 @@ impl HttpError {
             code,
             message: message.into(),
             retry_after: None,
+            summarized: false,
         }
     }
 

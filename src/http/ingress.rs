@@ -6,7 +6,10 @@ use std::sync::atomic::Ordering;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
+use std::time::Duration;
+
 use super::error::HttpError;
+use super::refusals;
 use crate::auth;
 use crate::protocol::errors::ErrorCode;
 use crate::session::SessionDeps;
@@ -75,12 +78,39 @@ fn is_websocket(req: &HttpRequest) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// A refused handshake is counted, not logged by itself (docs/DESIGN.md#refusals); a prefix
+/// that keeps failing waits before it hears the refusal.
 async fn upgrade(
     req: HttpRequest,
     stream: web::Payload,
     deps: web::Data<SessionDeps>,
 ) -> Result<HttpResponse, HttpError> {
     let deps: Arc<SessionDeps> = deps.into_inner();
+    let limits = &deps.settings.limits;
+    let (threshold, delay) = (
+        limits.refused_handshakes_before_delay,
+        Duration::from_millis(limits.refused_handshake_delay_ms),
+    );
+    let peer = req.peer_addr().map(|a| a.ip());
+    let outcome = handshake(req.clone(), stream, deps).await;
+    match outcome {
+        Err(mut e) if e.code.status() < 500 => {
+            let from_prefix = refusals::record(e.code.code(), peer);
+            if threshold > 0 && from_prefix > threshold {
+                tokio::time::sleep(delay).await;
+            }
+            e.summarized = true;
+            Err(e)
+        }
+        other => other,
+    }
+}
+
+async fn handshake(
+    req: HttpRequest,
+    stream: web::Payload,
+    deps: Arc<SessionDeps>,
+) -> Result<HttpResponse, HttpError> {
     if deps.draining.load(Ordering::Relaxed) {
         return Err(HttpError::new(
             ErrorCode::NotReady,

@@ -3,4 +3,5 @@
 pub mod error;
 pub mod health;
 pub mod ingress;
+pub mod refusals;
 pub mod request_log;

@@ -6,6 +6,8 @@ use actix_web::Error;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use tracing::Span;
+
+use super::error::HttpError;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 
 pub struct PathOnlySpan;
@@ -31,7 +33,32 @@ impl RootSpanBuilder for PathOnlySpan {
         )
     }
 
+    /// One line per failed request — except refused handshakes, which are counted and
+    /// summarized (docs/DESIGN.md#refusals).
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let failure = match outcome {
+            Ok(response) => response
+                .response()
+                .error()
+                .map(|e| (e.as_response_error(), response.status())),
+            Err(e) => Some((e.as_response_error(), e.as_response_error().status_code())),
+        };
+        if let Some((error, status)) = failure {
+            let summarized = outcome
+                .as_ref()
+                .ok()
+                .and_then(|r| r.response().error())
+                .and_then(|e| e.as_error::<HttpError>())
+                .is_some_and(|e| e.summarized);
+            if !summarized {
+                let _in = span.enter();
+                if status.is_client_error() {
+                    tracing::warn!("request refused: {error:?}");
+                } else {
+                    tracing::error!("request failed: {error:?}");
+                }
+            }
+        }
         DefaultRootSpanBuilder::on_request_end(span, outcome);
     }
 }
