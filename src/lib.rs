@@ -5,13 +5,15 @@
 //! - [`admin`]: the operators' HTTP API (actors, sessions, pools, compensations).
 //! - [`actors`]: the status every long-lived actor reports, and the restart message.
 //! - [`app`]: wiring and order of startup and shutdown.
-//! - [`http`]: health, readiness, HTTP JSON errors.
+//! - [`http`]: the WebSocket ingress, health, readiness, HTTP JSON errors, refused-handshake
+//!   summaries.
 //! - [`auth`]: API keys: generation, SHA-256 storage, authentication, standing checks.
 //! - [`session`]: the client session actor and its turn state machine.
 //! - [`continuation`]: `previous_response_id` across lost connections (replay, fail-close), pure.
 //! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
 //! - [`record`]: a turn's usage record (`TurnRecord`, `Timing`) and its spool format.
-//! - [`billing`]: money in integer nano-USD.
+//! - [`billing`]: money in integer nano-USD: pricing, usage bounds, reservations (pure), the
+//!   Compensator.
 //! - [`db`]: schema, migrations, the backend enum, query functions.
 //! - [`sim`]: the simulated upstream (a real WebSocket server with scriptable faults).
 //! - [`config`]: settings, defaults, loading, validation errors.

@@ -76,21 +76,26 @@ fn assert_bounded(spent: i64, limit: i64, what: &str) {
     );
 }
 
+/// A stack with room for 20 concurrent turns, its key limited to `quota`.
+fn stack_with_quota(db: TestDb, quota: Option<i64>) -> Stack {
+    Stack::start(
+        db,
+        StackOptions {
+            max_conns: 20,
+            key: KeyRequest {
+                quota_nanousd: quota,
+                ..KeyRequest::default()
+            },
+            ..StackOptions::default()
+        },
+    )
+}
+
 #[test]
 fn twenty_sessions_never_overspend_a_quota() {
     for db in block(TestDb::all()) {
         let quota = 3 * TURN + TURN / 2;
-        let s = Stack::start(
-            db,
-            StackOptions {
-                max_conns: 20,
-                key: KeyRequest {
-                    quota_nanousd: Some(quota),
-                    ..KeyRequest::default()
-                },
-                ..StackOptions::default()
-            },
-        );
+        let s = stack_with_quota(db, Some(quota));
         let (done, refused) = fire(std::slice::from_ref(&s.addr), &s.key, 20, 3);
         assert!(
             done >= 1 && refused >= 1,
@@ -112,13 +117,7 @@ fn twenty_sessions_never_overspend_a_quota() {
 #[test]
 fn twenty_sessions_never_overspend_a_balance() {
     for db in block(TestDb::all()) {
-        let s = Stack::start(
-            db,
-            StackOptions {
-                max_conns: 20,
-                ..StackOptions::default()
-            },
-        );
+        let s = stack_with_quota(db, None);
         let balance = 3 * TURN + TURN / 2;
         exec(
             &s.db,
@@ -162,17 +161,7 @@ fn two_relays_on_one_database_hold_one_quota() {
         return;
     };
     let quota = 3 * TURN + TURN / 2;
-    let s = Stack::start(
-        pg,
-        StackOptions {
-            max_conns: 20,
-            key: KeyRequest {
-                quota_nanousd: Some(quota),
-                ..KeyRequest::default()
-            },
-            ..StackOptions::default()
-        },
-    );
+    let s = stack_with_quota(pg, Some(quota));
     let (second, addr2, _dir) = second_relay(&s);
     let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 3);
     assert!(

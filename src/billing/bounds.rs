@@ -153,12 +153,7 @@ pub fn max_cost_fits(price: &Price, max_tokens: u64) -> bool {
 mod tests {
     use super::*;
 
-    const PRICE: Price = Price {
-        input: 1_250_000_000,
-        cached_input: 125_000_000,
-        cache_write: 1_250_000_000,
-        output: 10_000_000_000,
-    };
+    const PRICE: Price = crate::billing::pricing::DEFAULT_PRICE;
     const MAX: u64 = 20_000_000;
 
     fn usage(input: u64, output: u64) -> Usage {

@@ -57,6 +57,15 @@ pub struct Price {
     pub output: i64,
 }
 
+/// The default prices, parsed (for unit tests).
+#[cfg(test)]
+pub const DEFAULT_PRICE: Price = Price {
+    input: 1_250_000_000,
+    cached_input: 125_000_000,
+    cache_write: 1_250_000_000,
+    output: 10_000_000_000,
+};
+
 impl PriceSettings {
     pub fn parse(&self) -> Result<Price, MoneyError> {
         let input = parse_usd(&self.input_usd_per_mtok)?;
@@ -139,6 +148,7 @@ mod tests {
     #[test]
     fn default_prices() {
         let t = PriceTable::from_settings(&PricingSettings::default()).unwrap();
+        assert_eq!(t.price_of("x"), DEFAULT_PRICE);
         // 1M input at $1.25 + 1M output at $10.
         assert_eq!(
             t.cost("x", &usage(1_000_000, 0, 1_000_000)),

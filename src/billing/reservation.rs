@@ -66,12 +66,7 @@ pub fn decide(h: &Holdings, amount: i64) -> Result<(), Refusal> {
 mod tests {
     use super::*;
 
-    const PRICE: Price = Price {
-        input: 1_250_000_000,
-        cached_input: 125_000_000,
-        cache_write: 1_250_000_000,
-        output: 10_000_000_000,
-    };
+    const PRICE: Price = crate::billing::pricing::DEFAULT_PRICE;
 
     fn holdings(quota: Option<i64>, spent: i64, balance: Option<i64>, reserved: i64) -> Holdings {
         Holdings {
