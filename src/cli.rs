@@ -249,7 +249,8 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
     match command {
         Command::Serve => {
             rustls_provider();
-            Ok(app::serve(settings).await?)
+            // A database error at start names the database (path, or host:port/db).
+            Ok(app::serve(settings).await.map_err(|e| at(e.into()))?)
         }
         Command::Migrate => {
             let db = app::open_database(&settings, true)

@@ -477,3 +477,33 @@ fn management_exit_codes_read_only_commands_and_database_errors() {
     assert!(err.contains("127.0.0.1:9/nodb"), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
+
+/// `serve` whose database cannot be opened at start says which one (the SQLite path, or the
+/// PostgreSQL host:port/db — never the user or a password).
+#[test]
+fn serve_names_the_database_it_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "x").unwrap();
+    let sqlite = format!("sqlite://{}/t.db", blocker.display());
+    for (url, named) in [
+        (
+            "postgres://postgres:secret@127.0.0.1:1/nodb".to_string(),
+            "PostgreSQL 127.0.0.1:1/nodb".to_string(),
+        ),
+        (sqlite, format!("SQLite {}/t.db", blocker.display())),
+    ] {
+        let out = turnpike()
+            .current_dir(dir.path())
+            .env("TURNPIKE_DATABASE__URL", &url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .env("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "2000")
+            .arg("serve")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(&named), "{named} in: {err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+}
