@@ -54,9 +54,65 @@ pub async fn open_database(settings: &Settings, migrate_now: bool) -> Result<DbP
     let db = DbPool::connect(&settings.database)?;
     if migrate_now {
         let applied = migrate::run_pending(&db).await?;
-        info!(backend = db.backend(), applied = ?applied, "migrations up to date");
+        log_migrations(&db, &applied);
     }
     Ok(db)
+}
+
+/// `serve`'s database (docs/DESIGN.md#database-at-start): migrated now when it answers; a
+/// PostgreSQL server that does not answer yet is waited for in the background — the relay
+/// starts, `/readyz` says 503 naming the database (its handshakes cannot authenticate), and the
+/// migrations run once it answers. A SQLite file that cannot be opened stops `serve`.
+async fn open_at_start(settings: &Settings) -> Result<DbPool, AppError> {
+    let db = DbPool::connect(&settings.database)?;
+    if !settings.database.migrate_on_start {
+        return Ok(db);
+    }
+    let first = migrate::run_pending(&db).await;
+    match first {
+        Ok(applied) => {
+            log_migrations(&db, &applied);
+            Ok(db)
+        }
+        Err(e) if e.is_outage() && matches!(db, DbPool::Postgres(_)) => {
+            let label = settings.database.label();
+            warn!(database = %label, error = %e,
+                "database unreachable at start; serving /healthz, not ready, retrying");
+            let cap = Duration::from_millis(settings.database.start_retry_max_ms.max(1_000));
+            actix::spawn(migrate_when_reachable(db.clone(), label, cap));
+            Ok(db)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn log_migrations(db: &DbPool, applied: &[String]) {
+    if applied.is_empty() {
+        info!(backend = db.backend(), "migrations up to date");
+    } else {
+        info!(backend = db.backend(), applied = ?applied, "migrations applied");
+    }
+}
+
+/// Retries the start-up migrations (1 s, doubling up to `cap`) until they run: one line when
+/// it works, none per attempt (the first failure was logged).
+async fn migrate_when_reachable(db: DbPool, label: String, cap: Duration) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(wait).await;
+        match migrate::run_pending(&db).await {
+            Ok(applied) => {
+                info!(database = %label, "database reachable");
+                return log_migrations(&db, &applied);
+            }
+            Err(e) if e.is_outage() => wait = (wait * 2).min(cap),
+            Err(e) => {
+                // Reachable but the migrations fail: nothing a retry fixes; /readyz says it.
+                return tracing::error!(database = %label, error = %e,
+                    "migrations failed; the relay stays not ready (run `turnpike migrate`)");
+            }
+        }
+    }
 }
 
 /// Opens (and locks) the configured spool directory.
@@ -190,7 +246,7 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
         Some(bind_listener("admin.bind", settings.admin.bind)?)
     };
     raise_fd_limit();
-    let db = open_database(&settings, settings.database.migrate_on_start).await?;
+    let db = open_at_start(&settings).await?;
     let deps = start_relay(settings, db)?;
     let compensator = start_compensator(&deps.settings, deps.db.clone());
     if let Some(l) = admin_listener {
@@ -236,6 +292,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     let settings = &deps.settings;
     let readiness = Readiness {
         db: deps.db.clone(),
+        db_label: settings.database.label(),
         draining: deps.draining.clone(),
         accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
         no_accounts: deps.accounts.is_empty(),

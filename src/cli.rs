@@ -203,24 +203,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     actix_web::rt::System::new().block_on(dispatch(cli.command, settings))
 }
 
-/// Where the database is, for error messages: the SQLite path, or the PostgreSQL host and
-/// database (never the user or password).
-fn database_target(settings: &Settings) -> String {
-    match crate::config::DatabaseTarget::parse(&settings.database.url) {
-        Ok(crate::config::DatabaseTarget::Sqlite(path)) => format!("SQLite {}", path.display()),
-        Ok(crate::config::DatabaseTarget::Postgres(url)) => {
-            let host = url.rsplit('@').next().unwrap_or(&url);
-            let host = host.split('?').next().unwrap_or(host);
-            format!(
-                "PostgreSQL {}",
-                host.trim_start_matches("postgres://")
-                    .trim_start_matches("postgresql://")
-            )
-        }
-        Err(_) => settings.database.url.clone(),
-    }
-}
-
 /// A database error of a management command, naming the database.
 fn at_database(target: String) -> impl Fn(CliError) -> CliError {
     move |e| match e {
@@ -245,7 +227,7 @@ async fn open_for(settings: &Settings, read_only: bool) -> Result<crate::db::DbP
 }
 
 async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> {
-    let at = at_database(database_target(&settings));
+    let at = at_database(settings.database.label());
     match command {
         Command::Serve => {
             rustls_provider();

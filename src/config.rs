@@ -295,6 +295,9 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     /// Apply pending migrations when `serve` starts.
     pub migrate_on_start: bool,
+    /// PostgreSQL unreachable when `serve` starts: it serves `/healthz`, answers `/readyz` 503
+    /// and retries (doubling from 1 s up to this) until the database answers.
+    pub start_retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,6 +428,7 @@ impl Default for DatabaseSettings {
             sqlite_busy_timeout_ms: 5_000,
             statement_timeout_ms: 15_000,
             migrate_on_start: true,
+            start_retry_max_ms: 30_000,
         }
     }
 }
@@ -649,6 +653,24 @@ impl DatabaseTarget {
             ));
         }
         Ok(Self::Sqlite(PathBuf::from(path)))
+    }
+}
+
+impl DatabaseSettings {
+    /// Where the database is, for messages: `SQLite PATH`, or `PostgreSQL host:port/db`
+    /// (never the user or the password).
+    pub fn label(&self) -> String {
+        match DatabaseTarget::parse(&self.url) {
+            Ok(DatabaseTarget::Sqlite(path)) => format!("SQLite {}", path.display()),
+            Ok(DatabaseTarget::Postgres(url)) => {
+                let rest = url
+                    .trim_start_matches("postgres://")
+                    .trim_start_matches("postgresql://");
+                let host = rest.rsplit('@').next().unwrap_or(rest);
+                format!("PostgreSQL {}", host.split('?').next().unwrap_or(host))
+            }
+            Err(_) => "the configured database".to_string(),
+        }
     }
 }
 

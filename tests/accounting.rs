@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::ledger::{assert_invariant, exec, query_sums, sums, wait_rows};
 use common::stack::{Stack, StackOptions, block};
 use common::ws::Client;
-use common::{Proc, TestDb};
+use common::{Proc, TestDb, http_get};
 use serde_json::json;
+use turnpike::db::queries;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -585,4 +586,78 @@ fn poison_records_are_quarantined_and_never_block() {
         );
         block(db.cleanup());
     }
+}
+
+/// PostgreSQL unreachable when `serve` starts (docs/DESIGN.md#database-at-start): the relay
+/// comes up anyway — `/healthz` 200, `/readyz` 503 naming the database, handshakes refused
+/// 503 — retries, migrates once the database answers, becomes ready, and a turn is billed.
+#[test]
+fn database_down_at_start_then_up() {
+    let Some((db, proxy, via_proxy)) = common::postgres_behind_proxy() else {
+        eprintln!("PostgreSQL not configured: skipped");
+        return;
+    };
+    proxy.cut();
+    let (_sim, sim_addr) = common::start_sim(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!("[[accounts]]\nname = \"sim\"\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"sk-upstream\"\n"),
+    )
+    .unwrap();
+    let mut cmd = common::turnpike();
+    cmd.arg("--config")
+        .arg(&config)
+        .env("TURNPIKE_DATABASE__URL", &via_proxy)
+        .env("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "500")
+        .env("TURNPIKE_DATABASE__START_RETRY_MAX_MS", "1000")
+        .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+        .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
+        .env("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "50")
+        .arg("serve");
+    let relay = Proc::spawn(cmd);
+    let addr = relay.listening_addr();
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    let named = format!("PostgreSQL {}", via_proxy.rsplit('@').next().unwrap());
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains(&named), "{named} in {message}");
+    assert!(!message.contains("postgres@"), "{message}");
+
+    proxy.restore();
+    let deadline = std::time::Instant::now() + T;
+    while http_get(&addr, "/readyz").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        http_get(&addr, "/readyz").0,
+        200,
+        "ready once the database answers"
+    );
+    let (key, key_id) = block(async {
+        let pool = db.pool();
+        let user = queries::users::create(&pool, "late", None).await.unwrap();
+        let (key, row) = turnpike::auth::create_key(&pool, user.id, &Default::default())
+            .await
+            .unwrap();
+        (key, row.id)
+    });
+    let mut c = Client::bearer(&addr, &key);
+    c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    let s = wait_rows(&db, 1);
+    assert_eq!(s.usage_rows, 1);
+    assert_invariant(&s);
+    let rows = block(async { queries::usage::by_key(&db.pool(), key_id).await }).unwrap();
+    assert_eq!(rows.len(), 1);
+    drop(relay);
+    block(db.cleanup());
 }

@@ -16,6 +16,8 @@ use crate::protocol::errors::ErrorCode;
 #[derive(Clone)]
 pub struct Readiness {
     pub db: DbPool,
+    /// `SQLite PATH` or `PostgreSQL host:port/db`, for the 503's words.
+    pub db_label: String,
     pub draining: Arc<AtomicBool>,
     /// Reports the records waiting for the database and accounting's health, when the relay
     /// runs.
@@ -75,7 +77,8 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
         .await
         .map_err(|e| {
             not_ready(format!(
-                "database unreachable: {e} (accounting backlog: {} records waiting in the spool)",
+                "database unreachable: {}: {e} (accounting backlog: {} records waiting in the spool)",
+                state.db_label,
                 backlog.unwrap_or(0)
             ))
         })?;
@@ -83,10 +86,11 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
     let pending = async move { migrate::pending(&db).await };
     let pending = crate::db::within(crate::db::READ_DEADLINE, pending)
         .await
-        .map_err(|e| not_ready(format!("cannot read migrations: {e}")))?;
+        .map_err(|e| not_ready(format!("cannot read migrations of {}: {e}", state.db_label)))?;
     if !pending.is_empty() {
         return Err(not_ready(format!(
-            "migrations pending: {} (run `turnpike migrate`)",
+            "migrations pending on {}: {} (run `turnpike migrate`)",
+            state.db_label,
             pending.join(", ")
         )));
     }
