@@ -172,11 +172,24 @@ pub fn start_relay_with(
         auth_cache: crate::auth::AuthCache::new(Duration::from_secs(600)),
         registry: Registry::default().start(),
         slots: Arc::new(Slots::default()),
+        fleet: fleet_of(&settings, &db),
         draining: Arc::new(AtomicBool::new(false)),
         accounts,
         db,
         settings,
     }))
+}
+
+/// The fleet of relays sharing a PostgreSQL database (docs/DESIGN.md#fleet-slots), with its
+/// heartbeat running; none on SQLite or with `limits.fleet_slot_ttl_ms = 0`.
+fn fleet_of(settings: &Settings, db: &DbPool) -> Option<Arc<crate::session::fleet::Fleet>> {
+    let ttl = settings.limits.fleet_slot_ttl_ms;
+    if ttl == 0 || !matches!(db, DbPool::Postgres(_)) {
+        return None;
+    }
+    let fleet = crate::session::fleet::Fleet::new(db.clone(), Duration::from_millis(ttl));
+    fleet.start_heartbeat();
+    Some(fleet)
 }
 
 /// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
@@ -412,6 +425,9 @@ pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
         );
         // Their records are handed to accounting before they close.
         wait_for_sessions(deps, Duration::from_secs(2)).await;
+    }
+    if let Some(fleet) = &deps.fleet {
+        fleet.release_all().await;
     }
 }
 

@@ -214,6 +214,10 @@ pub struct LimitSettings {
     /// `refused_handshake_delay_ms` (valid keys are never delayed); 0 disables.
     pub refused_handshakes_before_delay: u32,
     pub refused_handshake_delay_ms: u64,
+    /// PostgreSQL: a key's open sessions and turns in flight are counted for every relay on
+    /// the database (`fleet_slots`); a dead relay's slots stop counting after this. 0: counted
+    /// per relay only.
+    pub fleet_slot_ttl_ms: u64,
 }
 
 impl Default for SessionSettings {
@@ -264,6 +268,7 @@ impl Default for LimitSettings {
             default_max_sessions_per_key: 256,
             refused_handshakes_before_delay: 100,
             refused_handshake_delay_ms: 500,
+            fleet_slot_ttl_ms: 30_000,
         }
     }
 }

@@ -135,10 +135,11 @@ fn twenty_sessions_never_overspend_a_balance() {
     }
 }
 
-/// A second relay on the stack's database and config (a spool of its own).
-fn second_relay(s: &Stack) -> (Proc, String, tempfile::TempDir) {
+/// A second relay on the stack's database and config (a spool of its own), with `env`.
+fn second_relay(s: &Stack, env: &[(&str, &str)]) -> (Proc, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = turnpike();
+    cmd.envs(env.iter().copied());
     cmd.arg("--config")
         .arg(s.config_path())
         .env("TURNPIKE_DATABASE__URL", &s.db.url)
@@ -162,7 +163,7 @@ fn two_relays_on_one_database_hold_one_quota() {
     };
     let quota = 3 * TURN + TURN / 2;
     let s = stack_with_quota(pg, Some(quota));
-    let (second, addr2, _dir) = second_relay(&s);
+    let (second, addr2, _dir) = second_relay(&s, &[]);
     let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 3);
     assert!(
         done >= 1 && refused >= 1,
@@ -172,5 +173,126 @@ fn two_relays_on_one_database_hold_one_quota() {
     assert_invariant(&sums);
     assert_bounded(sums.spent, quota, "quota across two relays");
     drop(second);
+    s.finish();
+}
+
+/// The first PostgreSQL test database, if PostgreSQL is configured.
+fn postgres() -> Option<TestDb> {
+    let pg = block(TestDb::all())
+        .into_iter()
+        .find(|d| d.url.starts_with("postgres"));
+    if pg.is_none() {
+        eprintln!("PostgreSQL not reachable: fleet caps not tested");
+    }
+    pg
+}
+
+fn try_connect(addr: &str, key: &str) -> Result<Client, u16> {
+    let auth = format!("Bearer {key}");
+    Client::connect(addr, "/v1/responses", &[("authorization", &auth)]).map_err(|e| e.0)
+}
+
+/// `default_max_sessions_per_key = 2` with two relays on one PostgreSQL: two sessions in all,
+/// whichever relays they reach; a closed session frees its place; a relay killed with -9
+/// stops holding its places after the slot TTL (docs/DESIGN.md#fleet-slots).
+#[test]
+fn two_relays_share_one_session_cap() {
+    let Some(pg) = postgres() else { return };
+    let env = [
+        ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "2"),
+        ("TURNPIKE_LIMITS__FLEET_SLOT_TTL_MS", "1500"),
+    ];
+    let s = Stack::start(
+        pg,
+        StackOptions {
+            env: &env,
+            ..StackOptions::default()
+        },
+    );
+    let (mut second, addr2, _dir) = second_relay(&s, &env);
+    let a = try_connect(&s.addr, &s.key).expect("first session");
+    let b = try_connect(&addr2, &s.key).expect("second session, other relay");
+    assert_eq!(try_connect(&s.addr, &s.key).err(), Some(429));
+    assert_eq!(try_connect(&addr2, &s.key).err(), Some(429));
+    drop(a);
+    // Its place is given back once the relay saw the close.
+    let deadline = std::time::Instant::now() + T;
+    let c = loop {
+        match try_connect(&addr2, &s.key) {
+            Ok(c) => break c,
+            Err(429) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(code) => panic!("no place freed: {code}"),
+        }
+    };
+    assert_eq!(try_connect(&s.addr, &s.key).err(), Some(429));
+    // The second relay dies without a word: its two sessions stop counting after the TTL.
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    drop((b, c));
+    let deadline = std::time::Instant::now() + T;
+    let mut open = Vec::new();
+    while open.len() < 2 && std::time::Instant::now() < deadline {
+        match try_connect(&s.addr, &s.key) {
+            Ok(c) => open.push(c),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    assert_eq!(open.len(), 2, "the dead relay's places expired");
+    assert_eq!(try_connect(&s.addr, &s.key).err(), Some(429));
+    drop(open);
+    s.finish();
+}
+
+/// A key with `max_concurrent_turns = 1` and two relays: while a slow turn runs on one, a turn
+/// on the other is refused `concurrency_limit_exceeded`; after it, the other relay serves.
+#[test]
+fn two_relays_share_one_turn_cap() {
+    let Some(pg) = postgres() else { return };
+    let s = Stack::start(
+        pg,
+        StackOptions {
+            key: KeyRequest {
+                max_concurrent_turns: Some(1),
+                ..KeyRequest::default()
+            },
+            ..StackOptions::default()
+        },
+    );
+    let (_second, addr2, _dir) = second_relay(&s, &[]);
+    let mut slow = Client::bearer(&s.addr, &s.key);
+    slow.send(
+        &json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "slow", "metadata": {"sim": "first_delay_ms=1500"}}),
+    );
+    // The slow turn is admitted before the other one is sent.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut other = Client::bearer(&addr2, &s.key);
+    other.send(
+        &json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "x"}),
+    );
+    let refused = other.until_terminal(T);
+    assert_eq!(
+        refused.last().unwrap()["error"]["code"],
+        "concurrency_limit_exceeded",
+        "{refused:?}"
+    );
+    assert_eq!(
+        slow.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        other.send(
+            &json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "x"}),
+        );
+        let last = other.until_terminal(T).last().unwrap().clone();
+        if last["type"] == "response.completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s.finish();
 }

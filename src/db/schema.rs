@@ -111,6 +111,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    fleet_slots (slot_id) {
+        slot_id -> Text,
+        api_key_id -> BigInt,
+        kind -> Text,
+        relay_id -> Text,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     turn_reservations (request_id, api_key_id) {
         request_id -> Text,
         api_key_id -> BigInt,
@@ -146,4 +157,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     billing_compensations,
     response_bindings,
     turn_reservations,
+    fleet_slots,
 );

@@ -13,6 +13,8 @@ use super::refusals;
 use crate::auth;
 use crate::protocol::errors::ErrorCode;
 use crate::session::SessionDeps;
+use crate::session::admission::KeySlot;
+use crate::session::fleet::{SlotKind, Taken};
 use actix::{Actor, AsyncContext};
 
 use crate::session::actor::{SessionActor, auth_error_code};
@@ -150,13 +152,28 @@ async fn handshake(
     let max_sessions = principal
         .max_sessions
         .or(Some(deps.settings.limits.default_max_sessions_per_key));
-    let Some(slot) = deps.slots.session(principal.key_id, max_sessions) else {
-        return Err(HttpError::new(
+    let too_many = || {
+        HttpError::new(
             ErrorCode::TooManySessions,
             "this key has its maximum of sessions open",
         )
-        .retry_after(1));
+        .retry_after(1)
     };
+    let Some(local) = deps.slots.session(principal.key_id, max_sessions) else {
+        return Err(too_many());
+    };
+    // Relays sharing PostgreSQL count the key's sessions together (docs/DESIGN.md#fleet-slots).
+    let fleet = match &deps.fleet {
+        Some(fleet) => match fleet
+            .take(principal.key_id, SlotKind::Session, max_sessions)
+            .await
+        {
+            Taken::Full => return Err(too_many()),
+            Taken::Granted(slot) => slot,
+        },
+        None => None,
+    };
+    let slot = KeySlot::new(local, fleet);
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()

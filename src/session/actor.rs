@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tracing::{Span, debug, info, info_span, warn};
 
 use super::SessionDeps;
-use super::admission::{AccountSlot, SlotGuard};
+use super::admission::{AccountSlot, KeySlot};
 use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
@@ -65,7 +65,7 @@ struct Turn {
     frame: CreateFrame,
     model: String,
     phase: Phase,
-    key_slot: Option<SlotGuard>,
+    key_slot: Option<KeySlot>,
     account_slot: Option<AccountSlot>,
     forwarded: u32,
     retried: bool,
@@ -105,7 +105,7 @@ pub struct SessionActor {
     principal: Principal,
     /// Last standing read from the database: admission falls back to it while the DB is down.
     standing: Option<(ApiKey, User)>,
-    _session_slot: SlotGuard,
+    _session_slot: KeySlot,
     headers: Vec<(String, String)>,
     turn_index: i32,
     model: Option<String>,
@@ -149,7 +149,7 @@ impl SessionActor {
     pub fn new(
         deps: Arc<SessionDeps>,
         principal: Principal,
-        session_slot: SlotGuard,
+        session_slot: KeySlot,
         headers: Vec<(String, String)>,
         client: ClientTx,
     ) -> Self {

@@ -31,6 +31,24 @@ pub struct SlotGuard {
     kind: Kind,
 }
 
+/// A key's slot (an open session, or a turn in flight): the relay's own count, and the
+/// fleet's when relays share PostgreSQL (docs/DESIGN.md#fleet-slots). Dropping it releases
+/// both.
+#[derive(Debug)]
+pub struct KeySlot {
+    _local: SlotGuard,
+    _fleet: Option<super::fleet::FleetSlot>,
+}
+
+impl KeySlot {
+    pub fn new(local: SlotGuard, fleet: Option<super::fleet::FleetSlot>) -> Self {
+        Self {
+            _local: local,
+            _fleet: fleet,
+        }
+    }
+}
+
 /// Holds an account turn slot.
 #[derive(Debug)]
 pub struct AccountSlot {

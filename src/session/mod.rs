@@ -3,11 +3,13 @@
 //! - `actor`: `SessionActor` — frames in, turn phases, upstream events, faults, shutdown.
 //! - `turn`: timing, usage merge and the outcome of one turn (pure).
 //! - `admission`: slots per key and per account, released by guards.
+//! - `fleet`: per-key slots counted across relays sharing PostgreSQL.
 //! - `registry`: every live session (shutdown, admin).
 //! - `messages`: `EndSession`.
 
 pub mod actor;
 pub mod admission;
+pub mod fleet;
 pub mod messages;
 pub mod registry;
 pub mod socket;
@@ -45,6 +47,8 @@ pub struct SessionDeps {
     pub auth_cache: crate::auth::AuthCache,
     pub accounts: Vec<AccountHandle>,
     pub slots: Arc<admission::Slots>,
+    /// Per-key caps across relays (PostgreSQL with `limits.fleet_slot_ttl_ms` > 0).
+    pub fleet: Option<Arc<fleet::Fleet>>,
     pub registry: Addr<registry::Registry>,
     pub draining: Arc<AtomicBool>,
 }

@@ -2,6 +2,7 @@
 
 pub mod billing;
 pub mod bindings;
+pub mod fleet;
 pub mod health;
 pub mod keys;
 pub mod reservations;

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::*;
 use crate::billing::reservation::Refusal;
 use crate::db::queries::reservations::NewReservation;
+use crate::session::admission::{KeySlot, SlotGuard};
+use crate::session::fleet::{SlotKind, Taken};
 
 /// Standing reads are failing (process-wide): the state is logged when it changes only.
 static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
@@ -91,10 +93,46 @@ impl SessionActor {
                 );
             };
             if let Some(turn) = act.turn.as_mut() {
-                turn.key_slot = Some(key_slot);
                 turn.account_slot = Some(account_slot);
             }
-            act.reserve_then_lease(generation, ctx);
+            act.fleet_slot_then_reserve(key_slot, generation, ctx);
+        }));
+    }
+
+    /// docs/DESIGN.md#fleet-slots: a key with a turn limit counts its turn for the whole
+    /// fleet too (relays sharing PostgreSQL) before its reservation.
+    fn fleet_slot_then_reserve(
+        &mut self,
+        local: SlotGuard,
+        generation: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let limit = self.principal.max_concurrent_turns;
+        let Some(fleet) = self.deps.fleet.clone().filter(|_| limit.is_some()) else {
+            if let Some(turn) = self.turn.as_mut() {
+                turn.key_slot = Some(KeySlot::new(local, None));
+            }
+            return self.reserve_then_lease(generation, ctx);
+        };
+        let key = self.principal.key_id;
+        let take = async move { fleet.take(key, SlotKind::Turn, limit).await };
+        ctx.spawn(take.into_actor(self).map(move |taken, act, ctx| {
+            if act.generation != generation {
+                return;
+            }
+            match taken {
+                Taken::Full => act.reject(
+                    ErrorCode::ConcurrencyLimitExceeded,
+                    "this key has its maximum of turns in flight (across relays)",
+                    ctx,
+                ),
+                Taken::Granted(slot) => {
+                    if let Some(turn) = act.turn.as_mut() {
+                        turn.key_slot = Some(KeySlot::new(local, slot));
+                    }
+                    act.reserve_then_lease(generation, ctx);
+                }
+            }
         }));
     }
 

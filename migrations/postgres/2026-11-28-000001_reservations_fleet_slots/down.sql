@@ -1,1 +1,2 @@
+DROP TABLE IF EXISTS fleet_slots;
 DROP TABLE IF EXISTS turn_reservations;
