@@ -569,8 +569,8 @@ impl Settings {
         {
             return Err(ConfigError::new(
                 "billing.max_tokens_per_response",
-                "at the dearest configured price a response of this size costs more than a \
-                 64-bit nano-USD amount holds; lower it or the prices",
+                "at the dearest configured price a response of this size (as many input as \
+                 output tokens) would cost more than $1,000,000; lower it or the prices",
             ));
         }
         if self.database.pool_max_size == 0 {
@@ -579,10 +579,12 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if self.accounting.batch_max_rows == 0 {
+        // At most $1M a record (`bounds::MAX_COST_PER_RESPONSE_NANOUSD`): 5,000 of them
+        // still sum inside 64 bits.
+        if !(1..=5_000).contains(&self.accounting.batch_max_rows) {
             return Err(ConfigError::new(
                 "accounting.batch_max_rows",
-                "must be at least 1",
+                "must be between 1 and 5000",
             ));
         }
         if self.log.level.trim().is_empty() {

@@ -233,6 +233,7 @@ fn client_close_completes_without_a_wait() {
             }
         }
         let took = t0.elapsed();
+        eprintln!("close handshake (turn first: {turn_first}): {took:?}");
         assert_eq!(code, Some(1005), "the close frame is echoed");
         // A hang guard, not a benchmark: the old relay took a whole second here.
         assert!(

@@ -133,8 +133,13 @@ pub fn settle(
     }
 }
 
-/// Whether a response of `max_tokens` input and as many output tokens, at `price`, costs an
-/// amount that fits (checked at start for every configured price).
+/// The most one response may cost: one million USD. With it a batch of records, and a key's
+/// spend over millions of turns, stay far inside 64 bits — no database range error can make a
+/// record fail.
+pub const MAX_COST_PER_RESPONSE_NANOUSD: i64 = 1_000_000 * crate::billing::money::NANOS_PER_USD;
+
+/// Whether a response of `max_tokens` input and as many output tokens, at `price`, costs at
+/// most `MAX_COST_PER_RESPONSE_NANOUSD` (checked at start for every configured price).
 pub fn max_cost_fits(price: &Price, max_tokens: u64) -> bool {
     let most = Usage {
         input_tokens: max_tokens,
@@ -146,7 +151,7 @@ pub fn max_cost_fits(price: &Price, max_tokens: u64) -> bool {
         input: price.input.max(price.cached_input).max(price.cache_write),
         ..*price
     };
-    cost(&dearest, &most).is_some()
+    cost(&dearest, &most).is_some_and(|c| c <= MAX_COST_PER_RESPONSE_NANOUSD)
 }
 
 #[cfg(test)]

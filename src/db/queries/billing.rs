@@ -336,10 +336,17 @@ fn debit_totals<R: std::borrow::Borrow<TurnRecord>>(debits: &[R]) -> (Totals, To
     let mut by_user = std::collections::BTreeMap::new();
     for d in debits {
         let d = d.borrow();
-        *by_key.entry(d.api_key_id).or_insert(0i64) += d.cost_nanousd;
-        *by_user.entry(d.user_id).or_insert(0i64) += d.cost_nanousd;
+        *by_key.entry(d.api_key_id).or_insert(0i128) += i128::from(d.cost_nanousd);
+        *by_user.entry(d.user_id).or_insert(0i128) += i128::from(d.cost_nanousd);
     }
-    (by_key.into_iter().collect(), by_user.into_iter().collect())
+    // Each cost is at most `MAX_COST_PER_RESPONSE_NANOUSD` (10^15) and a batch at most 5,000
+    // records (both checked at start), so a total always fits.
+    let fit = |m: std::collections::BTreeMap<i64, i128>| -> Totals {
+        m.into_iter()
+            .map(|(id, t)| (id, i64::try_from(t).unwrap_or(i64::MAX)))
+            .collect()
+    };
+    (fit(by_key), fit(by_user))
 }
 
 /// A record whose debit failed: its usage row and a `pending` compensation, in a transaction of
