@@ -235,9 +235,9 @@ fn client_close_completes_without_a_wait() {
         let took = t0.elapsed();
         eprintln!("close handshake (turn first: {turn_first}): {took:?}");
         assert_eq!(code, Some(1005), "the close frame is echoed");
-        // A hang guard, not a benchmark: the old relay took a whole second here.
+        // The old relay took a whole second here (actix-http's linger); now well under 1 ms.
         assert!(
-            took < Duration::from_millis(500),
+            took < Duration::from_millis(100),
             "close took {took:?} (turn first: {turn_first})"
         );
     }
@@ -260,7 +260,7 @@ fn metric_value(admin: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// 5,000 handshakes with bad keys from four threads: each is refused (401), counted in a metric,
+/// 20,000 handshakes with bad keys from four threads: each is refused (401), counted in a metric,
 /// and the log holds a few summary lines, not one line each; a valid client connects and
 /// runs a turn in the middle of it (docs/DESIGN.md#refusals).
 #[test]
@@ -294,7 +294,7 @@ fn a_storm_of_bad_keys_is_counted_not_logged() {
         .map(|_| {
             let addr = s.addr.clone();
             std::thread::spawn(move || {
-                for _ in 0..1_250 {
+                for _ in 0..5_000 {
                     let refused = common::ws::Client::connect(
                         &addr,
                         "/v1/responses",
@@ -347,7 +347,7 @@ fn a_storm_of_bad_keys_is_counted_not_logged() {
             &admin,
             "turnpike_handshakes_refused_total{reason=\"invalid_api_key\"}"
         ),
-        5_000.0
+        20_000.0
     );
     s.finish();
 }
