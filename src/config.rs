@@ -132,6 +132,9 @@ impl Settings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnOverlap {
+    /// Wait behind the turn in flight, in order (as the upstream queues creates on a lane);
+    /// at most `session.lane_queue_max` wait, more get `lane_queue_full`.
+    Queue,
     /// End the turn in flight (`response_preempted`) and start the new one.
     Preempt,
     /// Refuse the new frame (`response_already_in_flight`); the turn in flight goes on.
@@ -142,6 +145,8 @@ pub enum OnOverlap {
 #[serde(default, deny_unknown_fields)]
 pub struct SessionSettings {
     pub on_overlap: OnOverlap,
+    /// `response.create`s that may wait behind the turn in flight (`on_overlap = "queue"`).
+    pub lane_queue_max: usize,
     /// After `response.cancel`, how long to wait for the upstream's terminal before the
     /// connection is dropped and the turn ends as cancelled.
     pub cancel_grace_ms: u64,
@@ -223,7 +228,8 @@ pub struct LimitSettings {
 impl Default for SessionSettings {
     fn default() -> Self {
         Self {
-            on_overlap: OnOverlap::Preempt,
+            on_overlap: OnOverlap::Queue,
+            lane_queue_max: 64,
             cancel_grace_ms: 5_000,
             drain_ms: 10_000,
             lease_idle_ms: 60_000,

@@ -331,7 +331,13 @@ fn upstream_restart_repeating_ids_bills_every_turn() {
 fn cancel_and_preempt_after_the_answer() {
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let s = Stack::start(db, StackOptions::default());
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_SESSION__ON_OVERLAP", "preempt")],
+                ..StackOptions::default()
+            },
+        );
         let mut c = s.client();
         assert_eq!(turn(&mut c, ""), "completed");
         // The answer arrives, the terminal is held back; the client cancels.

@@ -318,7 +318,13 @@ fn protocol_errors_close_with_their_codes() {
 #[test]
 fn preempt_and_reject() {
     for db in backends() {
-        let s = Stack::start(db, StackOptions::default());
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_SESSION__ON_OVERLAP", "preempt")],
+                ..StackOptions::default()
+            },
+        );
         let mut c = s.client();
         c.send(&create("terminal_delay_ms=3000"));
         assert_eq!(c.next_event(T)["type"], "response.created");
@@ -1199,7 +1205,13 @@ fn rfc6455_fragments_utf8_and_upstream_garbage() {
 /// the turn in flight completes (SPEC §4.3).
 #[test]
 fn refused_create_preempts_nothing() {
-    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_SESSION__ON_OVERLAP", "preempt")],
+            ..StackOptions::default()
+        },
+    );
     let mut c = s.client();
     c.send(&create("terminal_delay_ms=800"));
     assert_eq!(c.next_event(T)["type"], "response.created");

@@ -149,7 +149,7 @@ fn text_turn_full_sequence() {
 }
 
 #[test]
-fn warmup_then_chain_and_one_response_in_flight() {
+fn warmup_then_chain_and_creates_queue_fifo() {
     let (_sim, addr) = start_sim(&[]);
     let mut c = Client::bearer(&addr, "k");
     let mut w = create("prepare");
@@ -164,19 +164,68 @@ fn warmup_then_chain_and_one_response_in_flight() {
     next["previous_response_id"] = json!(warm_id);
     c.send(&next);
     assert_eq!(c.next_event(T)["type"], "response.created");
-    c.send(&create("too soon"));
-    let mut got_error = false;
-    let mut terminal = false;
-    while !terminal {
+    // A second create on the same (default) lane waits for the first (FIFO), then runs.
+    c.send(&create("queued"));
+    let mut completed = Vec::new();
+    while completed.len() < 2 {
         let e = c.next_event(T);
-        if e["type"] == "error" {
-            assert_eq!(e["status"], 400);
-            assert_eq!(e["error"]["code"], "response_already_in_flight");
-            got_error = true;
+        assert_ne!(e["type"], "error", "{e}");
+        if e["type"] == "response.completed" {
+            completed.push(e["response"]["previous_response_id"].clone());
         }
-        terminal = e["type"] == "response.completed";
     }
-    assert!(got_error);
+    assert_eq!(completed[0], json!(warm_id), "the first create ends first");
+    assert_eq!(completed[1], Value::Null);
+}
+
+/// Lanes (`stream_id`): run concurrently, each FIFO; every event of a named lane carries its
+/// `stream_id`; bad ids and the 33rd named lane are refused with the upstream's codes.
+#[test]
+fn lanes_run_concurrently_and_are_limited() {
+    let (_sim, addr) = start_sim(&[]);
+    let mut c = Client::bearer(&addr, "k");
+    let slow = |lane: &str| {
+        let mut v = with_sim("first_delay_ms=300");
+        v["stream_id"] = json!(lane);
+        v
+    };
+    c.send(&slow("alpha"));
+    c.send(&slow("beta"));
+    let mut default = create("plain");
+    default["stream_id"] = Value::Null;
+    c.send(&default);
+    let mut ends: Vec<String> = Vec::new();
+    let mut lanes_of_events = std::collections::HashMap::new();
+    while ends.len() < 3 {
+        let e = c.next_event(T);
+        let lane = e["stream_id"].as_str().unwrap_or("").to_string();
+        *lanes_of_events.entry(lane.clone()).or_insert(0) += 1;
+        if e["type"] == "response.completed" {
+            ends.push(lane);
+        }
+    }
+    // The default lane did not wait for the slow named lanes.
+    assert_eq!(ends[0], "");
+    assert!(lanes_of_events["alpha"] > 3 && lanes_of_events["beta"] > 3);
+    let mut bad = create("x");
+    bad["stream_id"] = json!("no spaces");
+    c.send(&bad);
+    assert_eq!(c.next_event(T)["error"]["code"], "invalid_stream_id");
+    for i in 0..30 {
+        let mut v = create("x");
+        v["stream_id"] = json!(format!("lane{i}"));
+        c.send(&v);
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+    }
+    let mut over = create("x");
+    over["stream_id"] = json!("one-too-many");
+    c.send(&over);
+    let e = c.next_event(T);
+    assert_eq!(e["error"]["code"], "websocket_stream_limit_reached", "{e}");
+    assert_eq!(e["stream_id"], "one-too-many");
 }
 
 #[test]

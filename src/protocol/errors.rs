@@ -25,6 +25,8 @@ pub enum ErrorCode {
     NoActiveResponse,
     ResponseAlreadyInFlight,
     ResponsePreempted,
+    LaneQueueFull,
+    InvalidStreamId,
     ContinuationUnavailable,
     PreviousResponseForbidden,
     ConcurrencyLimitExceeded,
@@ -76,6 +78,8 @@ impl ErrorCode {
         ErrorCode::NoActiveResponse,
         ErrorCode::ResponseAlreadyInFlight,
         ErrorCode::ResponsePreempted,
+        ErrorCode::LaneQueueFull,
+        ErrorCode::InvalidStreamId,
         ErrorCode::ContinuationUnavailable,
         ErrorCode::PreviousResponseForbidden,
         ErrorCode::ConcurrencyLimitExceeded,
@@ -228,7 +232,21 @@ impl ErrorCode {
                 status: 409,
                 error_type: "invalid_request_error",
                 close: None,
-                when: "the turn in flight was ended by a new `response.create` (`on_overlap = \"preempt\"`)",
+                when: "the turn in flight was ended by a new `response.create` (`on_overlap = \"preempt\"`), or a waiting `response.create` was superseded by a newer one before it started",
+            },
+            ErrorCode::LaneQueueFull => ErrorSpec {
+                code: "lane_queue_full",
+                status: 429,
+                error_type: "rate_limit_error",
+                close: None,
+                when: "`response.create` while `session.lane_queue_max` creates already wait behind the turn in flight (`on_overlap = \"queue\"`)",
+            },
+            ErrorCode::InvalidStreamId => ErrorSpec {
+                code: "invalid_stream_id",
+                status: 400,
+                error_type: "invalid_request_error",
+                close: None,
+                when: "`stream_id` that is not 1-256 characters of letters, digits, `_`, `.` or `-`",
             },
             ErrorCode::ContinuationUnavailable => ErrorSpec {
                 code: "continuation_unavailable",
@@ -374,6 +392,16 @@ impl ErrorCode {
             "status": s.status,
             "error": {"type": s.error_type, "code": s.code, "message": message, "param": null}
         })
+    }
+
+    /// The wrapped error event of a request on lane `stream_id` (tagged as the upstream tags
+    /// its own; the default lane's carry none).
+    pub fn ws_event_on(self, message: &str, stream_id: Option<&str>) -> serde_json::Value {
+        let mut v = self.ws_event(message);
+        if let Some(id) = stream_id {
+            v["stream_id"] = json!(id);
+        }
+        v
     }
 }
 

@@ -34,6 +34,16 @@ pub struct CreateFrame {
     pub input: Option<Value>,
     /// `max_output_tokens`, when a count: what the turn reserves for output.
     pub max_output_tokens: Option<u64>,
+    /// The lane (`stream_id`); `None`: the implicit default lane.
+    pub stream_id: Option<String>,
+}
+
+/// A `stream_id` as the upstream accepts it: 1–256 characters of `[A-Za-z0-9_.-]`.
+pub fn valid_stream_id(id: &str) -> bool {
+    (1..=256).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Bytes of a JSON value as the upstream reads it: a string's own length, else its JSON text.
@@ -110,6 +120,16 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             ));
         }
     };
+    let stream_id = match obj.get("stream_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if valid_stream_id(id) => Some(id.clone()),
+        Some(_) => {
+            return Err(refuse(
+                ErrorCode::InvalidStreamId,
+                "`stream_id` must be 1-256 characters of letters, digits, '_', '.' or '-'",
+            ));
+        }
+    };
     let has_tool_output = obj
         .get("input")
         .and_then(Value::as_array)
@@ -127,6 +147,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             .sum(),
         input: obj.get("input").cloned(),
         max_output_tokens: obj.get("max_output_tokens").and_then(Value::as_u64),
+        stream_id,
     }))
 }
 

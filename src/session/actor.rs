@@ -125,7 +125,9 @@ pub struct SessionActor {
     stop_after_drains: bool,
     /// Bumped whenever an async step (admission, lease) is abandoned, so its late result is ignored.
     generation: u64,
-    queued: Option<CreateFrame>,
+    /// `response.create`s waiting behind the turn in flight, in order, with when each was read
+    /// (docs/DESIGN.md#overlap): each gets exactly one answer.
+    queued: std::collections::VecDeque<(CreateFrame, Instant)>,
     lease_failures: u32,
     idle_since: Instant,
     opened_at: Instant,
@@ -175,7 +177,7 @@ impl SessionActor {
             preempting: None,
             stop_after_drains: false,
             generation: 0,
-            queued: None,
+            queued: std::collections::VecDeque::new(),
             lease_failures: 0,
             idle_since: Instant::now(),
             opened_at: Instant::now(),
@@ -215,24 +217,64 @@ impl SessionActor {
     }
 
     fn on_create(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
-        if let Some(turn) = &self.turn {
-            if turn.phase == Phase::Finishing {
-                // Handled as soon as the ending turn's record is acknowledged.
-                self.queued = Some(frame);
-                return;
+        let Some(turn) = &self.turn else {
+            return self.start_turn(frame, accepted, ctx);
+        };
+        let finishing = turn.phase == Phase::Finishing;
+        match self.deps.settings.session.on_overlap {
+            crate::config::OnOverlap::Queue => self.enqueue(frame, accepted, ctx),
+            crate::config::OnOverlap::Reject if !(finishing && self.queued.is_empty()) => {
+                let e = Self::frame_error(
+                    &frame,
+                    ErrorCode::ResponseAlreadyInFlight,
+                    "a response is in flight on this session; wait for its terminal event",
+                );
+                self.send(e, ctx);
             }
-            match self.deps.settings.session.on_overlap {
-                crate::config::OnOverlap::Reject => {
-                    let e = Self::error_event(
-                        ErrorCode::ResponseAlreadyInFlight,
-                        "a response is in flight on this session; wait for its terminal event",
-                    );
-                    return self.send(e, ctx);
-                }
-                crate::config::OnOverlap::Preempt => return self.admit_then_preempt(frame, ctx),
+            // Handled as soon as the ending turn's record is acknowledged.
+            crate::config::OnOverlap::Reject => self.queued.push_back((frame, accepted)),
+            crate::config::OnOverlap::Preempt if finishing => {
+                self.supersede_waiting(ctx);
+                self.queued.push_back((frame, accepted));
             }
+            crate::config::OnOverlap::Preempt => self.admit_then_preempt(frame, ctx),
         }
-        self.start_turn(frame, accepted, ctx);
+    }
+
+    /// `on_overlap = "queue"`: the create waits its turn, or is refused when too many wait.
+    fn enqueue(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
+        let max = self.deps.settings.session.lane_queue_max;
+        if self.queued.len() >= max {
+            let e = Self::frame_error(
+                &frame,
+                ErrorCode::LaneQueueFull,
+                &format!(
+                    "{max} response.create frames already wait on this session; retry after one ends"
+                ),
+            );
+            return self.send(e, ctx);
+        }
+        self.queued.push_back((frame, accepted));
+    }
+
+    /// `on_overlap = "preempt"`: creates still waiting are superseded by a newer one; each is
+    /// answered `response_preempted` (it never started, nothing is billed).
+    pub(super) fn supersede_waiting(&mut self, ctx: &mut Context<Self>) {
+        for (frame, _) in std::mem::take(&mut self.queued) {
+            let e = Self::frame_error(
+                &frame,
+                ErrorCode::ResponsePreempted,
+                "this response.create was superseded by a newer one before it started",
+            );
+            self.send(e, ctx);
+        }
+    }
+
+    /// Starts the next waiting create, if any.
+    pub(super) fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if let Some((next, accepted)) = self.queued.pop_front() {
+            self.start_turn(next, accepted, ctx);
+        }
     }
 
     fn start_turn(&mut self, mut frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
@@ -243,7 +285,8 @@ impl SessionActor {
                 m.clone()
             }
             (None, None) => {
-                let e = Self::error_event(
+                let e = Self::frame_error(
+                    &frame,
                     ErrorCode::ModelRequired,
                     "the first response.create of a session needs `model`",
                 );
@@ -326,7 +369,7 @@ impl SessionActor {
                 }
                 Err(LeaseError::Timeout) => {
                     act.lease_failures += 1;
-                    let e = Self::error_event(
+                    let e = act.turn_error(
                         ErrorCode::UpstreamUnavailable,
                         "no upstream connection became free in time; retry",
                     );
@@ -350,7 +393,7 @@ impl SessionActor {
                         LeaseError::ShuttingDown => "the relay is shutting down",
                         _ => "the upstream could not be reached; retry",
                     };
-                    let e = Self::error_event(ErrorCode::UpstreamUnavailable, message);
+                    let e = act.turn_error(ErrorCode::UpstreamUnavailable, message);
                     act.finish(
                         Ending::Rejected("upstream_unavailable"),
                         Delivery {
@@ -457,7 +500,7 @@ impl SessionActor {
             ),
         };
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
-        let e = Self::error_event(code, message);
+        let e = self.turn_error(code, message);
         self.finish(
             Ending::UpstreamLost(code.code()),
             Delivery {
@@ -519,10 +562,11 @@ impl SessionActor {
             }
             Phase::Admitting | Phase::Leasing => {
                 let id = turn.turn_id.clone();
+                let stream_id = turn.frame.stream_id.clone();
                 self.finish(
                     Ending::Cancelled,
                     Delivery {
-                        last: Some(cancelled_event(&id)),
+                        last: Some(cancelled_event(&id, stream_id.as_deref())),
                         reusable: true,
                         close: None,
                     },
@@ -608,10 +652,11 @@ impl SessionActor {
                     .response_id
                     .clone()
                     .unwrap_or_else(|| turn.turn_id.clone());
+                let stream_id = turn.frame.stream_id.clone();
                 return self.finish(
                     Ending::Cancelled,
                     Delivery {
-                        last: Some(cancelled_event(&id)),
+                        last: Some(cancelled_event(&id, stream_id.as_deref())),
                         reusable: false,
                         close: None,
                     },
@@ -661,8 +706,14 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
-fn cancelled_event(response_id: &str) -> String {
-    json!({"type": "response.cancelled", "response": {"id": response_id, "object": "response", "status": "cancelled", "usage": null}}).to_string()
+/// The relay's own `response.cancelled` (the upstream never answered the cancel), on the
+/// turn's lane.
+fn cancelled_event(response_id: &str, stream_id: Option<&str>) -> String {
+    let mut v = json!({"type": "response.cancelled", "response": {"id": response_id, "object": "response", "status": "cancelled", "usage": null}});
+    if let Some(id) = stream_id {
+        v["stream_id"] = json!(id);
+    }
+    v.to_string()
 }
 
 /// An upstream `error` event's code, and whether it concerns only the request (the socket stays
@@ -832,7 +883,7 @@ impl Handler<EndSession> for SessionActor {
     fn handle(&mut self, msg: EndSession, ctx: &mut Self::Context) {
         let code = msg.0;
         let close = code.spec().close.unwrap_or(1001);
-        let e = Self::error_event(code, "the session was ended by the relay");
+        let e = self.turn_error(code, "the session was ended by the relay");
         match self.turn.as_ref().map(|t| t.phase) {
             None => {
                 // An operator's end is said in words too; a shutdown's close code says it.
@@ -867,10 +918,10 @@ impl Handler<EndWhenIdle> for SessionActor {
         if self.turn.is_none() {
             self.close(close.0, close.1, ctx);
         } else {
-            // The turn finishes normally; `finish` closes after its last frame.
+            // The turn finishes normally; `finish` closes after its last frame. What waits
+            // behind it will not run: each is answered now.
             self.close_after_turn = Some(close);
-            self.queued = None;
-            self.preempting = None;
+            self.answer_waiting(ErrorCode::ShuttingDown, ctx);
         }
     }
 }

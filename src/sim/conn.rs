@@ -13,6 +13,7 @@ use super::events::{self, Ids, Remembered, Step, wrapped_error};
 use super::monotonic_ns;
 use super::script::Script;
 use super::server::SimShared;
+use crate::protocol::frames::valid_stream_id;
 
 const LIMIT_MESSAGE: &str = "Responses websocket connection limit reached (60 minutes). Create a new websocket connection to continue.";
 
@@ -24,14 +25,27 @@ struct InFlight {
     timer: Option<SpawnHandle>,
 }
 
+/// Responses in flight on one connection, at most (more are queued on their lanes).
+const MAX_IN_FLIGHT: usize = 16;
+/// Named lanes one connection may open.
+const MAX_NAMED_LANES: usize = 32;
+
+/// One lane (`stream_id`; `""` is the implicit default lane): its FIFO of creates and the
+/// response it runs.
+#[derive(Default)]
+struct Lane {
+    in_flight: Option<InFlight>,
+    queue: VecDeque<Value>,
+    /// The latest response this lane produced (the connection-local cache holds each lane's).
+    latest: Option<Remembered>,
+}
+
 pub struct SimConn {
     id: u64,
     shared: Arc<SimShared>,
     opened: Instant,
     last_pong: Instant,
-    in_flight: Option<InFlight>,
-    /// The connection-local cache: the latest response this socket produced.
-    latest: Option<Remembered>,
+    lanes: std::collections::HashMap<String, Lane>,
     ignore_pings: bool,
     /// The age limit passed during a response; enforced when it ends.
     aged_out: bool,
@@ -45,14 +59,24 @@ impl SimConn {
             shared,
             opened: now,
             last_pong: now,
-            in_flight: None,
-            latest: None,
+            lanes: std::collections::HashMap::new(),
             ignore_pings: false,
             aged_out: false,
         }
     }
 
-    fn send_event(&mut self, mut event: Value, ctx: &mut WebsocketContext<Self>) {
+    fn in_flight(&self) -> usize {
+        self.lanes
+            .values()
+            .filter(|l| l.in_flight.is_some())
+            .count()
+    }
+
+    /// Sends an event of `lane` (tagged with its `stream_id` when named).
+    fn send_event(&mut self, lane: &str, mut event: Value, ctx: &mut WebsocketContext<Self>) {
+        if !lane.is_empty() {
+            event["stream_id"] = json!(lane);
+        }
         event["sim_ts_ns"] = json!(monotonic_ns());
         let text = event.to_string();
         self.shared.frame(self.id, "out", || text.clone());
@@ -69,16 +93,62 @@ impl SimConn {
         ctx.stop();
     }
 
+    /// A `response.create`: refused for a bad lane or lane limit, else queued on its lane
+    /// (FIFO) and started when the lane and the connection have room.
     fn on_create(&mut self, req: Value, ctx: &mut WebsocketContext<Self>) {
-        if self.in_flight.is_some() {
+        let lane = match req.get("stream_id") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(id)) if valid_stream_id(id) => id.clone(),
+            Some(_) => {
+                let e = wrapped_error(
+                    400,
+                    Some("invalid_stream_id"),
+                    "stream_id must be 1-256 characters of letters, digits, '_', '.' or '-'.",
+                    Some("stream_id"),
+                );
+                return self.send_event("", e, ctx);
+            }
+        };
+        let named = self.lanes.keys().filter(|k| !k.is_empty()).count();
+        if !lane.is_empty() && !self.lanes.contains_key(&lane) && named >= MAX_NAMED_LANES {
             let e = wrapped_error(
                 400,
-                Some("response_already_in_flight"),
-                "A response is already in progress on this connection; wait for its terminal event.",
-                None,
+                Some("websocket_stream_limit_reached"),
+                "This connection has its maximum of 32 named streams.",
+                Some("stream_id"),
             );
-            return self.send_event(e, ctx);
+            return self.send_event(&lane, e, ctx);
         }
+        self.lanes
+            .entry(lane.clone())
+            .or_default()
+            .queue
+            .push_back(req);
+        self.start_queued(ctx);
+    }
+
+    /// Starts the head of every lane that runs nothing, while the connection has room.
+    fn start_queued(&mut self, ctx: &mut WebsocketContext<Self>) {
+        loop {
+            if self.in_flight() >= MAX_IN_FLIGHT {
+                return;
+            }
+            let Some(lane) = self
+                .lanes
+                .iter()
+                .find(|(_, l)| l.in_flight.is_none() && !l.queue.is_empty())
+                .map(|(k, _)| k.clone())
+            else {
+                return;
+            };
+            let Some(req) = self.lanes.get_mut(&lane).and_then(|l| l.queue.pop_front()) else {
+                return;
+            };
+            self.start(&lane, req, ctx);
+        }
+    }
+
+    fn start(&mut self, lane: &str, req: Value, ctx: &mut WebsocketContext<Self>) {
         let directive = events::directive_of(&req);
         let mut script = match directive.as_deref().map(Script::parse) {
             None => Script::default(),
@@ -90,7 +160,7 @@ impl SimConn {
                     &why,
                     Some("metadata.sim"),
                 );
-                return self.send_event(e, ctx);
+                return self.send_event(lane, e, ctx);
             }
         };
         if script.once
@@ -100,44 +170,51 @@ impl SimConn {
         {
             script.fault = None;
         }
-        let latest = self.latest.clone();
+        let cached: Vec<Remembered> = self
+            .lanes
+            .values()
+            .filter_map(|l| l.latest.clone())
+            .collect();
         let shared = self.shared.clone();
         let known = |id: &str| {
-            latest
-                .clone()
-                .filter(|r| r.response_id == id)
+            cached
+                .iter()
+                .find(|r| r.response_id == id)
+                .cloned()
                 .or_else(|| shared.stored(id))
         };
         if let Err(e) = events::check_request(&req, known) {
-            return self.send_event(e, ctx);
+            return self.send_event(lane, e, ctx);
         }
         self.ignore_pings |= script.ignore_pings;
         let (_, tag) = self.shared.next_tag();
         let created_at = chrono::Utc::now().timestamp();
         let plan = events::plan(&req, &script, &Ids::new(&tag), created_at);
         self.shared.response_started(self.id);
-        self.in_flight = Some(InFlight {
-            steps: plan.steps,
-            remembered: plan.remembered,
-            completes: plan.completes,
-            store: req.get("store").and_then(Value::as_bool).unwrap_or(true),
-            timer: None,
-        });
-        self.pump(ctx);
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.in_flight = Some(InFlight {
+                steps: plan.steps,
+                remembered: plan.remembered,
+                completes: plan.completes,
+                store: req.get("store").and_then(Value::as_bool).unwrap_or(true),
+                timer: None,
+            });
+        }
+        self.pump(lane.to_string(), ctx);
     }
 
-    /// Executes steps until a delay, a stall or the end of the plan.
-    fn pump(&mut self, ctx: &mut WebsocketContext<Self>) {
+    /// Executes a lane's steps until a delay, a stall or the end of its plan.
+    fn pump(&mut self, lane: String, ctx: &mut WebsocketContext<Self>) {
         loop {
-            let Some(flight) = self.in_flight.as_mut() else {
+            let Some(flight) = self.lanes.get_mut(&lane).and_then(|l| l.in_flight.as_mut()) else {
                 return;
             };
             flight.timer = None;
             let Some(step) = flight.steps.pop_front() else {
-                return self.finish(ctx);
+                return self.finish(&lane, ctx);
             };
             match step {
-                Step::Event(e) => self.send_event(e, ctx),
+                Step::Event(e) => self.send_event(&lane, e, ctx),
                 Step::Text(t) => {
                     self.shared.frame(self.id, "out", || t.clone());
                     ctx.text(t);
@@ -148,7 +225,8 @@ impl SimConn {
                     ctx.binary(b);
                 }
                 Step::Delay(d) => {
-                    let handle = ctx.run_later(d, |act, ctx| act.pump(ctx));
+                    let again = lane.clone();
+                    let handle = ctx.run_later(d, move |act, ctx| act.pump(again, ctx));
                     flight.timer = Some(handle);
                     return;
                 }
@@ -159,28 +237,53 @@ impl SimConn {
                     ctx.stop();
                     return;
                 }
-                // In flight forever: no further event, a new create is refused.
+                // In flight forever: no further event; the lane's next create waits.
                 Step::Stall => return,
             }
         }
     }
 
-    fn finish(&mut self, ctx: &mut WebsocketContext<Self>) {
-        if let Some(flight) = self.in_flight.take()
+    fn finish(&mut self, lane: &str, ctx: &mut WebsocketContext<Self>) {
+        if let Some(l) = self.lanes.get_mut(lane)
+            && let Some(flight) = l.in_flight.take()
             && flight.completes
         {
             if flight.store {
                 self.shared.store(flight.remembered.clone());
             }
-            self.latest = Some(flight.remembered);
+            l.latest = Some(flight.remembered);
         }
-        if self.aged_out {
-            self.age_out(ctx);
+        if self.aged_out && self.in_flight() == 0 {
+            return self.age_out(ctx);
         }
+        self.start_queued(ctx);
     }
 
-    fn on_cancel(&mut self, ctx: &mut WebsocketContext<Self>) {
-        let Some(flight) = self.in_flight.take() else {
+    /// `response.cancel` / `response.interrupt`: the named response (`response_id`), else the
+    /// lane's (`stream_id`, else the default lane's).
+    fn on_cancel(&mut self, req: &Value, ctx: &mut WebsocketContext<Self>) {
+        let by_id = req.get("response_id").and_then(Value::as_str);
+        let lane = match by_id {
+            Some(id) => self
+                .lanes
+                .iter()
+                .find(|(_, l)| {
+                    l.in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.remembered.response_id == id)
+                })
+                .map(|(k, _)| k.clone()),
+            None => Some(
+                req.get("stream_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+        };
+        let Some(lane) = lane else {
+            return;
+        };
+        let Some(flight) = self.lanes.get_mut(&lane).and_then(|l| l.in_flight.take()) else {
             return;
         };
         if let Some(timer) = flight.timer {
@@ -188,9 +291,11 @@ impl SimConn {
         }
         let id = flight.remembered.response_id;
         self.send_event(
+            &lane,
             json!({"type": "response.cancelled", "response": {"id": id, "object": "response", "status": "cancelled", "usage": null}}),
             ctx,
         );
+        self.start_queued(ctx);
     }
 
     fn age_out(&mut self, ctx: &mut WebsocketContext<Self>) {
@@ -200,7 +305,7 @@ impl SimConn {
             LIMIT_MESSAGE,
             None,
         );
-        self.send_event(e, ctx);
+        self.send_event("", e, ctx);
         self.close(1000, "", ctx);
     }
 }
@@ -222,7 +327,7 @@ impl Actor for SimConn {
         // The age limit is checked at the deadline, or when the response in flight ends.
         let wait = max_age.saturating_sub(self.opened.elapsed());
         ctx.run_later(wait.max(Duration::from_millis(1)), |act, ctx| {
-            if act.in_flight.is_some() {
+            if act.in_flight() > 0 {
                 act.aged_out = true;
             } else {
                 act.age_out(ctx);
@@ -259,11 +364,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SimConn {
                         "The message is not valid JSON.",
                         None,
                     );
-                    return self.send_event(e, ctx);
+                    return self.send_event("", e, ctx);
                 };
                 match value.get("type").and_then(Value::as_str).unwrap_or("") {
                     "" | "response.create" => self.on_create(value, ctx),
-                    "response.cancel" | "response.interrupt" => self.on_cancel(ctx),
+                    "response.cancel" | "response.interrupt" => self.on_cancel(&value, ctx),
                     other => {
                         let e = wrapped_error(
                             400,
@@ -273,7 +378,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SimConn {
                             ),
                             Some("type"),
                         );
-                        self.send_event(e, ctx);
+                        self.send_event("", e, ctx);
                     }
                 }
             }
@@ -286,7 +391,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SimConn {
                     "Binary frames are not supported.",
                     None,
                 );
-                self.send_event(e, ctx);
+                self.send_event("", e, ctx);
             }
             ws::Message::Ping(p) => {
                 self.shared.frame(self.id, "in", || "<ping>".into());

@@ -17,9 +17,14 @@ impl SessionActor {
     /// preempts nothing; an admitted one ends the turn in flight (`response_preempted`) and
     /// starts. The latest frame wins while the check runs.
     pub(super) fn admit_then_preempt(&mut self, frame: CreateFrame, ctx: &mut Context<Self>) {
-        let checking = self.preempting.is_some();
-        self.preempting = Some(frame);
-        if checking {
+        // A frame still being checked is superseded: it is answered, never started.
+        if let Some(older) = self.preempting.replace(frame) {
+            let e = Self::frame_error(
+                &older,
+                ErrorCode::ResponsePreempted,
+                "this response.create was superseded by a newer one before it started",
+            );
+            self.send(e, ctx);
             return;
         }
         ctx.spawn(self.read_standing().into_actor(self).map(|res, act, ctx| {
@@ -27,22 +32,23 @@ impl SessionActor {
                 return;
             };
             if let Some((code, message)) = act.refusal(res) {
-                let e = Self::error_event(code, &message);
+                let e = Self::frame_error(&frame, code, &message);
                 return act.send(e, ctx);
             }
-            let Some(turn) = act.turn.as_ref() else {
+            let Some(phase) = act.turn.as_ref().map(|t| t.phase) else {
                 // The turn in flight ended meanwhile.
                 return act.start_turn(frame, Instant::now(), ctx);
             };
-            act.queued = Some(frame);
-            if turn.phase == Phase::Finishing {
+            act.supersede_waiting(ctx);
+            act.queued.push_back((frame, Instant::now()));
+            if phase == Phase::Finishing {
                 return;
             }
-            let e = Self::error_event(
+            let e = act.turn_error(
                 ErrorCode::ResponsePreempted,
                 "this response was ended by a newer response.create",
             );
-            if turn.phase == Phase::Streaming {
+            if phase == Phase::Streaming {
                 return act.preempt_streaming(e, ctx);
             }
             act.finish(
@@ -352,7 +358,7 @@ impl SessionActor {
     }
 
     pub(super) fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
-        let e = Self::error_event(code, message);
+        let e = self.turn_error(code, message);
         self.finish(
             Ending::Rejected(code.code()),
             Delivery {

@@ -48,7 +48,7 @@ impl SessionActor {
         match &decision {
             Decision::FailClosed { reason } => {
                 info!(parent: &turn.span, reason = %reason, "continuation: fail closed, nothing sent upstream");
-                let e = Self::error_event(ErrorCode::ContinuationUnavailable, reason);
+                let e = Self::frame_error(&turn.frame, ErrorCode::ContinuationUnavailable, reason);
                 return self.finish(
                     Ending::Rejected(ErrorCode::ContinuationUnavailable.code()),
                     Delivery {

@@ -31,9 +31,7 @@ impl SessionActor {
         });
         self.idle_since = now;
         self.send(event, ctx);
-        if let Some(next) = self.queued.take() {
-            self.start_turn(next, now, ctx);
-        }
+        self.start_next(ctx);
     }
 
     /// An upstream event for a drained connection; `None` means the connection was lost.

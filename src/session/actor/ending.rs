@@ -94,6 +94,8 @@ impl SessionActor {
         let bind = self.bind_stored(&record, store);
         let durable = self.record(record, wait);
         let durable = async move { futures_util::future::join(durable, bind).await.0 };
+        // The fallback answer is the turn's, so it carries the turn's lane.
+        let not_durable = self.turn_error(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE);
         // `wait`: nothing else happens in this session until the record is safe.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
             act.turn = None;
@@ -103,7 +105,7 @@ impl SessionActor {
                 delivery.last
             } else {
                 warn!(parent: &act.span, "turn record not durable in time: accounting_unavailable instead of the terminal event");
-                Some(Self::error_event(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
+                Some(not_durable)
             };
             if let Some(last) = last {
                 act.send(last, ctx);
@@ -114,9 +116,7 @@ impl SessionActor {
             if act.client_gone {
                 return act.stop_when_drained(ctx);
             }
-            if let Some(next) = act.queued.take() {
-                act.start_turn(next, Instant::now(), ctx);
-            }
+            act.start_next(ctx);
         }));
     }
 

@@ -72,7 +72,39 @@ impl SessionActor {
         code.ws_event(message).to_string()
     }
 
+    /// The error event answering one `response.create` (tagged with its lane).
+    pub(super) fn frame_error(frame: &CreateFrame, code: ErrorCode, message: &str) -> String {
+        code.ws_event_on(message, frame.stream_id.as_deref())
+            .to_string()
+    }
+
+    /// The error event of the turn in flight (tagged with its lane).
+    pub(super) fn turn_error(&self, code: ErrorCode, message: &str) -> String {
+        match self.turn.as_ref() {
+            Some(t) => Self::frame_error(&t.frame, code, message),
+            None => Self::error_event(code, message),
+        }
+    }
+
+    /// Answers every create still waiting with `code` (they will not run).
+    pub(super) fn answer_waiting(&mut self, code: ErrorCode, ctx: &mut Context<Self>) {
+        let message = "the session is closing before this response.create could start";
+        if let Some(frame) = self.preempting.take() {
+            let e = Self::frame_error(&frame, code, message);
+            self.send(e, ctx);
+        }
+        for (frame, _) in std::mem::take(&mut self.queued) {
+            let e = Self::frame_error(&frame, code, message);
+            self.send(e, ctx);
+        }
+    }
+
     pub(super) fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        let answer = match code {
+            1001 => ErrorCode::ShuttingDown,
+            _ => ErrorCode::SessionEnded,
+        };
+        self.answer_waiting(answer, ctx);
         self.out(Outbound::Close(code, reason.to_string()));
         ctx.stop();
     }

@@ -1,0 +1,229 @@
+//! Lanes (`stream_id`) and overlapping creates (docs/DESIGN.md#overlap): creates on one lane
+//! run in order, every `response.create` gets exactly one answer in every `on_overlap` mode,
+//! every event of a named lane carries its `stream_id`, and each turn is billed what the
+//! upstream reported for its response.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::TestDb;
+use common::stack::{Stack, StackOptions, block};
+use common::ws::{Client, Recv, is_terminal};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+fn create(lane: Option<&str>, directive: &str) -> Value {
+    let mut v = json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "lanes", "metadata": {"sim": directive}});
+    if let Some(l) = lane {
+        v["stream_id"] = json!(l);
+    }
+    v
+}
+
+/// Events until `n` answers (terminals or error events) were seen.
+fn answers(c: &mut Client, n: usize) -> (Vec<Value>, Vec<Value>) {
+    let (mut all, mut ends) = (Vec::new(), Vec::new());
+    while ends.len() < n {
+        let e = c.next_event(T);
+        if is_terminal(&e) {
+            ends.push(e.clone());
+        }
+        all.push(e);
+    }
+    (all, ends)
+}
+
+/// Nothing more arrives for a while (no second answer to any create).
+fn assert_quiet(c: &mut Client) {
+    match c.recv(Duration::from_millis(500)) {
+        Recv::Timeout | Recv::Ping | Recv::Pong => {}
+        other => panic!("an extra frame: {other:?}"),
+    }
+}
+
+/// The usage each completed response reported to the client, by response id.
+fn reported(ends: &[Value]) -> HashMap<String, (i64, i64)> {
+    ends.iter()
+        .filter(|e| e["type"] == "response.completed")
+        .map(|e| {
+            let u = &e["response"]["usage"];
+            (
+                e["response"]["id"].as_str().unwrap().to_string(),
+                (
+                    u["input_tokens"].as_i64().unwrap(),
+                    u["output_tokens"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn assert_rows_match(s: &Stack, ends: &[Value]) {
+    let want = reported(ends);
+    let rows = s.rows(want.len());
+    assert_eq!(rows.len(), want.len(), "one row per turn");
+    for r in &rows {
+        let id = r.response_id.as_deref().unwrap();
+        assert_eq!(
+            want.get(id),
+            Some(&(r.input_tokens, r.output_tokens)),
+            "row of {id}"
+        );
+        assert_eq!(r.usage_source, "reported");
+    }
+}
+
+/// Two creates on lane `main` back to back (the guide's pattern): both run, in order, both are
+/// billed; every event carries `stream_id: "main"`.
+#[test]
+fn fifo_on_one_lane() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        c.send(&create(Some("main"), "delta_delay_ms=20"));
+        c.send(&create(Some("main"), ""));
+        let (all, ends) = answers(&mut c, 2);
+        assert!(all.iter().all(|e| e["stream_id"] == "main"), "{all:?}");
+        assert!(ends.iter().all(|e| e["type"] == "response.completed"));
+        // In order: every event of the first response comes before the second's.
+        let first = ends[0]["response"]["id"].as_str().unwrap();
+        let last_of_first = all
+            .iter()
+            .rposition(|e| e.to_string().contains(first))
+            .unwrap();
+        let second_created = all
+            .iter()
+            .position(|e| e["type"] == "response.created" && !e.to_string().contains(first))
+            .unwrap();
+        assert!(last_of_first < second_created);
+        assert_quiet(&mut c);
+        assert_rows_match(&s, &ends);
+        s.finish();
+    }
+}
+
+/// Creates on lanes `alpha`, `beta` and the default lane, back to back: three completions,
+/// each response's events tagged with its own lane (the default lane's with none), each row
+/// billed what the upstream reported for that response.
+#[test]
+fn three_lanes_back_to_back() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        c.send(&create(Some("alpha"), ""));
+        c.send(&create(Some("beta"), ""));
+        c.send(&create(None, ""));
+        let (all, ends) = answers(&mut c, 3);
+        let lanes: Vec<Value> = ends.iter().map(|e| e["stream_id"].clone()).collect();
+        assert_eq!(lanes, [json!("alpha"), json!("beta"), Value::Null]);
+        let mut lane_of: HashMap<String, Value> = HashMap::new();
+        for e in &all {
+            if let Some(id) = e["response"]["id"].as_str() {
+                let lane = lane_of
+                    .entry(id.to_string())
+                    .or_insert(e["stream_id"].clone());
+                assert_eq!(*lane, e["stream_id"], "one lane per response: {e}");
+            }
+        }
+        assert_quiet(&mut c);
+        assert_rows_match(&s, &ends);
+        s.finish();
+    }
+}
+
+/// 200 creates back to back: exactly 200 answers in every mode, then silence.
+#[test]
+fn every_create_is_answered_in_every_mode() {
+    for (mode, expect) in [
+        ("queue", ["response.completed", "lane_queue_full"]),
+        ("preempt", ["response.completed", "response_preempted"]),
+        (
+            "reject",
+            ["response.completed", "response_already_in_flight"],
+        ),
+    ] {
+        let env = [("TURNPIKE_SESSION__ON_OVERLAP", mode)];
+        let s = Stack::start(
+            TestDb::sqlite(),
+            StackOptions {
+                env: &env,
+                ..StackOptions::default()
+            },
+        );
+        let mut c = s.client();
+        for i in 0..200 {
+            let lane = format!("l{}", i % 3);
+            c.send(&create(Some(&lane), ""));
+        }
+        let (_, ends) = answers(&mut c, 200);
+        let mut kinds: HashMap<String, usize> = HashMap::new();
+        for e in &ends {
+            let kind = match e["type"].as_str().unwrap() {
+                "error" => e["error"]["code"].as_str().unwrap().to_string(),
+                t => t.to_string(),
+            };
+            assert!(
+                e["stream_id"].is_string(),
+                "{mode}: an answer without its lane: {e}"
+            );
+            *kinds.entry(kind).or_default() += 1;
+        }
+        for k in kinds.keys() {
+            assert!(
+                expect.contains(&k.as_str()),
+                "{mode}: unexpected {k}: {kinds:?}"
+            );
+        }
+        assert!(
+            kinds.get("response.completed").is_some_and(|n| *n >= 1),
+            "{mode}: {kinds:?}"
+        );
+        assert_quiet(&mut c);
+        if mode == "queue" {
+            assert_eq!(
+                kinds["response.completed"], 65,
+                "1 running + lane_queue_max 64"
+            );
+        }
+        let completed = kinds["response.completed"];
+        let rows = s.rows(completed);
+        assert_eq!(
+            rows.iter().filter(|r| r.status == "completed").count(),
+            completed,
+            "{mode}"
+        );
+        s.finish();
+    }
+}
+
+/// A bad `stream_id` is refused (`invalid_stream_id`), nothing goes upstream, the session
+/// goes on.
+#[test]
+fn invalid_stream_id_is_refused() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    for bad in [
+        json!(""),
+        json!("with space"),
+        json!(7),
+        json!("x".repeat(257)),
+    ] {
+        let mut v = create(None, "");
+        v["stream_id"] = bad.clone();
+        c.send(&v);
+        let e = c.next_event(T);
+        assert_eq!(e["error"]["code"], "invalid_stream_id", "{bad}: {e}");
+        assert_eq!(e["status"], 400);
+    }
+    c.send(&create(Some("ok.lane-1_x"), ""));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(s.sim_stats()["responses"], 1);
+    s.finish();
+}
