@@ -44,6 +44,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
+        origin: "create".into(),
     }
 }
 

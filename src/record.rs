@@ -44,10 +44,18 @@ pub struct TurnRecord {
     pub timing: Timing,
     pub error_code: Option<String>,
     pub accepted_at: NaiveDateTime,
+    /// `create` (the client's `response.create`) or `steer` (a successor the upstream started
+    /// after `response.steer`).
+    #[serde(default = "origin_create")]
+    pub origin: String,
     /// The usage the upstream reported and the relay did not believe (billed from its
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_aside: Option<SetAside>,
+}
+
+fn origin_create() -> String {
+    "create".into()
 }
 
 /// A reported usage set aside (docs/DESIGN.md#usage-bounds).

@@ -326,6 +326,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
+        origin: "create".into(),
     }
 }
 

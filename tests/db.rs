@@ -318,6 +318,7 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         error_code: None,
         accepted_at: now(),
         set_aside: None,
+        origin: "create".into(),
     }
 }
 

@@ -227,3 +227,135 @@ fn invalid_stream_id_is_refused() {
     assert_eq!(s.sim_stats()["responses"], 1);
     s.finish();
 }
+
+/// Sends a create on `lane`, waits for its `response.created`, and returns its response id.
+fn started(c: &mut Client, lane: &str, directive: &str) -> String {
+    c.send(&create(Some(lane), directive));
+    loop {
+        let e = c.next_event(T);
+        if e["type"] == "response.created" {
+            return e["response"]["id"].as_str().unwrap().to_string();
+        }
+    }
+}
+
+fn steer(c: &mut Client, id: &str, text: &str) {
+    c.send(&json!({"type": "response.steer", "previous_response_id": id, "input": text}));
+}
+
+fn rows_by_turn(s: &Stack, n: usize) -> Vec<turnpike::db::models::UsageRow> {
+    let mut rows = s.rows(n);
+    rows.sort_by_key(|r| r.turn_index);
+    rows
+}
+
+/// `response.steer` mid-response: accepted, the steered response ends `incomplete`
+/// (`steered`) and is billed, the upstream's automatic successor reaches the client on the
+/// same socket (never dropped) and is billed as a turn of its own (`origin = 'steer'`); a create
+/// sent meanwhile runs after the successor. Money adds up.
+#[test]
+fn steering_bills_the_steered_response_and_its_successor() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        let steered = started(&mut c, "main", "delta_delay_ms=100");
+        steer(&mut c, &steered, "Keep it short.");
+        c.send(&create(Some("main"), ""));
+        let (all, ends) = answers(&mut c, 3);
+        assert!(
+            all.iter().any(|e| e["type"] == "response.steer.accepted"),
+            "{all:?}"
+        );
+        assert_eq!(ends[0]["type"], "response.incomplete", "{:?}", ends[0]);
+        assert_eq!(
+            ends[0]["response"]["incomplete_details"]["reason"],
+            "steered"
+        );
+        assert_eq!(ends[1]["type"], "response.completed");
+        assert_eq!(ends[1]["response"]["previous_response_id"], json!(steered));
+        assert_eq!(ends[2]["type"], "response.completed");
+        assert!(ends.iter().all(|e| e["stream_id"] == "main"));
+        assert_quiet(&mut c);
+        let rows = rows_by_turn(&s, 3);
+        let got: Vec<(&str, &str, Option<&str>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.status.as_str(),
+                    r.origin.as_str(),
+                    r.response_id.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("incomplete", "create", Some(steered.as_str())),
+                ("completed", "steer", ends[1]["response"]["id"].as_str()),
+                ("completed", "create", ends[2]["response"]["id"].as_str()),
+            ]
+        );
+        for (row, end) in rows.iter().zip(&ends) {
+            assert_eq!(
+                row.output_tokens,
+                end["response"]["usage"]["output_tokens"].as_i64().unwrap()
+            );
+            assert_eq!(row.usage_source, "reported");
+        }
+        // The successor is timed from its own response.created.
+        assert_eq!(rows[1].first_event_ms, Some(0));
+        let sums = common::ledger::sums(&s.db);
+        common::ledger::assert_invariant(&sums);
+        s.finish();
+    }
+}
+
+/// A successor after a normal completion (the steer arrived too late to cut it) is a turn too.
+#[test]
+fn a_successor_after_a_normal_completion() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    let id = started(&mut c, "main", "steer_completes delta_delay_ms=50");
+    steer(&mut c, &id, "Also mention the weather.");
+    let (_, ends) = answers(&mut c, 2);
+    assert_eq!(ends[0]["type"], "response.completed");
+    assert_eq!(ends[1]["type"], "response.completed");
+    assert_eq!(ends[1]["response"]["previous_response_id"], json!(id));
+    let rows = rows_by_turn(&s, 2);
+    assert_eq!(rows[1].origin, "steer");
+    assert_eq!(rows[1].status, "completed");
+    s.finish();
+}
+
+/// A key that cannot pay for another turn: the relay answers the steer with a
+/// `response.steer.failed`-shaped refusal and nothing goes upstream; the response goes on.
+#[test]
+fn a_steer_the_key_cannot_pay_for_goes_nowhere() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        let id = started(&mut c, "main", "delta_delay_ms=50");
+        common::ledger::exec(
+            &s.db,
+            "UPDATE api_keys SET quota_nanousd = 1, spent_nanousd = 1",
+        );
+        steer(&mut c, &id, "More!");
+        let (all, ends) = answers(&mut c, 1);
+        let refused = all
+            .iter()
+            .find(|e| e["type"] == "response.steer.failed")
+            .expect("the refusal");
+        assert_eq!(refused["error"]["code"], "quota_exhausted");
+        assert_eq!(refused["steer"]["input"], "More!");
+        assert_eq!(refused["stream_id"], "main");
+        assert_eq!(ends[0]["type"], "response.completed");
+        assert_quiet(&mut c);
+        let sent_upstream = s.sim_connections().to_string();
+        assert!(
+            !sent_upstream.contains("response.steer"),
+            "nothing upstream"
+        );
+        assert_eq!(s.rows(1).len(), 1);
+        s.finish();
+    }
+}

@@ -112,6 +112,7 @@ pub struct NewUsage<'a> {
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub response_id: Option<&'a str>,
+    pub origin: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -143,6 +144,8 @@ pub struct UsageRow {
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub response_id: Option<String>,
+    /// `create` or `steer`.
+    pub origin: String,
 }
 
 #[derive(Debug, Insertable)]

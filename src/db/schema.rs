@@ -56,6 +56,7 @@ diesel::table! {
         accepted_at -> Timestamp,
         created_at -> Timestamp,
         response_id -> Nullable<Text>,
+        origin -> Text,
     }
 }
 

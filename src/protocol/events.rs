@@ -19,10 +19,20 @@ pub enum EventKind {
     Terminal(TerminalKind),
     /// A wrapped `error` event: ends the response.
     Error,
-    /// Anything else (`response.steer.accepted`, `codex.*` …): forwarded, no effect on timing.
+    /// `response.steer.accepted | failed | pending`: forwarded; they tell whether the upstream
+    /// will start a successor on its own.
+    Steer(SteerKind),
+    /// Anything else (`codex.*` …): forwarded, no effect on timing.
     Other,
     /// Not a JSON object with a `type`: never forwarded (`upstream_protocol_error`).
     Invalid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerKind {
+    Accepted,
+    Failed,
+    Pending,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +64,9 @@ pub fn kind_of(event_type: &str) -> EventKind {
         "response.failed" => EventKind::Terminal(TerminalKind::Failed),
         "response.cancelled" => EventKind::Terminal(TerminalKind::Cancelled),
         "error" => EventKind::Error,
+        "response.steer.accepted" => EventKind::Steer(SteerKind::Accepted),
+        "response.steer.failed" => EventKind::Steer(SteerKind::Failed),
+        "response.steer.pending" => EventKind::Steer(SteerKind::Pending),
         "response.output_text.done" | "response.function_call_arguments.done" => {
             EventKind::TokenDone
         }
@@ -171,7 +184,18 @@ mod tests {
             EventKind::Terminal(TerminalKind::Cancelled)
         );
         assert_eq!(kind_of("error"), EventKind::Error);
-        assert_eq!(kind_of("response.steer.accepted"), EventKind::Other);
+        assert_eq!(
+            kind_of("response.steer.accepted"),
+            EventKind::Steer(SteerKind::Accepted)
+        );
+        assert_eq!(
+            kind_of("response.steer.failed"),
+            EventKind::Steer(SteerKind::Failed)
+        );
+        assert_eq!(
+            kind_of("response.steer.pending"),
+            EventKind::Steer(SteerKind::Pending)
+        );
         assert_eq!(kind_of("codex.rate_limits"), EventKind::Other);
     }
 

@@ -11,6 +11,7 @@ mod chain;
 mod drain;
 mod ending;
 mod outbound;
+mod steer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,8 @@ struct Turn {
     last_upstream: Instant,
     cancel_deadline: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// `create`, or `steer` for a successor the upstream started on its own.
+    origin: &'static str,
     span: Span,
 }
 
@@ -144,6 +147,8 @@ pub struct SessionActor {
     /// read).
     largest_unread: (u64, u64),
     close_after_turn: Option<(u16, &'static str)>,
+    /// Mid-turn steering: accepted steers, the successor the upstream will start.
+    steer: steer::SteerState,
     span: Span,
 }
 
@@ -190,6 +195,7 @@ impl SessionActor {
             cut_off: false,
             largest_unread: (0, 0),
             close_after_turn: None,
+            steer: steer::SteerState::default(),
             span,
         }
     }
@@ -294,11 +300,25 @@ impl SessionActor {
             }
         };
         self.model = Some(model.clone());
+        let turn = self.new_turn(frame, model, accepted, "create");
+        self.turn = Some(turn);
+        self.admit(ctx);
+    }
+
+    /// The session's next turn, accepted at `accepted`, started by `origin`.
+    fn new_turn(
+        &mut self,
+        frame: CreateFrame,
+        model: String,
+        accepted: Instant,
+        origin: &'static str,
+    ) -> Turn {
         self.turn_index += 1;
         let index = self.turn_index;
         let turn_id = format!("turn_{}", random_hex(12));
-        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id);
-        self.turn = Some(Turn {
+        let span =
+            info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin);
+        Turn {
             index,
             turn_id,
             accepted_wall: crate::db::now(),
@@ -315,9 +335,9 @@ impl SessionActor {
             last_upstream: accepted,
             cancel_deadline: None,
             drain_deadline: None,
+            origin,
             span,
-        });
-        self.admit(ctx);
+        }
     }
 
     fn lease_and_send(&mut self, ctx: &mut Context<Self>) {
@@ -410,9 +430,7 @@ impl SessionActor {
 
     fn on_upstream_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let Some(turn) = self.turn.as_mut().filter(|t| t.phase == Phase::Streaming) else {
-            // Data between turns: the connection's state is unknown now.
-            warn!(parent: &self.span, "upstream frame outside a turn; dropping the connection");
-            return self.release_lease(false);
+            return self.on_frame_between_turns(text, ctx);
         };
         let now = Instant::now();
         turn.last_upstream = now;
@@ -458,6 +476,11 @@ impl SessionActor {
                     close: None,
                 };
                 self.finish(Ending::UpstreamError(code), delivery, ctx);
+            }
+            EventKind::Steer(kind) => {
+                turn.forwarded += 1;
+                self.steer.observe(kind, &text);
+                self.send(text, ctx);
             }
             _ => {
                 turn.forwarded += 1;
@@ -578,6 +601,9 @@ impl SessionActor {
     }
 
     fn on_other(&mut self, kind: String, text: ByteString, ctx: &mut Context<Self>) {
+        if kind == "response.steer" {
+            return self.on_steer(text, ctx);
+        }
         match (&self.lease, self.turn.as_ref().map(|t| t.phase)) {
             (Some(lease), Some(Phase::Streaming)) => lease.addr.do_send(SendText(text)),
             _ => {
@@ -683,8 +709,18 @@ impl SessionActor {
             }
             return;
         }
+        if self.steer.successor_overdue(
+            now,
+            Duration::from_millis(s.upstream.first_event_timeout_ms),
+        ) {
+            warn!(parent: &self.span, "the successor of a steered response never started; going on");
+            self.start_next(ctx);
+        }
         let idle = now.duration_since(self.idle_since);
-        if self.lease.is_some() && idle >= Duration::from_millis(s.session.lease_idle_ms) {
+        if self.lease.is_some()
+            && !self.steer.awaiting()
+            && idle >= Duration::from_millis(s.session.lease_idle_ms)
+        {
             // Give the connection back, but prefer it next time.
             self.release_lease(true);
         }
@@ -933,7 +969,8 @@ impl Handler<Reclaim> for SessionActor {
     /// only when no turn is in flight; the next turn continues its chain through §4.6.
     fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) -> bool {
         let holds = self.lease.as_ref().is_some_and(|l| l.conn == msg.conn);
-        if !holds || self.turn.is_some() {
+        // A successor the upstream is about to start needs this connection too.
+        if !holds || self.turn.is_some() || self.steer.awaiting() {
             return false;
         }
         debug!(parent: &self.span, conn = msg.conn, "connection reclaimed by the pool between turns");

@@ -23,6 +23,10 @@ struct InFlight {
     completes: bool,
     store: bool,
     timer: Option<SpawnHandle>,
+    /// The request, for the successor a steer starts.
+    req: Value,
+    /// A steer lets it complete rather than ending it `steered`.
+    steer_completes: bool,
 }
 
 /// Responses in flight on one connection, at most (more are queued on their lanes).
@@ -198,6 +202,8 @@ impl SimConn {
                 completes: plan.completes,
                 store: req.get("store").and_then(Value::as_bool).unwrap_or(true),
                 timer: None,
+                steer_completes: script.steer_completes,
+                req,
             });
         }
         self.pump(lane.to_string(), ctx);
@@ -257,6 +263,79 @@ impl SimConn {
             return self.age_out(ctx);
         }
         self.start_queued(ctx);
+    }
+
+    /// `response.steer` (mid-turn steering): accepted for a response in flight — the successor
+    /// (the request with the steering input, continuing the steered response) is queued first
+    /// on its lane, and the response ends `incomplete` (reason `steered`) at once, or completes
+    /// normally under `steer_completes`; refused (`response.steer.failed`) otherwise.
+    fn on_steer(&mut self, req: &Value, ctx: &mut WebsocketContext<Self>) {
+        let prev = req
+            .get("previous_response_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let input = req.get("input").cloned().unwrap_or(Value::Null);
+        let lane = self
+            .lanes
+            .iter()
+            .find(|(_, l)| {
+                l.in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.remembered.response_id == prev)
+            })
+            .map(|(k, _)| k.clone());
+        let Some(lane) = lane else {
+            let e = json!({"type": "response.steer.failed",
+                "steer": {"previous_response_id": prev, "input": input},
+                "error": {"code": "response_not_active", "message": "No active response with this id on this connection."}});
+            return self.send_event("", e, ctx);
+        };
+        let (_, tag) = self.shared.next_tag();
+        let accepted = json!({"type": "response.steer.accepted",
+            "steer": {"id": format!("steer_{tag}"), "previous_response_id": prev}});
+        self.send_event(&lane, accepted, ctx);
+        let Some(l) = self.lanes.get_mut(&lane) else {
+            return;
+        };
+        let Some(flight) = l.in_flight.as_mut() else {
+            return;
+        };
+        let mut successor = flight.req.clone();
+        successor["input"] = input;
+        successor["previous_response_id"] = json!(prev);
+        if let Some(m) = successor.as_object_mut() {
+            m.remove("metadata");
+        }
+        l.queue.push_front(successor);
+        if flight.steer_completes {
+            return;
+        }
+        // Ends at this boundary: the planned terminal, as `incomplete` (steered).
+        if let Some(timer) = flight.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let terminal = flight.steps.iter().rev().find_map(|s| match s {
+            Step::Event(e)
+                if matches!(
+                    e["type"].as_str(),
+                    Some("response.completed" | "response.incomplete" | "response.failed")
+                ) =>
+            {
+                Some(e.clone())
+            }
+            _ => None,
+        });
+        flight.steps.clear();
+        if let Some(mut t) = terminal {
+            t["type"] = json!("response.incomplete");
+            t["response"]["status"] = json!("incomplete");
+            t["response"]["incomplete_details"] = json!({"reason": "steered"});
+            flight.steps.push_back(Step::Event(t));
+        }
+        // The steered response is known to its successor.
+        flight.completes = true;
+        self.pump(lane, ctx);
     }
 
     /// `response.cancel` / `response.interrupt`: the named response (`response_id`), else the
@@ -369,6 +448,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SimConn {
                 match value.get("type").and_then(Value::as_str).unwrap_or("") {
                     "" | "response.create" => self.on_create(value, ctx),
                     "response.cancel" | "response.interrupt" => self.on_cancel(&value, ctx),
+                    "response.steer" => self.on_steer(&value, ctx),
                     other => {
                         let e = wrapped_error(
                             400,

@@ -83,6 +83,9 @@ pub struct Script {
     /// Report these counts instead of the computed ones (an upstream reporting nonsense).
     pub report_input: Option<u64>,
     pub report_output: Option<u64>,
+    /// A `response.steer` lets the response complete normally (then the successor starts)
+    /// instead of ending it `incomplete` (reason `steered`).
+    pub steer_completes: bool,
 }
 
 impl Default for Script {
@@ -105,6 +108,7 @@ impl Default for Script {
             reasoning_tokens: 0,
             report_input: None,
             report_output: None,
+            steer_completes: false,
         }
     }
 }
@@ -210,6 +214,7 @@ impl Script {
                 "reasoning" => s.reasoning_tokens = num(need()?)?,
                 "report_input" => s.report_input = Some(num(need()?)?),
                 "report_output" => s.report_output = Some(num(need()?)?),
+                "steer_completes" => s.steer_completes = true,
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }

@@ -2,7 +2,9 @@
 # Real clients through `turnpike serve` in front of `turnpike sim`, as CI runs them:
 #   Codex CLI 0.169.0 (`exec --json`): a text turn, a tool-call loop, a turn the sim cuts with
 #     1012 mid-stream (Codex recovers);
-#   openai-python 3.51.0 (`client.responses.connect()`): chained turns and a tool loop;
+#   openai-python 3.51.0 (`client.responses.connect()`): chained turns and a tool loop; two lanes
+#     (`stream_id`) sent back to back, a fork onto a third lane, a steered response and its
+#     automatic successor;
 #   openai-node 6.49.0 (`ResponsesWS`): two chained turns and a tool loop.
 # Then it checks the usage rows against what each client saw (token for token), the timing
 # order of every row, and what the sim received (the account's credential, Codex's headers).
@@ -120,7 +122,7 @@ import json, sqlite3, sys, time, urllib.request
 work, sim, key, upstream_key = sys.argv[1:5]
 db = sqlite3.connect(f"{work}/turnpike.db")
 reports = [json.loads(l) for l in open(f"{work}/report.jsonl")]
-assert len(reports) == 7, f"python 3 + node 4 responses, got {len(reports)}"
+assert len(reports) == 11, f"python 3 + 4 on lanes + node 4 responses, got {len(reports)}"
 deadline = time.time() + 10
 while True:
     rows = {r[0]: r for r in db.execute(
@@ -134,15 +136,19 @@ for r in reports:
     assert row, f"no row for {r}"
     assert row[1] == "completed", (r, row)
     assert (row[2], row[3]) == (r["input_tokens"], r["output_tokens"]), f"{r['client']}: client saw {r}, row {row}"
+# The steered response is billed (incomplete), its successor is a turn of origin 'steer'.
+steer_rows = db.execute("select status, origin from usage_logs where origin = 'steer'").fetchall()
+assert steer_rows == [("completed", "steer")], steer_rows
+assert db.execute("select count(*) from usage_logs where status = 'incomplete'").fetchone()[0] == 1
 # Codex: the usage it reports for a turn equals the sum over that session's rows.
 def codex_usage(name):
     done = [json.loads(l) for l in open(f"{work}/codex-{name}.jsonl") if '"turn.completed"' in l]
     return done[-1]["usage"]
 sessions = [s for (s,) in db.execute("select distinct session_id from usage_logs order by id")]
-# Sessions in order: python, node, Codex text, Codex tool, then the 1012 run (Codex reconnects
-# after `upstream_restarting`: its retry is a session of its own).
-assert len(sessions) >= 6, sessions
-runs = {"text": sessions[2:3], "tool": sessions[3:4], "restart": sessions[4:]}
+# Sessions in order: python (chains), python (lanes), node, Codex text, Codex tool, then the 1012
+# run (Codex reconnects after `upstream_restarting`: its retry is a session of its own).
+assert len(sessions) >= 7, sessions
+runs = {"text": sessions[3:4], "tool": sessions[4:5], "restart": sessions[5:]}
 for name, group in runs.items():
     seen = codex_usage(name)
     marks = ",".join("?" * len(group))
@@ -154,7 +160,7 @@ marks = ",".join("?" * len(runs["restart"]))
 cut = db.execute(f"select status, error_code, input_tokens from usage_logs where session_id in ({marks})",
                  runs["restart"]).fetchall()
 assert any(s == "upstream_lost" and e == "upstream_restarting" and i > 0 for (s, e, i) in cut), cut
-codex_sessions = sessions[2:]
+codex_sessions = sessions[3:]
 # Timing order of every row that streamed a token.
 for (wait, fe, ft, d) in db.execute("select upstream_wait_ms, first_event_ms, first_token_ms, duration_ms"
                                     " from usage_logs where first_token_ms is not null"):

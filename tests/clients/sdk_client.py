@@ -1,7 +1,8 @@
 """openai-python `client.responses.connect()` against a Responses WebSocket endpoint (the sim, or
-turnpike): a text turn, then a tool-call loop on the same socket, chained. Each completed response
-is appended to $REPORT (when set) as a JSON line for the usage check. Exits non-zero on any
-failure."""
+turnpike): a text turn, then a tool-call loop on the same socket, chained; then the WebSocket
+guide's lanes: two lanes in parallel (`stream_id`), a fork of one onto a third lane, and a steered
+response with the upstream's automatic successor. Each completed response is appended to $REPORT
+(when set) as a JSON line for the usage check. Exits non-zero on any failure."""
 import json
 import os
 import subprocess
@@ -47,6 +48,54 @@ def run_turn(conn, **params):
     sys.exit("socket ended before a terminal event")
 
 
+def until_completed(conn, lanes, allow_incomplete=()):
+    """Events of every lane until each lane in `lanes` completed one response (each event's
+    `stream_id` must be one of them); returns the completed responses by lane."""
+    done = {}
+    for ev in conn:
+        lane = getattr(ev, "stream_id", None)
+        if lane not in lanes:
+            sys.exit(f"an event of lane {lane!r}: {ev}")
+        if ev.type == "response.completed":
+            report(ev.response)
+            done[lane] = ev.response
+            if set(done) == set(lanes):
+                return done
+        elif ev.type == "response.incomplete" and lane in allow_incomplete:
+            reason = ev.response.incomplete_details.reason
+            if reason != "steered":
+                sys.exit(f"incomplete for {reason!r}")
+            print(f"python steered response ended: id={ev.response.id}")
+        elif ev.type in ("error", "response.failed", "response.incomplete", "response.steer.failed"):
+            sys.exit(f"lane {lane!r} failed: {ev}")
+    sys.exit("socket ended before every lane completed")
+
+
+def lanes(conn):
+    conn.response.create(model="gpt-test", store=False, stream_id="a", input="First lane")
+    conn.response.create(model="gpt-test", store=False, stream_id="b", input="Second lane")
+    done = until_completed(conn, {"a", "b"})
+    print(f"python two lanes: a={done['a'].id} b={done['b'].id}")
+    conn.response.create(model="gpt-test", store=False, stream_id="fork",
+                         previous_response_id=done["a"].id, input="Fork lane a")
+    fork = until_completed(conn, {"fork"})["fork"]
+    if fork.previous_response_id != done["a"].id:
+        sys.exit(f"the fork does not continue lane a: {fork}")
+    print(f"python fork: {fork.id} continues {done['a'].id}")
+    # Steering: the steered response ends `steered`, the upstream's successor completes.
+    conn.response.create(model="gpt-test", store=False, stream_id="steer",
+                         input="A long answer [[sim: delta_delay_ms=100]]")
+    for ev in conn:
+        if ev.type == "response.created":
+            steered = ev.response.id
+            break
+    conn.response.steer(previous_response_id=steered, input="Keep it short.")
+    successor = until_completed(conn, {"steer"}, allow_incomplete={"steer"})["steer"]
+    if successor.previous_response_id != steered:
+        sys.exit(f"the successor does not continue the steered response: {successor}")
+    print(f"python steering: successor {successor.id} of {steered}")
+
+
 def main():
     base_url, key = sys.argv[1], os.environ.get("SIM_KEY", "sk-sim-clients")
     client = OpenAI(api_key=key, base_url=base_url)
@@ -64,6 +113,9 @@ def main():
         resp, text = run_turn(conn, previous_response_id=resp.id, tools=TOOLS, input=[
             {"type": "function_call_output", "call_id": call.call_id, "output": output}])
         print(f"python tool loop done: id={resp.id} text={text!r}")
+
+    with client.responses.connect() as conn:
+        lanes(conn)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,8 @@ CREATE INDEX fleet_slots_relay_idx ON fleet_slots (relay_id);
 COMMENT ON TABLE fleet_slots IS 'One row per open session (kind session) or turn in flight (kind turn) of a key with a limit, on any relay; taken under the key''s row lock against max_sessions / max_concurrent_turns, deleted when the session or turn ends, kept alive by its relay''s heartbeat and ignored once expired (a relay that died).';
 COMMENT ON COLUMN fleet_slots.relay_id IS 'The relay process holding it (random per start).';
 COMMENT ON COLUMN fleet_slots.expires_at IS 'Extended by the relay''s heartbeat (limits.fleet_slot_ttl_ms); past it the slot no longer counts.';
+
+-- What started a turn: the client's response.create, or the upstream's automatic successor of
+-- a steered response (docs/DESIGN.md#steering).
+ALTER TABLE usage_logs ADD COLUMN origin TEXT NOT NULL DEFAULT 'create';
+COMMENT ON COLUMN usage_logs.origin IS 'create: the client''s response.create; steer: a successor the upstream started after response.steer.';

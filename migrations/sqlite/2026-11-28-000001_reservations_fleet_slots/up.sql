@@ -21,3 +21,7 @@ CREATE TABLE fleet_slots (
 );
 CREATE INDEX fleet_slots_key_idx ON fleet_slots (api_key_id, kind, expires_at);
 CREATE INDEX fleet_slots_relay_idx ON fleet_slots (relay_id);
+
+-- What started a turn: the client's response.create, or the upstream's automatic successor of
+-- a steered response (docs/DESIGN.md#steering).
+ALTER TABLE usage_logs ADD COLUMN origin TEXT NOT NULL DEFAULT 'create';

@@ -44,6 +44,7 @@ impl SessionActor {
             timing: outcome.timing,
             error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
+            origin: turn.origin.to_string(),
             set_aside,
         }
     }
@@ -62,6 +63,13 @@ impl SessionActor {
             return;
         }
         self.remember_response(&ending);
+        // After a terminal, the upstream may start a successor on its own (steering).
+        let expect_successor = self.steer.turn_ended(
+            &ending,
+            self.turn
+                .as_ref()
+                .map(|t| steer::Template::of(&t.frame, &t.model, t.tracker.response_id.clone())),
+        );
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -116,7 +124,10 @@ impl SessionActor {
             if act.client_gone {
                 return act.stop_when_drained(ctx);
             }
-            act.start_next(ctx);
+            // What waits behind starts once the upstream's successor has run.
+            if !expect_successor {
+                act.start_next(ctx);
+            }
         }));
     }
 

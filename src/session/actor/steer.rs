@@ -1,0 +1,237 @@
+//! Mid-turn steering (docs/DESIGN.md#steering): `response.steer` is admitted as the turn it
+//! will cause (a key that cannot pay gets a `response.steer.failed`-shaped refusal and nothing
+//! goes upstream), forwarded, and the successor the upstream then starts on its own — after the
+//! steered response ends `incomplete` (`steered`), or after a normal completion — is a turn of
+//! its own (`origin = 'steer'`), timed from its `response.created`, billed like any turn.
+
+use super::*;
+use crate::protocol::events::{SteerKind, TerminalKind, classify};
+
+/// What an automatic successor inherits from the response it follows.
+#[derive(Debug, Clone)]
+pub(super) struct Template {
+    model: String,
+    stream_id: Option<String>,
+    store: bool,
+    previous: Option<String>,
+}
+
+impl Template {
+    pub(super) fn of(frame: &CreateFrame, model: &str, previous: Option<String>) -> Self {
+        Self {
+            model: model.to_string(),
+            stream_id: frame.stream_id.clone(),
+            store: frame.store,
+            previous,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SteerState {
+    /// Steers the upstream accepted that no successor has taken up yet.
+    accepted: u32,
+    /// Inputs of the steers sent: the successor's input (history, input estimate).
+    inputs: Vec<Value>,
+    /// Since when a successor is expected (what waits behind it waits for it too).
+    awaiting_since: Option<Instant>,
+    /// The settings of the last response that ended, which a successor inherits.
+    template: Option<Template>,
+    /// An upstream frame no turn could take was logged (once per session).
+    unattributed_logged: bool,
+}
+
+impl SteerState {
+    /// An upstream `response.steer.*` event of the turn in flight.
+    pub(super) fn observe(&mut self, kind: SteerKind, text: &str) {
+        match kind {
+            SteerKind::Accepted => self.accepted += 1,
+            SteerKind::Failed => {
+                // A failure after acceptance names the steer; one before it names none.
+                let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+                if v.pointer("/steer/id").is_some() {
+                    self.accepted = self.accepted.saturating_sub(1);
+                }
+                if self.accepted == 0 {
+                    self.inputs.clear();
+                }
+            }
+            // The response waits for the client's tool output: no automatic successor (the
+            // client sends explicit creates).
+            SteerKind::Pending => {
+                self.accepted = 0;
+                self.inputs.clear();
+            }
+        }
+    }
+
+    /// The turn in flight ended: whether the upstream will start a successor on its own.
+    pub(super) fn turn_ended(&mut self, ending: &Ending, template: Option<Template>) -> bool {
+        let terminal = matches!(
+            ending,
+            Ending::Terminal(TerminalKind::Completed | TerminalKind::Incomplete)
+        );
+        if terminal && template.is_some() {
+            self.template = template;
+        }
+        let expect = terminal && self.accepted > 0;
+        if expect {
+            self.awaiting_since = Some(Instant::now());
+        } else {
+            self.accepted = 0;
+            self.inputs.clear();
+        }
+        expect
+    }
+
+    pub(super) fn awaiting(&self) -> bool {
+        self.awaiting_since.is_some()
+    }
+
+    /// A successor expected for longer than `limit` is given up on (once).
+    pub(super) fn successor_overdue(&mut self, now: Instant, limit: Duration) -> bool {
+        let overdue = self
+            .awaiting_since
+            .is_some_and(|since| now.duration_since(since) >= limit);
+        if overdue {
+            self.awaiting_since = None;
+            self.accepted = 0;
+            self.inputs.clear();
+        }
+        overdue
+    }
+
+    /// The successor's input: the steers' inputs, in order.
+    fn take_input(&mut self) -> Option<Value> {
+        let inputs = std::mem::take(&mut self.inputs);
+        let message = |v: Value| match v {
+            Value::String(text) => vec![json!({"role": "user", "content": text})],
+            Value::Array(items) => items,
+            other => vec![other],
+        };
+        match inputs.len() {
+            0 => None,
+            1 => inputs.into_iter().next(),
+            _ => Some(Value::Array(inputs.into_iter().flat_map(message).collect())),
+        }
+    }
+}
+
+/// The refusal of a steer by the relay, shaped as the upstream's `response.steer.failed` (the
+/// input handed back), with the relay's error code.
+fn steer_refused(steer: &Value, code: ErrorCode, message: &str, stream_id: Option<&str>) -> String {
+    let spec = code.spec();
+    let mut v = json!({
+        "type": "response.steer.failed",
+        "steer": {
+            "previous_response_id": steer.get("previous_response_id").cloned().unwrap_or(Value::Null),
+            "input": steer.get("input").cloned().unwrap_or(Value::Null),
+        },
+        "error": {"type": spec.error_type, "code": spec.code, "message": message},
+    });
+    if let Some(id) = stream_id {
+        v["stream_id"] = json!(id);
+    }
+    v.to_string()
+}
+
+impl SessionActor {
+    /// `response.steer`: the successor it will cause is admitted first (standing, quota and
+    /// balance, accounting, accounts); refused → `response.steer.failed` from the relay and
+    /// nothing upstream. Admitted → forwarded unchanged, if the response is still running.
+    pub(super) fn on_steer(&mut self, text: ByteString, ctx: &mut Context<Self>) {
+        let steer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let streaming = |act: &Self| {
+            act.lease.is_some()
+                && act
+                    .turn
+                    .as_ref()
+                    .is_some_and(|t| t.phase == Phase::Streaming)
+        };
+        if !streaming(self) {
+            let e = Self::error_event(
+                ErrorCode::NoActiveResponse,
+                "`response.steer` needs a response in flight",
+            );
+            return self.send(e, ctx);
+        }
+        ctx.spawn(
+            self.read_standing()
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let stream_id = act.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
+                    if let Some((code, message)) = act.refusal(res) {
+                        let e = steer_refused(&steer, code, &message, stream_id.as_deref());
+                        return act.send(e, ctx);
+                    }
+                    if !streaming(act) {
+                        let e = steer_refused(
+                            &steer,
+                            ErrorCode::NoActiveResponse,
+                            "the response ended before the steer could be sent",
+                            stream_id.as_deref(),
+                        );
+                        return act.send(e, ctx);
+                    }
+                    if let Some(lease) = &act.lease {
+                        lease.addr.do_send(SendText(text));
+                    }
+                    if let Some(input) = steer.get("input") {
+                        act.steer.inputs.push(input.clone());
+                    }
+                }),
+        );
+    }
+
+    /// An upstream frame while no turn streams. A `response.created` is a successor the
+    /// upstream started on its own: a turn of its own. Anything else is a protocol error,
+    /// logged once per session; the connection, whose state is unknown, is dropped.
+    pub(super) fn on_frame_between_turns(&mut self, text: ByteString, ctx: &mut Context<Self>) {
+        if self.turn.is_none() && self.lease.is_some() && classify(&text) == EventKind::Created {
+            return self.start_successor(text, ctx);
+        }
+        if !self.steer.unattributed_logged {
+            self.steer.unattributed_logged = true;
+            warn!(parent: &self.span, "upstream frame outside a turn (not a successor's response.created); dropping the connection");
+        }
+        self.release_lease(false);
+    }
+
+    /// The upstream's automatic successor: a turn timed from its `response.created`, on the
+    /// lease the steered response used.
+    fn start_successor(&mut self, created: ByteString, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let template = self.steer.template.clone().unwrap_or_else(|| Template {
+            model: self.model.clone().unwrap_or_default(),
+            stream_id: None,
+            store: false,
+            previous: self.last_response.as_ref().map(|(id, _)| id.clone()),
+        });
+        let input = self.steer.take_input();
+        self.steer.accepted = 0;
+        self.steer.awaiting_since = None;
+        let prompt_bytes = input.as_ref().map_or(0, |v| v.to_string().len());
+        let frame = CreateFrame {
+            raw: String::new(),
+            model: Some(template.model.clone()),
+            previous_response_id: template.previous,
+            store: template.store,
+            warmup: false,
+            has_tool_output: false,
+            prompt_bytes,
+            input,
+            max_output_tokens: None,
+            stream_id: template.stream_id,
+        };
+        let mut turn = self.new_turn(frame, template.model, now, "steer");
+        // Nothing of it was sent by the relay: it cannot be retried or replayed elsewhere.
+        turn.tracker.clock.written(now);
+        turn.phase = Phase::Streaming;
+        turn.retried = true;
+        turn.replayed = true;
+        info!(parent: &turn.span, "the upstream started a successor (steering)");
+        self.turn = Some(turn);
+        self.park(false);
+        self.on_upstream_text(created, ctx);
+    }
+}
