@@ -359,3 +359,100 @@ fn a_steer_the_key_cannot_pay_for_goes_nowhere() {
         s.finish();
     }
 }
+
+/// 32 named lanes are served; the 33rd is refused `websocket_stream_limit_reached` (by the
+/// relay, with the upstream's code) and the lanes already open go on.
+#[test]
+fn a_33rd_named_lane_is_refused_and_the_others_go_on() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    for i in 0..32 {
+        c.send(&create(Some(&format!("lane{i}")), ""));
+    }
+    let (_, ends) = answers(&mut c, 32);
+    assert!(ends.iter().all(|e| e["type"] == "response.completed"));
+    c.send(&create(Some("lane32"), ""));
+    let e = c.next_event(T);
+    assert_eq!(e["error"]["code"], "websocket_stream_limit_reached", "{e}");
+    assert_eq!(e["stream_id"], "lane32");
+    c.send(&create(Some("lane7"), ""));
+    let again = c.until_terminal(T);
+    assert_eq!(again.last().unwrap()["type"], "response.completed");
+    assert_eq!(again.last().unwrap()["stream_id"], "lane7");
+    assert_eq!(s.sim_stats()["responses"], 33);
+    s.finish();
+}
+
+fn live_reservations(db: &TestDb) -> i64 {
+    block(async {
+        turnpike::db::queries::reservations::live(&db.pool())
+            .await
+            .unwrap()
+            .0
+    })
+}
+
+/// A limited key's steer reserves its successor's expected cost (docs/DESIGN.md#steering):
+/// with room, the successor runs and its record settles the reservation (none left); without
+/// room for another turn, the steer is refused `quota_exhausted` and nothing goes upstream.
+#[test]
+fn a_limited_keys_steer_reserves_its_successor() {
+    for db in block(TestDb::all()) {
+        let s = Stack::start(
+            db,
+            StackOptions {
+                key: turnpike::auth::KeyRequest {
+                    quota_nanousd: Some(1_000_000_000),
+                    ..Default::default()
+                },
+                ..StackOptions::default()
+            },
+        );
+        let mut c = s.client();
+        let id = started(&mut c, "main", "delta_delay_ms=100");
+        steer(&mut c, &id, "Shorter.");
+        let (_, ends) = answers(&mut c, 2);
+        assert_eq!(ends[1]["type"], "response.completed", "{ends:?}");
+        let rows = rows_by_turn(&s, 2);
+        assert_eq!(rows[1].origin, "steer");
+        let deadline = std::time::Instant::now() + T;
+        while live_reservations(&s.db) != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(live_reservations(&s.db), 0, "settled by the records");
+
+        // Room for this turn (16 output tokens reserved) but not for a successor (4,096).
+        common::ledger::exec(
+            &s.db,
+            &format!(
+                "UPDATE api_keys SET quota_nanousd = spent_nanousd + 400000 WHERE id = {}",
+                s.key_id
+            ),
+        );
+        let mut small = create(Some("main"), "delta_delay_ms=100");
+        small["max_output_tokens"] = json!(16);
+        c.send(&small);
+        let id = loop {
+            let e = c.next_event(T);
+            if e["type"] == "response.created" {
+                break e["response"]["id"].as_str().unwrap().to_string();
+            }
+        };
+        steer(&mut c, &id, "And more.");
+        let (all, ends) = answers(&mut c, 1);
+        let refused = all
+            .iter()
+            .find(|e| e["type"] == "response.steer.failed")
+            .expect("refused");
+        assert_eq!(refused["error"]["code"], "quota_exhausted");
+        assert_eq!(ends[0]["type"], "response.completed");
+        assert_quiet(&mut c);
+        let steers = s
+            .sim_connections()
+            .to_string()
+            .matches("response.steer\\\"")
+            .count();
+        assert_eq!(steers, 1, "only the first steer went upstream");
+        s.finish();
+    }
+}

@@ -45,6 +45,9 @@ use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 const ACCOUNTING_UNAVAILABLE: &str =
     "usage cannot be recorded right now, so the relay does not serve turns; retry later";
 
+/// Named lanes (`stream_id`) one session may use: the upstream's limit per connection.
+const MAX_NAMED_LANES: usize = 32;
+
 /// Bytes sent between two backpressure pings.
 const PING_EVERY_BYTES: u64 = 256 * 1024;
 
@@ -149,6 +152,8 @@ pub struct SessionActor {
     close_after_turn: Option<(u16, &'static str)>,
     /// Mid-turn steering: accepted steers, the successor the upstream will start.
     steer: steer::SteerState,
+    /// Named lanes this session has used.
+    lanes: std::collections::HashSet<String>,
     span: Span,
 }
 
@@ -196,6 +201,7 @@ impl SessionActor {
             largest_unread: (0, 0),
             close_after_turn: None,
             steer: steer::SteerState::default(),
+            lanes: std::collections::HashSet::new(),
             span,
         }
     }
@@ -223,6 +229,21 @@ impl SessionActor {
     }
 
     fn on_create(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
+        // The upstream's limit of named lanes per connection, said by the relay with the
+        // upstream's code (all lanes of a session share one upstream connection).
+        if let Some(lane) = &frame.stream_id
+            && !self.lanes.contains(lane)
+        {
+            if self.lanes.len() >= MAX_NAMED_LANES {
+                let e = Self::frame_error(
+                    &frame,
+                    ErrorCode::StreamLimitReached,
+                    &format!("this session has its maximum of {MAX_NAMED_LANES} named streams"),
+                );
+                return self.send(e, ctx);
+            }
+            self.lanes.insert(lane.clone());
+        }
         let Some(turn) = &self.turn else {
             return self.start_turn(frame, accepted, ctx);
         };
@@ -300,22 +321,24 @@ impl SessionActor {
             }
         };
         self.model = Some(model.clone());
-        let turn = self.new_turn(frame, model, accepted, "create");
+        let turn = self.new_turn(frame, model, accepted, "create", None);
         self.turn = Some(turn);
         self.admit(ctx);
     }
 
-    /// The session's next turn, accepted at `accepted`, started by `origin`.
+    /// The session's next turn, accepted at `accepted`, started by `origin`, with the id given
+    /// (one reserved for it) or a new one.
     fn new_turn(
         &mut self,
         frame: CreateFrame,
         model: String,
         accepted: Instant,
         origin: &'static str,
+        id: Option<String>,
     ) -> Turn {
         self.turn_index += 1;
         let index = self.turn_index;
-        let turn_id = format!("turn_{}", random_hex(12));
+        let turn_id = id.unwrap_or_else(|| format!("turn_{}", random_hex(12)));
         let span =
             info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin);
         Turn {
@@ -479,7 +502,8 @@ impl SessionActor {
             }
             EventKind::Steer(kind) => {
                 turn.forwarded += 1;
-                self.steer.observe(kind, &text);
+                let unused = self.steer.observe(kind, &text);
+                self.release_reservations(unused);
                 self.send(text, ctx);
             }
             _ => {
@@ -709,11 +733,10 @@ impl SessionActor {
             }
             return;
         }
-        if self.steer.successor_overdue(
-            now,
-            Duration::from_millis(s.upstream.first_event_timeout_ms),
-        ) {
+        let limit = Duration::from_millis(s.upstream.first_event_timeout_ms);
+        if let Some(unused) = self.steer.successor_overdue(now, limit) {
             warn!(parent: &self.span, "the successor of a steered response never started; going on");
+            self.release_reservations(unused);
             self.start_next(ctx);
         }
         let idle = now.duration_since(self.idle_since);
@@ -814,6 +837,8 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         ::metrics::gauge!(metric::SESSIONS_OPEN).decrement(1.0);
+        let unused = self.steer.take_reserved();
+        self.release_reservations(unused);
         let clean = self.turn.is_none();
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).

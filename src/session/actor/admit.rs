@@ -150,46 +150,63 @@ impl SessionActor {
         let Some(reservation) = self.reservation() else {
             return self.start_leasing(ctx);
         };
-        let db = self.deps.db.clone();
         let request_id = reservation.request_id.clone();
-        let reserve = async move {
-            let call = async move { queries::reservations::reserve(&db, &reservation).await };
-            crate::db::within(crate::db::READ_DEADLINE, call).await
-        };
+        let reserve = self.take_reservation(reservation);
         ctx.spawn(reserve.into_actor(self).map(move |res, act, ctx| {
             if act.generation != generation {
                 // The turn ended meanwhile (its record may be written already): a reservation
                 // taken late is dropped rather than left to expire.
-                if matches!(res, Ok(Ok(()))) {
-                    let db = act.deps.db.clone();
-                    actix::spawn(async move {
-                        let _ = queries::reservations::release(&db, &request_id).await;
-                    });
+                if res.is_ok() {
+                    act.release_reservations(vec![request_id]);
                 }
                 return;
             }
             match res {
-                Ok(Ok(())) => act.start_leasing(ctx),
-                Ok(Err(Refusal::Quota)) => act.reject(
-                    ErrorCode::QuotaExhausted,
-                    "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
-                    ctx,
-                ),
-                Ok(Err(Refusal::Balance)) => act.reject(
-                    ErrorCode::BalanceExhausted,
-                    "the remaining balance does not cover the turn's expected cost (turns in flight included)",
-                    ctx,
-                ),
-                Err(e) => {
-                    warn!(parent: &act.span, error = %e, "turn reservation not taken; the turn is refused");
-                    act.reject(
-                        ErrorCode::AccountingUnavailable,
-                        ACCOUNTING_UNAVAILABLE,
-                        ctx,
-                    )
-                }
+                Ok(()) => act.start_leasing(ctx),
+                Err((code, message)) => act.reject(code, message, ctx),
             }
         }));
+    }
+
+    /// Takes a reservation (docs/DESIGN.md#reservations); a refusal comes with the client's
+    /// code and words (a database that does not answer refuses: money fails closed).
+    pub(super) fn take_reservation(
+        &self,
+        reservation: NewReservation,
+    ) -> impl Future<Output = Result<(), (ErrorCode, &'static str)>> + 'static {
+        let db = self.deps.db.clone();
+        let span = self.span.clone();
+        async move {
+            let call = async move { queries::reservations::reserve(&db, &reservation).await };
+            match crate::db::within(crate::db::READ_DEADLINE, call).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(Refusal::Quota)) => Err((
+                    ErrorCode::QuotaExhausted,
+                    "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
+                )),
+                Ok(Err(Refusal::Balance)) => Err((
+                    ErrorCode::BalanceExhausted,
+                    "the remaining balance does not cover the turn's expected cost (turns in flight included)",
+                )),
+                Err(e) => {
+                    warn!(parent: &span, error = %e, "turn reservation not taken; the turn is refused");
+                    Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
+                }
+            }
+        }
+    }
+
+    /// Drops reservations whose turns will not run (in the background; they expire anyway).
+    pub(super) fn release_reservations(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let db = self.deps.db.clone();
+        actix::spawn(async move {
+            for id in ids {
+                let _ = queries::reservations::release(&db, &id).await;
+            }
+        });
     }
 
     fn start_leasing(&mut self, ctx: &mut Context<Self>) {
@@ -201,19 +218,36 @@ impl SessionActor {
 
     /// The reservation the turn in flight takes, if its key or user is limited.
     fn reservation(&self) -> Option<NewReservation> {
+        let turn = self.turn.as_ref()?;
+        self.reservation_for(
+            turn.turn_id.clone(),
+            &turn.model,
+            turn.frame.warmup,
+            turn.frame.prompt_bytes,
+            turn.frame.max_output_tokens,
+        )
+    }
+
+    /// The reservation of turn `request_id` (a create, or the successor of a steer), if the
+    /// key or its user is limited.
+    pub(super) fn reservation_for(
+        &self,
+        request_id: String,
+        model: &str,
+        warmup: bool,
+        prompt_bytes: usize,
+        max_output_tokens: Option<u64>,
+    ) -> Option<NewReservation> {
         let (key, user) = self.standing.as_ref()?;
         if key.quota_nanousd.is_none() && user.balance_nanousd.is_none() {
             return None;
         }
-        let turn = self.turn.as_ref()?;
         let billing = &self.deps.settings.billing;
         let amount = crate::billing::reservation::expected_cost(
-            &self.deps.prices.price_of(&turn.model),
-            turn.frame.warmup,
-            turn.frame.prompt_bytes,
-            turn.frame
-                .max_output_tokens
-                .unwrap_or(billing.reserve_output_tokens),
+            &self.deps.prices.price_of(model),
+            warmup,
+            prompt_bytes,
+            max_output_tokens.unwrap_or(billing.reserve_output_tokens),
             billing.max_tokens_per_response,
         )?;
         let at = crate::db::now();
@@ -221,7 +255,7 @@ impl SessionActor {
             i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
         );
         Some(NewReservation {
-            request_id: turn.turn_id.clone(),
+            request_id,
             api_key_id: key.id,
             user_id: user.id,
             amount_nanousd: amount,

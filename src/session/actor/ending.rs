@@ -64,12 +64,13 @@ impl SessionActor {
         }
         self.remember_response(&ending);
         // After a terminal, the upstream may start a successor on its own (steering).
-        let expect_successor = self.steer.turn_ended(
+        let (expect_successor, unused) = self.steer.turn_ended(
             &ending,
             self.turn
                 .as_ref()
                 .map(|t| steer::Template::of(&t.frame, &t.model, t.tracker.response_id.clone())),
         );
+        self.release_reservations(unused);
         let Some(turn) = self.turn.as_mut() else {
             return;
         };

@@ -39,13 +39,20 @@ pub(super) struct SteerState {
     template: Option<Template>,
     /// An upstream frame no turn could take was logged (once per session).
     unattributed_logged: bool,
+    /// Turn ids reserved for successors (one per steer sent by a limited key), oldest first:
+    /// the successor takes the first; the others are released.
+    reserved: Vec<String>,
 }
 
 impl SteerState {
-    /// An upstream `response.steer.*` event of the turn in flight.
-    pub(super) fn observe(&mut self, kind: SteerKind, text: &str) {
+    /// An upstream `response.steer.*` event of the turn in flight; returns the reservations
+    /// that no successor will use.
+    pub(super) fn observe(&mut self, kind: SteerKind, text: &str) -> Vec<String> {
         match kind {
-            SteerKind::Accepted => self.accepted += 1,
+            SteerKind::Accepted => {
+                self.accepted += 1;
+                Vec::new()
+            }
             SteerKind::Failed => {
                 // A failure after acceptance names the steer; one before it names none.
                 let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
@@ -55,18 +62,34 @@ impl SteerState {
                 if self.accepted == 0 {
                     self.inputs.clear();
                 }
+                // The failed steer's reservation goes.
+                if self.reserved.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![self.reserved.remove(0)]
+                }
             }
             // The response waits for the client's tool output: no automatic successor (the
             // client sends explicit creates).
-            SteerKind::Pending => {
-                self.accepted = 0;
-                self.inputs.clear();
-            }
+            SteerKind::Pending => self.give_up(),
         }
     }
 
-    /// The turn in flight ended: whether the upstream will start a successor on its own.
-    pub(super) fn turn_ended(&mut self, ending: &Ending, template: Option<Template>) -> bool {
+    /// No successor will come: forget the steers; returns their reservations.
+    fn give_up(&mut self) -> Vec<String> {
+        self.accepted = 0;
+        self.inputs.clear();
+        self.awaiting_since = None;
+        std::mem::take(&mut self.reserved)
+    }
+
+    /// The turn in flight ended: whether the upstream will start a successor on its own, and
+    /// the reservations to release when it will not.
+    pub(super) fn turn_ended(
+        &mut self,
+        ending: &Ending,
+        template: Option<Template>,
+    ) -> (bool, Vec<String>) {
         let terminal = matches!(
             ending,
             Ending::Terminal(TerminalKind::Completed | TerminalKind::Incomplete)
@@ -74,31 +97,34 @@ impl SteerState {
         if terminal && template.is_some() {
             self.template = template;
         }
-        let expect = terminal && self.accepted > 0;
-        if expect {
+        if terminal && self.accepted > 0 {
             self.awaiting_since = Some(Instant::now());
+            (true, Vec::new())
         } else {
-            self.accepted = 0;
-            self.inputs.clear();
+            (false, self.give_up())
         }
-        expect
     }
 
     pub(super) fn awaiting(&self) -> bool {
         self.awaiting_since.is_some()
     }
 
-    /// A successor expected for longer than `limit` is given up on (once).
-    pub(super) fn successor_overdue(&mut self, now: Instant, limit: Duration) -> bool {
+    /// A successor expected for longer than `limit` is given up on (once): the reservations
+    /// to release, `None` when not overdue.
+    pub(super) fn successor_overdue(
+        &mut self,
+        now: Instant,
+        limit: Duration,
+    ) -> Option<Vec<String>> {
         let overdue = self
             .awaiting_since
             .is_some_and(|since| now.duration_since(since) >= limit);
-        if overdue {
-            self.awaiting_since = None;
-            self.accepted = 0;
-            self.inputs.clear();
-        }
-        overdue
+        overdue.then(|| self.give_up())
+    }
+
+    /// Reservations still held (the successor takes the first; the session ends).
+    pub(super) fn take_reserved(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.reserved)
     }
 
     /// The successor's input: the steers' inputs, in order.
@@ -137,50 +163,83 @@ fn steer_refused(steer: &Value, code: ErrorCode, message: &str, stream_id: Optio
 
 impl SessionActor {
     /// `response.steer`: the successor it will cause is admitted first (standing, quota and
-    /// balance, accounting, accounts); refused → `response.steer.failed` from the relay and
-    /// nothing upstream. Admitted → forwarded unchanged, if the response is still running.
+    /// balance, accounting, accounts) and, for a limited key, its expected cost reserved under
+    /// the turn id it will have; refused → `response.steer.failed` from the relay and nothing
+    /// upstream. Admitted → forwarded unchanged, if the response is still running.
     pub(super) fn on_steer(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let steer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let streaming = |act: &Self| {
-            act.lease.is_some()
-                && act
-                    .turn
-                    .as_ref()
-                    .is_some_and(|t| t.phase == Phase::Streaming)
-        };
-        if !streaming(self) {
+        if !self.steerable() {
             let e = Self::error_event(
                 ErrorCode::NoActiveResponse,
                 "`response.steer` needs a response in flight",
             );
             return self.send(e, ctx);
         }
-        ctx.spawn(
-            self.read_standing()
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    let stream_id = act.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
-                    if let Some((code, message)) = act.refusal(res) {
-                        let e = steer_refused(&steer, code, &message, stream_id.as_deref());
-                        return act.send(e, ctx);
+        let admitted = self
+            .read_standing()
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let stream_id = act.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
+                if let Some((code, message)) = act.refusal(res) {
+                    let e = steer_refused(&steer, code, &message, stream_id.as_deref());
+                    return act.send(e, ctx);
+                }
+                let successor = format!("turn_{}", random_hex(12));
+                let input_bytes = steer.get("input").map_or(0, |v| v.to_string().len());
+                let model = act.model.clone().unwrap_or_default();
+                let Some(reservation) =
+                    act.reservation_for(successor.clone(), &model, false, input_bytes, None)
+                else {
+                    return act.forward_steer(steer, text, None, stream_id, ctx);
+                };
+                let reserve = act.take_reservation(reservation);
+                ctx.spawn(reserve.into_actor(act).map(move |res, act, ctx| match res {
+                    Ok(()) => act.forward_steer(steer, text, Some(successor), stream_id, ctx),
+                    Err((code, message)) => {
+                        let e = steer_refused(&steer, code, message, stream_id.as_deref());
+                        act.send(e, ctx);
                     }
-                    if !streaming(act) {
-                        let e = steer_refused(
-                            &steer,
-                            ErrorCode::NoActiveResponse,
-                            "the response ended before the steer could be sent",
-                            stream_id.as_deref(),
-                        );
-                        return act.send(e, ctx);
-                    }
-                    if let Some(lease) = &act.lease {
-                        lease.addr.do_send(SendText(text));
-                    }
-                    if let Some(input) = steer.get("input") {
-                        act.steer.inputs.push(input.clone());
-                    }
-                }),
-        );
+                }));
+            });
+        ctx.spawn(admitted);
+    }
+
+    /// A response is running on a held connection.
+    fn steerable(&self) -> bool {
+        self.lease.is_some()
+            && self
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.phase == Phase::Streaming)
+    }
+
+    /// Sends an admitted steer upstream if its response still runs; else it is refused and
+    /// its reservation released.
+    fn forward_steer(
+        &mut self,
+        steer: Value,
+        text: ByteString,
+        reserved: Option<String>,
+        stream_id: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.steerable() {
+            self.release_reservations(reserved.into_iter().collect());
+            let e = steer_refused(
+                &steer,
+                ErrorCode::NoActiveResponse,
+                "the response ended before the steer could be sent",
+                stream_id.as_deref(),
+            );
+            return self.send(e, ctx);
+        }
+        if let Some(lease) = &self.lease {
+            lease.addr.do_send(SendText(text));
+        }
+        if let Some(input) = steer.get("input") {
+            self.steer.inputs.push(input.clone());
+        }
+        self.steer.reserved.extend(reserved);
     }
 
     /// An upstream frame while no turn streams. A `response.created` is a successor the
@@ -210,6 +269,10 @@ impl SessionActor {
         let input = self.steer.take_input();
         self.steer.accepted = 0;
         self.steer.awaiting_since = None;
+        // The first reservation is the successor's (its record settles it); others go.
+        let mut reserved = self.steer.take_reserved().into_iter();
+        let id = reserved.next();
+        self.release_reservations(reserved.collect());
         let prompt_bytes = input.as_ref().map_or(0, |v| v.to_string().len());
         let frame = CreateFrame {
             raw: String::new(),
@@ -223,7 +286,7 @@ impl SessionActor {
             max_output_tokens: None,
             stream_id: template.stream_id,
         };
-        let mut turn = self.new_turn(frame, template.model, now, "steer");
+        let mut turn = self.new_turn(frame, template.model, now, "steer", id);
         // Nothing of it was sent by the relay: it cannot be retried or replayed elsewhere.
         turn.tracker.clock.written(now);
         turn.phase = Phase::Streaming;
