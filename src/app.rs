@@ -263,10 +263,13 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
     let deps = start_relay(settings, db)?;
     let compensator = start_compensator(&deps.settings, deps.db.clone());
     if let Some(l) = admin_listener {
+        let metrics = crate::telemetry::install_metrics();
+        let accounts: Vec<String> = deps.accounts.iter().map(|a| a.name.clone()).collect();
+        crate::telemetry::register_metrics(&accounts);
         let state = crate::admin::AdminState {
             token: deps.settings.admin.token.clone(),
             metrics_require_token: deps.settings.admin.metrics_require_token,
-            metrics: crate::telemetry::install_metrics(),
+            metrics,
             deps: deps.clone(),
             compensator,
         };

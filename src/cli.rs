@@ -311,7 +311,8 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
     println!(
         "turnpike demo: relay on {base}, simulated upstream on {}\n\n\
          Your demo key (shown once):\n  {key}\n\n\
-         Codex ($CODEX_HOME/config.toml, then `TURNPIKE_KEY={key} codex exec \"Say hello\"`):\n\
+         Codex ($CODEX_HOME/config.toml, then `TURNPIKE_KEY={key} codex exec --skip-git-repo-check \"Say hello\"`;\n\
+         the flag is needed outside a git repository):\n\
          \n  model = \"gpt-5.2\"\n  model_provider = \"turnpike\"\n\n  [model_providers.turnpike]\n  \
          name = \"turnpike\"\n  base_url = \"{base}\"\n  wire_api = \"responses\"\n  \
          env_key = \"TURNPIKE_KEY\"\n  supports_websockets = true\n\n\

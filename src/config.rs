@@ -11,6 +11,72 @@ use serde::{Deserialize, Serialize};
 /// Prefix of environment overrides; `__` separates the section from the key.
 pub const ENV_PREFIX: &str = "TURNPIKE_";
 
+/// Shortest admin token accepted (`openssl rand -hex 32` gives 64).
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 32;
+
+/// A listener address: `IP:port`, or `host:port` resolved now (the first address wins).
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    use std::net::ToSocketAddrs;
+    let text = String::deserialize(d)?;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let resolved = text.to_socket_addrs().map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is neither IP:port nor a host:port that resolves ({e})"
+        ))
+    })?;
+    resolved
+        .into_iter()
+        .next()
+        .ok_or_else(|| serde::de::Error::custom(format!("{text:?} resolves to no address")))
+}
+
+/// Settings sections (a `TURNPIKE_<SECTION>_<KEY>` variable with one underscore is a typo).
+const SECTIONS: &[&str] = &[
+    "server",
+    "database",
+    "admin",
+    "log",
+    "session",
+    "upstream",
+    "pool",
+    "limits",
+    "accounting",
+    "compensation",
+    "billing",
+    "pricing",
+];
+
+/// A `TURNPIKE_` variable that looks like a setting but is not one (`TURNPIKE_ADMIN_TOKEN`):
+/// the error names the variable it should be.
+fn misspelled_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    for var in vars {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest.contains("__") {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        if let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        {
+            let key = &rest[section.len() + 1..];
+            return Err(ConfigError::new(
+                var.clone(),
+                format!(
+                    "not a setting: section and key are separated by a double underscore \
+                     ({ENV_PREFIX}{}__{key})",
+                    section.to_ascii_uppercase()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -282,7 +348,8 @@ impl Default for LimitSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
-    /// Client-facing listener.
+    /// Client-facing listener: `IP:port`, or `host:port` (resolved at start).
+    #[serde(deserialize_with = "socket_addr")]
     pub bind: SocketAddr,
     /// actix-web worker threads; 0 = one per core.
     pub workers: usize,
@@ -314,7 +381,8 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Admin API listener; loopback by default.
+    /// Admin API listener; loopback by default. `IP:port`, or `host:port` (resolved at start).
+    #[serde(deserialize_with = "socket_addr")]
     pub bind: SocketAddr,
     /// Bearer token for the admin API; empty disables the admin API (and `/metrics`).
     pub token: String,
@@ -552,6 +620,7 @@ impl Settings {
                 .filter(|k| k.as_str().contains("__"))
                 .split("__"),
         );
+        misspelled_env(std::env::vars().map(|(k, _)| k))?;
         let settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
         settings.validate()?;
         Ok(settings)
@@ -591,6 +660,15 @@ impl Settings {
             return Err(ConfigError::new(
                 "accounting.batch_max_rows",
                 "must be between 1 and 5000",
+            ));
+        }
+        let token = self.admin.token.chars().count();
+        if token > 0 && token < ADMIN_TOKEN_MIN_CHARS {
+            return Err(ConfigError::new(
+                "admin.token",
+                format!(
+                    "at least {ADMIN_TOKEN_MIN_CHARS} characters (this one has {token}); e.g. `openssl rand -hex 32`"
+                ),
             ));
         }
         if self.log.level.trim().is_empty() {

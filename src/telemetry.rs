@@ -47,6 +47,106 @@ pub mod metric {
     pub const ACCOUNTING_UNAVAILABLE: &str = "turnpike_accounting_unavailable";
     pub const COMPENSATIONS: &str = "turnpike_compensations";
     pub const COMPENSATION_AMOUNT: &str = "turnpike_compensations_nanousd";
+
+    /// Every metric, as `/metrics` shows it from the start.
+    pub const ALL: &[&str] = &[
+        SESSIONS_OPEN,
+        HANDSHAKES_REFUSED,
+        TURNS,
+        FIRST_TOKEN_MS,
+        DURATION_MS,
+        UPSTREAM_WAIT_MS,
+        USAGE_MALFORMED,
+        USAGE_QUARANTINED,
+        UPSTREAM_ERRORS,
+        DIALS,
+        DIAL_FAILURES,
+        UPSTREAM_CONNECTIONS,
+        LEASE_WAITERS,
+        LEASES_RECOVERED,
+        SPOOL_BACKLOG,
+        SPOOL_BACKLOG_AGE,
+        BATCH_ROWS,
+        FLUSH_SECONDS,
+        DB_ERRORS,
+        ACCOUNTING_UNAVAILABLE,
+        COMPENSATIONS,
+        COMPENSATION_AMOUNT,
+    ];
+}
+
+/// Registers every metric at zero, with the label values known at start (turn statuses,
+/// refusal reasons, relay error codes, compensation statuses, each account and connection
+/// state), so dashboards and alerts see 0 rather than "no data" until something happens.
+pub fn register_metrics(accounts: &[String]) {
+    use ::metrics::{counter, gauge, histogram};
+    use metric::*;
+    gauge!(SESSIONS_OPEN).increment(0.0);
+    for reason in [
+        "missing_api_key",
+        "invalid_api_key",
+        "api_key_in_query",
+        "api_key_revoked",
+        "user_disabled",
+        "quota_exhausted",
+        "balance_exhausted",
+        "too_many_sessions",
+        "upgrade_required",
+        "not_ready",
+    ] {
+        counter!(HANDSHAKES_REFUSED, "reason" => reason).increment(0);
+    }
+    for status in [
+        "completed",
+        "incomplete",
+        "failed",
+        "cancelled",
+        "preempted",
+        "client_gone",
+        "upstream_lost",
+        "rejected",
+    ] {
+        counter!(TURNS, "status" => status).increment(0);
+    }
+    for h in [
+        FIRST_TOKEN_MS,
+        DURATION_MS,
+        UPSTREAM_WAIT_MS,
+        BATCH_ROWS,
+        FLUSH_SECONDS,
+    ] {
+        // A histogram appears in the exposition once it exists.
+        let _ = histogram!(h);
+    }
+    counter!(USAGE_MALFORMED).increment(0);
+    for reason in ["above_bound", "cost_overflow"] {
+        counter!(USAGE_QUARANTINED, "reason" => reason).increment(0);
+    }
+    for code in [
+        "upstream_restarting",
+        "upstream_connection_lost",
+        "upstream_protocol_error",
+    ] {
+        counter!(UPSTREAM_ERRORS, "code" => code).increment(0);
+    }
+    for account in accounts {
+        let a = account.clone();
+        counter!(DIALS, "account" => a.clone()).increment(0);
+        counter!(DIAL_FAILURES, "account" => a.clone()).increment(0);
+        counter!(LEASES_RECOVERED, "account" => a.clone()).increment(0);
+        gauge!(LEASE_WAITERS, "account" => a.clone()).set(0.0);
+        for state in ["idle", "leased", "parked", "dialing"] {
+            gauge!(UPSTREAM_CONNECTIONS, "account" => a.clone(), "state" => state).set(0.0);
+        }
+    }
+    gauge!(SPOOL_BACKLOG).increment(0.0);
+    gauge!(SPOOL_BACKLOG_AGE).increment(0.0);
+    counter!(DB_ERRORS).increment(0);
+    gauge!(ACCOUNTING_UNAVAILABLE).increment(0.0);
+    for status in ["pending", "settled", "dead"] {
+        gauge!(COMPENSATIONS, "status" => status).increment(0.0);
+        gauge!(COMPENSATION_AMOUNT, "status" => status).increment(0.0);
+    }
 }
 
 /// Installs the process-wide Prometheus recorder (once; later calls get `None`).

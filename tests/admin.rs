@@ -13,7 +13,7 @@ use common::{TestDb, http};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
-const TOKEN: &str = "admin-secret-token";
+const TOKEN: &str = "admin-secret-token-of-32-characters";
 
 fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -236,6 +236,44 @@ fn sessions_listed_and_ended() {
     s.finish();
 }
 
+/// The Prometheus text of `GET /metrics`.
+fn scrape(admin: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(admin).unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw
+}
+
+/// Every metric is on `/metrics` from the start, at zero, with the label values known then
+/// (dashboards and alerts see 0, not "no data").
+#[test]
+fn every_metric_exists_from_the_start() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let text = scrape(&admin);
+    for name in turnpike::telemetry::metric::ALL {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing at start:\n{text}"
+        );
+    }
+    for series in [
+        r#"turnpike_compensations{status="dead"} 0"#,
+        r#"turnpike_upstream_dial_failures_total{account="sim"} 0"#,
+        r#"turnpike_turns_total{status="completed"} 0"#,
+        r#"turnpike_handshakes_refused_total{reason="invalid_api_key"} 0"#,
+    ] {
+        assert!(text.contains(series), "{series} missing at start:\n{text}");
+    }
+    s.finish();
+}
+
 /// `GET /metrics` (Prometheus text, no token needed by default) reflects what the test did:
 /// turns by status, sessions open, upstream connections, dials, errors, the accounting backlog.
 #[test]
@@ -250,19 +288,7 @@ fn metrics_match_what_happened() {
     }
     let _idle = s.client();
     std::thread::sleep(Duration::from_millis(100));
-    let text = {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(&admin).unwrap();
-        write!(
-            conn,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).unwrap();
-        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-        raw
-    };
+    let text = scrape(&admin);
     let value = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name) && !l.starts_with('#'))

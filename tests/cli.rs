@@ -235,6 +235,21 @@ fn config_errors_name_the_key_and_exit_2() {
             &[("TURNPIKE_ADMIN__BOGUS", "1")],
             "admin.bogus: unknown key",
         ),
+        (
+            None,
+            &[("TURNPIKE_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef")],
+            "TURNPIKE_ADMIN_TOKEN: not a setting: section and key are separated by a double underscore (TURNPIKE_ADMIN__TOKEN)",
+        ),
+        (
+            Some("[admin]\ntoken = \"x\"\n"),
+            &[],
+            "admin.token: at least 32 characters (this one has 1)",
+        ),
+        (
+            Some("[server]\nbind = \"no-such-host.invalid:8080\"\n"),
+            &[],
+            "server.bind: \"no-such-host.invalid:8080\" is neither IP:port nor a host:port that resolves",
+        ),
     ];
     for (toml, env, needle) in cases {
         let (code, err) = config_error(*toml, env);
@@ -248,6 +263,26 @@ fn config_errors_name_the_key_and_exit_2() {
     let (code, err) = config_error(None, &[("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("no such file"), "{err}");
+}
+
+/// A listener given as `host:port` is resolved; variables that are no setting but look nothing
+/// like one (`TURNPIKE_KEY`, the Codex snippet's key variable) are left alone.
+#[test]
+fn host_names_bind_and_foreign_variables_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = turnpike()
+        .current_dir(dir.path())
+        .env("TURNPIKE_SERVER__BIND", "localhost:0")
+        .env("TURNPIKE_ADMIN__BIND", "localhost:0")
+        .env("TURNPIKE_KEY", "tpk_for_codex")
+        .env(
+            "TURNPIKE_DATABASE__URL",
+            format!("sqlite://{}/t.db", dir.path().display()),
+        )
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -50,6 +50,21 @@ pub fn pg_url_with_db(base: &str, db: &str) -> String {
     }
 }
 
+/// Once per test binary, past the test harness's output capture (straight to the terminal):
+/// the PostgreSQL half of the database tests did not run.
+fn say_postgres_skipped() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
+            let _ = writeln!(
+                tty,
+                "note: {PG_ENV} is not set: database tests ran on SQLite only (set it to a PostgreSQL URL, e.g. postgres://postgres@127.0.0.1:5432/test, to run them on PostgreSQL too)"
+            );
+        }
+    });
+}
+
 impl TestDb {
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -86,6 +101,8 @@ impl TestDb {
             && !base.is_empty()
         {
             dbs.push(Self::postgres(&base).await);
+        } else {
+            say_postgres_skipped();
         }
         dbs
     }
