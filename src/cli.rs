@@ -22,6 +22,11 @@ pub struct Cli {
     /// Configuration file (TOML). Without it: built-in defaults plus TURNPIKE_* variables.
     #[arg(long, global = true, env = "TURNPIKE_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Let a users/keys/compensations command create the database (apply the migrations) when
+    /// it holds no turnpike tables yet; without it such a command refuses, so a missing
+    /// `--config` never silently makes a new `./data/turnpike.db`.
+    #[arg(long, global = true)]
+    pub create: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -200,7 +205,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         crate::telemetry::init(&settings.log);
     }
     // Actors, awc and the pool's PostgreSQL drivers need an actix System.
-    actix_web::rt::System::new().block_on(dispatch(cli.command, settings))
+    actix_web::rt::System::new().block_on(dispatch(cli.command, settings, cli.create))
 }
 
 /// A database error of a management command, naming the database.
@@ -214,9 +219,36 @@ fn at_database(target: String) -> impl Fn(CliError) -> CliError {
     }
 }
 
-/// Opens the database for a command; a command that only reads never migrates, and says so
-/// when migrations are pending.
-async fn open_for(settings: &Settings, read_only: bool) -> Result<crate::db::DbPool, CliError> {
+/// Opens the database for a command, saying which one (stderr). A command that only reads
+/// never migrates, and says so when migrations are pending; a command that writes refuses a
+/// database without turnpike tables (a new SQLite file, an empty PostgreSQL database) unless
+/// `--create` — a forgotten `--config` must not quietly create `./data/turnpike.db`.
+async fn open_for(
+    settings: &Settings,
+    read_only: bool,
+    create: bool,
+) -> Result<crate::db::DbPool, CliError> {
+    let label = settings.database.label();
+    eprintln!("database: {label}");
+    let missing_file = match crate::config::DatabaseTarget::parse(&settings.database.url) {
+        Ok(crate::config::DatabaseTarget::Sqlite(path)) => !path.exists(),
+        _ => false,
+    };
+    let refuse_new = || {
+        CliError::NotFound(format!(
+            "{label} holds no turnpike tables: point --config (or TURNPIKE_DATABASE__URL) at your \
+             database, or create this one with `turnpike migrate` or --create"
+        ))
+    };
+    if !create && missing_file {
+        return Err(refuse_new());
+    }
+    if !read_only && !create {
+        let db = app::open_database(settings, false).await?;
+        if crate::db::migrate::is_fresh(&db).await? {
+            return Err(refuse_new());
+        }
+    }
     let db = app::open_database(settings, !read_only).await?;
     if read_only && !crate::db::migrate::pending(&db).await?.is_empty() {
         return Err(CliError::NotFound(
@@ -226,7 +258,7 @@ async fn open_for(settings: &Settings, read_only: bool) -> Result<crate::db::DbP
     Ok(db)
 }
 
-async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> {
+async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<(), CliError> {
     let at = at_database(settings.database.label());
     match command {
         Command::Serve => {
@@ -244,17 +276,18 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         // Commands that only read never change the schema.
         Command::Users(cmd) => {
             let read_only = matches!(cmd, UsersCommand::List);
-            let run = async { users(&open_for(&settings, read_only).await?, cmd).await };
+            let run = async { users(&open_for(&settings, read_only, create).await?, cmd).await };
             run.await.map_err(at)
         }
         Command::Keys(cmd) => {
             let read_only = matches!(cmd, KeysCommand::List { .. });
-            let run = async { keys(&open_for(&settings, read_only).await?, cmd).await };
+            let run = async { keys(&open_for(&settings, read_only, create).await?, cmd).await };
             run.await.map_err(at)
         }
         Command::Compensations(cmd) => {
             let read_only = matches!(cmd, CompensationsCommand::List { .. });
-            let run = async { compensations(&open_for(&settings, read_only).await?, cmd).await };
+            let run =
+                async { compensations(&open_for(&settings, read_only, create).await?, cmd).await };
             run.await.map_err(at)
         }
         Command::Sim(args) => sim(args).await,

@@ -28,7 +28,17 @@ fn stderr(o: &Output) -> String {
 async fn key_lifecycle_through_the_binary() {
     for db in TestDb::all().await {
         let b = db.backend;
-        let out = run(&db, &["users", "create", "alice", "--balance-usd", "12.5"]);
+        let out = run(
+            &db,
+            &[
+                "--create",
+                "users",
+                "create",
+                "alice",
+                "--balance-usd",
+                "12.5",
+            ],
+        );
         assert!(out.status.success(), "{b}: {}", stderr(&out));
         assert!(
             stdout(&out).is_empty(),
@@ -87,7 +97,13 @@ async fn key_lifecycle_through_the_binary() {
 
         let again = run(&db, &["keys", "revoke", &id]);
         assert_eq!(again.status.code(), Some(1), "{b}");
-        assert_eq!(stderr(&again).lines().count(), 1, "{}", stderr(&again));
+        let err = stderr(&again);
+        assert!(err.starts_with("database: "), "{err}");
+        assert_eq!(
+            err.lines().count(),
+            2,
+            "the database, then one error line: {err}"
+        );
 
         // Balance 0 refuses the (new) key of the user.
         let key2 = stdout(&run(&db, &["keys", "create", "--user", "alice"]));
@@ -107,9 +123,33 @@ async fn key_lifecycle_through_the_binary() {
     }
 }
 
+/// A write command on a database without turnpike tables (a forgotten `--config`) refuses,
+/// names the database, and creates nothing; `--create` or `migrate` create it.
+#[test]
+fn write_commands_refuse_a_new_database() {
+    let db = TestDb::sqlite();
+    let path = db.url.trim_start_matches("sqlite://").to_string();
+    let out = run(&db, &["users", "create", "x"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("database: SQLite {path}")), "{err}");
+    assert!(err.contains("holds no turnpike tables"), "{err}");
+    assert!(!std::path::Path::new(&path).exists(), "nothing created");
+    let listed = run(&db, &["users", "list"]);
+    assert_eq!(listed.status.code(), Some(1), "{}", stderr(&listed));
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "not by a read either"
+    );
+    let out = run(&db, &["--create", "users", "create", "x"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(run(&db, &["users", "create", "y"]).status.success());
+}
+
 #[test]
 fn management_errors_are_one_line() {
     let db = TestDb::sqlite();
+    assert!(run(&db, &["migrate"]).status.success());
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["keys", "create", "--user", "nobody"],
@@ -133,9 +173,14 @@ fn management_errors_are_one_line() {
         let out = run(&db, args);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        // The database the command used is named on a line of its own.
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("database: "))
+            .collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
         assert!(
-            err.starts_with("error: ") && err.contains(needle),
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
             "{args:?}: {err}"
         );
     }

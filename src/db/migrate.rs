@@ -58,6 +58,16 @@ struct AppliedVersion {
     version: String,
 }
 
+/// Whether the database holds no turnpike schema yet (every migration pending).
+pub async fn is_fresh(pool: &DbPool) -> Result<bool, DbError> {
+    let pending = pending(pool).await?.len();
+    let embedded = match pool {
+        DbPool::Postgres(_) => versions::<diesel::pg::Pg>(POSTGRES)?.len(),
+        DbPool::Sqlite(_) => versions::<diesel::sqlite::Sqlite>(SQLITE)?.len(),
+    };
+    Ok(pending == embedded)
+}
+
 /// Embedded migrations not yet applied to the database (readiness checks this).
 pub async fn pending(pool: &DbPool) -> Result<Vec<String>, DbError> {
     const Q: &str = "SELECT version FROM __diesel_schema_migrations";

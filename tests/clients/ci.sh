@@ -56,6 +56,7 @@ SIM=$(addr_from "$WORK/sim.log")
 
 export TURNPIKE_DATABASE__URL="sqlite://$WORK/turnpike.db"
 printf '[[accounts]]\nname = "sim"\nbase_url = "http://%s/v1"\napi_key = "%s"\n' "$SIM" "$UPSTREAM_KEY" >"$WORK/relay.toml"
+"$BIN" migrate >/dev/null 2>&1
 "$BIN" users create clients >/dev/null 2>&1
 KEY=$("$BIN" keys create --user clients 2>/dev/null)
 TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool \
