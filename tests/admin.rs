@@ -320,3 +320,45 @@ fn metrics_match_what_happened() {
     );
     s.finish();
 }
+
+/// The metric names a text queries (`turnpike_…` identifiers).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("turnpike_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The deploy kit's dashboard and alert rules query only series a running relay exposes
+/// (so a renamed metric breaks CI, not a dashboard); every one of them is on `/metrics` of a
+/// fresh relay.
+#[test]
+fn the_deploy_kit_queries_metrics_that_exist() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let text = scrape(&admin);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "deploy/grafana/turnpike.json",
+        "deploy/prometheus/turnpike-rules.yml",
+    ] {
+        let queried = metric_names(&std::fs::read_to_string(root.join(file)).unwrap());
+        assert!(queried.len() >= 8, "{file}: {queried:?}");
+        for name in &queried {
+            let exposed = text
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+            assert!(
+                exposed,
+                "{file} queries {name}, which /metrics lacks:\n{text}"
+            );
+        }
+    }
+    s.finish();
+}
