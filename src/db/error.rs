@@ -4,7 +4,7 @@ use diesel::result::{DatabaseErrorKind, Error as QueryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database pool: {0}")]
+    #[error("{}", pool_message(.0))]
     Pool(#[from] diesel_async::pooled_connection::deadpool::PoolError),
     #[error("database pool setup: {0}")]
     Build(#[from] diesel_async::pooled_connection::deadpool::BuildError),
@@ -22,6 +22,27 @@ pub enum DbError {
     Join(#[from] tokio::task::JoinError),
     #[error("database did not answer within {0:?}")]
     Timeout(std::time::Duration),
+}
+
+/// A pool error in an operator's words: what failed and why, with the causes the driver keeps
+/// in its source chain ("error connecting to server" alone says nothing).
+fn pool_message(e: &diesel_async::pooled_connection::deadpool::PoolError) -> String {
+    use diesel_async::pooled_connection::deadpool::PoolError;
+    let mut text = match e {
+        PoolError::Backend(inner) => format!("cannot connect: {inner}"),
+        PoolError::Timeout(_) => "no database connection within database.connect_timeout_ms".into(),
+        other => format!("database pool: {other}"),
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let words = cause.to_string();
+        if !text.contains(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Messages of database errors that concern the statement's data, not the database's health.
