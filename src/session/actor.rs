@@ -33,6 +33,7 @@ use crate::auth::{AuthError, Principal, check_standing};
 use crate::continuation::{self, Chain, Decision, History};
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
+use crate::ids::random_hex;
 use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
@@ -751,18 +752,6 @@ impl SessionActor {
             self.close(1000, "websocket idle timeout", ctx);
         }
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    if getrandom::fill(&mut b).is_err() {
-        // Uniqueness, not secrecy, is what ids need.
-        let n = crate::sim::monotonic_ns().to_le_bytes();
-        b.iter_mut()
-            .zip(n.iter().cycle())
-            .for_each(|(x, y)| *x = *y);
-    }
-    hex::encode(b)
 }
 
 /// The relay's own `response.cancelled` (the upstream never answered the cancel), on the

@@ -63,11 +63,9 @@ pub enum Taken {
 impl Fleet {
     /// The fleet of relays on `db` (PostgreSQL), this relay named at random.
     pub fn new(db: DbPool, ttl: Duration) -> Arc<Fleet> {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
         Arc::new(Fleet {
             db,
-            relay_id: format!("relay_{}", hex::encode(b)),
+            relay_id: format!("relay_{}", crate::ids::random_hex(8)),
             ttl,
             failing: AtomicBool::new(false),
         })
@@ -82,10 +80,8 @@ impl Fleet {
         let Some(limit) = limit else {
             return Taken::Granted(None);
         };
-        let mut b = [0u8; 12];
-        let _ = getrandom::fill(&mut b);
         let row = NewFleetSlot {
-            slot_id: format!("{}_{}", self.relay_id, hex::encode(b)),
+            slot_id: format!("{}_{}", self.relay_id, crate::ids::random_hex(12)),
             api_key_id: key,
             kind: kind.label(),
             relay_id: self.relay_id.clone(),

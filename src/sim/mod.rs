@@ -13,9 +13,4 @@ pub mod server;
 
 pub use server::{SimConfig, SimHandle, start, start_on};
 
-/// CLOCK_MONOTONIC in nanoseconds: comparable across processes on one machine, so a test can
-/// subtract the `sim_ts_ns` stamped into an event from its own receive time.
-pub fn monotonic_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
-}
+pub use crate::ids::monotonic_ns;

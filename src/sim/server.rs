@@ -98,12 +98,11 @@ pub struct SimShared {
 
 impl SimShared {
     fn new(config: SimConfig) -> Self {
-        let mut bytes = [0u8; 4];
-        // Falls back to the clock; uniqueness across restarts is what matters.
-        if getrandom::fill(&mut bytes).is_err() {
-            bytes = (monotonic_ns() as u32).to_le_bytes();
-        }
-        let seed = config.id_seed.clone().unwrap_or_else(|| hex::encode(bytes));
+        // Random per process: response ids never repeat across sim restarts.
+        let seed = config
+            .id_seed
+            .clone()
+            .unwrap_or_else(|| crate::ids::random_hex(4));
         Self {
             config,
             registry: Mutex::new(Registry::default()),
