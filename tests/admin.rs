@@ -1,4 +1,4 @@
-//! The admin API (SPEC §7) through the real binary: the token on every route, actor restarts
+//! The admin API (docs/DESIGN.md#admin) through the real binary: the token on every route, actor restarts
 //! during load (nothing lost, twice in a row), a pool restart with a turn in flight, ending a
 //! session, compensations.
 

@@ -1,4 +1,4 @@
-//! Billing at the edges (SPEC §4.3, §5.4.7–9, §5.5): a spool that disappears, a spool and a
+//! Billing at the edges (docs/DESIGN.md#preemption, §5.4.7–9, §5.5): a spool that disappears, a spool and a
 //! database both down, an fsync that fails inside a running relay, a blackholed PostgreSQL, an
 //! upstream that repeats response ids, cancel and preempt after the answer, poison records.
 //! Every test ends on the invariant: each turn a client saw end has exactly one usage row and

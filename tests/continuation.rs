@@ -1,4 +1,4 @@
-//! Continuation end to end (SPEC §4.6), against the sim's connection-local response cache:
+//! Continuation end to end (docs/DESIGN.md#continuation), against the sim's connection-local response cache:
 //! chains on one socket, chains whose connection is gone (replayed once, or failed closed when
 //! tool outputs are involved — the seed `003_…` case), `previous_response_not_found`
 //! recovered once, and the last response id injected for a bare tool output.
@@ -232,7 +232,7 @@ fn last_response_id_injected_for_a_bare_tool_output() {
     s.finish();
 }
 
-/// Idle sessions never starve busy ones (SPEC §4.4c): with `max_conns = 2`, five sessions that
+/// Idle sessions never starve busy ones (docs/DESIGN.md#idle-reclaim): with `max_conns = 2`, five sessions that
 /// ran a turn each and sit idle, a sixth session's turn completes at once (connections held
 /// between turns are reclaimed, the one parked longest first), and a reclaimed session's next
 /// turn continues its chain by replay.

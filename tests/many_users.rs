@@ -1,4 +1,4 @@
-//! A gateway for many users, and a few hostile ones (SPEC §3.1, §4.4b, §4.5): a thousand
+//! A gateway for many users, and a few hostile ones (docs/DESIGN.md#handshake, §4.4b, §4.5): a thousand
 //! sessions holding their upstream sockets, a client that never reads while it sends, one very
 //! large event to a client that reads, an upstream restarting behind pooled connections.
 

@@ -617,7 +617,7 @@ fn pool_reuse_capacity_and_health() {
     );
     assert_eq!(last_type(&a.until_terminal(T)), "response.completed");
     // a now holds the connection between turns: b's next turn gets it at once (reclaimed,
-    // SPEC §4.4c); the idle socket answered the sim's pings (pong timeout 400 ms) meanwhile.
+    // docs/DESIGN.md#idle-reclaim); the idle socket answered the sim's pings (pong timeout 400 ms) meanwhile.
     std::thread::sleep(Duration::from_millis(600));
     b.send(&create(""));
     assert_eq!(last_type(&b.until_terminal(T)), "response.completed");
@@ -752,7 +752,7 @@ fn slow_client_is_cut_off() {
     s.finish();
 }
 
-/// SIGTERM (SPEC §5.5): a turn that finishes within `server.shutdown_grace_ms` is delivered
+/// SIGTERM (docs/DESIGN.md#shutdown): a turn that finishes within `server.shutdown_grace_ms` is delivered
 /// and billed, one that does not ends with `shutting_down`; idle sessions close 1001 at once;
 /// every row is in the database when the process has exited; upstream sockets get close frames.
 #[test]
@@ -1202,7 +1202,7 @@ fn rfc6455_fragments_utf8_and_upstream_garbage() {
 }
 
 /// A `response.create` that admission refuses preempts nothing: it gets its error event and
-/// the turn in flight completes (SPEC §4.3).
+/// the turn in flight completes (docs/DESIGN.md#preemption).
 #[test]
 fn refused_create_preempts_nothing() {
     let s = Stack::start(

@@ -8,7 +8,7 @@
 //! never blocks the records behind it. While the database is down, records wait in the spool
 //! and flushes retry with backoff.
 //!
-//! Fail closed (SPEC §5.4.7): when the spool cannot acknowledge (append, fsync or rotation
+//! Fail closed (docs/DESIGN.md#nothing-lost): when the spool cannot acknowledge (append, fsync or rotation
 //! error, directory removed or replaced), records are committed to the database directly and
 //! acknowledged only then; the spool is reopened with backoff, and every record not yet in the
 //! database that it no longer holds is written to it again. A record acknowledged by neither

@@ -1,5 +1,5 @@
 //! Usage accounting: every finished turn becomes one `usage_logs` row, and nothing a client saw
-//! finish is lost (SPEC §5.4).
+//! finish is lost (docs/DESIGN.md#nothing-lost).
 //!
 //! - `messages`: `TurnRecord` (with its spool format and version) and the actor's messages.
 //! - `actor`: the accounting actor: durable spool, batched billing, fail-closed acknowledgement.

@@ -1,4 +1,4 @@
-//! The operators' HTTP API (SPEC §7): its own listener (`admin.bind`, loopback by default),
+//! The operators' HTTP API (docs/DESIGN.md#admin): its own listener (`admin.bind`, loopback by default),
 //! started only when `admin.token` is set; every route needs `Authorization: Bearer <token>`,
 //! compared in constant time.
 //!

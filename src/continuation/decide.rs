@@ -1,4 +1,4 @@
-//! What to do with a turn's `previous_response_id` (SPEC §4.6), as a pure function of the
+//! What to do with a turn's `previous_response_id` (docs/DESIGN.md#continuation), as a pure function of the
 //! session's chain state and the frame: keep it, inject the session's last response id, drop
 //! it and replay the conversation on a fresh connection, or fail closed.
 

@@ -1,4 +1,4 @@
-//! The replay history of a session (SPEC §4.6): the input items it sent and the output items
+//! The replay history of a session (docs/DESIGN.md#continuation): the input items it sent and the output items
 //! of each response, normalised and de-duplicated, so that a chain whose connection is gone
 //! can be continued on a fresh one by sending the whole conversation once.
 

@@ -1,4 +1,4 @@
-//! Continuation (SPEC §4.6): `previous_response_id` across lost connections. All pure; the
+//! Continuation (docs/DESIGN.md#continuation): `previous_response_id` across lost connections. All pure; the
 //! session actor asks and applies.
 //!
 //! - `history`: the conversation so far, normalised, de-duplicated, bounded.

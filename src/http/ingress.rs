@@ -1,5 +1,5 @@
 //! The WebSocket ingress: every check that can refuse a client happens here, before the
-//! upgrade, with an HTTP JSON error (SPEC §3.1); then a `SessionActor` takes the socket.
+//! upgrade, with an HTTP JSON error (docs/DESIGN.md#handshake); then a `SessionActor` takes the socket.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

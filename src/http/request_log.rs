@@ -1,6 +1,6 @@
 //! The request log's span. `tracing-actix-web`'s default records `http.target` with the query
 //! string — a key passed as `?api_key=…` (refused, but logged) would end up in every log line
-//! of the request. This span records the path only, never the query (SPEC §3.1).
+//! of the request. This span records the path only, never the query (docs/DESIGN.md#handshake).
 
 use actix_web::Error;
 use actix_web::body::MessageBody;

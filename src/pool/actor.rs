@@ -252,7 +252,7 @@ impl ContextPool {
         }
     }
 
-    /// SPEC §4.4c: turns wait and the account is at `max_conns` — ask the sessions holding a
+    /// docs/DESIGN.md#idle-reclaim: turns wait and the account is at `max_conns` — ask the sessions holding a
     /// connection between turns for it back, the one parked longest first (`needed` of them).
     /// `max_conns` bounds concurrent turns, not open sessions.
     fn reclaim(&mut self, needed: usize, ctx: &mut Context<Self>) {

@@ -56,7 +56,7 @@ pub struct Acquire {
     pub reclaim: Option<Recipient<Reclaim>>,
 }
 
-/// The pool needs the connection a session holds between turns (SPEC §4.4c): give it back if
+/// The pool needs the connection a session holds between turns (docs/DESIGN.md#idle-reclaim): give it back if
 /// no turn is in flight (answer `true` and release it), else keep it (`false`).
 #[derive(Debug, Message)]
 #[rtype(result = "bool")]

@@ -55,7 +55,7 @@ fn json_bytes(v: Option<&Value>) -> usize {
     }
 }
 
-/// A frame the relay refuses; the session sends the error and closes (SPEC §3.2).
+/// A frame the relay refuses; the session sends the error and closes (docs/DESIGN.md#client-frames).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
     pub code: ErrorCode,

@@ -1,6 +1,6 @@
 //! `SessionActor`: one per client WebSocket. Every input — a client frame, an upstream event,
 //! an admission or lease result, a timer tick, shutdown — is a message into this one
-//! single-threaded state machine (SPEC §4). This file holds the state, the handlers and the
+//! single-threaded state machine (docs/DESIGN.md#turn). This file holds the state, the handlers and the
 //! turn lifecycle; the parts of a turn live beside it:
 //! `admit` (admission, preemption's admission), `chain` (continuation applied), `drain`
 //! (preempted turns drained for their usage), `ending` (the usage record, durable before the
@@ -87,7 +87,7 @@ struct Turn {
 }
 
 /// A preempted turn whose connection is read in the background (after `response.cancel`) for
-/// the old response's terminal usage, which bills it (SPEC §4.3). The client has been told.
+/// the old response's terminal usage, which bills it (docs/DESIGN.md#preemption). The client has been told.
 struct Drain {
     lease: Lease,
     turn: Turn,
@@ -119,7 +119,7 @@ pub struct SessionActor {
     lease: Option<Lease>,
     /// The connection of the last lease, preferred for the next one (affinity).
     preferred: Option<u64>,
-    /// The conversation so far, for replay when a chain's connection is gone (SPEC §4.6).
+    /// The conversation so far, for replay when a chain's connection is gone (docs/DESIGN.md#continuation).
     history: History,
     /// The session's last response id, and the connection that holds it.
     last_response: Option<(String, u64)>,
@@ -979,7 +979,7 @@ impl Handler<EndWhenIdle> for SessionActor {
 impl Handler<Reclaim> for SessionActor {
     type Result = bool;
 
-    /// The pool needs the connection this session holds between turns (SPEC §4.4c). Given back
+    /// The pool needs the connection this session holds between turns (docs/DESIGN.md#idle-reclaim). Given back
     /// only when no turn is in flight; the next turn continues its chain through §4.6.
     fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) -> bool {
         let holds = self.lease.as_ref().is_some_and(|l| l.conn == msg.conn);

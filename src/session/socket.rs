@@ -9,7 +9,7 @@
 //! Why the session does not run inside the response body (as an actix-web-actors
 //! `WebsocketContext` does): a client that stops reading stops the dispatcher polling its body,
 //! which would freeze whatever runs in it. The body here is only a buffer; the session keeps
-//! running, counting what is unread and cutting the client off (SPEC §4.4b).
+//! running, counting what is unread and cutting the client off (docs/DESIGN.md#slow-clients).
 
 use std::cell::RefCell;
 use std::pin::Pin;

@@ -1,4 +1,4 @@
-//! One turn's bookkeeping, pure: timing (SPEC §4.2), the response id, usage merge, and the
+//! One turn's bookkeeping, pure: timing (docs/DESIGN.md#timing), the response id, usage merge, and the
 //! outcome that becomes a usage row. The session actor feeds it events and instants.
 
 use std::time::{Duration, Instant};
@@ -228,7 +228,7 @@ impl TurnTracker {
 
     /// The outcome of the turn ending now.
     ///
-    /// Usage (SPEC §4.3): the upstream's, when a terminal event reported it. Otherwise never
+    /// Usage (docs/DESIGN.md#preemption): the upstream's, when a terminal event reported it. Otherwise never
     /// zero for a request that reached the upstream: input estimated from the prompt (about 4
     /// bytes a token) when nothing reported it, output from the streamed text when that is
     /// more than reported — `estimated`, or `partial` when part of it was reported.

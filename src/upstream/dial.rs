@@ -10,7 +10,7 @@ use awc::http::Uri;
 use awc::ws::Codec;
 use tokio::net::TcpStream;
 
-/// Handshake headers passed from the client to the upstream (SPEC §3.1). Never the client's
+/// Handshake headers passed from the client to the upstream (docs/DESIGN.md#handshake). Never the client's
 /// `Authorization` (the upstream gets the account's credential), and never
 /// `OpenAI-Organization` / `OpenAI-Project`: which organization the operator's credential
 /// bills is the operator's choice (`[[accounts]] organization`, `project`).
@@ -113,7 +113,7 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, String> {
     for (k, v) in &spec.account_headers {
         req = req.header(*k, v.as_str());
     }
-    // The URL goes to the operator's log only; clients get a generic message (SPEC §4.5).
+    // The URL goes to the operator's log only; clients get a generic message (docs/DESIGN.md#upstream-faults).
     match tokio::time::timeout(spec.timeout, req.connect()).await {
         Err(_) => Err(format!("handshake with {} timed out", spec.url)),
         Ok(Err(e)) => Err(format!("handshake with {}: {e}", spec.url)),

@@ -1,4 +1,4 @@
-//! The money tables summed, and the invariant every fault test checks (SPEC §5.4): one usage
+//! The money tables summed, and the invariant every fault test checks (docs/DESIGN.md#nothing-lost): one usage
 //! row per turn, `ledger + unsettled compensations = usage cost`, keys' spend = ledger.
 
 use std::time::Duration;

@@ -396,7 +396,7 @@ pub async fn record_with_compensation(
     }))
 }
 
-/// Keeps a record the database refused for its content, with the reason (SPEC §5.4.9).
+/// Keeps a record the database refused for its content, with the reason (docs/DESIGN.md#nothing-lost).
 pub async fn quarantine(
     pool: &DbPool,
     r: &TurnRecord,

@@ -1,4 +1,4 @@
-//! Admission of a turn (SPEC §4.1, §4.3): standing, accounting, accounts, stored-response
+//! Admission of a turn (docs/DESIGN.md#turn, §4.3): standing, accounting, accounts, stored-response
 //! bindings, slots; admission before preemption.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,7 @@ use crate::session::fleet::{SlotKind, Taken};
 static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
 
 impl SessionActor {
-    /// SPEC §4.3: the new frame is admitted first — a refused frame gets its error event and
+    /// docs/DESIGN.md#preemption: the new frame is admitted first — a refused frame gets its error event and
     /// preempts nothing; an admitted one ends the turn in flight (`response_preempted`) and
     /// starts. The latest frame wins while the check runs.
     pub(super) fn admit_then_preempt(&mut self, frame: CreateFrame, ctx: &mut Context<Self>) {

@@ -1,10 +1,10 @@
-//! Continuation (SPEC §4.6) as the session applies it: the decision before a request is
+//! Continuation (docs/DESIGN.md#continuation) as the session applies it: the decision before a request is
 //! written, what a completed response leaves for the next turn, bindings of stored responses.
 
 use super::*;
 
 impl SessionActor {
-    /// The continuation decision for the turn about to run on `conn` (SPEC §4.6).
+    /// The continuation decision for the turn about to run on `conn` (docs/DESIGN.md#continuation).
     pub(super) fn continuation(&self, turn: &Turn, conn: u64, not_found: bool) -> Decision {
         let chain = Chain {
             last_response_id: self.last_response.as_ref().map(|(id, _)| id.as_str()),

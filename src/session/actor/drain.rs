@@ -1,10 +1,10 @@
-//! Preemption (SPEC §4.3): the old response is cancelled and drained in the background for
+//! Preemption (docs/DESIGN.md#preemption): the old response is cancelled and drained in the background for
 //! its usage while the new turn runs.
 
 use super::*;
 
 impl SessionActor {
-    /// Preempts the streaming turn (SPEC §4.3): the client is told at once and the new turn
+    /// Preempts the streaming turn (docs/DESIGN.md#preemption): the client is told at once and the new turn
     /// starts on a fresh lease, while the old connection gets `response.cancel` and is read in
     /// the background, up to `session.drain_ms`, for the old response's terminal usage.
     pub(super) fn preempt_streaming(&mut self, event: String, ctx: &mut Context<Self>) {

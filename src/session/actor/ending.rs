@@ -1,4 +1,4 @@
-//! The end of a turn: its usage record, made durable before the client hears the end (SPEC §5.4).
+//! The end of a turn: its usage record, made durable before the client hears the end (docs/DESIGN.md#nothing-lost).
 
 use super::*;
 

@@ -1,11 +1,11 @@
-//! Writing to the client: every frame counts against the send buffer (SPEC §4.4b), refusals
+//! Writing to the client: every frame counts against the send buffer (docs/DESIGN.md#slow-clients), refusals
 //! and closes.
 
 use super::*;
 
 impl SessionActor {
     /// Queues a frame for the client. Every byte counts against
-    /// `limits.client_send_buffer_bytes`, the relay's own error events included (SPEC §4.4b).
+    /// `limits.client_send_buffer_bytes`, the relay's own error events included (docs/DESIGN.md#slow-clients).
     /// The largest frame not yet shown read is allowed on top of the limit, so a client that
     /// reads is never cut off because one event is large; a client that does not read is cut
     /// off before this frame is queued once the rest of what it left unread is over the limit —
