@@ -40,11 +40,9 @@ pub enum ErrorCode {
     ClientTooSlow,
     ShuttingDown,
     AccountingUnavailable,
-    IdleTimeout,
     SessionEnded,
     AdminUnauthorized,
     NotFound,
-    InternalError,
 }
 
 /// One row of the table.
@@ -94,11 +92,9 @@ impl ErrorCode {
         ErrorCode::ClientTooSlow,
         ErrorCode::ShuttingDown,
         ErrorCode::AccountingUnavailable,
-        ErrorCode::IdleTimeout,
         ErrorCode::SessionEnded,
         ErrorCode::AdminUnauthorized,
         ErrorCode::NotFound,
-        ErrorCode::InternalError,
     ];
 
     pub const fn spec(self) -> ErrorSpec {
@@ -341,13 +337,6 @@ impl ErrorCode {
                 close: None,
                 when: "the turn's usage record could not be made durable within `accounting.ack_timeout_ms` (sent instead of its terminal event), or new turns while neither the spool nor the database can record usage",
             },
-            ErrorCode::IdleTimeout => ErrorSpec {
-                code: "idle_timeout",
-                status: 408,
-                error_type: "invalid_request_error",
-                close: Some(1000),
-                when: "no turn for `session.idle_timeout_ms` (close reason `websocket idle timeout`)",
-            },
             ErrorCode::SessionEnded => ErrorSpec {
                 code: "session_ended",
                 status: 503,
@@ -368,13 +357,6 @@ impl ErrorCode {
                 error_type: "invalid_request_error",
                 close: None,
                 when: "an admin route naming an actor, session or compensation that does not exist",
-            },
-            ErrorCode::InternalError => ErrorSpec {
-                code: "internal_error",
-                status: 500,
-                error_type: "server_error",
-                close: Some(1011),
-                when: "an unexpected internal failure",
             },
         }
     }
@@ -440,10 +422,10 @@ mod tests {
 
     #[test]
     fn wrapped_event_shape() {
-        let v = ErrorCode::InternalError.ws_event("boom");
+        let v = ErrorCode::UpstreamConnectionLost.ws_event("boom");
         assert_eq!(v["type"], "error");
-        assert_eq!(v["status"], 500);
-        assert_eq!(v["error"]["code"], "internal_error");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["error"]["code"], "upstream_connection_lost");
         assert!(v["error"]["param"].is_null());
     }
 }

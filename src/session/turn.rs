@@ -58,10 +58,6 @@ impl TurnClock {
         }
     }
 
-    pub fn saw_token(&self) -> bool {
-        self.first_token.is_some()
-    }
-
     /// The request was written upstream (the upstream bills its input from then on).
     pub fn reached_upstream(&self) -> bool {
         self.written.is_some()

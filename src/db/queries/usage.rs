@@ -44,13 +44,6 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
     }
 }
 
-/// Writes the row of a turn; a second write of the same key is ignored. `true` when written.
-pub async fn insert(pool: &DbPool, r: &TurnRecord) -> Result<bool, DbError> {
-    let row = row_of(r);
-    let n = with_conn!(pool, |c| usage_insert!(&row).execute(c).await?);
-    Ok(n == 1)
-}
-
 /// Rows of a key, oldest first.
 pub async fn by_key(pool: &DbPool, api_key_id: i64) -> Result<Vec<UsageRow>, DbError> {
     Ok(with_conn!(pool, |c| {
