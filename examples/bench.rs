@@ -6,6 +6,10 @@
 //! `response.completed` with usage. Parameters come in the request's `metadata.bench`
 //! (`events=E gap_us=G`). No auth and no JSON parser: it costs the same whatever is in front.
 //!
+//! `bench upstream-async ADDR` — the second workload's upstream: one single-threaded async
+//! server (tokio, a task per connection) whose deltas are small (~60 bytes, a token or two, as
+//! real `response.output_text.delta` events carry), each written and flushed on its own.
+//!
 //! `bench stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID]` — SESSIONS threads, each one
 //! WebSocket running TURNS turns back to back; prints one JSON line: events, seconds, events/s,
 //! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, and, with PID,
@@ -38,6 +42,7 @@ fn main() {
     let n = |i: usize| a(i).parse::<u64>().unwrap_or(0);
     match a(0).as_str() {
         "upstream" => upstream(&a(1)),
+        "upstream-async" => upstream_async(&a(1)),
         "stream" => stream(&a(1), &a(2), n(3), n(4), n(5), n(6), a(7).parse().ok()),
         "ttfe" => ttfe(&a(1), &a(2), n(3)),
         "idle" => idle(&a(1), &a(2), n(3), n(4) as u32, a(5) != "no-turn"),
@@ -130,6 +135,122 @@ fn serve_conn(conn: TcpStream, conn_no: usize) {
         if ws.send(Message::text(done)).is_err() {
             return;
         }
+    }
+}
+
+/// The second workload's upstream (see the module doc).
+fn upstream_async(addr: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let std_listener = TcpListener::bind(addr).expect("bind");
+        rustix::net::listen(&std_listener, 4096).expect("listen");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        let mut n = 0usize;
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            conn.set_nodelay(true).ok();
+            n += 1;
+            tokio::task::spawn_local(serve_async(conn, n));
+        }
+    });
+}
+
+async fn serve_async(mut conn: tokio::net::TcpStream, conn_no: usize) {
+    use actix_codec::{Decoder, Encoder};
+    use actix_http::ws::{Codec, Frame, Message as WsMessage};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = actix_web::web::BytesMut::with_capacity(4096);
+    // The handshake: read the request head, answer 101 with the accept key.
+    let head_end = loop {
+        if conn.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let _ = buf.split_to(head_end);
+    let Some(key) = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    }) else {
+        return;
+    };
+    let accept = actix_http::ws::hash_key(key.as_bytes());
+    let accept = String::from_utf8_lossy(&accept);
+    let reply = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if conn.write_all(reply.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut codec = Codec::new().max_size(16 * 1024 * 1024);
+    let mut out = actix_web::web::BytesMut::new();
+    let mut turn = 0u64;
+    // Each event: encoded, written and flushed on its own.
+    macro_rules! send {
+        ($text:expr) => {{
+            out.clear();
+            if codec
+                .encode(WsMessage::Text($text.into()), &mut out)
+                .is_err()
+                || conn.write_all(&out).await.is_err()
+                || conn.flush().await.is_err()
+            {
+                return;
+            }
+        }};
+    }
+    loop {
+        let frame = loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(_) => return,
+            }
+            if conn.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        };
+        let Frame::Text(text) = frame else {
+            if matches!(frame, Frame::Close(_)) {
+                return;
+            }
+            continue;
+        };
+        let frame = String::from_utf8_lossy(&text).to_string();
+        if !frame.contains("\"response.create\"") {
+            continue;
+        }
+        turn += 1;
+        let events = param(&frame, "events=").max(1);
+        let gap = Duration::from_micros(param(&frame, "gap_us="));
+        let id = format!("resp_a{conn_no}x{turn}");
+        send!(format!(
+            r#"{{"type":"response.created","response":{{"id":"{id}","status":"in_progress","output":[]}}}}"#
+        ));
+        let start = tokio::time::Instant::now();
+        for i in 0..events {
+            if !gap.is_zero() {
+                tokio::time::sleep_until(start + gap * i as u32).await;
+            }
+            send!(format!(
+                r#"{{"type":"response.output_text.delta","delta":"ab","t":{}}}"#,
+                now_ns()
+            ));
+        }
+        send!(format!(
+            r#"{{"type":"response.completed","response":{{"id":"{id}","status":"completed","output":[],"usage":{{"input_tokens":12,"output_tokens":{events},"total_tokens":{}}}}}}}"#,
+            events + 12
+        ));
     }
 }
 

@@ -290,6 +290,7 @@ fn a_storm_of_bad_keys_is_counted_not_logged() {
         Duration::from_millis(300),
         &mut seen,
     );
+    let t0 = Instant::now();
     let storm: Vec<_> = (0..4)
         .map(|_| {
             let addr = s.addr.clone();
@@ -325,9 +326,12 @@ fn a_storm_of_bad_keys_is_counted_not_logged() {
         .iter()
         .filter(|l| l.contains("refused") || l.contains("invalid_api_key"))
         .collect();
+    // One summary line per second of storm (the interval), whatever the machine's speed:
+    // a bound set by time, never by the number of refusals.
+    let most = t0.elapsed().as_secs() as usize + 4;
     assert!(
-        !refusal_lines.is_empty() && refusal_lines.len() <= 30,
-        "{} refusal lines: {:?}",
+        !refusal_lines.is_empty() && refusal_lines.len() <= most,
+        "{} refusal lines for {most} intervals: {:?}",
         refusal_lines.len(),
         refusal_lines.iter().take(5).collect::<Vec<_>>()
     );
