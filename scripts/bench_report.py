@@ -131,7 +131,9 @@ if target == "-":
     sys.exit(0)
 path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
 text = open(path).read()
-begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Each workload has its own section: `bench:` (big deltas), `bench-small:` (small deltas).
+marker = "bench" if os.environ.get("BENCH_WORKLOAD", "big") == "big" else "bench-small"
+begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
 if begin in text and end in text:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
