@@ -142,12 +142,20 @@ pub fn start_relay_with(
     let mut accounts = Vec::new();
     for a in &settings.accounts {
         let key = a.resolve_key()?;
-        let pool =
-            ContextPool::new(a, key, settings.pool.clone(), settings.upstream.clone()).start();
+        let health = Arc::new(crate::pool::health::Health::default());
+        let pool = ContextPool::new(
+            a,
+            key,
+            settings.pool.clone(),
+            settings.upstream.clone(),
+            health.clone(),
+        )
+        .start();
         accounts.push(AccountHandle {
             name: a.name.clone(),
             turn_limit: a.turn_limit(),
             pool,
+            health,
         });
     }
     if accounts.is_empty() {

@@ -78,6 +78,8 @@ pub struct ContextPool {
     restarts: u32,
     started_at: chrono::NaiveDateTime,
     shutting_down: bool,
+    /// Shared with the sessions, which prefer accounts that are not cooling.
+    health: Arc<super::health::Health>,
 }
 
 impl ContextPool {
@@ -86,6 +88,7 @@ impl ContextPool {
         api_key: String,
         pool: PoolSettings,
         upstream: UpstreamSettings,
+        health: Arc<super::health::Health>,
     ) -> Self {
         Self {
             account: Arc::from(account.name.as_str()),
@@ -105,6 +108,7 @@ impl ContextPool {
             restarts: 0,
             started_at: crate::db::now(),
             shutting_down: false,
+            health,
         }
     }
 
@@ -230,6 +234,16 @@ impl ContextPool {
                 .map(|(k, _)| k)
                 .collect()
         };
+        // A cooling account dials nobody: its waiters go elsewhere at once
+        // (docs/DESIGN.md#accounts).
+        if !uncovered.is_empty() && self.health.cooling(Instant::now()) {
+            for k in uncovered.into_iter().rev() {
+                if let Some(w) = self.waiters.remove(k) {
+                    let _ = w.reply.send(Err(LeaseError::Cooling));
+                }
+            }
+            return;
+        }
         let mut left = uncovered.len();
         for k in uncovered {
             if self.conns.len() >= self.max_conns {
@@ -504,6 +518,9 @@ impl Handler<ConnStatus> for ContextPool {
     fn handle(&mut self, msg: ConnStatus, ctx: &mut Context<Self>) {
         match msg {
             ConnStatus::Ready { conn } => {
+                if self.health.recovered() {
+                    info!(account = %self.account, "upstream account reachable again");
+                }
                 if let Some(e) = self.conns.get_mut(&conn) {
                     e.state = State::Idle {
                         since: Instant::now(),
@@ -513,6 +530,11 @@ impl Handler<ConnStatus> for ContextPool {
             ConnStatus::DialFailed { conn, error } => {
                 ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
                     .increment(1);
+                let (wait, first) = self.health.failed(&error, Instant::now());
+                if first {
+                    warn!(account = %self.account, error = %error, cooling_ms = wait.as_millis() as u64,
+                        "upstream account failing; turns go to other accounts while it cools down");
+                }
                 let identity = self.conns.remove(&conn).map(|e| e.identity);
                 // Fail a waiter of its identity now rather than let it time out, unless another
                 // dial of that identity covers it.
@@ -528,7 +550,7 @@ impl Handler<ConnStatus> for ContextPool {
                 {
                     let _ = w.reply.send(Err(LeaseError::DialFailed(error)));
                 }
-                return;
+                // The account cools now: its other waiters are answered at once (failover).
             }
             ConnStatus::Broken { conn, reason } => {
                 debug!(account = %self.account, conn, ?reason, "upstream connection evicted");
@@ -566,6 +588,7 @@ impl Handler<PoolStats> for ContextPool {
     type Result = MessageResult<PoolStats>;
 
     fn handle(&mut self, _: PoolStats, _: &mut Context<Self>) -> Self::Result {
+        let (health, failures) = self.health.describe(Instant::now());
         let mut s = PoolSnapshot {
             account: self.account.to_string(),
             waiters: self.waiters.len(),
@@ -573,6 +596,9 @@ impl Handler<PoolStats> for ContextPool {
             leases_total: self.leases_total,
             reclaimed_total: self.reclaimed_total,
             recovered_total: self.recovered_total,
+            health: health.to_string(),
+            failures,
+            last_error: self.health.last_error(),
             ..PoolSnapshot::default()
         };
         for e in self.conns.values() {
@@ -619,7 +645,7 @@ impl ContextPool {
             },
             started_at: self.started_at,
             restarts: self.restarts,
-            last_error: None,
+            last_error: self.health.last_error(),
         }
     }
 }

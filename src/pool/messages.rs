@@ -38,6 +38,8 @@ pub enum LeaseError {
     DialFailed(String),
     #[error("the pool is shutting down")]
     ShuttingDown,
+    #[error("the account is cooling down after failed dials")]
+    Cooling,
 }
 
 /// Lend a connection: the preferred one if it is idle and fit, else a fit idle one, else a new
@@ -98,6 +100,13 @@ pub struct PoolSnapshot {
     pub waiters: usize,
     pub dialled_total: u64,
     pub leases_total: u64,
+    /// `healthy`, `cooling` (after failed dials, no dial until its backoff passed) or
+    /// `probing` (the next dial decides).
+    pub health: String,
+    /// Failed dials in a row.
+    pub failures: u32,
+    /// The last dial error (the upstream's status and words, no secrets).
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Message)]

@@ -4,9 +4,11 @@
 //!
 //! - `messages`: `Acquire`, `Release`, `PoolStats`, `ShutdownPool`.
 //! - `policy`: which idle connection serves a request, which are retired (pure).
+//! - `health`: an account cools down after failed dials (backoff, pure rule).
 //! - `actor`: the pool actor.
 
 pub mod actor;
+pub mod health;
 pub mod messages;
 pub mod policy;
 

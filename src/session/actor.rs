@@ -83,6 +83,8 @@ struct Turn {
     drain_deadline: Option<Instant>,
     /// `create`, or `steer` for a successor the upstream started on its own.
     origin: &'static str,
+    /// Accounts this turn could not reach (failover goes to the others).
+    tried: Vec<String>,
     span: Span,
 }
 
@@ -360,6 +362,7 @@ impl SessionActor {
             cancel_deadline: None,
             drain_deadline: None,
             origin,
+            tried: Vec::new(),
             span,
         }
     }
@@ -430,6 +433,7 @@ impl SessionActor {
                         ctx,
                     );
                 }
+                Err(LeaseError::DialFailed(_) | LeaseError::Cooling) if act.failover(ctx) => {}
                 Err(err) => {
                     // The detail (upstream URL, host) is for the operator's log only.
                     warn!(parent: &act.span, error = %err, "no upstream connection for the turn");

@@ -31,6 +31,8 @@ pub struct AccountHandle {
     pub name: String,
     pub turn_limit: usize,
     pub pool: Addr<ContextPool>,
+    /// Whether it is cooling down after failed dials (docs/DESIGN.md#accounts).
+    pub health: Arc<crate::pool::health::Health>,
 }
 
 /// What every session shares.

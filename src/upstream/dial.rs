@@ -116,6 +116,12 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, String> {
     // The URL goes to the operator's log only; clients get a generic message (docs/DESIGN.md#upstream-faults).
     match tokio::time::timeout(spec.timeout, req.connect()).await {
         Err(_) => Err(format!("handshake with {} timed out", spec.url)),
+        // The status says why (401: the credential is refused, 429: rate-limited, 5xx: the
+        // upstream's trouble); awc's own words leave it out.
+        Ok(Err(awc::error::WsClientError::InvalidResponseStatus(status))) => Err(format!(
+            "handshake with {}: the upstream answered HTTP {status}",
+            spec.url
+        )),
         Ok(Err(e)) => Err(format!("handshake with {}: {e}", spec.url)),
         Ok(Ok((_, socket))) => Ok(socket),
     }

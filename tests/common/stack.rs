@@ -42,7 +42,8 @@ pub struct StackOptions<'a> {
     /// `TURNPIKE_…` overrides for the relay.
     pub env: &'a [(&'a str, &'a str)],
     pub max_conns: usize,
-    /// More TOML lines for the account.
+    /// More TOML lines for the account (`SIM_ADDR` stands for the sim's address: more
+    /// `[[accounts]]` on the same sim).
     pub account_extra: &'a str,
     /// The database URL the relay uses, when not the test database's own (e.g. through a proxy).
     pub relay_db_url: Option<String>,
@@ -90,7 +91,8 @@ impl Stack {
             &config,
             format!(
                 "[[accounts]]\nname = \"sim\"\nbase_url = \"http://{upstream_addr}/v1\"\napi_key = \"sk-upstream\"\nmax_conns = {}\n{}\n",
-                opts.max_conns, opts.account_extra
+                opts.max_conns,
+                opts.account_extra.replace("SIM_ADDR", &upstream_addr)
             ),
         )
         .expect("config");

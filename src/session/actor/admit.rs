@@ -329,23 +329,66 @@ impl SessionActor {
         None
     }
 
-    /// Accounts in the order this session prefers them: the one it holds a lease on first; a
-    /// turn continuing a stored response goes to the account holding it, and only there.
+    /// Accounts in the order this session prefers them: those not cooling down first
+    /// (docs/DESIGN.md#accounts), among them the one it holds a lease on; accounts the turn
+    /// already failed to reach are left out. A turn continuing a stored response goes to the
+    /// account holding it, and only there.
     pub(super) fn account_candidates(&self) -> Vec<(String, usize)> {
+        let tried: &[String] = self.turn.as_ref().map_or(&[], |t| &t.tried);
         let all = self
             .deps
             .accounts
             .iter()
-            .map(|a| (a.name.clone(), a.turn_limit));
+            .filter(|a| !tried.contains(&a.name));
         if let Some(bound) = self.turn.as_ref().and_then(|t| t.bound_account.as_deref()) {
-            return all.filter(|(n, _)| n == bound).collect();
+            return all
+                .filter(|a| a.name == bound)
+                .map(|a| (a.name.clone(), a.turn_limit))
+                .collect();
         }
         let held = self.lease.as_ref().map(|l| l.account.to_string());
-        let mut out: Vec<(String, usize)> = all.collect();
-        if let Some(h) = held {
-            out.sort_by_key(|(n, _)| *n != h);
+        let now = Instant::now();
+        let mut out: Vec<(bool, bool, String, usize)> = all
+            .map(|a| {
+                let held_here = held.as_deref() == Some(a.name.as_str());
+                (
+                    a.health.cooling(now),
+                    !held_here,
+                    a.name.clone(),
+                    a.turn_limit,
+                )
+            })
+            .collect();
+        out.sort_by_key(|(cooling, other, _, _)| (*cooling, *other));
+        out.into_iter().map(|(_, _, n, l)| (n, l)).collect()
+    }
+
+    /// The turn's account could not be reached: it moves to the next account that can take
+    /// it, transparently (docs/DESIGN.md#accounts). `false` when none can (or the turn is bound
+    /// to a stored response's account).
+    pub(super) fn failover(&mut self, ctx: &mut Context<Self>) -> bool {
+        let Some(turn) = self.turn.as_mut() else {
+            return false;
+        };
+        if turn.bound_account.is_some() {
+            return false;
         }
-        out
+        let Some(failed) = turn.account_slot.as_ref().map(|s| s.account.clone()) else {
+            return false;
+        };
+        turn.tried.push(failed.clone());
+        let candidates = self.account_candidates();
+        let slots = self.deps.slots.clone();
+        let Some(slot) = slots.account_turn(&candidates) else {
+            return false;
+        };
+        let Some(turn) = self.turn.as_mut() else {
+            return false;
+        };
+        info!(parent: &turn.span, from = %failed, to = %slot.account, "failover: the turn moves to another account");
+        turn.account_slot = Some(slot);
+        self.lease_and_send(ctx);
+        true
     }
 
     /// The binding of the stored response a turn continues (`store:true` with

@@ -77,17 +77,20 @@ impl SessionActor {
         self.generation += 1;
         let streaming = turn.phase == Phase::Streaming;
         turn.phase = Phase::Finishing;
+        // The account that served the turn, else the one it was refused on or last tried.
+        let account = self
+            .lease
+            .as_ref()
+            .map(|l| l.account.to_string())
+            .or_else(|| turn.account_slot.as_ref().map(|s| s.account.clone()))
+            .or_else(|| turn.tried.last().cloned())
+            .unwrap_or_default();
         // Slots are free as soon as the turn is over, whatever happens next.
         turn.key_slot = None;
         turn.account_slot = None;
         // A refusal because accounting is down does not wait for accounting.
         let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable.code());
         let outcome = turn.tracker.finish(ending, Instant::now());
-        let account = self
-            .lease
-            .as_ref()
-            .map(|l| l.account.to_string())
-            .unwrap_or_default();
         let Some(turn) = self.turn.as_ref() else {
             return;
         };

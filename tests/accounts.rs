@@ -1,0 +1,76 @@
+//! Upstream accounts as a fleet (docs/DESIGN.md#accounts): an account whose upstream refuses the
+//! handshake (its credential is refused: 401) does not stop the service while another account is
+//! healthy — turns move to it transparently, the failing account cools down instead of being
+//! redialled for every turn, and operators see why.
+
+mod common;
+
+use std::time::Duration;
+
+use common::stack::{Stack, StackOptions};
+use common::{TestDb, http};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = "admin-secret-token-of-32-characters";
+
+#[test]
+fn a_refused_account_fails_over_to_a_healthy_one() {
+    let admin = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // The sim accepts only `sk-good`: the first account ("sim", `sk-upstream`) gets 401.
+    let env: Vec<(&str, &str)> = vec![
+        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
+        (
+            "TURNPIKE_ADMIN__BIND",
+            Box::leak(admin.clone().into_boxed_str()),
+        ),
+    ];
+    let placeholder = "SIM_ADDR";
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            sim_args: &["--api-key", "sk-good"],
+            env: Box::leak(env.into_boxed_slice()),
+            account_extra: Box::leak(
+                format!("\n[[accounts]]\nname = \"good\"\nbase_url = \"http://{placeholder}/v1\"\napi_key = \"sk-good\"\n")
+                    .into_boxed_str(),
+            ),
+            ..StackOptions::default()
+        },
+    );
+    // 20 turns over 4 sessions: every one completes.
+    for _ in 0..4 {
+        let mut c = s.client();
+        for _ in 0..5 {
+            c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}));
+            let end = c.until_terminal(T);
+            assert_eq!(end.last().unwrap()["type"], "response.completed", "{end:?}");
+        }
+    }
+    let rows = s.rows(20);
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|r| r.account == "good"), "{rows:?}");
+    // The refused account was not redialled for every turn: it cooled down.
+    let refused = s.sim_stats()["rejected"].as_u64().unwrap();
+    assert!((1..=4).contains(&refused), "handshakes refused: {refused}");
+    let (code, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
+    assert_eq!(code, 200);
+    let bad = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["account"] == "sim")
+        .unwrap()
+        .clone();
+    assert!(bad["failures"].as_u64().unwrap() >= 1, "{bad}");
+    let why = bad["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("401"), "the upstream's status is shown: {why}");
+    assert!(
+        !why.contains("sk-upstream") && !why.contains("sk-good"),
+        "no secrets: {why}"
+    );
+    s.finish();
+}
