@@ -39,6 +39,7 @@ pub mod metric {
     pub const UPSTREAM_CONNECTIONS: &str = "turnpike_upstream_connections";
     pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
     pub const LEASES_RECOVERED: &str = "turnpike_upstream_leases_recovered_total";
+    pub const ACCOUNT_COOLING: &str = "turnpike_upstream_account_cooling";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
     pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
@@ -64,6 +65,7 @@ pub mod metric {
         UPSTREAM_CONNECTIONS,
         LEASE_WAITERS,
         LEASES_RECOVERED,
+        ACCOUNT_COOLING,
         SPOOL_BACKLOG,
         SPOOL_BACKLOG_AGE,
         BATCH_ROWS,
@@ -134,6 +136,7 @@ pub fn register_metrics(accounts: &[String]) {
         counter!(DIALS, "account" => a.clone()).increment(0);
         counter!(DIAL_FAILURES, "account" => a.clone()).increment(0);
         counter!(LEASES_RECOVERED, "account" => a.clone()).increment(0);
+        gauge!(ACCOUNT_COOLING, "account" => a.clone()).set(0.0);
         gauge!(LEASE_WAITERS, "account" => a.clone()).set(0.0);
         for state in ["idle", "leased", "parked", "dialing"] {
             gauge!(UPSTREAM_CONNECTIONS, "account" => a.clone(), "state" => state).set(0.0);

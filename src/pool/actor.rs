@@ -451,6 +451,9 @@ impl Actor for ContextPool {
             if act.recover_orphans() > 0 {
                 act.dispatch(ctx);
             }
+            let cooling = act.health.cooling(Instant::now());
+            ::metrics::gauge!(metric::ACCOUNT_COOLING, "account" => act.account.to_string())
+                .set(if cooling { 1.0 } else { 0.0 });
             let retire = policy::retire(
                 &act.idle_view(),
                 act.max_age(),
