@@ -320,6 +320,11 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
         draining: deps.draining.clone(),
         accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
         no_accounts: deps.accounts.is_empty(),
+        accounts: deps
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.health.clone()))
+            .collect(),
         stuck_after: Duration::from_millis(settings.accounting.stuck_after_ms),
     };
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);

@@ -74,3 +74,40 @@ fn a_refused_account_fails_over_to_a_healthy_one() {
     );
     s.finish();
 }
+
+/// With every account refused, turns get `upstream_unavailable` (nothing to fail over to) and
+/// `/readyz` says 503 naming each account and why; while one account works it stays ready.
+#[test]
+fn readiness_names_the_accounts_that_are_out() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            sim_args: &["--api-key", "sk-only-this"],
+            ..StackOptions::default()
+        },
+    );
+    assert_eq!(http(&s.addr, "GET", "/readyz", None).0, 200);
+    let mut c = s.client();
+    c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}));
+    let end = c.until_terminal(T);
+    assert_eq!(
+        end.last().unwrap()["error"]["code"],
+        "upstream_unavailable",
+        "{end:?}"
+    );
+    let (code, body) = http(&s.addr, "GET", "/readyz", None);
+    assert_eq!(code, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no upstream account can serve")
+            && message.contains("sim: failing")
+            && message.contains("HTTP 401"),
+        "{message}"
+    );
+    let rows = s.rows(1);
+    assert_eq!(
+        rows[0].account, "sim",
+        "the refused row names the account tried"
+    );
+    s.finish();
+}

@@ -27,6 +27,8 @@ pub struct Readiness {
     )>,
     /// No `[[accounts]]` configured: nothing can be served.
     pub no_accounts: bool,
+    /// Each account's health: ready while one can serve (docs/DESIGN.md#accounts).
+    pub accounts: Vec<(String, Arc<crate::pool::health::Health>)>,
     /// `accounting.stuck_after_ms`.
     pub stuck_after: std::time::Duration,
 }
@@ -46,6 +48,22 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
         return Err(not_ready(
             "no upstream accounts configured ([[accounts]] in the config)".into(),
         ));
+    }
+    // Accounts whose last dial failed (cooling or about to probe), with why.
+    let out: Vec<String> = state
+        .accounts
+        .iter()
+        .filter(|(_, h)| h.failing())
+        .map(|(name, h)| {
+            let why = h.last_error().unwrap_or_default();
+            format!("{name}: failing ({why})")
+        })
+        .collect();
+    if !state.accounts.is_empty() && out.len() == state.accounts.len() {
+        return Err(not_ready(format!(
+            "no upstream account can serve: {}",
+            out.join("; ")
+        )));
     }
     let (backlog, health) = match &state.accounting {
         Some((a, h)) => (
@@ -96,6 +114,7 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
     }
     Ok(HttpResponse::Ok().json(json!({
         "status": "ready",
+        "accounts_out": out,
         "database": state.db.backend(),
         "accounting_backlog": backlog,
         // The spool can fail while the database carries every record (ready, degraded).

@@ -60,6 +60,11 @@ impl Health {
         self.state().cooling_until.is_some_and(|t| now < t)
     }
 
+    /// Whether its last dial failed (out until a dial succeeds).
+    pub fn failing(&self) -> bool {
+        self.state().failures > 0
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.state().last_error.clone()
     }
