@@ -111,3 +111,37 @@ fn readiness_names_the_accounts_that_are_out() {
     );
     s.finish();
 }
+
+/// The upstream answers a turn `rate_limit_exceeded` before anything of it was forwarded: the
+/// turn moves to the other account and completes there; the client never sees the error.
+#[test]
+fn an_in_band_rate_limit_fails_over() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: "\n[[accounts]]\nname = \"spare\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-spare\"\n",
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    // `once`: the sim refuses the first time it sees the directive (the first account), not the
+    // retry.
+    c.send(
+        &json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi",
+        "metadata": {"sim": "error=rate_limit_exceeded status=429 once"}}),
+    );
+    let events = c.until_terminal(T);
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "response.completed",
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e["type"] != "error"), "{events:?}");
+    let rows = s.rows(1);
+    assert_eq!(rows.len(), 1, "one turn, one row");
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].account.as_str()),
+        ("completed", "spare")
+    );
+    s.finish();
+}

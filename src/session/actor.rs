@@ -484,6 +484,7 @@ impl SessionActor {
                 self.finish(Ending::Terminal(kind), delivery, ctx);
             }
             EventKind::Error => {
+                let nothing_forwarded = turn.forwarded == 0;
                 let (code, request_level) = upstream_error_code(&text);
                 let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
                 ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
@@ -497,6 +498,12 @@ impl SessionActor {
                 {
                     // Once, on the same (clean) connection: the upstream answered.
                     return self.write_request(decision, ctx);
+                }
+                if nothing_forwarded
+                    && account_trouble(code.as_deref())
+                    && self.fail_over_in_band(code.as_deref().unwrap_or_default(), ctx)
+                {
+                    return;
                 }
                 let delivery = Delivery {
                     last: Some(text.to_string()),
@@ -766,6 +773,23 @@ fn cancelled_event(response_id: &str, stream_id: Option<&str>) -> String {
         v["stream_id"] = json!(id);
     }
     v.to_string()
+}
+
+/// Upstream error codes that say the account, not the request, is in trouble: before anything
+/// of the turn was forwarded, the turn fails over (docs/DESIGN.md#accounts).
+fn account_trouble(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "rate_limit_exceeded"
+                | "usage_limit_reached"
+                | "insufficient_quota"
+                | "invalid_api_key"
+                | "server_error"
+                | "server_is_overloaded"
+                | "service_unavailable"
+        )
+    )
 }
 
 /// An upstream `error` event's code, and whether it concerns only the request (the socket stays

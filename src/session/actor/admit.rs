@@ -363,6 +363,38 @@ impl SessionActor {
         out.into_iter().map(|(_, _, n, l)| (n, l)).collect()
     }
 
+    /// The upstream answered the turn with an account-level error before anything was
+    /// forwarded: the account cools down and the turn fails over (its connection is given back
+    /// once the new lease comes). `false`, changing nothing, when no other account can take it.
+    pub(super) fn fail_over_in_band(&mut self, code: &str, ctx: &mut Context<Self>) -> bool {
+        let Some(account) = self.lease.as_ref().map(|l| l.account.to_string()) else {
+            return false;
+        };
+        let others = self.account_candidates().iter().any(|(n, _)| *n != account);
+        if !others {
+            return false;
+        }
+        if let Some(a) = self.deps.accounts.iter().find(|a| a.name == account) {
+            let (wait, first) = a
+                .health
+                .failed(&format!("the upstream answered {code}"), Instant::now());
+            if first {
+                warn!(parent: &self.span, %account, code, cooling_ms = wait.as_millis() as u64,
+                    "upstream account refusing turns; they go to other accounts while it cools down");
+            }
+        }
+        if let Some(turn) = self.turn.as_mut() {
+            turn.phase = Phase::Leasing;
+        }
+        if self.failover(ctx) {
+            return true;
+        }
+        if let Some(turn) = self.turn.as_mut() {
+            turn.phase = Phase::Streaming;
+        }
+        false
+    }
+
     /// The turn's account could not be reached: it moves to the next account that can take
     /// it, transparently (docs/DESIGN.md#accounts). `false` when none can (or the turn is bound
     /// to a stored response's account).
