@@ -7,37 +7,22 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::TOKEN;
 use common::stack::{Stack, StackOptions};
 use common::{TestDb, http};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
-const TOKEN: &str = "admin-secret-token-of-32-characters";
 
 #[test]
 fn a_refused_account_fails_over_to_a_healthy_one() {
-    let admin = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
     // The sim accepts only `sk-good`: the first account ("sim", `sk-upstream`) gets 401.
-    let env: Vec<(&str, &str)> = vec![
-        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
-        (
-            "TURNPIKE_ADMIN__BIND",
-            Box::leak(admin.clone().into_boxed_str()),
-        ),
-    ];
-    let placeholder = "SIM_ADDR";
-    let s = Stack::start(
+    let (s, admin) = common::admin::start(
         TestDb::sqlite(),
+        &[],
         StackOptions {
             sim_args: &["--api-key", "sk-good"],
-            env: Box::leak(env.into_boxed_slice()),
-            account_extra: Box::leak(
-                format!("\n[[accounts]]\nname = \"good\"\nbase_url = \"http://{placeholder}/v1\"\napi_key = \"sk-good\"\n")
-                    .into_boxed_str(),
-            ),
+            account_extra: "\n[[accounts]]\nname = \"good\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-good\"\n",
             ..StackOptions::default()
         },
     );

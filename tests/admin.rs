@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::{TOKEN, scrape};
 use common::ledger::{assert_invariant, wait_rows};
 use common::stack::{Stack, StackOptions, block, load};
 use common::ws::Recv;
@@ -13,12 +14,6 @@ use common::{TestDb, http};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
-const TOKEN: &str = "admin-secret-token-of-32-characters";
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
 
 fn create(directive: &str) -> Value {
     json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi",
@@ -27,27 +22,14 @@ fn create(directive: &str) -> Value {
 
 /// A stack with the admin API on; returns it and the admin address.
 fn stack_with_admin(db: TestDb) -> (Stack, String) {
-    let admin = free_addr();
-    let env: Vec<(&str, &str)> = vec![
-        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
-        (
-            "TURNPIKE_ADMIN__BIND",
-            Box::leak(admin.clone().into_boxed_str()),
-        ),
-    ];
-    let s = Stack::start(
+    common::admin::start(
         db,
+        &[],
         StackOptions {
-            env: Box::leak(env.into_boxed_slice()),
             max_conns: 8,
             ..StackOptions::default()
         },
-    );
-    let deadline = std::time::Instant::now() + T;
-    while std::net::TcpStream::connect(&admin).is_err() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (s, admin)
+    )
 }
 
 /// Every route the admin API serves (its OpenAPI description lists the same), with sample
@@ -234,21 +216,6 @@ fn sessions_listed_and_ended() {
     );
     assert_eq!(code, 404, "gone");
     s.finish();
-}
-
-/// The Prometheus text of `GET /metrics`.
-fn scrape(admin: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(admin).unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    raw
 }
 
 /// Every metric is on `/metrics` from the start, at zero, with the label values known then

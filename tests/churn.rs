@@ -8,17 +8,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use common::admin::TOKEN;
 use common::http;
 use common::stack::{Stack, StackOptions, block};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
-const TOKEN: &str = "admin-secret-token-of-32-characters";
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
 
 fn create(directive: &str) -> Value {
     json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "churn",
@@ -108,27 +103,14 @@ fn finished_upstream(s: &Stack) -> HashSet<String> {
 }
 
 fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize) {
-    let admin = free_addr();
-    let env: Vec<(&str, &str)> = vec![
-        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
-        (
-            "TURNPIKE_ADMIN__BIND",
-            Box::leak(admin.clone().into_boxed_str()),
-        ),
-        ("TURNPIKE_LOG__LEVEL", "info"),
-    ];
-    let s = Stack::start(
+    let (s, admin) = common::admin::start(
         db,
+        &[("TURNPIKE_LOG__LEVEL", "info")],
         StackOptions {
-            env: Box::leak(env.into_boxed_slice()),
             max_conns,
             ..StackOptions::default()
         },
     );
-    let deadline = Instant::now() + T;
-    while std::net::TcpStream::connect(&admin).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let sent = churn(&s.addr, &s.key, loops, run);
     assert!(sent > loops, "the churn ran ({sent} connections)");
 
@@ -244,43 +226,18 @@ fn client_close_completes_without_a_wait() {
     s.finish();
 }
 
-fn metric_value(admin: &str, name: &str) -> f64 {
-    let mut s = std::net::TcpStream::connect(admin).unwrap();
-    use std::io::{Read, Write};
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// 20,000 handshakes with bad keys from four threads: each is refused (401), counted in a metric,
 /// and the log holds a few summary lines, not one line each; a valid client connects and
 /// runs a turn in the middle of it (docs/DESIGN.md#refusals).
 #[test]
 fn a_storm_of_bad_keys_is_counted_not_logged() {
-    let admin = free_addr();
-    let env: Vec<(&str, &str)> = vec![
-        ("TURNPIKE_ADMIN__TOKEN", TOKEN),
-        (
-            "TURNPIKE_ADMIN__BIND",
-            Box::leak(admin.clone().into_boxed_str()),
-        ),
-        ("TURNPIKE_LOG__REFUSAL_SUMMARY_S", "1"),
-        ("TURNPIKE_LIMITS__REFUSED_HANDSHAKES_BEFORE_DELAY", "0"),
-    ];
-    let s = Stack::start(
+    let (s, admin) = common::admin::start(
         TestDb::sqlite(),
-        StackOptions {
-            env: Box::leak(env.into_boxed_slice()),
-            ..StackOptions::default()
-        },
+        &[
+            ("TURNPIKE_LOG__REFUSAL_SUMMARY_S", "1"),
+            ("TURNPIKE_LIMITS__REFUSED_HANDSHAKES_BEFORE_DELAY", "0"),
+        ],
+        StackOptions::default(),
     );
     let mut seen = Vec::new();
     // Whatever the start-up wrote.
@@ -347,7 +304,7 @@ fn a_storm_of_bad_keys_is_counted_not_logged() {
         "keys never logged"
     );
     assert_eq!(
-        metric_value(
+        common::admin::metric(
             &admin,
             "turnpike_handshakes_refused_total{reason=\"invalid_api_key\"}"
         ),

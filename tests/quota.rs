@@ -63,6 +63,25 @@ fn fire(addrs: &[String], key: &str, sessions: usize, turns: usize) -> (usize, u
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
+/// 20 sessions × 3 turns on `addrs` against a key or user limited to `limit`: some turns run,
+/// some are refused, the money adds up and stays within the limit. (completed turns, sums)
+fn run_against(
+    s: &Stack,
+    addrs: &[String],
+    limit: i64,
+    what: &str,
+) -> (usize, common::ledger::Sums) {
+    let (done, refused) = fire(addrs, &s.key, 20, 3);
+    assert!(
+        done >= 1 && refused >= 1,
+        "{what}: {done} completed, {refused} refused"
+    );
+    let sums = common::ledger::wait_rows(&s.db, 60);
+    assert_invariant(&sums);
+    assert_bounded(sums.spent, limit, what);
+    (done, sums)
+}
+
 /// The most one turn may cost over its reservation here: none (16 output tokens reserved,
 /// 7 used), so spend stays within the limit itself.
 fn assert_bounded(spent: i64, limit: i64, what: &str) {
@@ -96,14 +115,7 @@ fn twenty_sessions_never_overspend_a_quota() {
     for db in block(TestDb::all()) {
         let quota = 3 * TURN + TURN / 2;
         let s = stack_with_quota(db, Some(quota));
-        let (done, refused) = fire(std::slice::from_ref(&s.addr), &s.key, 20, 3);
-        assert!(
-            done >= 1 && refused >= 1,
-            "{done} completed, {refused} refused"
-        );
-        let sums = common::ledger::wait_rows(&s.db, 60);
-        assert_invariant(&sums);
-        assert_bounded(sums.spent, quota, "quota");
+        let (done, sums) = run_against(&s, std::slice::from_ref(&s.addr), quota, "quota");
         let per_turn = sums.ledger / done as i64;
         assert!(
             (TURN - 5_000..=TURN + 5_000).contains(&per_turn),
@@ -123,14 +135,7 @@ fn twenty_sessions_never_overspend_a_balance() {
             &s.db,
             &format!("UPDATE users SET balance_nanousd = {balance}"),
         );
-        let (done, refused) = fire(std::slice::from_ref(&s.addr), &s.key, 20, 3);
-        assert!(
-            done >= 1 && refused >= 1,
-            "{done} completed, {refused} refused"
-        );
-        let sums = common::ledger::wait_rows(&s.db, 60);
-        assert_invariant(&sums);
-        assert_bounded(sums.spent, balance, "balance");
+        run_against(&s, std::slice::from_ref(&s.addr), balance, "balance");
         s.finish();
     }
 }
@@ -164,14 +169,12 @@ fn two_relays_on_one_database_hold_one_quota() {
     let quota = 3 * TURN + TURN / 2;
     let s = stack_with_quota(pg, Some(quota));
     let (second, addr2, _dir) = second_relay(&s, &[]);
-    let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 3);
-    assert!(
-        done >= 1 && refused >= 1,
-        "{done} completed, {refused} refused"
+    run_against(
+        &s,
+        &[s.addr.clone(), addr2],
+        quota,
+        "quota across two relays",
     );
-    let sums = common::ledger::wait_rows(&s.db, 60);
-    assert_invariant(&sums);
-    assert_bounded(sums.spent, quota, "quota across two relays");
     drop(second);
     s.finish();
 }

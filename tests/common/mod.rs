@@ -177,6 +177,7 @@ pub fn turnpike() -> std::process::Command {
     cmd
 }
 
+pub mod admin;
 pub mod ledger;
 pub mod proxy;
 pub mod stack;
