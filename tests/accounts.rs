@@ -130,3 +130,49 @@ fn an_in_band_rate_limit_fails_over() {
     );
     s.finish();
 }
+
+/// An operator takes an account out (`POST /admin/accounts/{name}/disable`): its turns go to
+/// the other account and it is never dialled; enabled again, it serves again.
+#[test]
+fn an_operator_disables_and_enables_an_account() {
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[],
+        StackOptions {
+            account_extra: "\n[[accounts]]\nname = \"spare\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-spare\"\n",
+            ..StackOptions::default()
+        },
+    );
+    let turn = |c: &mut common::ws::Client| {
+        c.send(
+            &json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}),
+        );
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+    };
+    let (code, body) = http(&admin, "POST", "/admin/accounts/sim/disable", Some(TOKEN));
+    assert_eq!(
+        (code, body["health"].as_str()),
+        (200, Some("disabled")),
+        "{body}"
+    );
+    for _ in 0..3 {
+        turn(&mut s.client());
+    }
+    let rows = s.rows(3);
+    assert!(rows.iter().all(|r| r.account == "spare"), "{rows:?}");
+    let (code, body) = http(&admin, "POST", "/admin/accounts/sim/enable", Some(TOKEN));
+    assert_eq!(
+        (code, body["health"].as_str()),
+        (200, Some("healthy")),
+        "{body}"
+    );
+    turn(&mut s.client());
+    let rows = s.rows(4);
+    assert_eq!(rows[3].account, "sim", "the first account serves again");
+    let (code, _) = http(&admin, "POST", "/admin/accounts/nope/disable", Some(TOKEN));
+    assert_eq!(code, 404);
+    s.finish();
+}

@@ -67,6 +67,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/sessions"),
     ("DELETE", "/admin/sessions/{id}"),
     ("GET", "/admin/pools"),
+    ("POST", "/admin/accounts/{name}/disable"),
+    ("POST", "/admin/accounts/{name}/enable"),
     ("GET", "/admin/compensations"),
     ("POST", "/admin/compensations/{id}/retry"),
 ];
@@ -82,11 +84,57 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/sessions", web::get().to(sessions))
         .route("/admin/sessions/{id}", web::delete().to(end_session))
         .route("/admin/pools", web::get().to(pools))
+        .route(
+            "/admin/accounts/{name}/disable",
+            web::post().to(disable_account),
+        )
+        .route(
+            "/admin/accounts/{name}/enable",
+            web::post().to(enable_account),
+        )
         .route("/admin/compensations", web::get().to(compensations))
         .route(
             "/admin/compensations/{id}/retry",
             web::post().to(retry_compensation),
         );
+}
+
+async fn disable_account(
+    req: HttpRequest,
+    name: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    set_account(req, name.into_inner(), state, true)
+}
+
+async fn enable_account(
+    req: HttpRequest,
+    name: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    set_account(req, name.into_inner(), state, false)
+}
+
+/// Takes an account out of service or puts it back (docs/DESIGN.md#accounts): a disabled
+/// account is never dialled; its turns go to the other accounts.
+fn set_account(
+    req: HttpRequest,
+    name: String,
+    state: web::Data<AdminState>,
+    disabled: bool,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let Some(account) = state.deps.accounts.iter().find(|a| a.name == name) else {
+        return Err(HttpError::new(
+            ErrorCode::NotFound,
+            format!("no account named {name:?} (see GET /admin/pools)"),
+        ));
+    };
+    account.health.set_disabled(disabled);
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(account = %name, disabled, from = %peer, "account set by an operator");
+    let (health, failures) = account.health.describe(std::time::Instant::now());
+    Ok(HttpResponse::Ok().json(json!({"account": name, "health": health, "failures": failures})))
 }
 
 /// The bearer token, compared in constant time.

@@ -21,6 +21,8 @@ struct State {
     failures: u32,
     cooling_until: Option<Instant>,
     last_error: Option<String>,
+    /// Taken out by an operator: never dialled until enabled again.
+    disabled: bool,
 }
 
 /// One account's health.
@@ -55,14 +57,26 @@ impl Health {
         was
     }
 
-    /// Whether no dial should be tried now.
+    /// Whether no dial should be tried now (cooling, or disabled by an operator).
     pub fn cooling(&self, now: Instant) -> bool {
-        self.state().cooling_until.is_some_and(|t| now < t)
+        let s = self.state();
+        s.disabled || s.cooling_until.is_some_and(|t| now < t)
     }
 
-    /// Whether its last dial failed (out until a dial succeeds).
+    /// An operator takes the account out (`true`) or puts it back (`false`, healthy again).
+    pub fn set_disabled(&self, disabled: bool) {
+        let mut s = self.state();
+        s.disabled = disabled;
+        if !disabled {
+            s.failures = 0;
+            s.cooling_until = None;
+        }
+    }
+
+    /// Whether it is out: its last dial failed (until a dial succeeds), or it is disabled.
     pub fn failing(&self) -> bool {
-        self.state().failures > 0
+        let s = self.state();
+        s.disabled || s.failures > 0
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -73,6 +87,7 @@ impl Health {
     pub fn describe(&self, now: Instant) -> (&'static str, u32) {
         let s = self.state();
         let state = match s.cooling_until {
+            _ if s.disabled => "disabled",
             Some(t) if now < t => "cooling",
             _ if s.failures > 0 => "probing",
             _ => "healthy",
@@ -111,5 +126,10 @@ mod tests {
         assert!(!h.cooling(t0));
         assert_eq!(h.describe(t0), ("healthy", 0));
         assert_eq!(h.last_error().as_deref(), Some("401"));
+        h.set_disabled(true);
+        assert!(h.cooling(t0 + Duration::from_secs(3600)) && h.failing());
+        assert_eq!(h.describe(t0).0, "disabled");
+        h.set_disabled(false);
+        assert!(!h.cooling(t0) && !h.failing());
     }
 }
