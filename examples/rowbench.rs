@@ -24,8 +24,8 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         turn_index: n as i32,
         account: "sim".into(),
         model: "gpt-bench".into(),
-        status: "completed".into(),
-        usage_source: "reported".into(),
+        status: turnpike::record::TurnStatus::Completed,
+        usage_source: turnpike::record::UsageSource::Reported,
         warmup: false,
         usage: turnpike::protocol::usage::Usage {
             input_tokens: 1200,
@@ -44,7 +44,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
-        origin: "create".into(),
+        origin: turnpike::record::Origin::Create,
     }
 }
 

@@ -20,6 +20,103 @@ pub struct Timing {
     pub duration_ms: i64,
 }
 
+/// How a turn ended (`usage_logs.status`; the spool and the database hold these strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnStatus {
+    Completed,
+    Incomplete,
+    Failed,
+    Cancelled,
+    Preempted,
+    ClientGone,
+    UpstreamLost,
+    Rejected,
+}
+
+impl TurnStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TurnStatus::Completed => "completed",
+            TurnStatus::Incomplete => "incomplete",
+            TurnStatus::Failed => "failed",
+            TurnStatus::Cancelled => "cancelled",
+            TurnStatus::Preempted => "preempted",
+            TurnStatus::ClientGone => "client_gone",
+            TurnStatus::UpstreamLost => "upstream_lost",
+            TurnStatus::Rejected => "rejected",
+        }
+    }
+}
+
+impl From<crate::protocol::events::TerminalKind> for TurnStatus {
+    fn from(k: crate::protocol::events::TerminalKind) -> Self {
+        use crate::protocol::events::TerminalKind as K;
+        match k {
+            K::Completed => TurnStatus::Completed,
+            K::Incomplete => TurnStatus::Incomplete,
+            K::Failed => TurnStatus::Failed,
+            K::Cancelled => TurnStatus::Cancelled,
+        }
+    }
+}
+
+/// Where a turn's billed usage comes from (`usage_logs.usage_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The upstream's terminal event.
+    Reported,
+    /// Part reported before the turn was cut, floored by the relay's estimate.
+    Partial,
+    /// The relay's estimate (nothing reported, or a report not believed).
+    Estimated,
+    /// Nothing reached the upstream.
+    None,
+}
+
+impl UsageSource {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Partial => "partial",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
+}
+
+/// What started a turn (`usage_logs.origin`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The client's `response.create`.
+    #[default]
+    Create,
+    /// A successor the upstream started on its own after `response.steer`.
+    Steer,
+}
+
+impl Origin {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Origin::Create => "create",
+            Origin::Steer => "steer",
+        }
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(TurnStatus, UsageSource, Origin);
+
 /// Everything the usage row of one turn needs (also the spool's record format, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnRecord {
@@ -36,8 +133,8 @@ pub struct TurnRecord {
     pub turn_index: i32,
     pub account: String,
     pub model: String,
-    pub status: String,
-    pub usage_source: String,
+    pub status: TurnStatus,
+    pub usage_source: UsageSource,
     pub warmup: bool,
     pub usage: Usage,
     pub cost_nanousd: i64,
@@ -46,16 +143,12 @@ pub struct TurnRecord {
     pub accepted_at: NaiveDateTime,
     /// `create` (the client's `response.create`) or `steer` (a successor the upstream started
     /// after `response.steer`).
-    #[serde(default = "origin_create")]
-    pub origin: String,
+    #[serde(default)]
+    pub origin: Origin,
     /// The usage the upstream reported and the relay did not believe (billed from its
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_aside: Option<SetAside>,
-}
-
-fn origin_create() -> String {
-    "create".into()
 }
 
 /// A reported usage set aside (docs/DESIGN.md#usage-bounds).

@@ -179,7 +179,7 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
 
 /// A turn's record reached accounting: count it and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
-    ::metrics::counter!(metric::TURNS, "status" => r.status.clone()).increment(1);
+    ::metrics::counter!(metric::TURNS, "status" => r.status.as_str()).increment(1);
     if let Some(ms) = r.timing.first_token_ms {
         ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(ms as f64);
     }

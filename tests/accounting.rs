@@ -307,8 +307,8 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         turn_index: n as i32,
         account: "sim".into(),
         model: "gpt-test".into(),
-        status: "completed".into(),
-        usage_source: "reported".into(),
+        status: turnpike::record::TurnStatus::Completed,
+        usage_source: turnpike::record::UsageSource::Reported,
         warmup: false,
         usage: turnpike::protocol::usage::Usage {
             input_tokens: 10,
@@ -326,7 +326,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
-        origin: "create".into(),
+        origin: turnpike::record::Origin::Create,
     }
 }
 

@@ -299,8 +299,8 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         turn_index: 1,
         account: "sim".into(),
         model: "m".into(),
-        status: "completed".into(),
-        usage_source: "reported".into(),
+        status: turnpike::record::TurnStatus::Completed,
+        usage_source: turnpike::record::UsageSource::Reported,
         warmup: false,
         usage: turnpike::protocol::usage::Usage {
             input_tokens: 10,
@@ -318,7 +318,7 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         error_code: None,
         accepted_at: now(),
         set_aside: None,
-        origin: "create".into(),
+        origin: turnpike::record::Origin::Create,
     }
 }
 

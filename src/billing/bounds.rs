@@ -6,6 +6,7 @@
 
 use super::pricing::{Price, cost};
 use crate::protocol::usage::Usage;
+use crate::record::UsageSource;
 
 /// Why a reported usage was not believed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +47,7 @@ impl std::fmt::Display for Implausible {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Billed {
     pub usage: Usage,
-    pub usage_source: &'static str,
+    pub usage_source: UsageSource,
     pub cost_nanousd: i64,
     /// The usage that was reported and not believed, and why.
     pub set_aside: Option<(Usage, Implausible)>,
@@ -103,7 +104,7 @@ pub fn settle(
     price: &Price,
     warmup: bool,
     usage: Usage,
-    source: &'static str,
+    source: UsageSource,
     estimate: &Usage,
     max_tokens: u64,
 ) -> Billed {
@@ -128,7 +129,7 @@ pub fn settle(
         // `max_cost_fits` held at start, so the capped estimate's cost fits.
         cost_nanousd: priced(&fallback).unwrap_or(i64::MAX),
         usage: fallback,
-        usage_source: "estimated",
+        usage_source: UsageSource::Estimated,
         set_aside: Some((usage, rejected)),
     }
 }
@@ -176,12 +177,12 @@ mod tests {
             &PRICE,
             false,
             usage(1000, 100),
-            "reported",
+            UsageSource::Reported,
             &usage(9, 9),
             MAX,
         );
         assert_eq!(b.usage, usage(1000, 100));
-        assert_eq!(b.usage_source, "reported");
+        assert_eq!(b.usage_source, UsageSource::Reported);
         assert_eq!(b.cost_nanousd, 1_250_000 + 1_000_000);
         assert!(b.set_aside.is_none());
     }
@@ -195,8 +196,15 @@ mod tests {
             usage(1, 1_000_000_000_000_000_000),
             usage(MAX, 1),
         ] {
-            let b = settle(&PRICE, false, reported, "reported", &estimate, MAX);
-            assert_eq!(b.usage_source, "estimated");
+            let b = settle(
+                &PRICE,
+                false,
+                reported,
+                UsageSource::Reported,
+                &estimate,
+                MAX,
+            );
+            assert_eq!(b.usage_source, UsageSource::Estimated);
             assert_eq!(b.usage, usage(40, 5));
             assert_eq!(b.cost_nanousd, 50_000 + 50_000);
             let (kept, why) = b.set_aside.unwrap();
@@ -215,12 +223,12 @@ mod tests {
             &dear,
             false,
             usage(1, 10_000_000),
-            "reported",
+            UsageSource::Reported,
             &usage(4, 1),
             MAX,
         );
         assert_eq!(b.set_aside.unwrap().1, Implausible::CostOverflow);
-        assert_eq!(b.usage_source, "estimated");
+        assert_eq!(b.usage_source, UsageSource::Estimated);
         assert!(b.cost_nanousd < i64::MAX);
         assert!(!max_cost_fits(&dear, MAX));
         assert!(max_cost_fits(&PRICE, MAX));
@@ -232,7 +240,7 @@ mod tests {
             &PRICE,
             false,
             usage(u64::MAX, 0),
-            "reported",
+            UsageSource::Reported,
             &usage(u64::MAX, 7),
             MAX,
         );
@@ -246,7 +254,7 @@ mod tests {
             &PRICE,
             true,
             usage(u64::MAX, 0),
-            "reported",
+            UsageSource::Reported,
             &usage(3, 0),
             MAX,
         );

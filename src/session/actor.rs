@@ -38,7 +38,7 @@ use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
-use crate::record::TurnRecord;
+use crate::record::{Origin, TurnRecord};
 use crate::telemetry::metric;
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
@@ -81,8 +81,8 @@ struct Turn {
     last_upstream: Instant,
     cancel_deadline: Option<Instant>,
     drain_deadline: Option<Instant>,
-    /// `create`, or `steer` for a successor the upstream started on its own.
-    origin: &'static str,
+    /// `Create`, or `Steer` for a successor the upstream started on its own.
+    origin: Origin,
     /// Accounts this turn could not reach (failover goes to the others).
     tried: Vec<String>,
     span: Span,
@@ -324,7 +324,7 @@ impl SessionActor {
             }
         };
         self.model = Some(model.clone());
-        let turn = self.new_turn(frame, model, accepted, "create", None);
+        let turn = self.new_turn(frame, model, accepted, Origin::Create, None);
         self.turn = Some(turn);
         self.admit(ctx);
     }
@@ -336,14 +336,13 @@ impl SessionActor {
         frame: CreateFrame,
         model: String,
         accepted: Instant,
-        origin: &'static str,
+        origin: Origin,
         id: Option<String>,
     ) -> Turn {
         self.turn_index += 1;
         let index = self.turn_index;
         let turn_id = id.unwrap_or_else(|| format!("turn_{}", random_hex(12)));
-        let span =
-            info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin);
+        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
         Turn {
             index,
             turn_id,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::events::{EventKind, TerminalKind, classify};
 use crate::protocol::usage::{Usage, estimate_tokens};
-use crate::record::Timing;
+use crate::record::{Timing, TurnStatus, UsageSource};
 
 /// The instants of one turn.
 #[derive(Debug, Clone)]
@@ -104,8 +104,8 @@ pub enum Ending {
 /// What the usage row of a turn says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    pub status: &'static str,
-    pub usage_source: &'static str,
+    pub status: TurnStatus,
+    pub usage_source: UsageSource,
     pub usage: Usage,
     /// What the relay measured itself: billed instead of an implausible report.
     pub estimate: Usage,
@@ -231,31 +231,31 @@ impl TurnTracker {
     pub fn finish(&self, ending: Ending, now: Instant) -> Outcome {
         let timing = self.clock.finish(now);
         let (status, error_code) = match &ending {
-            Ending::Terminal(k) => (k.status(), None),
-            Ending::UpstreamError(code) => ("failed", code.clone()),
-            Ending::Preempted => ("preempted", Some("response_preempted".into())),
-            Ending::Cancelled => ("cancelled", None),
-            Ending::ClientGone => ("client_gone", None),
-            Ending::UpstreamLost(code) => ("upstream_lost", Some(code.to_string())),
-            Ending::Rejected(code) => ("rejected", Some(code.to_string())),
-            Ending::Aborted(code) => ("cancelled", Some(code.to_string())),
+            Ending::Terminal(k) => (TurnStatus::from(*k), None),
+            Ending::UpstreamError(code) => (TurnStatus::Failed, code.clone()),
+            Ending::Preempted => (TurnStatus::Preempted, Some("response_preempted".into())),
+            Ending::Cancelled => (TurnStatus::Cancelled, None),
+            Ending::ClientGone => (TurnStatus::ClientGone, None),
+            Ending::UpstreamLost(code) => (TurnStatus::UpstreamLost, Some(code.to_string())),
+            Ending::Rejected(code) => (TurnStatus::Rejected, Some(code.to_string())),
+            Ending::Aborted(code) => (TurnStatus::Cancelled, Some(code.to_string())),
         };
         let reached = self.clock.reached_upstream();
         let estimate = self.estimate(reached);
         let mut usage = self.usage;
         let usage_source = if self.events == 0 && !reached {
-            "none"
+            UsageSource::None
         } else if self.usage_reported && self.saw_terminal {
-            "reported"
+            UsageSource::Reported
         } else {
             usage.output_tokens = usage.output_tokens.max(estimate.output_tokens);
             if usage.input_tokens == 0 {
                 usage.input_tokens = estimate.input_tokens;
             }
             if self.usage_reported {
-                "partial"
+                UsageSource::Partial
             } else {
-                "estimated"
+                UsageSource::Estimated
             }
         };
         if usage.total_tokens == 0 {
@@ -345,7 +345,10 @@ mod tests {
         assert_eq!(o.timing.duration_ms, 300);
         assert!(o.timing.first_token_ms.unwrap() < o.timing.duration_ms);
         assert_eq!(o.response_id.as_deref(), Some("resp_X"));
-        assert_eq!((o.status, o.usage_source), ("completed", "reported"));
+        assert_eq!(
+            (o.status.as_str(), o.usage_source.as_str()),
+            ("completed", "reported")
+        );
         assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (5, 2));
     }
 
@@ -371,7 +374,7 @@ mod tests {
             r#"{"type": "response.output_text.delta", "delta": "Hello there, "}"#,
             r#"{"type": "response.output_text.delta", "delta": "world"}"#,
         ]);
-        assert_eq!(compact.usage_source, "estimated");
+        assert_eq!(compact.usage_source.as_str(), "estimated");
         assert_eq!(spaced.usage.output_tokens, 5);
         assert_eq!(spaced.usage, compact.usage);
     }
@@ -471,7 +474,10 @@ mod tests {
             t0,
         );
         let o = t.finish(Ending::Terminal(TerminalKind::Completed), t0);
-        assert_eq!((o.usage_source, o.usage.output_tokens), ("estimated", 2));
+        assert_eq!(
+            (o.usage_source.as_str(), o.usage.output_tokens),
+            ("estimated", 2)
+        );
         // Malformed usage: flagged, never applied.
         let mut t = TurnTracker::new(t0);
         t.observe(
@@ -480,7 +486,10 @@ mod tests {
         );
         assert!(t.usage_malformed);
         let o = t.finish(Ending::Terminal(TerminalKind::Completed), t0);
-        assert_eq!((o.usage_source, o.usage.input_tokens), ("estimated", 0));
+        assert_eq!(
+            (o.usage_source.as_str(), o.usage.input_tokens),
+            ("estimated", 0)
+        );
         // Split usage merges; a later zero does not erase the input count.
         let mut t = TurnTracker::new(t0);
         t.observe(
@@ -505,7 +514,11 @@ mod tests {
         );
         let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
         assert_eq!(
-            (o.status, o.usage_source, o.usage.output_tokens),
+            (
+                o.status.as_str(),
+                o.usage_source.as_str(),
+                o.usage.output_tokens
+            ),
             ("upstream_lost", "estimated", 1)
         );
         // Part of the usage reported before the cut: partial, output floored by the text.
@@ -520,12 +533,19 @@ mod tests {
         );
         let o = t.finish(Ending::ClientGone, t0);
         assert_eq!(
-            (o.usage_source, o.usage.input_tokens, o.usage.output_tokens),
+            (
+                o.usage_source.as_str(),
+                o.usage.input_tokens,
+                o.usage.output_tokens
+            ),
             ("partial", 9, 2)
         );
         // Nothing seen.
         let o = TurnTracker::new(t0).finish(Ending::Rejected("account_busy"), t0);
-        assert_eq!((o.status, o.usage_source), ("rejected", "none"));
+        assert_eq!(
+            (o.status.as_str(), o.usage_source.as_str()),
+            ("rejected", "none")
+        );
     }
 
     /// A request that reached the upstream is never billed as zero input, however it ended.
@@ -551,7 +571,11 @@ mod tests {
             );
             let o = t.finish(ending.clone(), t0);
             assert_eq!(
-                (o.usage_source, o.usage.input_tokens, o.usage.output_tokens),
+                (
+                    o.usage_source.as_str(),
+                    o.usage.input_tokens,
+                    o.usage.output_tokens
+                ),
                 ("estimated", 1_000, 2),
                 "{ending:?}"
             );
@@ -560,7 +584,10 @@ mod tests {
         let mut t = TurnTracker::new(t0).prompting(40);
         t.clock.written(t0);
         let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
-        assert_eq!((o.usage_source, o.usage.input_tokens), ("estimated", 10));
+        assert_eq!(
+            (o.usage_source.as_str(), o.usage.input_tokens),
+            ("estimated", 10)
+        );
         // A cancelled terminal that carries usage is the upstream's bill.
         let mut t = TurnTracker::new(t0).prompting(4_000);
         t.clock.written(t0);
@@ -568,8 +595,8 @@ mod tests {
         let o = t.finish(Ending::Preempted, t0);
         assert_eq!(
             (
-                o.status,
-                o.usage_source,
+                o.status.as_str(),
+                o.usage_source.as_str(),
                 o.usage.input_tokens,
                 o.usage.output_tokens
             ),

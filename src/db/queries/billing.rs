@@ -150,7 +150,7 @@ type Fingerprint = (String, i64, i64, i64);
 fn fingerprint(r: &TurnRecord) -> Fingerprint {
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     (
-        r.status.clone(),
+        r.status.as_str().to_string(),
         n(r.usage.input_tokens),
         n(r.usage.output_tokens),
         r.cost_nanousd,

@@ -22,8 +22,8 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
         turn_index: r.turn_index,
         account: &r.account,
         model: &r.model,
-        status: &r.status,
-        usage_source: &r.usage_source,
+        status: r.status.as_str(),
+        usage_source: r.usage_source.as_str(),
         warmup: r.warmup,
         input_tokens: count(r.usage.input_tokens),
         cached_input_tokens: count(r.usage.cached_input_tokens),
@@ -40,7 +40,7 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
         accepted_at: r.accepted_at,
         created_at: now(),
         response_id: r.response_id.as_deref(),
-        origin: &r.origin,
+        origin: r.origin.as_str(),
     }
 }
 

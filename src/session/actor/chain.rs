@@ -103,7 +103,7 @@ impl SessionActor {
         record: &TurnRecord,
         store: bool,
     ) -> impl Future<Output = ()> + 'static {
-        let binding = (store && record.status == "completed")
+        let binding = (store && record.status == crate::record::TurnStatus::Completed)
             .then(|| record.response_id.clone())
             .flatten()
             .map(|id| (id, record.account.clone(), record.api_key_id));

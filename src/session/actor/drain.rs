@@ -64,7 +64,7 @@ impl SessionActor {
     pub(super) fn end_drain(&mut self, i: usize, clean: bool, ctx: &mut Context<Self>) {
         let d = self.drains.swap_remove(i);
         let record = self.close_drain(&d, clean);
-        info!(parent: &d.turn.span, status = record.status, usage_source = record.usage_source,
+        info!(parent: &d.turn.span, status = %record.status, usage_source = %record.usage_source,
             input_tokens = record.usage.input_tokens, clean, "preempted turn drained");
         // Nobody waits on it: the client was told when the turn was preempted.
         ctx.spawn(

@@ -36,15 +36,15 @@ impl SessionActor {
             turn_index: turn.index,
             account,
             model: turn.model.clone(),
-            status: outcome.status.to_string(),
-            usage_source: billed.usage_source.to_string(),
+            status: outcome.status,
+            usage_source: billed.usage_source,
             warmup: turn.frame.warmup,
             usage: billed.usage,
             cost_nanousd: billed.cost_nanousd,
             timing: outcome.timing,
             error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
-            origin: turn.origin.to_string(),
+            origin: turn.origin,
             set_aside,
         }
     }
@@ -96,7 +96,7 @@ impl SessionActor {
         };
         let record = self.record_of(turn, outcome, account);
         crate::telemetry::turn_ended(&record, turn.tracker.usage_malformed);
-        info!(parent: &turn.span, status = record.status, usage_source = record.usage_source,
+        info!(parent: &turn.span, status = %record.status, usage_source = %record.usage_source,
             response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
             first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
         if streaming && !delivery.reusable {
