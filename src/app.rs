@@ -76,7 +76,12 @@ async fn open_at_start(settings: &Settings) -> Result<DbPool, AppError> {
         }
         Err(e) if e.is_outage() && matches!(db, DbPool::Postgres(_)) => {
             let label = settings.database.label();
-            warn!(database = %label, error = %e,
+            let cause = settings
+                .database
+                .tcp_endpoint()
+                .map(|endpoint| crate::db::tcp_probe(&endpoint))
+                .unwrap_or_default();
+            warn!(database = %label, error = %e, cause,
                 "database unreachable at start; serving /healthz, not ready, retrying");
             let cap = Duration::from_millis(settings.database.start_retry_max_ms.max(1_000));
             actix::spawn(migrate_when_reachable(db.clone(), label, cap));

@@ -165,8 +165,14 @@ pub enum CliError {
     App(#[from] AppError),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("{target}: {source}")]
-    DbAt { target: String, source: DbError },
+    #[error("{target}: {source}{}", .cause.as_deref().map_or(String::new(), |c| format!(" ({c})")))]
+    DbAt {
+        target: String,
+        source: DbError,
+        /// What a TCP probe of the server found, when the driver said no more than that it
+        /// could not connect.
+        cause: Option<String>,
+    },
     #[error(transparent)]
     Auth(#[from] AuthError),
 }
@@ -209,10 +215,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 /// A database error of a management command, naming the database.
-fn at_database(target: String) -> impl Fn(CliError) -> CliError {
+fn at_database(target: String, endpoint: Option<String>) -> impl Fn(CliError) -> CliError {
     move |e| match e {
         CliError::Db(source) | CliError::App(AppError::Db(source)) => CliError::DbAt {
             target: target.clone(),
+            cause: endpoint
+                .as_deref()
+                .filter(|_| source.to_string().ends_with("error connecting to server"))
+                .map(crate::db::tcp_probe),
             source,
         },
         other => other,
@@ -259,7 +269,7 @@ async fn open_for(
 }
 
 async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<(), CliError> {
-    let at = at_database(settings.database.label());
+    let at = at_database(settings.database.label(), settings.database.tcp_endpoint());
     match command {
         Command::Serve => {
             rustls_provider();

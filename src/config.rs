@@ -748,6 +748,31 @@ impl DatabaseTarget {
 }
 
 impl DatabaseSettings {
+    /// A PostgreSQL URL's `host:port` (5432 when none is given), for a connection probe.
+    pub fn tcp_endpoint(&self) -> Option<String> {
+        let DatabaseTarget::Postgres(url) = DatabaseTarget::parse(&self.url).ok()? else {
+            return None;
+        };
+        let rest = url
+            .trim_start_matches("postgres://")
+            .trim_start_matches("postgresql://");
+        let host = rest.rsplit('@').next().unwrap_or(rest);
+        let host = host.split(['/', '?']).next().unwrap_or(host);
+        if host.is_empty() {
+            return None;
+        }
+        Some(
+            if host
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                host.to_string()
+            } else {
+                format!("{host}:5432")
+            },
+        )
+    }
+
     /// Where the database is, for messages: `SQLite PATH`, or `PostgreSQL host:port/db`
     /// (never the user or the password).
     pub fn label(&self) -> String {
@@ -835,6 +860,27 @@ mod tests {
         assert_eq!(a.resolve_key().unwrap(), "k");
         a.api_key_env = Some("TURNPIKE_TEST_SURELY_UNSET".into());
         assert!(a.resolve_key().unwrap_err().to_string().contains("not set"));
+    }
+}
+
+#[cfg(test)]
+mod database_tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_labels_never_carry_credentials() {
+        let db = |url: &str| DatabaseSettings {
+            url: url.into(),
+            ..DatabaseSettings::default()
+        };
+        let pg = db("postgres://u:pw@db.internal:6432/turnpike?sslmode=require");
+        assert_eq!(pg.tcp_endpoint().as_deref(), Some("db.internal:6432"));
+        assert_eq!(pg.label(), "PostgreSQL db.internal:6432/turnpike");
+        assert_eq!(
+            db("postgresql://db/x").tcp_endpoint().as_deref(),
+            Some("db:5432")
+        );
+        assert_eq!(db("sqlite://data/t.db").tcp_endpoint(), None);
     }
 }
 

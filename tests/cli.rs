@@ -621,3 +621,25 @@ fn serve_names_the_database_it_cannot_open() {
     assert!(!seen.iter().any(|l| l.contains("secret")), "{seen:?}");
     drop(relay);
 }
+
+/// A PostgreSQL server that cannot be reached is named with the operating system's reason
+/// (the driver alone says only "error connecting to server").
+#[test]
+fn an_unreachable_postgresql_says_why() {
+    let out = turnpike()
+        .env(
+            "TURNPIKE_DATABASE__URL",
+            "postgres://postgres:secret@127.0.0.1:1/x",
+        )
+        .args(["users", "list"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("PostgreSQL 127.0.0.1:1/x")
+            && err.contains("TCP 127.0.0.1:1: Connection refused"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
+}

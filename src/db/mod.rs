@@ -68,3 +68,18 @@ pub async fn within<T: 'static>(
 pub fn now() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
+
+/// Why a server cannot be connected to, in the operating system's words (the PostgreSQL driver
+/// keeps only "error connecting to server").
+pub fn tcp_probe(endpoint: &str) -> String {
+    use std::net::ToSocketAddrs;
+    let addr = match endpoint.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => return format!("{endpoint} resolves to no address"),
+        Err(e) => return format!("{endpoint}: {e}"),
+    };
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+        Ok(_) => format!("TCP {endpoint} accepts connections: the server refused the session"),
+        Err(e) => format!("TCP {endpoint}: {e}"),
+    }
+}
