@@ -563,7 +563,7 @@ async fn compensations(db: &DbPool, cmd: CompensationsCommand) -> Result<(), Cli
                     "--status {s:?}: expected pending, settled or dead"
                 )));
             }
-            let rows = queries::billing::compensations(db, status.as_deref()).await?;
+            let rows = queries::billing::compensations(db, status.as_deref(), None).await?;
             let table = rows.iter().map(|c| {
                 vec![
                     c.id.to_string(),

@@ -142,7 +142,7 @@ fn billing_failures_become_compensations_then_settle() {
         );
         let rows = block(async {
             let pool = s.db.pool();
-            turnpike::db::queries::billing::compensations(&pool, Some("dead"))
+            turnpike::db::queries::billing::compensations(&pool, Some("dead"), None)
                 .await
                 .unwrap()
         });

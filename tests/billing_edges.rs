@@ -639,9 +639,10 @@ fn absurd_usage_is_quarantined_and_billed_estimated() {
         let sums = sums(&s.db);
         assert_invariant(&sums);
         assert_eq!(sums.unsettled, 0, "no compensation: {sums:?}");
-        let dead =
-            block(async { queries::billing::compensations(&s.db.pool(), Some("dead")).await })
-                .unwrap();
+        let dead = block(async {
+            queries::billing::compensations(&s.db.pool(), Some("dead"), None).await
+        })
+        .unwrap();
         assert!(dead.is_empty());
         s.finish();
     }

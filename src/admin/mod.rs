@@ -287,11 +287,14 @@ async fn compensations(
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
     authorize(&req, &state)?;
-    let rows = queries::billing::compensations(&state.deps.db, query.status.as_deref())
-        .await
-        .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
     let limit = query.limit.unwrap_or(100).min(10_000);
-    let rows: Vec<_> = rows.into_iter().take(limit).collect();
+    let rows = queries::billing::compensations(
+        &state.deps.db,
+        query.status.as_deref(),
+        Some(i64::try_from(limit).unwrap_or(10_000)),
+    )
+    .await
+    .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({"compensations": rows})))
 }
 

@@ -4,6 +4,19 @@
 
 use serde_json::json;
 
+/// WebSocket close codes (RFC 6455 §7.4) the relay sends, or reads from the upstream.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    /// Text that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     MissingApiKey,
@@ -173,35 +186,35 @@ impl ErrorCode {
                 code: "invalid_json",
                 status: 400,
                 error_type: "invalid_request_error",
-                close: Some(1008),
+                close: Some(close::POLICY),
                 when: "a client frame that is not a JSON object (close 1007 instead when it is not valid UTF-8)",
             },
             ErrorCode::BinaryFrame => ErrorSpec {
                 code: "binary_frame",
                 status: 400,
                 error_type: "invalid_request_error",
-                close: Some(1008),
+                close: Some(close::POLICY),
                 when: "a binary client frame",
             },
             ErrorCode::FrameTooLarge => ErrorSpec {
                 code: "frame_too_large",
                 status: 400,
                 error_type: "invalid_request_error",
-                close: Some(1009),
+                close: Some(close::TOO_BIG),
                 when: "a client frame over `limits.client_frame_max_bytes`",
             },
             ErrorCode::InvalidModel => ErrorSpec {
                 code: "invalid_model",
                 status: 400,
                 error_type: "invalid_request_error",
-                close: Some(1008),
+                close: Some(close::POLICY),
                 when: "`model` is not a non-empty string",
             },
             ErrorCode::InvalidPreviousResponseId => ErrorSpec {
                 code: "invalid_previous_response_id",
                 status: 400,
                 error_type: "invalid_request_error",
-                close: Some(1008),
+                close: Some(close::POLICY),
                 when: "`previous_response_id` is a message/item id or not a string",
             },
             ErrorCode::ModelRequired => ErrorSpec {
@@ -320,14 +333,14 @@ impl ErrorCode {
                 code: "client_too_slow",
                 status: 503,
                 error_type: "server_error",
-                close: Some(1008),
+                close: Some(close::POLICY),
                 when: "the client left more than `limits.client_send_buffer_bytes` unread",
             },
             ErrorCode::ShuttingDown => ErrorSpec {
                 code: "shutting_down",
                 status: 503,
                 error_type: "server_error",
-                close: Some(1001),
+                close: Some(close::GOING_AWAY),
                 when: "the relay is shutting down (the turn in flight is ended)",
             },
             ErrorCode::AccountingUnavailable => ErrorSpec {
@@ -341,7 +354,7 @@ impl ErrorCode {
                 code: "session_ended",
                 status: 503,
                 error_type: "server_error",
-                close: Some(1001),
+                close: Some(close::GOING_AWAY),
                 when: "an operator ended the session (`DELETE /admin/sessions/{id}`); a turn in flight ends first",
             },
             ErrorCode::AdminUnauthorized => ErrorSpec {

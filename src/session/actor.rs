@@ -35,7 +35,7 @@ use crate::db::models::{ApiKey, User};
 use crate::db::queries;
 use crate::ids::random_hex;
 use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
-use crate::protocol::errors::ErrorCode;
+use crate::protocol::errors::{ErrorCode, close};
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
 use crate::record::{Origin, TurnRecord};
@@ -421,7 +421,7 @@ impl SessionActor {
                     );
                     let close = (act.lease_failures
                         >= act.deps.settings.session.max_lease_failures)
-                        .then_some((1013, "upstream_unavailable"));
+                        .then_some((close::TRY_AGAIN_LATER, "upstream_unavailable"));
                     act.finish(
                         Ending::Rejected("upstream_unavailable"),
                         Delivery {
@@ -547,7 +547,7 @@ impl SessionActor {
             return self.lease_and_send(ctx);
         }
         let (code, message) = match reason {
-            LostReason::Closed(Some(1012 | 1013)) => (
+            LostReason::Closed(Some(close::RESTART | close::TRY_AGAIN_LATER)) => (
                 ErrorCode::UpstreamRestarting,
                 "the upstream is restarting; retry this turn",
             ),
@@ -759,7 +759,7 @@ impl SessionActor {
             self.release_lease(true);
         }
         if idle >= Duration::from_millis(s.session.idle_timeout_ms) {
-            self.close(1000, "websocket idle timeout", ctx);
+            self.close(close::NORMAL, "websocket idle timeout", ctx);
         }
     }
 }
@@ -863,7 +863,7 @@ impl Actor for SessionActor {
             self.deps.accounting.do_send(RecordTurn(record));
         }
         // Make sure the transport goes too.
-        self.out(Outbound::Close(1000, String::new()));
+        self.out(Outbound::Close(close::NORMAL, String::new()));
         self.deps.registry.do_send(Unregister {
             id: self.id.clone(),
         });
@@ -919,7 +919,7 @@ impl SessionActor {
             ClientInput::InvalidUtf8 => self.refuse_frame(
                 ErrorCode::InvalidJson,
                 "a text frame that is not valid UTF-8",
-                Some(1007),
+                Some(close::INVALID_PAYLOAD),
                 ctx,
             ),
             ClientInput::Oversize => {
@@ -959,7 +959,7 @@ impl Handler<EndSession> for SessionActor {
 
     fn handle(&mut self, msg: EndSession, ctx: &mut Self::Context) {
         let code = msg.0;
-        let close = code.spec().close.unwrap_or(1001);
+        let close = code.spec().close.unwrap_or(close::GOING_AWAY);
         let e = self.turn_error(code, "the session was ended by the relay");
         match self.turn.as_ref().map(|t| t.phase) {
             None => {
@@ -991,7 +991,7 @@ impl Handler<EndWhenIdle> for SessionActor {
 
     fn handle(&mut self, _: EndWhenIdle, ctx: &mut Self::Context) {
         let code = ErrorCode::ShuttingDown;
-        let close = (code.spec().close.unwrap_or(1001), code.code());
+        let close = (code.spec().close.unwrap_or(close::GOING_AWAY), code.code());
         if self.turn.is_none() {
             self.close(close.0, close.1, ctx);
         } else {

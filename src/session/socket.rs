@@ -335,7 +335,10 @@ mod tests {
         };
         assert_eq!(chunk.as_ref(), b"\x81\x01a\x81\x01b");
         assert!(Pin::new(&mut body).poll_next(&mut cx).is_pending());
-        tx.send(Outbound::Close(1008, "client_too_slow".into()));
+        tx.send(Outbound::Close(
+            crate::protocol::errors::close::POLICY,
+            "client_too_slow".into(),
+        ));
         tx.send(Outbound::Text("late".into()));
         let Poll::Ready(Some(Ok(chunk))) = Pin::new(&mut body).poll_next(&mut cx) else {
             panic!("the close frame")

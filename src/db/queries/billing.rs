@@ -435,6 +435,7 @@ pub async fn quarantined(pool: &DbPool) -> Result<Vec<(String, i64, String)>, Db
 pub async fn compensations(
     pool: &DbPool,
     status: Option<&str>,
+    limit: Option<i64>,
 ) -> Result<Vec<Compensation>, DbError> {
     Ok(with_conn!(pool, |c| {
         let mut q = billing_compensations::table
@@ -443,6 +444,10 @@ pub async fn compensations(
             .into_boxed();
         if let Some(s) = status {
             q = q.filter(billing_compensations::status.eq(s));
+        }
+        // The database stops at the limit (the admin API's page), rather than loading all.
+        if let Some(n) = limit {
+            q = q.limit(n);
         }
         q.load(c).await?
     }))

@@ -56,14 +56,14 @@ impl SessionActor {
                 Delivery {
                     last: Some(e),
                     reusable: false,
-                    close: Some((1008, "client_too_slow")),
+                    close: Some((close::POLICY, "client_too_slow")),
                 },
                 ctx,
             ),
-            Some(_) => self.close_after_turn = Some((1008, "client_too_slow")),
+            Some(_) => self.close_after_turn = Some((close::POLICY, "client_too_slow")),
             None => {
                 self.out(Outbound::Text(e.into()));
-                self.close(1008, "client_too_slow", ctx);
+                self.close(close::POLICY, "client_too_slow", ctx);
             }
         }
     }
@@ -101,7 +101,7 @@ impl SessionActor {
 
     pub(super) fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
         let answer = match code {
-            1001 => ErrorCode::ShuttingDown,
+            close::GOING_AWAY => ErrorCode::ShuttingDown,
             _ => ErrorCode::SessionEnded,
         };
         self.answer_waiting(answer, ctx);
