@@ -168,7 +168,7 @@ pub fn start_relay_with(
     }
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
-    purge_expired_bindings(db.clone());
+    purge_expired(db.clone());
     let pending_spend = Arc::new(PendingSpend::default());
     let health = Arc::new(AccountingHealth::default());
     Ok(Arc::new(SessionDeps {
@@ -207,7 +207,7 @@ fn fleet_of(settings: &Settings, db: &DbPool) -> Option<Arc<crate::session::flee
 
 /// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
 /// instance may; it is idempotent; an expired reservation already counts for nothing).
-fn purge_expired_bindings(db: DbPool) {
+fn purge_expired(db: DbPool) {
     actix::spawn(async move {
         loop {
             match crate::db::queries::bindings::purge_expired(&db).await {

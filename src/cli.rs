@@ -253,17 +253,19 @@ async fn open_for(
     if !create && missing_file {
         return Err(refuse_new());
     }
-    if !read_only && !create {
-        let db = app::open_database(settings, false).await?;
-        if crate::db::migrate::is_fresh(&db).await? {
+    // One pool, one read of the applied migrations, then what the command may do about them.
+    let db = app::open_database(settings, false).await?;
+    let pending = crate::db::migrate::pending(&db).await?;
+    if !pending.is_empty() {
+        if read_only {
+            return Err(CliError::NotFound(
+                "the database has pending migrations; run `turnpike migrate` first".into(),
+            ));
+        }
+        if !create && crate::db::migrate::is_fresh_given(&db, pending.len())? {
             return Err(refuse_new());
         }
-    }
-    let db = app::open_database(settings, !read_only).await?;
-    if read_only && !crate::db::migrate::pending(&db).await?.is_empty() {
-        return Err(CliError::NotFound(
-            "the database has pending migrations; run `turnpike migrate` first".into(),
-        ));
+        crate::db::migrate::run_pending(&db).await?;
     }
     Ok(db)
 }

@@ -32,25 +32,20 @@ fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::
         .ok_or_else(|| serde::de::Error::custom(format!("{text:?} resolves to no address")))
 }
 
-/// Settings sections (a `TURNPIKE_<SECTION>_<KEY>` variable with one underscore is a typo).
-const SECTIONS: &[&str] = &[
-    "server",
-    "database",
-    "admin",
-    "log",
-    "session",
-    "upstream",
-    "pool",
-    "limits",
-    "accounting",
-    "compensation",
-    "billing",
-    "pricing",
-];
-
 /// A `TURNPIKE_` variable that looks like a setting but is not one (`TURNPIKE_ADMIN_TOKEN`):
 /// the error names the variable it should be.
 fn misspelled_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    // The sections are the settings' own tables (`accounts` is a list, not set this way).
+    let defaults = serde_json::to_value(Settings::default()).unwrap_or_default();
+    let sections: Vec<String> = defaults
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.is_object())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     for var in vars {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -59,7 +54,7 @@ fn misspelled_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError>
             continue;
         }
         let lower = rest.to_ascii_lowercase();
-        if let Some(section) = SECTIONS
+        if let Some(section) = sections
             .iter()
             .find(|s| lower.starts_with(&format!("{s}_")))
         {

@@ -58,9 +58,9 @@ struct AppliedVersion {
     version: String,
 }
 
-/// Whether the database holds no turnpike schema yet (every migration pending).
-pub async fn is_fresh(pool: &DbPool) -> Result<bool, DbError> {
-    let pending = pending(pool).await?.len();
+/// Whether a database with `pending` migrations pending holds no turnpike schema yet (every
+/// migration pending).
+pub fn is_fresh_given(pool: &DbPool, pending: usize) -> Result<bool, DbError> {
     let embedded = match pool {
         DbPool::Postgres(_) => versions::<diesel::pg::Pg>(POSTGRES)?.len(),
         DbPool::Sqlite(_) => versions::<diesel::sqlite::Sqlite>(SQLITE)?.len(),

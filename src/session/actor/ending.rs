@@ -107,7 +107,7 @@ impl SessionActor {
         let durable = self.record(record, wait);
         let durable = async move { futures_util::future::join(durable, bind).await.0 };
         // The fallback answer is the turn's, so it carries the turn's lane.
-        let not_durable = self.turn_error(ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE);
+        let stream_id = self.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
         // `wait`: nothing else happens in this session until the record is safe.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
             act.turn = None;
@@ -117,7 +117,11 @@ impl SessionActor {
                 delivery.last
             } else {
                 warn!(parent: &act.span, "turn record not durable in time: accounting_unavailable instead of the terminal event");
-                Some(not_durable)
+                Some(
+                    ErrorCode::AccountingUnavailable
+                        .ws_event_on(ACCOUNTING_UNAVAILABLE, stream_id.as_deref())
+                        .to_string(),
+                )
             };
             if let Some(last) = last {
                 act.send(last, ctx);
