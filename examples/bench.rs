@@ -19,6 +19,10 @@
 //! so a relay cannot lend it an upstream socket dialled for another): time to first event of
 //! turn 1 (fresh dial) and turns 2–3 (warm lease), p50/p90 in µs.
 //!
+//! `bench http ADDR KEY N EVENTS [PID]` — N streamed `POST /v1/responses` one after another on
+//! one keep-alive connection to ADDR, EVENTS deltas each, unpaced: time to first SSE event
+//! (request written → first event read) p50/p90 in µs, events/s, and PID's CPU seconds.
+//!
 //! `bench idle URL KEY N PID [no-turn]` — N WebSockets, each runs one turn (none with `no-turn`)
 //! and stays open, opened in two halves; prints PID's RSS before, after the first half and with
 //! all, per session overall and per session of the second half (the marginal cost).
@@ -45,10 +49,11 @@ fn main() {
         "upstream-async" => upstream_async(&a(1)),
         "stream" => stream(&a(1), &a(2), n(3), n(4), n(5), n(6), a(7).parse().ok()),
         "ttfe" => ttfe(&a(1), &a(2), n(3)),
+        "http" => http(&a(1), &a(2), n(3), n(4), a(5).parse().ok()),
         "idle" => idle(&a(1), &a(2), n(3), n(4) as u32, a(5) != "no-turn"),
         _ => {
             eprintln!(
-                "usage: bench upstream ADDR | stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID] | ttfe URL KEY N | idle URL KEY N PID"
+                "usage: bench upstream ADDR | stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID] | ttfe URL KEY N | http ADDR KEY N EVENTS [PID] | idle URL KEY N PID"
             );
             std::process::exit(2);
         }
@@ -83,7 +88,53 @@ fn param(frame: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The events of one turn of the thread upstream, each written by `send` when due (paced `gap`
+/// apart on an absolute schedule); `false` when the client has gone.
+fn play_turn(
+    frame: &str,
+    id: &str,
+    conn_no: usize,
+    mut send: impl FnMut(&str, String) -> bool,
+) -> bool {
+    let events = param(frame, "events=").max(1);
+    let gap = Duration::from_micros(param(frame, "gap_us="));
+    let head = format!(
+        r#"{{"type":"response.created","sequence_number":0,"response":{{"id":"{id}","object":"response","status":"in_progress","model":"gpt-bench","output":[]}}}}"#
+    );
+    if !send("response.created", head) {
+        return false;
+    }
+    let start = Instant::now();
+    for i in 0..events {
+        if !gap.is_zero() {
+            let due = start + gap * i as u32;
+            let left = due.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        }
+        let ev = format!(
+            r#"{{"type":"response.output_text.delta","sequence_number":{},"item_id":"msg_{conn_no}","output_index":0,"content_index":0,"delta":"{PAD}","t":{}}}"#,
+            i + 1,
+            now_ns()
+        );
+        if !send("response.output_text.delta", ev) {
+            return false;
+        }
+    }
+    let done = format!(
+        r#"{{"type":"response.completed","sequence_number":{},"response":{{"id":"{id}","object":"response","status":"completed","model":"gpt-bench","output":[],"usage":{{"input_tokens":12,"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{events},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}}}}}"#,
+        events + 1,
+        events + 12
+    );
+    send("response.completed", done)
+}
+
 fn serve_conn(conn: TcpStream, conn_no: usize) {
+    let mut method = [0u8; 4];
+    if conn.peek(&mut method).is_ok_and(|n| n == 4) && &method == b"POST" {
+        return serve_http(conn, conn_no);
+    }
     let Ok(mut ws) = tungstenite::accept(conn) else {
         return;
     };
@@ -100,39 +151,54 @@ fn serve_conn(conn: TcpStream, conn_no: usize) {
             continue;
         }
         turn += 1;
-        let events = param(&frame, "events=").max(1);
-        let gap = Duration::from_micros(param(&frame, "gap_us="));
         let id = format!("resp_b{conn_no}x{turn}");
-        let head = format!(
-            r#"{{"type":"response.created","sequence_number":0,"response":{{"id":"{id}","object":"response","status":"in_progress","model":"gpt-bench","output":[]}}}}"#
-        );
-        if ws.send(Message::text(head)).is_err() {
+        if !play_turn(&frame, &id, conn_no, |_, ev| {
+            ws.send(Message::text(ev)).is_ok()
+        }) {
             return;
         }
-        let start = Instant::now();
-        for i in 0..events {
-            if !gap.is_zero() {
-                let due = start + gap * i as u32;
-                let left = due.saturating_duration_since(Instant::now());
-                if !left.is_zero() {
-                    std::thread::sleep(left);
-                }
-            }
-            let ev = format!(
-                r#"{{"type":"response.output_text.delta","sequence_number":{},"item_id":"msg_{conn_no}","output_index":0,"content_index":0,"delta":"{PAD}","t":{}}}"#,
-                i + 1,
-                now_ns()
-            );
-            if ws.send(Message::text(ev)).is_err() {
+    }
+}
+
+/// `POST /v1/responses` with `stream: true` on a keep-alive connection: the same turn as SSE,
+/// each event a chunk of its own, written and flushed as it is due.
+fn serve_http(conn: TcpStream, conn_no: usize) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut r = BufReader::new(conn);
+    let mut turn = 0u64;
+    loop {
+        let mut len = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
                 return;
             }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
         }
-        let done = format!(
-            r#"{{"type":"response.completed","sequence_number":{},"response":{{"id":"{id}","object":"response","status":"completed","model":"gpt-bench","output":[],"usage":{{"input_tokens":12,"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{events},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}}}}}"#,
-            events + 1,
-            events + 12
-        );
-        if ws.send(Message::text(done)).is_err() {
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let frame = String::from_utf8_lossy(&body).into_owned();
+        turn += 1;
+        let id = format!("resp_h{conn_no}x{turn}");
+        let w = r.get_mut();
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        if w.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let ok = play_turn(&frame, &id, conn_no, |kind, ev| {
+            let event = format!("event: {kind}\ndata: {ev}\n\n");
+            write!(w, "{:x}\r\n{event}\r\n", event.len()).is_ok() && w.flush().is_ok()
+        });
+        if !ok || w.write_all(b"0\r\n\r\n").is_err() {
             return;
         }
     }
@@ -455,6 +521,82 @@ fn ttfe(url: &str, key: &str, n: u64) {
         us(&fresh, 0.9),
         us(&warm, 0.5),
         us(&warm, 0.9)
+    );
+}
+
+fn http(addr: &str, key: &str, n: u64, events: u64, pid: Option<u32>) {
+    use std::io::{BufRead, BufReader, Read};
+    let conn = TcpStream::connect(addr).expect("connect");
+    conn.set_nodelay(true).ok();
+    let mut r = BufReader::new(conn);
+    let body = format!(
+        r#"{{"model":"gpt-bench","stream":true,"store":false,"input":"bench","metadata":{{"bench":"events={events} gap_us=0"}}}}"#
+    );
+    let (cpu0, t0) = (pid.map(cpu_s), Instant::now());
+    let (mut first, mut seen, mut failed) = (Vec::new(), 0u64, 0u64);
+    for _ in 0..n {
+        let sent = Instant::now();
+        let req = format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if r.get_mut().write_all(req.as_bytes()).is_err() {
+            failed += 1;
+            break;
+        }
+        let mut line = String::new();
+        let mut status_ok = false;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            status_ok |= line.starts_with("HTTP/1.1 200");
+            if line.trim_end().is_empty() {
+                break;
+            }
+        }
+        // Chunked SSE: count events (blank-line ends) until the terminating chunk.
+        let mut got_first = false;
+        let mut pending = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let size = usize::from_str_radix(line.trim(), 16).unwrap_or(0);
+            let mut chunk = vec![0; size + 2];
+            if r.read_exact(&mut chunk).is_err() || size == 0 {
+                break;
+            }
+            pending.push_str(&String::from_utf8_lossy(&chunk[..size]));
+            while let Some(end) = pending.find("\n\n") {
+                if !got_first {
+                    got_first = true;
+                    first.push(sent.elapsed().as_nanos() as u64);
+                }
+                seen += 1;
+                pending.drain(..end + 2);
+            }
+        }
+        if !status_ok || !got_first {
+            failed += 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = pid.zip(cpu0).map(|(p, c0)| cpu_s(p) - c0);
+    first.sort_unstable();
+    let us = |p| pct(&first, p) as f64 / 1000.0;
+    println!(
+        "{{\"requests\":{n},\"failed\":{failed},\"events\":{seen},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"first_p50_us\":{:.0},\"first_p90_us\":{:.0},\"relay_cpu_s\":{},\"cpu_s_per_m_events\":{}}}",
+        seen as f64 / secs,
+        us(0.5),
+        us(0.9),
+        cpu.map_or("null".into(), |c| format!("{c:.2}")),
+        cpu.map_or("null".into(), |c| format!(
+            "{:.2}",
+            c / seen.max(1) as f64 * 1e6
+        )),
     );
 }
 

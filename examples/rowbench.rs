@@ -45,6 +45,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         accepted_at: turnpike::db::now(),
         set_aside: None,
         origin: turnpike::record::Origin::Create,
+        transport: turnpike::record::Transport::Ws,
     }
 }
 

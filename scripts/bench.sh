@@ -5,7 +5,7 @@
 # Figures are printed and written between the `bench:` markers of BENCHMARKS.md.
 #
 #   scripts/bench.sh            # everything (~6 min on 2 cores after the release build)
-#   BENCH_ONLY=stream scripts/bench.sh   # only the latency/throughput rows (stream|ttfe|idle|rows)
+#   BENCH_ONLY=stream scripts/bench.sh   # only the latency/throughput rows (stream|ttfe|http|idle|rows)
 #   BENCH_NO_WRITE=1 scripts/bench.sh    # print, leave BENCHMARKS.md alone
 #   BENCH_SCENARIOS='s1_|s1000' ...      # a regex choosing among the stream workloads
 #   BENCH_ROUNDS=3                       # rounds of each stream workload (medians reported)
@@ -144,6 +144,17 @@ if [[ $ONLY == all || $ONLY == ttfe ]]; then
   rec ttfe direct ttfe "$DIRECT" k 100
   rec ttfe websocat ttfe "$VIA_WS" k 100
   rec ttfe turnpike ttfe "$VIA_TP" "$KEY" 100
+fi
+if [[ $ONLY == all || $ONLY == http ]] && [ "$WORKLOAD" = big ]; then
+  # The HTTP surface beside the WebSocket mode, against the same upstream: one client, 300
+  # streamed turns of 200 events one after another (HTTP: keep-alive POSTs; WebSocket: one socket).
+  "$B" http "127.0.0.1:$TP" "$KEY" 20 20 >/dev/null
+  for _ in $(seq 1 "$ROUNDS"); do
+    rec http direct http "127.0.0.1:$UP" k 300 200
+    rec http turnpike http "127.0.0.1:$TP" "$KEY" 300 200 "$TP_PID"
+    rec http_ws direct stream "$DIRECT" k 1 300 200 0
+    rec http_ws turnpike stream "$VIA_TP" "$KEY" 1 300 200 0 "$TP_PID"
+  done
 fi
 if [[ $ONLY == all || $ONLY == idle ]]; then
   restart_relays

@@ -98,6 +98,26 @@ if "ttfe" in by:
         r = x["r"]
         w(f"| {x['path']} | {r['fresh_p50_us']:.0f} / {r['fresh_p90_us']:.0f} | {r['warm_p50_us']:.0f} / {r['warm_p90_us']:.0f} |")
     w("")
+if "http" in by:
+    w("The HTTP surface beside the WebSocket mode, same upstream: one client, 300 streamed turns of "
+      "200 events one after another — HTTP: `POST /v1/responses` with `stream: true` on one keep-alive "
+      "connection; WebSocket: one socket. Medians over the rounds; *first event* = request written → "
+      "first SSE event read.")
+    w("")
+    w("| transport | path | first event p50 / p90 µs | events/s | relay CPU-s per 1M events |")
+    w("|---|---|---|---|---|")
+    for scen, transport in (("http", "HTTP + SSE"), ("http_ws", "WebSocket")):
+        for path in ("direct", "turnpike"):
+            runs = [x["r"] for x in by.get(scen, []) if x["path"] == path]
+            if not runs:
+                continue
+            first = "—"
+            if "first_p50_us" in runs[0]:
+                first = f"{median([r['first_p50_us'] for r in runs]):.0f} / {median([r['first_p90_us'] for r in runs]):.0f}"
+            cpu = [r["cpu_s_per_m_events"] for r in runs if r.get("cpu_s_per_m_events") is not None]
+            cpu = f"{median(cpu):.2f}" if cpu else "—"
+            w(f"| {transport} | {path} | {first} | {median([r['events_per_s'] for r in runs]):,.0f} | {cpu} |")
+    w("")
 idle = by.get("idle1k", []) + by.get("idle10k", [])
 if idle:
     w("Memory per idle session (each ran one turn and holds its upstream socket; fresh relays; "

@@ -148,6 +148,13 @@ pub fn start_relay_with(
     for a in &settings.accounts {
         let key = a.resolve_key()?;
         let health = Arc::new(crate::pool::health::Health::default());
+        let http = Arc::new(crate::upstream::http::Endpoint {
+            account: a.name.clone(),
+            base_url: a.base_url.trim_end_matches('/').to_string(),
+            api_key: key.clone(),
+            account_headers: a.handshake_headers(),
+            max_conns: a.turn_limit(),
+        });
         let pool = ContextPool::new(
             a,
             key,
@@ -161,6 +168,7 @@ pub fn start_relay_with(
             turn_limit: a.turn_limit(),
             pool,
             health,
+            http,
         });
     }
     if accounts.is_empty() {
@@ -184,6 +192,7 @@ pub fn start_relay_with(
         pending_spend,
         auth_cache: crate::auth::AuthCache::new(Duration::from_secs(600)),
         registry: Registry::default().start(),
+        requests: Arc::default(),
         slots: Arc::new(Slots::default()),
         fleet: fleet_of(&settings, &db),
         draining: Arc::new(AtomicBool::new(false)),
@@ -343,6 +352,8 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
             .app_data(data.clone())
             .configure(health::routes)
             .configure(ingress::routes)
+            .configure(crate::http::responses::routes)
+            .default_service(web::to(crate::http::responses::not_found))
     })
     .disable_signals()
     .on_connect(move |conn, _| bound_stalled_socket(conn, stall_ms))
@@ -440,8 +451,10 @@ pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
             .send(EndAll(ErrorCode::ShuttingDown))
             .await
             .unwrap_or(0);
+        deps.requests.abort_all();
         info!(
             sessions = left,
+            requests = deps.requests.count(),
             "grace over: ending the turns still in flight"
         );
         // Their records are handed to accounting before they close.
@@ -452,11 +465,11 @@ pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
     }
 }
 
-/// Waits until no session is left, at most `limit`; returns whether none is.
+/// Waits until no session and no HTTP request is left, at most `limit`; returns whether none is.
 async fn wait_for_sessions(deps: &SessionDeps, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if deps.registry.send(Count).await.unwrap_or(0) == 0 {
+        if deps.registry.send(Count).await.unwrap_or(0) == 0 && deps.requests.count() == 0 {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {

@@ -266,6 +266,9 @@ pub struct PoolSettings {
 pub struct LimitSettings {
     /// Largest client frame; larger ones get `frame_too_large` and close 1009.
     pub client_frame_max_bytes: usize,
+    /// Largest HTTP request body (`POST /v1/responses`, `/compact`); larger ones get 413
+    /// `request_body_too_large`.
+    pub http_body_max_bytes: usize,
     /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
     /// session is ended with `client_too_slow`. What one connection can hold queued is this
     /// plus one frame.
@@ -330,6 +333,7 @@ impl Default for LimitSettings {
     fn default() -> Self {
         Self {
             client_frame_max_bytes: 16 * 1024 * 1024,
+            http_body_max_bytes: 16 * 1024 * 1024,
             client_send_buffer_bytes: 8 * 1024 * 1024,
             client_stall_timeout_ms: 30_000,
             default_max_sessions_per_key: 256,

@@ -95,6 +95,8 @@ pub enum Origin {
     Create,
     /// A successor the upstream started on its own after `response.steer`.
     Steer,
+    /// `POST /v1/responses/compact`.
+    Compact,
 }
 
 impl Origin {
@@ -102,6 +104,27 @@ impl Origin {
         match self {
             Origin::Create => "create",
             Origin::Steer => "steer",
+            Origin::Compact => "compact",
+        }
+    }
+}
+
+/// Which client transport carried a turn (`usage_logs.transport`; docs/DESIGN.md#http-surface).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// The WebSocket mode.
+    #[default]
+    Ws,
+    /// `POST /v1/responses` (JSON or SSE) or `/v1/responses/compact`.
+    Http,
+}
+
+impl Transport {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Http => "http",
         }
     }
 }
@@ -115,7 +138,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(TurnStatus, UsageSource, Origin);
+display_as_str!(TurnStatus, UsageSource, Origin, Transport);
 
 /// Everything the usage row of one turn needs (also the spool's record format, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,10 +164,13 @@ pub struct TurnRecord {
     pub timing: Timing,
     pub error_code: Option<String>,
     pub accepted_at: NaiveDateTime,
-    /// `create` (the client's `response.create`) or `steer` (a successor the upstream started
-    /// after `response.steer`).
+    /// `create` (the client's `response.create` or `POST /v1/responses`), `steer` (a successor
+    /// the upstream started after `response.steer`) or `compact` (`/v1/responses/compact`).
     #[serde(default)]
     pub origin: Origin,
+    /// `ws` or `http` (records spooled before the HTTP surface are `ws`).
+    #[serde(default)]
+    pub transport: Transport,
     /// The usage the upstream reported and the relay did not believe (billed from its
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]

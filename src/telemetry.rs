@@ -26,6 +26,7 @@ pub fn init(log: &LogSettings) {
 /// the README; recording is a no-op until `install_metrics` ran (tests that embed the relay).
 pub mod metric {
     pub const SESSIONS_OPEN: &str = "turnpike_sessions_open";
+    pub const HTTP_REQUESTS_IN_FLIGHT: &str = "turnpike_http_requests_in_flight";
     pub const HANDSHAKES_REFUSED: &str = "turnpike_handshakes_refused_total";
     pub const TURNS: &str = "turnpike_turns_total";
     pub const FIRST_TOKEN_MS: &str = "turnpike_first_token_ms";
@@ -52,6 +53,7 @@ pub mod metric {
     /// Every metric, as `/metrics` shows it from the start.
     pub const ALL: &[&str] = &[
         SESSIONS_OPEN,
+        HTTP_REQUESTS_IN_FLIGHT,
         HANDSHAKES_REFUSED,
         TURNS,
         FIRST_TOKEN_MS,
@@ -84,6 +86,7 @@ pub fn register_metrics(accounts: &[String]) {
     use ::metrics::{counter, gauge, histogram};
     use metric::*;
     gauge!(SESSIONS_OPEN).increment(0.0);
+    gauge!(HTTP_REQUESTS_IN_FLIGHT).increment(0.0);
     for reason in [
         "missing_api_key",
         "invalid_api_key",
@@ -108,7 +111,9 @@ pub fn register_metrics(accounts: &[String]) {
         "upstream_lost",
         "rejected",
     ] {
-        counter!(TURNS, "status" => status).increment(0);
+        for transport in ["ws", "http"] {
+            counter!(TURNS, "status" => status, "transport" => transport).increment(0);
+        }
     }
     for h in [
         FIRST_TOKEN_MS,
@@ -179,7 +184,8 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
 
 /// A turn's record reached accounting: count it and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
-    ::metrics::counter!(metric::TURNS, "status" => r.status.as_str()).increment(1);
+    ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str())
+        .increment(1);
     if let Some(ms) = r.timing.first_token_ms {
         ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(ms as f64);
     }

@@ -327,6 +327,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         accepted_at: turnpike::db::now(),
         set_aside: None,
         origin: turnpike::record::Origin::Create,
+        transport: turnpike::record::Transport::Ws,
     }
 }
 

@@ -233,7 +233,9 @@ fn every_metric_exists_from_the_start() {
     for series in [
         r#"turnpike_compensations{status="dead"} 0"#,
         r#"turnpike_upstream_dial_failures_total{account="sim"} 0"#,
-        r#"turnpike_turns_total{status="completed"} 0"#,
+        r#"turnpike_turns_total{status="completed",transport="ws"} 0"#,
+        r#"turnpike_turns_total{status="completed",transport="http"} 0"#,
+        "turnpike_http_requests_in_flight 0",
         r#"turnpike_handshakes_refused_total{reason="invalid_api_key"} 0"#,
     ] {
         assert!(text.contains(series), "{series} missing at start:\n{text}");
@@ -263,8 +265,14 @@ fn metrics_match_what_happened() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
     };
-    assert_eq!(value(r#"turnpike_turns_total{status="completed"}"#), 2.0);
-    assert_eq!(value(r#"turnpike_turns_total{status="failed"}"#), 1.0);
+    assert_eq!(
+        value(r#"turnpike_turns_total{status="completed",transport="ws"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"turnpike_turns_total{status="failed",transport="ws"}"#),
+        1.0
+    );
     assert_eq!(value("turnpike_sessions_open"), 2.0);
     assert_eq!(
         value(r#"turnpike_upstream_dials_total{account="sim"}"#),

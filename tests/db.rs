@@ -22,7 +22,8 @@ async fn migrations_are_idempotent_and_complete() {
             vec![
                 "20261122000001".to_string(),
                 "20261127000001".to_string(),
-                "20261128000001".to_string()
+                "20261128000001".to_string(),
+                "20261129000001".to_string()
             ],
             "{}",
             db.backend
@@ -319,6 +320,7 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         accepted_at: now(),
         set_aside: None,
         origin: turnpike::record::Origin::Create,
+        transport: turnpike::record::Transport::Ws,
     }
 }
 

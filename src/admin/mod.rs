@@ -66,6 +66,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/actors/{name}/restart"),
     ("GET", "/admin/sessions"),
     ("DELETE", "/admin/sessions/{id}"),
+    ("GET", "/admin/requests"),
     ("GET", "/admin/pools"),
     ("POST", "/admin/accounts/{name}/disable"),
     ("POST", "/admin/accounts/{name}/enable"),
@@ -83,6 +84,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/actors/{name}/restart", web::post().to(restart))
         .route("/admin/sessions", web::get().to(sessions))
         .route("/admin/sessions/{id}", web::delete().to(end_session))
+        .route("/admin/requests", web::get().to(requests))
         .route("/admin/pools", web::get().to(pools))
         .route(
             "/admin/accounts/{name}/disable",
@@ -233,6 +235,15 @@ async fn sessions(
         .await
         .map_err(|_| unavailable("session registry"))?;
     Ok(HttpResponse::Ok().json(json!({"sessions": list})))
+}
+
+/// HTTP requests in flight (docs/DESIGN.md#http-surface), oldest first.
+async fn requests(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(json!({"requests": state.deps.requests.list()})))
 }
 
 async fn end_session(

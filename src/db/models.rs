@@ -113,6 +113,7 @@ pub struct NewUsage<'a> {
     pub created_at: NaiveDateTime,
     pub response_id: Option<&'a str>,
     pub origin: &'a str,
+    pub transport: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -144,8 +145,10 @@ pub struct UsageRow {
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub response_id: Option<String>,
-    /// `create` or `steer`.
+    /// `create`, `steer` or `compact`.
     pub origin: String,
+    /// `ws` or `http`.
+    pub transport: String,
 }
 
 #[derive(Debug, Insertable)]

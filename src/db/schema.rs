@@ -57,6 +57,7 @@ diesel::table! {
         created_at -> Timestamp,
         response_id -> Nullable<Text>,
         origin -> Text,
+        transport -> Text,
     }
 }
 

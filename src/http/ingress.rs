@@ -95,6 +95,17 @@ async fn upgrade(
     );
     let peer = req.peer_addr().map(|a| a.ip());
     let outcome = handshake(req.clone(), stream, deps).await;
+    summarize_refusal(outcome, peer, threshold, delay).await
+}
+
+/// A refused request is counted in the refusal summary (docs/DESIGN.md#refusals), and a
+/// prefix that keeps failing waits before it hears the refusal.
+pub(super) async fn summarize_refusal<T>(
+    outcome: Result<T, HttpError>,
+    peer: Option<std::net::IpAddr>,
+    threshold: u32,
+    delay: Duration,
+) -> Result<T, HttpError> {
     match outcome {
         Err(mut e) if e.code.status() < 500 => {
             let from_prefix = refusals::record(e.code.code(), peer);
@@ -108,11 +119,12 @@ async fn upgrade(
     }
 }
 
-async fn handshake(
-    req: HttpRequest,
-    stream: web::Payload,
-    deps: Arc<SessionDeps>,
-) -> Result<HttpResponse, HttpError> {
+/// The checks every client request passes first, WebSocket or HTTP: not draining, no key in
+/// the URL, a key presented and valid.
+pub(super) async fn authenticate(
+    req: &HttpRequest,
+    deps: &SessionDeps,
+) -> Result<crate::auth::Principal, HttpError> {
     if deps.draining.load(Ordering::Relaxed) {
         return Err(HttpError::new(
             ErrorCode::NotReady,
@@ -125,13 +137,13 @@ async fn handshake(
             "API keys in the URL are refused; send Authorization: Bearer <key>",
         ));
     }
-    let Some(key) = presented_key(&req) else {
+    let Some(key) = presented_key(req) else {
         return Err(HttpError::new(
             ErrorCode::MissingApiKey,
             "send your turnpike key as Authorization: Bearer <key>",
         ));
     };
-    let principal = auth::authenticate_cached(&deps.db, Some(&deps.auth_cache), key)
+    auth::authenticate_cached(&deps.db, Some(&deps.auth_cache), key)
         .await
         .map_err(|e| {
             let code = auth_error_code(&e);
@@ -142,7 +154,24 @@ async fn handshake(
                 other => other.to_string(),
             };
             HttpError::new(code, message)
-        })?;
+        })
+}
+
+/// Handshake headers passed through to the upstream (docs/DESIGN.md#handshake).
+pub(super) fn pass_through_headers(req: &HttpRequest) -> Vec<(String, String)> {
+    req.headers()
+        .iter()
+        .filter(|(k, _)| passes_through(k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+async fn handshake(
+    req: HttpRequest,
+    stream: web::Payload,
+    deps: Arc<SessionDeps>,
+) -> Result<HttpResponse, HttpError> {
+    let principal = authenticate(&req, &deps).await?;
     if !is_websocket(&req) {
         return Err(HttpError::new(
             ErrorCode::UpgradeRequired,
@@ -174,12 +203,7 @@ async fn handshake(
         None => None,
     };
     let slot = KeySlot::new(local, fleet);
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter(|(k, _)| passes_through(k.as_str()))
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
+    let headers = pass_through_headers(&req);
     let mut response = actix_web_actors::ws::handshake(&req)
         .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))?;
     let (tx, body) = socket::transport();

@@ -32,6 +32,7 @@ pub enum ErrorCode {
     InvalidJson,
     BinaryFrame,
     FrameTooLarge,
+    BodyTooLarge,
     InvalidModel,
     InvalidPreviousResponseId,
     ModelRequired,
@@ -84,6 +85,7 @@ impl ErrorCode {
         ErrorCode::InvalidJson,
         ErrorCode::BinaryFrame,
         ErrorCode::FrameTooLarge,
+        ErrorCode::BodyTooLarge,
         ErrorCode::InvalidModel,
         ErrorCode::InvalidPreviousResponseId,
         ErrorCode::ModelRequired,
@@ -202,6 +204,13 @@ impl ErrorCode {
                 error_type: "invalid_request_error",
                 close: Some(close::TOO_BIG),
                 when: "a client frame over `limits.client_frame_max_bytes`",
+            },
+            ErrorCode::BodyTooLarge => ErrorSpec {
+                code: "request_body_too_large",
+                status: 413,
+                error_type: "invalid_request_error",
+                close: None,
+                when: "an HTTP request body over `limits.http_body_max_bytes`",
             },
             ErrorCode::InvalidModel => ErrorSpec {
                 code: "invalid_model",
@@ -369,7 +378,7 @@ impl ErrorCode {
                 status: 404,
                 error_type: "invalid_request_error",
                 close: None,
-                when: "an admin route naming an actor, session or compensation that does not exist",
+                when: "a path the relay does not serve, or an admin route naming an actor, session or compensation that does not exist",
             },
         }
     }
@@ -382,10 +391,22 @@ impl ErrorCode {
         self.spec().status
     }
 
-    /// The HTTP JSON error body: `{"error":{"type","code","message"}}`.
+    /// The HTTP JSON error body: `{"error":{"type","code","message","param"}}`.
     pub fn http_body(self, message: &str) -> serde_json::Value {
         let s = self.spec();
-        json!({"error": {"type": s.error_type, "code": s.code, "message": message}})
+        json!({"error": {"type": s.error_type, "code": s.code, "message": message, "param": null}})
+    }
+
+    /// The SSE `error` event's data after an HTTP stream started: the Responses stream's error
+    /// fields (`code`, `message`, `param`) and the wrapped `error` object with `status`, so
+    /// readers of either shape find the code.
+    pub fn sse_data(self, message: &str) -> serde_json::Value {
+        let mut v = self.ws_event(message);
+        let s = self.spec();
+        v["code"] = json!(s.code);
+        v["message"] = json!(message);
+        v["param"] = serde_json::Value::Null;
+        v
     }
 
     /// The wrapped WebSocket error event (with `status`, which Codex requires).

@@ -36,6 +36,8 @@ pub struct CreateFrame {
     pub max_output_tokens: Option<u64>,
     /// The lane (`stream_id`); `None`: the implicit default lane.
     pub stream_id: Option<String>,
+    /// `stream: true`: over HTTP, the answer is an SSE stream (the WebSocket mode ignores it).
+    pub stream: bool,
 }
 
 /// A `stream_id` as the upstream accepts it: 1–256 characters of `[A-Za-z0-9_.-]`.
@@ -148,6 +150,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         input: obj.get("input").cloned(),
         max_output_tokens: obj.get("max_output_tokens").and_then(Value::as_u64),
         stream_id,
+        stream: obj.get("stream").and_then(Value::as_bool) == Some(true),
     }))
 }
 

@@ -1,7 +1,8 @@
 //! Wire facts of the client-facing protocol, all pure: the error table, client frames, upstream
-//! event classification, usage extraction.
+//! event classification, usage extraction, server-sent events.
 
 pub mod errors;
 pub mod events;
 pub mod frames;
+pub mod sse;
 pub mod usage;

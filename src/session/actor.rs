@@ -29,10 +29,9 @@ use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
 use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::RecordTurn;
-use crate::auth::{AuthError, Principal, check_standing};
+use crate::auth::{AuthError, Principal};
 use crate::continuation::{self, Chain, Decision, History};
 use crate::db::models::{ApiKey, User};
-use crate::db::queries;
 use crate::ids::random_hex;
 use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
 use crate::protocol::errors::{ErrorCode, close};
@@ -42,9 +41,7 @@ use crate::record::{Origin, TurnRecord};
 use crate::telemetry::metric;
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
-/// The client's message when usage cannot be recorded.
-const ACCOUNTING_UNAVAILABLE: &str =
-    "usage cannot be recorded right now, so the relay does not serve turns; retry later";
+use super::gate::ACCOUNTING_UNAVAILABLE;
 
 /// Named lanes (`stream_id`) one session may use: the upstream's limit per connection.
 const MAX_NAMED_LANES: usize = 32;

@@ -4,14 +4,18 @@
 //! - `turn`: timing, usage merge and the outcome of one turn (pure).
 //! - `admission`: slots per key and per account, released by guards.
 //! - `fleet`: per-key slots counted across relays sharing PostgreSQL.
+//! - `gate`: what every turn passes, WebSocket or HTTP: standing, reservation, accounts, record.
 //! - `registry`: every live session (shutdown, admin).
+//! - `requests`: HTTP requests in flight (admin).
 //! - `messages`: `EndSession`.
 
 pub mod actor;
 pub mod admission;
 pub mod fleet;
+pub mod gate;
 pub mod messages;
 pub mod registry;
+pub mod requests;
 pub mod socket;
 pub mod turn;
 
@@ -33,6 +37,8 @@ pub struct AccountHandle {
     pub pool: Addr<ContextPool>,
     /// Whether it is cooling down after failed dials (docs/DESIGN.md#accounts).
     pub health: Arc<crate::pool::health::Health>,
+    /// How the HTTP surface reaches it (docs/DESIGN.md#http-surface).
+    pub http: Arc<crate::upstream::http::Endpoint>,
 }
 
 /// What every session shares.
@@ -52,6 +58,8 @@ pub struct SessionDeps {
     /// Per-key caps across relays (PostgreSQL with `limits.fleet_slot_ttl_ms` > 0).
     pub fleet: Option<Arc<fleet::Fleet>>,
     pub registry: Addr<registry::Registry>,
+    /// HTTP requests in flight (docs/DESIGN.md#http-surface).
+    pub requests: Arc<requests::Requests>,
     pub draining: Arc<AtomicBool>,
 }
 

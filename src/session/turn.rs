@@ -181,6 +181,34 @@ impl TurnTracker {
         Observed { kind }
     }
 
+    /// A whole (non-streamed) response body that arrived at `now` — a response object, or a
+    /// compaction — read as a stream's terminal event carrying it (docs/DESIGN.md#http-surface);
+    /// its output, if any, is the turn's first token (nothing of it was visible before).
+    /// `None` when the body is not a JSON object.
+    pub fn observe_whole(&mut self, body: &[u8], now: Instant) -> Option<TerminalKind> {
+        let Ok(serde_json::Value::Object(response)) = serde_json::from_slice(body) else {
+            return None;
+        };
+        let kind = match response.get("status").and_then(|s| s.as_str()) {
+            Some("incomplete") => "response.incomplete",
+            Some("failed") => "response.failed",
+            Some("cancelled") => "response.cancelled",
+            _ => "response.completed",
+        };
+        let has_output = response
+            .get("output")
+            .and_then(|o| o.as_array())
+            .is_some_and(|o| !o.is_empty());
+        if has_output {
+            self.clock.event(EventKind::Token, now);
+        }
+        let event = serde_json::json!({"type": kind, "response": response}).to_string();
+        match self.observe(&event, now).kind {
+            EventKind::Terminal(k) => Some(k),
+            _ => None,
+        }
+    }
+
     fn parse_response(&mut self, text: &str, kind: EventKind) {
         let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
             return;
@@ -623,6 +651,39 @@ mod tests {
         let mut t = TurnTracker::new(t0);
         t.observe(r#"{"type":"error","error":{"code":"x"}}"#, t0);
         assert!(t.output.is_empty());
+    }
+
+    /// A JSON (non-streamed) answer is billed from its usage; a compaction (no status) too.
+    #[test]
+    fn whole_bodies() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.clock.written(at(t0, 1));
+        let k = t.observe_whole(
+            br#"{"id":"resp_J","status":"incomplete","output":[{"type":"message"}],"usage":{"input_tokens":11,"output_tokens":3}}"#,
+            at(t0, 40),
+        );
+        assert_eq!(k, Some(TerminalKind::Incomplete));
+        let o = t.finish(Ending::Terminal(TerminalKind::Incomplete), at(t0, 40));
+        assert_eq!(o.response_id.as_deref(), Some("resp_J"));
+        assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (11, 3));
+        assert_eq!(o.usage_source.as_str(), "reported");
+        assert_eq!(o.timing.first_token_ms, Some(40));
+        assert!(o.timing.first_token_ms.unwrap() < o.timing.duration_ms);
+        let mut t = TurnTracker::new(t0);
+        let k = t.observe_whole(
+            br#"{"id":"cmp_1","object":"response.compaction","output":[],"usage":{"input_tokens":5,"output_tokens":2}}"#,
+            t0,
+        );
+        assert_eq!(k, Some(TerminalKind::Completed));
+        assert_eq!(
+            t.finish(Ending::Terminal(TerminalKind::Completed), t0)
+                .usage
+                .input_tokens,
+            5
+        );
+        assert_eq!(TurnTracker::new(t0).observe_whole(b"<html>", t0), None);
+        assert_eq!(TurnTracker::new(t0).observe_whole(b"[1]", t0), None);
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! - `script`: the directive grammar (pure).
 //! - `events`: event builders, request checks and the plan of a turn (pure).
 //! - `conn`: the connection actor that executes plans.
+//! - `http`: the same turns over HTTP (JSON, SSE, compact).
 //! - `server`: routes, handshake auth, shared state and the inspection endpoints.
 
 pub mod conn;
 pub mod events;
+pub mod http;
 pub mod script;
 pub mod server;
 

@@ -85,6 +85,22 @@ struct Registry {
     stored: HashMap<String, Remembered>,
     /// Directives whose `once` fault has fired.
     fired: std::collections::HashSet<String>,
+    /// HTTP requests (`POST /v1/responses…`), in arrival order.
+    http: Vec<HttpRecord>,
+    /// HTTP responses played to their end, and those whose client left (or that were cut).
+    http_completed: u64,
+    http_abandoned: u64,
+}
+
+/// One HTTP request in the inspection log.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRecord {
+    pub path: String,
+    /// Request headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub ts_ns: u64,
+    /// The body (when frames are recorded).
+    pub body: Option<String>,
 }
 
 /// State shared by every connection of one sim.
@@ -94,6 +110,8 @@ pub struct SimShared {
     next: AtomicU64,
     /// Random per process, so response ids never repeat across sim restarts.
     seed: String,
+    /// TCP connections accepted (WebSocket and HTTP alike).
+    tcp_accepted: AtomicU64,
 }
 
 impl SimShared {
@@ -108,6 +126,7 @@ impl SimShared {
             registry: Mutex::new(Registry::default()),
             next: AtomicU64::new(1),
             seed,
+            tcp_accepted: AtomicU64::new(0),
         }
     }
 
@@ -188,6 +207,61 @@ impl SimShared {
     fn rejected(&self) {
         self.registry().rejected += 1;
     }
+
+    /// Whether the request carries an accepted bearer key (counted as rejected when not).
+    pub fn authorised(&self, req: &HttpRequest) -> bool {
+        let ok = match bearer(req) {
+            None => false,
+            Some(key) => {
+                self.config.api_keys.is_empty() || self.config.api_keys.iter().any(|k| k == key)
+            }
+        };
+        if !ok {
+            self.rejected();
+        }
+        ok
+    }
+
+    pub fn http_request(
+        &self,
+        path: &str,
+        headers: &actix_web::http::header::HeaderMap,
+        body: &[u8],
+    ) {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = self
+            .config
+            .record_frames
+            .then(|| String::from_utf8_lossy(body).into_owned());
+        self.registry().http.push(HttpRecord {
+            path: path.to_string(),
+            headers,
+            ts_ns: monotonic_ns(),
+            body,
+        });
+    }
+
+    pub fn http_response_started(&self) {
+        self.registry().responses += 1;
+    }
+
+    /// An HTTP response ended: played to its end, or not (cut, or its client left).
+    pub fn http_finished(&self, complete: bool) {
+        let mut r = self.registry();
+        if complete {
+            r.http_completed += 1;
+        } else {
+            r.http_abandoned += 1;
+        }
+    }
 }
 
 /// A running sim.
@@ -223,17 +297,29 @@ pub fn start_on(
 ) -> std::io::Result<(SimHandle, actix_web::dev::Server)> {
     let shared = Arc::new(SimShared::new(config.clone()));
     let data = web::Data::from(shared.clone());
+    let counter = shared.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
             .route("/v1/responses", web::get().to(upgrade))
             .route("/responses", web::get().to(upgrade))
+            .route("/v1/responses", web::post().to(super::http::create))
+            .route("/responses", web::post().to(super::http::create))
+            .route(
+                "/v1/responses/compact",
+                web::post().to(super::http::compact),
+            )
+            .route("/responses/compact", web::post().to(super::http::compact))
+            .route("/sim/http", web::get().to(http_requests))
             .route("/sim/connections", web::get().to(connections))
             .route("/sim/stats", web::get().to(stats))
             .route(
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().json(json!({"status": "ok"})) }),
             )
+    })
+    .on_connect(move |_, _| {
+        counter.tcp_accepted.fetch_add(1, Ordering::Relaxed);
     })
     .disable_signals()
     .tcp_nodelay(true)
@@ -273,14 +359,7 @@ async fn upgrade(
     stream: web::Payload,
     shared: web::Data<SimShared>,
 ) -> actix_web::Result<HttpResponse> {
-    let authorised = match bearer(&req) {
-        None => false,
-        Some(key) => {
-            shared.config.api_keys.is_empty() || shared.config.api_keys.iter().any(|k| k == key)
-        }
-    };
-    if !authorised {
-        shared.rejected();
+    if !shared.authorised(&req) {
         return Ok(HttpResponse::Unauthorized().json(json!({"error": {
             "message": "Incorrect API key provided.",
             "type": "invalid_request_error",
@@ -318,6 +397,11 @@ async fn connections(shared: web::Data<SimShared>) -> HttpResponse {
     HttpResponse::Ok().json(conns)
 }
 
+async fn http_requests(shared: web::Data<SimShared>) -> HttpResponse {
+    let http = shared.registry().http.clone();
+    HttpResponse::Ok().json(http)
+}
+
 async fn stats(shared: web::Data<SimShared>) -> HttpResponse {
     let r = shared.registry();
     HttpResponse::Ok().json(json!({
@@ -325,5 +409,9 @@ async fn stats(shared: web::Data<SimShared>) -> HttpResponse {
         "accepted": r.conns.len(),
         "rejected": r.rejected,
         "responses": r.responses,
+        "http_requests": r.http.len(),
+        "http_completed": r.http_completed,
+        "http_abandoned": r.http_abandoned,
+        "tcp_accepted": shared.tcp_accepted.load(Ordering::Relaxed),
     }))
 }

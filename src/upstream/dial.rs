@@ -80,7 +80,7 @@ fn client() -> awc::Client {
 
 /// awc's TCP connector with TCP_NODELAY set on every socket it opens: awc has no setting for
 /// it, and without it Nagle holds back a small request frame written right after another.
-fn nodelay_tcp() -> impl Service<
+pub(super) fn nodelay_tcp() -> impl Service<
     ConnectInfo<Uri>,
     Response = Connection<Uri, TcpStream>,
     Error = ConnectError,

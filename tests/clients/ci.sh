@@ -86,6 +86,10 @@ echo "== openai-python 3.51.0 =="
 check python env REPORT="$WORK/report.jsonl" SIM_KEY="$KEY" \
   "$CACHE/venv/bin/python" "$ROOT/tests/clients/sdk_client.py" "$BASE"
 
+echo "== openai-python 3.51.0 over HTTP (JSON, SSE, compact) =="
+check python-http env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" \
+  "$CACHE/venv/bin/python" "$ROOT/tests/clients/http_client.py" "$BASE"
+
 echo "== openai-node 6.49.0 (ResponsesWS) =="
 cp "$ROOT/tests/clients/node_client.mjs" "$CACHE/node/node_client.mjs"
 check node env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" node "$CACHE/node/node_client.mjs" "$BASE"
@@ -117,13 +121,24 @@ grep -q 'sim-tool-ran' "$WORK/codex-tool.jsonl" && PASSED=$((PASSED + 1)) ||
   { FAILED=$((FAILED + 1)); echo "FAIL codex-tool-output"; }
 check codex-1012 codex restart "Say hello [[sim: close=1012 after=4 once]]"
 
+echo "== Codex CLI 0.169.0 over HTTP (a provider without supports_websockets) =="
+mkdir -p "$WORK/codexhttp"
+grep -v '^supports_websockets' "$CODEX_HOME/config.toml" >"$WORK/codexhttp/config.toml"
+codex_http() { # name, prompt
+  CODEX_HOME=$WORK/codexhttp codex "$@"
+}
+check codex-http-text codex_http http-text "Say hello"
+check codex-http-tool codex_http http-tool "Run the tool [[sim: tool]]"
+grep -q 'sim-tool-ran' "$WORK/codex-http-tool.jsonl" && PASSED=$((PASSED + 1)) ||
+  { FAILED=$((FAILED + 1)); echo "FAIL codex-http-tool-output"; }
+
 echo "== rows, timing and what the upstream saw =="
 check rows "$CACHE/venv/bin/python" - "$WORK" "$SIM" "$KEY" "$UPSTREAM_KEY" <<'PY'
 import json, sqlite3, sys, time, urllib.request
 work, sim, key, upstream_key = sys.argv[1:5]
 db = sqlite3.connect(f"{work}/turnpike.db")
 reports = [json.loads(l) for l in open(f"{work}/report.jsonl")]
-assert len(reports) == 11, f"python 3 + 4 on lanes + node 4 responses, got {len(reports)}"
+assert len(reports) == 14, f"python 3 + 4 on lanes + 3 over HTTP + node 4 responses, got {len(reports)}"
 deadline = time.time() + 10
 while True:
     rows = {r[0]: r for r in db.execute(
@@ -145,7 +160,8 @@ assert db.execute("select count(*) from usage_logs where status = 'incomplete'")
 def codex_usage(name):
     done = [json.loads(l) for l in open(f"{work}/codex-{name}.jsonl") if '"turn.completed"' in l]
     return done[-1]["usage"]
-sessions = [s for (s,) in db.execute("select distinct session_id from usage_logs order by id")]
+sessions = [s for (s,) in db.execute("select session_id from usage_logs where transport = 'ws'"
+                                     " group by session_id order by min(id)")]
 # Sessions in order: python (chains), python (lanes), node, Codex text, Codex tool, then the 1012
 # run (Codex reconnects after `upstream_restarting`: its retry is a session of its own).
 assert len(sessions) >= 7, sessions
@@ -162,6 +178,24 @@ cut = db.execute(f"select status, error_code, input_tokens from usage_logs where
                  runs["restart"]).fetchall()
 assert any(s == "upstream_lost" and e == "upstream_restarting" and i > 0 for (s, e, i) in cut), cut
 codex_sessions = sessions[3:]
+# Codex over HTTP: every request a row of transport 'http' grouped by Codex's session id; the
+# usage Codex reports equals the sum over its session's rows, as over WebSocket.
+http_sessions = [s for (s,) in db.execute("select session_id from usage_logs where transport = 'http'"
+                                          " and model != 'gpt-test' group by session_id order by min(id)")]
+assert len(http_sessions) == 2, http_sessions
+for name, session in zip(("http-text", "http-tool"), http_sessions):
+    seen = codex_usage(name)
+    got = db.execute("select sum(input_tokens), sum(output_tokens), count(*) from usage_logs"
+                     " where session_id = ? and status = 'completed'", (session,)).fetchone()
+    assert (got[0], got[1]) == (seen["input_tokens"], seen["output_tokens"]), f"codex {name}: saw {seen}, rows {got}"
+    if name == "http-tool":
+        assert got[2] >= 2, f"the tool loop is two requests at least: {got}"
+codex_sessions += http_sessions
+# The HTTP requests the upstream saw: the account's credential, never the turnpike key.
+for r in json.load(urllib.request.urlopen(f"http://{sim}/sim/http")):
+    h = dict(r["headers"])
+    assert h.get("authorization") == f"Bearer {upstream_key}", h
+    assert key not in json.dumps(r), "the turnpike key reached the upstream"
 # Timing order of every row that streamed a token.
 for (wait, fe, ft, d) in db.execute("select upstream_wait_ms, first_event_ms, first_token_ms, duration_ms"
                                     " from usage_logs where first_token_ms is not null"):

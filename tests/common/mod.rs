@@ -179,6 +179,7 @@ pub fn turnpike() -> std::process::Command {
 
 pub mod admin;
 pub mod ledger;
+pub mod post;
 pub mod proxy;
 pub mod stack;
 pub mod ws;

@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
-use crate::billing::reservation::Refusal;
 use crate::db::queries::reservations::NewReservation;
 use crate::session::admission::{KeySlot, SlotGuard};
 use crate::session::fleet::{SlotKind, Taken};
+use crate::session::gate;
 
 /// Standing reads are failing (process-wide): the state is logged when it changes only.
 static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
@@ -168,45 +168,17 @@ impl SessionActor {
         }));
     }
 
-    /// Takes a reservation (docs/DESIGN.md#reservations); a refusal comes with the client's
-    /// code and words (a database that does not answer refuses: money fails closed).
+    /// Takes a reservation (docs/DESIGN.md#reservations).
     pub(super) fn take_reservation(
         &self,
         reservation: NewReservation,
     ) -> impl Future<Output = Result<(), (ErrorCode, &'static str)>> + 'static {
-        let db = self.deps.db.clone();
-        let span = self.span.clone();
-        async move {
-            let call = async move { queries::reservations::reserve(&db, &reservation).await };
-            match crate::db::within(crate::db::READ_DEADLINE, call).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(Refusal::Quota)) => Err((
-                    ErrorCode::QuotaExhausted,
-                    "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
-                )),
-                Ok(Err(Refusal::Balance)) => Err((
-                    ErrorCode::BalanceExhausted,
-                    "the remaining balance does not cover the turn's expected cost (turns in flight included)",
-                )),
-                Err(e) => {
-                    warn!(parent: &span, error = %e, "turn reservation not taken; the turn is refused");
-                    Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
-                }
-            }
-        }
+        gate::take_reservation(&self.deps, reservation, self.span.clone())
     }
 
-    /// Drops reservations whose turns will not run (in the background; they expire anyway).
+    /// Drops reservations whose turns will not run.
     pub(super) fn release_reservations(&self, ids: Vec<String>) {
-        if ids.is_empty() {
-            return;
-        }
-        let db = self.deps.db.clone();
-        actix::spawn(async move {
-            for id in ids {
-                let _ = queries::reservations::release(&db, &id).await;
-            }
-        });
+        gate::release_reservations(&self.deps, ids);
     }
 
     fn start_leasing(&mut self, ctx: &mut Context<Self>) {
@@ -238,43 +210,24 @@ impl SessionActor {
         prompt_bytes: usize,
         max_output_tokens: Option<u64>,
     ) -> Option<NewReservation> {
-        let (key, user) = self.standing.as_ref()?;
-        if key.quota_nanousd.is_none() && user.balance_nanousd.is_none() {
-            return None;
-        }
-        let billing = &self.deps.settings.billing;
-        let amount = crate::billing::reservation::expected_cost(
-            &self.deps.prices.price_of(model),
-            warmup,
-            prompt_bytes,
-            max_output_tokens.unwrap_or(billing.reserve_output_tokens),
-            billing.max_tokens_per_response,
-        )?;
-        let at = crate::db::now();
-        let ttl = chrono::Duration::seconds(
-            i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
-        );
-        Some(NewReservation {
-            request_id,
-            api_key_id: key.id,
-            user_id: user.id,
-            amount_nanousd: amount,
-            created_at: at,
-            expires_at: at + ttl,
-        })
+        gate::reservation_for(
+            &self.deps,
+            self.standing.as_ref(),
+            gate::ReservationAsk {
+                request_id,
+                model,
+                warmup,
+                prompt_bytes,
+                max_output_tokens,
+            },
+        )
     }
 
-    /// The key and its user, re-read for a turn (bounded: a database that does not answer
-    /// counts as down).
+    /// The key and its user, re-read for a turn.
     pub(super) fn read_standing(
         &self,
     ) -> impl Future<Output = Result<Option<(ApiKey, User)>, crate::db::DbError>> + 'static {
-        let db = self.deps.db.clone();
-        let key_id = self.principal.key_id;
-        async move {
-            let read = async move { queries::keys::by_id(&db, key_id).await };
-            crate::db::within(crate::db::READ_DEADLINE, read).await
-        }
+        gate::read_standing(self.deps.db.clone(), self.principal.key_id)
     }
 
     /// Why a new turn must be refused before anything else (standing, accounting, accounts),
@@ -304,63 +257,19 @@ impl SessionActor {
         let refused = match &standing {
             // Never read, and unreadable now: the connect-time check stands.
             None if self.standing.is_none() => None,
-            None => Some(AuthError::Revoked),
-            Some((key, user)) => {
-                let pending = self.deps.pending_spend.of(key.id, user.id);
-                check_standing(key, user, pending).err()
-            }
+            other => gate::standing_refusal(&self.deps, other.as_ref()),
         };
-        if let Some(r) = refused {
-            return Some((auth_error_code(&r), r.to_string()));
-        }
-        if self.deps.accounting_health.refusal().is_some() {
-            // The cause (paths, hosts) is for the operator's log and /readyz, not clients.
-            return Some((
-                ErrorCode::AccountingUnavailable,
-                ACCOUNTING_UNAVAILABLE.into(),
-            ));
-        }
-        if self.deps.accounts.is_empty() {
-            return Some((
-                ErrorCode::NoUpstreamAccounts,
-                "the relay has no upstream account configured".into(),
-            ));
-        }
-        None
+        refused.or_else(|| gate::service_refusal(&self.deps))
     }
 
-    /// Accounts in the order this session prefers them: those not cooling down first
-    /// (docs/DESIGN.md#accounts), among them the one it holds a lease on; accounts the turn
-    /// already failed to reach are left out. A turn continuing a stored response goes to the
-    /// account holding it, and only there.
+    /// Accounts in the order this session prefers them (docs/DESIGN.md#accounts): the one it
+    /// holds a lease on first among those not cooling; accounts the turn already failed to
+    /// reach are left out; a turn continuing a stored response goes to its account only.
     pub(super) fn account_candidates(&self) -> Vec<(String, usize)> {
         let tried: &[String] = self.turn.as_ref().map_or(&[], |t| &t.tried);
-        let all = self
-            .deps
-            .accounts
-            .iter()
-            .filter(|a| !tried.contains(&a.name));
-        if let Some(bound) = self.turn.as_ref().and_then(|t| t.bound_account.as_deref()) {
-            return all
-                .filter(|a| a.name == bound)
-                .map(|a| (a.name.clone(), a.turn_limit))
-                .collect();
-        }
+        let bound = self.turn.as_ref().and_then(|t| t.bound_account.as_deref());
         let held = self.lease.as_ref().map(|l| l.account.to_string());
-        let now = Instant::now();
-        let mut out: Vec<(bool, bool, String, usize)> = all
-            .map(|a| {
-                let held_here = held.as_deref() == Some(a.name.as_str());
-                (
-                    a.health.cooling(now),
-                    !held_here,
-                    a.name.clone(),
-                    a.turn_limit,
-                )
-            })
-            .collect();
-        out.sort_by_key(|(cooling, other, _, _)| (*cooling, *other));
-        out.into_iter().map(|(_, _, n, l)| (n, l)).collect()
+        gate::candidates(&self.deps, tried, bound, held.as_deref())
     }
 
     /// The upstream answered the turn with an account-level error before anything was
@@ -424,23 +333,14 @@ impl SessionActor {
     }
 
     /// The binding of the stored response a turn continues (`store:true` with
-    /// `previous_response_id`), read with the standing; `None` when there is none to read or
-    /// the database does not answer (the turn then goes to any account).
+    /// `previous_response_id`), read with the standing.
     pub(super) fn read_binding(&self) -> impl Future<Output = Option<(String, i64)>> + 'static {
-        let db = self.deps.db.clone();
         let prev = self
             .turn
             .as_ref()
             .filter(|t| t.frame.store)
             .and_then(|t| t.frame.previous_response_id.clone());
-        async move {
-            let prev = prev?;
-            let read = async move { queries::bindings::lookup(&db, &prev).await };
-            crate::db::within(crate::db::READ_DEADLINE, read)
-                .await
-                .ok()
-                .flatten()
-        }
+        gate::read_binding(&self.deps, prev)
     }
 
     /// Applies a stored response's binding: another key's response is refused; the account
@@ -449,21 +349,15 @@ impl SessionActor {
         &mut self,
         binding: Option<(String, i64)>,
     ) -> Option<(ErrorCode, String)> {
-        let (account, key_id) = binding?;
-        if key_id != self.principal.key_id {
-            return Some((
-                ErrorCode::PreviousResponseForbidden,
-                "previous_response_id names a response created with another key".into(),
-            ));
-        }
-        if self.deps.accounts.iter().any(|a| a.name == account) {
-            if let Some(turn) = self.turn.as_mut() {
-                turn.bound_account = Some(account);
+        match gate::bound_account(&self.deps, self.principal.key_id, binding, &self.span) {
+            Err(refused) => Some(refused),
+            Ok(account) => {
+                if let (Some(turn), Some(account)) = (self.turn.as_mut(), account) {
+                    turn.bound_account = Some(account);
+                }
+                None
             }
-        } else {
-            warn!(parent: &self.span, %account, "stored response bound to an account this relay does not have");
         }
-        None
     }
 
     pub(super) fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {

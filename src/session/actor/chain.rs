@@ -95,35 +95,12 @@ impl SessionActor {
         self.last_response = Some((id, lease.conn));
     }
 
-    /// A completed `store:true` response is bound to its account and key (`response_bindings`)
-    /// before the client hears of it, so its chain continues there from any relay instance.
-    /// A failure is logged: the chain then goes to any account (the upstream decides).
+    /// A completed `store:true` response is bound to its account before the client hears of it.
     pub(super) fn bind_stored(
         &self,
         record: &TurnRecord,
         store: bool,
     ) -> impl Future<Output = ()> + 'static {
-        let binding = (store && record.status == crate::record::TurnStatus::Completed)
-            .then(|| record.response_id.clone())
-            .flatten()
-            .map(|id| (id, record.account.clone(), record.api_key_id));
-        let db = self.deps.db.clone();
-        let ttl = chrono::Duration::seconds(
-            i64::try_from(self.deps.settings.session.binding_ttl_s).unwrap_or(i64::MAX / 2),
-        );
-        let span = self.span.clone();
-        async move {
-            let Some((id, account, key)) = binding else {
-                return;
-            };
-            let expires = crate::db::now() + ttl;
-            let response = id.clone();
-            let write = async move {
-                queries::bindings::bind(&db, &response, &account, key, expires).await
-            };
-            if let Err(e) = crate::db::within(crate::db::READ_DEADLINE, write).await {
-                warn!(parent: &span, error = %e, response_id = %id, "stored response not bound to its account");
-            }
-        }
+        crate::session::gate::bind_stored(&self.deps, record, store, self.span.clone())
     }
 }

@@ -1,6 +1,7 @@
 //! The end of a turn: its usage record, made durable before the client hears the end (docs/DESIGN.md#nothing-lost).
 
 use super::*;
+use crate::session::gate;
 
 impl SessionActor {
     /// The usage record of `turn`, ended with `outcome`, on `account`.
@@ -10,43 +11,18 @@ impl SessionActor {
         outcome: crate::session::turn::Outcome,
         account: String,
     ) -> TurnRecord {
-        let billed = crate::billing::bounds::settle(
-            &self.deps.prices.price_of(&turn.model),
-            turn.frame.warmup,
-            outcome.usage,
-            outcome.usage_source,
-            &outcome.estimate,
-            self.deps.settings.billing.max_tokens_per_response,
-        );
-        let set_aside = billed.set_aside.map(|(reported, why)| {
-            ::metrics::counter!(metric::USAGE_QUARANTINED, "reason" => why.label()).increment(1);
-            warn!(parent: &turn.span, reported = ?reported, reason = %why,
-                "implausible usage from the upstream: billed from the relay's estimate, the report quarantined");
-            crate::record::SetAside {
-                reported,
-                reason: why.to_string(),
-            }
-        });
-        TurnRecord {
-            request_id: turn.turn_id.clone(),
-            response_id: outcome.response_id,
-            api_key_id: self.principal.key_id,
-            user_id: self.principal.user_id,
-            session_id: self.id.clone(),
+        let who = gate::TurnIdentity {
+            request_id: &turn.turn_id,
+            session_id: &self.id,
             turn_index: turn.index,
-            account,
-            model: turn.model.clone(),
-            status: outcome.status,
-            usage_source: billed.usage_source,
+            model: &turn.model,
             warmup: turn.frame.warmup,
-            usage: billed.usage,
-            cost_nanousd: billed.cost_nanousd,
-            timing: outcome.timing,
-            error_code: outcome.error_code,
             accepted_at: turn.accepted_wall,
             origin: turn.origin,
-            set_aside,
-        }
+            transport: crate::record::Transport::Ws,
+            span: &turn.span,
+        };
+        gate::record_of(&self.deps, &self.principal, who, outcome, account)
     }
 
     /// Ends the turn in flight: its record goes to accounting, and only once accounting has
@@ -139,24 +115,12 @@ impl SessionActor {
         }));
     }
 
-    /// Hands a record to accounting; resolves to whether it is durable within
-    /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller does not
-    /// hold anything back for it).
+    /// Hands a record to accounting; resolves to whether it is durable in time.
     pub(super) fn record(
         &self,
         record: TurnRecord,
         wait: bool,
     ) -> impl Future<Output = bool> + 'static {
-        let accounting = self.deps.accounting.clone();
-        let limit = Duration::from_millis(self.deps.settings.accounting.ack_timeout_ms);
-        async move {
-            let acked = accounting.send(RecordTurn(record));
-            if !wait {
-                // Queued with the actor all the same; it writes the record when it can.
-                tokio::spawn(acked);
-                return true;
-            }
-            matches!(tokio::time::timeout(limit, acked).await, Ok(Ok(Ok(()))))
-        }
+        gate::make_durable(&self.deps, record, wait)
     }
 }

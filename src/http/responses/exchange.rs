@@ -1,0 +1,783 @@
+//! One HTTP turn, from admission to its durable record (docs/DESIGN.md#http-surface). It runs
+//! as a task of its own: the handler only waits for its `Reply`, and a client who leaves (the
+//! handler or the SSE body dropped) is noticed here and ends the turn `client_gone`, billed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use bytes::Bytes;
+use chrono::NaiveDateTime;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::{Span, info, info_span, warn};
+
+use super::{Kind, Reply};
+use crate::auth::Principal;
+use crate::db::models::{ApiKey, User};
+use crate::http::error::HttpError;
+use crate::ids::random_hex;
+use crate::protocol::errors::ErrorCode;
+use crate::protocol::events::EventKind;
+use crate::protocol::frames::CreateFrame;
+use crate::protocol::sse::SseReader;
+use crate::record::Transport;
+use crate::session::SessionDeps;
+use crate::session::admission::{AccountSlot, KeySlot};
+use crate::session::fleet::{SlotKind, Taken};
+use crate::session::gate;
+use crate::session::requests::{InFlight, RequestInfo};
+use crate::session::turn::{Ending, TurnTracker};
+use crate::upstream::http::{self as upstream, Endpoint, PostError};
+
+/// Bytes of an SSE body on their way to the client; the permit is its share of the client's
+/// send budget (`limits.client_send_buffer_bytes`), given back when the bytes leave for the
+/// socket.
+pub(crate) struct Chunk {
+    pub bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Where the turn's answer goes.
+enum Sink {
+    /// Nothing answered yet: the handler waits for one reply.
+    Waiting(oneshot::Sender<Reply>),
+    /// The SSE stream started.
+    Streaming {
+        tx: mpsc::UnboundedSender<Chunk>,
+        budget: Arc<Semaphore>,
+        max: usize,
+    },
+    /// Answered, or the client left.
+    Done,
+}
+
+/// What the client hears last, once the record is durable.
+enum Last {
+    /// The upstream's JSON answer (its response, or its error with its status).
+    Upstream {
+        status: StatusCode,
+        body: Bytes,
+        retry_after: Option<String>,
+    },
+    /// The upstream's terminal or `error` event, as received (SSE).
+    Event(Bytes),
+    /// The relay's error: JSON before the stream started, an SSE `error` event after.
+    Error(ErrorCode, String),
+    /// The client is gone.
+    Nothing,
+}
+
+/// How the turn ends: the record's ending and the client's last words.
+struct End(Ending, Last);
+
+impl End {
+    fn relay(ending: Ending, code: ErrorCode, message: impl Into<String>) -> Self {
+        End(ending, Last::Error(code, message.into()))
+    }
+
+    fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
+        End::relay(Ending::Rejected(code.code()), code, message)
+    }
+
+    fn lost(code: ErrorCode, message: impl Into<String>) -> Self {
+        End::relay(Ending::UpstreamLost(code.code()), code, message)
+    }
+
+    fn client_gone() -> Self {
+        End(Ending::ClientGone, Last::Nothing)
+    }
+}
+
+pub(crate) struct Exchange {
+    deps: Arc<SessionDeps>,
+    principal: Principal,
+    frame: CreateFrame,
+    kind: Kind,
+    headers: Vec<(String, String)>,
+    model: String,
+    request_id: String,
+    session_id: String,
+    accepted_wall: NaiveDateTime,
+    tracker: TurnTracker,
+    standing: Option<(ApiKey, User)>,
+    bound: Option<String>,
+    tried: Vec<String>,
+    key_slot: Option<KeySlot>,
+    account: Option<AccountSlot>,
+    in_flight: InFlight,
+    /// The upstream response whose last event came, its end still to read.
+    rest: Option<awc::ClientResponse>,
+    span: Span,
+}
+
+/// Where a request came from.
+pub(crate) struct Origin {
+    pub kind: Kind,
+    /// The client's headers that pass through to the upstream.
+    pub headers: Vec<(String, String)>,
+    pub path: String,
+    /// The client's session id, if it sent one (else the request is its own session).
+    pub session: Option<String>,
+}
+
+impl Exchange {
+    pub fn new(
+        deps: Arc<SessionDeps>,
+        principal: Principal,
+        frame: CreateFrame,
+        origin: Origin,
+        accepted: Instant,
+    ) -> Result<Self, HttpError> {
+        let Origin {
+            kind,
+            headers,
+            path,
+            session,
+        } = origin;
+        let model = frame
+            .model
+            .clone()
+            .ok_or_else(|| HttpError::new(ErrorCode::ModelRequired, "the request needs `model`"))?;
+        let request_id = format!("turn_{}", random_hex(12));
+        let session_id = session.unwrap_or_else(|| request_id.clone());
+        let stream = kind == Kind::Responses && frame.stream;
+        let span = info_span!("http_turn", request_id = %request_id, key = %principal.key_prefix,
+            path = %path, stream, account = tracing::field::Empty);
+        let in_flight = deps.requests.enter(RequestInfo {
+            request_id: request_id.clone(),
+            key_prefix: principal.key_prefix.clone(),
+            user: principal.user_name.clone(),
+            path,
+            model: model.clone(),
+            stream,
+            account: None,
+            started_at: crate::db::now(),
+        });
+        Ok(Self {
+            tracker: TurnTracker::new(accepted).prompting(frame.prompt_bytes),
+            deps,
+            principal,
+            frame,
+            kind,
+            headers,
+            model,
+            request_id,
+            session_id,
+            accepted_wall: crate::db::now(),
+            standing: None,
+            bound: None,
+            tried: Vec::new(),
+            key_slot: None,
+            account: None,
+            in_flight,
+            rest: None,
+            span,
+        })
+    }
+
+    fn streams(&self) -> bool {
+        self.kind == Kind::Responses && self.frame.stream
+    }
+
+    /// The turn, start to end: exactly one record, exactly one answer.
+    pub async fn run(mut self, reply: oneshot::Sender<Reply>) {
+        let mut sink = Sink::Waiting(reply);
+        let end = match self.admit().await {
+            Err(end) => end,
+            Ok(()) => self.exchange(&mut sink).await,
+        };
+        self.finish(end, sink).await;
+    }
+
+    /// Admission (docs/DESIGN.md#turn), as for a WebSocket turn: standing re-read, accounting
+    /// and accounts, the stored response's binding, the key's and an account's turn slots,
+    /// the reservation.
+    async fn admit(&mut self) -> Result<(), End> {
+        let deps = self.deps.clone();
+        let key = self.principal.key_id;
+        let previous = self
+            .frame
+            .store
+            .then(|| self.frame.previous_response_id.clone())
+            .flatten();
+        let (standing, binding) = futures_util::future::join(
+            gate::read_standing(deps.db.clone(), key),
+            gate::read_binding(&deps, previous),
+        )
+        .await;
+        // Unlike a session, a request has no earlier standing to fall back on: a database that
+        // does not answer refuses it (a limited key could not be held to its limit).
+        let standing = standing.map_err(|_| {
+            End::refused(
+                ErrorCode::AccountingUnavailable,
+                gate::ACCOUNTING_UNAVAILABLE,
+            )
+        })?;
+        if let Some((code, message)) = gate::standing_refusal(&deps, standing.as_ref())
+            .or_else(|| gate::service_refusal(&deps))
+        {
+            return Err(End::refused(code, message));
+        }
+        self.standing = standing;
+        self.bound = gate::bound_account(&deps, key, binding, &self.span)
+            .map_err(|(code, message)| End::refused(code, message))?;
+        let busy = || {
+            End::refused(
+                ErrorCode::ConcurrencyLimitExceeded,
+                "this key has its maximum of turns in flight",
+            )
+        };
+        let limit = self.principal.max_concurrent_turns;
+        let local = deps.slots.key_turn(key, limit).ok_or_else(busy)?;
+        let fleet = match deps.fleet.as_ref().filter(|_| limit.is_some()) {
+            None => None,
+            Some(fleet) => match fleet.take(key, SlotKind::Turn, limit).await {
+                Taken::Full => return Err(busy()),
+                Taken::Granted(slot) => slot,
+            },
+        };
+        self.key_slot = Some(KeySlot::new(local, fleet));
+        self.take_account()?;
+        let ask = gate::ReservationAsk {
+            request_id: self.request_id.clone(),
+            model: &self.model,
+            warmup: self.frame.warmup,
+            prompt_bytes: self.frame.prompt_bytes,
+            max_output_tokens: self.frame.max_output_tokens,
+        };
+        if let Some(reservation) = gate::reservation_for(&deps, self.standing.as_ref(), ask) {
+            gate::take_reservation(&deps, reservation, self.span.clone())
+                .await
+                .map_err(|(code, message)| End::refused(code, message))?;
+        }
+        Ok(())
+    }
+
+    /// A turn slot on the first account that has room (`tried` left out).
+    fn take_account(&mut self) -> Result<(), End> {
+        let candidates = gate::candidates(&self.deps, &self.tried, self.bound.as_deref(), None);
+        let slot = self.deps.slots.account_turn(&candidates).ok_or_else(|| {
+            End::refused(
+                ErrorCode::AccountBusy,
+                "every upstream account is at its turn limit",
+            )
+        })?;
+        self.in_flight.serving(&slot.account);
+        self.span.record("account", slot.account.as_str());
+        self.account = Some(slot);
+        Ok(())
+    }
+
+    fn endpoint(&self) -> Option<Arc<Endpoint>> {
+        let name = self.account.as_ref()?.account.as_str();
+        let a = self.deps.accounts.iter().find(|a| a.name == name)?;
+        Some(a.http.clone())
+    }
+
+    /// The account failed the turn before anything was relayed: it cools down, and the turn
+    /// moves to the next account that can take it (`Ok`), or ends with `end` (`Err`).
+    fn fail_over(&mut self, why: &str, end: End) -> Result<(), End> {
+        let Some(failed) = self.account.take().map(|s| s.account.clone()) else {
+            return Err(end);
+        };
+        if let Some(a) = self.deps.accounts.iter().find(|a| a.name == failed) {
+            let (wait, first) = a.health.failed(why, Instant::now());
+            if first {
+                warn!(parent: &self.span, account = %failed, error = why, cooling_ms = wait.as_millis() as u64,
+                    "upstream account refusing requests; they go to other accounts while it cools down");
+            }
+        }
+        self.tried.push(failed.clone());
+        if self.bound.is_some() || self.take_account().is_err() {
+            return Err(end);
+        }
+        info!(parent: &self.span, from = %failed, to = ?self.account.as_ref().map(|s| &s.account),
+            "failover: the request moves to another account");
+        Ok(())
+    }
+
+    /// Resolves when the turn must end for a reason of its own: the client left (`client_gone`),
+    /// or the relay's shutdown grace is over (`shutting_down`).
+    fn interrupted<'a>(&self, sink: &'a mut Sink) -> impl Future<Output = End> + 'a {
+        let aborted = self.deps.requests.aborted();
+        async move {
+            tokio::select! {
+                () = sink.closed() => End::client_gone(),
+                () = aborted => End::relay(
+                    Ending::Aborted(ErrorCode::ShuttingDown.code()),
+                    ErrorCode::ShuttingDown,
+                    "the relay is shutting down",
+                ),
+            }
+        }
+    }
+
+    fn recovered(&self) {
+        let Some(name) = self.account.as_ref().map(|s| s.account.as_str()) else {
+            return;
+        };
+        if let Some(a) = self.deps.accounts.iter().find(|a| a.name == name)
+            && a.health.recovered()
+        {
+            info!(parent: &self.span, account = name, "upstream account answering again");
+        }
+    }
+
+    /// The upstream part: the request (with failover while nothing was relayed), then the
+    /// answer relayed.
+    async fn exchange(&mut self, sink: &mut Sink) -> End {
+        let settings = &self.deps.settings.upstream;
+        let first_byte = Duration::from_millis(settings.first_event_timeout_ms);
+        let body = Bytes::from(std::mem::take(&mut self.frame.raw));
+        let mut res = loop {
+            let Some(endpoint) = self.endpoint() else {
+                return End::refused(ErrorCode::UpstreamUnavailable, "no upstream account");
+            };
+            let sent_at = Instant::now();
+            let post = upstream::post(
+                &endpoint,
+                self.kind.upstream_path(),
+                &self.headers,
+                body.clone(),
+                self.streams(),
+                first_byte,
+            );
+            let answer = tokio::select! {
+                answer = post => answer,
+                end = self.interrupted(sink) => return end,
+            };
+            let res = match answer {
+                Err(PostError::Unreachable(why)) => {
+                    let end = End::refused(
+                        ErrorCode::UpstreamUnavailable,
+                        "the upstream cannot be reached",
+                    );
+                    match self.fail_over(&why, end) {
+                        Ok(()) => continue,
+                        Err(end) => return end,
+                    }
+                }
+                Err(e) => {
+                    // Written, not answered: the upstream may bill it.
+                    self.tracker.clock.written(sent_at);
+                    warn!(parent: &self.span, error = %e, "upstream request lost");
+                    return End::lost(
+                        ErrorCode::UpstreamConnectionLost,
+                        "the upstream did not answer the request",
+                    );
+                }
+                Ok(res) => res,
+            };
+            let status = res.status();
+            if account_trouble(status) {
+                let end = self.upstream_refusal(res).await;
+                let why = format!("the upstream answered HTTP {}", status.as_u16());
+                match self.fail_over(&why, end) {
+                    Ok(()) => continue,
+                    Err(end) => return end,
+                }
+            }
+            self.tracker.clock.written(sent_at);
+            self.recovered();
+            break res;
+        };
+        if !res.status().is_success() {
+            return self.upstream_error(&mut res).await;
+        }
+        let content_type = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match (
+            self.streams(),
+            content_type.starts_with("text/event-stream"),
+        ) {
+            (true, true) => self.relay_stream(res, sink).await,
+            (false, _) if content_type.starts_with("application/json") => {
+                self.relay_json(&mut res, sink).await
+            }
+            _ => End::lost(
+                ErrorCode::UpstreamProtocolError,
+                format!("the upstream answered {content_type:?}, neither SSE nor JSON as asked"),
+            ),
+        }
+    }
+
+    /// An account-level refusal (401/403/429/5xx) before anything was relayed: what the client
+    /// hears if no other account takes the turn — the upstream's own words for 429 and 5xx (the
+    /// status and `Retry-After` tell the client when to come back), the relay's for a refused
+    /// credential (the client's key is not the one refused). Not billed: nothing was served.
+    async fn upstream_refusal(&mut self, mut res: awc::ClientResponse) -> End {
+        let status = res.status();
+        let code = ErrorCode::UpstreamUnavailable.code();
+        if matches!(status.as_u16(), 401 | 403) {
+            return End::refused(
+                ErrorCode::UpstreamUnavailable,
+                "the upstream refused the relay's credential",
+            );
+        }
+        let retry_after = header(&res, "retry-after");
+        let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
+        let body = read_all(&mut res, 64 * 1024, limit)
+            .await
+            .unwrap_or_default();
+        End(
+            Ending::Rejected(code),
+            Last::Upstream {
+                status,
+                body,
+                retry_after,
+            },
+        )
+    }
+
+    /// A request-level upstream error (400, 404 …): relayed with its status; billed like a
+    /// WebSocket turn the upstream answered with an `error` event.
+    async fn upstream_error(&mut self, res: &mut awc::ClientResponse) -> End {
+        let status = res.status();
+        let retry_after = header(res, "retry-after");
+        let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
+        let body = read_all(res, 64 * 1024, limit).await.unwrap_or_default();
+        let code = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .as_ref()
+            .and_then(error_code);
+        End(
+            Ending::UpstreamError(code),
+            Last::Upstream {
+                status,
+                body,
+                retry_after,
+            },
+        )
+    }
+
+    /// A JSON answer: read whole (bounded by `upstream.frame_max_bytes`), billed from its
+    /// usage, relayed once its record is durable.
+    async fn relay_json(&mut self, res: &mut awc::ClientResponse, sink: &mut Sink) -> End {
+        self.tracker
+            .clock
+            .event(EventKind::Lifecycle, Instant::now());
+        let s = &self.deps.settings.upstream;
+        let (max, idle) = (s.frame_max_bytes, Duration::from_millis(s.read_timeout_ms));
+        let body = tokio::select! {
+            body = read_all(res, max, idle) => body,
+            end = self.interrupted(sink) => return end,
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(why) => {
+                warn!(parent: &self.span, error = %why, "upstream answer cut short");
+                return End::lost(
+                    ErrorCode::UpstreamConnectionLost,
+                    "the upstream's answer was cut short",
+                );
+            }
+        };
+        match self.tracker.observe_whole(&body, Instant::now()) {
+            Some(kind) => End(
+                Ending::Terminal(kind),
+                Last::Upstream {
+                    status: StatusCode::OK,
+                    body,
+                    retry_after: None,
+                },
+            ),
+            None => End::lost(
+                ErrorCode::UpstreamProtocolError,
+                "the upstream's answer is not a JSON object",
+            ),
+        }
+    }
+
+    /// An SSE answer: the client's stream starts now; every event is relayed as it arrives,
+    /// except the last (the terminal or an `error` event), which waits for the record.
+    async fn relay_stream(&mut self, mut res: awc::ClientResponse, sink: &mut Sink) -> End {
+        let s = &self.deps.settings;
+        let max = s.upstream.frame_max_bytes;
+        let first_event = Duration::from_millis(s.upstream.first_event_timeout_ms);
+        let idle = Duration::from_millis(s.upstream.read_timeout_ms);
+        let stall = Duration::from_millis(s.limits.client_stall_timeout_ms.max(1));
+        if !sink.start_stream(s.limits.client_send_buffer_bytes) {
+            return End::client_gone();
+        }
+        let mut reader = SseReader::default();
+        loop {
+            let wait = if self.tracker.events == 0 {
+                first_event
+            } else {
+                idle
+            };
+            let chunk = tokio::select! {
+                chunk = upstream::next_chunk(&mut res, wait) => chunk,
+                end = self.interrupted(sink) => return end,
+            };
+            let chunk = match chunk {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    return End::lost(
+                        ErrorCode::UpstreamConnectionLost,
+                        "the upstream's stream ended before the response finished",
+                    );
+                }
+                Err(why) => {
+                    warn!(parent: &self.span, error = %why, "upstream stream lost");
+                    return End::lost(
+                        ErrorCode::UpstreamConnectionLost,
+                        "the upstream's stream was lost before the response finished",
+                    );
+                }
+            };
+            if reader.push(&chunk, max).is_err() {
+                return End::lost(
+                    ErrorCode::UpstreamProtocolError,
+                    format!("an upstream event exceeded {max} bytes"),
+                );
+            }
+            while let Some(event) = reader.next_event() {
+                let data = event.data.trim();
+                if !data.is_empty() && data != "[DONE]" {
+                    match self.tracker.observe(data, Instant::now()).kind {
+                        EventKind::Terminal(kind) => {
+                            self.rest = Some(res);
+                            return End(Ending::Terminal(kind), Last::Event(event.raw));
+                        }
+                        EventKind::Error => {
+                            let code = serde_json::from_str::<Value>(data)
+                                .ok()
+                                .as_ref()
+                                .and_then(error_code);
+                            return End(Ending::UpstreamError(code), Last::Event(event.raw));
+                        }
+                        EventKind::Invalid => {
+                            return End::lost(
+                                ErrorCode::UpstreamProtocolError,
+                                "the upstream sent an event that is not a JSON object with a type",
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+                match sink.send(event.raw, stall).await {
+                    Sent::Yes => {}
+                    Sent::Gone => return End::client_gone(),
+                    Sent::Stalled => {
+                        return End(
+                            Ending::Aborted(ErrorCode::ClientTooSlow.code()),
+                            Last::Nothing,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The end: the record goes to accounting, and only once it is durable does the client
+    /// hear the last words (a record not durable in time: `accounting_unavailable` instead —
+    /// never a 200 or a terminal without one). Refusals that bill nothing do not wait.
+    async fn finish(mut self, End(ending, last): End, sink: Sink) {
+        let wait = !matches!(ending, Ending::Rejected(_));
+        let account = self
+            .account
+            .as_ref()
+            .map(|s| s.account.clone())
+            .or_else(|| self.tried.last().cloned())
+            .unwrap_or_default();
+        // Slots are free as soon as the turn is over.
+        self.key_slot = None;
+        self.account = None;
+        let outcome = self.tracker.finish(ending, Instant::now());
+        let who = gate::TurnIdentity {
+            request_id: &self.request_id,
+            session_id: &self.session_id,
+            turn_index: 1,
+            model: &self.model,
+            warmup: self.frame.warmup,
+            accepted_at: self.accepted_wall,
+            origin: match self.kind {
+                Kind::Responses => crate::record::Origin::Create,
+                Kind::Compact => crate::record::Origin::Compact,
+            },
+            transport: Transport::Http,
+            span: &self.span,
+        };
+        let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);
+        crate::telemetry::turn_ended(&record, self.tracker.usage_malformed);
+        info!(parent: &self.span, status = %record.status, usage_source = %record.usage_source,
+            response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
+            first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+        let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
+        let durable = gate::make_durable(&self.deps, record, wait);
+        let (durable, (), ()) =
+            futures_util::future::join3(durable, bind, read_rest(self.rest.take())).await;
+        let last = if durable {
+            last
+        } else {
+            warn!(parent: &self.span, "turn record not durable in time: accounting_unavailable instead of the answer");
+            Last::Error(
+                ErrorCode::AccountingUnavailable,
+                gate::ACCOUNTING_UNAVAILABLE.into(),
+            )
+        };
+        sink.deliver(last);
+    }
+}
+
+/// The end of a body whose answer is complete (the upstream's last chunk), read while the
+/// record is made durable: a connection read to its end goes back to the keep-alive pool, one
+/// dropped before is closed. Bounded, so a lingering upstream delays nobody.
+async fn read_rest(res: Option<awc::ClientResponse>) {
+    const REST: Duration = Duration::from_millis(250);
+    let Some(mut res) = res else {
+        return;
+    };
+    let _ = tokio::time::timeout(REST, read_all(&mut res, 64 * 1024, REST)).await;
+}
+
+/// Statuses that say the account (not the request) is refused: the turn may go elsewhere.
+fn account_trouble(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 429) || status.is_server_error()
+}
+
+/// An OpenAI error body's code: `error.code` (HTTP, WebSocket) or `code` (SSE `error` event).
+fn error_code(v: &Value) -> Option<String> {
+    v.pointer("/error/code")
+        .or_else(|| v.get("code"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+fn header(res: &awc::ClientResponse, name: &str) -> Option<String> {
+    res.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A whole body, at most `max` bytes, with at most `idle` between chunks.
+async fn read_all(
+    res: &mut awc::ClientResponse,
+    max: usize,
+    idle: Duration,
+) -> Result<Bytes, String> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = upstream::next_chunk(res, idle).await? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the body exceeds {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Whether a chunk went to the client.
+enum Sent {
+    Yes,
+    Gone,
+    /// The client read nothing while its send budget stayed full for the stall timeout.
+    Stalled,
+}
+
+impl Sink {
+    /// Resolves when the client has gone (never while it is there).
+    async fn closed(&mut self) {
+        match self {
+            Sink::Waiting(tx) => tx.closed().await,
+            Sink::Streaming { tx, .. } => tx.closed().await,
+            Sink::Done => std::future::pending().await,
+        }
+    }
+
+    /// Answers the handler with the SSE stream; `false` if the client has gone.
+    fn start_stream(&mut self, budget: usize) -> bool {
+        let Sink::Waiting(reply) = std::mem::replace(self, Sink::Done) else {
+            return false;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        if reply.send(Reply::Stream(rx)).is_err() {
+            return false;
+        }
+        let max = budget.clamp(1, Semaphore::MAX_PERMITS);
+        *self = Sink::Streaming {
+            tx,
+            budget: Arc::new(Semaphore::new(max)),
+            max,
+        };
+        true
+    }
+
+    /// Queues bytes for the client once its send budget has room for them.
+    async fn send(&mut self, bytes: Bytes, stall: Duration) -> Sent {
+        let Sink::Streaming { tx, budget, max } = self else {
+            return Sent::Gone;
+        };
+        let want = u32::try_from(bytes.len().min(*max)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            p = tokio::time::timeout(stall, budget.clone().acquire_many_owned(want)) => p,
+            () = tx.closed() => return Sent::Gone,
+        };
+        let Ok(Ok(permit)) = permit else {
+            return Sent::Stalled;
+        };
+        match tx.send(Chunk {
+            bytes,
+            _budget: Some(permit),
+        }) {
+            Ok(()) => Sent::Yes,
+            Err(_) => Sent::Gone,
+        }
+    }
+
+    /// The client's last words, in the form its answer has taken.
+    fn deliver(self, last: Last) {
+        match (self, last) {
+            (_, Last::Nothing) | (Sink::Done, _) => {}
+            (
+                Sink::Waiting(reply),
+                Last::Upstream {
+                    status,
+                    body,
+                    retry_after,
+                },
+            ) => {
+                let _ = reply.send(Reply::Upstream {
+                    status,
+                    body,
+                    retry_after,
+                });
+            }
+            (Sink::Waiting(reply), Last::Error(code, message)) => {
+                let _ = reply.send(Reply::Error(HttpError::new(code, message)));
+            }
+            (Sink::Waiting(reply), Last::Event(bytes)) => {
+                // Not reached (events come after the stream started); answered all the same.
+                let _ = reply.send(Reply::Upstream {
+                    status: StatusCode::OK,
+                    body: bytes,
+                    retry_after: None,
+                });
+            }
+            (Sink::Streaming { tx, .. }, Last::Event(bytes)) => {
+                let _ = tx.send(Chunk {
+                    bytes,
+                    _budget: None,
+                });
+            }
+            (Sink::Streaming { tx, .. }, Last::Error(code, message)) => {
+                let _ = tx.send(Chunk {
+                    bytes: crate::protocol::sse::error_event(&code.sse_data(&message)),
+                    _budget: None,
+                });
+            }
+            (Sink::Streaming { tx, .. }, Last::Upstream { body, .. }) => {
+                let _ = tx.send(Chunk {
+                    bytes: body,
+                    _budget: None,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The HTTP surface (docs/DESIGN.md#http-surface): `POST /v1/responses` — the JSON response,
+//! or with `stream: true` the upstream's server-sent events relayed as they arrive — and
+//! `POST /v1/responses/compact`. Each request is a turn like a WebSocket turn: the same key
+//! checks, admission (`session::gate`), accounts, usage extraction and record, durable before
+//! the client hears the end.
+//!
+//! - this file: routes, the request's checks before its turn starts, the answer;
+//! - `exchange`: the turn itself, run as a task of its own so that a client who leaves
+//!   mid-request ends it `client_gone` with its record, never without one.
+
+mod exchange;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::HttpError;
+use super::ingress;
+use crate::protocol::errors::ErrorCode;
+use crate::protocol::frames::{self, ClientFrame, CreateFrame};
+use crate::session::SessionDeps;
+
+/// What a request asks of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `POST /responses`.
+    Responses,
+    /// `POST /responses/compact` (always JSON).
+    Compact,
+}
+
+impl Kind {
+    /// The upstream path under the account's `base_url`.
+    fn upstream_path(self) -> &'static str {
+        match self {
+            Kind::Responses => "responses",
+            Kind::Compact => "responses/compact",
+        }
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    for base in [
+        "/v1/responses",
+        "/responses",
+        "/backend-api/codex/responses",
+    ] {
+        cfg.route(base, web::post().to(create))
+            .route(&format!("{base}/compact"), web::post().to(compact));
+    }
+}
+
+async fn create(
+    req: HttpRequest,
+    payload: web::Payload,
+    deps: web::Data<SessionDeps>,
+) -> Result<HttpResponse, HttpError> {
+    serve(req, payload, deps.into_inner(), Kind::Responses).await
+}
+
+async fn compact(
+    req: HttpRequest,
+    payload: web::Payload,
+    deps: web::Data<SessionDeps>,
+) -> Result<HttpResponse, HttpError> {
+    serve(req, payload, deps.into_inner(), Kind::Compact).await
+}
+
+/// The answer the exchange gives the handler.
+pub(crate) enum Reply {
+    /// A refusal or failure in the relay's own words (JSON error).
+    Error(HttpError),
+    /// The upstream's answer, relayed (its JSON response, or its JSON error with its status).
+    Upstream {
+        status: StatusCode,
+        body: Bytes,
+        retry_after: Option<String>,
+    },
+    /// The SSE stream: events as the exchange lets them through (see `exchange::Sink`).
+    Stream(mpsc::UnboundedReceiver<exchange::Chunk>),
+}
+
+async fn serve(
+    req: HttpRequest,
+    payload: web::Payload,
+    deps: Arc<SessionDeps>,
+    kind: Kind,
+) -> Result<HttpResponse, HttpError> {
+    let accepted = Instant::now();
+    let limits = &deps.settings.limits;
+    let (threshold, delay) = (
+        limits.refused_handshakes_before_delay,
+        Duration::from_millis(limits.refused_handshake_delay_ms),
+    );
+    let peer = req.peer_addr().map(|a| a.ip());
+    let checked = ingress::authenticate(&req, &deps).await;
+    let principal = ingress::summarize_refusal(checked, peer, threshold, delay).await?;
+    let body = read_body(payload, deps.settings.limits.http_body_max_bytes).await?;
+    let frame = request_of(&body)?;
+    let (tx, rx) = oneshot::channel();
+    let turn = exchange::Exchange::new(
+        deps,
+        principal,
+        frame,
+        exchange::Origin {
+            kind,
+            headers: ingress::pass_through_headers(&req),
+            path: req.path().to_string(),
+            session: client_session(&req),
+        },
+        accepted,
+    )?;
+    actix_web::rt::spawn(turn.run(tx));
+    // The exchange always answers; a dropped sender would be a bug in it.
+    let reply = rx.await.map_err(|_| {
+        HttpError::new(
+            ErrorCode::UpstreamConnectionLost,
+            "the request ended without an answer",
+        )
+    })?;
+    Ok(respond(reply))
+}
+
+/// The client's own session id (`session-id` or Codex's `session_id` header): HTTP turns of
+/// one client session share it as their `session_id`, as WebSocket turns share their session's.
+fn client_session(req: &HttpRequest) -> Option<String> {
+    ["session-id", "session_id"]
+        .iter()
+        .find_map(|h| req.headers().get(*h)?.to_str().ok())
+        .map(|v| crate::record::clean_label(v.trim(), crate::record::MODEL_MAX_CHARS))
+        .filter(|v| !v.is_empty())
+}
+
+fn respond(reply: Reply) -> HttpResponse {
+    match reply {
+        Reply::Error(e) => actix_web::ResponseError::error_response(&e),
+        Reply::Upstream {
+            status,
+            body,
+            retry_after,
+        } => {
+            let mut res = HttpResponse::build(status);
+            if let Some(s) = retry_after {
+                res.insert_header(("retry-after", s));
+            }
+            res.content_type("application/json").body(body)
+        }
+        Reply::Stream(rx) => {
+            let body = sse_body(rx);
+            HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .insert_header(("cache-control", "no-cache"))
+                .streaming(body)
+        }
+    }
+}
+
+/// The SSE body: each chunk's bytes, its share of the client's send budget given back as it
+/// leaves for the socket.
+fn sse_body(
+    rx: mpsc::UnboundedReceiver<exchange::Chunk>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok(chunk.bytes), rx))
+    })
+}
+
+/// The request body, refused above `max` bytes.
+async fn read_body(mut payload: web::Payload, max: usize) -> Result<Bytes, HttpError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            HttpError::new(
+                ErrorCode::InvalidJson,
+                format!("the request body could not be read: {e}"),
+            )
+        })?;
+        if body.len() + chunk.len() > max {
+            return Err(HttpError::new(
+                ErrorCode::BodyTooLarge,
+                format!("the request body exceeds {max} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The request as a turn's create (the same checks as a WebSocket `response.create`).
+fn request_of(body: &[u8]) -> Result<CreateFrame, HttpError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| HttpError::new(ErrorCode::InvalidJson, "the request body is not UTF-8"))?;
+    match frames::parse(text) {
+        Err(e) => Err(HttpError::new(e.code, e.message)),
+        Ok(ClientFrame::Create(frame)) if frame.model.is_some() => Ok(frame),
+        Ok(ClientFrame::Create(_)) => Err(HttpError::new(
+            ErrorCode::ModelRequired,
+            "the request needs `model`",
+        )),
+        Ok(_) => Err(HttpError::new(
+            ErrorCode::InvalidJson,
+            "the request body must be a response request (an object without a `type` other than response.create)",
+        )),
+    }
+}
+
+/// Paths the relay does not serve: 404 in the JSON error shape.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, HttpError> {
+    Err(HttpError::new(
+        ErrorCode::NotFound,
+        format!("no route {} {}", req.method(), req.path()),
+    ))
+}

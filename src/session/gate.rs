@@ -1,0 +1,343 @@
+//! What every turn passes through, whatever carried it (a WebSocket session or an HTTP
+//! request; docs/DESIGN.md#http-surface): the standing and accounting checks, the reservation,
+//! the stored-response binding, the choice of accounts, and at the end the usage record made
+//! durable. Plain functions over `SessionDeps`, so both transports run the same code.
+
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use tracing::{Span, warn};
+
+use super::SessionDeps;
+use crate::accounting::messages::RecordTurn;
+use crate::auth::{AuthError, Principal, check_standing};
+use crate::billing::reservation::Refusal;
+use crate::db::models::{ApiKey, User};
+use crate::db::queries;
+use crate::db::queries::reservations::NewReservation;
+use crate::protocol::errors::ErrorCode;
+use crate::record::{Origin, Transport, TurnRecord};
+use crate::session::turn::Outcome;
+use crate::telemetry::metric;
+
+/// The client's message when usage cannot be recorded.
+pub const ACCOUNTING_UNAVAILABLE: &str =
+    "usage cannot be recorded right now, so the relay does not serve turns; retry later";
+
+/// The key and its user, re-read for a turn (bounded: a database that does not answer counts
+/// as down).
+pub async fn read_standing(
+    db: crate::db::DbPool,
+    key_id: i64,
+) -> Result<Option<(ApiKey, User)>, crate::db::DbError> {
+    let read = async move { queries::keys::by_id(&db, key_id).await };
+    crate::db::within(crate::db::READ_DEADLINE, read).await
+}
+
+/// Why a turn must be refused for its key's and user's standing (`None`: the key is gone),
+/// spend durable in the spool but not yet in the database counted.
+pub fn standing_refusal(
+    deps: &SessionDeps,
+    standing: Option<&(ApiKey, User)>,
+) -> Option<(ErrorCode, String)> {
+    let refused = match standing {
+        None => AuthError::Revoked,
+        Some((key, user)) => {
+            let pending = deps.pending_spend.of(key.id, user.id);
+            check_standing(key, user, pending).err()?
+        }
+    };
+    Some((
+        crate::session::actor::auth_error_code(&refused),
+        refused.to_string(),
+    ))
+}
+
+/// Why no turn can be served now, whoever asks: accounting cannot make records durable, or
+/// there is no upstream account.
+pub fn service_refusal(deps: &SessionDeps) -> Option<(ErrorCode, String)> {
+    if deps.accounting_health.refusal().is_some() {
+        // The cause (paths, hosts) is for the operator's log and /readyz, not clients.
+        return Some((
+            ErrorCode::AccountingUnavailable,
+            ACCOUNTING_UNAVAILABLE.into(),
+        ));
+    }
+    if deps.accounts.is_empty() {
+        return Some((
+            ErrorCode::NoUpstreamAccounts,
+            "the relay has no upstream account configured".into(),
+        ));
+    }
+    None
+}
+
+/// What a turn reserves against: its id, model and the request's size.
+pub struct ReservationAsk<'a> {
+    pub request_id: String,
+    pub model: &'a str,
+    pub warmup: bool,
+    pub prompt_bytes: usize,
+    pub max_output_tokens: Option<u64>,
+}
+
+/// The reservation of a turn, if its key or user is limited (docs/DESIGN.md#reservations).
+pub fn reservation_for(
+    deps: &SessionDeps,
+    standing: Option<&(ApiKey, User)>,
+    ask: ReservationAsk<'_>,
+) -> Option<NewReservation> {
+    let (key, user) = standing?;
+    if key.quota_nanousd.is_none() && user.balance_nanousd.is_none() {
+        return None;
+    }
+    let billing = &deps.settings.billing;
+    let amount = crate::billing::reservation::expected_cost(
+        &deps.prices.price_of(ask.model),
+        ask.warmup,
+        ask.prompt_bytes,
+        ask.max_output_tokens
+            .unwrap_or(billing.reserve_output_tokens),
+        billing.max_tokens_per_response,
+    )?;
+    let at = crate::db::now();
+    let ttl = chrono::Duration::seconds(
+        i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
+    );
+    Some(NewReservation {
+        request_id: ask.request_id,
+        api_key_id: key.id,
+        user_id: user.id,
+        amount_nanousd: amount,
+        created_at: at,
+        expires_at: at + ttl,
+    })
+}
+
+/// Takes a reservation (docs/DESIGN.md#reservations); a refusal comes with the client's code
+/// and words (a database that does not answer refuses: money fails closed).
+pub fn take_reservation(
+    deps: &SessionDeps,
+    reservation: NewReservation,
+    span: Span,
+) -> impl Future<Output = Result<(), (ErrorCode, &'static str)>> + 'static {
+    let db = deps.db.clone();
+    async move {
+        let call = async move { queries::reservations::reserve(&db, &reservation).await };
+        match crate::db::within(crate::db::READ_DEADLINE, call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Refusal::Quota)) => Err((
+                ErrorCode::QuotaExhausted,
+                "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
+            )),
+            Ok(Err(Refusal::Balance)) => Err((
+                ErrorCode::BalanceExhausted,
+                "the remaining balance does not cover the turn's expected cost (turns in flight included)",
+            )),
+            Err(e) => {
+                warn!(parent: &span, error = %e, "turn reservation not taken; the turn is refused");
+                Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
+            }
+        }
+    }
+}
+
+/// Drops reservations whose turns will not run (in the background; they expire anyway).
+pub fn release_reservations(deps: &SessionDeps, ids: Vec<String>) {
+    if ids.is_empty() {
+        return;
+    }
+    let db = deps.db.clone();
+    actix::spawn(async move {
+        for id in ids {
+            let _ = queries::reservations::release(&db, &id).await;
+        }
+    });
+}
+
+/// The binding of the stored response a turn continues (`store:true` with
+/// `previous_response_id`); `None` when there is none or the database does not answer (the turn
+/// then goes to any account).
+pub fn read_binding(
+    deps: &SessionDeps,
+    previous: Option<String>,
+) -> impl Future<Output = Option<(String, i64)>> + 'static {
+    let db = deps.db.clone();
+    async move {
+        let prev = previous?;
+        let read = async move { queries::bindings::lookup(&db, &prev).await };
+        crate::db::within(crate::db::READ_DEADLINE, read)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// The account a stored response binds a turn to: `Err` when the response is another key's;
+/// `Ok(None)` when there is no binding or this relay lacks its account (logged).
+pub fn bound_account(
+    deps: &SessionDeps,
+    key_id: i64,
+    binding: Option<(String, i64)>,
+    span: &Span,
+) -> Result<Option<String>, (ErrorCode, String)> {
+    let Some((account, owner)) = binding else {
+        return Ok(None);
+    };
+    if owner != key_id {
+        return Err((
+            ErrorCode::PreviousResponseForbidden,
+            "previous_response_id names a response created with another key".into(),
+        ));
+    }
+    if deps.accounts.iter().any(|a| a.name == account) {
+        return Ok(Some(account));
+    }
+    warn!(parent: span, %account, "stored response bound to an account this relay does not have");
+    Ok(None)
+}
+
+/// Accounts in the order a turn prefers them (docs/DESIGN.md#accounts): those not cooling down
+/// first, among them `held` (the one a session holds a lease on); accounts in `tried` are left
+/// out. A turn bound to a stored response's account goes there, and only there.
+pub fn candidates(
+    deps: &SessionDeps,
+    tried: &[String],
+    bound: Option<&str>,
+    held: Option<&str>,
+) -> Vec<(String, usize)> {
+    let all = deps.accounts.iter().filter(|a| !tried.contains(&a.name));
+    if let Some(bound) = bound {
+        return all
+            .filter(|a| a.name == bound)
+            .map(|a| (a.name.clone(), a.turn_limit))
+            .collect();
+    }
+    let now = Instant::now();
+    let mut out: Vec<(bool, bool, String, usize)> = all
+        .map(|a| {
+            (
+                a.health.cooling(now),
+                held != Some(a.name.as_str()),
+                a.name.clone(),
+                a.turn_limit,
+            )
+        })
+        .collect();
+    out.sort_by_key(|(cooling, other, _, _)| (*cooling, *other));
+    out.into_iter().map(|(_, _, n, l)| (n, l)).collect()
+}
+
+/// Who a turn was, for its record.
+pub struct TurnIdentity<'a> {
+    pub request_id: &'a str,
+    pub session_id: &'a str,
+    pub turn_index: i32,
+    pub model: &'a str,
+    pub warmup: bool,
+    pub accepted_at: NaiveDateTime,
+    pub origin: Origin,
+    pub transport: Transport,
+    pub span: &'a Span,
+}
+
+/// The usage record of a turn that ended with `outcome` on `account`: billed within the
+/// plausibility bounds (docs/DESIGN.md#usage-bounds), an implausible report set aside.
+pub fn record_of(
+    deps: &SessionDeps,
+    principal: &Principal,
+    turn: TurnIdentity<'_>,
+    outcome: Outcome,
+    account: String,
+) -> TurnRecord {
+    let billed = crate::billing::bounds::settle(
+        &deps.prices.price_of(turn.model),
+        turn.warmup,
+        outcome.usage,
+        outcome.usage_source,
+        &outcome.estimate,
+        deps.settings.billing.max_tokens_per_response,
+    );
+    let set_aside = billed.set_aside.map(|(reported, why)| {
+        ::metrics::counter!(metric::USAGE_QUARANTINED, "reason" => why.label()).increment(1);
+        warn!(parent: turn.span, reported = ?reported, reason = %why,
+            "implausible usage from the upstream: billed from the relay's estimate, the report quarantined");
+        crate::record::SetAside {
+            reported,
+            reason: why.to_string(),
+        }
+    });
+    TurnRecord {
+        request_id: turn.request_id.to_string(),
+        response_id: outcome.response_id,
+        api_key_id: principal.key_id,
+        user_id: principal.user_id,
+        session_id: turn.session_id.to_string(),
+        turn_index: turn.turn_index,
+        account,
+        model: turn.model.to_string(),
+        status: outcome.status,
+        usage_source: billed.usage_source,
+        warmup: turn.warmup,
+        usage: billed.usage,
+        cost_nanousd: billed.cost_nanousd,
+        timing: outcome.timing,
+        error_code: outcome.error_code,
+        accepted_at: turn.accepted_at,
+        origin: turn.origin,
+        transport: turn.transport,
+        set_aside,
+    }
+}
+
+/// Hands a record to accounting; resolves to whether it is durable within
+/// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller holds nothing
+/// back for it).
+pub fn make_durable(
+    deps: &SessionDeps,
+    record: TurnRecord,
+    wait: bool,
+) -> impl Future<Output = bool> + 'static {
+    let accounting = deps.accounting.clone();
+    let limit = Duration::from_millis(deps.settings.accounting.ack_timeout_ms);
+    async move {
+        let acked = accounting.send(RecordTurn(record));
+        if !wait {
+            // Queued with the actor all the same; it writes the record when it can.
+            tokio::spawn(acked);
+            return true;
+        }
+        matches!(tokio::time::timeout(limit, acked).await, Ok(Ok(Ok(()))))
+    }
+}
+
+/// A completed `store:true` response is bound to its account and key (`response_bindings`)
+/// before the client hears of it, so its chain continues there from any relay instance. A
+/// failure is logged: the chain then goes to any account (the upstream decides).
+pub fn bind_stored(
+    deps: &SessionDeps,
+    record: &TurnRecord,
+    store: bool,
+    span: Span,
+) -> impl Future<Output = ()> + 'static {
+    let binding = (store && record.status == crate::record::TurnStatus::Completed)
+        .then(|| record.response_id.clone())
+        .flatten()
+        .map(|id| (id, record.account.clone(), record.api_key_id));
+    let db = deps.db.clone();
+    let ttl = chrono::Duration::seconds(
+        i64::try_from(deps.settings.session.binding_ttl_s).unwrap_or(i64::MAX / 2),
+    );
+    async move {
+        let Some((id, account, key)) = binding else {
+            return;
+        };
+        let expires = crate::db::now() + ttl;
+        let response = id.clone();
+        let write =
+            async move { queries::bindings::bind(&db, &response, &account, key, expires).await };
+        if let Err(e) = crate::db::within(crate::db::READ_DEADLINE, write).await {
+            warn!(parent: &span, error = %e, response_id = %id, "stored response not bound to its account");
+        }
+    }
+}

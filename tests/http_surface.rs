@@ -1,0 +1,595 @@
+//! The HTTP surface (docs/DESIGN.md#http-surface): `POST /v1/responses` (JSON and SSE) and
+//! `/v1/responses/compact` are turns like WebSocket turns — relayed as they arrive, billed from
+//! the upstream's usage token for token, one row each (`transport = 'http'`), estimated when
+//! the stream is cut, `client_gone` with input billed when the client leaves, never a 200
+//! without a durable record.
+
+mod common;
+
+use std::time::Duration;
+
+use common::post::{Conn, post_json};
+use common::stack::{Stack, StackOptions, block};
+use common::{TestDb, http, http_get};
+use serde_json::{Value, json};
+use turnpike::db::models::UsageRow;
+
+fn req(extra: Value) -> Value {
+    let mut body = json!({"model": "gpt-test", "store": false, "input": "hello over http"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn sim(directive: &str) -> Value {
+    json!({"metadata": {"sim": directive}})
+}
+
+fn assert_billed_as_reported(row: &UsageRow, usage: &Value) {
+    assert_eq!(
+        row.input_tokens,
+        usage["input_tokens"].as_i64().unwrap(),
+        "{row:?}"
+    );
+    assert_eq!(
+        row.output_tokens,
+        usage["output_tokens"].as_i64().unwrap(),
+        "{row:?}"
+    );
+    assert_eq!(row.usage_source, "reported");
+    assert!(row.cost_nanousd > 0, "{row:?}");
+}
+
+/// A streamed response: every event reaches the client as the upstream sends it (the first
+/// delta long before the terminal), the bytes are the upstream's, and the row bills the
+/// terminal's usage with the four timing marks in order — on each backend.
+#[test]
+fn sse_is_relayed_as_it_arrives_and_billed() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = Conn::open(&s.addr);
+        let head = c.post(
+            "/v1/responses",
+            &s.key,
+            &req(json!({"stream": true, "metadata": {"sim": "deltas=6 delta_delay_ms=150"}})),
+        );
+        assert_eq!(head.status, 200, "{backend}");
+        assert!(
+            head.header("content-type")
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let events = c.events();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e.data["type"].as_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(kinds.first(), Some(&"response.created"), "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&"response.completed"), "{kinds:?}");
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == "response.output_text.delta")
+                .count(),
+            6
+        );
+        // Relayed unchanged: `event:` lines as the upstream wrote them.
+        assert!(events.iter().all(|e| {
+            e.raw
+                .starts_with(&format!("event: {}\n", e.data["type"].as_str().unwrap()))
+        }));
+        let first_delta = events
+            .iter()
+            .find(|e| e.data["type"] == "response.output_text.delta")
+            .unwrap()
+            .at;
+        let terminal = events.last().unwrap();
+        let gap = terminal.at.duration_since(first_delta);
+        assert!(
+            gap >= Duration::from_millis(500),
+            "{backend}: the first delta came {gap:?} before the terminal: buffered?"
+        );
+        let usage = &terminal.data["response"]["usage"];
+        let rows = s.rows(1);
+        assert_eq!(rows.len(), 1, "{backend}");
+        let r = &rows[0];
+        assert_billed_as_reported(r, usage);
+        assert_eq!(
+            (r.status.as_str(), r.transport.as_str(), r.origin.as_str()),
+            ("completed", "http", "create")
+        );
+        assert_eq!(
+            r.response_id.as_deref(),
+            terminal.data["response"]["id"].as_str()
+        );
+        let (fe, ft) = (r.first_event_ms.unwrap(), r.first_token_ms.unwrap());
+        assert!(
+            r.upstream_wait_ms.unwrap() <= fe && fe <= ft && ft < r.duration_ms,
+            "{r:?}"
+        );
+        assert!(r.duration_ms - ft >= 500, "{r:?}");
+        // The connection is kept alive: a JSON request follows on it.
+        let head = c.post("/v1/responses", &s.key, &req(json!({})));
+        assert_eq!(head.status, 200);
+        let body = c.json(&head);
+        assert_eq!(body["status"], "completed", "{body}");
+        let rows = s.rows(2);
+        assert_billed_as_reported(&rows[1], &body["usage"]);
+        s.finish();
+    }
+}
+
+/// JSON and compact answers: the upstream's body, a row each billed token for token
+/// (`origin = 'compact'` for the compaction) — on each backend.
+#[test]
+fn json_and_compact_are_billed() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let (code, body) = post_json(
+            &s.addr,
+            "/v1/responses",
+            &s.key,
+            &req(sim("cached=2 reasoning=3")),
+        );
+        assert_eq!(code, 200, "{backend}: {body}");
+        assert_eq!(body["object"], "response");
+        assert!(
+            body["output"][0]["content"][0]["text"].is_string(),
+            "{body}"
+        );
+        let (code, compacted) = post_json(
+            &s.addr,
+            "/v1/responses/compact",
+            &s.key,
+            &json!({"model": "gpt-test", "input": [{"role": "user", "content": "a long conversation to shrink"}]}),
+        );
+        assert_eq!(code, 200, "{backend}: {compacted}");
+        assert_eq!(compacted["object"], "response.compaction");
+        let rows = s.rows(2);
+        assert_eq!(rows.len(), 2, "{backend}");
+        assert_billed_as_reported(&rows[0], &body["usage"]);
+        assert_eq!(rows[0].cached_input_tokens, 2);
+        assert_eq!(rows[0].reasoning_tokens, 3);
+        assert_billed_as_reported(&rows[1], &compacted["usage"]);
+        assert_eq!(
+            (rows[1].origin.as_str(), rows[1].transport.as_str()),
+            ("compact", "http")
+        );
+        assert_eq!(rows[1].response_id.as_deref(), compacted["id"].as_str());
+        s.finish();
+    }
+}
+
+/// A stream cut before its terminal: the client gets an SSE `error` event, the row is
+/// `upstream_lost`, estimated, input billed — on each backend.
+#[test]
+fn a_cut_stream_is_billed_estimated_and_told() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = Conn::open(&s.addr);
+        let head = c.post("/v1/responses", &s.key, &req(json!({"stream": true, "metadata": {"sim": "deltas=8 delta_delay_ms=50 drop after=6"}})));
+        assert_eq!(head.status, 200);
+        let events = c.events();
+        let last = events.last().unwrap();
+        assert_eq!(last.event.as_deref(), Some("error"), "{events:?}");
+        assert_eq!(
+            last.data["code"], "upstream_connection_lost",
+            "{:?}",
+            last.data
+        );
+        assert_eq!(last.data["error"]["code"], "upstream_connection_lost");
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.data["type"] == "response.completed")
+        );
+        let r = &s.rows(1)[0];
+        assert_eq!(
+            (r.status.as_str(), r.usage_source.as_str()),
+            ("upstream_lost", "estimated"),
+            "{backend}"
+        );
+        assert!(r.input_tokens > 0 && r.cost_nanousd > 0, "{r:?}");
+        s.finish();
+    }
+}
+
+/// A client that leaves mid-stream cancels the upstream request (the sim sees its connection
+/// close before the response's end); the row is `client_gone` with its input billed.
+#[test]
+fn a_client_leaving_mid_stream_cancels_the_upstream_request() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = Conn::open(&s.addr);
+        let head = c.post(
+            "/v1/responses",
+            &s.key,
+            &req(json!({"stream": true, "metadata": {"sim": "deltas=100 delta_delay_ms=100"}})),
+        );
+        assert_eq!(head.status, 200);
+        let seen = c.events_until(|e| e.data["type"] == "response.output_text.delta");
+        assert!(!seen.is_empty());
+        drop(c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while s.sim_stats()["http_abandoned"].as_u64() != Some(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend}: the upstream request was not cancelled: {}",
+                s.sim_stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(s.sim_stats()["http_completed"], 0);
+        let r = &s.rows(1)[0];
+        assert_eq!(
+            (r.status.as_str(), r.usage_source.as_str()),
+            ("client_gone", "estimated"),
+            "{backend}: {r:?}"
+        );
+        assert!(
+            r.input_tokens > 0 && r.cost_nanousd > 0,
+            "never zero once it reached the upstream: {r:?}"
+        );
+        s.finish();
+    }
+}
+
+/// A key over its quota gets 403 `quota_exhausted` in the JSON error shape, and nothing goes
+/// upstream.
+#[test]
+fn quota_refused_before_the_upstream() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            key: turnpike::auth::KeyRequest {
+                quota_nanousd: Some(1),
+                ..Default::default()
+            },
+            ..StackOptions::default()
+        },
+    );
+    for stream in [false, true] {
+        let (code, body) = post_json(
+            &s.addr,
+            "/v1/responses",
+            &s.key,
+            &req(json!({"stream": stream})),
+        );
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(body["error"]["code"], "quota_exhausted");
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        assert!(body["error"].get("param").is_some(), "{body}");
+    }
+    assert_eq!(s.sim_stats()["http_requests"], 0);
+    let rows = s.rows(2);
+    assert!(
+        rows.iter()
+            .all(|r| r.status == "rejected" && r.cost_nanousd == 0),
+        "{rows:?}"
+    );
+    s.finish();
+}
+
+/// Requests the relay refuses itself: the JSON error shape with the table's status.
+#[test]
+fn refusals_have_the_json_error_shape() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_LIMITS__HTTP_BODY_MAX_BYTES", "4096")],
+            ..StackOptions::default()
+        },
+    );
+    let cases: Vec<(u16, &str, Value)> = vec![
+        (401, "missing_api_key", {
+            let mut c = Conn::open(&s.addr);
+            let h = c.send("POST", "/v1/responses", None, b"{}", &[]);
+            let v = c.json(&h);
+            assert_eq!(h.status, 401);
+            v
+        }),
+        (
+            401,
+            "invalid_api_key",
+            post_json(&s.addr, "/v1/responses", "tpk_nope", &req(json!({}))).1,
+        ),
+        (400, "invalid_json", {
+            let mut c = Conn::open(&s.addr);
+            let h = c.send("POST", "/v1/responses", Some(&s.key), b"{not json", &[]);
+            c.json(&h)
+        }),
+        (
+            400,
+            "model_required",
+            post_json(&s.addr, "/v1/responses", &s.key, &json!({"input": "x"})).1,
+        ),
+        (
+            413,
+            "request_body_too_large",
+            post_json(
+                &s.addr,
+                "/v1/responses",
+                &s.key,
+                &req(json!({"input": "x".repeat(5000)})),
+            )
+            .1,
+        ),
+    ];
+    for (_, code, body) in &cases {
+        assert_eq!(body["error"]["code"], *code, "{body}");
+    }
+    let (status, _) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &req(json!({"input": "y".repeat(5000)})),
+    );
+    assert_eq!(status, 413);
+    // GET without an upgrade: 426 (Codex reads it as "use HTTP"); unknown paths: 404 JSON.
+    let (code, body) = http(&s.addr, "GET", "/v1/responses", Some(&s.key));
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (426, Some("upgrade_required"))
+    );
+    let (code, body) = http_get(&s.addr, "/v1/chat/completions");
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    assert_eq!(s.sim_stats()["http_requests"], 0);
+    s.finish();
+}
+
+/// Upstream connections are reused: 200 sequential requests, each on a new client connection,
+/// open no more upstream connections than the account has turn slots.
+#[test]
+fn upstream_connections_are_kept_alive() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            max_conns: 2,
+            ..StackOptions::default()
+        },
+    );
+    for i in 0..200 {
+        let mut c = Conn::open(&s.addr);
+        let stream = i % 2 == 0;
+        let head = c.post("/v1/responses", &s.key, &req(json!({"stream": stream})));
+        assert_eq!(head.status, 200);
+        if stream {
+            let events = c.events();
+            assert_eq!(events.last().unwrap().data["type"], "response.completed");
+        } else {
+            assert_eq!(c.json(&head)["status"], "completed");
+        }
+    }
+    let stats = s.sim_stats();
+    assert_eq!(stats["http_requests"], 200);
+    // Less the connection of this stats request itself.
+    let tcp = stats["tcp_accepted"].as_u64().unwrap() - 1;
+    assert!(
+        tcp <= 2,
+        "{tcp} upstream TCP connections for 200 requests: not reused"
+    );
+    assert_eq!(s.rows(200).len(), 200);
+    s.finish();
+}
+
+/// 429 from an account before any byte: the request moves to another account (the client
+/// never sees it); with no other account the client gets the 429 and its Retry-After, and
+/// nothing is billed.
+#[test]
+fn rate_limited_accounts_fail_over() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-second\"\n",
+            ..StackOptions::default()
+        },
+    );
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &req(sim("error=rate_limit_exceeded status=429 once")),
+    );
+    assert_eq!(code, 200, "{body}");
+    let rows = s.rows(1);
+    assert_eq!(rows[0].status, "completed");
+    assert_eq!(s.sim_stats()["http_requests"], 2, "one refused, one served");
+    s.finish();
+
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &req(sim("error=rate_limit_exceeded status=429")),
+    );
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    let r = &s.rows(1)[0];
+    assert_eq!(
+        (r.status.as_str(), r.cost_nanousd),
+        ("rejected", 0),
+        "{r:?}"
+    );
+    s.finish();
+}
+
+/// An upstream that sends headers and then nothing: the first-event timeout ends the stream
+/// with an SSE error, billed estimated (the request reached the upstream).
+#[test]
+fn a_silent_upstream_times_out() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_UPSTREAM__FIRST_EVENT_TIMEOUT_MS", "600")],
+            ..StackOptions::default()
+        },
+    );
+    let mut c = Conn::open(&s.addr);
+    let head = c.post(
+        "/v1/responses",
+        &s.key,
+        &req(json!({"stream": true, "metadata": {"sim": "first_delay_ms=5000"}})),
+    );
+    assert_eq!(head.status, 200);
+    let events = c.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].data["code"], "upstream_connection_lost");
+    let r = &s.rows(1)[0];
+    assert_eq!(
+        (r.status.as_str(), r.usage_source.as_str()),
+        ("upstream_lost", "estimated")
+    );
+    assert!(r.input_tokens > 0);
+    s.finish();
+}
+
+/// Accounting unavailable (spool and database down) while a request is in flight: no 200 and
+/// no terminal event — the client gets `accounting_unavailable`; later requests are refused
+/// before the upstream.
+#[test]
+fn no_answer_without_a_durable_record() {
+    let env = [
+        ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "300"),
+        ("TURNPIKE_ACCOUNTING__ACK_TIMEOUT_MS", "1000"),
+    ];
+    let Some((s, proxy)) = Stack::behind_pg_proxy(&env) else {
+        eprintln!("PostgreSQL not configured: skipped (SQLite is embedded: it cannot be cut)");
+        return;
+    };
+    for stream in [false, true] {
+        let (addr, key) = (s.addr.clone(), s.key.clone());
+        let body = req(json!({"stream": stream, "metadata": {"sim": "first_delay_ms=1500"}}));
+        let inflight = std::thread::spawn(move || {
+            let mut c = Conn::open(&addr);
+            let head = c.post("/v1/responses", &key, &body);
+            if head.status == 200 && stream {
+                let events = c.events();
+                (
+                    200,
+                    events.last().map(|e| e.data.clone()).unwrap_or(Value::Null),
+                )
+            } else {
+                let v = c.json(&head);
+                (head.status, v)
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let spool = s.spool_dir();
+        proxy.cut();
+        let _ = std::fs::remove_dir_all(&spool);
+        std::fs::write(&spool, b"not a directory").unwrap();
+        let (code, last) = inflight.join().unwrap();
+        if stream {
+            assert_eq!(code, 200);
+            assert_eq!(
+                last["code"], "accounting_unavailable",
+                "no terminal without a durable record: {last}"
+            );
+        } else {
+            assert_eq!(code, 503, "no 200 without a durable record: {last}");
+            assert_eq!(last["error"]["code"], "accounting_unavailable");
+        }
+        let before = s.sim_stats()["http_requests"].as_u64().unwrap();
+        let (code, body) = post_json(&s.addr, "/v1/responses", &s.key, &req(json!({})));
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(
+            s.sim_stats()["http_requests"].as_u64().unwrap(),
+            before,
+            "refused before the upstream"
+        );
+        std::fs::remove_file(&spool).unwrap();
+        proxy.restore();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    s.finish();
+}
+
+/// Operators see HTTP requests in flight (`/admin/requests`), and the metrics count them.
+#[test]
+fn requests_in_flight_are_visible() {
+    let (s, admin) = common::admin::start(TestDb::sqlite(), &[], StackOptions::default());
+    let mut c = Conn::open(&s.addr);
+    let head = c.post(
+        "/v1/responses",
+        &s.key,
+        &req(json!({"stream": true, "metadata": {"sim": "deltas=20 delta_delay_ms=100"}})),
+    );
+    assert_eq!(head.status, 200);
+    c.events_until(|e| e.data["type"] == "response.output_text.delta");
+    let (code, body) = http(&admin, "GET", "/admin/requests", Some(common::admin::TOKEN));
+    assert_eq!(code, 200);
+    let list = body["requests"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{body}");
+    assert_eq!(
+        (
+            list[0]["path"].as_str(),
+            list[0]["stream"].as_bool(),
+            list[0]["account"].as_str()
+        ),
+        (Some("/v1/responses"), Some(true), Some("sim"))
+    );
+    c.events();
+    let (_, body) = http(&admin, "GET", "/admin/requests", Some(common::admin::TOKEN));
+    assert_eq!(body["requests"].as_array().unwrap().len(), 0, "{body}");
+    let m = |name: &str| common::admin::metric(&admin, name);
+    assert_eq!(
+        m("turnpike_turns_total{status=\"completed\",transport=\"http\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("turnpike_turns_total{status=\"completed\",transport=\"ws\"}"),
+        0.0
+    );
+    assert_eq!(m("turnpike_http_requests_in_flight"), 0.0);
+    s.finish();
+}
+
+/// SIGTERM (docs/DESIGN.md#shutdown): an HTTP stream that finishes within the grace gets its
+/// terminal; one that does not ends with an SSE `shutting_down` error; both rows are written
+/// before the process exits.
+#[test]
+fn sigterm_ends_http_streams_after_the_grace() {
+    let mut s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let start = |directive: &str| {
+        let (addr, key) = (s.addr.clone(), s.key.clone());
+        let body = req(json!({"stream": true, "metadata": {"sim": directive}}));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let mut c = Conn::open(&addr);
+            let head = c.post("/v1/responses", &key, &body);
+            assert_eq!(head.status, 200);
+            let mut events = c.events_until(|e| e.data["type"] == "response.created");
+            tx.send(()).unwrap();
+            events.extend(c.events());
+            events.last().unwrap().data.clone()
+        });
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        t
+    };
+    let busy = start("terminal_delay_ms=10000");
+    let finishing = start("terminal_delay_ms=1200");
+    let (code, took, log) = s.relay.terminate();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(finishing.join().unwrap()["type"], "response.completed");
+    assert_eq!(busy.join().unwrap()["code"], "shutting_down");
+    let rows = block(async { turnpike::db::queries::usage::by_key(&s.db.pool(), s.key_id).await })
+        .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().any(|r| r.status == "completed"));
+    assert!(
+        rows.iter()
+            .any(|r| r.error_code.as_deref() == Some("shutting_down") && r.input_tokens > 0),
+        "{rows:?}"
+    );
+    s.finish();
+}
