@@ -593,3 +593,78 @@ fn sigterm_ends_http_streams_after_the_grace() {
     );
     s.finish();
 }
+
+/// HTTP and WebSocket turns of one key share its `max_concurrent_turns`: while a WebSocket turn
+/// runs, an HTTP request of a key limited to one turn gets 429 `concurrency_limit_exceeded`.
+#[test]
+fn http_and_websocket_turns_share_the_keys_turn_limit() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            key: turnpike::auth::KeyRequest {
+                max_concurrent_turns: Some(1),
+                ..Default::default()
+            },
+            ..StackOptions::default()
+        },
+    );
+    let mut ws = s.client();
+    ws.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi", "metadata": {"sim": "terminal_delay_ms=1500"}}));
+    assert_eq!(
+        ws.next_event(Duration::from_secs(10))["type"],
+        "response.created"
+    );
+    let (code, body) = post_json(&s.addr, "/v1/responses", &s.key, &req(json!({})));
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (429, Some("concurrency_limit_exceeded")),
+        "{body}"
+    );
+    ws.until_terminal(Duration::from_secs(10));
+    let (code, body) = post_json(&s.addr, "/v1/responses", &s.key, &req(json!({})));
+    assert_eq!(code, 200, "{body}");
+    s.finish();
+}
+
+/// A client that stops reading an SSE stream: what is queued for it is bounded by
+/// `limits.client_send_buffer_bytes`; once it stays full for `limits.client_stall_timeout_ms`
+/// the turn ends (`client_too_slow`, billed) and the upstream request is cancelled.
+#[test]
+fn a_client_that_stops_reading_is_bounded() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_LIMITS__CLIENT_SEND_BUFFER_BYTES", "262144"),
+                ("TURNPIKE_LIMITS__CLIENT_STALL_TIMEOUT_MS", "1000"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let mut c = Conn::open(&s.addr);
+    // 400 events of 64 KiB: far more than the socket buffers and the budget hold.
+    let head = c.post(
+        "/v1/responses",
+        &s.key,
+        &req(json!({"stream": true, "metadata": {"sim": "deltas=400 delta_size=65536"}})),
+    );
+    assert_eq!(head.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.sim_stats()["http_abandoned"].as_u64() != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not bounded: {}",
+            s.sim_stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = &s.rows(1)[0];
+    assert_eq!(
+        (r.status.as_str(), r.error_code.as_deref()),
+        ("cancelled", Some("client_too_slow")),
+        "{r:?}"
+    );
+    assert!(r.input_tokens > 0 && r.output_tokens > 0, "{r:?}");
+    drop(c);
+    s.finish();
+}
