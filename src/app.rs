@@ -166,6 +166,8 @@ pub fn start_relay_with(
         accounts.push(AccountHandle {
             name: a.name.clone(),
             turn_limit: a.turn_limit(),
+            priority: a.priority,
+            weight: a.weight,
             pool,
             health,
             http,
@@ -232,6 +234,11 @@ fn purge_expired(db: DbPool) {
                     "expired turn reservations deleted (turns of a relay that stopped)"
                 ),
                 Err(e) => tracing::debug!(error = %e, "expired reservations not deleted now"),
+            }
+            match crate::db::queries::affinity::purge_expired(&db).await {
+                Ok(0) => {}
+                Ok(n) => info!(affinities = n, "expired account affinities deleted"),
+                Err(e) => tracing::debug!(error = %e, "expired affinities not deleted now"),
             }
             tokio::time::sleep(Duration::from_secs(600)).await;
         }

@@ -343,14 +343,9 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
         })?;
     actix_web::rt::spawn(sim_server);
     settings.accounts = vec![crate::config::AccountSettings {
-        name: "sim".into(),
-        base_url: sim.base_url(),
-        api_key_env: None,
         api_key: Some("sk-sim-demo".into()),
         max_conns: 8,
-        max_concurrent_turns: None,
-        organization: None,
-        project: None,
+        ..crate::config::AccountSettings::new("sim", &sim.base_url())
     }];
     let base = format!("http://{}/v1", settings.server.bind);
     println!(

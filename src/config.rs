@@ -259,6 +259,11 @@ pub struct PoolSettings {
     pub max_idle: usize,
     /// Idle connections older than this are closed.
     pub idle_timeout_s: u64,
+    /// How long a prompt cache's or client session's account is remembered after its last
+    /// turn (sticky routing, docs/DESIGN.md#routing); 0 keeps no affinity in the database
+    /// (the rendezvous order alone then keeps an affinity on one account while the set of
+    /// eligible accounts does not change).
+    pub affinity_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +330,7 @@ impl Default for PoolSettings {
             max_age_s: 55 * 60,
             max_idle: 8,
             idle_timeout_s: 300,
+            affinity_ttl_s: 3600,
         }
     }
 }
@@ -432,9 +438,35 @@ pub struct AccountSettings {
     /// `OpenAI-Project` sent on this account's upstream handshakes (never the client's).
     #[serde(default)]
     pub project: Option<String>,
+    /// Accounts of a lower priority are used first; higher ones when those cannot serve.
+    #[serde(default)]
+    pub priority: i32,
+    /// Share of the turns without an affinity among the accounts of one priority (≥ 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 impl AccountSettings {
+    /// An account with every optional setting at its default.
+    pub fn new(name: &str, base_url: &str) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into(),
+            api_key_env: None,
+            api_key: None,
+            max_conns: default_max_conns(),
+            max_concurrent_turns: None,
+            organization: None,
+            project: None,
+            priority: 0,
+            weight: default_weight(),
+        }
+    }
+
     /// The WebSocket URL, derived like clients derive it: scheme http→ws / https→wss, then
     /// `/responses` appended to the base path.
     pub fn ws_url(&self) -> String {
@@ -708,6 +740,9 @@ impl Settings {
                     "must be at least 1",
                 ));
             }
+            if account.weight == 0 {
+                return Err(ConfigError::new(key("weight"), "must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -827,14 +862,8 @@ mod tests {
     fn duplicate_accounts_are_named() {
         let mut s = Settings::default();
         let a = AccountSettings {
-            name: "a".into(),
-            base_url: "http://x/v1".into(),
             api_key_env: Some("K".into()),
-            api_key: None,
-            max_conns: 1,
-            max_concurrent_turns: None,
-            organization: None,
-            project: None,
+            ..AccountSettings::new("a", "http://x/v1")
         };
         s.accounts = vec![a.clone(), a];
         let err = s.validate().unwrap_err();
@@ -844,14 +873,8 @@ mod tests {
     #[test]
     fn ws_url_is_derived_like_clients_do() {
         let mut a = AccountSettings {
-            name: "a".into(),
-            base_url: "http://127.0.0.1:18080/v1".into(),
-            api_key_env: None,
             api_key: Some("k".into()),
-            max_conns: 1,
-            max_concurrent_turns: None,
-            organization: None,
-            project: None,
+            ..AccountSettings::new("a", "http://127.0.0.1:18080/v1")
         };
         assert_eq!(a.ws_url(), "ws://127.0.0.1:18080/v1/responses");
         a.base_url = "https://api.openai.com/v1/".into();

@@ -41,6 +41,7 @@ pub mod metric {
     pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
     pub const LEASES_RECOVERED: &str = "turnpike_upstream_leases_recovered_total";
     pub const ACCOUNT_COOLING: &str = "turnpike_upstream_account_cooling";
+    pub const AFFINITY_MOVES: &str = "turnpike_affinity_moves_total";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
     pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
@@ -68,6 +69,7 @@ pub mod metric {
         LEASE_WAITERS,
         LEASES_RECOVERED,
         ACCOUNT_COOLING,
+        AFFINITY_MOVES,
         SPOOL_BACKLOG,
         SPOOL_BACKLOG_AGE,
         BATCH_ROWS,
@@ -142,6 +144,7 @@ pub fn register_metrics(accounts: &[String]) {
         counter!(DIAL_FAILURES, "account" => a.clone()).increment(0);
         counter!(LEASES_RECOVERED, "account" => a.clone()).increment(0);
         gauge!(ACCOUNT_COOLING, "account" => a.clone()).set(0.0);
+        counter!(AFFINITY_MOVES, "from" => a.clone()).increment(0);
         gauge!(LEASE_WAITERS, "account" => a.clone()).set(0.0);
         for state in ["idle", "leased", "parked", "dialing"] {
             gauge!(UPSTREAM_CONNECTIONS, "account" => a.clone(), "state" => state).set(0.0);

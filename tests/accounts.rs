@@ -124,10 +124,22 @@ fn an_in_band_rate_limit_fails_over() {
     assert!(events.iter().all(|e| e["type"] != "error"), "{events:?}");
     let rows = s.rows(1);
     assert_eq!(rows.len(), 1, "one turn, one row");
-    assert_eq!(
-        (rows[0].status.as_str(), rows[0].account.as_str()),
-        ("completed", "spare")
-    );
+    assert_eq!(rows[0].status, "completed");
+    // Both accounts were dialled: the one that refused, then the one that served.
+    let conns = s.sim_connections();
+    let mut keys: Vec<String> = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| {
+            let h = c["headers"].as_array()?;
+            let auth = h.iter().find(|kv| kv[0] == "authorization")?;
+            Some(auth[1].as_str()?.to_string())
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys, ["Bearer sk-spare", "Bearer sk-upstream"], "{conns}");
     s.finish();
 }
 
@@ -169,6 +181,9 @@ fn an_operator_disables_and_enables_an_account() {
         (200, Some("healthy")),
         "{body}"
     );
+    // With the other one out, the enabled account serves again.
+    let (code, _) = http(&admin, "POST", "/admin/accounts/spare/disable", Some(TOKEN));
+    assert_eq!(code, 200);
     turn(&mut s.client());
     let rows = s.rows(4);
     assert_eq!(rows[3].account, "sim", "the first account serves again");

@@ -435,14 +435,9 @@ mod in_process {
         settings.server.workers = 2;
         settings.accounting.flush_interval_ms = 50;
         settings.accounts = vec![turnpike::config::AccountSettings {
-            name: "sim".into(),
-            base_url: format!("http://{sim_addr}/v1"),
-            api_key_env: None,
             api_key: Some("sk-upstream".into()),
             max_conns: 4,
-            max_concurrent_turns: None,
-            organization: None,
-            project: None,
+            ..turnpike::config::AccountSettings::new("sim", &format!("http://{sim_addr}/v1"))
         }];
         tweak(&mut settings);
         std::thread::spawn(move || {

@@ -7,10 +7,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::TestDb;
 use common::ledger::{assert_invariant, exec};
 use common::stack::{Stack, StackOptions, block};
 use common::ws::{Client, Recv};
-use common::{Proc, TestDb, turnpike};
 use serde_json::json;
 use turnpike::auth::KeyRequest;
 
@@ -140,23 +140,6 @@ fn twenty_sessions_never_overspend_a_balance() {
     }
 }
 
-/// A second relay on the stack's database and config (a spool of its own), with `env`.
-fn second_relay(s: &Stack, env: &[(&str, &str)]) -> (Proc, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = turnpike();
-    cmd.envs(env.iter().copied());
-    cmd.arg("--config")
-        .arg(s.config_path())
-        .env("TURNPIKE_DATABASE__URL", &s.db.url)
-        .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
-        .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
-        .env("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "50")
-        .arg("serve");
-    let p = Proc::spawn(cmd);
-    let addr = p.listening_addr();
-    (p, addr, dir)
-}
-
 #[test]
 fn two_relays_on_one_database_hold_one_quota() {
     let Some(pg) = block(TestDb::all())
@@ -168,7 +151,7 @@ fn two_relays_on_one_database_hold_one_quota() {
     };
     let quota = 3 * TURN + TURN / 2;
     let s = stack_with_quota(pg, Some(quota));
-    let (second, addr2, _dir) = second_relay(&s, &[]);
+    let (second, addr2, _dir) = s.second_relay(&[]);
     run_against(
         &s,
         &[s.addr.clone(), addr2],
@@ -212,7 +195,7 @@ fn two_relays_share_one_session_cap() {
             ..StackOptions::default()
         },
     );
-    let (mut second, addr2, _dir) = second_relay(&s, &env);
+    let (mut second, addr2, _dir) = s.second_relay(&env);
     let a = try_connect(&s.addr, &s.key).expect("first session");
     let b = try_connect(&addr2, &s.key).expect("second session, other relay");
     assert_eq!(try_connect(&s.addr, &s.key).err(), Some(429));
@@ -263,7 +246,7 @@ fn two_relays_share_one_turn_cap() {
             ..StackOptions::default()
         },
     );
-    let (_second, addr2, _dir) = second_relay(&s, &[]);
+    let (_second, addr2, _dir) = s.second_relay(&[]);
     let mut slow = Client::bearer(&s.addr, &s.key);
     slow.send(
         &json!({"type": "response.create", "model": "gpt-test", "store": false,

@@ -113,6 +113,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    account_affinity (api_key_id, affinity_key) {
+        api_key_id -> BigInt,
+        affinity_key -> Text,
+        account -> Text,
+        updated_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     fleet_slots (slot_id) {
         slot_id -> Text,
         api_key_id -> BigInt,
@@ -159,5 +169,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     billing_compensations,
     response_bindings,
     turn_reservations,
+    account_affinity,
     fleet_slots,
 );

@@ -5,11 +5,13 @@
 //! - `messages`: `Acquire`, `Release`, `PoolStats`, `ShutdownPool`.
 //! - `policy`: which idle connection serves a request, which are retired (pure).
 //! - `health`: an account cools down after failed dials (backoff, pure rule).
+//! - `routing`: which account a turn goes to: priority, weight, stickiness (pure).
 //! - `actor`: the pool actor.
 
 pub mod actor;
 pub mod health;
 pub mod messages;
 pub mod policy;
+pub mod routing;
 
 pub use actor::ContextPool;

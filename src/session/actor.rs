@@ -80,6 +80,8 @@ struct Turn {
     drain_deadline: Option<Instant>,
     /// `Create`, or `Steer` for a successor the upstream started on its own.
     origin: Origin,
+    /// Its affinity (docs/DESIGN.md#routing), read at admission.
+    affinity: Option<crate::session::gate::Affinity>,
     /// Accounts this turn could not reach (failover goes to the others).
     tried: Vec<String>,
     span: Span,
@@ -358,6 +360,7 @@ impl SessionActor {
             cancel_deadline: None,
             drain_deadline: None,
             origin,
+            affinity: None,
             tried: Vec::new(),
             span,
         }

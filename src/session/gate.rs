@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
-use tracing::{Span, warn};
+use tracing::{Span, info, warn};
 
 use super::SessionDeps;
 use crate::accounting::messages::RecordTurn;
@@ -15,6 +15,7 @@ use crate::billing::reservation::Refusal;
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
 use crate::db::queries::reservations::NewReservation;
+use crate::pool::routing::Candidate;
 use crate::protocol::errors::ErrorCode;
 use crate::record::{Origin, Transport, TurnRecord};
 use crate::session::turn::Outcome;
@@ -197,35 +198,124 @@ pub fn bound_account(
     Ok(None)
 }
 
-/// Accounts in the order a turn prefers them (docs/DESIGN.md#accounts): those not cooling down
-/// first, among them `held` (the one a session holds a lease on); accounts in `tried` are left
-/// out. A turn bound to a stored response's account goes there, and only there.
-pub fn candidates(
-    deps: &SessionDeps,
-    tried: &[String],
-    bound: Option<&str>,
-    held: Option<&str>,
-) -> Vec<(String, usize)> {
-    let all = deps.accounts.iter().filter(|a| !tried.contains(&a.name));
-    if let Some(bound) = bound {
-        return all
-            .filter(|a| a.name == bound)
-            .map(|a| (a.name.clone(), a.turn_limit))
-            .collect();
-    }
+/// How a turn chooses among accounts (docs/DESIGN.md#routing).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Route<'a> {
+    /// Accounts it could not reach (left out).
+    pub tried: &'a [String],
+    /// The account of the stored response it continues: that one only.
+    pub bound: Option<&'a str>,
+    /// The account of the lease a session holds (its connection carries the chain).
+    pub held: Option<&'a str>,
+    /// The account that served the last turn of its affinity.
+    pub sticky: Option<&'a str>,
+    /// The rendezvous seed (the affinity's, else the session's or request's).
+    pub seed: u64,
+}
+
+/// Accounts in the order a turn tries them, with their turn limits (`pool::routing::order`);
+/// a turn bound to a stored response's account gets that one only.
+pub fn candidates(deps: &SessionDeps, route: Route<'_>) -> Vec<(String, usize)> {
+    let all: Vec<&super::AccountHandle> = deps
+        .accounts
+        .iter()
+        .filter(|a| !route.tried.contains(&a.name))
+        .filter(|a| route.bound.is_none_or(|b| b == a.name))
+        .collect();
     let now = Instant::now();
-    let mut out: Vec<(bool, bool, String, usize)> = all
-        .map(|a| {
-            (
-                a.health.cooling(now),
-                held != Some(a.name.as_str()),
-                a.name.clone(),
-                a.turn_limit,
-            )
+    let view: Vec<Candidate<'_>> = all
+        .iter()
+        .map(|a| Candidate {
+            name: &a.name,
+            priority: a.priority,
+            weight: a.weight,
+            cooling: a.health.cooling(now),
+            held: route.held == Some(a.name.as_str()),
         })
         .collect();
-    out.sort_by_key(|(cooling, other, _, _)| (*cooling, *other));
-    out.into_iter().map(|(_, _, n, l)| (n, l)).collect()
+    crate::pool::routing::order(&view, route.sticky, route.seed)
+        .into_iter()
+        .map(|i| (all[i].name.clone(), all[i].turn_limit))
+        .collect()
+}
+
+/// A turn's affinity (docs/DESIGN.md#routing): its key, and the account that served the last
+/// turn of it (with when that was written), if remembered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Affinity {
+    pub key: String,
+    pub known: Option<(String, NaiveDateTime)>,
+}
+
+impl Affinity {
+    pub fn sticky(&self) -> Option<&str> {
+        self.known.as_ref().map(|(a, _)| a.as_str())
+    }
+
+    pub fn seed(&self) -> u64 {
+        crate::pool::routing::seed_of(&self.key)
+    }
+}
+
+/// Reads the affinity of `key` (none without a key; not read with `pool.affinity_ttl_s = 0`,
+/// or when the database does not answer: the rendezvous order alone then routes the turn).
+pub fn read_affinity(
+    deps: &SessionDeps,
+    key_id: i64,
+    key: Option<String>,
+) -> impl Future<Output = Option<Affinity>> + 'static {
+    let db = deps.db.clone();
+    let keep = deps.settings.pool.affinity_ttl_s > 0;
+    async move {
+        let key = key?;
+        let known = if keep {
+            let k = key.clone();
+            let read = async move { queries::affinity::lookup(&db, key_id, &k).await };
+            crate::db::within(crate::db::READ_DEADLINE, read)
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        Some(Affinity { key, known })
+    }
+}
+
+/// After a turn `account` served: the affinity now points there (written in the background,
+/// only when it changed or a quarter of its TTL has passed). A move away from the remembered
+/// account is logged and counted: it costs the prompt cache.
+pub fn remember_affinity(
+    deps: &SessionDeps,
+    key_id: i64,
+    affinity: &Affinity,
+    account: &str,
+    span: &Span,
+) {
+    let ttl_s = deps.settings.pool.affinity_ttl_s;
+    if ttl_s == 0 || account.is_empty() {
+        return;
+    }
+    let ttl = chrono::Duration::seconds(i64::try_from(ttl_s).unwrap_or(i64::MAX / 1000));
+    let at = crate::db::now();
+    if let Some((known, written)) = &affinity.known {
+        if known == account && at - *written < ttl / 4 {
+            return;
+        }
+        if known != account {
+            ::metrics::counter!(metric::AFFINITY_MOVES, "from" => known.clone()).increment(1);
+            info!(parent: span, from = %known, to = account, affinity = %affinity.key,
+                "affinity moved: its account could not take the turn");
+        }
+    }
+    let db = deps.db.clone();
+    let (key, account) = (affinity.key.clone(), account.to_string());
+    actix::spawn(async move {
+        let write =
+            async move { queries::affinity::remember(&db, key_id, &key, &account, at + ttl).await };
+        // Best effort: a lost write costs one cache miss, never a turn.
+        let _ = crate::db::within(crate::db::READ_DEADLINE, write).await;
+    });
 }
 
 /// Who a turn was, for its record.

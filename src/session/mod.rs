@@ -34,6 +34,10 @@ use crate::pool::ContextPool;
 pub struct AccountHandle {
     pub name: String,
     pub turn_limit: usize,
+    /// Lower first (docs/DESIGN.md#routing).
+    pub priority: i32,
+    /// Share of turns among accounts of one priority.
+    pub weight: u32,
     pub pool: Addr<ContextPool>,
     /// Whether it is cooling down after failed dials (docs/DESIGN.md#accounts).
     pub health: Arc<crate::pool::health::Health>,

@@ -19,6 +19,7 @@ pub fn passes_through(name: &str) -> bool {
         name,
         "openai-beta"
             | "session-id"
+            | "session_id"
             | "thread-id"
             | "x-client-request-id"
             | "originator"

@@ -167,10 +167,18 @@ impl Conn {
     }
 }
 
-/// One request on a fresh connection: (status, JSON body).
+/// One request on a fresh connection: (status, JSON body) — for an SSE answer, its last
+/// event's data.
 pub fn post_json(addr: &str, path: &str, key: &str, body: &Value) -> (u16, Value) {
     let mut c = Conn::open(addr);
     let head = c.post(path, key, body);
+    if head
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream"))
+    {
+        let last = c.events().pop().map(|e| e.data).unwrap_or(Value::Null);
+        return (head.status, last);
+    }
     let v = c.json(&head);
     (head.status, v)
 }

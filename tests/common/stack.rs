@@ -144,6 +144,23 @@ impl Stack {
         Some((s, proxy))
     }
 
+    /// A second relay on this stack's database and config (a spool of its own), with `env`.
+    pub fn second_relay(&self, env: &[(&str, &str)]) -> (Proc, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = turnpike();
+        cmd.envs(env.iter().copied());
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .env("TURNPIKE_DATABASE__URL", &self.db.url)
+            .env("TURNPIKE_SERVER__BIND", "127.0.0.1:0")
+            .env("TURNPIKE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
+            .env("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "50")
+            .arg("serve");
+        let p = Proc::spawn(cmd);
+        let addr = p.listening_addr();
+        (p, addr, dir)
+    }
+
     pub fn config_path(&self) -> std::path::PathBuf {
         self._config.path().join("relay.toml")
     }

@@ -1,5 +1,6 @@
 //! Query functions, each working on both backends. Grouped by table.
 
+pub mod affinity;
 pub mod billing;
 pub mod bindings;
 pub mod fleet;

@@ -98,6 +98,10 @@ pub(crate) struct Exchange {
     model: String,
     request_id: String,
     session_id: String,
+    /// The client's own session id, if it sent one.
+    client_session: Option<String>,
+    /// The turn's affinity (docs/DESIGN.md#routing), read at admission.
+    affinity: Option<gate::Affinity>,
     accepted_wall: NaiveDateTime,
     tracker: TurnTracker,
     standing: Option<(ApiKey, User)>,
@@ -140,7 +144,7 @@ impl Exchange {
             .clone()
             .ok_or_else(|| HttpError::new(ErrorCode::ModelRequired, "the request needs `model`"))?;
         let request_id = format!("turn_{}", random_hex(12));
-        let session_id = session.unwrap_or_else(|| request_id.clone());
+        let session_id = session.clone().unwrap_or_else(|| request_id.clone());
         let stream = kind == Kind::Responses && frame.stream;
         let span = info_span!("http_turn", request_id = %request_id, key = %principal.key_prefix,
             path = %path, stream, account = tracing::field::Empty);
@@ -164,6 +168,8 @@ impl Exchange {
             model,
             request_id,
             session_id,
+            client_session: session,
+            affinity: None,
             accepted_wall: crate::db::now(),
             standing: None,
             bound: None,
@@ -201,11 +207,17 @@ impl Exchange {
             .store
             .then(|| self.frame.previous_response_id.clone())
             .flatten();
-        let (standing, binding) = futures_util::future::join(
+        let affinity = crate::pool::routing::affinity_key(
+            self.frame.prompt_cache_key.as_deref(),
+            self.client_session.as_deref(),
+        );
+        let (standing, binding, affinity) = futures_util::future::join3(
             gate::read_standing(deps.db.clone(), key),
             gate::read_binding(&deps, previous),
+            gate::read_affinity(&deps, key, affinity),
         )
         .await;
+        self.affinity = affinity;
         // Unlike a session, a request has no earlier standing to fall back on: a database that
         // does not answer refuses it (a limited key could not be held to its limit).
         let standing = standing.map_err(|_| {
@@ -256,7 +268,17 @@ impl Exchange {
 
     /// A turn slot on the first account that has room (`tried` left out).
     fn take_account(&mut self) -> Result<(), End> {
-        let candidates = gate::candidates(&self.deps, &self.tried, self.bound.as_deref(), None);
+        let route = gate::Route {
+            tried: &self.tried,
+            bound: self.bound.as_deref(),
+            held: None,
+            sticky: self.affinity.as_ref().and_then(|a| a.sticky()),
+            seed: self.affinity.as_ref().map_or_else(
+                || crate::pool::routing::seed_of(&self.request_id),
+                |a| a.seed(),
+            ),
+        };
+        let candidates = gate::candidates(&self.deps, route);
         let slot = self.deps.slots.account_turn(&candidates).ok_or_else(|| {
             End::refused(
                 ErrorCode::AccountBusy,
@@ -605,6 +627,17 @@ impl Exchange {
             span: &self.span,
         };
         let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);
+        if let Some(affinity) = &self.affinity
+            && record.usage_source != crate::record::UsageSource::None
+        {
+            gate::remember_affinity(
+                &self.deps,
+                self.principal.key_id,
+                affinity,
+                &record.account,
+                &self.span,
+            );
+        }
         crate::telemetry::turn_ended(&record, self.tracker.usage_malformed);
         info!(parent: &self.span, status = %record.status, usage_source = %record.usage_source,
             response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,

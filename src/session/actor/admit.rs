@@ -69,40 +69,48 @@ impl SessionActor {
         let generation = self.generation;
         let standing = self.read_standing();
         let binding = self.read_binding();
-        let reads = futures_util::future::join(standing, binding);
-        ctx.spawn(reads.into_actor(self).map(move |(res, binding), act, ctx| {
-            if act.generation != generation {
-                return;
-            }
-            if let Some((code, message)) = act.refusal(res) {
-                return act.reject(code, &message, ctx);
-            }
-            if let Some((code, message)) = act.apply_binding(binding) {
-                return act.reject(code, &message, ctx);
-            }
-            let slots = act.deps.slots.clone();
-            let Some(key_slot) =
-                slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
-            else {
-                return act.reject(
-                    ErrorCode::ConcurrencyLimitExceeded,
-                    "this key has its maximum of turns in flight",
-                    ctx,
-                );
-            };
-            let candidates = act.account_candidates();
-            let Some(account_slot) = slots.account_turn(&candidates) else {
-                return act.reject(
-                    ErrorCode::AccountBusy,
-                    "every upstream account is at its turn limit",
-                    ctx,
-                );
-            };
-            if let Some(turn) = act.turn.as_mut() {
-                turn.account_slot = Some(account_slot);
-            }
-            act.fleet_slot_then_reserve(key_slot, generation, ctx);
-        }));
+        let affinity = self.read_affinity();
+        let reads = futures_util::future::join3(standing, binding, affinity);
+        ctx.spawn(
+            reads
+                .into_actor(self)
+                .map(move |(res, binding, affinity), act, ctx| {
+                    if act.generation != generation {
+                        return;
+                    }
+                    if let Some(turn) = act.turn.as_mut() {
+                        turn.affinity = affinity;
+                    }
+                    if let Some((code, message)) = act.refusal(res) {
+                        return act.reject(code, &message, ctx);
+                    }
+                    if let Some((code, message)) = act.apply_binding(binding) {
+                        return act.reject(code, &message, ctx);
+                    }
+                    let slots = act.deps.slots.clone();
+                    let Some(key_slot) =
+                        slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
+                    else {
+                        return act.reject(
+                            ErrorCode::ConcurrencyLimitExceeded,
+                            "this key has its maximum of turns in flight",
+                            ctx,
+                        );
+                    };
+                    let candidates = act.account_candidates();
+                    let Some(account_slot) = slots.account_turn(&candidates) else {
+                        return act.reject(
+                            ErrorCode::AccountBusy,
+                            "every upstream account is at its turn limit",
+                            ctx,
+                        );
+                    };
+                    if let Some(turn) = act.turn.as_mut() {
+                        turn.account_slot = Some(account_slot);
+                    }
+                    act.fleet_slot_then_reserve(key_slot, generation, ctx);
+                }),
+        );
     }
 
     /// docs/DESIGN.md#fleet-slots: a key with a turn limit counts its turn for the whole
@@ -266,10 +274,36 @@ impl SessionActor {
     /// holds a lease on first among those not cooling; accounts the turn already failed to
     /// reach are left out; a turn continuing a stored response goes to its account only.
     pub(super) fn account_candidates(&self) -> Vec<(String, usize)> {
-        let tried: &[String] = self.turn.as_ref().map_or(&[], |t| &t.tried);
-        let bound = self.turn.as_ref().and_then(|t| t.bound_account.as_deref());
+        let turn = self.turn.as_ref();
+        let affinity = turn.and_then(|t| t.affinity.as_ref());
         let held = self.lease.as_ref().map(|l| l.account.to_string());
-        gate::candidates(&self.deps, tried, bound, held.as_deref())
+        let route = gate::Route {
+            tried: turn.map_or(&[], |t| &t.tried),
+            bound: turn.and_then(|t| t.bound_account.as_deref()),
+            held: held.as_deref(),
+            sticky: affinity.and_then(|a| a.sticky()),
+            seed: affinity.map_or_else(
+                || crate::pool::routing::seed_of(&self.id),
+                gate::Affinity::seed,
+            ),
+        };
+        gate::candidates(&self.deps, route)
+    }
+
+    /// The affinity of the turn in flight: its `prompt_cache_key`, else the client's session id.
+    fn read_affinity(&self) -> impl Future<Output = Option<gate::Affinity>> + 'static {
+        let session = self
+            .headers
+            .iter()
+            .find(|(k, _)| k == "session-id" || k == "session_id")
+            .map(|(_, v)| v.as_str());
+        let key = crate::pool::routing::affinity_key(
+            self.turn
+                .as_ref()
+                .and_then(|t| t.frame.prompt_cache_key.as_deref()),
+            session,
+        );
+        gate::read_affinity(&self.deps, self.principal.key_id, key)
     }
 
     /// The upstream answered the turn with an account-level error before anything was

@@ -286,6 +286,7 @@ impl SessionActor {
             max_output_tokens: None,
             stream_id: template.stream_id,
             stream: false,
+            prompt_cache_key: None,
         };
         let mut turn = self.new_turn(frame, template.model, now, Origin::Steer, id);
         // Nothing of it was sent by the relay: it cannot be retried or replayed elsewhere.
