@@ -147,7 +147,9 @@ pub fn start_relay_with(
     let mut accounts = Vec::new();
     for a in &settings.accounts {
         let key = a.resolve_key()?;
-        let health = Arc::new(crate::pool::health::Health::default());
+        let health = Arc::new(crate::pool::health::Health::new(
+            settings.pool.refused_credential,
+        ));
         let http = Arc::new(crate::upstream::http::Endpoint {
             account: a.name.clone(),
             base_url: a.base_url.trim_end_matches('/').to_string(),

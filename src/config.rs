@@ -264,6 +264,10 @@ pub struct PoolSettings {
     /// (the rendezvous order alone then keeps an affinity on one account while the set of
     /// eligible accounts does not change).
     pub affinity_ttl_s: u64,
+    /// An account whose credential the upstream refuses (401/403) is disabled: `probe` (one
+    /// dial a minute; enabled again when one works) or `operator` (until
+    /// `POST /admin/accounts/{name}/enable`).
+    pub refused_credential: OnRefusedCredential,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,6 +335,7 @@ impl Default for PoolSettings {
             max_idle: 8,
             idle_timeout_s: 300,
             affinity_ttl_s: 3600,
+            refused_credential: OnRefusedCredential::Probe,
         }
     }
 }
@@ -411,6 +416,17 @@ pub struct LogSettings {
     /// Refused handshakes are not logged one by one: one summary line per this many seconds
     /// (counts by reason and by address prefix) when there were any.
     pub refusal_summary_s: u64,
+}
+
+/// What happens to an account whose credential the upstream refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRefusedCredential {
+    /// Disabled, probed once a minute: a fixed credential serves again by itself.
+    #[default]
+    Probe,
+    /// Disabled until an operator enables it.
+    Operator,
 }
 
 /// One upstream account: a credential and the pool of upstream sockets opened with it.

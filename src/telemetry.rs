@@ -42,6 +42,7 @@ pub mod metric {
     pub const LEASES_RECOVERED: &str = "turnpike_upstream_leases_recovered_total";
     pub const ACCOUNT_COOLING: &str = "turnpike_upstream_account_cooling";
     pub const AFFINITY_MOVES: &str = "turnpike_affinity_moves_total";
+    pub const ACCOUNT_STATE: &str = "turnpike_upstream_account_state";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
     pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
@@ -70,6 +71,7 @@ pub mod metric {
         LEASES_RECOVERED,
         ACCOUNT_COOLING,
         AFFINITY_MOVES,
+        ACCOUNT_STATE,
         SPOOL_BACKLOG,
         SPOOL_BACKLOG_AGE,
         BATCH_ROWS,
@@ -145,6 +147,7 @@ pub fn register_metrics(accounts: &[String]) {
         counter!(LEASES_RECOVERED, "account" => a.clone()).increment(0);
         gauge!(ACCOUNT_COOLING, "account" => a.clone()).set(0.0);
         counter!(AFFINITY_MOVES, "from" => a.clone()).increment(0);
+        account_state(&a, "healthy");
         gauge!(LEASE_WAITERS, "account" => a.clone()).set(0.0);
         for state in ["idle", "leased", "parked", "dialing"] {
             gauge!(UPSTREAM_CONNECTIONS, "account" => a.clone(), "state" => state).set(0.0);
@@ -183,6 +186,17 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
         })
         .ok()?;
     builder.install_recorder().ok()
+}
+
+/// Every state an account's health can be in (`pool::health::View::state`).
+pub const ACCOUNT_STATES: [&str; 4] = ["healthy", "cooling", "probing", "disabled"];
+
+/// An account's health state as a gauge per state (1 for the current one).
+pub fn account_state(account: &str, current: &str) {
+    for state in ACCOUNT_STATES {
+        ::metrics::gauge!(metric::ACCOUNT_STATE, "account" => account.to_string(), "state" => state)
+            .set(if state == current { 1.0 } else { 0.0 });
+    }
 }
 
 /// A turn's record reached accounting: count it and its timing.

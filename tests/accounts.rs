@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::admin::TOKEN;
-use common::stack::{Stack, StackOptions};
+use common::post::post_json;
+use common::stack::{Stack, StackOptions, block};
 use common::{TestDb, http};
 use serde_json::json;
 
@@ -189,5 +190,171 @@ fn an_operator_disables_and_enables_an_account() {
     assert_eq!(rows[3].account, "sim", "the first account serves again");
     let (code, _) = http(&admin, "POST", "/admin/accounts/nope/disable", Some(TOKEN));
     assert_eq!(code, 404);
+    s.finish();
+}
+
+fn refuse(s: &Stack, key: &str, status: Option<u16>, retry_after: Option<u64>) {
+    let body = json!({"key": key, "status": status, "retry_after": retry_after}).to_string();
+    let mut c = common::post::Conn::open(&s.sim_addr);
+    let head = c.send("POST", "/sim/refuse", None, body.as_bytes(), &[]);
+    assert_eq!(head.status, 200);
+}
+
+fn refused_count(s: &Stack, key: &str) -> u64 {
+    s.sim_stats()["refused"][key].as_u64().unwrap_or(0)
+}
+
+fn two_accounts() -> StackOptions<'static> {
+    StackOptions {
+        account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-2\"\n",
+        ..StackOptions::default()
+    }
+}
+
+/// An account answering 429 with `Retry-After: 2` (HTTP surface): every request completes on
+/// the other account, the refusing one is asked once per cooldown, shows `cooling` with its
+/// next probe, and serves again after it — on each backend.
+#[test]
+fn retry_after_sets_the_cooldown() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let (s, admin) = common::admin::start(db, &[], two_accounts());
+        refuse(&s, "sk-upstream", Some(429), Some(2));
+        let ask = |n: usize| {
+            for _ in 0..n {
+                let (code, body) = post_json(
+                    &s.addr,
+                    "/v1/responses",
+                    &s.key,
+                    &json!({"model": "gpt-test", "input": "hi", "store": false}),
+                );
+                assert_eq!(code, 200, "{backend}: {body}");
+            }
+        };
+        ask(20);
+        let rows = s.rows(20);
+        assert!(
+            rows.iter().all(|r| r.account == "second"),
+            "{backend}: {rows:?}"
+        );
+        assert_eq!(
+            refused_count(&s, "sk-upstream"),
+            1,
+            "{backend}: asked once per cooldown"
+        );
+        let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
+        let sim = pools["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["account"] == "sim")
+            .unwrap()
+            .clone();
+        assert_eq!(sim["health"], "cooling", "{sim}");
+        let next = sim["next_probe_ms"].as_u64().unwrap();
+        assert!(
+            (1..=2000).contains(&next),
+            "Retry-After, not the 1 s backoff: {sim}"
+        );
+        assert!(sim["since"].is_string(), "{sim}");
+        refuse(&s, "sk-upstream", None, None);
+        std::thread::sleep(Duration::from_millis(2100));
+        ask(20);
+        let rows = s.rows(40);
+        assert!(
+            rows[20..].iter().any(|r| r.account == "sim"),
+            "{backend}: serves again: {rows:?}"
+        );
+        s.finish();
+    }
+}
+
+/// A refused credential (401) disables the account: the turn completes on the other one, the
+/// account is not redialled, operators see `disabled` / `credential_refused` (admin and
+/// metrics) and enable it again; all accounts out → `upstream_unavailable` naming the wait.
+#[test]
+fn a_refused_credential_disables_the_account() {
+    // The second account is the backup (priority 1): the first is tried first.
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[],
+        StackOptions {
+            account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-2\"\npriority = 1\n",
+            ..StackOptions::default()
+        },
+    );
+    refuse(&s, "sk-upstream", Some(401), None);
+    for _ in 0..4 {
+        let mut c = s.client();
+        c.send(
+            &json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}),
+        );
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+    }
+    assert!(s.rows(4).iter().all(|r| r.account == "second"));
+    assert_eq!(
+        refused_count(&s, "sk-upstream"),
+        1,
+        "tried first, then never redialled: {}",
+        s.sim_stats()
+    );
+    let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
+    let sim = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["account"] == "sim")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (sim["health"].as_str(), sim["reason"].as_str()),
+        (Some("disabled"), Some("credential_refused")),
+        "{sim}"
+    );
+    let state = common::admin::metric(
+        &admin,
+        "turnpike_upstream_account_state{account=\"sim\",state=\"disabled\"}",
+    );
+    assert_eq!(state, 1.0);
+    // The other one refused too: nothing can serve, and the client is told when to retry.
+    refuse(&s, "sk-2", Some(429), Some(30));
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &json!({"model": "gpt-test", "input": "hi"}),
+    );
+    assert_eq!(code, 429, "the upstream's own refusal: {body}");
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &json!({"model": "gpt-test", "input": "hi"}),
+    );
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (503, Some("upstream_unavailable")),
+        "{body}"
+    );
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("retry in"), "{msg}");
+    // Fixed and enabled by an operator: it serves again.
+    refuse(&s, "sk-upstream", None, None);
+    let (code, body) = http(&admin, "POST", "/admin/accounts/sim/enable", Some(TOKEN));
+    assert_eq!(
+        (code, body["health"].as_str()),
+        (200, Some("healthy")),
+        "{body}"
+    );
+    let (code, _) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &json!({"model": "gpt-test", "input": "hi"}),
+    );
+    assert_eq!(code, 200);
     s.finish();
 }

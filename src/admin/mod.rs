@@ -135,8 +135,8 @@ fn set_account(
     account.health.set_disabled(disabled);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(account = %name, disabled, from = %peer, "account set by an operator");
-    let (health, failures) = account.health.describe(std::time::Instant::now());
-    Ok(HttpResponse::Ok().json(json!({"account": name, "health": health, "failures": failures})))
+    let view = account.health.view(std::time::Instant::now());
+    Ok(HttpResponse::Ok().json(json!({"account": name, "health": view.state, "reason": view.reason, "failures": view.failures})))
 }
 
 /// The bearer token, compared in constant time.
@@ -357,6 +357,7 @@ async fn metrics(
             }
             ::metrics::gauge!(metric::LEASE_WAITERS, "account" => a.name.clone())
                 .set(p.waiters as f64);
+            crate::telemetry::account_state(&a.name, &p.health);
         }
     }
     if let Ok(n) = state

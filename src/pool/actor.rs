@@ -8,6 +8,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use super::health::Failure;
 use super::messages::{
     Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
 };
@@ -530,10 +531,19 @@ impl Handler<ConnStatus> for ContextPool {
                     };
                 }
             }
-            ConnStatus::DialFailed { conn, error } => {
+            ConnStatus::DialFailed {
+                conn,
+                error,
+                status,
+            } => {
                 ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
                     .increment(1);
-                let (wait, first) = self.health.failed(&error, Instant::now());
+                let failure = Failure {
+                    error: &error,
+                    retry_after: None,
+                    credential_refused: matches!(status, Some(401 | 403)),
+                };
+                let (wait, first) = self.health.failed(&failure, Instant::now());
                 if first {
                     warn!(account = %self.account, error = %error, cooling_ms = wait.as_millis() as u64,
                         "upstream account failing; turns go to other accounts while it cools down");
@@ -591,7 +601,7 @@ impl Handler<PoolStats> for ContextPool {
     type Result = MessageResult<PoolStats>;
 
     fn handle(&mut self, _: PoolStats, _: &mut Context<Self>) -> Self::Result {
-        let (health, failures) = self.health.describe(Instant::now());
+        let view = self.health.view(Instant::now());
         let mut s = PoolSnapshot {
             account: self.account.to_string(),
             waiters: self.waiters.len(),
@@ -599,8 +609,12 @@ impl Handler<PoolStats> for ContextPool {
             leases_total: self.leases_total,
             reclaimed_total: self.reclaimed_total,
             recovered_total: self.recovered_total,
-            health: health.to_string(),
-            failures,
+            health: view.state.to_string(),
+            reason: view.reason.map(str::to_string),
+            failures: view.failures,
+            failures_total: view.failures_total,
+            since: view.since,
+            next_probe_ms: view.next_probe_ms,
             last_error: self.health.last_error(),
             ..PoolSnapshot::default()
         };

@@ -1,104 +1,230 @@
-//! An upstream account's health (docs/DESIGN.md#accounts): after a failed dial the account
-//! cools down — no dial until its backoff has passed, then one probe — and sessions prefer the
-//! accounts that are not cooling. Shared by the pool (which records dials) and the sessions
-//! (which choose accounts); the backoff rule is pure.
+//! An upstream account's health (docs/DESIGN.md#accounts): after a failed dial or request the
+//! account cools down — no dial until its `Retry-After` or its backoff (with jitter) has passed,
+//! then one probe — and turns prefer the accounts that are not cooling. A refused credential
+//! (401/403) disables the account: it is probed once a minute (`pool.refused_credential =
+//! "probe"`) or waits for an operator (`"operator"`). Shared by the pool (dials), the sessions
+//! and HTTP requests (which choose accounts and see in-band refusals); the rules are pure.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// First backoff after a failed dial; doubled per failure in a row, capped.
+use chrono::NaiveDateTime;
+use serde::Serialize;
+
+pub use crate::config::OnRefusedCredential;
+
+/// First backoff after a failure; doubled per failure in a row, capped.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The longest `Retry-After` believed (an upstream's "come back tomorrow" is probed sooner).
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(600);
 
-/// How long an account cools after `failures` failed dials in a row.
+/// How long an account cools after `failures` failures in a row, before jitter.
 pub fn backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     BACKOFF_FIRST.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
 }
 
+/// `backoff` spread over ±20 % by `unit` (uniform in [0, 1)), so relays that saw one outage
+/// do not probe in step.
+pub fn jittered(failures: u32, unit: f64) -> Duration {
+    backoff(failures).mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
+}
+
+/// A `Retry-After` header's delay (whole seconds; an HTTP date is not trusted), capped.
+pub fn retry_after(value: &str) -> Option<Duration> {
+    let s: u64 = value.trim().parse().ok()?;
+    Some(Duration::from_secs(s).min(RETRY_AFTER_MAX))
+}
+
+fn unit_random() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One failure of an account.
+#[derive(Debug, Clone, Default)]
+pub struct Failure<'a> {
+    /// What operators see (the upstream's status and words, no secrets).
+    pub error: &'a str,
+    pub retry_after: Option<Duration>,
+    /// 401/403, or an in-band `invalid_api_key`.
+    pub credential_refused: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disabled {
+    Operator,
+    Credential,
+}
+
 #[derive(Debug, Default)]
 struct State {
     failures: u32,
+    failures_total: u64,
     cooling_until: Option<Instant>,
     last_error: Option<String>,
-    /// Taken out by an operator: never dialled until enabled again.
-    disabled: bool,
+    disabled: Option<Disabled>,
+    /// When the current spell (failing or disabled) started.
+    since: Option<NaiveDateTime>,
+}
+
+/// One account's health, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct View {
+    /// `healthy`, `cooling` (no dial until `next_probe_ms`), `probing` (the next dial decides)
+    /// or `disabled`.
+    pub state: &'static str,
+    /// Why it is disabled: `operator` or `credential_refused`.
+    pub reason: Option<&'static str>,
+    /// Failures in a row, and since the start.
+    pub failures: u32,
+    pub failures_total: u64,
+    pub since: Option<NaiveDateTime>,
+    /// Milliseconds until the next probe may dial (cooling, or disabled and probed).
+    pub next_probe_ms: Option<u64>,
 }
 
 /// One account's health.
 #[derive(Debug, Default)]
 pub struct Health {
     state: Mutex<State>,
+    on_refused: OnRefusedCredential,
 }
 
 impl Health {
+    pub fn new(on_refused: OnRefusedCredential) -> Self {
+        Self {
+            state: Mutex::default(),
+            on_refused,
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A dial failed: cool down (longer each time in a row). Returns the cooling time and
-    /// whether this starts a failing spell (the one moment worth a log line).
-    pub fn failed(&self, error: &str, now: Instant) -> (Duration, bool) {
+    /// A dial or request failed: cool down (its `Retry-After`, else longer each time in a
+    /// row), or be disabled for a refused credential. Returns the wait and whether this starts
+    /// a failing spell (the one moment worth a log line).
+    pub fn failed(&self, f: &Failure<'_>, now: Instant) -> (Duration, bool) {
         let mut s = self.state();
         s.failures += 1;
-        let wait = backoff(s.failures);
+        s.failures_total += 1;
+        let first = s.failures == 1 && s.disabled.is_none();
+        if first {
+            s.since = Some(crate::db::now());
+        }
+        let wait = if f.credential_refused {
+            if s.disabled.is_none() {
+                s.disabled = Some(Disabled::Credential);
+            }
+            BACKOFF_MAX
+        } else {
+            f.retry_after
+                .unwrap_or_else(|| jittered(s.failures, unit_random()))
+        };
         s.cooling_until = Some(now + wait);
         // The operator's view: the upstream's words, bounded.
-        s.last_error = Some(error.chars().take(300).collect());
-        (wait, s.failures == 1)
+        s.last_error = Some(f.error.chars().take(300).collect());
+        (wait, first)
     }
 
-    /// A dial worked: healthy again. Returns whether it had been failing.
+    /// A dial or request worked: healthy again (a credential-disabled account too: its probe
+    /// passed). Returns whether it had been failing.
     pub fn recovered(&self) -> bool {
         let mut s = self.state();
-        let was = s.failures > 0;
+        let was = s.failures > 0 || s.disabled == Some(Disabled::Credential);
+        if !was {
+            return false;
+        }
         s.failures = 0;
         s.cooling_until = None;
-        was
+        s.since = None;
+        if s.disabled == Some(Disabled::Credential) {
+            s.disabled = None;
+        }
+        true
     }
 
-    /// Whether no dial should be tried now (cooling, or disabled by an operator).
+    /// Whether no dial should be tried now (cooling, or disabled).
     pub fn cooling(&self, now: Instant) -> bool {
         let s = self.state();
-        s.disabled || s.cooling_until.is_some_and(|t| now < t)
+        match s.disabled {
+            Some(Disabled::Operator) => true,
+            Some(Disabled::Credential) if self.on_refused == OnRefusedCredential::Operator => true,
+            _ => s.cooling_until.is_some_and(|t| now < t),
+        }
     }
 
     /// An operator takes the account out (`true`) or puts it back (`false`, healthy again).
     pub fn set_disabled(&self, disabled: bool) {
         let mut s = self.state();
-        s.disabled = disabled;
-        if !disabled {
+        if disabled {
+            s.disabled = Some(Disabled::Operator);
+            s.since = Some(crate::db::now());
+        } else {
+            s.disabled = None;
             s.failures = 0;
             s.cooling_until = None;
+            s.since = None;
         }
     }
 
     /// Whether it is out: its last dial failed (until a dial succeeds), or it is disabled.
     pub fn failing(&self) -> bool {
         let s = self.state();
-        s.disabled || s.failures > 0
+        s.disabled.is_some() || s.failures > 0
     }
 
     pub fn last_error(&self) -> Option<String> {
         self.state().last_error.clone()
     }
 
-    /// (state, failures in a row) for operators.
-    pub fn describe(&self, now: Instant) -> (&'static str, u32) {
+    /// The state for operators and metrics.
+    pub fn view(&self, now: Instant) -> View {
         let s = self.state();
-        let state = match s.cooling_until {
-            _ if s.disabled => "disabled",
-            Some(t) if now < t => "cooling",
-            _ if s.failures > 0 => "probing",
-            _ => "healthy",
+        let next_probe_ms = |s: &State| {
+            s.cooling_until
+                .filter(|t| now < *t)
+                .map(|t| (t - now).as_millis() as u64)
         };
-        (state, s.failures)
+        let (state, reason, next) = match s.disabled {
+            Some(Disabled::Operator) => ("disabled", Some("operator"), None),
+            Some(Disabled::Credential) => (
+                "disabled",
+                Some("credential_refused"),
+                (self.on_refused == OnRefusedCredential::Probe)
+                    .then(|| next_probe_ms(&s).unwrap_or(0)),
+            ),
+            None => match next_probe_ms(&s) {
+                Some(ms) => ("cooling", None, Some(ms)),
+                None if s.failures > 0 => ("probing", None, Some(0)),
+                None => ("healthy", None, None),
+            },
+        };
+        View {
+            state,
+            reason,
+            failures: s.failures,
+            failures_total: s.failures_total,
+            since: s.since,
+            next_probe_ms: next,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fail(error: &str) -> Failure<'_> {
+        Failure {
+            error,
+            ..Failure::default()
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
@@ -107,6 +233,16 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(7), Duration::from_secs(60));
         assert_eq!(backoff(u32::MAX), Duration::from_secs(60));
+        assert_eq!(jittered(2, 0.0), Duration::from_millis(1600));
+        assert_eq!(jittered(2, 0.5), Duration::from_secs(2));
+        assert!(jittered(2, 0.999) < Duration::from_millis(2400));
+    }
+
+    #[test]
+    fn retry_after_is_seconds_and_capped() {
+        assert_eq!(retry_after(" 2 "), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after("86400"), Some(Duration::from_secs(600)));
+        assert_eq!(retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
     }
 
     #[test]
@@ -114,22 +250,76 @@ mod tests {
         let h = Health::default();
         let t0 = Instant::now();
         assert!(!h.cooling(t0));
-        assert_eq!(h.failed("401", t0), (Duration::from_secs(1), true));
-        assert!(h.cooling(t0 + Duration::from_millis(500)));
-        assert_eq!(h.describe(t0).0, "cooling");
+        let (wait, first) = h.failed(&fail("429"), t0);
+        assert!(first && (Duration::from_millis(800)..Duration::from_millis(1200)).contains(&wait));
+        assert!(h.cooling(t0 + Duration::from_millis(700)));
+        assert_eq!(h.view(t0).state, "cooling");
+        assert!(h.view(t0).since.is_some());
         // Past the backoff: one probe may dial.
-        assert!(!h.cooling(t0 + Duration::from_secs(1)));
-        assert_eq!(h.describe(t0 + Duration::from_secs(1)).0, "probing");
-        assert!(!h.failed("401", t0).1, "the spell goes on: no new log line");
-        assert!(h.cooling(t0 + Duration::from_millis(1500)));
+        assert!(!h.cooling(t0 + Duration::from_secs(2)));
+        assert_eq!(h.view(t0 + Duration::from_secs(2)).state, "probing");
+        assert!(
+            !h.failed(&fail("429"), t0).1,
+            "the spell goes on: no new log line"
+        );
         assert!(h.recovered());
         assert!(!h.cooling(t0));
-        assert_eq!(h.describe(t0), ("healthy", 0));
-        assert_eq!(h.last_error().as_deref(), Some("401"));
+        let v = h.view(t0);
+        assert_eq!((v.state, v.failures, v.failures_total), ("healthy", 0, 2));
+        assert_eq!(h.last_error().as_deref(), Some("429"));
         h.set_disabled(true);
         assert!(h.cooling(t0 + Duration::from_secs(3600)) && h.failing());
-        assert_eq!(h.describe(t0).0, "disabled");
+        assert_eq!(h.view(t0).reason, Some("operator"));
         h.set_disabled(false);
         assert!(!h.cooling(t0) && !h.failing());
+    }
+
+    #[test]
+    fn retry_after_sets_the_wait() {
+        let h = Health::default();
+        let t0 = Instant::now();
+        let f = Failure {
+            error: "429",
+            retry_after: Some(Duration::from_secs(2)),
+            ..Failure::default()
+        };
+        assert_eq!(h.failed(&f, t0).0, Duration::from_secs(2));
+        assert!(h.cooling(t0 + Duration::from_millis(1900)));
+        assert!(!h.cooling(t0 + Duration::from_secs(2)));
+        assert_eq!(h.view(t0).next_probe_ms, Some(2000));
+    }
+
+    #[test]
+    fn a_refused_credential_disables() {
+        let refused = Failure {
+            error: "401",
+            credential_refused: true,
+            ..Failure::default()
+        };
+        let t0 = Instant::now();
+        // Probe: disabled, one dial a minute; a probe that works enables it again.
+        let h = Health::new(OnRefusedCredential::Probe);
+        assert_eq!(h.failed(&refused, t0).0, BACKOFF_MAX);
+        let v = h.view(t0);
+        assert_eq!(
+            (v.state, v.reason),
+            ("disabled", Some("credential_refused"))
+        );
+        assert!(h.cooling(t0 + Duration::from_secs(59)));
+        assert!(!h.cooling(t0 + Duration::from_secs(60)));
+        assert!(h.recovered());
+        assert_eq!(h.view(t0).state, "healthy");
+        // Operator: never dialled until enabled.
+        let h = Health::new(OnRefusedCredential::Operator);
+        h.failed(&refused, t0);
+        assert!(h.cooling(t0 + Duration::from_secs(3600)));
+        assert_eq!(h.view(t0).next_probe_ms, None);
+        h.set_disabled(false);
+        assert!(!h.cooling(t0));
+        // An operator's disable is not lifted by a probe.
+        let h = Health::default();
+        h.set_disabled(true);
+        assert!(!h.recovered());
+        assert!(h.cooling(t0));
     }
 }

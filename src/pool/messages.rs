@@ -100,11 +100,18 @@ pub struct PoolSnapshot {
     pub waiters: usize,
     pub dialled_total: u64,
     pub leases_total: u64,
-    /// `healthy`, `cooling` (after failed dials, no dial until its backoff passed) or
-    /// `probing` (the next dial decides).
+    /// `healthy`, `cooling` (after failures, no dial until its backoff or `Retry-After`
+    /// passed), `probing` (the next dial decides) or `disabled`.
     pub health: String,
-    /// Failed dials in a row.
+    /// Why it is disabled: `operator` or `credential_refused`.
+    pub reason: Option<String>,
+    /// Failures in a row, and since the start.
     pub failures: u32,
+    pub failures_total: u64,
+    /// When the current failing or disabled spell started.
+    pub since: Option<chrono::NaiveDateTime>,
+    /// Milliseconds until the next probe may dial.
+    pub next_probe_ms: Option<u64>,
     /// The last dial error (the upstream's status and words, no secrets).
     pub last_error: Option<String>,
 }

@@ -437,10 +437,10 @@ impl SessionActor {
                     // The detail (upstream URL, host) is for the operator's log only.
                     warn!(parent: &act.span, error = %err, "no upstream connection for the turn");
                     let message = match err {
-                        LeaseError::ShuttingDown => "the relay is shutting down",
-                        _ => "the upstream could not be reached; retry",
+                        LeaseError::ShuttingDown => "the relay is shutting down".to_string(),
+                        _ => crate::session::gate::unavailable(&act.deps),
                     };
-                    let e = act.turn_error(ErrorCode::UpstreamUnavailable, message);
+                    let e = act.turn_error(ErrorCode::UpstreamUnavailable, &message);
                     act.finish(
                         Ending::Rejected("upstream_unavailable"),
                         Delivery {

@@ -239,6 +239,23 @@ pub fn candidates(deps: &SessionDeps, route: Route<'_>) -> Vec<(String, usize)> 
         .collect()
 }
 
+/// What a client is told when no account could serve its turn: when every account is out
+/// (cooling or disabled), that, and when the next one may be tried.
+pub fn unavailable(deps: &SessionDeps) -> String {
+    let now = Instant::now();
+    let views: Vec<_> = deps.accounts.iter().map(|a| a.health.view(now)).collect();
+    if views.is_empty() || views.iter().any(|v| v.state == "healthy") {
+        return "the upstream could not be reached; retry".into();
+    }
+    match views.iter().filter_map(|v| v.next_probe_ms).min() {
+        Some(ms) => format!(
+            "every upstream account is cooling down or disabled; retry in {} s",
+            ms.div_ceil(1000).max(1)
+        ),
+        None => "every upstream account is disabled; an operator must enable one".into(),
+    }
+}
+
 /// A turn's affinity (docs/DESIGN.md#routing): its key, and the account that served the last
 /// turn of it (with when that was written), if remembered.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,20 +15,7 @@ use serde_json::{Value, json};
 
 use super::events::{self, Ids, Step};
 use super::script::{Fault, Script};
-use super::server::SimShared;
-
-/// The JSON error body of status `status` (the OpenAI HTTP shape).
-fn error_response(
-    status: u16,
-    code: Option<&str>,
-    message: &str,
-    param: Option<&str>,
-) -> HttpResponse {
-    let wrapped = events::wrapped_error(status, code, message, param);
-    let status = actix_web::http::StatusCode::from_u16(status)
-        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status).json(json!({"error": wrapped["error"]}))
-}
+use super::server::{SimShared, error_response};
 
 /// What the request asks for, checked; `Err` is the HTTP answer of a refused request.
 fn prepare(
@@ -36,13 +23,8 @@ fn prepare(
     body: &[u8],
     shared: &SimShared,
 ) -> Result<(Value, Script), Box<HttpResponse>> {
-    if !shared.authorised(req) {
-        return Err(Box::new(error_response(
-            401,
-            Some("invalid_api_key"),
-            "Incorrect API key provided.",
-            None,
-        )));
+    if let Some(refused) = shared.refusal(req) {
+        return Err(Box::new(refused));
     }
     let request: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
@@ -75,12 +57,19 @@ fn prepare(
     if let Some(Fault::Error { code, status }) = &script.fault
         && script.after == 0
     {
-        return Err(Box::new(error_response(
+        let mut res = error_response(
             *status,
             Some(code),
             &format!("Simulated error {code}."),
             None,
-        )));
+        );
+        if let Some(s) = script.retry_after {
+            res.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(s),
+            );
+        }
+        return Err(Box::new(res));
     }
     Ok((request, script))
 }

@@ -86,6 +86,8 @@ pub struct Script {
     /// A `response.steer` lets the response complete normally (then the successor starts)
     /// instead of ending it `incomplete` (reason `steered`).
     pub steer_completes: bool,
+    /// Over HTTP, an error answered before any byte carries `Retry-After: N`.
+    pub retry_after: Option<u64>,
 }
 
 impl Default for Script {
@@ -109,6 +111,7 @@ impl Default for Script {
             report_input: None,
             report_output: None,
             steer_completes: false,
+            retry_after: None,
         }
     }
 }
@@ -215,6 +218,7 @@ impl Script {
                 "report_input" => s.report_input = Some(num(need()?)?),
                 "report_output" => s.report_output = Some(num(need()?)?),
                 "steer_completes" => s.steer_completes = true,
+                "retry_after" => s.retry_after = Some(num(need()?)?),
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }

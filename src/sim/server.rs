@@ -85,6 +85,10 @@ struct Registry {
     stored: HashMap<String, Remembered>,
     /// Directives whose `once` fault has fired.
     fired: std::collections::HashSet<String>,
+    /// Keys refused with a status (and `Retry-After`) by `POST /sim/refuse`, and how many
+    /// requests each refusal answered.
+    refused: HashMap<String, (u16, Option<u64>)>,
+    refused_count: HashMap<String, u64>,
     /// HTTP requests (`POST /v1/responses…`), in arrival order.
     http: Vec<HttpRecord>,
     /// HTTP responses played to their end, and those whose client left (or that were cut).
@@ -208,6 +212,43 @@ impl SimShared {
         self.registry().rejected += 1;
     }
 
+    /// The answer to a request refused before anything — a missing or unknown key (401), or
+    /// a refusal set for its key — or `None`: it may go on.
+    pub fn refusal(&self, req: &HttpRequest) -> Option<HttpResponse> {
+        if !self.authorised(req) {
+            return Some(error_response(
+                401,
+                Some("invalid_api_key"),
+                "Incorrect API key provided.",
+                None,
+            ));
+        }
+        let key = bearer(req)?;
+        let mut r = self.registry();
+        let (status, retry_after) = r.refused.get(key).copied()?;
+        *r.refused_count.entry(key.to_string()).or_insert(0) += 1;
+        r.rejected += 1;
+        let code = match status {
+            401 => "invalid_api_key",
+            403 => "unsupported_country_region_territory",
+            429 => "rate_limit_exceeded",
+            _ => "server_error",
+        };
+        let mut res = error_response(
+            status,
+            Some(code),
+            &format!("Simulated refusal {status}."),
+            None,
+        );
+        if let Some(s) = retry_after {
+            res.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(s),
+            );
+        }
+        Some(res)
+    }
+
     /// Whether the request carries an accepted bearer key (counted as rejected when not).
     pub fn authorised(&self, req: &HttpRequest) -> bool {
         let ok = match bearer(req) {
@@ -311,6 +352,7 @@ pub fn start_on(
             )
             .route("/responses/compact", web::post().to(super::http::compact))
             .route("/sim/http", web::get().to(http_requests))
+            .route("/sim/refuse", web::post().to(refuse))
             .route("/sim/connections", web::get().to(connections))
             .route("/sim/stats", web::get().to(stats))
             .route(
@@ -359,13 +401,8 @@ async fn upgrade(
     stream: web::Payload,
     shared: web::Data<SimShared>,
 ) -> actix_web::Result<HttpResponse> {
-    if !shared.authorised(&req) {
-        return Ok(HttpResponse::Unauthorized().json(json!({"error": {
-            "message": "Incorrect API key provided.",
-            "type": "invalid_request_error",
-            "param": null,
-            "code": "invalid_api_key",
-        }})));
+    if let Some(refused) = shared.refusal(&req) {
+        return Ok(refused);
     }
     let headers = req
         .headers()
@@ -397,6 +434,43 @@ async fn connections(shared: web::Data<SimShared>) -> HttpResponse {
     HttpResponse::Ok().json(conns)
 }
 
+/// `POST /sim/refuse` `{"key", "status", "retry_after"}`: requests (handshakes and HTTP) with
+/// that bearer key get `status` (with `Retry-After`) until a `status: null` clears it.
+#[derive(Debug, serde::Deserialize)]
+struct Refuse {
+    key: String,
+    status: Option<u16>,
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+async fn refuse(shared: web::Data<SimShared>, body: web::Json<Refuse>) -> HttpResponse {
+    let Refuse {
+        key,
+        status,
+        retry_after,
+    } = body.into_inner();
+    let mut r = shared.registry();
+    match status {
+        Some(s) => r.refused.insert(key, (s, retry_after)),
+        None => r.refused.remove(&key),
+    };
+    HttpResponse::Ok().json(json!({"refused": r.refused.len()}))
+}
+
+/// A JSON error answer of `status` (the OpenAI HTTP shape).
+pub fn error_response(
+    status: u16,
+    code: Option<&str>,
+    message: &str,
+    param: Option<&str>,
+) -> HttpResponse {
+    let wrapped = super::events::wrapped_error(status, code, message, param);
+    let status = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status).json(json!({"error": wrapped["error"]}))
+}
+
 async fn http_requests(shared: web::Data<SimShared>) -> HttpResponse {
     let http = shared.registry().http.clone();
     HttpResponse::Ok().json(http)
@@ -413,5 +487,6 @@ async fn stats(shared: web::Data<SimShared>) -> HttpResponse {
         "http_completed": r.http_completed,
         "http_abandoned": r.http_abandoned,
         "tcp_accepted": shared.tcp_accepted.load(Ordering::Relaxed),
+        "refused": r.refused_count,
     }))
 }

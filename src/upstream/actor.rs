@@ -4,7 +4,7 @@ use actix::prelude::*;
 use awc::error::WsProtocolError;
 use awc::ws::{CloseCode, CloseReason, Frame, Message as WsMessage};
 use bytestring::ByteString;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::dial::{DialSpec, dial};
 use super::messages::{CloseConn, ConnStatus, LostReason, SendText, SetLessee, UpstreamEvent};
@@ -146,11 +146,13 @@ impl Actor for UpstreamConn {
                 act.pool.do_send(ConnStatus::Ready { conn: act.id });
             }
             Err(error) => {
-                warn!(conn = act.id, %error, "upstream dial failed");
+                // The pool logs the start and end of an account's failing spell, not each dial.
+                debug!(conn = act.id, %error, "upstream dial failed");
                 act.lost = true;
                 act.pool.do_send(ConnStatus::DialFailed {
                     conn: act.id,
-                    error,
+                    error: error.message,
+                    status: error.status,
                 });
                 ctx.stop();
             }

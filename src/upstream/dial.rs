@@ -100,8 +100,25 @@ pub(super) fn nodelay_tcp() -> impl Service<
 
 pub type Socket = Framed<BoxedSocket, Codec>;
 
+/// Why a dial failed: the operator's words, and the HTTP status if the upstream answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DialError {
+    pub message: String,
+    pub status: Option<u16>,
+}
+
+impl DialError {
+    fn plain(message: String) -> Self {
+        Self {
+            message,
+            status: None,
+        }
+    }
+}
+
 /// Opens the upstream WebSocket.
-pub async fn dial(spec: DialSpec) -> Result<Socket, String> {
+pub async fn dial(spec: DialSpec) -> Result<Socket, DialError> {
     let mut req = client()
         .ws(spec.url.as_str())
         .max_frame_size(spec.frame_max)
@@ -116,14 +133,23 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, String> {
     }
     // The URL goes to the operator's log only; clients get a generic message (docs/DESIGN.md#upstream-faults).
     match tokio::time::timeout(spec.timeout, req.connect()).await {
-        Err(_) => Err(format!("handshake with {} timed out", spec.url)),
+        Err(_) => Err(DialError::plain(format!(
+            "handshake with {} timed out",
+            spec.url
+        ))),
         // The status says why (401: the credential is refused, 429: rate-limited, 5xx: the
         // upstream's trouble); awc's own words leave it out.
-        Ok(Err(awc::error::WsClientError::InvalidResponseStatus(status))) => Err(format!(
-            "handshake with {}: the upstream answered HTTP {status}",
+        Ok(Err(awc::error::WsClientError::InvalidResponseStatus(status))) => Err(DialError {
+            message: format!(
+                "handshake with {}: the upstream answered HTTP {status}",
+                spec.url
+            ),
+            status: Some(status.as_u16()),
+        }),
+        Ok(Err(e)) => Err(DialError::plain(format!(
+            "handshake with {}: {e}",
             spec.url
-        )),
-        Ok(Err(e)) => Err(format!("handshake with {}: {e}", spec.url)),
+        ))),
         Ok(Ok((_, socket))) => Ok(socket),
     }
 }

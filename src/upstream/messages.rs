@@ -32,9 +32,19 @@ pub enum UpstreamEvent {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum ConnStatus {
-    Ready { conn: u64 },
-    DialFailed { conn: u64, error: String },
-    Broken { conn: u64, reason: LostReason },
+    Ready {
+        conn: u64,
+    },
+    /// `status`: the HTTP status the upstream refused the handshake with, if it answered.
+    DialFailed {
+        conn: u64,
+        error: String,
+        status: Option<u16>,
+    },
+    Broken {
+        conn: u64,
+        reason: LostReason,
+    },
 }
 
 /// Write a text frame upstream (from the lessee).

@@ -17,6 +17,7 @@ use crate::auth::Principal;
 use crate::db::models::{ApiKey, User};
 use crate::http::error::HttpError;
 use crate::ids::random_hex;
+use crate::pool::health::Failure;
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::CreateFrame;
@@ -278,7 +279,25 @@ impl Exchange {
                 |a| a.seed(),
             ),
         };
-        let candidates = gate::candidates(&self.deps, route);
+        // A cooling or disabled account gets no request until its probe is due (a WebSocket
+        // dial is held back by its pool the same way).
+        let now = Instant::now();
+        let cooling = |name: &str| {
+            self.deps
+                .accounts
+                .iter()
+                .any(|a| a.name == name && a.health.cooling(now))
+        };
+        let candidates: Vec<(String, usize)> = gate::candidates(&self.deps, route)
+            .into_iter()
+            .filter(|(name, _)| !cooling(name))
+            .collect();
+        if candidates.is_empty() {
+            return Err(End::refused(
+                ErrorCode::UpstreamUnavailable,
+                gate::unavailable(&self.deps),
+            ));
+        }
         let slot = self.deps.slots.account_turn(&candidates).ok_or_else(|| {
             End::refused(
                 ErrorCode::AccountBusy,
@@ -299,14 +318,14 @@ impl Exchange {
 
     /// The account failed the turn before anything was relayed: it cools down, and the turn
     /// moves to the next account that can take it (`Ok`), or ends with `end` (`Err`).
-    fn fail_over(&mut self, why: &str, end: End) -> Result<(), End> {
+    fn fail_over(&mut self, why: &Failure<'_>, end: End) -> Result<(), End> {
         let Some(failed) = self.account.take().map(|s| s.account.clone()) else {
             return Err(end);
         };
         if let Some(a) = self.deps.accounts.iter().find(|a| a.name == failed) {
             let (wait, first) = a.health.failed(why, Instant::now());
             if first {
-                warn!(parent: &self.span, account = %failed, error = why, cooling_ms = wait.as_millis() as u64,
+                warn!(parent: &self.span, account = %failed, error = why.error, cooling_ms = wait.as_millis() as u64,
                     "upstream account refusing requests; they go to other accounts while it cools down");
             }
         }
@@ -373,9 +392,13 @@ impl Exchange {
                 Err(PostError::Unreachable(why)) => {
                     let end = End::refused(
                         ErrorCode::UpstreamUnavailable,
-                        "the upstream cannot be reached",
+                        gate::unavailable(&self.deps),
                     );
-                    match self.fail_over(&why, end) {
+                    let failure = Failure {
+                        error: &why,
+                        ..Failure::default()
+                    };
+                    match self.fail_over(&failure, end) {
                         Ok(()) => continue,
                         Err(end) => return end,
                     }
@@ -393,9 +416,17 @@ impl Exchange {
             };
             let status = res.status();
             if account_trouble(status) {
+                let retry_after = header(&res, "retry-after")
+                    .as_deref()
+                    .and_then(crate::pool::health::retry_after);
                 let end = self.upstream_refusal(res).await;
                 let why = format!("the upstream answered HTTP {}", status.as_u16());
-                match self.fail_over(&why, end) {
+                let failure = Failure {
+                    error: &why,
+                    retry_after,
+                    credential_refused: matches!(status.as_u16(), 401 | 403),
+                };
+                match self.fail_over(&failure, end) {
                     Ok(()) => continue,
                     Err(end) => return end,
                 }

@@ -318,9 +318,14 @@ impl SessionActor {
             return false;
         }
         if let Some(a) = self.deps.accounts.iter().find(|a| a.name == account) {
-            let (wait, first) = a
-                .health
-                .failed(&format!("the upstream answered {code}"), Instant::now());
+            let (wait, first) = a.health.failed(
+                &crate::pool::health::Failure {
+                    error: &format!("the upstream answered {code}"),
+                    retry_after: None,
+                    credential_refused: code == "invalid_api_key",
+                },
+                Instant::now(),
+            );
             if first {
                 warn!(parent: &self.span, %account, code, cooling_ms = wait.as_millis() as u64,
                     "upstream account refusing turns; they go to other accounts while it cools down");
