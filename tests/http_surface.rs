@@ -668,3 +668,56 @@ fn a_client_that_stops_reading_is_bounded() {
     drop(c);
     s.finish();
 }
+
+/// An upstream that answers neither SSE nor JSON (an HTML error page from a proxy, say):
+/// `upstream_protocol_error` (502), billed like a turn that reached the upstream.
+#[test]
+fn an_answer_that_is_neither_sse_nor_json_is_a_protocol_error() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = conn.read(&mut buf);
+            let body = "<html>bad gateway</html>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    // The sim's account becomes the backup (priority 1): the HTML upstream is asked first.
+    let extra = format!(
+        "priority = 1\n\n[[accounts]]\nname = \"html\"\nbase_url = \"http://{addr}/v1\"\napi_key = \"sk-h\"\n"
+    );
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: Box::leak(extra.into_boxed_str()),
+            ..StackOptions::default()
+        },
+    );
+    for stream in [false, true] {
+        let (code, body) = post_json(
+            &s.addr,
+            "/v1/responses",
+            &s.key,
+            &req(json!({"stream": stream})),
+        );
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (502, Some("upstream_protocol_error")),
+            "{body}"
+        );
+    }
+    let rows = s.rows(2);
+    assert!(
+        rows.iter()
+            .all(|r| r.account == "html" && r.status == "upstream_lost" && r.input_tokens > 0),
+        "{rows:?}"
+    );
+    s.finish();
+}
