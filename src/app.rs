@@ -303,6 +303,7 @@ pub async fn serve(settings: Settings) -> Result<(), AppError> {
             metrics,
             deps: deps.clone(),
             compensator,
+            readiness: crate::http::health::Readiness::of(&deps),
         };
         crate::admin::start(l, state)?;
     }
@@ -337,19 +338,7 @@ pub fn raise_fd_limit() {
 /// order.
 pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result<(), AppError> {
     let settings = &deps.settings;
-    let readiness = Readiness {
-        db: deps.db.clone(),
-        db_label: settings.database.label(),
-        draining: deps.draining.clone(),
-        accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
-        no_accounts: deps.accounts.is_empty(),
-        accounts: deps
-            .accounts
-            .iter()
-            .map(|a| (a.name.clone(), a.health.clone()))
-            .collect(),
-        stuck_after: Duration::from_millis(settings.accounting.stuck_after_ms),
-    };
+    let readiness = Readiness::of(&deps);
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     crate::http::refusals::start_summaries(Duration::from_secs(settings.log.refusal_summary_s));
     let data = web::Data::from(deps.clone());

@@ -41,7 +41,8 @@ fn routes() -> Vec<(&'static str, String)> {
             let p = p
                 .replace("{name}", "compensator")
                 .replace("{id}/retry", "999/retry")
-                .replace("{id}", "sess_none");
+                .replace("{id}", "sess_none")
+                .replace("{asset}", "app.js");
             (*m, p)
         })
         .collect()
@@ -54,6 +55,11 @@ fn every_route_needs_the_admin_token() {
         if path == "/metrics" {
             // Scrapeable without the token unless admin.metrics_require_token.
             assert_eq!(http(&admin, method, &path, None).0, 200);
+            continue;
+        }
+        if path.starts_with("/admin/console") {
+            // The console's page and assets hold no data: the page asks for the token.
+            assert_eq!(http(&admin, method, &path, None).0, 200, "{path}");
             continue;
         }
         for bad in [None, Some("wrong"), Some(&s.key[..])] {

@@ -7,7 +7,10 @@
 //! - `GET /admin/sessions`, `DELETE /admin/sessions/{id}`
 //! - `GET /admin/pools`
 //! - `GET /admin/compensations?status=&limit=`, `POST /admin/compensations/{id}/retry`
+//! - `GET /admin/ready`, `GET /admin/turns?key=&limit=`, `GET /admin/requests`
 //! - `GET /metrics` (Prometheus text; without the token unless `admin.metrics_require_token`)
+//! - `GET /admin/console`: the operators' console (`console`: one page, assets embedded; the
+//!   page asks for the token and calls the routes above)
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -18,6 +21,8 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tracing::info;
+
+mod console;
 
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::billing::compensator::Compensator;
@@ -37,6 +42,8 @@ pub struct AdminState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// `GET /metrics` needs the admin token too (`admin.metrics_require_token`).
     pub metrics_require_token: bool,
+    /// What `/readyz` looks at (`/admin/ready` says the same).
+    pub readiness: crate::http::health::Readiness,
 }
 
 /// Serves the admin API on `listener` (one worker; it is for operators, not traffic).
@@ -72,6 +79,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/accounts/{name}/enable"),
     ("GET", "/admin/compensations"),
     ("POST", "/admin/compensations/{id}/retry"),
+    ("GET", "/admin/ready"),
+    ("GET", "/admin/turns"),
+    ("GET", "/admin/console"),
+    ("GET", "/admin/console/{asset}"),
 ];
 
 /// The OpenAPI 3 description of this API.
@@ -98,34 +109,80 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/compensations/{id}/retry",
             web::post().to(retry_compensation),
-        );
+        )
+        .route("/admin/ready", web::get().to(ready))
+        .route("/admin/turns", web::get().to(turns))
+        .configure(console::routes);
+}
+
+/// Whether the relay can serve, as `/readyz` says it (200 here either way: the console shows
+/// the reason).
+async fn ready(_: Operator, state: web::Data<AdminState>) -> HttpResponse {
+    match crate::http::health::check(&state.readiness).await {
+        Ok(report) => HttpResponse::Ok().json(json!({"ready": true, "report": report})),
+        Err(why) => HttpResponse::Ok().json(json!({"ready": false, "why": why})),
+    }
+}
+
+#[derive(Deserialize)]
+struct TurnsQuery {
+    /// A key's display prefix (`tpk_…`, as `/admin/sessions` shows it).
+    key: Option<String>,
+    limit: Option<i64>,
+}
+
+/// The latest usage rows, newest first (of one key with `key=`).
+async fn turns(
+    _: Operator,
+    query: web::Query<TurnsQuery>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, HttpError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, 1_000);
+    let rows = queries::usage::recent(&state.deps.db, query.key.as_deref(), limit)
+        .await
+        .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|(r, key_prefix)| {
+            json!({
+                "key_prefix": key_prefix, "request_id": r.request_id, "response_id": r.response_id,
+                "session_id": r.session_id, "account": r.account, "model": r.model,
+                "status": r.status, "usage_source": r.usage_source, "transport": r.transport,
+                "origin": r.origin, "input_tokens": r.input_tokens,
+                "cached_input_tokens": r.cached_input_tokens, "output_tokens": r.output_tokens,
+                "cost_nanousd": r.cost_nanousd, "first_token_ms": r.first_token_ms,
+                "duration_ms": r.duration_ms, "error_code": r.error_code,
+                "accepted_at": r.accepted_at,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"turns": rows})))
 }
 
 async fn disable_account(
-    req: HttpRequest,
+    op: Operator,
     name: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    set_account(req, name.into_inner(), state, true)
+    set_account(op, name.into_inner(), state, true)
 }
 
 async fn enable_account(
-    req: HttpRequest,
+    op: Operator,
     name: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    set_account(req, name.into_inner(), state, false)
+    set_account(op, name.into_inner(), state, false)
 }
 
 /// Takes an account out of service or puts it back (docs/DESIGN.md#accounts): a disabled
 /// account is never dialled; its turns go to the other accounts.
 fn set_account(
-    req: HttpRequest,
+    op: Operator,
     name: String,
     state: web::Data<AdminState>,
     disabled: bool,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
     let Some(account) = state.deps.accounts.iter().find(|a| a.name == name) else {
         return Err(HttpError::new(
             ErrorCode::NotFound,
@@ -133,8 +190,7 @@ fn set_account(
         ));
     };
     account.health.set_disabled(disabled);
-    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(account = %name, disabled, from = %peer, "account set by an operator");
+    tracing::info!(account = %name, disabled, from = %op.peer, "account set by an operator");
     let view = account.health.view(std::time::Instant::now());
     Ok(HttpResponse::Ok().json(json!({"account": name, "health": view.state, "reason": view.reason, "failures": view.failures})))
 }
@@ -156,6 +212,27 @@ fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), HttpError> {
             ErrorCode::AdminUnauthorized,
             "send the admin token as Authorization: Bearer <admin.token>",
         ))
+    }
+}
+
+/// An authorized caller of the admin API (the extractor checks the bearer token), and where
+/// they called from — every action is logged with it.
+pub struct Operator {
+    pub peer: String,
+}
+
+impl actix_web::FromRequest for Operator {
+    type Error = HttpError;
+    type Future = std::future::Ready<Result<Self, HttpError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let checked = match req.app_data::<web::Data<AdminState>>() {
+            Some(state) => authorize(req, state).map(|()| Operator {
+                peer: req.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            }),
+            None => Err(unavailable("admin state")),
+        };
+        std::future::ready(checked)
     }
 }
 
@@ -188,17 +265,15 @@ async fn all_statuses(state: &AdminState) -> Result<Vec<ActorStatus>, HttpError>
     Ok(out)
 }
 
-async fn actors(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
+async fn actors(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
     Ok(HttpResponse::Ok().json(json!({"actors": all_statuses(&state).await?})))
 }
 
 async fn restart(
-    req: HttpRequest,
+    op: Operator,
     name: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
     let name = name.into_inner();
     let status = match name.as_str() {
         "accounting" => state.deps.accounting.send(RestartActor).await,
@@ -219,15 +294,11 @@ async fn restart(
         }
     }
     .map_err(|_| unavailable(&name))?;
-    info!(actor = %name, "restarted by an operator");
+    info!(actor = %name, from = %op.peer, "restarted by an operator");
     Ok(HttpResponse::Ok().json(status))
 }
 
-async fn sessions(
-    req: HttpRequest,
-    state: web::Data<AdminState>,
-) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
+async fn sessions(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
     let list = state
         .deps
         .registry
@@ -238,20 +309,15 @@ async fn sessions(
 }
 
 /// HTTP requests in flight (docs/DESIGN.md#http-surface), oldest first.
-async fn requests(
-    req: HttpRequest,
-    state: web::Data<AdminState>,
-) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
+async fn requests(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
     Ok(HttpResponse::Ok().json(json!({"requests": state.deps.requests.list()})))
 }
 
 async fn end_session(
-    req: HttpRequest,
+    op: Operator,
     id: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
     let id = id.into_inner();
     let found = state
         .deps
@@ -268,12 +334,11 @@ async fn end_session(
             format!("no session {id:?}"),
         ));
     }
-    info!(session = %id, "session ended by an operator");
+    info!(session = %id, from = %op.peer, "session ended by an operator");
     Ok(HttpResponse::Ok().json(json!({"ended": id})))
 }
 
-async fn pools(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
+async fn pools(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
     let mut out = Vec::new();
     for a in &state.deps.accounts {
         out.push(
@@ -293,11 +358,10 @@ struct CompensationQuery {
 }
 
 async fn compensations(
-    req: HttpRequest,
+    _: Operator,
     query: web::Query<CompensationQuery>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     let rows = queries::billing::compensations(
         &state.deps.db,
@@ -310,11 +374,10 @@ async fn compensations(
 }
 
 async fn retry_compensation(
-    req: HttpRequest,
+    op: Operator,
     id: web::Path<i64>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
     let id = id.into_inner();
     let requeued = queries::billing::requeue_compensation(&state.deps.db, id)
         .await
@@ -325,6 +388,7 @@ async fn retry_compensation(
             format!("no unsettled compensation {id}"),
         ));
     }
+    info!(compensation = id, from = %op.peer, "compensation re-queued by an operator");
     Ok(HttpResponse::Ok().json(json!({"requeued": id})))
 }
 
@@ -396,11 +460,7 @@ async fn metrics(
         .body(handle.render()))
 }
 
-async fn openapi(
-    req: HttpRequest,
-    state: web::Data<AdminState>,
-) -> Result<HttpResponse, HttpError> {
-    authorize(&req, &state)?;
+async fn openapi(_: Operator) -> Result<HttpResponse, HttpError> {
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(OPENAPI))

@@ -33,6 +33,26 @@ pub struct Readiness {
     pub stuck_after: std::time::Duration,
 }
 
+impl Readiness {
+    /// What the probes of a running relay look at.
+    pub fn of(deps: &crate::session::SessionDeps) -> Self {
+        let settings = &deps.settings;
+        Self {
+            db: deps.db.clone(),
+            db_label: settings.database.label(),
+            draining: deps.draining.clone(),
+            accounting: Some((deps.accounting.clone(), deps.accounting_health.clone())),
+            no_accounts: deps.accounts.is_empty(),
+            accounts: deps
+                .accounts
+                .iter()
+                .map(|a| (a.name.clone(), a.health.clone()))
+                .collect(),
+            stuck_after: std::time::Duration::from_millis(settings.accounting.stuck_after_ms),
+        }
+    }
+}
+
 #[get("/healthz")]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
@@ -40,7 +60,16 @@ pub async fn healthz() -> HttpResponse {
 
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpError> {
-    let not_ready = |why: String| HttpError::new(ErrorCode::NotReady, why);
+    match check(&state).await {
+        Ok(report) => Ok(HttpResponse::Ok().json(report)),
+        Err(why) => Err(HttpError::new(ErrorCode::NotReady, why)),
+    }
+}
+
+/// Whether the relay can serve: its report, or why not (the words of the 503). `/readyz` and
+/// the operators' console (`/admin/ready`) both read it.
+pub async fn check(state: &Readiness) -> Result<serde_json::Value, String> {
+    let not_ready = |why: String| why;
     if state.draining.load(Ordering::Relaxed) {
         return Err(not_ready("draining: shutting down".into()));
     }
@@ -112,14 +141,14 @@ pub async fn readyz(state: web::Data<Readiness>) -> Result<HttpResponse, HttpErr
             pending.join(", ")
         )));
     }
-    Ok(HttpResponse::Ok().json(json!({
+    Ok(json!({
         "status": "ready",
         "accounts_out": out,
         "database": state.db.backend(),
         "accounting_backlog": backlog,
         // The spool can fail while the database carries every record (ready, degraded).
         "spool_error": health.spool_error,
-    })))
+    }))
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

@@ -57,6 +57,28 @@ pub async fn by_key(pool: &DbPool, api_key_id: i64) -> Result<Vec<UsageRow>, DbE
     }))
 }
 
+/// The latest `limit` usage rows, newest first, with their key's display prefix; of one key
+/// (by its prefix) when `key_prefix` is given.
+pub async fn recent(
+    pool: &DbPool,
+    key_prefix: Option<&str>,
+    limit: i64,
+) -> Result<Vec<(UsageRow, String)>, DbError> {
+    use crate::db::schema::api_keys;
+    Ok(with_conn!(pool, |c| {
+        let mut q = usage_logs::table
+            .inner_join(api_keys::table)
+            .select((UsageRow::as_select(), api_keys::key_prefix))
+            .order(usage_logs::id.desc())
+            .limit(limit)
+            .into_boxed();
+        if let Some(prefix) = key_prefix {
+            q = q.filter(api_keys::key_prefix.eq(prefix.to_string()));
+        }
+        q.load(c).await?
+    }))
+}
+
 /// PostgreSQL: usage rows as one array per column (`INSERT … SELECT FROM UNNEST`). The
 /// statement text is the same for every batch size and has 27 parameters, where a multi-row
 /// `VALUES` has 27 × rows and a text of its own per size, parsed and planned each time.

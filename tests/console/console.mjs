@@ -1,0 +1,98 @@
+// The operators' console in headless Chromium (puppeteer-core driving the system browser): a wrong
+// token shows the API's 401 message; with the right one a running session appears; Restart on
+// `accounting` raises its restart count; End on the session sends the client `session_ended`;
+// Retry on a dead compensation settles it. With SCREENSHOTS=DIR, one PNG per view lands there.
+//
+// node console.mjs ADMIN_ADDR RELAY_ADDR KEY TOKEN
+import puppeteer from "puppeteer-core";
+import WebSocket from "ws";
+
+const [admin, relay, key, token] = process.argv.slice(2);
+const shots = process.env.SCREENSHOTS;
+const fail = (msg) => { console.error("FAIL " + msg); process.exit(1); };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// A client session that stays open, recording what it hears.
+const heard = [];
+const ws = new WebSocket(`ws://${relay}/v1/responses`, { headers: { authorization: `Bearer ${key}` } });
+await new Promise((ok, err) => { ws.on("open", ok); ws.on("error", err); });
+ws.on("message", (m) => heard.push(JSON.parse(m.toString())));
+ws.send(JSON.stringify({ type: "response.create", model: "gpt-test", store: false, input: "hello console" }));
+for (let i = 0; i < 100 && !heard.some((e) => e.type === "response.completed"); i++) await sleep(50);
+if (!heard.some((e) => e.type === "response.completed")) fail("the client's turn did not complete");
+
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const page = await browser.newPage();
+await page.setViewport({ width: 1280, height: 800 });
+page.on("dialog", (d) => d.accept()); // the confirmations of Restart and End
+const shot = async (name) => { if (shots) await page.screenshot({ path: `${shots}/console-${name}.png`, fullPage: true }); };
+const text = (sel) => page.$eval(sel, (e) => e.textContent);
+const waitText = async (sel, pred, what) => {
+  for (let i = 0; i < 100; i++) {
+    const t = await page.$eval(sel, (e) => e.textContent).catch(() => null);
+    if (t !== null && pred(t)) return t;
+    await sleep(100);
+  }
+  fail(`${what} (${sel}: ${await page.$eval(sel, (e) => e.textContent).catch(() => "absent")})`);
+};
+const view = async (name) => { await page.click(`nav button[data-view="${name}"]`); await sleep(300); };
+
+await page.goto(`http://${admin}/admin/console`);
+// A wrong token: the API's own words.
+await page.type("#token", "not-the-token");
+await page.click("#connect");
+await waitText("#error", (t) => t.includes("admin_unauthorized"), "the 401 message is shown");
+if (!(await page.$eval("#login", (e) => !e.hidden))) fail("the login form stays after a 401");
+
+// The right token.
+await page.$eval("#token", (e) => { e.value = ""; });
+await page.type("#token", token);
+await page.click("#connect");
+await waitText("#view .card .value", (t) => t === "yes", "overview says ready");
+await shot("overview");
+
+// The running session appears.
+await view("sessions");
+await page.waitForSelector("#view tr[data-session]", { timeout: 10000 });
+const session = await page.$eval("#view tr[data-session]", (e) => e.dataset.session);
+await shot("sessions");
+
+// Restart accounting: its restart count rises.
+await view("actors");
+await page.waitForSelector('tr[data-actor="accounting"] .restarts');
+const before = Number(await text('tr[data-actor="accounting"] .restarts'));
+await page.click("#restart-accounting");
+await waitText('tr[data-actor="accounting"] .restarts', (t) => Number(t) === before + 1, "accounting's restarts rose by one");
+await shot("actors");
+
+await view("accounts");
+await page.waitForSelector("#view tr[data-account]");
+await shot("accounts");
+
+// End the session: the client hears session_ended.
+await view("sessions");
+await page.waitForSelector(`#end-${session}`);
+await page.click(`#end-${session}`);
+for (let i = 0; i < 100 && !heard.some((e) => e.error && e.error.code === "session_ended"); i++) await sleep(50);
+if (!heard.some((e) => e.error && e.error.code === "session_ended")) fail("the client did not get session_ended: " + JSON.stringify(heard.slice(-3)));
+
+// Retry the dead compensation: it settles.
+await view("compensations");
+await page.waitForSelector("#view tr[data-compensation]");
+const comp = await page.$eval("#view tr[data-compensation]", (e) => e.dataset.compensation);
+if ((await text(`tr[data-compensation="${comp}"] .status`)) !== "dead") fail("the compensation is not dead to begin with");
+await page.click(`#retry-${comp}`);
+await waitText(`tr[data-compensation="${comp}"] .status`, (t) => t === "settled", "the retried compensation settled");
+await shot("compensations");
+
+await view("turns");
+await page.waitForSelector("#view tbody tr");
+await shot("turns");
+
+await browser.close();
+ws.close();
+console.log("console: wrong token refused, session seen and ended, accounting restarted, compensation retried and settled");
