@@ -1039,6 +1039,8 @@ impl Handler<Describe> for SessionActor {
             turns: self.turn_index,
             state,
             age_s: self.opened_at.elapsed().as_secs(),
+            lanes: self.lanes.len(),
+            queued: self.queued.len(),
         })
     }
 }

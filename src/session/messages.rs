@@ -29,6 +29,10 @@ pub struct SessionInfo {
     /// `finishing`).
     pub state: &'static str,
     pub age_s: u64,
+    /// Named lanes (`stream_id`) the session has used.
+    pub lanes: usize,
+    /// `response.create`s waiting behind the turn in flight.
+    pub queued: usize,
 }
 
 #[derive(Debug, Clone, Copy, Message)]

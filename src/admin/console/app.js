@@ -138,10 +138,10 @@ const views = {
     const [{ sessions }, { requests }] = await Promise.all([api("/admin/sessions"), api("/admin/requests")]);
     return [
       el("h2", {}, "WebSocket sessions"),
-      table(["session", "key", "user", "account", "state", "turns", "age (s)", ""], sessions.map(s =>
+      table(["session", "key", "user", "account", "state", "turns", "lanes", "waiting", "age (s)", ""], sessions.map(s =>
         el("tr", { "data-session": s.id },
           el("td", {}, s.id), el("td", {}, s.key_prefix), el("td", {}, s.user), el("td", {}, fmt(s.account)), el("td", {}, s.state),
-          el("td", { class: "num" }, s.turns), el("td", { class: "num" }, s.age_s),
+          el("td", { class: "num" }, s.turns), el("td", { class: "num" }, s.lanes), el("td", { class: "num" }, s.queued), el("td", { class: "num" }, s.age_s),
           el("td", {}, el("button", { class: "act danger", id: `end-${s.id}`, onclick: () => {
             if (confirm(`End session ${s.id}?`)) act(`end ${s.id}`, () => api(`/admin/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" }));
           } }, "End"))))),
