@@ -358,3 +358,67 @@ fn a_refused_credential_disables_the_account() {
     assert_eq!(code, 200);
     s.finish();
 }
+
+/// In-band `usage_limit_reached` on the first event of a chained turn: the turn moves to the
+/// other account and its conversation is replayed there (the client sees it complete); a chain
+/// whose history holds a tool output fails closed instead (`continuation_unavailable`), never a
+/// silently broken chain.
+#[test]
+fn a_chained_turn_fails_over_by_replay_or_fails_closed() {
+    let s = Stack::start(TestDb::sqlite(), two_accounts());
+    let mut c = s.client();
+    let send = |c: &mut common::ws::Client, body: serde_json::Value| {
+        let mut frame = json!({"type": "response.create", "model": "gpt-test", "store": false});
+        for (k, v) in body.as_object().unwrap() {
+            frame[k] = v.clone();
+        }
+        c.send(&frame);
+        c.until_terminal(T).last().unwrap().clone()
+    };
+    let t1 = send(&mut c, json!({"input": "hello"}));
+    assert_eq!(t1["type"], "response.completed");
+    let t2 = send(
+        &mut c,
+        json!({"previous_response_id": t1["response"]["id"], "input": "again",
+               "metadata": {"sim": "error=usage_limit_reached status=429 once"}}),
+    );
+    assert_eq!(t2["type"], "response.completed", "{t2}");
+    let rows = s.rows(2);
+    assert_ne!(
+        rows[0].account, rows[1].account,
+        "moved to the other account"
+    );
+    // What the other account got: the conversation replayed, no previous_response_id.
+    let conns = s.sim_connections();
+    let replayed = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["frames"].as_array().unwrap().iter())
+        .filter(|f| f["dir"] == "in")
+        .filter_map(|f| serde_json::from_str::<serde_json::Value>(f["text"].as_str()?).ok())
+        .find(|v| {
+            v["type"] == "response.create"
+                && v.get("previous_response_id").is_none()
+                && v["input"].is_array()
+        })
+        .expect("a replayed create");
+    assert_eq!(replayed["input"].as_array().unwrap().len(), 3, "{replayed}");
+
+    // A chain holding a tool output cannot be replayed: it fails closed.
+    let mut c = s.client();
+    let t1 = send(
+        &mut c,
+        json!({"input": "run it", "metadata": {"sim": "tool"}}),
+    );
+    let call = t1["response"]["output"][0]["call_id"].clone();
+    let t2 = send(
+        &mut c,
+        json!({"previous_response_id": t1["response"]["id"],
+               "input": [{"type": "function_call_output", "call_id": call, "output": "ok"}],
+               // A directive of its own: `once` fires once per directive text.
+               "metadata": {"sim": "error=usage_limit_reached status=429 once after=0"}}),
+    );
+    assert_eq!(t2["error"]["code"], "continuation_unavailable", "{t2}");
+    s.finish();
+}
