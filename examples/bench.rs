@@ -26,6 +26,7 @@
 //! `bench idle URL KEY N PID [no-turn]` — N WebSockets, each runs one turn (none with `no-turn`)
 //! and stays open, opened in two halves; prints PID's RSS before, after the first half and with
 //! all, per session overall and per session of the second half (the marginal cost).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: it stops at the first thing it cannot do
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};

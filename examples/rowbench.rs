@@ -6,6 +6,7 @@
 //! cargo run --release --example rowbench -- postgres://postgres@127.0.0.1:5432/rowbench 5000
 //!
 //! With `--json` as third argument, one JSON line (for `scripts/bench.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: it stops at the first thing it cannot do
 
 use std::time::Instant;
 

@@ -1,5 +1,6 @@
 //! Nothing lost, nothing doubled: usage rows, ledger and compensations under load, under billing
 //! failures and across `kill -9`, on SQLite and (when `TURNPIKE_TEST_PG_URL` is set) PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! upstream that repeats response ids, cancel and preempt after the answer, poison records.
 //! Every test ends on the invariant: each turn a client saw end has exactly one usage row and
 //! `ledger + unsettled = cost`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Client churn: clients that connect, send a turn and vanish within milliseconds must never
 //! leave an upstream connection leased to nobody (docs/DESIGN.md#leases), and every response
 //! the upstream finished is billed exactly once.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The real binary: key management, configuration errors, and `serve`'s probes and shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

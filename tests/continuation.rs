@@ -2,6 +2,7 @@
 //! chains on one socket, chains whose connection is gone (replayed once, or failed closed when
 //! tool outputs are involved — the seed `003_…` case), `previous_response_not_found`
 //! recovered once, and the last response id injected for a bare tool output.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The design lives in the repository: every citation of a `docs/DESIGN.md` section by the
 //! code, the tests, the README or the scripts names a section that exists, and nothing cites a
 //! document the repository does not have.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 use std::path::Path;
 

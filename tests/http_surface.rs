@@ -3,6 +3,7 @@
 //! the upstream's usage token for token, one row each (`transport = 'http'`), estimated when
 //! the stream is cut, `client_gone` with input billed when the client leaves, never a 200
 //! without a durable record.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

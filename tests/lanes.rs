@@ -2,6 +2,7 @@
 //! run in order, every `response.create` gets exactly one answer in every `on_overlap` mode,
 //! every event of a named lane carries its `stream_id`, and each turn is billed what the
 //! upstream reported for its response.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! at once against a key worth about three turns, on one relay and on two relays sharing one
 //! PostgreSQL database. What is spent never exceeds the quota by more than one turn's excess
 //! over its reservation, and the money adds up.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Account selection (docs/DESIGN.md#routing): sticky routing keeps turns of one prompt cache
 //! (`prompt_cache_key`) or client session on the account that served the last one — across
 //! reconnects, transports and relays — and accounts without an affinity share turns by weight.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 

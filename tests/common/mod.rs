@@ -2,6 +2,7 @@
 //! (SQLite always; PostgreSQL when `TURNPIKE_TEST_PG_URL` is set), and helpers to run the real
 //! binary.
 #![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a failed test
 
 use std::future::Future;
 use std::path::PathBuf;
