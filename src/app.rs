@@ -124,7 +124,7 @@ async fn migrate_when_reachable(db: DbPool, label: String, cap: Duration) {
 pub fn open_spool_dir(settings: &Settings) -> Result<Box<dyn SpoolFs>, AppError> {
     let dir = settings.spool_dir();
     DirFs::new(&dir)
-        .map(|fs| Box::new(fs) as Box<dyn SpoolFs>)
+        .map(|fs| -> Box<dyn SpoolFs> { Box::new(fs) })
         .map_err(|source| AppError::Spool {
             dir: dir.display().to_string(),
             source,
@@ -440,7 +440,7 @@ pub async fn shutdown(deps: &SessionDeps, grace: Duration) {
     let asked = deps.registry.send(EndAllWhenIdle).await.unwrap_or(0);
     info!(
         sessions = asked,
-        grace_ms = grace.as_millis() as u64,
+        grace_ms = crate::num::millis(grace),
         "ending sessions after their turns"
     );
     if !wait_for_sessions(deps, grace).await {

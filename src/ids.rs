@@ -4,7 +4,9 @@
 /// subtract the `sim_ts_ns` stamped into an event from its own receive time.
 pub fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
+    // Both are non-negative for CLOCK_MONOTONIC.
+    let (s, ns) = (u64::try_from(t.tv_sec), u64::try_from(t.tv_nsec));
+    s.unwrap_or(0) * 1_000_000_000 + ns.unwrap_or(0)
 }
 
 /// `bytes` random bytes as hex: ids that must not repeat (sessions, turns, slots). Falls back

@@ -23,6 +23,10 @@
 //! - [`record`]: a turn's usage record (`TurnRecord`, `Timing`) and its spool format.
 //! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
 //! - [`ids`]: the monotonic clock and unique ids.
+//! - [`num`]: saturating conversions between number types (no `as` elsewhere).
+
+// No silent `as` casts in the relay's code: `num` converts, saturating (docs/DESIGN.md#layers).
+#![cfg_attr(not(test), deny(clippy::as_conversions))]
 
 pub mod accounting;
 pub mod actors;
@@ -36,6 +40,7 @@ pub mod continuation;
 pub mod db;
 pub mod http;
 pub mod ids;
+pub mod num;
 pub mod pool;
 pub mod protocol;
 pub mod record;

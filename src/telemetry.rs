@@ -204,12 +204,12 @@ pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
     ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str())
         .increment(1);
     if let Some(ms) = r.timing.first_token_ms {
-        ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(ms as f64);
+        ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(crate::num::f64_of_i64(ms));
     }
     if let Some(ms) = r.timing.upstream_wait_ms {
-        ::metrics::histogram!(metric::UPSTREAM_WAIT_MS).record(ms as f64);
+        ::metrics::histogram!(metric::UPSTREAM_WAIT_MS).record(crate::num::f64_of_i64(ms));
     }
-    ::metrics::histogram!(metric::DURATION_MS).record(r.timing.duration_ms as f64);
+    ::metrics::histogram!(metric::DURATION_MS).record(crate::num::f64_of_i64(r.timing.duration_ms));
     if usage_malformed {
         ::metrics::counter!(metric::USAGE_MALFORMED).increment(1);
     }

@@ -421,7 +421,8 @@ impl Accounting {
             let t0 = Instant::now();
             let res = commit(&db, &batch, chunk, timeout).await;
             ::metrics::histogram!(metric::FLUSH_SECONDS).record(t0.elapsed().as_secs_f64());
-            ::metrics::histogram!(metric::BATCH_ROWS).record(batch.len() as f64);
+            ::metrics::histogram!(metric::BATCH_ROWS)
+                .record(crate::num::f64_of(crate::num::count(batch.len())));
             (batch, res)
         };
         ctx.spawn(fut.into_actor(self).map(move |(batch, res), act, ctx| {
@@ -697,7 +698,9 @@ impl Handler<BacklogAge> for Accounting {
             .map(|p| p.record.accepted_at)
             .chain(self.spilled_oldest)
             .min();
-        oldest.map_or(0, |t| (crate::db::now() - t).num_seconds().max(0) as u64)
+        oldest.map_or(0, |t| {
+            u64::try_from((crate::db::now() - t).num_seconds()).unwrap_or(0)
+        })
     }
 }
 

@@ -66,7 +66,7 @@ impl SpoolFs for ForgetfulFs {
     }
     fn truncate(&mut self, seg: u64, len: u64) -> io::Result<()> {
         let mut b = self.all(seg);
-        b.truncate(len as usize);
+        b.truncate(crate::num::len(len));
         self.pending.remove(&seg);
         self.durable.insert(seg, b);
         Ok(())

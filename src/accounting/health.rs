@@ -49,7 +49,7 @@ impl AccountingHealth {
             (false, Some(since)) => {
                 g.unavailable_since = None;
                 info!(
-                    after_ms = since.elapsed().as_millis() as u64,
+                    after_ms = crate::num::millis(since.elapsed()),
                     "accounting available again"
                 );
             }
@@ -94,7 +94,7 @@ impl AccountingHealth {
         HealthReport {
             spool_error: g.spool.as_ref().map(|s| s.0.clone()),
             db_error: g.db.as_ref().map(|s| s.0.clone()),
-            db_failing_for_ms: g.db.as_ref().map(|s| s.1.elapsed().as_millis() as u64),
+            db_failing_for_ms: g.db.as_ref().map(|s| crate::num::millis(s.1.elapsed())),
             unavailable: g.spool.is_some() && g.db.is_some(),
         }
     }

@@ -256,7 +256,12 @@ const HEADER: usize = 8;
 /// One record's bytes on disk.
 pub fn encode(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    // A record over 4 GiB cannot be framed: `MAX_RECORD` bounds it long before.
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
@@ -282,8 +287,12 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             d.torn = true;
             break;
         }
-        let len =
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let len = crate::num::len(u64::from(u32::from_le_bytes([
+            bytes[at],
+            bytes[at + 1],
+            bytes[at + 2],
+            bytes[at + 3],
+        ])));
         let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
         let Some(end) = at.checked_add(HEADER + len).filter(|e| *e <= bytes.len()) else {
             d.torn = true;
@@ -348,10 +357,10 @@ impl<F: SpoolFs> Spool<F> {
             let d = decode(&bytes);
             if let Some(at) = d.corrupt_at {
                 fs.quarantine(seg, "corrupt", &bytes[at..])?;
-                fs.truncate(seg, at as u64)?;
+                fs.truncate(seg, crate::num::count(at))?;
                 rec.corrupt_segments += 1;
             } else if d.torn {
-                fs.truncate(seg, d.good_len as u64)?;
+                fs.truncate(seg, crate::num::count(d.good_len))?;
                 rec.torn_tails += 1;
             }
             if d.records.is_empty() {

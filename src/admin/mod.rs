@@ -417,10 +417,10 @@ async fn metrics(
                 ("dialing", p.dialing),
             ] {
                 ::metrics::gauge!(metric::UPSTREAM_CONNECTIONS, "account" => a.name.clone(), "state" => s)
-                    .set(n as f64);
+                    .set(crate::num::f64_of(crate::num::count(n)));
             }
             ::metrics::gauge!(metric::LEASE_WAITERS, "account" => a.name.clone())
-                .set(p.waiters as f64);
+                .set(crate::num::f64_of(crate::num::count(p.waiters)));
             crate::telemetry::account_state(&a.name, &p.health);
         }
     }
@@ -430,7 +430,7 @@ async fn metrics(
         .send(crate::accounting::messages::Backlog)
         .await
     {
-        ::metrics::gauge!(metric::SPOOL_BACKLOG).set(n as f64);
+        ::metrics::gauge!(metric::SPOOL_BACKLOG).set(crate::num::f64_of(crate::num::count(n)));
     }
     if let Ok(age) = state
         .deps
@@ -438,7 +438,7 @@ async fn metrics(
         .send(crate::accounting::messages::BacklogAge)
         .await
     {
-        ::metrics::gauge!(metric::SPOOL_BACKLOG_AGE).set(age as f64);
+        ::metrics::gauge!(metric::SPOOL_BACKLOG_AGE).set(crate::num::f64_of(age));
     }
     let unavailable = state.deps.accounting_health.report().unavailable;
     ::metrics::gauge!(metric::ACCOUNTING_UNAVAILABLE).set(f64::from(u8::from(unavailable)));
@@ -450,9 +450,9 @@ async fn metrics(
     if let Ok(rows) = backlog {
         for r in rows {
             ::metrics::gauge!(metric::COMPENSATIONS, "status" => r.status.clone())
-                .set(r.rows_count as f64);
+                .set(crate::num::f64_of_i64(r.rows_count));
             ::metrics::gauge!(metric::COMPENSATION_AMOUNT, "status" => r.status)
-                .set(r.amount_nanousd as f64);
+                .set(crate::num::f64_of_i64(r.amount_nanousd));
         }
     }
     Ok(HttpResponse::Ok()

@@ -21,7 +21,7 @@ pub struct CompensatorConfig {
 /// The wait before attempt `attempt + 1` (1-based `attempt`): `base × 2^(attempt-1)`, capped,
 /// then scaled by `jitter` in [0.8, 1.2) so that rows failing together do not retry together.
 pub fn retry_delay(attempt: i32, base: Duration, cap: Duration, jitter: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(0);
     let raw = base.saturating_mul(1u32 << exp.min(30)).min(cap);
     raw.mul_f64(jitter.clamp(0.8, 1.2))
 }

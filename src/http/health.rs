@@ -102,7 +102,7 @@ pub async fn check(state: &Readiness) -> Result<serde_json::Value, String> {
         None => (None, Default::default()),
     };
     if let (Some(ms), Some(err)) = (health.db_failing_for_ms, &health.db_error)
-        && ms >= state.stuck_after.as_millis() as u64
+        && ms >= crate::num::millis(state.stuck_after)
     {
         return Err(not_ready(format!(
             "billing stuck: database writes failing for {} s ({} records waiting): {err}",

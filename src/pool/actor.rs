@@ -404,9 +404,9 @@ impl ContextPool {
             self.give_back(id, clean);
         }
         if !orphans.is_empty() {
-            self.recovered_total += orphans.len() as u64;
+            self.recovered_total += crate::num::count(orphans.len());
             ::metrics::counter!(metric::LEASES_RECOVERED, "account" => self.account.to_string())
-                .increment(orphans.len() as u64);
+                .increment(crate::num::count(orphans.len()));
             warn!(account = %self.account, leases = orphans.len(), recovered_total = self.recovered_total,
                 "took back upstream connections whose session is gone");
         }
@@ -545,7 +545,7 @@ impl Handler<ConnStatus> for ContextPool {
                 };
                 let (wait, first) = self.health.failed(&failure, Instant::now());
                 if first {
-                    warn!(account = %self.account, error = %error, cooling_ms = wait.as_millis() as u64,
+                    warn!(account = %self.account, error = %error, cooling_ms = crate::num::millis(wait),
                         "upstream account failing; turns go to other accounts while it cools down");
                 }
                 let identity = self.conns.remove(&conn).map(|e| e.identity);

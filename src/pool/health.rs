@@ -40,7 +40,7 @@ pub fn retry_after(value: &str) -> Option<Duration> {
 fn unit_random() -> f64 {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+    crate::num::unit_interval(u64::from_le_bytes(b))
 }
 
 /// One failure of an account.
@@ -188,7 +188,7 @@ impl Health {
         let next_probe_ms = |s: &State| {
             s.cooling_until
                 .filter(|t| now < *t)
-                .map(|t| (t - now).as_millis() as u64)
+                .map(|t| crate::num::millis(t - now))
         };
         let (state, reason, next) = match s.disabled {
             Some(Disabled::Operator) => ("disabled", Some("operator"), None),

@@ -46,9 +46,9 @@ fn score(seed: u64, name: &str, weight: u32) -> f64 {
     h.update(seed.to_le_bytes());
     h.update(name.as_bytes());
     let d = h.finalize();
-    let bits = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) >> 11;
+    let bits = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
     // (0, 1): never 0 (ln 0) nor 1 (ln 1 = 0).
-    let u = (bits as f64 + 0.5) / (1u64 << 53) as f64;
+    let u = crate::num::unit_interval(bits);
     -f64::from(weight.max(1)) / u.ln()
 }
 

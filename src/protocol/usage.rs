@@ -118,7 +118,7 @@ impl Usage {
 
 /// Output tokens estimated from streamed text: about four characters per token.
 pub fn estimate_tokens(chars: usize) -> u64 {
-    (chars as u64).div_ceil(4)
+    crate::num::count(chars).div_ceil(4)
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ impl Slots {
         let mut c = self.counts();
         for (name, limit) in candidates {
             let n = c.account_turns.entry(name.clone()).or_insert(0);
-            if (*n as usize) < *limit {
+            if crate::num::len(u64::from(*n)) < *limit {
                 *n += 1;
                 return Some(AccountSlot {
                     slots: self.clone(),

@@ -72,7 +72,7 @@ impl Fleet {
     }
 
     fn expiry(&self) -> chrono::NaiveDateTime {
-        crate::db::now() + chrono::Duration::milliseconds(self.ttl.as_millis() as i64)
+        crate::db::now() + chrono::Duration::milliseconds(crate::num::millis_i64(self.ttl))
     }
 
     /// Takes a slot of `kind` for `key` within `limit` (none: nothing to count).

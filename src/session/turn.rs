@@ -18,11 +18,11 @@ pub struct TurnClock {
 }
 
 fn floor_ms(d: Duration) -> i64 {
-    d.as_millis() as i64
+    crate::num::millis_i64(d)
 }
 
 fn ceil_ms(d: Duration) -> i64 {
-    d.as_micros().div_ceil(1000) as i64
+    crate::num::millis_ceil_i64(d)
 }
 
 impl TurnClock {

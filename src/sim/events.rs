@@ -88,7 +88,7 @@ fn error_type(status: u16) -> &'static str {
 
 /// About four characters per token, at least one.
 pub fn tokens_of(chars: usize) -> u64 {
-    (chars as u64).div_ceil(4).max(1)
+    crate::num::count(chars).div_ceil(4).max(1)
 }
 
 /// Input tokens derived from the request's `input` and `instructions`.

@@ -86,7 +86,10 @@ pub async fn create(
         Err(refused) => return *refused,
     };
     if let Err(e) = events::check_request(&request, |id| shared.stored(id)) {
-        let status = e["status"].as_u64().unwrap_or(400) as u16;
+        let status = e["status"]
+            .as_u64()
+            .and_then(|s| u16::try_from(s).ok())
+            .unwrap_or(400);
         return HttpResponse::build(
             actix_web::http::StatusCode::from_u16(status)
                 .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),

@@ -155,8 +155,8 @@ impl Script {
                 "first_delay_ms" => s.first_delay = ms(need()?)?,
                 "delta_delay_ms" => s.delta_delay = ms(need()?)?,
                 "terminal_delay_ms" => s.terminal_delay = ms(need()?)?,
-                "deltas" => s.deltas = Some(num(need()?)? as usize),
-                "delta_size" => s.delta_size = num(need()?)?.max(1) as usize,
+                "deltas" => s.deltas = Some(crate::num::len(num(need()?)?)),
+                "delta_size" => s.delta_size = crate::num::len(num(need()?)?.max(1)),
                 "usage" => {
                     s.usage = match need()? {
                         "normal" => UsageMode::Normal,
@@ -195,21 +195,21 @@ impl Script {
                     if !(100..=599).contains(&v) {
                         return Err(format!("status={v}: expected an HTTP status"));
                     }
-                    status = Some(v as u16);
+                    status = u16::try_from(v).ok();
                 }
                 "close" => {
                     let code = num(need()?)?;
                     if !(1000..=4999).contains(&code) {
                         return Err(format!("close={code}: expected a close code 1000..4999"));
                     }
-                    set_fault(&mut s, Fault::Close(code as u16))?
+                    set_fault(&mut s, Fault::Close(u16::try_from(code).unwrap_or(1011)))?
                 }
                 "drop" => set_fault(&mut s, Fault::Drop)?,
                 "stall" => set_fault(&mut s, Fault::Stall)?,
                 "binary" => set_fault(&mut s, Fault::Binary)?,
                 "invalid_json" => set_fault(&mut s, Fault::InvalidJson)?,
-                "oversize" => set_fault(&mut s, Fault::Oversize(num(need()?)? as usize))?,
-                "after" => s.after = num(need()?)? as usize,
+                "oversize" => set_fault(&mut s, Fault::Oversize(crate::num::len(num(need()?)?)))?,
+                "after" => s.after = crate::num::len(num(need()?)?),
                 "ignore_pings" => s.ignore_pings = true,
                 "once" => s.once = true,
                 "tool" => s.tool = Some(value.map(str::to_string)),

@@ -150,5 +150,8 @@ pub async fn live(pool: &DbPool) -> Result<(i64, i64), DbError> {
             .load(c)
             .await?
     });
-    Ok((rows.len() as i64, rows.iter().sum()))
+    Ok((
+        i64::try_from(rows.len()).unwrap_or(i64::MAX),
+        rows.iter().sum(),
+    ))
 }

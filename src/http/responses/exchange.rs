@@ -325,7 +325,7 @@ impl Exchange {
         if let Some(a) = self.deps.accounts.iter().find(|a| a.name == failed) {
             let (wait, first) = a.health.failed(why, Instant::now());
             if first {
-                warn!(parent: &self.span, account = %failed, error = why.error, cooling_ms = wait.as_millis() as u64,
+                warn!(parent: &self.span, account = %failed, error = why.error, cooling_ms = crate::num::millis(wait),
                     "upstream account refusing requests; they go to other accounts while it cools down");
             }
         }

@@ -327,7 +327,7 @@ impl SessionActor {
                 Instant::now(),
             );
             if first {
-                warn!(parent: &self.span, %account, code, cooling_ms = wait.as_millis() as u64,
+                warn!(parent: &self.span, %account, code, cooling_ms = crate::num::millis(wait),
                     "upstream account refusing turns; they go to other accounts while it cools down");
             }
         }

@@ -24,10 +24,10 @@ impl SessionActor {
         }
         let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
         let beyond_largest = unread.saturating_sub(self.largest_unread.0);
-        if beyond_largest as usize > self.deps.settings.limits.client_send_buffer_bytes {
+        if crate::num::len(beyond_largest) > self.deps.settings.limits.client_send_buffer_bytes {
             return self.too_slow(unread, ctx);
         }
-        let len = text.len() as u64;
+        let len = crate::num::count(text.len());
         self.sent_bytes += len;
         if len >= self.largest_unread.0 {
             self.largest_unread = (len, self.sent_bytes);
