@@ -11,6 +11,7 @@ use crate::auth::{self, AuthError, KeyRequest};
 use crate::billing::money::{self, MoneyError};
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, queries};
+use crate::record::CompensationStatus;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -553,14 +554,13 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
 async fn compensations(db: &DbPool, cmd: CompensationsCommand) -> Result<(), CliError> {
     match cmd {
         CompensationsCommand::List { status } => {
-            if let Some(s) = status.as_deref()
-                && !matches!(s, "pending" | "settled" | "dead")
-            {
-                return Err(CliError::BadValue(format!(
-                    "--status {s:?}: expected pending, settled or dead"
-                )));
-            }
-            let rows = queries::billing::compensations(db, status.as_deref(), None).await?;
+            let status = match status.as_deref() {
+                None => None,
+                Some(s) => Some(CompensationStatus::parse(s).ok_or_else(|| {
+                    CliError::BadValue(format!("--status {s:?}: expected pending, settled or dead"))
+                })?),
+            };
+            let rows = queries::billing::compensations(db, status, None).await?;
             let table = rows.iter().map(|c| {
                 vec![
                     c.id.to_string(),

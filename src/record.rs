@@ -129,6 +129,35 @@ impl Transport {
     }
 }
 
+/// Where a failed debit's retry stands (`billing_compensations.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompensationStatus {
+    /// Due for a retry (at `next_attempt_at`).
+    Pending,
+    /// The debit is in the ledger.
+    Settled,
+    /// Retries exhausted; an operator may re-queue it.
+    Dead,
+}
+
+impl CompensationStatus {
+    pub const ALL: [CompensationStatus; 3] = [Self::Pending, Self::Settled, Self::Dead];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CompensationStatus::Pending => "pending",
+            CompensationStatus::Settled => "settled",
+            CompensationStatus::Dead => "dead",
+        }
+    }
+
+    /// The status named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
 macro_rules! display_as_str {
     ($($t:ty),*) => {$(
         impl std::fmt::Display for $t {
@@ -138,7 +167,13 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(TurnStatus, UsageSource, Origin, Transport);
+display_as_str!(
+    TurnStatus,
+    UsageSource,
+    Origin,
+    Transport,
+    CompensationStatus
+);
 
 /// Everything the usage row of one turn needs (also the spool's record format, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

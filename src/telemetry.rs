@@ -157,7 +157,7 @@ pub fn register_metrics(accounts: &[String]) {
     gauge!(SPOOL_BACKLOG_AGE).increment(0.0);
     counter!(DB_ERRORS).increment(0);
     gauge!(ACCOUNTING_UNAVAILABLE).increment(0.0);
-    for status in ["pending", "settled", "dead"] {
+    for status in crate::record::CompensationStatus::ALL.map(|s| s.as_str()) {
         gauge!(COMPENSATIONS, "status" => status).increment(0.0);
         gauge!(COMPENSATION_AMOUNT, "status" => status).increment(0.0);
     }

@@ -143,9 +143,13 @@ fn billing_failures_become_compensations_then_settle() {
         );
         let rows = block(async {
             let pool = s.db.pool();
-            turnpike::db::queries::billing::compensations(&pool, Some("dead"), None)
-                .await
-                .unwrap()
+            turnpike::db::queries::billing::compensations(
+                &pool,
+                Some(turnpike::record::CompensationStatus::Dead),
+                None,
+            )
+            .await
+            .unwrap()
         });
         for r in &rows {
             assert_eq!(r.attempts, 3);

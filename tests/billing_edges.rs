@@ -636,7 +636,12 @@ fn absurd_usage_is_quarantined_and_billed_estimated() {
         assert_invariant(&sums);
         assert_eq!(sums.unsettled, 0, "no compensation: {sums:?}");
         let dead = block(async {
-            queries::billing::compensations(&s.db.pool(), Some("dead"), None).await
+            queries::billing::compensations(
+                &s.db.pool(),
+                Some(turnpike::record::CompensationStatus::Dead),
+                None,
+            )
+            .await
         })
         .unwrap();
         assert!(dead.is_empty());

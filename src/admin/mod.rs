@@ -363,9 +363,17 @@ async fn compensations(
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
     let limit = query.limit.unwrap_or(100).min(10_000);
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => match crate::record::CompensationStatus::parse(s) {
+            Some(status) => Some(status),
+            // No compensation has a status that does not exist.
+            None => return Ok(HttpResponse::Ok().json(json!({"compensations": []}))),
+        },
+    };
     let rows = queries::billing::compensations(
         &state.deps.db,
-        query.status.as_deref(),
+        status,
         Some(i64::try_from(limit).unwrap_or(10_000)),
     )
     .await

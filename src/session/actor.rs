@@ -107,6 +107,32 @@ struct Delivery {
     close: Option<(u16, &'static str)>,
 }
 
+impl Delivery {
+    fn new(last: Option<String>, reusable: bool) -> Self {
+        Self {
+            last,
+            reusable,
+            close: None,
+        }
+    }
+
+    /// The turn's last frame; its connection may serve the next turn.
+    fn reusable(last: Option<String>) -> Self {
+        Self::new(last, true)
+    }
+
+    /// The turn's last frame; its connection is in an unknown state and goes.
+    fn spent(last: Option<String>) -> Self {
+        Self::new(last, false)
+    }
+
+    /// …and the socket closes afterwards with `code`.
+    fn then_close(mut self, code: u16, reason: &'static str) -> Self {
+        self.close = Some((code, reason));
+        self
+    }
+}
+
 pub struct SessionActor {
     id: String,
     deps: Arc<SessionDeps>,
@@ -423,11 +449,10 @@ impl SessionActor {
                         >= act.deps.settings.session.max_lease_failures)
                         .then_some((close::TRY_AGAIN_LATER, "upstream_unavailable"));
                     act.finish(
-                        Ending::Rejected("upstream_unavailable"),
+                        Ending::Rejected(ErrorCode::UpstreamUnavailable),
                         Delivery {
-                            last: Some(e),
-                            reusable: true,
                             close,
+                            ..Delivery::reusable(Some(e))
                         },
                         ctx,
                     );
@@ -442,12 +467,8 @@ impl SessionActor {
                     };
                     let e = act.turn_error(ErrorCode::UpstreamUnavailable, &message);
                     act.finish(
-                        Ending::Rejected("upstream_unavailable"),
-                        Delivery {
-                            last: Some(e),
-                            reusable: true,
-                            close: None,
-                        },
+                        Ending::Rejected(ErrorCode::UpstreamUnavailable),
+                        Delivery::reusable(Some(e)),
                         ctx,
                     );
                 }
@@ -475,11 +496,7 @@ impl SessionActor {
                 )
             }
             EventKind::Terminal(kind) => {
-                let delivery = Delivery {
-                    last: Some(text.to_string()),
-                    reusable: true,
-                    close: None,
-                };
+                let delivery = Delivery::reusable(Some(text.to_string()));
                 self.finish(Ending::Terminal(kind), delivery, ctx);
             }
             EventKind::Error => {
@@ -504,11 +521,7 @@ impl SessionActor {
                 {
                     return;
                 }
-                let delivery = Delivery {
-                    last: Some(text.to_string()),
-                    reusable: request_level,
-                    close: None,
-                };
+                let delivery = Delivery::new(Some(text.to_string()), request_level);
                 self.finish(Ending::UpstreamError(code), delivery, ctx);
             }
             EventKind::Steer(kind) => {
@@ -559,15 +572,7 @@ impl SessionActor {
         };
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
         let e = self.turn_error(code, message);
-        self.finish(
-            Ending::UpstreamLost(code.code()),
-            Delivery {
-                last: Some(e),
-                reusable: false,
-                close: None,
-            },
-            ctx,
-        );
+        self.finish(Ending::UpstreamLost(code), Delivery::spent(Some(e)), ctx);
     }
 
     // ---- leases ------------------------------------------------------------------------------
@@ -623,11 +628,7 @@ impl SessionActor {
                 let stream_id = turn.frame.stream_id.clone();
                 self.finish(
                     Ending::Cancelled,
-                    Delivery {
-                        last: Some(cancelled_event(&id, stream_id.as_deref())),
-                        reusable: true,
-                        close: None,
-                    },
+                    Delivery::reusable(Some(cancelled_event(&id, stream_id.as_deref()))),
                     ctx,
                 );
             }
@@ -669,15 +670,7 @@ impl SessionActor {
                 debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
             }
             Phase::Admitting | Phase::Leasing => {
-                self.finish(
-                    Ending::ClientGone,
-                    Delivery {
-                        last: None,
-                        reusable: true,
-                        close: None,
-                    },
-                    ctx,
-                );
+                self.finish(Ending::ClientGone, Delivery::reusable(None), ctx);
             }
             Phase::Finishing => {}
         }
@@ -697,15 +690,7 @@ impl SessionActor {
                 return;
             }
             if turn.drain_deadline.is_some_and(|d| now >= d) {
-                return self.finish(
-                    Ending::ClientGone,
-                    Delivery {
-                        last: None,
-                        reusable: false,
-                        close: None,
-                    },
-                    ctx,
-                );
+                return self.finish(Ending::ClientGone, Delivery::spent(None), ctx);
             }
             if turn.cancel_deadline.is_some_and(|d| now >= d) {
                 let id = turn
@@ -716,11 +701,7 @@ impl SessionActor {
                 let stream_id = turn.frame.stream_id.clone();
                 return self.finish(
                     Ending::Cancelled,
-                    Delivery {
-                        last: Some(cancelled_event(&id, stream_id.as_deref())),
-                        reusable: false,
-                        close: None,
-                    },
+                    Delivery::spent(Some(cancelled_event(&id, stream_id.as_deref()))),
                     ctx,
                 );
             }
@@ -973,7 +954,7 @@ impl Handler<EndSession> for SessionActor {
             Some(phase) => {
                 let reusable = phase != Phase::Streaming;
                 self.finish(
-                    Ending::Aborted(code.code()),
+                    Ending::Aborted(code),
                     Delivery {
                         last: Some(e),
                         reusable,

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::{EventKind, TerminalKind, classify};
 use crate::protocol::usage::{Usage, estimate_tokens};
 use crate::record::{Timing, TurnStatus, UsageSource};
@@ -94,11 +95,11 @@ pub enum Ending {
     Preempted,
     Cancelled,
     ClientGone,
-    UpstreamLost(&'static str),
+    UpstreamLost(ErrorCode),
     /// Refused before anything was sent upstream (admission, lease, capacity).
-    Rejected(&'static str),
+    Rejected(ErrorCode),
     /// The relay ended it (shutdown, slow client).
-    Aborted(&'static str),
+    Aborted(ErrorCode),
 }
 
 /// What the usage row of a turn says.
@@ -261,12 +262,15 @@ impl TurnTracker {
         let (status, error_code) = match &ending {
             Ending::Terminal(k) => (TurnStatus::from(*k), None),
             Ending::UpstreamError(code) => (TurnStatus::Failed, code.clone()),
-            Ending::Preempted => (TurnStatus::Preempted, Some("response_preempted".into())),
+            Ending::Preempted => (
+                TurnStatus::Preempted,
+                Some(ErrorCode::ResponsePreempted.code().into()),
+            ),
             Ending::Cancelled => (TurnStatus::Cancelled, None),
             Ending::ClientGone => (TurnStatus::ClientGone, None),
-            Ending::UpstreamLost(code) => (TurnStatus::UpstreamLost, Some(code.to_string())),
-            Ending::Rejected(code) => (TurnStatus::Rejected, Some(code.to_string())),
-            Ending::Aborted(code) => (TurnStatus::Cancelled, Some(code.to_string())),
+            Ending::UpstreamLost(code) => (TurnStatus::UpstreamLost, Some(code.code().into())),
+            Ending::Rejected(code) => (TurnStatus::Rejected, Some(code.code().into())),
+            Ending::Aborted(code) => (TurnStatus::Cancelled, Some(code.code().into())),
         };
         let reached = self.clock.reached_upstream();
         let estimate = self.estimate(reached);
@@ -540,7 +544,7 @@ mod tests {
             r#"{"type":"response.output_text.delta","delta":"abcd"}"#,
             t0,
         );
-        let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
+        let o = t.finish(Ending::UpstreamLost(ErrorCode::UpstreamConnectionLost), t0);
         assert_eq!(
             (
                 o.status.as_str(),
@@ -569,7 +573,7 @@ mod tests {
             ("partial", 9, 2)
         );
         // Nothing seen.
-        let o = TurnTracker::new(t0).finish(Ending::Rejected("account_busy"), t0);
+        let o = TurnTracker::new(t0).finish(Ending::Rejected(ErrorCode::AccountBusy), t0);
         assert_eq!(
             (o.status.as_str(), o.usage_source.as_str()),
             ("rejected", "none")
@@ -584,8 +588,8 @@ mod tests {
             Ending::Preempted,
             Ending::Cancelled,
             Ending::ClientGone,
-            Ending::UpstreamLost("upstream_restarting"),
-            Ending::Aborted("shutting_down"),
+            Ending::UpstreamLost(ErrorCode::UpstreamRestarting),
+            Ending::Aborted(ErrorCode::ShuttingDown),
         ] {
             let mut t = TurnTracker::new(t0).prompting(4_000);
             t.clock.written(t0);
@@ -611,7 +615,7 @@ mod tests {
         // Written upstream, nothing came back: input still billed.
         let mut t = TurnTracker::new(t0).prompting(40);
         t.clock.written(t0);
-        let o = t.finish(Ending::UpstreamLost("upstream_connection_lost"), t0);
+        let o = t.finish(Ending::UpstreamLost(ErrorCode::UpstreamConnectionLost), t0);
         assert_eq!(
             (o.usage_source.as_str(), o.usage.input_tokens),
             ("estimated", 10)

@@ -9,7 +9,7 @@ use crate::db::schema::billing_compensation_backlog as backlog;
 use crate::db::schema::billing_compensations;
 use crate::db::schema::{api_keys, billing_ledger, usage_logs, users};
 use crate::db::{DbError, DbPool, now};
-use crate::record::TurnRecord;
+use crate::record::{CompensationStatus, TurnRecord};
 
 /// The stored fields of a record's row that a replay must match (see `Fingerprint`).
 macro_rules! stored_fingerprint {
@@ -376,7 +376,7 @@ pub async fn record_with_compensation(
                     billing_compensations::api_key_id.eq(r.api_key_id),
                     billing_compensations::user_id.eq(r.user_id),
                     billing_compensations::amount_nanousd.eq(r.cost_nanousd),
-                    billing_compensations::status.eq("pending"),
+                    billing_compensations::status.eq(CompensationStatus::Pending.as_str()),
                     billing_compensations::next_attempt_at.eq(Some(at)),
                     billing_compensations::last_error.eq(Some(error)),
                     billing_compensations::error_history.eq(&history),
@@ -434,7 +434,7 @@ pub async fn quarantined(pool: &DbPool) -> Result<Vec<(String, i64, String)>, Db
 /// Compensations by status (all when `None`), oldest first.
 pub async fn compensations(
     pool: &DbPool,
-    status: Option<&str>,
+    status: Option<CompensationStatus>,
     limit: Option<i64>,
 ) -> Result<Vec<Compensation>, DbError> {
     Ok(with_conn!(pool, |c| {
@@ -443,7 +443,7 @@ pub async fn compensations(
             .order(billing_compensations::id)
             .into_boxed();
         if let Some(s) = status {
-            q = q.filter(billing_compensations::status.eq(s));
+            q = q.filter(billing_compensations::status.eq(s.as_str()));
         }
         // The database stops at the limit (the admin API's page), rather than loading all.
         if let Some(n) = limit {
@@ -458,7 +458,7 @@ pub async fn due_compensations(pool: &DbPool, limit: i64) -> Result<Vec<Compensa
     let at = now();
     Ok(with_conn!(pool, |c| {
         billing_compensations::table
-            .filter(billing_compensations::status.eq("pending"))
+            .filter(billing_compensations::status.eq(CompensationStatus::Pending.as_str()))
             .filter(billing_compensations::next_attempt_at.le(at))
             .order(billing_compensations::next_attempt_at)
             .limit(limit)
@@ -480,7 +480,7 @@ pub async fn claim_compensation(
         diesel::update(
             billing_compensations::table
                 .filter(billing_compensations::id.eq(row.id))
-                .filter(billing_compensations::status.eq("pending"))
+                .filter(billing_compensations::status.eq(CompensationStatus::Pending.as_str()))
                 .filter(billing_compensations::attempts.eq(row.attempts)),
         )
         .set((
@@ -525,7 +525,7 @@ pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<()
                 billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
             )
             .set((
-                billing_compensations::status.eq("settled"),
+                billing_compensations::status.eq(CompensationStatus::Settled.as_str()),
                 billing_compensations::settled_at.eq(Some(at)),
                 billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
                 billing_compensations::updated_at.eq(at),
@@ -566,7 +566,7 @@ pub async fn fail_compensation(
                 billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
             )
             .set((
-                billing_compensations::status.eq("dead"),
+                billing_compensations::status.eq(CompensationStatus::Dead.as_str()),
                 billing_compensations::dead_at.eq(Some(at)),
                 billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
             ))
@@ -585,10 +585,10 @@ pub async fn requeue_compensation(pool: &DbPool, id: i64) -> Result<bool, DbErro
         diesel::update(
             billing_compensations::table
                 .filter(billing_compensations::id.eq(id))
-                .filter(billing_compensations::status.ne("settled")),
+                .filter(billing_compensations::status.ne(CompensationStatus::Settled.as_str())),
         )
         .set((
-            billing_compensations::status.eq("pending"),
+            billing_compensations::status.eq(CompensationStatus::Pending.as_str()),
             billing_compensations::attempts.eq(0),
             billing_compensations::next_attempt_at.eq(Some(at)),
             billing_compensations::dead_at.eq(None::<chrono::NaiveDateTime>),

@@ -78,11 +78,11 @@ impl End {
     }
 
     fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
-        End::relay(Ending::Rejected(code.code()), code, message)
+        End::relay(Ending::Rejected(code), code, message)
     }
 
     fn lost(code: ErrorCode, message: impl Into<String>) -> Self {
-        End::relay(Ending::UpstreamLost(code.code()), code, message)
+        End::relay(Ending::UpstreamLost(code), code, message)
     }
 
     fn client_gone() -> Self {
@@ -346,7 +346,7 @@ impl Exchange {
             tokio::select! {
                 () = sink.closed() => End::client_gone(),
                 () = aborted => End::relay(
-                    Ending::Aborted(ErrorCode::ShuttingDown.code()),
+                    Ending::Aborted(ErrorCode::ShuttingDown),
                     ErrorCode::ShuttingDown,
                     "the relay is shutting down",
                 ),
@@ -465,7 +465,6 @@ impl Exchange {
     /// credential (the client's key is not the one refused). Not billed: nothing was served.
     async fn upstream_refusal(&mut self, mut res: awc::ClientResponse) -> End {
         let status = res.status();
-        let code = ErrorCode::UpstreamUnavailable.code();
         if matches!(status.as_u16(), 401 | 403) {
             return End::refused(
                 ErrorCode::UpstreamUnavailable,
@@ -478,7 +477,7 @@ impl Exchange {
             .await
             .unwrap_or_default();
         End(
-            Ending::Rejected(code),
+            Ending::Rejected(ErrorCode::UpstreamUnavailable),
             Last::Upstream {
                 status,
                 body,
@@ -618,10 +617,7 @@ impl Exchange {
                     Sent::Yes => {}
                     Sent::Gone => return End::client_gone(),
                     Sent::Stalled => {
-                        return End(
-                            Ending::Aborted(ErrorCode::ClientTooSlow.code()),
-                            Last::Nothing,
-                        );
+                        return End(Ending::Aborted(ErrorCode::ClientTooSlow), Last::Nothing);
                     }
                 }
             }

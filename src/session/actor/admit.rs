@@ -51,15 +51,7 @@ impl SessionActor {
             if phase == Phase::Streaming {
                 return act.preempt_streaming(e, ctx);
             }
-            act.finish(
-                Ending::Preempted,
-                Delivery {
-                    last: Some(e),
-                    reusable: true,
-                    close: None,
-                },
-                ctx,
-            );
+            act.finish(Ending::Preempted, Delivery::reusable(Some(e)), ctx);
         }));
     }
 
@@ -401,14 +393,6 @@ impl SessionActor {
 
     pub(super) fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
         let e = self.turn_error(code, message);
-        self.finish(
-            Ending::Rejected(code.code()),
-            Delivery {
-                last: Some(e),
-                reusable: true,
-                close: None,
-            },
-            ctx,
-        );
+        self.finish(Ending::Rejected(code), Delivery::reusable(Some(e)), ctx);
     }
 }

@@ -50,12 +50,8 @@ impl SessionActor {
                 info!(parent: &turn.span, reason = %reason, "continuation: fail closed, nothing sent upstream");
                 let e = Self::frame_error(&turn.frame, ErrorCode::ContinuationUnavailable, reason);
                 return self.finish(
-                    Ending::Rejected(ErrorCode::ContinuationUnavailable.code()),
-                    Delivery {
-                        last: Some(e),
-                        reusable: true,
-                        close: None,
-                    },
+                    Ending::Rejected(ErrorCode::ContinuationUnavailable),
+                    Delivery::reusable(Some(e)),
                     ctx,
                 );
             }

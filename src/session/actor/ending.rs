@@ -65,7 +65,7 @@ impl SessionActor {
         turn.key_slot = None;
         turn.account_slot = None;
         // A refusal because accounting is down does not wait for accounting.
-        let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable.code());
+        let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable);
         let outcome = turn.tracker.finish(ending, Instant::now());
         let Some(turn) = self.turn.as_ref() else {
             return;

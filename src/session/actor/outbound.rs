@@ -52,12 +52,8 @@ impl SessionActor {
         );
         match self.turn.as_ref().map(|t| t.phase) {
             Some(phase) if phase != Phase::Finishing => self.finish(
-                Ending::Aborted("client_too_slow"),
-                Delivery {
-                    last: Some(e),
-                    reusable: false,
-                    close: Some((close::POLICY, "client_too_slow")),
-                },
+                Ending::Aborted(ErrorCode::ClientTooSlow),
+                Delivery::spent(Some(e)).then_close(close::POLICY, ErrorCode::ClientTooSlow.code()),
                 ctx,
             ),
             Some(_) => self.close_after_turn = Some((close::POLICY, "client_too_slow")),
@@ -132,12 +128,8 @@ impl SessionActor {
             Some(close) if self.turn.is_some() => {
                 // The turn in flight ends first, with this error as its last frame.
                 self.finish(
-                    Ending::Aborted(code.code()),
-                    Delivery {
-                        last: Some(event),
-                        reusable: false,
-                        close: Some((close, code.code())),
-                    },
+                    Ending::Aborted(code),
+                    Delivery::spent(Some(event)).then_close(close, code.code()),
                     ctx,
                 );
             }
