@@ -21,6 +21,26 @@ pub enum DbPool {
     Sqlite(Pool<SqliteConn>),
 }
 
+/// A pool of `max` connections whose every wait (for a free one, to open one, to check one)
+/// is bounded by `timeout`.
+fn bounded<C>(
+    manager: AsyncDieselConnectionManager<C>,
+    max: usize,
+    timeout: Option<Duration>,
+) -> Result<Pool<C>, deadpool::managed::BuildError>
+where
+    C: diesel_async::pooled_connection::PoolableConnection + 'static,
+    AsyncDieselConnectionManager<C>: deadpool::managed::Manager,
+{
+    Pool::builder(manager)
+        .max_size(max)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()
+}
+
 impl std::fmt::Debug for DbPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.backend())
@@ -36,14 +56,11 @@ impl DbPool {
             DatabaseTarget::Postgres(url) => {
                 let url = with_pg_defaults(&url, settings.statement_timeout_ms);
                 let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
-                let pool = Pool::builder(manager)
-                    .max_size(settings.pool_max_size)
-                    .runtime(Runtime::Tokio1)
-                    .wait_timeout(timeout)
-                    .create_timeout(timeout)
-                    .recycle_timeout(timeout)
-                    .build()?;
-                Ok(Self::Postgres(pool))
+                Ok(Self::Postgres(bounded(
+                    manager,
+                    settings.pool_max_size,
+                    timeout,
+                )?))
             }
             DatabaseTarget::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -73,14 +90,11 @@ impl DbPool {
                     path.to_string_lossy(),
                     config,
                 );
-                let pool = Pool::builder(manager)
-                    .max_size(settings.pool_max_size)
-                    .runtime(Runtime::Tokio1)
-                    .wait_timeout(timeout)
-                    .create_timeout(timeout)
-                    .recycle_timeout(timeout)
-                    .build()?;
-                Ok(Self::Sqlite(pool))
+                Ok(Self::Sqlite(bounded(
+                    manager,
+                    settings.pool_max_size,
+                    timeout,
+                )?))
             }
         }
     }

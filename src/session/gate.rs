@@ -397,6 +397,26 @@ pub fn record_of(
     }
 }
 
+/// A turn's record is made: its affinity points at the account that served it (when the
+/// upstream served it), the metrics count it, and one line says how it ended.
+pub fn turn_ended(
+    deps: &SessionDeps,
+    affinity: Option<&Affinity>,
+    record: &TurnRecord,
+    usage_malformed: bool,
+    span: &Span,
+) {
+    if let Some(affinity) = affinity
+        && record.usage_source != crate::record::UsageSource::None
+    {
+        remember_affinity(deps, record.api_key_id, affinity, &record.account, span);
+    }
+    crate::telemetry::turn_ended(record, usage_malformed);
+    info!(parent: span, status = %record.status, usage_source = %record.usage_source,
+        response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
+        first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+}
+
 /// Hands a record to accounting; resolves to whether it is durable within
 /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller holds nothing
 /// back for it).

@@ -654,21 +654,13 @@ impl Exchange {
             span: &self.span,
         };
         let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);
-        if let Some(affinity) = &self.affinity
-            && record.usage_source != crate::record::UsageSource::None
-        {
-            gate::remember_affinity(
-                &self.deps,
-                self.principal.key_id,
-                affinity,
-                &record.account,
-                &self.span,
-            );
-        }
-        crate::telemetry::turn_ended(&record, self.tracker.usage_malformed);
-        info!(parent: &self.span, status = %record.status, usage_source = %record.usage_source,
-            response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
-            first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+        gate::turn_ended(
+            &self.deps,
+            self.affinity.as_ref(),
+            &record,
+            self.tracker.usage_malformed,
+            &self.span,
+        );
         let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
         let durable = gate::make_durable(&self.deps, record, wait);
         let (durable, (), ()) =

@@ -71,21 +71,13 @@ impl SessionActor {
             return;
         };
         let record = self.record_of(turn, outcome, account);
-        if let Some(affinity) = &turn.affinity
-            && record.usage_source != crate::record::UsageSource::None
-        {
-            gate::remember_affinity(
-                &self.deps,
-                self.principal.key_id,
-                affinity,
-                &record.account,
-                &turn.span,
-            );
-        }
-        crate::telemetry::turn_ended(&record, turn.tracker.usage_malformed);
-        info!(parent: &turn.span, status = %record.status, usage_source = %record.usage_source,
-            response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
-            first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+        gate::turn_ended(
+            &self.deps,
+            turn.affinity.as_ref(),
+            &record,
+            turn.tracker.usage_malformed,
+            &turn.span,
+        );
         if streaming && !delivery.reusable {
             self.release_lease(false);
         }
