@@ -144,14 +144,24 @@ impl Conn {
         let mut reader = SseReader::default();
         let mut seen = Vec::new();
         while let Some(c) = self.chunk() {
-            reader.push(&c, 1 << 26).expect("event size");
-            while let Some(e) = reader.next_event() {
-                let s = Seen {
-                    at: Instant::now(),
-                    event: e.event.clone(),
-                    data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
-                    raw: String::from_utf8_lossy(&e.raw).into_owned(),
-                };
+            reader.push(&c);
+            let events = reader.scan(1 << 26).expect("event size");
+            let at = Instant::now();
+            let mut batch = Vec::new();
+            for e in &events {
+                batch.push(Seen {
+                    at,
+                    event: reader.event(e).map(str::to_string),
+                    data: serde_json::from_str(reader.data(e)).unwrap_or(Value::Null),
+                    raw: String::new(),
+                });
+            }
+            let total = events.last().map_or(0, |e| e.span.end);
+            let bytes = reader.take(total);
+            for (s, e) in batch.iter_mut().zip(&events) {
+                s.raw = String::from_utf8_lossy(&bytes[e.span.clone()]).into_owned();
+            }
+            for s in batch {
                 let done = stop(&s);
                 seen.push(s);
                 if done {

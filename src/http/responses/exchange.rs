@@ -583,37 +583,40 @@ impl Exchange {
                     );
                 }
             };
-            if reader.push(&chunk, max).is_err() {
+            reader.push(&chunk);
+            let Ok(events) = reader.scan(max) else {
                 return End::lost(
                     ErrorCode::UpstreamProtocolError,
                     format!("an upstream event exceeded {max} bytes"),
                 );
-            }
-            while let Some(event) = reader.next_event() {
-                let data = event.data.trim();
+            };
+            // The events of one read arrived together: one instant, one write to the client.
+            let now = Instant::now();
+            let mut relay_upto = 0;
+            let mut last: Option<(std::ops::Range<usize>, Stop)> = None;
+            for e in &events {
+                let data = reader.data(e).trim();
                 if !data.is_empty() && data != "[DONE]" {
-                    match self.tracker.observe(data, Instant::now()).kind {
-                        EventKind::Terminal(kind) => {
-                            self.rest = Some(res);
-                            return End(Ending::Terminal(kind), Last::Event(event.raw));
-                        }
-                        EventKind::Error => {
-                            let code = serde_json::from_str::<Value>(data)
+                    let stop = match self.tracker.observe(data, now).kind {
+                        EventKind::Terminal(kind) => Some(Stop::Terminal(kind)),
+                        EventKind::Error => Some(Stop::Error(
+                            serde_json::from_str::<Value>(data)
                                 .ok()
                                 .as_ref()
-                                .and_then(error_code);
-                            return End(Ending::UpstreamError(code), Last::Event(event.raw));
-                        }
-                        EventKind::Invalid => {
-                            return End::lost(
-                                ErrorCode::UpstreamProtocolError,
-                                "the upstream sent an event that is not a JSON object with a type",
-                            );
-                        }
-                        _ => {}
+                                .and_then(error_code),
+                        )),
+                        EventKind::Invalid => Some(Stop::Invalid),
+                        _ => None,
+                    };
+                    if let Some(stop) = stop {
+                        last = Some((e.span.clone(), stop));
+                        break;
                     }
                 }
-                match sink.send(event.raw, stall).await {
+                relay_upto = e.span.end;
+            }
+            if relay_upto > 0 {
+                match sink.send(reader.take(relay_upto), stall).await {
                     Sent::Yes => {}
                     Sent::Gone => return End::client_gone(),
                     Sent::Stalled => {
@@ -621,6 +624,21 @@ impl Exchange {
                     }
                 }
             }
+            let Some((span, stop)) = last else {
+                continue;
+            };
+            let raw = reader.take(span.end - span.start);
+            return match stop {
+                Stop::Terminal(kind) => {
+                    self.rest = Some(res);
+                    End(Ending::Terminal(kind), Last::Event(raw))
+                }
+                Stop::Error(code) => End(Ending::UpstreamError(code), Last::Event(raw)),
+                Stop::Invalid => End::lost(
+                    ErrorCode::UpstreamProtocolError,
+                    "the upstream sent an event that is not a JSON object with a type",
+                ),
+            };
         }
     }
 
@@ -687,6 +705,14 @@ async fn read_rest(res: Option<awc::ClientResponse>) {
         return;
     };
     let _ = tokio::time::timeout(REST, read_all(&mut res, 64 * 1024, REST)).await;
+}
+
+/// An upstream event that ends the stream: held back until the record is durable (or, for
+/// an invalid one, never relayed).
+enum Stop {
+    Terminal(crate::protocol::events::TerminalKind),
+    Error(Option<String>),
+    Invalid,
 }
 
 /// Statuses that say the account (not the request) is refused: the turn may go elsewhere.
