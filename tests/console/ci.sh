@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The operators' console in a real browser (tests/console/console.mjs): a relay with the sim and
-# the admin API, a dead compensation in its database, headless Debian Chromium driven by
-# puppeteer-core (installed once into ~/.cache/turnpike-clients; nothing downloads a browser).
+# the admin API, dead compensations in its database, headless Debian Chromium and Firefox ESR
+# driven by puppeteer-core (installed once into ~/.cache/turnpike-clients; nothing downloads a
+# browser).
 # `SCREENSHOTS=docs tests/console/ci.sh` also regenerates the README's screenshots.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,10 +12,12 @@ WORK=$(mktemp -d)
 TOKEN=console-test-token-0123456789abcdef0123456789
 mkdir -p "$CACHE/node"
 
-if ! command -v chromium >/dev/null 2>&1; then
-  apt-get update -qq >/dev/null 2>&1 || true
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+for pkg in chromium firefox-esr; do
+  if ! command -v "$pkg" >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+  fi
+done
 if [ ! -d "$CACHE/node/node_modules/puppeteer-core" ] || [ ! -d "$CACHE/node/node_modules/ws" ]; then
   (cd "$CACHE/node" && [ -f package.json ] || npm init -y >/dev/null)
   (cd "$CACHE/node" && PUPPETEER_SKIP_DOWNLOAD=1 npm install --no-audit --no-fund puppeteer-core@24 ws@8 >/dev/null)
@@ -46,10 +49,11 @@ python3 - "$WORK/turnpike.db" <<'PY'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 key_id, user_id = db.execute("select id, user_id from api_keys").fetchone()
-db.execute("insert into billing_compensations (request_id, api_key_id, user_id, amount_nanousd, status,"
-           " attempts, next_attempt_at, last_error, error_history, created_at, updated_at, dead_at)"
-           " values ('turn_console_dead', ?, ?, 12345, 'dead', 8, null, 'database unreachable', '[]',"
-           " datetime('now'), datetime('now'), datetime('now'))", (key_id, user_id))
+for n in (1, 2):  # one for each browser
+    db.execute("insert into billing_compensations (request_id, api_key_id, user_id, amount_nanousd, status,"
+               " attempts, next_attempt_at, last_error, error_history, created_at, updated_at, dead_at)"
+               " values (?, ?, ?, 12345, 'dead', 8, null, 'database unreachable', '[]',"
+               " datetime('now'), datetime('now'), datetime('now'))", (f"turn_console_dead_{n}", key_id, user_id))
 db.commit()
 PY
 ADMIN=127.0.0.1:$(free_port)
@@ -61,10 +65,11 @@ PIDS="$PIDS $!"
 RELAY=$(addr_from "$WORK/relay.log")
 cp "$ROOT/tests/console/console.mjs" "$CACHE/node/console.mjs"
 if [ -n "${SCREENSHOTS:-}" ]; then SCREENSHOTS=$(cd "$SCREENSHOTS" && pwd); export SCREENSHOTS; fi
-if node "$CACHE/node/console.mjs" "$ADMIN" "$RELAY" "$KEY" "$TOKEN"; then
+if node "$CACHE/node/console.mjs" "$ADMIN" "$RELAY" "$KEY" "$TOKEN" &&
+  BROWSER=firefox node "$CACHE/node/console.mjs" "$ADMIN" "$RELAY" "$KEY" "$TOKEN"; then
   # Every action is in the relay's log with where it came from.
   grep -q 'restarted by an operator.*from=\|from=.*restarted by an operator' "$WORK/relay.log" || { echo "FAIL no logged restart"; exit 1; }
-  echo "console: 1 passed, 0 failed"
+  echo "console: 2 passed, 0 failed"
 else
   tail -20 "$WORK/relay.log" >&2
   echo "console: 0 passed, 1 failed"

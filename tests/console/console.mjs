@@ -21,15 +21,15 @@ ws.send(JSON.stringify({ type: "response.create", model: "gpt-test", store: fals
 for (let i = 0; i < 100 && !heard.some((e) => e.type === "response.completed"); i++) await sleep(50);
 if (!heard.some((e) => e.type === "response.completed")) fail("the client's turn did not complete");
 
-const browser = await puppeteer.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-});
+// BROWSER=firefox: Debian's Firefox ESR over WebDriver BiDi; default: Debian's Chromium.
+const firefox = process.env.BROWSER === "firefox";
+const browser = await puppeteer.launch(firefox
+  ? { browser: "firefox", executablePath: "/usr/bin/firefox-esr", headless: true }
+  : { executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"] });
 const page = await browser.newPage();
 await page.setViewport({ width: 1280, height: 800 });
 page.on("dialog", (d) => d.accept()); // the confirmations of Restart and End
-const shot = async (name) => { if (shots) await page.screenshot({ path: `${shots}/console-${name}.png`, fullPage: true }); };
+const shot = async (name) => { if (shots && !firefox) await page.screenshot({ path: `${shots}/console-${name}.png`, fullPage: true }); };
 const text = (sel) => page.$eval(sel, (e) => e.textContent);
 const waitText = async (sel, pred, what) => {
   for (let i = 0; i < 100; i++) {
@@ -80,12 +80,14 @@ await page.click(`#end-${session}`);
 for (let i = 0; i < 100 && !heard.some((e) => e.error && e.error.code === "session_ended"); i++) await sleep(50);
 if (!heard.some((e) => e.error && e.error.code === "session_ended")) fail("the client did not get session_ended: " + JSON.stringify(heard.slice(-3)));
 
-// Retry the dead compensation: it settles.
+// Retry a dead compensation: it settles.
 await view("compensations");
+await page.select("#comp-filter", "dead");
 await page.waitForSelector("#view tr[data-compensation]");
 const comp = await page.$eval("#view tr[data-compensation]", (e) => e.dataset.compensation);
 if ((await text(`tr[data-compensation="${comp}"] .status`)) !== "dead") fail("the compensation is not dead to begin with");
 await page.click(`#retry-${comp}`);
+await page.select("#comp-filter", "");
 await waitText(`tr[data-compensation="${comp}"] .status`, (t) => t === "settled", "the retried compensation settled");
 await shot("compensations");
 
@@ -95,4 +97,4 @@ await shot("turns");
 
 await browser.close();
 ws.close();
-console.log("console: wrong token refused, session seen and ended, accounting restarted, compensation retried and settled");
+console.log((firefox ? "firefox" : "chromium") + ": wrong token refused, session seen and ended, accounting restarted, compensation retried and settled");
