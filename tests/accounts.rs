@@ -17,13 +17,14 @@ const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_refused_account_fails_over_to_a_healthy_one() {
-    // The sim accepts only `sk-good`: the first account ("sim", `sk-upstream`) gets 401.
+    // The sim accepts only `sk-good`: the first account ("sim", `sk-upstream`) gets 401. It is
+    // preferred (`good` has a lower priority), so the refusal is met, not routed around by luck.
     let (s, admin) = common::admin::start(
         TestDb::sqlite(),
         &[],
         StackOptions {
             sim_args: &["--api-key", "sk-good"],
-            account_extra: "\n[[accounts]]\nname = \"good\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-good\"\n",
+            account_extra: "\n[[accounts]]\nname = \"good\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-good\"\npriority = 1\n",
             ..StackOptions::default()
         },
     );
@@ -204,9 +205,12 @@ fn refused_count(s: &Stack, key: &str) -> u64 {
     s.sim_stats()["refused"][key].as_u64().unwrap_or(0)
 }
 
+/// `sim` (where the tests inject failures) and a backup, `second` (priority 1): turns go to
+/// `sim` while it can take them, so each test meets the failure it sets up rather than being
+/// routed around it by the weighted choice.
 fn two_accounts() -> StackOptions<'static> {
     StackOptions {
-        account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-2\"\n",
+        account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-2\"\npriority = 1\n",
         ..StackOptions::default()
     }
 }
@@ -267,6 +271,56 @@ fn retry_after_sets_the_cooldown() {
         );
         s.finish();
     }
+}
+
+/// A WebSocket handshake refused 429 with `Retry-After: 3`: the turns complete on the other
+/// account, the refusing one is dialled once in its cooldown, which lasts what the upstream
+/// asked (not the 1 s first backoff), and serves again after it.
+#[test]
+fn a_refused_handshakes_retry_after_sets_the_cooldown() {
+    let (s, admin) = common::admin::start(TestDb::sqlite(), &[], two_accounts());
+    refuse(&s, "sk-upstream", Some(429), Some(3));
+    let turns = |n: usize| {
+        let mut c = s.client();
+        for _ in 0..n {
+            c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}));
+            let end = c.until_terminal(T);
+            assert_eq!(end.last().unwrap()["type"], "response.completed", "{end:?}");
+        }
+    };
+    for _ in 0..4 {
+        turns(5);
+    }
+    let rows = s.rows(20);
+    assert!(rows.iter().all(|r| r.account == "second"), "{rows:?}");
+    assert_eq!(
+        refused_count(&s, "sk-upstream"),
+        1,
+        "dialled once per cooldown"
+    );
+    let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
+    let sim = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["account"] == "sim")
+        .unwrap()
+        .clone();
+    assert_eq!(sim["health"], "cooling", "{sim}");
+    let next = sim["next_probe_ms"].as_u64().unwrap();
+    // The first backoff is 1 s ± 20 %: longer than that is the upstream's 3 s.
+    assert!((1300..=3000).contains(&next), "Retry-After: {sim}");
+    refuse(&s, "sk-upstream", None, None);
+    std::thread::sleep(Duration::from_millis(next + 200));
+    for _ in 0..4 {
+        turns(5);
+    }
+    let rows = s.rows(40);
+    assert!(
+        rows[20..].iter().any(|r| r.account == "sim"),
+        "serves again: {rows:?}"
+    );
+    s.finish();
 }
 
 /// A refused credential (401) disables the account: the turn completes on the other one, the

@@ -1075,6 +1075,10 @@ fn handshake_headers_pass_through_credentials_do_not() {
     );
     assert!(!headers.contains_key("cookie"));
     assert!(
+        !headers.contains_key("x-turnpike-dial"),
+        "the relay's own marks stay inside it"
+    );
+    assert!(
         !headers.values().any(|v| v.contains(&s.key)),
         "the client's key never goes upstream"
     );

@@ -535,12 +535,13 @@ impl Handler<ConnStatus> for ContextPool {
                 conn,
                 error,
                 status,
+                retry_after,
             } => {
                 ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
                     .increment(1);
                 let failure = Failure {
                     error: &error,
-                    retry_after: None,
+                    retry_after: retry_after.as_deref().and_then(super::health::retry_after),
                     credential_refused: matches!(status, Some(401 | 403)),
                 };
                 let (wait, first) = self.health.failed(&failure, Instant::now());

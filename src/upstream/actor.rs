@@ -153,6 +153,7 @@ impl Actor for UpstreamConn {
                     conn: act.id,
                     error: error.message,
                     status: error.status,
+                    retry_after: error.retry_after,
                 });
                 ctx.stop();
             }

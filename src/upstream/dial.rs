@@ -5,9 +5,11 @@ use std::time::Duration;
 use actix_codec::Framed;
 use actix_service::Service;
 use actix_tls::connect::{ConnectError, ConnectInfo, Connection};
-use awc::BoxedSocket;
+use awc::error::SendRequestError;
 use awc::http::Uri;
 use awc::ws::Codec;
+use awc::{BoxedSocket, ConnectRequest, ConnectResponse};
+use futures_util::future::LocalBoxFuture;
 use tokio::net::TcpStream;
 
 /// Handshake headers passed from the client to the upstream (docs/DESIGN.md#handshake). Never the client's
@@ -67,6 +69,7 @@ fn client() -> awc::Client {
     CLIENT.with(|c| {
         c.get_or_init(|| {
             awc::Client::builder()
+                .wrap(KeepRefusal)
                 // awc's WebSocket client does not work over h2.
                 .max_http_version(awc::http::Version::HTTP_11)
                 // The connector's default limit is 100 connections per scheme: upstream
@@ -100,12 +103,88 @@ pub(super) fn nodelay_tcp() -> impl Service<
 
 pub type Socket = Framed<BoxedSocket, Codec>;
 
+/// The request header that names one dial to [`KeepRefusal`]; removed before the request
+/// leaves, so the upstream never sees it.
+const DIAL_MARK: &str = "x-turnpike-dial";
+
+thread_local! {
+    static NEXT_DIAL: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// `Retry-After` of refused handshakes, by dial mark, until their dial reads it.
+    static REFUSALS: std::cell::RefCell<std::collections::HashMap<u64, Option<String>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// awc middleware keeping what awc's WebSocket client drops from a refused handshake: its
+/// `Retry-After` (awc's error holds the status only), so a rate-limited account cools down as
+/// long as its upstream asks (docs/DESIGN.md#accounts).
+struct KeepRefusal;
+
+impl<S> awc::middleware::Transform<S, ConnectRequest> for KeepRefusal
+where
+    S: Service<ConnectRequest, Response = ConnectResponse, Error = SendRequestError> + 'static,
+{
+    type Transform = KeepRefusalService<S>;
+
+    fn new_transform(self, service: S) -> Self::Transform {
+        KeepRefusalService(std::rc::Rc::new(service))
+    }
+}
+
+struct KeepRefusalService<S>(std::rc::Rc<S>);
+
+impl<S> Service<ConnectRequest> for KeepRefusalService<S>
+where
+    S: Service<ConnectRequest, Response = ConnectResponse, Error = SendRequestError> + 'static,
+{
+    type Response = ConnectResponse;
+    type Error = SendRequestError;
+    type Future = LocalBoxFuture<'static, Result<ConnectResponse, SendRequestError>>;
+
+    fn poll_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&self, req: ConnectRequest) -> Self::Future {
+        let (req, mark) = match req {
+            ConnectRequest::Tunnel(mut head, addr) => {
+                let mark = head
+                    .headers
+                    .remove(DIAL_MARK)
+                    .next()
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                (ConnectRequest::Tunnel(head, addr), mark)
+            }
+            other => (other, None),
+        };
+        let service = self.0.clone();
+        Box::pin(async move {
+            let res = service.call(req).await?;
+            if let (Some(mark), ConnectResponse::Tunnel(head, _)) = (mark, &res)
+                && head.status != awc::http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                let retry_after = head
+                    .headers
+                    .get(awc::http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                REFUSALS.with(|r| r.borrow_mut().insert(mark, retry_after));
+            }
+            Ok(res)
+        })
+    }
+}
+
 /// Why a dial failed: the operator's words, and the HTTP status if the upstream answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct DialError {
     pub message: String,
     pub status: Option<u16>,
+    /// The refusal's `Retry-After`, as the upstream wrote it.
+    pub retry_after: Option<String>,
 }
 
 impl DialError {
@@ -113,6 +192,7 @@ impl DialError {
         Self {
             message,
             status: None,
+            retry_after: None,
         }
     }
 }
@@ -131,8 +211,16 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, DialError> {
     for (k, v) in &spec.account_headers {
         req = req.header(*k, v.as_str());
     }
+    let mark = NEXT_DIAL.with(|n| {
+        let mark = n.get().wrapping_add(1);
+        n.set(mark);
+        mark
+    });
+    req = req.header(DIAL_MARK, mark.to_string());
+    let connected = tokio::time::timeout(spec.timeout, req.connect()).await;
+    let retry_after = REFUSALS.with(|r| r.borrow_mut().remove(&mark)).flatten();
     // The URL goes to the operator's log only; clients get a generic message (docs/DESIGN.md#upstream-faults).
-    match tokio::time::timeout(spec.timeout, req.connect()).await {
+    match connected {
         Err(_) => Err(DialError::plain(format!(
             "handshake with {} timed out",
             spec.url
@@ -145,6 +233,7 @@ pub async fn dial(spec: DialSpec) -> Result<Socket, DialError> {
                 spec.url
             ),
             status: Some(status.as_u16()),
+            retry_after,
         }),
         Ok(Err(e)) => Err(DialError::plain(format!(
             "handshake with {}: {e}",

@@ -40,6 +40,8 @@ pub enum ConnStatus {
         conn: u64,
         error: String,
         status: Option<u16>,
+        /// The refusal's `Retry-After`, as the upstream wrote it.
+        retry_after: Option<String>,
     },
     Broken {
         conn: u64,
