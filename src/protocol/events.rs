@@ -120,9 +120,86 @@ fn scan_leading_type(text: &str) -> Option<&str> {
     (!value.contains('\\')).then_some(value)
 }
 
+/// The event's lane: its top-level `stream_id` (docs/DESIGN.md#overlap), `None` for the default
+/// lane. A byte scan, no parse: text without the key (every event of the default lane) costs
+/// one substring search; otherwise one pass that skips strings and nested values, so a
+/// `stream_id` inside the response object or a delta's text is never taken for the event's.
+pub fn stream_id_of(text: &str) -> Option<&str> {
+    const KEY: &[u8] = b"\"stream_id\"";
+    if !text.contains("\"stream_id\"") {
+        return None;
+    }
+    let b = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = i.checked_add(1)?;
+                if depth == 1 && b.get(start..end) == Some(KEY) {
+                    let rest = text.get(end..)?.trim_start().strip_prefix(':')?;
+                    let value = rest.trim_start().strip_prefix('"')?;
+                    let id = &value[..value.find('"')?];
+                    return (!id.contains('\\')).then_some(id);
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lane_of_an_event_is_its_top_level_stream_id() {
+        let lane = stream_id_of;
+        assert_eq!(
+            lane(r#"{"type":"response.output_text.delta","delta":"x"}"#),
+            None
+        );
+        assert_eq!(
+            lane(r#"{"type":"response.output_text.delta","delta":"x","stream_id":"alpha"}"#),
+            Some("alpha")
+        );
+        assert_eq!(
+            lane(r#"{"stream_id" : "b-1.x", "type":"error"}"#),
+            Some("b-1.x")
+        );
+        // Not the event's: inside the response, inside a string, a key of a nested object.
+        assert_eq!(
+            lane(r#"{"type":"response.created","response":{"stream_id":"inner"}}"#),
+            None
+        );
+        assert_eq!(
+            lane(r#"{"type":"x.delta","delta":"\"stream_id\":\"fake\""}"#),
+            None
+        );
+        assert_eq!(
+            lane(r#"{"type":"x.delta","delta":"say \"stream_id\"","stream_id":"real"}"#),
+            Some("real")
+        );
+        assert_eq!(
+            lane(r#"{"type":"x","items":[{"stream_id":"in-array"}],"stream_id":"top"}"#),
+            Some("top")
+        );
+        assert_eq!(lane(r#"{"type":"x","stream_id":"#), None);
+        assert_eq!(lane(r#"{"type":"x","stream_id":7}"#), None);
+        assert_eq!(
+            lane(r#"{"type":"x","note":"unterminated \"stream_id\""#),
+            None
+        );
+    }
 
     #[test]
     fn frames_that_are_not_events_are_invalid() {

@@ -4,6 +4,7 @@
 //! - `turn`: timing, usage merge and the outcome of one turn (pure).
 //! - `admission`: slots per key and per account, released by guards.
 //! - `fleet`: per-key slots counted across relays sharing PostgreSQL.
+//! - `lanes`: which create starts, waits or is refused, per lane (pure).
 //! - `gate`: what every turn passes, WebSocket or HTTP: standing, reservation, accounts, record.
 //! - `registry`: every live session (shutdown, admin).
 //! - `requests`: HTTP requests in flight (admin).
@@ -13,6 +14,7 @@ pub mod actor;
 pub mod admission;
 pub mod fleet;
 pub mod gate;
+pub mod lanes;
 pub mod messages;
 pub mod registry;
 pub mod requests;

@@ -1,0 +1,326 @@
+//! Lanes of one client session (docs/DESIGN.md#overlap): which `response.create` starts now,
+//! which waits, which is refused — decided here, without sockets; the session actor carries the
+//! decisions out. A lane (`stream_id`, `None` for the default lane) runs one turn at a time and
+//! its creates in order; lanes run side by side, at most [`MAX_IN_FLIGHT`] turns at once (more
+//! wait, none is refused for it), at most [`MAX_NAMED_LANES`] named lanes per session.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use crate::config::OnOverlap;
+use crate::protocol::errors::ErrorCode;
+use crate::protocol::frames::CreateFrame;
+
+/// A lane: its `stream_id`, `None` for the implicit default lane.
+pub type LaneId = Option<String>;
+
+/// Responses in flight on one upstream connection (the upstream's limit).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Named lanes one session may use: the upstream's limit per connection.
+pub const MAX_NAMED_LANES: usize = 32;
+
+/// A create waiting for its lane, with when it was read.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub frame: CreateFrame,
+    pub accepted: Instant,
+}
+
+/// What becomes of a `response.create` that just arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Its lane is free: it starts now.
+    Start,
+    /// It waits its turn.
+    Queued,
+    /// Refused with this error event (`lane_queue_full`, `response_already_in_flight`,
+    /// `websocket_stream_limit_reached`); nothing else changes.
+    Refused(ErrorCode),
+    /// `on_overlap = "preempt"`: admit it, then end its lane's turn in flight.
+    Preempt,
+}
+
+/// What the lane's turn in flight is doing, as far as a new create cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneState {
+    /// No turn, and no successor expected.
+    Free,
+    /// A turn runs (or a successor the upstream will start on its own is expected).
+    Busy,
+    /// The turn ended; its record is on its way (the lane frees in a moment).
+    Ending,
+}
+
+#[derive(Debug, Default)]
+pub struct Lanes {
+    named: HashSet<String>,
+    /// Creates waiting, in arrival order across lanes (FIFO within each lane).
+    waiting: VecDeque<Waiting>,
+}
+
+impl Lanes {
+    /// Decides a create's fate. `state`: its lane's; `in_flight`: turns of the session now;
+    /// `queue_max`: creates that may wait per lane.
+    pub fn arrive(
+        &mut self,
+        frame: &CreateFrame,
+        state: LaneState,
+        in_flight: usize,
+        mode: OnOverlap,
+        queue_max: usize,
+    ) -> Arrival {
+        if let Some(lane) = &frame.stream_id
+            && !self.named.contains(lane)
+        {
+            if self.named.len() >= MAX_NAMED_LANES {
+                return Arrival::Refused(ErrorCode::StreamLimitReached);
+            }
+            self.named.insert(lane.clone());
+        }
+        let lane = &frame.stream_id;
+        let behind = self.waiting_on(lane);
+        if state == LaneState::Free && behind == 0 {
+            // Its lane is free: it starts, unless the session is at its limit of turns in
+            // flight, where it waits like the upstream would have it wait.
+            return if in_flight < MAX_IN_FLIGHT {
+                Arrival::Start
+            } else {
+                Arrival::Queued
+            };
+        }
+        match mode {
+            OnOverlap::Queue if behind >= queue_max => Arrival::Refused(ErrorCode::LaneQueueFull),
+            OnOverlap::Queue => Arrival::Queued,
+            // Waiting for its lane's current turn to finish ending: it is handled then.
+            OnOverlap::Reject if state == LaneState::Ending && behind == 0 => Arrival::Queued,
+            OnOverlap::Reject if state == LaneState::Free => Arrival::Queued,
+            OnOverlap::Reject => Arrival::Refused(ErrorCode::ResponseAlreadyInFlight),
+            OnOverlap::Preempt if state == LaneState::Busy => Arrival::Preempt,
+            // Nothing runs to preempt: it supersedes those waiting and waits itself.
+            OnOverlap::Preempt => Arrival::Queued,
+        }
+    }
+
+    /// Queues a create (after [`Arrival::Queued`], or after its preemption was admitted).
+    pub fn push(&mut self, frame: CreateFrame, accepted: Instant) {
+        self.waiting.push_back(Waiting { frame, accepted });
+    }
+
+    /// Creates waiting on `lane`.
+    pub fn waiting_on(&self, lane: &LaneId) -> usize {
+        self.waiting
+            .iter()
+            .filter(|w| &w.frame.stream_id == lane)
+            .count()
+    }
+
+    /// Takes the creates that may start now, in order: the first waiting on each lane whose
+    /// state is `Free`, while fewer than [`MAX_IN_FLIGHT`] turns are in flight.
+    pub fn startable(
+        &mut self,
+        state: impl Fn(&LaneId) -> LaneState,
+        mut in_flight: usize,
+    ) -> Vec<Waiting> {
+        let mut seen: Vec<&LaneId> = Vec::new();
+        let mut take = Vec::new();
+        for (i, w) in self.waiting.iter().enumerate() {
+            if in_flight >= MAX_IN_FLIGHT {
+                break;
+            }
+            let lane = &w.frame.stream_id;
+            if seen.contains(&lane) {
+                continue;
+            }
+            seen.push(lane);
+            if state(lane) == LaneState::Free {
+                take.push(i);
+                in_flight += 1;
+            }
+        }
+        // Removed back to front so the indices stay right; handed out front to back.
+        let mut out: Vec<Waiting> = take
+            .into_iter()
+            .rev()
+            .filter_map(|i| self.waiting.remove(i))
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Takes every create waiting on `lane` (superseded by a newer one in `preempt` mode).
+    pub fn take_lane(&mut self, lane: &LaneId) -> Vec<Waiting> {
+        let (theirs, others): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| &w.frame.stream_id == lane);
+        let others = VecDeque::from(others);
+        self.waiting = others;
+        theirs
+    }
+
+    /// Takes every create waiting (the session ends: each is answered).
+    pub fn take_all(&mut self) -> Vec<Waiting> {
+        std::mem::take(&mut self.waiting).into()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn named(&self) -> usize {
+        self.named.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(lane: Option<&str>, n: usize) -> CreateFrame {
+        CreateFrame {
+            raw: format!("{n}"),
+            model: None,
+            previous_response_id: None,
+            store: false,
+            warmup: false,
+            has_tool_output: false,
+            prompt_bytes: 0,
+            input: None,
+            max_output_tokens: None,
+            stream_id: lane.map(str::to_string),
+            stream: false,
+            prompt_cache_key: None,
+        }
+    }
+
+    const Q: OnOverlap = OnOverlap::Queue;
+
+    #[test]
+    fn free_lanes_start_and_busy_lanes_queue_in_order() {
+        let mut l = Lanes::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            l.arrive(&create(Some("a"), 1), LaneState::Free, 0, Q, 4),
+            Arrival::Start
+        );
+        assert_eq!(
+            l.arrive(&create(Some("b"), 2), LaneState::Free, 1, Q, 4),
+            Arrival::Start
+        );
+        for n in 3..5 {
+            let f = create(Some("a"), n);
+            assert_eq!(l.arrive(&f, LaneState::Busy, 2, Q, 4), Arrival::Queued);
+            l.push(f, t0);
+        }
+        let f = create(None, 5);
+        assert_eq!(l.arrive(&f, LaneState::Busy, 2, Q, 4), Arrival::Queued);
+        l.push(f, t0);
+        // Lane a frees: only its first waiting create starts; the default lane is still busy.
+        let go = l.startable(
+            |lane| {
+                if lane.is_none() {
+                    LaneState::Busy
+                } else {
+                    LaneState::Free
+                }
+            },
+            1,
+        );
+        let raws: Vec<&str> = go.iter().map(|w| w.frame.raw.as_str()).collect();
+        assert_eq!(raws, ["3"]);
+        let go = l.startable(|_| LaneState::Free, 0);
+        let raws: Vec<&str> = go.iter().map(|w| w.frame.raw.as_str()).collect();
+        assert_eq!(raws, ["4", "5"], "one per lane, in arrival order");
+        assert_eq!(l.waiting(), 0);
+    }
+
+    #[test]
+    fn a_full_lane_refuses_and_others_still_queue() {
+        let mut l = Lanes::default();
+        let t0 = Instant::now();
+        for n in 0..2 {
+            let f = create(Some("a"), n);
+            assert_eq!(l.arrive(&f, LaneState::Busy, 1, Q, 2), Arrival::Queued);
+            l.push(f, t0);
+        }
+        assert_eq!(
+            l.arrive(&create(Some("a"), 9), LaneState::Busy, 1, Q, 2),
+            Arrival::Refused(ErrorCode::LaneQueueFull)
+        );
+        assert_eq!(
+            l.arrive(&create(Some("b"), 9), LaneState::Busy, 1, Q, 2),
+            Arrival::Queued
+        );
+    }
+
+    #[test]
+    fn the_seventeenth_turn_waits_and_starts_when_one_ends() {
+        let mut l = Lanes::default();
+        let f = create(Some("l16"), 16);
+        assert_eq!(
+            l.arrive(&f, LaneState::Free, MAX_IN_FLIGHT, Q, 4),
+            Arrival::Queued,
+            "waits, not refused"
+        );
+        l.push(f, Instant::now());
+        assert!(l.startable(|_| LaneState::Free, MAX_IN_FLIGHT).is_empty());
+        assert_eq!(l.startable(|_| LaneState::Free, MAX_IN_FLIGHT - 1).len(), 1);
+    }
+
+    #[test]
+    fn the_thirty_third_named_lane_is_refused() {
+        let mut l = Lanes::default();
+        for n in 0..MAX_NAMED_LANES {
+            let lane = format!("l{n}");
+            assert_eq!(
+                l.arrive(&create(Some(&lane), n), LaneState::Free, 0, Q, 4),
+                Arrival::Start
+            );
+        }
+        assert_eq!(
+            l.arrive(&create(Some("one-more"), 0), LaneState::Free, 0, Q, 4),
+            Arrival::Refused(ErrorCode::StreamLimitReached)
+        );
+        // Known lanes and the default lane go on.
+        assert_eq!(
+            l.arrive(&create(Some("l3"), 0), LaneState::Free, 0, Q, 4),
+            Arrival::Start
+        );
+        assert_eq!(
+            l.arrive(&create(None, 0), LaneState::Free, 0, Q, 4),
+            Arrival::Start
+        );
+        assert_eq!(l.named(), MAX_NAMED_LANES);
+    }
+
+    #[test]
+    fn reject_and_preempt_act_per_lane() {
+        let mut l = Lanes::default();
+        let r = OnOverlap::Reject;
+        let p = OnOverlap::Preempt;
+        assert_eq!(
+            l.arrive(&create(Some("a"), 1), LaneState::Busy, 1, r, 4),
+            Arrival::Refused(ErrorCode::ResponseAlreadyInFlight)
+        );
+        assert_eq!(
+            l.arrive(&create(Some("a"), 1), LaneState::Ending, 1, r, 4),
+            Arrival::Queued,
+            "its lane frees in a moment"
+        );
+        assert_eq!(
+            l.arrive(&create(Some("b"), 1), LaneState::Free, 1, r, 4),
+            Arrival::Start,
+            "another lane is not an overlap"
+        );
+        assert_eq!(
+            l.arrive(&create(Some("a"), 1), LaneState::Busy, 1, p, 4),
+            Arrival::Preempt
+        );
+        l.push(create(Some("a"), 2), Instant::now());
+        l.push(create(Some("c"), 3), Instant::now());
+        let superseded = l.take_lane(&Some("a".into()));
+        assert_eq!(superseded.len(), 1);
+        assert_eq!(l.waiting(), 1);
+        assert_eq!(l.take_all().len(), 1);
+    }
+}
