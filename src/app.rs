@@ -155,7 +155,9 @@ pub fn start_relay_with(
             base_url: a.base_url.trim_end_matches('/').to_string(),
             api_key: key.clone(),
             account_headers: a.handshake_headers(),
-            max_conns: a.turn_limit(),
+            // One request per HTTP connection: the sockets' bound is the account's, as before
+            // lanes multiplied what one WebSocket carries.
+            max_conns: a.max_concurrent_turns.unwrap_or(a.max_conns),
         });
         let pool = ContextPool::new(
             a,

@@ -445,7 +445,8 @@ pub struct AccountSettings {
     /// Most upstream sockets open at once for this account.
     #[serde(default = "default_max_conns")]
     pub max_conns: usize,
-    /// Most turns in flight at once on this account; default `max_conns`.
+    /// Most turns in flight at once on this account; default `max_conns` × 16 (responses in
+    /// flight per connection).
     #[serde(default)]
     pub max_concurrent_turns: Option<usize>,
     /// `OpenAI-Organization` sent on this account's upstream handshakes (never the client's).
@@ -526,8 +527,13 @@ impl AccountSettings {
         .collect()
     }
 
+    /// Default: every connection carrying the upstream's limit of responses in flight (lanes
+    /// of one session share a connection, docs/DESIGN.md#overlap).
     pub fn turn_limit(&self) -> usize {
-        self.max_concurrent_turns.unwrap_or(self.max_conns)
+        self.max_concurrent_turns.unwrap_or(
+            self.max_conns
+                .saturating_mul(crate::protocol::frames::MAX_IN_FLIGHT),
+        )
     }
 }
 

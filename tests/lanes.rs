@@ -38,6 +38,30 @@ fn answers(c: &mut Client, n: usize) -> (Vec<Value>, Vec<Value>) {
     (all, ends)
 }
 
+/// Creates on lanes `lane0`…`lane{n-1}`, back to back: every one completes. Their terminals.
+fn lanes_complete(c: &mut Client, n: usize, directive: &str) -> Vec<Value> {
+    for i in 0..n {
+        c.send(&create(Some(&format!("lane{i}")), directive));
+    }
+    let (_, ends) = answers(c, n);
+    assert!(
+        ends.iter().all(|e| e["type"] == "response.completed"),
+        "{ends:?}"
+    );
+    ends
+}
+
+/// A relay with `session.on_overlap` set by `env`.
+fn in_mode(env: &[(&str, &str)]) -> Stack {
+    Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env,
+            ..StackOptions::default()
+        },
+    )
+}
+
 /// Nothing more arrives for a while (no second answer to any create).
 fn assert_quiet(c: &mut Client) {
     match c.recv(Duration::from_millis(500)) {
@@ -148,13 +172,7 @@ fn every_create_is_answered_in_every_mode() {
         ),
     ] {
         let env = [("TURNPIKE_SESSION__ON_OVERLAP", mode)];
-        let s = Stack::start(
-            TestDb::sqlite(),
-            StackOptions {
-                env: &env,
-                ..StackOptions::default()
-            },
-        );
+        let s = in_mode(&env);
         let mut c = s.client();
         for i in 0..200 {
             let lane = format!("l{}", i % 3);
@@ -185,9 +203,10 @@ fn every_create_is_answered_in_every_mode() {
         );
         assert_quiet(&mut c);
         if mode == "queue" {
+            // Lanes l0 and l1 get 67 creates, l2 66: each runs 1 and queues lane_queue_max 64.
             assert_eq!(
-                kinds["response.completed"], 65,
-                "1 running + lane_queue_max 64"
+                kinds["response.completed"], 195,
+                "per lane: 1 running + lane_queue_max 64"
             );
         }
         let completed = kinds["response.completed"];
@@ -367,11 +386,7 @@ fn a_steer_the_key_cannot_pay_for_goes_nowhere() {
 fn a_33rd_named_lane_is_refused_and_the_others_go_on() {
     let s = Stack::start(TestDb::sqlite(), StackOptions::default());
     let mut c = s.client();
-    for i in 0..32 {
-        c.send(&create(Some(&format!("lane{i}")), ""));
-    }
-    let (_, ends) = answers(&mut c, 32);
-    assert!(ends.iter().all(|e| e["type"] == "response.completed"));
+    lanes_complete(&mut c, 32, "");
     c.send(&create(Some("lane32"), ""));
     let e = c.next_event(T);
     assert_eq!(e["error"]["code"], "websocket_stream_limit_reached", "{e}");
@@ -454,6 +469,134 @@ fn a_limited_keys_steer_reserves_its_successor() {
             .matches("response.steer\\\"")
             .count();
         assert_eq!(steers, 1, "only the first steer went upstream");
+        s.finish();
+    }
+}
+
+/// Three lanes run side by side on the session's one upstream connection: the lane whose
+/// response is quickest ends first whatever the order they were sent in, and each turn's
+/// first token is its own lane's (a delta of one lane never marks another's).
+#[test]
+fn lanes_run_side_by_side_each_timed_by_its_own_events() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        c.send(&create(Some("slow"), "first_delay_ms=900 deltas=3"));
+        c.send(&create(
+            Some("quick"),
+            "first_delay_ms=50 deltas=8 delta_delay_ms=30",
+        ));
+        c.send(&create(None, "first_delay_ms=450 deltas=3"));
+        let (all, ends) = answers(&mut c, 3);
+        let order: Vec<Value> = ends.iter().map(|e| e["stream_id"].clone()).collect();
+        assert_eq!(
+            order,
+            [json!("quick"), Value::Null, json!("slow")],
+            "{backend}: run side by side, not in turn"
+        );
+        // Each response's events stay on its lane.
+        for e in &all {
+            let meta = e["response"]["metadata"]["sim"]
+                .as_str()
+                .unwrap_or_default();
+            if meta.starts_with("first_delay_ms=900") {
+                assert_eq!(e["stream_id"], "slow", "{backend}: {e}");
+            }
+        }
+        assert_rows_match(&s, &ends);
+        let rows = s.rows(3);
+        let ttft = |lane_end: &Value| {
+            let id = lane_end["response"]["id"].as_str().unwrap();
+            rows.iter()
+                .find(|r| r.response_id.as_deref() == Some(id))
+                .and_then(|r| r.first_token_ms)
+                .unwrap()
+        };
+        let (quick, default, slow) = (ttft(&ends[0]), ttft(&ends[1]), ttft(&ends[2]));
+        assert!(
+            quick < default && default < slow && slow >= 900,
+            "{backend}: first tokens quick {quick} ms, default {default} ms, slow {slow} ms"
+        );
+        assert_eq!(
+            s.sim_stats()["accepted"],
+            1,
+            "{backend}: one upstream connection"
+        );
+        assert_quiet(&mut c);
+        s.finish();
+    }
+}
+
+/// 17 lanes at once: 16 run (the upstream's limit per connection), the 17th waits and runs
+/// when one ends — none is refused.
+#[test]
+fn a_seventeenth_lane_waits_its_turn() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    let ends = lanes_complete(&mut c, 17, "first_delay_ms=300");
+    assert_eq!(
+        ends.last().unwrap()["stream_id"],
+        "lane16",
+        "the 17th started after the first 16"
+    );
+    assert_rows_match(&s, &ends);
+    s.finish();
+}
+
+/// `preempt` and `reject` act per lane: a second create on a busy lane preempts (or is refused
+/// on) that lane only; the other lane's response runs on untouched; every turn that reached
+/// the upstream is billed.
+#[test]
+fn preempt_and_reject_act_per_lane() {
+    for mode in ["preempt", "reject"] {
+        let env = [("TURNPIKE_SESSION__ON_OVERLAP", mode)];
+        let s = in_mode(&env);
+        let mut c = s.client();
+        c.send(&create(Some("a"), "deltas=40 delta_delay_ms=20"));
+        c.send(&create(Some("b"), "deltas=20 delta_delay_ms=20"));
+        // Both are running before the overlap.
+        let mut seen = Vec::new();
+        while ["a", "b"].iter().any(|l| {
+            !seen
+                .iter()
+                .any(|e: &Value| e["type"] == "response.created" && e["stream_id"] == *l)
+        }) {
+            seen.push(c.next_event(T));
+        }
+        c.send(&create(Some("a"), ""));
+        let (all, ends) = answers(&mut c, 3);
+        let outcome = |lane: &str| -> Vec<String> {
+            ends.iter()
+                .filter(|e| e["stream_id"] == lane)
+                .map(|e| match e["type"].as_str().unwrap() {
+                    "error" => e["error"]["code"].as_str().unwrap().to_string(),
+                    t => t.to_string(),
+                })
+                .collect()
+        };
+        assert_eq!(outcome("b"), ["response.completed"], "{mode}: {all:?}");
+        let a = outcome("a");
+        match mode {
+            "preempt" => assert_eq!(
+                a,
+                ["response_preempted", "response.completed"],
+                "{mode}: {all:?}"
+            ),
+            _ => assert_eq!(
+                a.iter()
+                    .filter(|o| *o == "response_already_in_flight")
+                    .count(),
+                1,
+                "{mode}: {a:?}"
+            ),
+        }
+        assert_quiet(&mut c);
+        // Every response that reached the upstream has its row (the preempted one too, billed
+        // from its drained terminal).
+        let responses = s.sim_stats()["responses"].as_u64().unwrap();
+        let rows = s.rows(usize::try_from(responses).unwrap());
+        assert_eq!(rows.len() as u64, responses, "{mode}: {rows:?}");
         s.finish();
     }
 }

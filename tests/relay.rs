@@ -904,6 +904,7 @@ fn remaining_error_rows() {
         TestDb::sqlite(),
         StackOptions {
             max_conns: 1,
+            account_extra: "max_concurrent_turns = 1",
             ..StackOptions::default()
         },
     );

@@ -42,6 +42,12 @@ pub struct CreateFrame {
     pub prompt_cache_key: Option<String>,
 }
 
+/// Responses in flight on one upstream connection (the upstream's limit; more wait).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Named lanes (`stream_id`) per upstream connection (the upstream's limit).
+pub const MAX_NAMED_LANES: usize = 32;
+
 /// A `stream_id` as the upstream accepts it: 1–256 characters of `[A-Za-z0-9_.-]`.
 pub fn valid_stream_id(id: &str) -> bool {
     (1..=256).contains(&id.len())

@@ -1,7 +1,9 @@
 //! `SessionActor`: one per client WebSocket. Every input — a client frame, an upstream event,
 //! an admission or lease result, a timer tick, shutdown — is a message into this one
-//! single-threaded state machine (docs/DESIGN.md#turn). This file holds the state, the handlers and the
-//! turn lifecycle; the parts of a turn live beside it:
+//! single-threaded state machine (docs/DESIGN.md#turn). Its turns run side by side, one per lane
+//! (`stream_id`), on the session's one upstream connection; which create starts or waits is
+//! decided by `session::lanes`, an event's turn by its `stream_id`. This file holds the state,
+//! the handlers and the turn lifecycle; the parts of a turn live beside it:
 //! `admit` (admission, preemption's admission), `chain` (continuation applied), `drain`
 //! (preempted turns drained for their usage), `ending` (the usage record, durable before the
 //! client hears the end), `outbound` (writing to the client, backpressure).
@@ -41,10 +43,9 @@ use crate::record::{Origin, TurnRecord};
 use crate::telemetry::metric;
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
-use super::gate::ACCOUNTING_UNAVAILABLE;
-
-/// Named lanes (`stream_id`) one session may use: the upstream's limit per connection.
-const MAX_NAMED_LANES: usize = 32;
+use super::gate::{self, ACCOUNTING_UNAVAILABLE};
+use super::lanes::{Arrival, LaneId, LaneState, Lanes, MAX_NAMED_LANES};
+use crate::protocol::events::stream_id_of;
 
 /// Bytes sent between two backpressure pings.
 const PING_EVERY_BYTES: u64 = 256 * 1024;
@@ -60,6 +61,9 @@ enum Phase {
 
 struct Turn {
     index: i32,
+    /// Bumped when an async step of the turn (admission, reservation) is abandoned, so its
+    /// late result is ignored.
+    generation: u64,
     turn_id: String,
     accepted_wall: NaiveDateTime,
     tracker: TurnTracker,
@@ -87,10 +91,14 @@ struct Turn {
     span: Span,
 }
 
-/// A preempted turn whose connection is read in the background (after `response.cancel`) for
-/// the old response's terminal usage, which bills it (docs/DESIGN.md#preemption). The client has been told.
+/// A preempted turn whose response is read in the background (after `response.cancel`) for its
+/// terminal usage, which bills it (docs/DESIGN.md#preemption). The client has been told.
 struct Drain {
-    lease: Lease,
+    /// The connection it owns, when no other lane used it; `None`: it is read on the session's
+    /// connection, where its lane's events reach it before the lane's next turn.
+    lease: Option<Lease>,
+    conn: u64,
+    account: String,
     turn: Turn,
     /// When the turn ended for the client (its duration ends there).
     ended_at: Instant,
@@ -125,12 +133,6 @@ impl Delivery {
     fn spent(last: Option<String>) -> Self {
         Self::new(last, false)
     }
-
-    /// …and the socket closes afterwards with `code`.
-    fn then_close(mut self, code: u16, reason: &'static str) -> Self {
-        self.close = Some((code, reason));
-        self
-    }
 }
 
 pub struct SessionActor {
@@ -144,24 +146,31 @@ pub struct SessionActor {
     turn_index: i32,
     model: Option<String>,
     lease: Option<Lease>,
+    /// The held connection takes no new turn (a turn left it in an unknown state while other
+    /// lanes still use it); it is closed once they end.
+    lease_spent: bool,
+    /// The lease being acquired: (its generation, its account). Turns leasing meanwhile wait
+    /// for it; a late result of an abandoned one is handed back.
+    acquiring: Option<(u64, String)>,
     /// The connection of the last lease, preferred for the next one (affinity).
     preferred: Option<u64>,
     /// The conversation so far, for replay when a chain's connection is gone (docs/DESIGN.md#continuation).
     history: History,
     /// The session's last response id, and the connection that holds it.
     last_response: Option<(String, u64)>,
-    turn: Option<Turn>,
+    /// Turns in flight, at most one per lane.
+    turns: Vec<Turn>,
     /// Preempted turns still being drained for their usage.
     drains: Vec<Drain>,
-    /// A `response.create` that would preempt the turn in flight, being admitted.
-    preempting: Option<CreateFrame>,
+    /// `response.create`s that would preempt their lane's turn, being admitted (one per lane).
+    preempting: Vec<CreateFrame>,
     /// The session ends once its drains are done.
     stop_after_drains: bool,
-    /// Bumped whenever an async step (admission, lease) is abandoned, so its late result is ignored.
-    generation: u64,
-    /// `response.create`s waiting behind the turn in flight, in order, with when each was read
-    /// (docs/DESIGN.md#overlap): each gets exactly one answer.
-    queued: std::collections::VecDeque<(CreateFrame, Instant)>,
+    /// Bumps the generation of lease acquisitions.
+    lease_generation: u64,
+    /// Named lanes and the creates waiting for theirs (docs/DESIGN.md#overlap): each gets
+    /// exactly one answer.
+    lanes: Lanes,
     lease_failures: u32,
     idle_since: Instant,
     opened_at: Instant,
@@ -177,11 +186,12 @@ pub struct SessionActor {
     /// The largest frame sent and possibly unread: (its length, the byte mark that shows it
     /// read).
     largest_unread: (u64, u64),
-    close_after_turn: Option<(u16, &'static str)>,
-    /// Mid-turn steering: accepted steers, the successor the upstream will start.
-    steer: steer::SteerState,
-    /// Named lanes this session has used.
-    lanes: std::collections::HashSet<String>,
+    /// Close the socket with this once no turn is in flight.
+    close_when_idle: Option<(u16, &'static str)>,
+    /// Mid-turn steering per lane: accepted steers, the successor the upstream will start.
+    steers: std::collections::HashMap<LaneId, steer::SteerState>,
+    /// An upstream frame no turn could take was logged (once per session).
+    unattributed_logged: bool,
     span: Span,
 }
 
@@ -207,15 +217,17 @@ impl SessionActor {
             turn_index: 0,
             model: None,
             lease: None,
+            lease_spent: false,
+            acquiring: None,
             preferred: None,
             history: History::new(replay_max),
             last_response: None,
-            turn: None,
+            turns: Vec::new(),
             drains: Vec::new(),
-            preempting: None,
+            preempting: Vec::new(),
             stop_after_drains: false,
-            generation: 0,
-            queued: std::collections::VecDeque::new(),
+            lease_generation: 0,
+            lanes: Lanes::default(),
             lease_failures: 0,
             idle_since: Instant::now(),
             opened_at: Instant::now(),
@@ -227,9 +239,9 @@ impl SessionActor {
             client_gone: false,
             cut_off: false,
             largest_unread: (0, 0),
-            close_after_turn: None,
-            steer: steer::SteerState::default(),
-            lanes: std::collections::HashSet::new(),
+            close_when_idle: None,
+            steers: std::collections::HashMap::new(),
+            unattributed_logged: false,
             span,
         }
     }
@@ -257,67 +269,61 @@ impl SessionActor {
     }
 
     fn on_create(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
-        // The upstream's limit of named lanes per connection, said by the relay with the
-        // upstream's code (all lanes of a session share one upstream connection).
-        if let Some(lane) = &frame.stream_id
-            && !self.lanes.contains(lane)
+        let s = &self.deps.settings.session;
+        let (mode, queue_max) = (s.on_overlap, s.lane_queue_max);
+        let state = self.lane_state(&frame.stream_id);
+        match self
+            .lanes
+            .arrive(&frame, state, self.turns.len(), mode, queue_max)
         {
-            if self.lanes.len() >= MAX_NAMED_LANES {
-                let e = Self::frame_error(
-                    &frame,
-                    ErrorCode::StreamLimitReached,
-                    &format!("this session has its maximum of {MAX_NAMED_LANES} named streams"),
-                );
-                return self.send(e, ctx);
+            Arrival::Start => self.start_turn(frame, accepted, ctx),
+            Arrival::Queued => {
+                if mode == crate::config::OnOverlap::Preempt {
+                    self.supersede_waiting(&frame.stream_id, ctx);
+                }
+                self.lanes.push(frame, accepted);
             }
-            self.lanes.insert(lane.clone());
-        }
-        let Some(turn) = &self.turn else {
-            return self.start_turn(frame, accepted, ctx);
-        };
-        let finishing = turn.phase == Phase::Finishing;
-        match self.deps.settings.session.on_overlap {
-            crate::config::OnOverlap::Queue => self.enqueue(frame, accepted, ctx),
-            crate::config::OnOverlap::Reject if !(finishing && self.queued.is_empty()) => {
-                let e = Self::frame_error(
-                    &frame,
-                    ErrorCode::ResponseAlreadyInFlight,
-                    "a response is in flight on this session; wait for its terminal event",
-                );
+            Arrival::Preempt => self.admit_then_preempt(frame, ctx),
+            Arrival::Refused(code) => {
+                let message = match code {
+                    ErrorCode::StreamLimitReached => {
+                        format!("this session has its maximum of {MAX_NAMED_LANES} named streams")
+                    }
+                    ErrorCode::LaneQueueFull => format!(
+                        "{queue_max} response.create frames already wait on this stream; retry after one ends"
+                    ),
+                    _ => "a response is in flight on this stream; wait for its terminal event"
+                        .to_string(),
+                };
+                let e = Self::frame_error(&frame, code, &message);
                 self.send(e, ctx);
             }
-            // Handled as soon as the ending turn's record is acknowledged.
-            crate::config::OnOverlap::Reject => self.queued.push_back((frame, accepted)),
-            crate::config::OnOverlap::Preempt if finishing => {
-                self.supersede_waiting(ctx);
-                self.queued.push_back((frame, accepted));
+        }
+    }
+
+    /// What `lane` is doing, as a new create on it cares.
+    fn lane_state(&self, lane: &LaneId) -> LaneState {
+        match self.turns.iter().find(|t| &t.frame.stream_id == lane) {
+            Some(t) if t.phase == Phase::Finishing => LaneState::Ending,
+            Some(_) => LaneState::Busy,
+            // A successor the upstream will start on its own comes first.
+            None if self
+                .steers
+                .get(lane)
+                .is_some_and(steer::SteerState::awaiting) =>
+            {
+                LaneState::Busy
             }
-            crate::config::OnOverlap::Preempt => self.admit_then_preempt(frame, ctx),
+            None => LaneState::Free,
         }
     }
 
-    /// `on_overlap = "queue"`: the create waits its turn, or is refused when too many wait.
-    fn enqueue(&mut self, frame: CreateFrame, accepted: Instant, ctx: &mut Context<Self>) {
-        let max = self.deps.settings.session.lane_queue_max;
-        if self.queued.len() >= max {
+    /// `on_overlap = "preempt"`: creates still waiting on `lane` are superseded by a newer one;
+    /// each is answered `response_preempted` (it never started, nothing is billed).
+    pub(super) fn supersede_waiting(&mut self, lane: &LaneId, ctx: &mut Context<Self>) {
+        for w in self.lanes.take_lane(lane) {
             let e = Self::frame_error(
-                &frame,
-                ErrorCode::LaneQueueFull,
-                &format!(
-                    "{max} response.create frames already wait on this session; retry after one ends"
-                ),
-            );
-            return self.send(e, ctx);
-        }
-        self.queued.push_back((frame, accepted));
-    }
-
-    /// `on_overlap = "preempt"`: creates still waiting are superseded by a newer one; each is
-    /// answered `response_preempted` (it never started, nothing is billed).
-    pub(super) fn supersede_waiting(&mut self, ctx: &mut Context<Self>) {
-        for (frame, _) in std::mem::take(&mut self.queued) {
-            let e = Self::frame_error(
-                &frame,
+                &w.frame,
                 ErrorCode::ResponsePreempted,
                 "this response.create was superseded by a newer one before it started",
             );
@@ -325,10 +331,36 @@ impl SessionActor {
         }
     }
 
-    /// Starts the next waiting create, if any.
-    pub(super) fn start_next(&mut self, ctx: &mut Context<Self>) {
-        if let Some((next, accepted)) = self.queued.pop_front() {
-            self.start_turn(next, accepted, ctx);
+    /// Starts what may start now: turns waiting for the session's connection, then the creates
+    /// whose lanes are free (docs/DESIGN.md#overlap).
+    pub(super) fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.serve_leasing(ctx);
+        if self.client_gone || self.close_when_idle.is_some() {
+            return;
+        }
+        let states: Vec<(LaneId, LaneState)> = self
+            .turns
+            .iter()
+            .map(|t| t.frame.stream_id.clone())
+            .chain(
+                self.steers
+                    .iter()
+                    .filter(|(_, st)| st.awaiting())
+                    .map(|(l, _)| l.clone()),
+            )
+            .map(|l| {
+                let state = self.lane_state(&l);
+                (l, state)
+            })
+            .collect();
+        let state = |lane: &LaneId| {
+            states
+                .iter()
+                .find(|(l, _)| l == lane)
+                .map_or(LaneState::Free, |(_, s)| *s)
+        };
+        for w in self.lanes.startable(state, self.turns.len()) {
+            self.start_turn(w.frame, w.accepted, ctx);
         }
     }
 
@@ -350,8 +382,9 @@ impl SessionActor {
         };
         self.model = Some(model.clone());
         let turn = self.new_turn(frame, model, accepted, Origin::Create, None);
-        self.turn = Some(turn);
-        self.admit(ctx);
+        let index = turn.index;
+        self.turns.push(turn);
+        self.admit(index, ctx);
     }
 
     /// The session's next turn, accepted at `accepted`, started by `origin`, with the id given
@@ -370,6 +403,7 @@ impl SessionActor {
         let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
         Turn {
             index,
+            generation: 0,
             turn_id,
             accepted_wall: crate::db::now(),
             tracker: TurnTracker::new(accepted).prompting(frame.prompt_bytes),
@@ -392,30 +426,71 @@ impl SessionActor {
         }
     }
 
-    fn lease_and_send(&mut self, ctx: &mut Context<Self>) {
-        let Some(turn) = self.turn.as_ref() else {
-            return;
-        };
-        let Some(account) = turn.account_slot.as_ref().map(|s| s.account.clone()) else {
+    /// The turn `index`, if still in flight.
+    fn at(&self, index: i32) -> Option<&Turn> {
+        self.turns.iter().find(|t| t.index == index)
+    }
+
+    fn at_mut(&mut self, index: i32) -> Option<&mut Turn> {
+        self.turns.iter_mut().find(|t| t.index == index)
+    }
+
+    /// The turns in `phase`, oldest first.
+    fn in_phase(&self, phase: Phase) -> Vec<i32> {
+        self.turns
+            .iter()
+            .filter(|t| t.phase == phase)
+            .map(|t| t.index)
+            .collect()
+    }
+
+    /// Whether the held connection serves a response other than turn `except`'s: a streaming
+    /// turn, a preempted one drained on it, or a successor the upstream will start.
+    fn lease_in_use(&self, except: Option<i32>) -> bool {
+        self.turns
+            .iter()
+            .any(|t| t.phase == Phase::Streaming && Some(t.index) != except)
+            || self.drains.iter().any(|d| d.lease.is_none())
+            || self.steers.values().any(steer::SteerState::awaiting)
+    }
+
+    /// Sends turn `index` on the session's connection once it holds one of the turn's account
+    /// (docs/DESIGN.md#overlap): the held one if it fits; else, when no other lane uses it, it is
+    /// given back and one is acquired. Otherwise the turn waits (`pump` tries again).
+    fn lease_and_send(&mut self, index: i32, ctx: &mut Context<Self>) {
+        let Some(account) = self
+            .at(index)
+            .and_then(|t| t.account_slot.as_ref())
+            .map(|s| s.account.clone())
+        else {
             return;
         };
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
         if let Some(lease) = &self.lease {
             if *lease.account == *account
+                && !self.lease_spent
                 && lease.opened_at.elapsed() < max_age
                 && !lease.is_retired()
             {
                 self.park(false);
-                return self.send_upstream(ctx);
+                return self.send_upstream(index, ctx);
             }
-            // Another account, too old, or retired by a pool restart: give it back.
-            self.release_lease(true);
+            if self.lease_in_use(Some(index)) {
+                return;
+            }
+            // Another account, too old, spent, or retired by a pool restart: give it back.
+            let reusable = !self.lease_spent;
+            self.release_lease(reusable);
+        }
+        if self.acquiring.is_some() {
+            return;
         }
         let Some(pool) = self.deps.pool_of(&account) else {
             return;
         };
-        self.generation += 1;
-        let generation = self.generation;
+        self.lease_generation += 1;
+        let generation = self.lease_generation;
+        self.acquiring = Some((generation, account.clone()));
         let acquire = pool.send(Acquire {
             headers: self.headers.clone(),
             preferred: self.preferred,
@@ -425,30 +500,74 @@ impl SessionActor {
         });
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));
-            if act.generation != generation {
+            let current = act
+                .acquiring
+                .as_ref()
+                .is_some_and(|(g, _)| *g == generation);
+            let wanted = act.turns.iter().any(|t| t.phase == Phase::Leasing);
+            if !current || !wanted {
                 // Abandoned meanwhile: hand a late lease straight back.
+                if current {
+                    act.acquiring = None;
+                }
                 if let Ok(lease) = res {
                     act.release(&lease, true);
                 }
                 return;
             }
+            act.acquiring = None;
             match res {
                 Ok(lease) => {
                     act.lease_failures = 0;
                     act.preferred = Some(lease.conn);
                     act.lease = Some(lease);
-                    act.send_upstream(ctx);
+                    act.lease_spent = false;
+                    act.serve_leasing(ctx);
                 }
-                Err(LeaseError::Timeout) => {
-                    act.lease_failures += 1;
-                    let e = act.turn_error(
+                Err(err) => act.lease_failed(&account, err, ctx),
+            }
+        }));
+    }
+
+    /// Turns waiting for a connection get one, in the order they were accepted.
+    fn serve_leasing(&mut self, ctx: &mut Context<Self>) {
+        for index in self.in_phase(Phase::Leasing) {
+            self.lease_and_send(index, ctx);
+        }
+    }
+
+    /// No connection of `account` for the turns waiting on one.
+    fn lease_failed(&mut self, account: &str, err: LeaseError, ctx: &mut Context<Self>) {
+        let waiting: Vec<i32> = self
+            .turns
+            .iter()
+            .filter(|t| {
+                t.phase == Phase::Leasing
+                    && t.account_slot
+                        .as_ref()
+                        .is_some_and(|s| s.account == account)
+            })
+            .map(|t| t.index)
+            .collect();
+        if matches!(err, LeaseError::Timeout) {
+            self.lease_failures += 1;
+        } else if !matches!(err, LeaseError::DialFailed(_) | LeaseError::Cooling) {
+            // The detail (upstream URL, host) is for the operator's log only.
+            warn!(parent: &self.span, error = %err, "no upstream connection for the turn");
+        }
+        for index in waiting {
+            match &err {
+                LeaseError::Timeout => {
+                    let e = self.turn_error(
+                        index,
                         ErrorCode::UpstreamUnavailable,
                         "no upstream connection became free in time; retry",
                     );
-                    let close = (act.lease_failures
-                        >= act.deps.settings.session.max_lease_failures)
+                    let close = (self.lease_failures
+                        >= self.deps.settings.session.max_lease_failures)
                         .then_some((close::TRY_AGAIN_LATER, "upstream_unavailable"));
-                    act.finish(
+                    self.finish(
+                        index,
                         Ending::Rejected(ErrorCode::UpstreamUnavailable),
                         Delivery {
                             close,
@@ -457,76 +576,89 @@ impl SessionActor {
                         ctx,
                     );
                 }
-                Err(LeaseError::DialFailed(_) | LeaseError::Cooling) if act.failover(ctx) => {}
-                Err(err) => {
-                    // The detail (upstream URL, host) is for the operator's log only.
-                    warn!(parent: &act.span, error = %err, "no upstream connection for the turn");
-                    let message = match err {
+                LeaseError::DialFailed(_) | LeaseError::Cooling if self.failover(index, ctx) => {}
+                other => {
+                    let message = match other {
                         LeaseError::ShuttingDown => "the relay is shutting down".to_string(),
-                        _ => crate::session::gate::unavailable(&act.deps),
+                        _ => crate::session::gate::unavailable(&self.deps),
                     };
-                    let e = act.turn_error(ErrorCode::UpstreamUnavailable, &message);
-                    act.finish(
+                    let e = self.turn_error(index, ErrorCode::UpstreamUnavailable, &message);
+                    self.finish(
+                        index,
                         Ending::Rejected(ErrorCode::UpstreamUnavailable),
                         Delivery::reusable(Some(e)),
                         ctx,
                     );
                 }
             }
-        }));
+        }
+        // Turns of other accounts waited for this acquisition to end.
+        self.serve_leasing(ctx);
     }
 
+    /// An upstream event on the session's connection: to the turn of its lane (docs/DESIGN.md#overlap).
     fn on_upstream_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
-        let Some(turn) = self.turn.as_mut().filter(|t| t.phase == Phase::Streaming) else {
-            return self.on_frame_between_turns(text, ctx);
+        let lane = stream_id_of(&text);
+        // A preempted response drained on this connection takes its lane's events until its end.
+        if let Some(d) = self
+            .drains
+            .iter()
+            .position(|d| d.lease.is_none() && d.turn.frame.stream_id.as_deref() == lane)
+        {
+            return self.on_drain_text(d, text, ctx);
+        }
+        let Some(i) = self
+            .turns
+            .iter()
+            .position(|t| t.phase == Phase::Streaming && t.frame.stream_id.as_deref() == lane)
+        else {
+            let lane = lane.map(str::to_string);
+            return self.on_unattributed(lane, text, ctx);
         };
         let now = Instant::now();
+        let turn = &mut self.turns[i];
+        let index = turn.index;
         turn.last_upstream = now;
         let observed = turn.tracker.observe(&text, now);
         match observed.kind {
-            EventKind::Invalid => {
-                // Never forwarded; the connection's state is unknown.
-                if let Some(lease) = &self.lease {
-                    lease.addr.do_send(crate::upstream::messages::CloseConn);
-                }
-                self.release_lease(false);
-                self.on_upstream_lost(
-                    LostReason::Protocol("the upstream sent a frame that is not a JSON event"),
-                    ctx,
-                )
-            }
+            EventKind::Invalid => self.drop_connection(
+                LostReason::Protocol("the upstream sent a frame that is not a JSON event"),
+                ctx,
+            ),
             EventKind::Terminal(kind) => {
                 let delivery = Delivery::reusable(Some(text.to_string()));
-                self.finish(Ending::Terminal(kind), delivery, ctx);
+                self.finish(index, Ending::Terminal(kind), delivery, ctx);
             }
             EventKind::Error => {
                 let nothing_forwarded = turn.forwarded == 0;
+                let replayed = turn.replayed;
                 let (code, request_level) = upstream_error_code(&text);
                 let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
                 ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
                 if code.as_deref() == Some("previous_response_not_found")
-                    && turn.forwarded == 0
-                    && !turn.replayed
+                    && nothing_forwarded
+                    && !replayed
                     && let Some(lease) = self.lease.as_ref()
-                    && let Some(turn) = self.turn.as_ref()
+                    && let Some(turn) = self.at(index)
                     && let decision @ Decision::Replay { .. } =
                         self.continuation(turn, lease.conn, true)
                 {
                     // Once, on the same (clean) connection: the upstream answered.
-                    return self.write_request(decision, ctx);
+                    return self.write_request(index, decision, ctx);
                 }
                 if nothing_forwarded
                     && account_trouble(code.as_deref())
-                    && self.fail_over_in_band(code.as_deref().unwrap_or_default(), ctx)
+                    && self.fail_over_in_band(index, code.as_deref().unwrap_or_default(), ctx)
                 {
                     return;
                 }
                 let delivery = Delivery::new(Some(text.to_string()), request_level);
-                self.finish(Ending::UpstreamError(code), delivery, ctx);
+                self.finish(index, Ending::UpstreamError(code), delivery, ctx);
             }
             EventKind::Steer(kind) => {
                 turn.forwarded += 1;
-                let unused = self.steer.observe(kind, &text);
+                let lane = turn.frame.stream_id.clone();
+                let unused = self.steers.entry(lane).or_default().observe(kind, &text);
                 self.release_reservations(unused);
                 self.send(text, ctx);
             }
@@ -537,42 +669,71 @@ impl SessionActor {
         }
     }
 
+    /// The connection is in an unknown state: it is closed, and every turn on it lost.
+    fn drop_connection(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
+        if let Some(lease) = &self.lease {
+            lease.addr.do_send(crate::upstream::messages::CloseConn);
+        }
+        self.release_lease(false);
+        self.on_upstream_lost(reason, ctx)
+    }
+
+    /// The session's connection is gone: every turn streaming on it is retried (nothing of it
+    /// forwarded yet) or ends with the error; responses drained on it end with what was seen.
     fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
         // The pool has evicted it already.
         self.lease = None;
-        let Some(turn) = self.turn.as_mut() else {
+        self.lease_spent = false;
+        while let Some(i) = self.drains.iter().position(|d| d.lease.is_none()) {
+            self.end_drain(i, false, ctx);
+        }
+        for lane in self.steers.values_mut() {
+            let unused = lane.connection_lost();
+            gate::release_reservations(&self.deps, unused);
+        }
+        for index in self.in_phase(Phase::Streaming) {
+            self.lose_turn(index, &reason, ctx);
+        }
+        self.pump(ctx);
+    }
+
+    fn lose_turn(&mut self, index: i32, reason: &LostReason, ctx: &mut Context<Self>) {
+        let client_gone = self.client_gone;
+        let Some(turn) = self.at_mut(index) else {
             return;
         };
-        if turn.phase != Phase::Streaming {
-            return;
-        }
         // A chained turn is retried too: on the fresh connection the continuation decision
         // replays it or fails closed.
         let transparent = turn.forwarded == 0
             && !turn.retried
-            && !self.client_gone
+            && !client_gone
             && !matches!(reason, LostReason::Protocol(_));
         if transparent {
             info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
             turn.retried = true;
             turn.phase = Phase::Leasing;
             self.preferred = None;
-            return self.lease_and_send(ctx);
+            return self.lease_and_send(index, ctx);
         }
         let (code, message) = match reason {
             LostReason::Closed(Some(close::RESTART | close::TRY_AGAIN_LATER)) => (
                 ErrorCode::UpstreamRestarting,
                 "the upstream is restarting; retry this turn",
             ),
-            LostReason::Protocol(what) => (ErrorCode::UpstreamProtocolError, what),
+            LostReason::Protocol(what) => (ErrorCode::UpstreamProtocolError, *what),
             _ => (
                 ErrorCode::UpstreamConnectionLost,
                 "the upstream connection was lost mid-turn; retry this turn",
             ),
         };
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
-        let e = self.turn_error(code, message);
-        self.finish(Ending::UpstreamLost(code), Delivery::spent(Some(e)), ctx);
+        let e = self.turn_error(index, code, message);
+        self.finish(
+            index,
+            Ending::UpstreamLost(code),
+            Delivery::spent(Some(e)),
+            ctx,
+        );
     }
 
     // ---- leases ------------------------------------------------------------------------------
@@ -609,13 +770,45 @@ impl SessionActor {
 
     // ---- cancel, other frames, backpressure, client gone -----------------------------------
 
+    /// The turn a client frame aims at (`response.cancel`, `response.steer`): the one whose
+    /// response it names, else the one of the lane it names, else the only turn in flight,
+    /// else the default lane's.
+    fn target_of(&self, text: &str) -> (Option<i32>, LaneId) {
+        let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        let named = |key: &str| v.get(key).and_then(Value::as_str);
+        let by_response = ["response_id", "previous_response_id"]
+            .into_iter()
+            .filter_map(named)
+            .find_map(|id| {
+                self.turns
+                    .iter()
+                    .find(|t| t.tracker.response_id.as_deref() == Some(id))
+            });
+        let lane: Option<LaneId> = named("stream_id").map(|l| Some(l.to_string()));
+        let turn = by_response
+            .or_else(|| {
+                lane.as_ref()
+                    .and_then(|l| self.turns.iter().find(|t| &t.frame.stream_id == l))
+            })
+            .or_else(|| (self.turns.len() == 1).then(|| &self.turns[0]))
+            .or_else(|| self.turns.iter().find(|t| t.frame.stream_id.is_none()));
+        match turn {
+            Some(t) => (Some(t.index), t.frame.stream_id.clone()),
+            None => (None, lane.unwrap_or_default()),
+        }
+    }
+
     /// `response.cancel` / `response.interrupt`: forwarded as the client sent it.
     fn on_cancel(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let grace = Duration::from_millis(self.deps.settings.session.cancel_grace_ms);
-        let Some(turn) = self.turn.as_mut() else {
-            let e = Self::error_event(ErrorCode::NoActiveResponse, "no response is in flight");
+        let (target, lane) = self.target_of(&text);
+        let Some(turn) = target.and_then(|i| self.turns.iter_mut().find(|t| t.index == i)) else {
+            let e = ErrorCode::NoActiveResponse
+                .ws_event_on("no response is in flight", lane.as_deref())
+                .to_string();
             return self.send(e, ctx);
         };
+        let index = turn.index;
         match turn.phase {
             Phase::Streaming => {
                 if let Some(lease) = &self.lease {
@@ -627,6 +820,7 @@ impl SessionActor {
                 let id = turn.turn_id.clone();
                 let stream_id = turn.frame.stream_id.clone();
                 self.finish(
+                    index,
                     Ending::Cancelled,
                     Delivery::reusable(Some(cancelled_event(&id, stream_id.as_deref()))),
                     ctx,
@@ -640,8 +834,9 @@ impl SessionActor {
         if kind == "response.steer" {
             return self.on_steer(text, ctx);
         }
-        match (&self.lease, self.turn.as_ref().map(|t| t.phase)) {
-            (Some(lease), Some(Phase::Streaming)) => lease.addr.do_send(SendText(text)),
+        let streaming = self.turns.iter().any(|t| t.phase == Phase::Streaming);
+        match &self.lease {
+            Some(lease) if streaming => lease.addr.do_send(SendText(text)),
             _ => {
                 let e = Self::error_event(
                     ErrorCode::NoActiveResponse,
@@ -658,21 +853,25 @@ impl SessionActor {
         }
         self.client_gone = true;
         let drain = Duration::from_millis(self.deps.settings.session.drain_ms);
-        let Some(turn) = self.turn.as_mut() else {
+        if self.turns.is_empty() {
             return self.stop_when_drained(ctx);
-        };
-        match turn.phase {
-            Phase::Streaming => {
-                // Slots go at once; the upstream is read a while longer for the terminal.
-                turn.key_slot = None;
-                turn.account_slot = None;
-                turn.drain_deadline = Some(Instant::now() + drain);
-                debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
+        }
+        let mut ended = Vec::new();
+        for turn in &mut self.turns {
+            match turn.phase {
+                Phase::Streaming => {
+                    // Slots go at once; the upstream is read a while longer for the terminal.
+                    turn.key_slot = None;
+                    turn.account_slot = None;
+                    turn.drain_deadline = Some(Instant::now() + drain);
+                    debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
+                }
+                Phase::Admitting | Phase::Leasing => ended.push(turn.index),
+                Phase::Finishing => {}
             }
-            Phase::Admitting | Phase::Leasing => {
-                self.finish(Ending::ClientGone, Delivery::reusable(None), ctx);
-            }
-            Phase::Finishing => {}
+        }
+        for index in ended {
+            self.finish(index, Ending::ClientGone, Delivery::reusable(None), ctx);
         }
     }
 
@@ -681,16 +880,17 @@ impl SessionActor {
         let deps = self.deps.clone();
         let s = &deps.settings;
         let read_timeout = Duration::from_millis(s.upstream.read_timeout_ms);
+        let first_event_timeout = Duration::from_millis(s.upstream.first_event_timeout_ms);
         while let Some(i) = self.drains.iter().position(|d| now >= d.deadline) {
-            // No terminal in time: the connection's state is unknown, it is closed.
+            // No terminal in time: the connection's state is unknown.
             self.end_drain(i, false, ctx);
         }
-        if let Some(turn) = self.turn.as_ref() {
-            if turn.phase != Phase::Streaming {
-                return;
-            }
+        let mut stalled = None;
+        let mut due = Vec::new();
+        for turn in self.turns.iter().filter(|t| t.phase == Phase::Streaming) {
             if turn.drain_deadline.is_some_and(|d| now >= d) {
-                return self.finish(Ending::ClientGone, Delivery::spent(None), ctx);
+                due.push((turn.index, None));
+                continue;
             }
             if turn.cancel_deadline.is_some_and(|d| now >= d) {
                 let id = turn
@@ -698,42 +898,46 @@ impl SessionActor {
                     .response_id
                     .clone()
                     .unwrap_or_else(|| turn.turn_id.clone());
-                let stream_id = turn.frame.stream_id.clone();
-                return self.finish(
-                    Ending::Cancelled,
-                    Delivery::spent(Some(cancelled_event(&id, stream_id.as_deref()))),
-                    ctx,
-                );
+                let e = cancelled_event(&id, turn.frame.stream_id.as_deref());
+                due.push((turn.index, Some(e)));
+                continue;
             }
-            let first_event_timeout = Duration::from_millis(s.upstream.first_event_timeout_ms);
             let silent = now.duration_since(turn.last_upstream);
             if turn.tracker.events == 0 && silent >= first_event_timeout {
                 // The request went out and nothing came back: the upstream may have gone
                 // silent (a graceful restart keeps its old sockets open and mute).
-                if let Some(lease) = &self.lease {
-                    lease.addr.do_send(crate::upstream::messages::CloseConn);
-                }
-                self.release_lease(false);
-                return self.on_upstream_lost(LostReason::Error("no first event".into()), ctx);
+                stalled = Some("no first event");
+            } else if silent >= read_timeout {
+                stalled = Some("read timeout");
             }
-            if silent >= read_timeout {
-                if let Some(lease) = &self.lease {
-                    lease.addr.do_send(crate::upstream::messages::CloseConn);
-                }
-                self.release_lease(false);
-                return self.on_upstream_lost(LostReason::Error("read timeout".into()), ctx);
-            }
-            return;
         }
-        let limit = Duration::from_millis(s.upstream.first_event_timeout_ms);
-        if let Some(unused) = self.steer.successor_overdue(now, limit) {
+        for (index, cancelled) in due {
+            let ending = match cancelled {
+                Some(_) => Ending::Cancelled,
+                None => Ending::ClientGone,
+            };
+            self.finish(index, ending, Delivery::spent(cancelled), ctx);
+        }
+        if let Some(why) = stalled {
+            return self.drop_connection(LostReason::Error(why.into()), ctx);
+        }
+        let mut overdue = false;
+        for lane in self.steers.values_mut() {
+            if let Some(unused) = lane.successor_overdue(now, first_event_timeout) {
+                gate::release_reservations(&self.deps, unused);
+                overdue = true;
+            }
+        }
+        if overdue {
             warn!(parent: &self.span, "the successor of a steered response never started; going on");
-            self.release_reservations(unused);
-            self.start_next(ctx);
+            self.pump(ctx);
+        }
+        if !self.turns.is_empty() {
+            return;
         }
         let idle = now.duration_since(self.idle_since);
         if self.lease.is_some()
-            && !self.steer.awaiting()
+            && !self.lease_in_use(None)
             && idle >= Duration::from_millis(s.session.lease_idle_ms)
         {
             // Give the connection back, but prefer it next time.
@@ -741,6 +945,19 @@ impl SessionActor {
         }
         if idle >= Duration::from_millis(s.session.idle_timeout_ms) {
             self.close(close::NORMAL, "websocket idle timeout", ctx);
+        }
+    }
+
+    /// After a turn ends: the connection is parked when nothing uses it, and closed when spent.
+    fn settle_lease(&mut self) {
+        if self.lease_in_use(None) || self.turns.iter().any(|t| t.phase != Phase::Finishing) {
+            return;
+        }
+        if self.lease_spent {
+            self.lease_spent = false;
+            self.release_lease(false);
+        } else {
+            self.park(true);
         }
     }
 }
@@ -834,9 +1051,11 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         ::metrics::gauge!(metric::SESSIONS_OPEN).decrement(1.0);
-        let unused = self.steer.take_reserved();
-        self.release_reservations(unused);
-        let clean = self.turn.is_none();
+        for lane in self.steers.values_mut() {
+            let unused = lane.take_reserved();
+            gate::release_reservations(&self.deps, unused);
+        }
+        let clean = self.turns.is_empty() && !self.lease_spent;
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).
         for d in std::mem::take(&mut self.drains) {
@@ -941,28 +1160,32 @@ impl Handler<EndSession> for SessionActor {
     fn handle(&mut self, msg: EndSession, ctx: &mut Self::Context) {
         let code = msg.0;
         let close = code.spec().close.unwrap_or(close::GOING_AWAY);
-        let e = self.turn_error(code, "the session was ended by the relay");
-        match self.turn.as_ref().map(|t| t.phase) {
-            None => {
-                // An operator's end is said in words too; a shutdown's close code says it.
-                if code == ErrorCode::SessionEnded {
-                    self.send(e, ctx);
-                }
-                self.close(close, code.code(), ctx)
+        if self.turns.is_empty() {
+            // An operator's end is said in words too; a shutdown's close code says it.
+            if code == ErrorCode::SessionEnded {
+                let e = Self::error_event(code, "the session was ended by the relay");
+                self.send(e, ctx);
             }
-            Some(Phase::Finishing) => self.close_after_turn = Some((close, code.code())),
-            Some(phase) => {
-                let reusable = phase != Phase::Streaming;
-                self.finish(
-                    Ending::Aborted(code),
-                    Delivery {
-                        last: Some(e),
-                        reusable,
-                        close: Some((close, code.code())),
-                    },
-                    ctx,
-                );
-            }
+            return self.close(close, code.code(), ctx);
+        }
+        // Every turn in flight ends with the error; the socket closes after the last.
+        self.close_when_idle = Some((close, code.code()));
+        self.answer_waiting(code, ctx);
+        let running: Vec<(i32, Phase)> = self
+            .turns
+            .iter()
+            .filter(|t| t.phase != Phase::Finishing)
+            .map(|t| (t.index, t.phase))
+            .collect();
+        for (index, phase) in running {
+            let e = self.turn_error(index, code, "the session was ended by the relay");
+            let reusable = phase != Phase::Streaming;
+            self.finish(
+                index,
+                Ending::Aborted(code),
+                Delivery::new(Some(e), reusable),
+                ctx,
+            );
         }
     }
 }
@@ -973,12 +1196,12 @@ impl Handler<EndWhenIdle> for SessionActor {
     fn handle(&mut self, _: EndWhenIdle, ctx: &mut Self::Context) {
         let code = ErrorCode::ShuttingDown;
         let close = (code.spec().close.unwrap_or(close::GOING_AWAY), code.code());
-        if self.turn.is_none() {
+        if self.turns.is_empty() {
             self.close(close.0, close.1, ctx);
         } else {
-            // The turn finishes normally; `finish` closes after its last frame. What waits
-            // behind it will not run: each is answered now.
-            self.close_after_turn = Some(close);
+            // The turns finish normally; `finish` closes after the last one's last frame.
+            // What waits behind them will not run: each is answered now.
+            self.close_when_idle = Some(close);
             self.answer_waiting(ErrorCode::ShuttingDown, ctx);
         }
     }
@@ -992,7 +1215,7 @@ impl Handler<Reclaim> for SessionActor {
     fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) -> bool {
         let holds = self.lease.as_ref().is_some_and(|l| l.conn == msg.conn);
         // A successor the upstream is about to start needs this connection too.
-        if !holds || self.turn.is_some() || self.steer.awaiting() {
+        if !holds || !self.turns.is_empty() || self.lease_in_use(None) {
             return false;
         }
         debug!(parent: &self.span, conn = msg.conn, "connection reclaimed by the pool between turns");
@@ -1005,13 +1228,17 @@ impl Handler<Describe> for SessionActor {
     type Result = MessageResult<Describe>;
 
     fn handle(&mut self, _: Describe, _: &mut Self::Context) -> Self::Result {
-        let state = match self.turn.as_ref().map(|t| t.phase) {
-            None => "idle",
-            Some(Phase::Admitting) => "admitting",
-            Some(Phase::Leasing) => "leasing",
-            Some(Phase::Streaming) => "streaming",
-            Some(Phase::Finishing) => "finishing",
-        };
+        // The most advanced phase of its turns.
+        let has = |p: Phase| self.turns.iter().any(|t| t.phase == p);
+        let state = [
+            (Phase::Streaming, "streaming"),
+            (Phase::Finishing, "finishing"),
+            (Phase::Leasing, "leasing"),
+            (Phase::Admitting, "admitting"),
+        ]
+        .into_iter()
+        .find(|(p, _)| has(*p))
+        .map_or("idle", |(_, name)| name);
         MessageResult(SessionInfo {
             id: self.id.clone(),
             key_prefix: self.principal.key_prefix.clone(),
@@ -1020,8 +1247,8 @@ impl Handler<Describe> for SessionActor {
             turns: self.turn_index,
             state,
             age_s: self.opened_at.elapsed().as_secs(),
-            lanes: self.lanes.len(),
-            queued: self.queued.len(),
+            lanes: self.lanes.named(),
+            queued: self.lanes.waiting(),
         })
     }
 }

@@ -14,11 +14,7 @@ use crate::protocol::frames::CreateFrame;
 /// A lane: its `stream_id`, `None` for the implicit default lane.
 pub type LaneId = Option<String>;
 
-/// Responses in flight on one upstream connection (the upstream's limit).
-pub const MAX_IN_FLIGHT: usize = 16;
-
-/// Named lanes one session may use: the upstream's limit per connection.
-pub const MAX_NAMED_LANES: usize = 32;
+pub use crate::protocol::frames::{MAX_IN_FLIGHT, MAX_NAMED_LANES};
 
 /// A create waiting for its lane, with when it was read.
 #[derive(Debug, Clone)]

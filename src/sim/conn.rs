@@ -29,10 +29,9 @@ struct InFlight {
     steer_completes: bool,
 }
 
-/// Responses in flight on one connection, at most (more are queued on their lanes).
-const MAX_IN_FLIGHT: usize = 16;
-/// Named lanes one connection may open.
-const MAX_NAMED_LANES: usize = 32;
+// Responses in flight on one connection (more are queued on their lanes), named lanes one
+// connection may open: the upstream's limits.
+use crate::protocol::frames::{MAX_IN_FLIGHT, MAX_NAMED_LANES};
 
 /// One lane (`stream_id`; `""` is the implicit default lane): its FIFO of creates and the
 /// response it runs.

@@ -14,11 +14,13 @@ static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
 
 impl SessionActor {
     /// docs/DESIGN.md#preemption: the new frame is admitted first — a refused frame gets its error event and
-    /// preempts nothing; an admitted one ends the turn in flight (`response_preempted`) and
-    /// starts. The latest frame wins while the check runs.
+    /// preempts nothing; an admitted one ends its lane's turn in flight (`response_preempted`) and
+    /// starts. The latest frame of a lane wins while the check runs.
     pub(super) fn admit_then_preempt(&mut self, frame: CreateFrame, ctx: &mut Context<Self>) {
-        // A frame still being checked is superseded: it is answered, never started.
-        if let Some(older) = self.preempting.replace(frame) {
+        let lane = frame.stream_id.clone();
+        // A frame of the lane still being checked is superseded: it is answered, never started.
+        if let Some(pending) = self.preempting.iter_mut().find(|f| f.stream_id == lane) {
+            let older = std::mem::replace(pending, frame);
             let e = Self::frame_error(
                 &older,
                 ErrorCode::ResponsePreempted,
@@ -27,116 +29,135 @@ impl SessionActor {
             self.send(e, ctx);
             return;
         }
-        ctx.spawn(self.read_standing().into_actor(self).map(|res, act, ctx| {
-            let Some(frame) = act.preempting.take() else {
-                return;
-            };
-            if let Some((code, message)) = act.refusal(res) {
-                let e = Self::frame_error(&frame, code, &message);
-                return act.send(e, ctx);
-            }
-            let Some(phase) = act.turn.as_ref().map(|t| t.phase) else {
-                // The turn in flight ended meanwhile.
-                return act.start_turn(frame, Instant::now(), ctx);
-            };
-            act.supersede_waiting(ctx);
-            act.queued.push_back((frame, Instant::now()));
-            if phase == Phase::Finishing {
-                return;
-            }
-            let e = act.turn_error(
-                ErrorCode::ResponsePreempted,
-                "this response was ended by a newer response.create",
-            );
-            if phase == Phase::Streaming {
-                return act.preempt_streaming(e, ctx);
-            }
-            act.finish(Ending::Preempted, Delivery::reusable(Some(e)), ctx);
-        }));
+        self.preempting.push(frame);
+        ctx.spawn(
+            self.read_standing()
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let Some(pos) = act.preempting.iter().position(|f| f.stream_id == lane) else {
+                        return;
+                    };
+                    let frame = act.preempting.remove(pos);
+                    if let Some((code, message)) = act.refusal(res) {
+                        let e = Self::frame_error(&frame, code, &message);
+                        return act.send(e, ctx);
+                    }
+                    act.supersede_waiting(&lane, ctx);
+                    act.lanes.push(frame, Instant::now());
+                    let Some((index, phase)) = act
+                        .turns
+                        .iter()
+                        .find(|t| t.frame.stream_id == lane)
+                        .map(|t| (t.index, t.phase))
+                    else {
+                        // The lane's turn ended meanwhile.
+                        return act.pump(ctx);
+                    };
+                    if phase == Phase::Finishing {
+                        return;
+                    }
+                    let e = act.turn_error(
+                        index,
+                        ErrorCode::ResponsePreempted,
+                        "this response was ended by a newer response.create",
+                    );
+                    if phase == Phase::Streaming {
+                        return act.preempt_streaming(index, e, ctx);
+                    }
+                    act.finish(index, Ending::Preempted, Delivery::reusable(Some(e)), ctx);
+                }),
+        );
     }
 
     /// Per-turn admission: standing re-read from the database, then the key and account slots.
-    pub(super) fn admit(&mut self, ctx: &mut Context<Self>) {
-        self.generation += 1;
-        let generation = self.generation;
+    pub(super) fn admit(&mut self, index: i32, ctx: &mut Context<Self>) {
+        let Some(generation) = self.at(index).map(|t| t.generation) else {
+            return;
+        };
         let standing = self.read_standing();
-        let binding = self.read_binding();
-        let affinity = self.read_affinity();
+        let binding = self.read_binding(index);
+        let affinity = self.read_affinity(index);
         let reads = futures_util::future::join3(standing, binding, affinity);
         ctx.spawn(
             reads
                 .into_actor(self)
                 .map(move |(res, binding, affinity), act, ctx| {
-                    if act.generation != generation {
+                    let Some(turn) = act.current(index, generation) else {
                         return;
-                    }
-                    if let Some(turn) = act.turn.as_mut() {
-                        turn.affinity = affinity;
-                    }
+                    };
+                    turn.affinity = affinity;
                     if let Some((code, message)) = act.refusal(res) {
-                        return act.reject(code, &message, ctx);
+                        return act.reject(index, code, &message, ctx);
                     }
-                    if let Some((code, message)) = act.apply_binding(binding) {
-                        return act.reject(code, &message, ctx);
+                    if let Some((code, message)) = act.apply_binding(index, binding) {
+                        return act.reject(index, code, &message, ctx);
                     }
                     let slots = act.deps.slots.clone();
                     let Some(key_slot) =
                         slots.key_turn(act.principal.key_id, act.principal.max_concurrent_turns)
                     else {
                         return act.reject(
+                            index,
                             ErrorCode::ConcurrencyLimitExceeded,
                             "this key has its maximum of turns in flight",
                             ctx,
                         );
                     };
-                    let candidates = act.account_candidates();
+                    let candidates = act.account_candidates(Some(index));
                     let Some(account_slot) = slots.account_turn(&candidates) else {
                         return act.reject(
+                            index,
                             ErrorCode::AccountBusy,
                             "every upstream account is at its turn limit",
                             ctx,
                         );
                     };
-                    if let Some(turn) = act.turn.as_mut() {
+                    if let Some(turn) = act.at_mut(index) {
                         turn.account_slot = Some(account_slot);
                     }
-                    act.fleet_slot_then_reserve(key_slot, generation, ctx);
+                    act.fleet_slot_then_reserve(index, key_slot, generation, ctx);
                 }),
         );
+    }
+
+    /// Turn `index` if it is still in flight and `generation` is still its step.
+    fn current(&mut self, index: i32, generation: u64) -> Option<&mut Turn> {
+        self.at_mut(index)
+            .filter(|t| t.generation == generation && t.phase != Phase::Finishing)
     }
 
     /// docs/DESIGN.md#fleet-slots: a key with a turn limit counts its turn for the whole
     /// fleet too (relays sharing PostgreSQL) before its reservation.
     fn fleet_slot_then_reserve(
         &mut self,
+        index: i32,
         local: SlotGuard,
         generation: u64,
         ctx: &mut Context<Self>,
     ) {
         let limit = self.principal.max_concurrent_turns;
         let Some(fleet) = self.deps.fleet.clone().filter(|_| limit.is_some()) else {
-            if let Some(turn) = self.turn.as_mut() {
+            if let Some(turn) = self.at_mut(index) {
                 turn.key_slot = Some(KeySlot::new(local, None));
             }
-            return self.reserve_then_lease(generation, ctx);
+            return self.reserve_then_lease(index, generation, ctx);
         };
         let key = self.principal.key_id;
         let take = async move { fleet.take(key, SlotKind::Turn, limit).await };
         ctx.spawn(take.into_actor(self).map(move |taken, act, ctx| {
-            if act.generation != generation {
+            let Some(turn) = act.current(index, generation) else {
                 return;
-            }
+            };
             match taken {
                 Taken::Full => act.reject(
+                    index,
                     ErrorCode::ConcurrencyLimitExceeded,
                     "this key has its maximum of turns in flight (across relays)",
                     ctx,
                 ),
                 Taken::Granted(slot) => {
-                    if let Some(turn) = act.turn.as_mut() {
-                        turn.key_slot = Some(KeySlot::new(local, slot));
-                    }
-                    act.reserve_then_lease(generation, ctx);
+                    turn.key_slot = Some(KeySlot::new(local, slot));
+                    act.reserve_then_lease(index, generation, ctx);
                 }
             }
         }));
@@ -146,14 +167,14 @@ impl SessionActor {
     /// turn's expected cost in the database before anything goes upstream; a reservation that
     /// does not fit refuses the turn, and one that cannot be taken (the database is down)
     /// refuses it too — money fails closed. Others go straight to the lease.
-    fn reserve_then_lease(&mut self, generation: u64, ctx: &mut Context<Self>) {
-        let Some(reservation) = self.reservation() else {
-            return self.start_leasing(ctx);
+    fn reserve_then_lease(&mut self, index: i32, generation: u64, ctx: &mut Context<Self>) {
+        let Some(reservation) = self.reservation(index) else {
+            return self.start_leasing(index, ctx);
         };
         let request_id = reservation.request_id.clone();
         let reserve = self.take_reservation(reservation);
         ctx.spawn(reserve.into_actor(self).map(move |res, act, ctx| {
-            if act.generation != generation {
+            if act.current(index, generation).is_none() {
                 // The turn ended meanwhile (its record may be written already): a reservation
                 // taken late is dropped rather than left to expire.
                 if res.is_ok() {
@@ -162,8 +183,8 @@ impl SessionActor {
                 return;
             }
             match res {
-                Ok(()) => act.start_leasing(ctx),
-                Err((code, message)) => act.reject(code, message, ctx),
+                Ok(()) => act.start_leasing(index, ctx),
+                Err((code, message)) => act.reject(index, code, message, ctx),
             }
         }));
     }
@@ -181,16 +202,16 @@ impl SessionActor {
         gate::release_reservations(&self.deps, ids);
     }
 
-    fn start_leasing(&mut self, ctx: &mut Context<Self>) {
-        if let Some(turn) = self.turn.as_mut() {
+    fn start_leasing(&mut self, index: i32, ctx: &mut Context<Self>) {
+        if let Some(turn) = self.at_mut(index) {
             turn.phase = Phase::Leasing;
         }
-        self.lease_and_send(ctx);
+        self.lease_and_send(index, ctx);
     }
 
-    /// The reservation the turn in flight takes, if its key or user is limited.
-    fn reservation(&self) -> Option<NewReservation> {
-        let turn = self.turn.as_ref()?;
+    /// The reservation turn `index` takes, if its key or user is limited.
+    fn reservation(&self, index: i32) -> Option<NewReservation> {
+        let turn = self.at(index)?;
         self.reservation_for(
             turn.turn_id.clone(),
             &turn.model,
@@ -265,8 +286,8 @@ impl SessionActor {
     /// Accounts in the order this session prefers them (docs/DESIGN.md#accounts): the one it
     /// holds a lease on first among those not cooling; accounts the turn already failed to
     /// reach are left out; a turn continuing a stored response goes to its account only.
-    pub(super) fn account_candidates(&self) -> Vec<(String, usize)> {
-        let turn = self.turn.as_ref();
+    pub(super) fn account_candidates(&self, index: Option<i32>) -> Vec<(String, usize)> {
+        let turn = index.and_then(|i| self.at(i));
         let affinity = turn.and_then(|t| t.affinity.as_ref());
         let held = self.lease.as_ref().map(|l| l.account.to_string());
         let route = gate::Route {
@@ -282,16 +303,15 @@ impl SessionActor {
         gate::candidates(&self.deps, route)
     }
 
-    /// The affinity of the turn in flight: its `prompt_cache_key`, else the client's session id.
-    fn read_affinity(&self) -> impl Future<Output = Option<gate::Affinity>> + 'static {
+    /// The affinity of turn `index`: its `prompt_cache_key`, else the client's session id.
+    fn read_affinity(&self, index: i32) -> impl Future<Output = Option<gate::Affinity>> + 'static {
         let session = self
             .headers
             .iter()
             .find(|(k, _)| k == "session-id" || k == "session_id")
             .map(|(_, v)| v.as_str());
         let key = crate::pool::routing::affinity_key(
-            self.turn
-                .as_ref()
+            self.at(index)
                 .and_then(|t| t.frame.prompt_cache_key.as_deref()),
             session,
         );
@@ -301,11 +321,19 @@ impl SessionActor {
     /// The upstream answered the turn with an account-level error before anything was
     /// forwarded: the account cools down and the turn fails over (its connection is given back
     /// once the new lease comes). `false`, changing nothing, when no other account can take it.
-    pub(super) fn fail_over_in_band(&mut self, code: &str, ctx: &mut Context<Self>) -> bool {
+    pub(super) fn fail_over_in_band(
+        &mut self,
+        index: i32,
+        code: &str,
+        ctx: &mut Context<Self>,
+    ) -> bool {
         let Some(account) = self.lease.as_ref().map(|l| l.account.to_string()) else {
             return false;
         };
-        let others = self.account_candidates().iter().any(|(n, _)| *n != account);
+        let others = self
+            .account_candidates(Some(index))
+            .iter()
+            .any(|(n, _)| *n != account);
         if !others {
             return false;
         }
@@ -323,13 +351,13 @@ impl SessionActor {
                     "upstream account refusing turns; they go to other accounts while it cools down");
             }
         }
-        if let Some(turn) = self.turn.as_mut() {
+        if let Some(turn) = self.at_mut(index) {
             turn.phase = Phase::Leasing;
         }
-        if self.failover(ctx) {
+        if self.failover(index, ctx) {
             return true;
         }
-        if let Some(turn) = self.turn.as_mut() {
+        if let Some(turn) = self.at_mut(index) {
             turn.phase = Phase::Streaming;
         }
         false
@@ -338,8 +366,8 @@ impl SessionActor {
     /// The turn's account could not be reached: it moves to the next account that can take
     /// it, transparently (docs/DESIGN.md#accounts). `false` when none can (or the turn is bound
     /// to a stored response's account).
-    pub(super) fn failover(&mut self, ctx: &mut Context<Self>) -> bool {
-        let Some(turn) = self.turn.as_mut() else {
+    pub(super) fn failover(&mut self, index: i32, ctx: &mut Context<Self>) -> bool {
+        let Some(turn) = self.at_mut(index) else {
             return false;
         };
         if turn.bound_account.is_some() {
@@ -349,26 +377,28 @@ impl SessionActor {
             return false;
         };
         turn.tried.push(failed.clone());
-        let candidates = self.account_candidates();
+        let candidates = self.account_candidates(Some(index));
         let slots = self.deps.slots.clone();
         let Some(slot) = slots.account_turn(&candidates) else {
             return false;
         };
-        let Some(turn) = self.turn.as_mut() else {
+        let Some(turn) = self.at_mut(index) else {
             return false;
         };
         info!(parent: &turn.span, from = %failed, to = %slot.account, "failover: the turn moves to another account");
         turn.account_slot = Some(slot);
-        self.lease_and_send(ctx);
+        self.lease_and_send(index, ctx);
         true
     }
 
     /// The binding of the stored response a turn continues (`store:true` with
     /// `previous_response_id`), read with the standing.
-    pub(super) fn read_binding(&self) -> impl Future<Output = Option<(String, i64)>> + 'static {
+    pub(super) fn read_binding(
+        &self,
+        index: i32,
+    ) -> impl Future<Output = Option<(String, i64)>> + 'static {
         let prev = self
-            .turn
-            .as_ref()
+            .at(index)
             .filter(|t| t.frame.store)
             .and_then(|t| t.frame.previous_response_id.clone());
         gate::read_binding(&self.deps, prev)
@@ -378,12 +408,13 @@ impl SessionActor {
     /// holding it serves the turn (when this relay has it).
     pub(super) fn apply_binding(
         &mut self,
+        index: i32,
         binding: Option<(String, i64)>,
     ) -> Option<(ErrorCode, String)> {
         match gate::bound_account(&self.deps, self.principal.key_id, binding, &self.span) {
             Err(refused) => Some(refused),
             Ok(account) => {
-                if let (Some(turn), Some(account)) = (self.turn.as_mut(), account) {
+                if let (Some(turn), Some(account)) = (self.at_mut(index), account) {
                     turn.bound_account = Some(account);
                 }
                 None
@@ -391,8 +422,19 @@ impl SessionActor {
         }
     }
 
-    pub(super) fn reject(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
-        let e = self.turn_error(code, message);
-        self.finish(Ending::Rejected(code), Delivery::reusable(Some(e)), ctx);
+    pub(super) fn reject(
+        &mut self,
+        index: i32,
+        code: ErrorCode,
+        message: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        let e = self.turn_error(index, code, message);
+        self.finish(
+            index,
+            Ending::Rejected(code),
+            Delivery::reusable(Some(e)),
+            ctx,
+        );
     }
 }

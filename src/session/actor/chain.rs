@@ -26,16 +26,24 @@ impl SessionActor {
     /// Writes the turn's request on the lease, after the continuation decision: as sent, with
     /// the last response id injected, replayed (once) without the lost id, or not at all
     /// (`continuation_unavailable`).
-    pub(super) fn send_upstream(&mut self, ctx: &mut Context<Self>) {
-        let (Some(turn), Some(lease)) = (self.turn.as_ref(), self.lease.as_ref()) else {
+    pub(super) fn send_upstream(&mut self, index: i32, ctx: &mut Context<Self>) {
+        let (Some(turn), Some(lease)) = (self.at(index), self.lease.as_ref()) else {
             return;
         };
         let decision = self.continuation(turn, lease.conn, false);
-        self.write_request(decision, ctx);
+        self.write_request(index, decision, ctx);
     }
 
-    pub(super) fn write_request(&mut self, decision: Decision, ctx: &mut Context<Self>) {
-        let (Some(turn), Some(lease)) = (self.turn.as_mut(), self.lease.as_ref()) else {
+    pub(super) fn write_request(
+        &mut self,
+        index: i32,
+        decision: Decision,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(turn) = self.turns.iter_mut().find(|t| t.index == index) else {
+            return;
+        };
+        let Some(lease) = self.lease.as_ref() else {
             return;
         };
         let decision = match decision {
@@ -50,6 +58,7 @@ impl SessionActor {
                 info!(parent: &turn.span, reason = %reason, "continuation: fail closed, nothing sent upstream");
                 let e = Self::frame_error(&turn.frame, ErrorCode::ContinuationUnavailable, reason);
                 return self.finish(
+                    index,
                     Ending::Rejected(ErrorCode::ContinuationUnavailable),
                     Delivery::reusable(Some(e)),
                     ctx,
@@ -76,11 +85,13 @@ impl SessionActor {
     /// A response that completed (or is incomplete) continues the chain: its id is the one a
     /// next turn may name, its connection the one that holds it, and its input and output
     /// join the history a replay would send.
-    pub(super) fn remember_response(&mut self, ending: &Ending) {
+    pub(super) fn remember_response(&mut self, index: i32, ending: &Ending) {
         use crate::protocol::events::TerminalKind::{Completed, Incomplete};
-        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) =
-            (ending, self.turn.as_ref(), self.lease.as_ref())
-        else {
+        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) = (
+            ending,
+            self.turns.iter().find(|t| t.index == index),
+            self.lease.as_ref(),
+        ) else {
             return;
         };
         let Some(id) = turn.tracker.response_id.clone() else {

@@ -4,49 +4,73 @@
 use super::*;
 
 impl SessionActor {
-    /// Preempts the streaming turn (docs/DESIGN.md#preemption): the client is told at once and the new turn
-    /// starts on a fresh lease, while the old connection gets `response.cancel` and is read in
-    /// the background, up to `session.drain_ms`, for the old response's terminal usage.
-    pub(super) fn preempt_streaming(&mut self, event: String, ctx: &mut Context<Self>) {
-        let (Some(mut turn), Some(lease)) = (self.turn.take(), self.lease.take()) else {
+    /// Preempts streaming turn `index` (docs/DESIGN.md#preemption): the client is told at once;
+    /// the old response gets `response.cancel` and is read in the background, up to
+    /// `session.drain_ms`, for its terminal usage. When no other lane uses the connection the
+    /// drain takes it and the lane's next turn gets a fresh lease; otherwise the drain reads
+    /// its lane's events on the shared connection, where the upstream answers a lane in order.
+    pub(super) fn preempt_streaming(&mut self, index: i32, event: String, ctx: &mut Context<Self>) {
+        let Some(pos) = self.turns.iter().position(|t| t.index == index) else {
             return;
         };
-        self.generation += 1;
+        let Some((conn, account)) = self.lease.as_ref().map(|l| (l.conn, l.account.to_string()))
+        else {
+            return;
+        };
+        let shared = self.lease_in_use(Some(index));
+        let mut turn = self.turns.remove(pos);
+        turn.generation += 1;
         turn.key_slot = None;
         turn.account_slot = None;
         turn.phase = Phase::Finishing;
-        let id = turn.tracker.response_id.clone();
-        let cancel = match id {
+        let mut cancel = match turn.tracker.response_id.clone() {
             Some(id) => json!({"type": "response.cancel", "response_id": id}),
             None => json!({"type": "response.cancel"}),
         };
-        lease.addr.do_send(SendText(cancel.to_string().into()));
-        debug!(parent: &turn.span, conn = lease.conn, "preempted; draining the old response in the background");
+        if let Some(lane) = &turn.frame.stream_id {
+            cancel["stream_id"] = json!(lane);
+        }
+        if let Some(lease) = &self.lease {
+            lease.addr.do_send(SendText(cancel.to_string().into()));
+        }
+        let lease = if shared { None } else { self.lease.take() };
+        debug!(parent: &turn.span, conn, shared, "preempted; draining the old response in the background");
         let now = Instant::now();
         self.drains.push(Drain {
             lease,
+            conn,
+            account,
             turn,
             ended_at: now,
             deadline: now + Duration::from_millis(self.deps.settings.session.drain_ms),
         });
         self.idle_since = now;
         self.send(event, ctx);
-        self.start_next(ctx);
+        self.pump(ctx);
     }
 
-    /// An upstream event for a drained connection; `None` means the connection was lost.
+    /// An upstream event for a connection a drain owns; `None` means the connection was lost.
     pub(super) fn on_drain_event(
         &mut self,
         conn: u64,
         text: Option<ByteString>,
         ctx: &mut Context<Self>,
     ) {
-        let Some(i) = self.drains.iter().position(|d| d.lease.conn == conn) else {
+        let Some(i) = self
+            .drains
+            .iter()
+            .position(|d| d.lease.as_ref().is_some_and(|l| l.conn == conn))
+        else {
             return;
         };
-        let Some(text) = text else {
-            return self.end_drain(i, false, ctx);
-        };
+        match text {
+            Some(text) => self.on_drain_text(i, text, ctx),
+            None => self.end_drain(i, false, ctx),
+        }
+    }
+
+    /// An event of drain `i`'s response.
+    pub(super) fn on_drain_text(&mut self, i: usize, text: ByteString, ctx: &mut Context<Self>) {
         let d = &mut self.drains[i];
         match d.turn.tracker.observe(&text, Instant::now()).kind {
             EventKind::Terminal(_) => self.end_drain(i, true, ctx),
@@ -59,10 +83,15 @@ impl SessionActor {
         }
     }
 
-    /// A drain is over: the connection goes back (clean only after a terminal), and the
+    /// A drain is over: a connection it owns goes back (clean only after a terminal), and the
     /// preempted turn is recorded with what the drain saw.
     pub(super) fn end_drain(&mut self, i: usize, clean: bool, ctx: &mut Context<Self>) {
         let d = self.drains.swap_remove(i);
+        if d.lease.is_none() && !clean && self.lease.as_ref().is_some_and(|l| l.conn == d.conn) {
+            // Its response may still run on the shared connection: no new turn goes there.
+            self.lease_spent = true;
+        }
+        self.settle_lease();
         let record = self.close_drain(&d, clean);
         info!(parent: &d.turn.span, status = %record.status, usage_source = %record.usage_source,
             input_tokens = record.usage.input_tokens, clean, "preempted turn drained");
@@ -78,12 +107,14 @@ impl SessionActor {
         );
     }
 
-    /// Gives a drained connection back and makes the preempted turn's record from what the
-    /// drain saw (the upstream's usage, or the estimates).
+    /// Gives a connection the drain owns back and makes the preempted turn's record from what
+    /// the drain saw (the upstream's usage, or the estimates).
     pub(super) fn close_drain(&self, d: &Drain, clean: bool) -> TurnRecord {
-        self.release(&d.lease, clean);
+        if let Some(lease) = &d.lease {
+            self.release(lease, clean);
+        }
         let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
-        let record = self.record_of(&d.turn, outcome, d.lease.account.to_string());
+        let record = self.record_of(&d.turn, outcome, d.account.clone());
         crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
         record
     }

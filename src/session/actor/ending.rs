@@ -25,41 +25,42 @@ impl SessionActor {
         gate::record_of(&self.deps, &self.principal, who, outcome, account)
     }
 
-    /// Ends the turn in flight: its record goes to accounting, and only once accounting has
+    /// Ends turn `index`: its record goes to accounting, and only once accounting has
     /// acknowledged it (durable) does the client get the turn's last frame. Not acknowledged
     /// within `accounting.ack_timeout_ms` → the client gets `accounting_unavailable` instead
     /// (never a terminal without a durable record); the record stays with accounting, which
     /// writes it when it can.
-    pub(super) fn finish(&mut self, ending: Ending, delivery: Delivery, ctx: &mut Context<Self>) {
-        if self
-            .turn
-            .as_ref()
-            .is_none_or(|t| t.phase == Phase::Finishing)
-        {
+    pub(super) fn finish(
+        &mut self,
+        index: i32,
+        ending: Ending,
+        delivery: Delivery,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.at(index).is_none_or(|t| t.phase == Phase::Finishing) {
             return;
         }
-        self.remember_response(&ending);
-        // After a terminal, the upstream may start a successor on its own (steering).
-        let (expect_successor, unused) = self.steer.turn_ended(
-            &ending,
-            self.turn
-                .as_ref()
-                .map(|t| steer::Template::of(&t.frame, &t.model, t.tracker.response_id.clone())),
-        );
-        self.release_reservations(unused);
-        let Some(turn) = self.turn.as_mut() else {
+        self.remember_response(index, &ending);
+        let Some(turn) = self.turns.iter_mut().find(|t| t.index == index) else {
             return;
         };
-        self.generation += 1;
+        // After a terminal, the upstream may start a successor on its own (steering).
+        let template =
+            steer::Template::of(&turn.frame, &turn.model, turn.tracker.response_id.clone());
+        let steer = self.steers.entry(turn.frame.stream_id.clone()).or_default();
+        let unused = steer.turn_ended(&ending, template);
+        gate::release_reservations(&self.deps, unused);
+        turn.generation += 1;
         let streaming = turn.phase == Phase::Streaming;
         turn.phase = Phase::Finishing;
         // The account that served the turn, else the one it was refused on or last tried.
-        let account = self
-            .lease
-            .as_ref()
-            .map(|l| l.account.to_string())
+        let held = self.lease.as_ref().map(|l| l.account.to_string());
+        let account = streaming
+            .then(|| held.clone())
+            .flatten()
             .or_else(|| turn.account_slot.as_ref().map(|s| s.account.clone()))
             .or_else(|| turn.tried.last().cloned())
+            .or(held)
             .unwrap_or_default();
         // Slots are free as soon as the turn is over, whatever happens next.
         turn.key_slot = None;
@@ -67,7 +68,7 @@ impl SessionActor {
         // A refusal because accounting is down does not wait for accounting.
         let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable);
         let outcome = turn.tracker.finish(ending, Instant::now());
-        let Some(turn) = self.turn.as_ref() else {
+        let Some(turn) = self.at(index) else {
             return;
         };
         let record = self.record_of(turn, outcome, account);
@@ -78,20 +79,26 @@ impl SessionActor {
             turn.tracker.usage_malformed,
             &turn.span,
         );
+        let store = turn.frame.store;
+        // The fallback answer is the turn's, so it carries the turn's lane.
+        let stream_id = turn.frame.stream_id.clone();
         if streaming && !delivery.reusable {
-            self.release_lease(false);
+            if self.lease_in_use(Some(index)) {
+                // Other lanes still read it: no new turn on it, closed once they end.
+                self.lease_spent = true;
+            } else {
+                self.release_lease(false);
+            }
         }
-        let store = self.turn.as_ref().is_some_and(|t| t.frame.store);
         let bind = self.bind_stored(&record, store);
         let durable = self.record(record, wait);
         let durable = async move { futures_util::future::join(durable, bind).await.0 };
-        // The fallback answer is the turn's, so it carries the turn's lane.
-        let stream_id = self.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
-        // `wait`: nothing else happens in this session until the record is safe.
+        // `wait`: nothing else happens in this session until the record is safe, so the
+        // turn's last frame precedes everything after it.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
-            act.turn = None;
+            act.turns.retain(|t| t.index != index);
             act.idle_since = Instant::now();
-            act.park(true);
+            act.settle_lease();
             let last = if durable {
                 delivery.last
             } else {
@@ -105,16 +112,19 @@ impl SessionActor {
             if let Some(last) = last {
                 act.send(last, ctx);
             }
-            if let Some((code, reason)) = delivery.close.or(act.close_after_turn) {
-                return act.close(code, reason, ctx);
+            if let Some(close) = delivery.close {
+                act.close_when_idle.get_or_insert(close);
             }
-            if act.client_gone {
-                return act.stop_when_drained(ctx);
+            if act.turns.is_empty() {
+                if let Some((code, reason)) = act.close_when_idle {
+                    return act.close(code, reason, ctx);
+                }
+                if act.client_gone {
+                    return act.stop_when_drained(ctx);
+                }
             }
-            // What waits behind starts once the upstream's successor has run.
-            if !expect_successor {
-                act.start_next(ctx);
-            }
+            // What waits behind starts (a lane expecting a successor waits for it).
+            act.pump(ctx);
         }));
     }
 

@@ -50,18 +50,34 @@ impl SessionActor {
             ErrorCode::ClientTooSlow,
             "the client is not reading its events",
         );
-        match self.turn.as_ref().map(|t| t.phase) {
-            Some(phase) if phase != Phase::Finishing => self.finish(
-                Ending::Aborted(ErrorCode::ClientTooSlow),
-                Delivery::spent(Some(e)).then_close(close::POLICY, ErrorCode::ClientTooSlow.code()),
-                ctx,
-            ),
-            Some(_) => self.close_after_turn = Some((close::POLICY, "client_too_slow")),
-            None => {
-                self.out(Outbound::Text(e.into()));
-                self.close(close::POLICY, "client_too_slow", ctx);
-            }
+        if self.turns.is_empty() {
+            self.out(Outbound::Text(e.into()));
+            return self.close(close::POLICY, "client_too_slow", ctx);
         }
+        // Every turn in flight ends; the error is the last frame, then the close.
+        self.close_when_idle = Some((close::POLICY, "client_too_slow"));
+        let mut last = Some(e);
+        for index in self.running() {
+            self.finish(
+                index,
+                Ending::Aborted(ErrorCode::ClientTooSlow),
+                Delivery::spent(last.take()),
+                ctx,
+            );
+        }
+        if let Some(e) = last {
+            // Only turns already finishing: the error goes out before their close.
+            self.out(Outbound::Text(e.into()));
+        }
+    }
+
+    /// Turns in flight that have not ended yet.
+    pub(super) fn running(&self) -> Vec<i32> {
+        self.turns
+            .iter()
+            .filter(|t| t.phase != Phase::Finishing)
+            .map(|t| t.index)
+            .collect()
     }
 
     pub(super) fn error_event(code: ErrorCode, message: &str) -> String {
@@ -74,9 +90,9 @@ impl SessionActor {
             .to_string()
     }
 
-    /// The error event of the turn in flight (tagged with its lane).
-    pub(super) fn turn_error(&self, code: ErrorCode, message: &str) -> String {
-        match self.turn.as_ref() {
+    /// The error event of turn `index` (tagged with its lane).
+    pub(super) fn turn_error(&self, index: i32, code: ErrorCode, message: &str) -> String {
+        match self.at(index) {
             Some(t) => Self::frame_error(&t.frame, code, message),
             None => Self::error_event(code, message),
         }
@@ -85,11 +101,10 @@ impl SessionActor {
     /// Answers every create still waiting with `code` (they will not run).
     pub(super) fn answer_waiting(&mut self, code: ErrorCode, ctx: &mut Context<Self>) {
         let message = "the session is closing before this response.create could start";
-        if let Some(frame) = self.preempting.take() {
-            let e = Self::frame_error(&frame, code, message);
-            self.send(e, ctx);
-        }
-        for (frame, _) in std::mem::take(&mut self.queued) {
+        let waiting = std::mem::take(&mut self.preempting)
+            .into_iter()
+            .chain(self.lanes.take_all().into_iter().map(|w| w.frame));
+        for frame in waiting.collect::<Vec<_>>() {
             let e = Self::frame_error(&frame, code, message);
             self.send(e, ctx);
         }
@@ -125,13 +140,21 @@ impl SessionActor {
     ) {
         let event = Self::error_event(code, message);
         match close {
-            Some(close) if self.turn.is_some() => {
-                // The turn in flight ends first, with this error as its last frame.
-                self.finish(
-                    Ending::Aborted(code),
-                    Delivery::spent(Some(event)).then_close(close, code.code()),
-                    ctx,
-                );
+            Some(close) if !self.turns.is_empty() => {
+                // The turns in flight end first, the last frame of the first being this error.
+                self.close_when_idle = Some((close, code.code()));
+                let mut last = Some(event);
+                for index in self.running() {
+                    self.finish(
+                        index,
+                        Ending::Aborted(code),
+                        Delivery::spent(last.take()),
+                        ctx,
+                    );
+                }
+                if let Some(event) = last {
+                    self.send(event, ctx);
+                }
             }
             Some(close) => {
                 self.send(event, ctx);

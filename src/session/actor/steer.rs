@@ -11,7 +11,6 @@ use crate::protocol::events::{SteerKind, TerminalKind, classify};
 #[derive(Debug, Clone)]
 pub(super) struct Template {
     model: String,
-    stream_id: Option<String>,
     store: bool,
     previous: Option<String>,
 }
@@ -20,7 +19,6 @@ impl Template {
     pub(super) fn of(frame: &CreateFrame, model: &str, previous: Option<String>) -> Self {
         Self {
             model: model.to_string(),
-            stream_id: frame.stream_id.clone(),
             store: frame.store,
             previous,
         }
@@ -37,8 +35,6 @@ pub(super) struct SteerState {
     awaiting_since: Option<Instant>,
     /// The settings of the last response that ended, which a successor inherits.
     template: Option<Template>,
-    /// An upstream frame no turn could take was logged (once per session).
-    unattributed_logged: bool,
     /// Turn ids reserved for successors (one per steer sent by a limited key), oldest first:
     /// the successor takes the first; the others are released.
     reserved: Vec<String>,
@@ -83,25 +79,30 @@ impl SteerState {
         std::mem::take(&mut self.reserved)
     }
 
-    /// The turn in flight ended: whether the upstream will start a successor on its own, and
-    /// the reservations to release when it will not.
-    pub(super) fn turn_ended(
-        &mut self,
-        ending: &Ending,
-        template: Option<Template>,
-    ) -> (bool, Vec<String>) {
+    /// The lane's turn ended: when the upstream will start a successor on its own, the lane
+    /// awaits it; otherwise the steers' reservations are returned for release.
+    pub(super) fn turn_ended(&mut self, ending: &Ending, template: Template) -> Vec<String> {
         let terminal = matches!(
             ending,
             Ending::Terminal(TerminalKind::Completed | TerminalKind::Incomplete)
         );
-        if terminal && template.is_some() {
-            self.template = template;
+        if terminal {
+            self.template = Some(template);
         }
         if terminal && self.accepted > 0 {
             self.awaiting_since = Some(Instant::now());
-            (true, Vec::new())
+            Vec::new()
         } else {
-            (false, self.give_up())
+            self.give_up()
+        }
+    }
+
+    /// The connection is gone: no successor will come on it.
+    pub(super) fn connection_lost(&mut self) -> Vec<String> {
+        if self.awaiting() {
+            self.give_up()
+        } else {
+            Vec::new()
         }
     }
 
@@ -168,20 +169,22 @@ impl SessionActor {
     /// upstream. Admitted → forwarded unchanged, if the response is still running.
     pub(super) fn on_steer(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let steer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if !self.steerable() {
-            let e = Self::error_event(
-                ErrorCode::NoActiveResponse,
-                "`response.steer` needs a response in flight",
-            );
+        let (_, lane) = self.target_of(&text);
+        if !self.steerable(&lane) {
+            let e = ErrorCode::NoActiveResponse
+                .ws_event_on(
+                    "`response.steer` needs a response in flight",
+                    lane.as_deref(),
+                )
+                .to_string();
             return self.send(e, ctx);
         }
         let admitted = self
             .read_standing()
             .into_actor(self)
             .map(move |res, act, ctx| {
-                let stream_id = act.turn.as_ref().and_then(|t| t.frame.stream_id.clone());
                 if let Some((code, message)) = act.refusal(res) {
-                    let e = steer_refused(&steer, code, &message, stream_id.as_deref());
+                    let e = steer_refused(&steer, code, &message, lane.as_deref());
                     return act.send(e, ctx);
                 }
                 let successor = format!("turn_{}", random_hex(12));
@@ -190,13 +193,13 @@ impl SessionActor {
                 let Some(reservation) =
                     act.reservation_for(successor.clone(), &model, false, input_bytes, None)
                 else {
-                    return act.forward_steer(steer, text, None, stream_id, ctx);
+                    return act.forward_steer(steer, text, None, lane, ctx);
                 };
                 let reserve = act.take_reservation(reservation);
                 ctx.spawn(reserve.into_actor(act).map(move |res, act, ctx| match res {
-                    Ok(()) => act.forward_steer(steer, text, Some(successor), stream_id, ctx),
+                    Ok(()) => act.forward_steer(steer, text, Some(successor), lane, ctx),
                     Err((code, message)) => {
-                        let e = steer_refused(&steer, code, message, stream_id.as_deref());
+                        let e = steer_refused(&steer, code, message, lane.as_deref());
                         act.send(e, ctx);
                     }
                 }));
@@ -204,13 +207,13 @@ impl SessionActor {
         ctx.spawn(admitted);
     }
 
-    /// A response is running on a held connection.
-    fn steerable(&self) -> bool {
+    /// A response is running on `lane` on a held connection.
+    fn steerable(&self, lane: &LaneId) -> bool {
         self.lease.is_some()
             && self
-                .turn
-                .as_ref()
-                .is_some_and(|t| t.phase == Phase::Streaming)
+                .turns
+                .iter()
+                .any(|t| &t.frame.stream_id == lane && t.phase == Phase::Streaming)
     }
 
     /// Sends an admitted steer upstream if its response still runs; else it is refused and
@@ -220,57 +223,74 @@ impl SessionActor {
         steer: Value,
         text: ByteString,
         reserved: Option<String>,
-        stream_id: Option<String>,
+        lane: LaneId,
         ctx: &mut Context<Self>,
     ) {
-        if !self.steerable() {
+        if !self.steerable(&lane) {
             self.release_reservations(reserved.into_iter().collect());
             let e = steer_refused(
                 &steer,
                 ErrorCode::NoActiveResponse,
                 "the response ended before the steer could be sent",
-                stream_id.as_deref(),
+                lane.as_deref(),
             );
             return self.send(e, ctx);
         }
         if let Some(lease) = &self.lease {
             lease.addr.do_send(SendText(text));
         }
+        let state = self.steers.entry(lane).or_default();
         if let Some(input) = steer.get("input") {
-            self.steer.inputs.push(input.clone());
+            state.inputs.push(input.clone());
         }
-        self.steer.reserved.extend(reserved);
+        state.reserved.extend(reserved);
     }
 
-    /// An upstream frame while no turn streams. A `response.created` is a successor the
-    /// upstream started on its own: a turn of its own. Anything else is a protocol error,
-    /// logged once per session; the connection, whose state is unknown, is dropped.
-    pub(super) fn on_frame_between_turns(&mut self, text: ByteString, ctx: &mut Context<Self>) {
-        if self.turn.is_none() && self.lease.is_some() && classify(&text) == EventKind::Created {
-            return self.start_successor(text, ctx);
+    /// An upstream frame of a lane with no turn streaming. A `response.created` is a successor
+    /// the upstream started on its own: a turn of its own. Anything else is a protocol error,
+    /// logged once per session and not forwarded (the other lanes go on); a frame that is not
+    /// an event at all leaves the connection in an unknown state: it is dropped.
+    pub(super) fn on_unattributed(
+        &mut self,
+        lane: LaneId,
+        text: ByteString,
+        ctx: &mut Context<Self>,
+    ) {
+        let kind = classify(&text);
+        let idle_lane = !self.turns.iter().any(|t| t.frame.stream_id == lane);
+        if idle_lane && self.lease.is_some() && kind == EventKind::Created {
+            return self.start_successor(lane, text, ctx);
         }
-        if !self.steer.unattributed_logged {
-            self.steer.unattributed_logged = true;
-            warn!(parent: &self.span, "upstream frame outside a turn (not a successor's response.created); dropping the connection");
+        if kind == EventKind::Invalid {
+            return self.drop_connection(
+                LostReason::Protocol("the upstream sent a frame that is not a JSON event"),
+                ctx,
+            );
         }
-        self.release_lease(false);
+        ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => "unattributed_frame").increment(1);
+        if !self.unattributed_logged {
+            self.unattributed_logged = true;
+            warn!(parent: &self.span, lane = ?lane, "upstream frame for a lane with no response in flight (not a successor's response.created); not forwarded");
+        }
     }
 
-    /// The upstream's automatic successor: a turn timed from its `response.created`, on the
-    /// lease the steered response used.
-    fn start_successor(&mut self, created: ByteString, ctx: &mut Context<Self>) {
+    /// The upstream's automatic successor on `lane`: a turn timed from its `response.created`,
+    /// on the connection the steered response used.
+    fn start_successor(&mut self, lane: LaneId, created: ByteString, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let template = self.steer.template.clone().unwrap_or_else(|| Template {
-            model: self.model.clone().unwrap_or_default(),
-            stream_id: None,
+        let last = self.last_response.as_ref().map(|(id, _)| id.clone());
+        let model = self.model.clone().unwrap_or_default();
+        let state = self.steers.entry(lane.clone()).or_default();
+        let template = state.template.clone().unwrap_or(Template {
+            model,
             store: false,
-            previous: self.last_response.as_ref().map(|(id, _)| id.clone()),
+            previous: last,
         });
-        let input = self.steer.take_input();
-        self.steer.accepted = 0;
-        self.steer.awaiting_since = None;
+        let input = state.take_input();
+        state.accepted = 0;
+        state.awaiting_since = None;
         // The first reservation is the successor's (its record settles it); others go.
-        let mut reserved = self.steer.take_reserved().into_iter();
+        let mut reserved = state.take_reserved().into_iter();
         let id = reserved.next();
         self.release_reservations(reserved.collect());
         let prompt_bytes = input.as_ref().map_or(0, |v| v.to_string().len());
@@ -284,7 +304,7 @@ impl SessionActor {
             prompt_bytes,
             input,
             max_output_tokens: None,
-            stream_id: template.stream_id,
+            stream_id: lane,
             stream: false,
             prompt_cache_key: None,
         };
@@ -295,7 +315,7 @@ impl SessionActor {
         turn.retried = true;
         turn.replayed = true;
         info!(parent: &turn.span, "the upstream started a successor (steering)");
-        self.turn = Some(turn);
+        self.turns.push(turn);
         self.park(false);
         self.on_upstream_text(created, ctx);
     }
