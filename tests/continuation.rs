@@ -129,6 +129,66 @@ fn lost_connection_replays_a_plain_conversation() {
     s.finish();
 }
 
+/// Lanes fork each other: a lane continuing another lane's response whose connection is gone
+/// is replayed with its own lineage — the fork's parent and the fork — never the other lane's
+/// later turns.
+#[test]
+fn a_fork_on_another_lane_replays_its_own_lineage() {
+    let s = stack("1");
+    let mut c = s.client();
+    let on = |lane: &str, extra: Value| {
+        let mut f = create(extra);
+        f["stream_id"] = json!(lane);
+        f
+    };
+    let t1 = turn(&mut c, on("a", json!({"input": "hello"})));
+    let t2 = turn(
+        &mut c,
+        on(
+            "a",
+            json!({"previous_response_id": t1["response"]["id"], "input": "more"}),
+        ),
+    );
+    let t3 = turn(
+        &mut c,
+        on(
+            "b",
+            json!({"previous_response_id": t1["response"]["id"], "input": "fork"}),
+        ),
+    );
+    for t in [&t1, &t2, &t3] {
+        assert_eq!(t["type"], "response.completed", "{t}");
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let t4 = turn(
+        &mut c,
+        on(
+            "b",
+            json!({"previous_response_id": t3["response"]["id"], "input": "again"}),
+        ),
+    );
+    assert_eq!(t4["type"], "response.completed", "{t4}");
+    assert_eq!(t4["stream_id"], "b");
+    let seen = creates_seen(&s);
+    assert_eq!(seen.len(), 2, "a fresh connection for the last turn");
+    let replay = &seen[1][0];
+    assert!(replay.get("previous_response_id").is_none(), "{replay}");
+    let said: Vec<&str> = replay["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["role"] == "user")
+        .map(|i| i["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(said, ["hello", "fork", "again"], "{replay}");
+    assert_eq!(
+        replay["input"].as_array().unwrap().len(),
+        5,
+        "with the two answers"
+    );
+    s.finish();
+}
+
 /// The seed `003_…` case: the tool output is only in an earlier turn; this turn is plain input
 /// with `previous_response_id`; the connection is gone → `continuation_unavailable`, nothing
 /// reaches the upstream, the session stays open. A tool output in the frame itself too.

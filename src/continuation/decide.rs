@@ -125,6 +125,11 @@ fn chain_lost(chain: Chain<'_>, turn: Turn<'_>, why: &'static str) -> Decision {
                 "{why}, and the conversation is over {max} bytes (session.replay_max_bytes); start a new chain"
             ),
         },
+        Err(ReplayError::Incomplete) => Decision::FailClosed {
+            reason: format!(
+                "{why}, and the conversation began before this session saw it (or its start is no longer kept), so it cannot be replayed; start a new chain"
+            ),
+        },
     }
 }
 

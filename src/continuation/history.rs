@@ -11,6 +11,8 @@ use crate::protocol::frames::is_tool_output;
 pub enum ReplayError {
     #[error("the session's history is over {0} bytes; it is not replayed (never truncated)")]
     TooLarge(usize),
+    #[error("the conversation began before this session saw it, or its start is no longer kept")]
+    Incomplete,
 }
 
 /// Items of the conversation so far, in order.
@@ -21,6 +23,8 @@ pub struct History {
     max_bytes: usize,
     /// Set once the history went over `max_bytes`: it can no longer be replayed.
     overflowed: bool,
+    /// The conversation's start is not known here: it cannot be replayed.
+    incomplete: bool,
 }
 
 /// A `response.create` input as items: a string is one user message.
@@ -51,6 +55,15 @@ impl History {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             max_bytes,
+            ..Self::default()
+        }
+    }
+
+    /// A conversation whose start is not known: never replayed.
+    pub fn incomplete(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            incomplete: true,
             ..Self::default()
         }
     }
@@ -94,6 +107,9 @@ impl History {
     /// The replay input for a turn whose own input is `input`: the history, then this turn's
     /// items not already in it.
     pub fn replay(&self, input: Option<&Value>) -> Result<Vec<Value>, ReplayError> {
+        if self.incomplete {
+            return Err(ReplayError::Incomplete);
+        }
         if self.overflowed {
             return Err(ReplayError::TooLarge(self.max_bytes));
         }

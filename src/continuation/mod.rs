@@ -1,17 +1,20 @@
 //! Continuation (docs/DESIGN.md#continuation): `previous_response_id` across lost connections. All pure; the
 //! session actor asks and applies.
 //!
-//! - `history`: the conversation so far, normalised, de-duplicated, bounded.
+//! - `history`: a conversation, normalised, de-duplicated, bounded.
+//! - `lineage`: the session's responses as a tree (lanes fork each other): the history of each.
 //! - `decide`: keep, inject, drop + replay, or fail closed — for a turn about to be written,
 //!   and after an upstream `previous_response_not_found`.
 
 pub mod decide;
 pub mod history;
+pub mod lineage;
 
 use serde_json::Value;
 
 pub use decide::{Chain, Decision, Turn, after_not_found, before_send};
 pub use history::History;
+pub use lineage::Lineages;
 
 /// The frame to send for `decision`: `None` keeps the client's bytes; otherwise the frame with
 /// `previous_response_id` set (inject) or removed and `input` replaced (replay). Every other

@@ -32,7 +32,7 @@ use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
 use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal};
-use crate::continuation::{self, Chain, Decision, History};
+use crate::continuation::{self, Chain, Decision, History, Lineages};
 use crate::db::models::{ApiKey, User};
 use crate::ids::random_hex;
 use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
@@ -77,6 +77,8 @@ struct Turn {
     retried: bool,
     /// The conversation was replayed for this turn (never twice).
     replayed: bool,
+    /// The response it continues, as sent (named by the client or injected by the relay).
+    parent: Option<String>,
     /// The account holding the stored response this turn continues (`response_bindings`).
     bound_account: Option<String>,
     last_upstream: Instant,
@@ -154,10 +156,9 @@ pub struct SessionActor {
     acquiring: Option<(u64, String)>,
     /// The connection of the last lease, preferred for the next one (affinity).
     preferred: Option<u64>,
-    /// The conversation so far, for replay when a chain's connection is gone (docs/DESIGN.md#continuation).
-    history: History,
-    /// The session's last response id, and the connection that holds it.
-    last_response: Option<(String, u64)>,
+    /// The session's responses as a tree of lineages (lanes fork each other), for replay when
+    /// a chain's connection is gone (docs/DESIGN.md#continuation).
+    lineages: Lineages,
     /// Turns in flight, at most one per lane.
     turns: Vec<Turn>,
     /// Preempted turns still being drained for their usage.
@@ -220,8 +221,7 @@ impl SessionActor {
             lease_spent: false,
             acquiring: None,
             preferred: None,
-            history: History::new(replay_max),
-            last_response: None,
+            lineages: Lineages::new(replay_max),
             turns: Vec::new(),
             drains: Vec::new(),
             preempting: Vec::new(),
@@ -415,6 +415,7 @@ impl SessionActor {
             forwarded: 0,
             retried: false,
             replayed: false,
+            parent: None,
             bound_account: None,
             last_upstream: accepted,
             cancel_deadline: None,

@@ -5,11 +5,25 @@ use super::*;
 
 impl SessionActor {
     /// The continuation decision for the turn about to run on `conn` (docs/DESIGN.md#continuation).
+    /// The chain is the lineage the turn names when this session saw that response end, else
+    /// its lane's last response (a bare tool output continues it).
     pub(super) fn continuation(&self, turn: &Turn, conn: u64, not_found: bool) -> Decision {
+        let named = turn
+            .frame
+            .previous_response_id
+            .as_deref()
+            .and_then(|p| Some((p, self.lineages.conn_of(p)?)));
+        let continues = named.or_else(|| self.lineages.last_of(&turn.frame.stream_id));
+        let same_connection = continues.is_some_and(|(_, c)| c == conn);
+        // The history is built only when a replay may need it.
+        let history = match continues {
+            Some((id, _)) if !same_connection || not_found => self.lineages.history_of(id),
+            _ => History::default(),
+        };
         let chain = Chain {
-            last_response_id: self.last_response.as_ref().map(|(id, _)| id.as_str()),
-            same_connection: self.last_response.as_ref().is_some_and(|(_, c)| *c == conn),
-            history: &self.history,
+            last_response_id: continues.map(|(id, _)| id),
+            same_connection,
+            history: &history,
         };
         let frame = continuation::Turn {
             previous_response_id: turn.frame.previous_response_id.as_deref(),
@@ -73,6 +87,10 @@ impl SessionActor {
             }
             _ => {}
         }
+        turn.parent = match &decision {
+            Decision::Inject(id) => Some(id.clone()),
+            _ => turn.frame.previous_response_id.clone(),
+        };
         let raw = rewritten.unwrap_or_else(|| turn.frame.raw.clone());
         let now = Instant::now();
         lease.addr.do_send(SendText(ByteString::from(raw)));
@@ -82,9 +100,9 @@ impl SessionActor {
         debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
     }
 
-    /// A response that completed (or is incomplete) continues the chain: its id is the one a
-    /// next turn may name, its connection the one that holds it, and its input and output
-    /// join the history a replay would send.
+    /// A response that completed (or is incomplete) joins its lineage: its id is one a next
+    /// turn may name, its connection the one that holds it, its input and output what a replay
+    /// of its descendants sends.
     pub(super) fn remember_response(&mut self, index: i32, ending: &Ending) {
         use crate::protocol::events::TerminalKind::{Completed, Incomplete};
         let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) = (
@@ -94,12 +112,22 @@ impl SessionActor {
         ) else {
             return;
         };
-        let Some(id) = turn.tracker.response_id.clone() else {
+        let Some(id) = turn.tracker.response_id.as_deref() else {
             return;
         };
-        self.history
-            .record_turn(turn.frame.input.as_ref(), &turn.tracker.output);
-        self.last_response = Some((id, lease.conn));
+        // A successor continues the steered response; the relay sent nothing of it.
+        let parent = turn
+            .parent
+            .as_deref()
+            .or(turn.frame.previous_response_id.as_deref());
+        self.lineages.record(
+            &turn.frame.stream_id,
+            id,
+            parent,
+            lease.conn,
+            turn.frame.input.as_ref(),
+            &turn.tracker.output,
+        );
     }
 
     /// A completed `store:true` response is bound to its account before the client hears of it.

@@ -278,7 +278,7 @@ impl SessionActor {
     /// on the connection the steered response used.
     fn start_successor(&mut self, lane: LaneId, created: ByteString, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let last = self.last_response.as_ref().map(|(id, _)| id.clone());
+        let last = self.lineages.last_of(&lane).map(|(id, _)| id.to_string());
         let model = self.model.clone().unwrap_or_default();
         let state = self.steers.entry(lane.clone()).or_default();
         let template = state.template.clone().unwrap_or(Template {
