@@ -13,7 +13,9 @@
 //! `bench stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID]` — SESSIONS threads, each one
 //! WebSocket running TURNS turns back to back; prints one JSON line: events, seconds, events/s,
 //! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, and, with PID,
-//! that process's CPU seconds over the run (the relay's).
+//! that process's CPU seconds over the run (the relay's). With `BENCH_LANES=N` each turn is N
+//! creates at once on lanes `l0`…, read until all N have completed (the thread upstream plays
+//! the creates of named lanes side by side, each event tagged with its `stream_id`).
 //!
 //! `bench ttfe URL KEY N` — N fresh WebSockets one after another (each with its own `session-id`,
 //! so a relay cannot lend it an upstream socket dialled for another): time to first event of
@@ -131,11 +133,31 @@ fn play_turn(
     send("response.completed", done)
 }
 
+/// A server text frame (unmasked), for writers that share a socket with tungstenite's reader.
+fn text_frame(payload: &str) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = Vec::with_capacity(len + 10);
+    f.push(0x81);
+    if len < 126 {
+        f.push(len as u8);
+    } else if len < 65536 {
+        f.push(126);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(127);
+        f.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
 fn serve_conn(conn: TcpStream, conn_no: usize) {
     let mut method = [0u8; 4];
     if conn.peek(&mut method).is_ok_and(|n| n == 4) && &method == b"POST" {
         return serve_http(conn, conn_no);
     }
+    // Creates on named lanes are played side by side by threads writing whole frames here.
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(conn.try_clone().expect("clone")));
     let Ok(mut ws) = tungstenite::accept(conn) else {
         return;
     };
@@ -153,6 +175,18 @@ fn serve_conn(conn: TcpStream, conn_no: usize) {
         }
         turn += 1;
         let id = format!("resp_b{conn_no}x{turn}");
+        if let Some(at) = frame.find(r#""stream_id":""#) {
+            let lane: String = frame[at + 13..].chars().take_while(|c| *c != '"').collect();
+            let (frame, writer) = (frame.to_string(), writer.clone());
+            spawn(move || {
+                play_turn(&frame, &id, conn_no, |_, ev| {
+                    let ev = format!(r#"{},"stream_id":"{lane}"}}"#, &ev[..ev.len() - 1]);
+                    let mut w = writer.lock().expect("writer");
+                    w.write_all(&text_frame(&ev)).is_ok()
+                })
+            });
+            continue;
+        }
         if !play_turn(&frame, &id, conn_no, |_, ev| {
             ws.send(Message::text(ev)).is_ok()
         }) {
@@ -349,9 +383,22 @@ fn connect(
 }
 
 fn create(events: u64, gap_us: u64) -> Message {
+    create_on(None, events, gap_us)
+}
+
+fn create_on(lane: Option<&str>, events: u64, gap_us: u64) -> Message {
+    let lane = lane.map_or(String::new(), |l| format!(r#","stream_id":"{l}""#));
     Message::text(format!(
-        r#"{{"type":"response.create","model":"gpt-bench","store":false,"input":"bench","metadata":{{"bench":"events={events} gap_us={gap_us}"}}}}"#
+        r#"{{"type":"response.create","model":"gpt-bench","store":false,"input":"bench"{lane},"metadata":{{"bench":"events={events} gap_us={gap_us}"}}}}"#
     ))
+}
+
+/// Lanes per turn (`BENCH_LANES`, default 1: no `stream_id`).
+fn lanes() -> usize {
+    std::env::var("BENCH_LANES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// One turn: sends the request, reads to the terminal. Latencies (ns) of stamped events are
@@ -361,8 +408,20 @@ fn turn(
     msg: Message,
     lat: &mut Vec<u64>,
 ) -> Result<(u64, u64), String> {
+    turn_of(ws, vec![msg], lat)
+}
+
+/// `msgs` sent at once (creates on distinct lanes), read until each has completed.
+fn turn_of(
+    ws: &mut tungstenite::WebSocket<TcpStream>,
+    msgs: Vec<Message>,
+    lat: &mut Vec<u64>,
+) -> Result<(u64, u64), String> {
     let sent = now_ns();
-    ws.send(msg).map_err(|e| e.to_string())?;
+    let mut open = msgs.len();
+    for msg in msgs {
+        ws.send(msg).map_err(|e| e.to_string())?;
+    }
     let mut events = 0u64;
     let mut first = 0u64;
     loop {
@@ -388,7 +447,10 @@ fn turn(
             return Err(t.chars().take(200).collect());
         }
         if t.starts_with(r#"{"type":"response.completed""#) {
-            return Ok((events, first));
+            open -= 1;
+            if open == 0 {
+                return Ok((events, first));
+            }
         }
     }
 }
@@ -447,8 +509,16 @@ fn stream(
                 let mut ws = ws?;
                 let mut lat = Vec::with_capacity((turns * events) as usize);
                 let mut n = 0;
+                let lanes = lanes();
                 for _ in 0..turns {
-                    n += turn(&mut ws, create(events, gap_us), &mut lat)?.0;
+                    let msgs = if lanes == 1 {
+                        vec![create(events, gap_us)]
+                    } else {
+                        (0..lanes)
+                            .map(|l| create_on(Some(&format!("l{l}")), events, gap_us))
+                            .collect()
+                    };
+                    n += turn_of(&mut ws, msgs, &mut lat)?.0;
                 }
                 let _ = ws.close(None);
                 let _ = ws.flush();

@@ -44,6 +44,7 @@ labels = {
     "s100_50keps": "100 sessions, 50k events/s paced",
     "s1000_20keps": "1,000 sessions, 20k events/s paced",
     "s100_saturation": "100 sessions, unpaced (saturation)",
+    "s25x4lanes_50keps": "25 sessions × 4 lanes side by side, 50k events/s paced",
 }
 def median(xs):
     xs = sorted(xs)

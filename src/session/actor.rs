@@ -137,6 +137,41 @@ impl Delivery {
     }
 }
 
+/// The session's upstream connection (docs/DESIGN.md#overlap): the lease its lanes share, and
+/// what the session knows of it.
+#[derive(Default)]
+struct Upstream {
+    lease: Option<Lease>,
+    /// The held connection takes no new turn (a turn left it in an unknown state while other
+    /// lanes still use it); it is closed once they end.
+    spent: bool,
+    /// The lease being acquired: (its generation, its account). Turns leasing meanwhile wait
+    /// for it; a late result of an abandoned one is handed back.
+    acquiring: Option<(u64, String)>,
+    /// Bumps the generation of lease acquisitions.
+    generation: u64,
+    /// The connection of the last lease, preferred for the next one (affinity).
+    preferred: Option<u64>,
+    /// Lease timeouts in a row.
+    failures: u32,
+}
+
+/// The client socket: frames out (no actor in between), the decoder of what comes in, and the
+/// backpressure bookkeeping (docs/DESIGN.md#slow-clients).
+struct Client {
+    tx: ClientTx,
+    reader: ClientReader,
+    gone: bool,
+    /// Cut off for not reading (`client_too_slow`): nothing more is queued but the last frame.
+    cut_off: bool,
+    sent_bytes: u64,
+    acked_bytes: u64,
+    pinged_at: u64,
+    /// The largest frame sent and possibly unread: (its length, the byte mark that shows it
+    /// read).
+    largest_unread: (u64, u64),
+}
+
 pub struct SessionActor {
     id: String,
     deps: Arc<SessionDeps>,
@@ -147,15 +182,8 @@ pub struct SessionActor {
     headers: Vec<(String, String)>,
     turn_index: i32,
     model: Option<String>,
-    lease: Option<Lease>,
-    /// The held connection takes no new turn (a turn left it in an unknown state while other
-    /// lanes still use it); it is closed once they end.
-    lease_spent: bool,
-    /// The lease being acquired: (its generation, its account). Turns leasing meanwhile wait
-    /// for it; a late result of an abandoned one is handed back.
-    acquiring: Option<(u64, String)>,
-    /// The connection of the last lease, preferred for the next one (affinity).
-    preferred: Option<u64>,
+    /// The session's upstream connection, shared by its lanes.
+    up: Upstream,
     /// The session's responses as a tree of lineages (lanes fork each other), for replay when
     /// a chain's connection is gone (docs/DESIGN.md#continuation).
     lineages: Lineages,
@@ -163,30 +191,15 @@ pub struct SessionActor {
     turns: Vec<Turn>,
     /// Preempted turns still being drained for their usage.
     drains: Vec<Drain>,
-    /// `response.create`s that would preempt their lane's turn, being admitted (one per lane).
-    preempting: Vec<CreateFrame>,
     /// The session ends once its drains are done.
     stop_after_drains: bool,
-    /// Bumps the generation of lease acquisitions.
-    lease_generation: u64,
     /// Named lanes and the creates waiting for theirs (docs/DESIGN.md#overlap): each gets
     /// exactly one answer.
     lanes: Lanes,
-    lease_failures: u32,
     idle_since: Instant,
     opened_at: Instant,
-    sent_bytes: u64,
-    acked_bytes: u64,
-    pinged_at: u64,
-    /// The client socket: frames out (no actor in between), and the decoder of what comes in.
-    client: ClientTx,
-    reader: ClientReader,
-    client_gone: bool,
-    /// Cut off for not reading (`client_too_slow`): nothing more is queued but the last frame.
-    cut_off: bool,
-    /// The largest frame sent and possibly unread: (its length, the byte mark that shows it
-    /// read).
-    largest_unread: (u64, u64),
+    /// The client socket.
+    client: Client,
     /// Close the socket with this once no turn is in flight.
     close_when_idle: Option<(u16, &'static str)>,
     /// Mid-turn steering per lane: accepted steers, the successor the upstream will start.
@@ -217,28 +230,24 @@ impl SessionActor {
             headers,
             turn_index: 0,
             model: None,
-            lease: None,
-            lease_spent: false,
-            acquiring: None,
-            preferred: None,
+            up: Upstream::default(),
             lineages: Lineages::new(replay_max),
             turns: Vec::new(),
             drains: Vec::new(),
-            preempting: Vec::new(),
             stop_after_drains: false,
-            lease_generation: 0,
             lanes: Lanes::default(),
-            lease_failures: 0,
             idle_since: Instant::now(),
             opened_at: Instant::now(),
-            sent_bytes: 0,
-            acked_bytes: 0,
-            pinged_at: 0,
-            client,
-            reader,
-            client_gone: false,
-            cut_off: false,
-            largest_unread: (0, 0),
+            client: Client {
+                tx: client,
+                reader,
+                gone: false,
+                cut_off: false,
+                sent_bytes: 0,
+                acked_bytes: 0,
+                pinged_at: 0,
+                largest_unread: (0, 0),
+            },
             close_when_idle: None,
             steers: std::collections::HashMap::new(),
             unattributed_logged: false,
@@ -251,8 +260,8 @@ impl SessionActor {
     }
 
     fn out(&mut self, msg: Outbound) {
-        if !self.client_gone {
-            self.client.send(msg);
+        if !self.client.gone {
+            self.client.tx.send(msg);
         }
     }
 
@@ -335,7 +344,7 @@ impl SessionActor {
     /// whose lanes are free (docs/DESIGN.md#overlap).
     pub(super) fn pump(&mut self, ctx: &mut Context<Self>) {
         self.serve_leasing(ctx);
-        if self.client_gone || self.close_when_idle.is_some() {
+        if self.client.gone || self.close_when_idle.is_some() {
             return;
         }
         let states: Vec<(LaneId, LaneState)> = self
@@ -467,9 +476,9 @@ impl SessionActor {
             return;
         };
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
-        if let Some(lease) = &self.lease {
+        if let Some(lease) = &self.up.lease {
             if *lease.account == *account
-                && !self.lease_spent
+                && !self.up.spent
                 && lease.opened_at.elapsed() < max_age
                 && !lease.is_retired()
             {
@@ -480,21 +489,21 @@ impl SessionActor {
                 return;
             }
             // Another account, too old, spent, or retired by a pool restart: give it back.
-            let reusable = !self.lease_spent;
+            let reusable = !self.up.spent;
             self.release_lease(reusable);
         }
-        if self.acquiring.is_some() {
+        if self.up.acquiring.is_some() {
             return;
         }
         let Some(pool) = self.deps.pool_of(&account) else {
             return;
         };
-        self.lease_generation += 1;
-        let generation = self.lease_generation;
-        self.acquiring = Some((generation, account.clone()));
+        self.up.generation += 1;
+        let generation = self.up.generation;
+        self.up.acquiring = Some((generation, account.clone()));
         let acquire = pool.send(Acquire {
             headers: self.headers.clone(),
-            preferred: self.preferred,
+            preferred: self.up.preferred,
             lessee: ctx.address().recipient(),
             arbiter: Some(actix::Arbiter::current()),
             reclaim: Some(ctx.address().recipient()),
@@ -502,6 +511,7 @@ impl SessionActor {
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));
             let current = act
+                .up
                 .acquiring
                 .as_ref()
                 .is_some_and(|(g, _)| *g == generation);
@@ -509,20 +519,20 @@ impl SessionActor {
             if !current || !wanted {
                 // Abandoned meanwhile: hand a late lease straight back.
                 if current {
-                    act.acquiring = None;
+                    act.up.acquiring = None;
                 }
                 if let Ok(lease) = res {
                     act.release(&lease, true);
                 }
                 return;
             }
-            act.acquiring = None;
+            act.up.acquiring = None;
             match res {
                 Ok(lease) => {
-                    act.lease_failures = 0;
-                    act.preferred = Some(lease.conn);
-                    act.lease = Some(lease);
-                    act.lease_spent = false;
+                    act.up.failures = 0;
+                    act.up.preferred = Some(lease.conn);
+                    act.up.lease = Some(lease);
+                    act.up.spent = false;
                     act.serve_leasing(ctx);
                 }
                 Err(err) => act.lease_failed(&account, err, ctx),
@@ -551,7 +561,7 @@ impl SessionActor {
             .map(|t| t.index)
             .collect();
         if matches!(err, LeaseError::Timeout) {
-            self.lease_failures += 1;
+            self.up.failures += 1;
         } else if !matches!(err, LeaseError::DialFailed(_) | LeaseError::Cooling) {
             // The detail (upstream URL, host) is for the operator's log only.
             warn!(parent: &self.span, error = %err, "no upstream connection for the turn");
@@ -564,8 +574,7 @@ impl SessionActor {
                         ErrorCode::UpstreamUnavailable,
                         "no upstream connection became free in time; retry",
                     );
-                    let close = (self.lease_failures
-                        >= self.deps.settings.session.max_lease_failures)
+                    let close = (self.up.failures >= self.deps.settings.session.max_lease_failures)
                         .then_some((close::TRY_AGAIN_LATER, "upstream_unavailable"));
                     self.finish(
                         index,
@@ -639,7 +648,7 @@ impl SessionActor {
                 if code.as_deref() == Some("previous_response_not_found")
                     && nothing_forwarded
                     && !replayed
-                    && let Some(lease) = self.lease.as_ref()
+                    && let Some(lease) = self.up.lease.as_ref()
                     && let Some(turn) = self.at(index)
                     && let decision @ Decision::Replay { .. } =
                         self.continuation(turn, lease.conn, true)
@@ -672,7 +681,7 @@ impl SessionActor {
 
     /// The connection is in an unknown state: it is closed, and every turn on it lost.
     fn drop_connection(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
-        if let Some(lease) = &self.lease {
+        if let Some(lease) = &self.up.lease {
             lease.addr.do_send(crate::upstream::messages::CloseConn);
         }
         self.release_lease(false);
@@ -683,8 +692,8 @@ impl SessionActor {
     /// forwarded yet) or ends with the error; responses drained on it end with what was seen.
     fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
         // The pool has evicted it already.
-        self.lease = None;
-        self.lease_spent = false;
+        self.up.lease = None;
+        self.up.spent = false;
         while let Some(i) = self.drains.iter().position(|d| d.lease.is_none()) {
             self.end_drain(i, false, ctx);
         }
@@ -699,7 +708,7 @@ impl SessionActor {
     }
 
     fn lose_turn(&mut self, index: i32, reason: &LostReason, ctx: &mut Context<Self>) {
-        let client_gone = self.client_gone;
+        let client_gone = self.client.gone;
         let Some(turn) = self.at_mut(index) else {
             return;
         };
@@ -713,7 +722,7 @@ impl SessionActor {
             info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
             turn.retried = true;
             turn.phase = Phase::Leasing;
-            self.preferred = None;
+            self.up.preferred = None;
             return self.lease_and_send(index, ctx);
         }
         let (code, message) = match reason {
@@ -740,14 +749,14 @@ impl SessionActor {
     // ---- leases ------------------------------------------------------------------------------
 
     fn release_lease(&mut self, reusable: bool) {
-        if let Some(lease) = self.lease.take() {
+        if let Some(lease) = self.up.lease.take() {
             self.release(&lease, reusable);
         }
     }
 
     /// Tells the pool whether the held connection is between turns (reclaimable) or in use.
     fn park(&self, parked: bool) {
-        if let Some(lease) = &self.lease
+        if let Some(lease) = &self.up.lease
             && let Some(pool) = self.deps.pool_of(&lease.account)
         {
             pool.do_send(Parked {
@@ -812,7 +821,7 @@ impl SessionActor {
         let index = turn.index;
         match turn.phase {
             Phase::Streaming => {
-                if let Some(lease) = &self.lease {
+                if let Some(lease) = &self.up.lease {
                     lease.addr.do_send(SendText(text));
                 }
                 turn.cancel_deadline.get_or_insert(Instant::now() + grace);
@@ -836,7 +845,7 @@ impl SessionActor {
             return self.on_steer(text, ctx);
         }
         let streaming = self.turns.iter().any(|t| t.phase == Phase::Streaming);
-        match &self.lease {
+        match &self.up.lease {
             Some(lease) if streaming => lease.addr.do_send(SendText(text)),
             _ => {
                 let e = Self::error_event(
@@ -849,10 +858,10 @@ impl SessionActor {
     }
 
     fn on_client_gone(&mut self, ctx: &mut Context<Self>) {
-        if self.client_gone {
+        if self.client.gone {
             return;
         }
-        self.client_gone = true;
+        self.client.gone = true;
         let drain = Duration::from_millis(self.deps.settings.session.drain_ms);
         if self.turns.is_empty() {
             return self.stop_when_drained(ctx);
@@ -937,7 +946,7 @@ impl SessionActor {
             return;
         }
         let idle = now.duration_since(self.idle_since);
-        if self.lease.is_some()
+        if self.up.lease.is_some()
             && !self.lease_in_use(None)
             && idle >= Duration::from_millis(s.session.lease_idle_ms)
         {
@@ -954,8 +963,8 @@ impl SessionActor {
         if self.lease_in_use(None) || self.turns.iter().any(|t| t.phase != Phase::Finishing) {
             return;
         }
-        if self.lease_spent {
-            self.lease_spent = false;
+        if self.up.spent {
+            self.up.spent = false;
             self.release_lease(false);
         } else {
             self.park(true);
@@ -1056,7 +1065,7 @@ impl Actor for SessionActor {
             let unused = lane.take_reserved();
             gate::release_reservations(&self.deps, unused);
         }
-        let clean = self.turns.is_empty() && !self.lease_spent;
+        let clean = self.turns.is_empty() && !self.up.spent;
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).
         for d in std::mem::take(&mut self.drains) {
@@ -1083,13 +1092,13 @@ impl StreamHandler<Result<actix_web::web::Bytes, actix_web::error::PayloadError>
             return self.on_client(ClientInput::Gone, ctx);
         };
         let mut steps = Vec::new();
-        self.reader.feed(&chunk, |step| steps.push(step));
+        self.client.reader.feed(&chunk, |step| steps.push(step));
         for step in steps {
             match step {
                 Read::Input(input) => self.on_client(input, ctx),
-                Read::Ping(p) => self.client.pong(p),
+                Read::Ping(p) => self.client.tx.pong(p),
                 Read::Close(reason) => {
-                    self.client.echo_close(reason);
+                    self.client.tx.echo_close(reason);
                     self.on_client(ClientInput::Gone, ctx);
                 }
             }
@@ -1114,7 +1123,7 @@ impl SessionActor {
             ),
             ClientInput::Pong(p) => {
                 if let Ok(mark) = <[u8; 8]>::try_from(p.as_ref()) {
-                    self.acked_bytes = self.acked_bytes.max(u64::from_be_bytes(mark));
+                    self.client.acked_bytes = self.client.acked_bytes.max(u64::from_be_bytes(mark));
                 }
             }
             ClientInput::InvalidUtf8 => self.refuse_frame(
@@ -1140,7 +1149,7 @@ impl Handler<UpstreamEvent> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: UpstreamEvent, ctx: &mut Self::Context) {
-        let current = self.lease.as_ref().map(|l| l.conn);
+        let current = self.up.lease.as_ref().map(|l| l.conn);
         match msg {
             UpstreamEvent::Text { conn, text } if Some(conn) == current => {
                 self.on_upstream_text(text, ctx)
@@ -1214,7 +1223,7 @@ impl Handler<Reclaim> for SessionActor {
     /// The pool needs the connection this session holds between turns (docs/DESIGN.md#idle-reclaim). Given back
     /// only when no turn is in flight; the next turn continues its chain through §4.6.
     fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) -> bool {
-        let holds = self.lease.as_ref().is_some_and(|l| l.conn == msg.conn);
+        let holds = self.up.lease.as_ref().is_some_and(|l| l.conn == msg.conn);
         // A successor the upstream is about to start needs this connection too.
         if !holds || !self.turns.is_empty() || self.lease_in_use(None) {
             return false;
@@ -1244,7 +1253,7 @@ impl Handler<Describe> for SessionActor {
             id: self.id.clone(),
             key_prefix: self.principal.key_prefix.clone(),
             user: self.principal.user_name.clone(),
-            account: self.lease.as_ref().map(|l| l.account.to_string()),
+            account: self.up.lease.as_ref().map(|l| l.account.to_string()),
             turns: self.turn_index,
             state,
             age_s: self.opened_at.elapsed().as_secs(),

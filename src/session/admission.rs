@@ -47,6 +47,18 @@ impl KeySlot {
             _fleet: fleet,
         }
     }
+
+    /// Gives `slot` back (if held); resolves once the fleet's count has it too, so a client
+    /// told its turn ended is never refused its next one for the slot of the turn it just
+    /// finished.
+    pub fn release(slot: Option<Self>) -> impl Future<Output = ()> + 'static {
+        let fleet = slot.and_then(|s| s._fleet);
+        async move {
+            if let Some(fleet) = fleet {
+                fleet.release().await;
+            }
+        }
+    }
 }
 
 /// Holds an account turn slot.

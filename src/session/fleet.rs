@@ -137,8 +137,23 @@ impl Fleet {
     }
 }
 
+impl FleetSlot {
+    /// Gives the slot back now; resolves once the database has it (or could not be reached:
+    /// the row then expires).
+    pub fn release(mut self) -> impl Future<Output = ()> + 'static {
+        let (db, id) = (self.fleet.db.clone(), std::mem::take(&mut self.id));
+        async move {
+            let _ = fleet::release(&db, &id).await;
+        }
+    }
+}
+
 impl Drop for FleetSlot {
     fn drop(&mut self) {
+        if self.id.is_empty() {
+            // Released already.
+            return;
+        }
         let (db, id) = (self.fleet.db.clone(), std::mem::take(&mut self.id));
         // Outside a runtime (a test, the very end of a process) the row simply expires.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

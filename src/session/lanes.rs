@@ -53,6 +53,19 @@ pub struct Lanes {
     named: HashSet<String>,
     /// Creates waiting, in arrival order across lanes (FIFO within each lane).
     waiting: VecDeque<Waiting>,
+    /// `preempt` mode: creates being admitted before they end their lane's turn (one per
+    /// lane: the latest wins while the check runs).
+    checking: Vec<CreateFrame>,
+}
+
+/// A create that would preempt its lane's turn, held while it is admitted.
+#[derive(Debug, PartialEq)]
+pub enum Check {
+    /// Its admission starts.
+    Start,
+    /// A check of its lane runs already: it now decides for this create; the older one is
+    /// superseded (answered, never started).
+    Supersedes(Box<CreateFrame>),
 }
 
 impl Lanes {
@@ -154,9 +167,37 @@ impl Lanes {
         theirs
     }
 
-    /// Takes every create waiting (the session ends: each is answered).
-    pub fn take_all(&mut self) -> Vec<Waiting> {
-        std::mem::take(&mut self.waiting).into()
+    /// Holds a create whose preemption is being admitted.
+    pub fn check(&mut self, frame: CreateFrame) -> Check {
+        match self
+            .checking
+            .iter_mut()
+            .find(|f| f.stream_id == frame.stream_id)
+        {
+            Some(pending) => Check::Supersedes(Box::new(std::mem::replace(pending, frame))),
+            None => {
+                self.checking.push(frame);
+                Check::Start
+            }
+        }
+    }
+
+    /// The create of `lane` whose admission just ended.
+    pub fn checked(&mut self, lane: &LaneId) -> Option<CreateFrame> {
+        let at = self.checking.iter().position(|f| &f.stream_id == lane)?;
+        Some(self.checking.remove(at))
+    }
+
+    /// Takes every create waiting or being checked (the session ends: each is answered).
+    pub fn take_all(&mut self) -> Vec<CreateFrame> {
+        std::mem::take(&mut self.checking)
+            .into_iter()
+            .chain(
+                std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .map(|w| w.frame),
+            )
+            .collect()
     }
 
     pub fn waiting(&self) -> usize {
@@ -317,6 +358,15 @@ mod tests {
         let superseded = l.take_lane(&Some("a".into()));
         assert_eq!(superseded.len(), 1);
         assert_eq!(l.waiting(), 1);
-        assert_eq!(l.take_all().len(), 1);
+        // While a preemption is admitted, a newer create of its lane supersedes it.
+        assert_eq!(l.check(create(Some("a"), 7)), Check::Start);
+        assert_eq!(l.check(create(Some("b"), 8)), Check::Start);
+        assert_eq!(
+            l.check(create(Some("a"), 9)),
+            Check::Supersedes(Box::new(create(Some("a"), 7)))
+        );
+        assert_eq!(l.checked(&Some("a".into())), Some(create(Some("a"), 9)));
+        assert_eq!(l.checked(&Some("a".into())), None);
+        assert_eq!(l.take_all().len(), 2, "b's check and c's wait");
     }
 }

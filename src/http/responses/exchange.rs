@@ -653,8 +653,9 @@ impl Exchange {
             .map(|s| s.account.clone())
             .or_else(|| self.tried.last().cloned())
             .unwrap_or_default();
-        // Slots are free as soon as the turn is over.
-        self.key_slot = None;
+        // Slots are free as soon as the turn is over; the client hears the end once the
+        // fleet's count has the key's slot back.
+        let released = KeySlot::release(self.key_slot.take());
         self.account = None;
         let outcome = self.tracker.finish(ending, Instant::now());
         let who = gate::TurnIdentity {
@@ -681,8 +682,8 @@ impl Exchange {
         );
         let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
         let durable = gate::make_durable(&self.deps, record, wait);
-        let (durable, (), ()) =
-            futures_util::future::join3(durable, bind, read_rest(self.rest.take())).await;
+        let (durable, (), (), ()) =
+            futures_util::future::join4(durable, bind, read_rest(self.rest.take()), released).await;
         let last = if durable {
             last
         } else {

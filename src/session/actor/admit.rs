@@ -8,6 +8,7 @@ use crate::db::queries::reservations::NewReservation;
 use crate::session::admission::{KeySlot, SlotGuard};
 use crate::session::fleet::{SlotKind, Taken};
 use crate::session::gate;
+use crate::session::lanes::Check;
 
 /// Standing reads are failing (process-wide): the state is logged when it changes only.
 static STANDING_READS_FAILING: AtomicBool = AtomicBool::new(false);
@@ -18,9 +19,9 @@ impl SessionActor {
     /// starts. The latest frame of a lane wins while the check runs.
     pub(super) fn admit_then_preempt(&mut self, frame: CreateFrame, ctx: &mut Context<Self>) {
         let lane = frame.stream_id.clone();
-        // A frame of the lane still being checked is superseded: it is answered, never started.
-        if let Some(pending) = self.preempting.iter_mut().find(|f| f.stream_id == lane) {
-            let older = std::mem::replace(pending, frame);
+        if let Check::Supersedes(older) = self.lanes.check(frame) {
+            // The check running for its lane decides for the newer frame; this one is
+            // answered, never started.
             let e = Self::frame_error(
                 &older,
                 ErrorCode::ResponsePreempted,
@@ -29,15 +30,13 @@ impl SessionActor {
             self.send(e, ctx);
             return;
         }
-        self.preempting.push(frame);
         ctx.spawn(
             self.read_standing()
                 .into_actor(self)
                 .map(move |res, act, ctx| {
-                    let Some(pos) = act.preempting.iter().position(|f| f.stream_id == lane) else {
+                    let Some(frame) = act.lanes.checked(&lane) else {
                         return;
                     };
-                    let frame = act.preempting.remove(pos);
                     if let Some((code, message)) = act.refusal(res) {
                         let e = Self::frame_error(&frame, code, &message);
                         return act.send(e, ctx);
@@ -289,7 +288,7 @@ impl SessionActor {
     pub(super) fn account_candidates(&self, index: Option<i32>) -> Vec<(String, usize)> {
         let turn = index.and_then(|i| self.at(i));
         let affinity = turn.and_then(|t| t.affinity.as_ref());
-        let held = self.lease.as_ref().map(|l| l.account.to_string());
+        let held = self.up.lease.as_ref().map(|l| l.account.to_string());
         let route = gate::Route {
             tried: turn.map_or(&[], |t| &t.tried),
             bound: turn.and_then(|t| t.bound_account.as_deref()),
@@ -327,7 +326,7 @@ impl SessionActor {
         code: &str,
         ctx: &mut Context<Self>,
     ) -> bool {
-        let Some(account) = self.lease.as_ref().map(|l| l.account.to_string()) else {
+        let Some(account) = self.up.lease.as_ref().map(|l| l.account.to_string()) else {
             return false;
         };
         let others = self

@@ -41,7 +41,7 @@ impl SessionActor {
     /// the last response id injected, replayed (once) without the lost id, or not at all
     /// (`continuation_unavailable`).
     pub(super) fn send_upstream(&mut self, index: i32, ctx: &mut Context<Self>) {
-        let (Some(turn), Some(lease)) = (self.at(index), self.lease.as_ref()) else {
+        let (Some(turn), Some(lease)) = (self.at(index), self.up.lease.as_ref()) else {
             return;
         };
         let decision = self.continuation(turn, lease.conn, false);
@@ -57,7 +57,7 @@ impl SessionActor {
         let Some(turn) = self.turns.iter_mut().find(|t| t.index == index) else {
             return;
         };
-        let Some(lease) = self.lease.as_ref() else {
+        let Some(lease) = self.up.lease.as_ref() else {
             return;
         };
         let decision = match decision {
@@ -108,7 +108,7 @@ impl SessionActor {
         let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) = (
             ending,
             self.turns.iter().find(|t| t.index == index),
-            self.lease.as_ref(),
+            self.up.lease.as_ref(),
         ) else {
             return;
         };

@@ -13,7 +13,11 @@ impl SessionActor {
         let Some(pos) = self.turns.iter().position(|t| t.index == index) else {
             return;
         };
-        let Some((conn, account)) = self.lease.as_ref().map(|l| (l.conn, l.account.to_string()))
+        let Some((conn, account)) = self
+            .up
+            .lease
+            .as_ref()
+            .map(|l| (l.conn, l.account.to_string()))
         else {
             return;
         };
@@ -30,10 +34,10 @@ impl SessionActor {
         if let Some(lane) = &turn.frame.stream_id {
             cancel["stream_id"] = json!(lane);
         }
-        if let Some(lease) = &self.lease {
+        if let Some(lease) = &self.up.lease {
             lease.addr.do_send(SendText(cancel.to_string().into()));
         }
-        let lease = if shared { None } else { self.lease.take() };
+        let lease = if shared { None } else { self.up.lease.take() };
         debug!(parent: &turn.span, conn, shared, "preempted; draining the old response in the background");
         let now = Instant::now();
         self.drains.push(Drain {
@@ -87,9 +91,9 @@ impl SessionActor {
     /// preempted turn is recorded with what the drain saw.
     pub(super) fn end_drain(&mut self, i: usize, clean: bool, ctx: &mut Context<Self>) {
         let d = self.drains.swap_remove(i);
-        if d.lease.is_none() && !clean && self.lease.as_ref().is_some_and(|l| l.conn == d.conn) {
+        if d.lease.is_none() && !clean && self.up.lease.as_ref().is_some_and(|l| l.conn == d.conn) {
             // Its response may still run on the shared connection: no new turn goes there.
-            self.lease_spent = true;
+            self.up.spent = true;
         }
         self.settle_lease();
         let record = self.close_drain(&d, clean);

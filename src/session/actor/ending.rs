@@ -1,6 +1,7 @@
 //! The end of a turn: its usage record, made durable before the client hears the end (docs/DESIGN.md#nothing-lost).
 
 use super::*;
+use crate::session::admission::KeySlot;
 use crate::session::gate;
 
 impl SessionActor {
@@ -54,7 +55,7 @@ impl SessionActor {
         let streaming = turn.phase == Phase::Streaming;
         turn.phase = Phase::Finishing;
         // The account that served the turn, else the one it was refused on or last tried.
-        let held = self.lease.as_ref().map(|l| l.account.to_string());
+        let held = self.up.lease.as_ref().map(|l| l.account.to_string());
         let account = streaming
             .then(|| held.clone())
             .flatten()
@@ -62,8 +63,9 @@ impl SessionActor {
             .or_else(|| turn.tried.last().cloned())
             .or(held)
             .unwrap_or_default();
-        // Slots are free as soon as the turn is over, whatever happens next.
-        turn.key_slot = None;
+        // Slots are free as soon as the turn is over, whatever happens next; the client hears
+        // the end once the fleet's count has the key's slot back.
+        let released = KeySlot::release(turn.key_slot.take());
         turn.account_slot = None;
         // A refusal because accounting is down does not wait for accounting.
         let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable);
@@ -85,14 +87,14 @@ impl SessionActor {
         if streaming && !delivery.reusable {
             if self.lease_in_use(Some(index)) {
                 // Other lanes still read it: no new turn on it, closed once they end.
-                self.lease_spent = true;
+                self.up.spent = true;
             } else {
                 self.release_lease(false);
             }
         }
         let bind = self.bind_stored(&record, store);
         let durable = self.record(record, wait);
-        let durable = async move { futures_util::future::join(durable, bind).await.0 };
+        let durable = async move { futures_util::future::join3(durable, bind, released).await.0 };
         // `wait`: nothing else happens in this session until the record is safe, so the
         // turn's last frame precedes everything after it.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
@@ -119,7 +121,7 @@ impl SessionActor {
                 if let Some((code, reason)) = act.close_when_idle {
                     return act.close(code, reason, ctx);
                 }
-                if act.client_gone {
+                if act.client.gone {
                     return act.stop_when_drained(ctx);
                 }
             }

@@ -11,40 +11,43 @@ impl SessionActor {
     /// off before this frame is queued once the rest of what it left unread is over the limit —
     /// what one connection holds queued never exceeds the limit plus its largest frame.
     pub(super) fn send(&mut self, text: impl Into<ByteString>, ctx: &mut Context<Self>) {
-        if self.client_gone {
+        if self.client.gone {
             return;
         }
         let text: ByteString = text.into();
-        if self.cut_off {
+        if self.client.cut_off {
             // Only the cut-off's own last frame, right before the close.
             return self.out(Outbound::Text(text));
         }
-        if self.acked_bytes >= self.largest_unread.1 {
-            self.largest_unread = (0, 0);
+        if self.client.acked_bytes >= self.client.largest_unread.1 {
+            self.client.largest_unread = (0, 0);
         }
-        let unread = self.sent_bytes.saturating_sub(self.acked_bytes);
-        let beyond_largest = unread.saturating_sub(self.largest_unread.0);
+        let unread = self
+            .client
+            .sent_bytes
+            .saturating_sub(self.client.acked_bytes);
+        let beyond_largest = unread.saturating_sub(self.client.largest_unread.0);
         if crate::num::len(beyond_largest) > self.deps.settings.limits.client_send_buffer_bytes {
             return self.too_slow(unread, ctx);
         }
         let len = crate::num::count(text.len());
-        self.sent_bytes += len;
-        if len >= self.largest_unread.0 {
-            self.largest_unread = (len, self.sent_bytes);
+        self.client.sent_bytes += len;
+        if len >= self.client.largest_unread.0 {
+            self.client.largest_unread = (len, self.client.sent_bytes);
         }
         self.out(Outbound::Text(text));
-        if self.sent_bytes - self.pinged_at >= PING_EVERY_BYTES {
+        if self.client.sent_bytes - self.client.pinged_at >= PING_EVERY_BYTES {
             // The pong comes back only after the client has read everything before the ping.
-            self.pinged_at = self.sent_bytes;
+            self.client.pinged_at = self.client.sent_bytes;
             self.out(Outbound::Ping(actix_web::web::Bytes::copy_from_slice(
-                &self.sent_bytes.to_be_bytes(),
+                &self.client.sent_bytes.to_be_bytes(),
             )));
         }
     }
 
     /// The client does not read: `client_too_slow`, close 1008 (a turn in flight ends first).
     pub(super) fn too_slow(&mut self, unread: u64, ctx: &mut Context<Self>) {
-        self.cut_off = true;
+        self.client.cut_off = true;
         warn!(parent: &self.span, unread, "client not reading: cut off (client_too_slow)");
         let e = Self::error_event(
             ErrorCode::ClientTooSlow,
@@ -101,10 +104,7 @@ impl SessionActor {
     /// Answers every create still waiting with `code` (they will not run).
     pub(super) fn answer_waiting(&mut self, code: ErrorCode, ctx: &mut Context<Self>) {
         let message = "the session is closing before this response.create could start";
-        let waiting = std::mem::take(&mut self.preempting)
-            .into_iter()
-            .chain(self.lanes.take_all().into_iter().map(|w| w.frame));
-        for frame in waiting.collect::<Vec<_>>() {
+        for frame in self.lanes.take_all() {
             let e = Self::frame_error(&frame, code, message);
             self.send(e, ctx);
         }

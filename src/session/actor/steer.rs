@@ -209,7 +209,7 @@ impl SessionActor {
 
     /// A response is running on `lane` on a held connection.
     fn steerable(&self, lane: &LaneId) -> bool {
-        self.lease.is_some()
+        self.up.lease.is_some()
             && self
                 .turns
                 .iter()
@@ -236,7 +236,7 @@ impl SessionActor {
             );
             return self.send(e, ctx);
         }
-        if let Some(lease) = &self.lease {
+        if let Some(lease) = &self.up.lease {
             lease.addr.do_send(SendText(text));
         }
         let state = self.steers.entry(lane).or_default();
@@ -258,7 +258,7 @@ impl SessionActor {
     ) {
         let kind = classify(&text);
         let idle_lane = !self.turns.iter().any(|t| t.frame.stream_id == lane);
-        if idle_lane && self.lease.is_some() && kind == EventKind::Created {
+        if idle_lane && self.up.lease.is_some() && kind == EventKind::Created {
             return self.start_successor(lane, text, ctx);
         }
         if kind == EventKind::Invalid {
