@@ -51,8 +51,8 @@ fn lanes_complete(c: &mut Client, n: usize, directive: &str) -> Vec<Value> {
     ends
 }
 
-/// A relay with `session.on_overlap` set by `env`.
-fn in_mode(env: &[(&str, &str)]) -> Stack {
+/// A relay with the settings of `env`.
+fn with_env(env: &[(&str, &str)]) -> Stack {
     Stack::start(
         TestDb::sqlite(),
         StackOptions {
@@ -175,7 +175,7 @@ fn every_create_is_answered_in_every_mode() {
         ),
     ] {
         let env = [("TURNPIKE_SESSION__ON_OVERLAP", mode)];
-        let s = in_mode(&env);
+        let s = with_env(&env);
         let mut c = s.client();
         for i in 0..200 {
             let lane = format!("l{}", i % 3);
@@ -554,7 +554,7 @@ fn a_seventeenth_lane_waits_its_turn() {
 fn preempt_and_reject_act_per_lane() {
     for mode in ["preempt", "reject"] {
         let env = [("TURNPIKE_SESSION__ON_OVERLAP", mode)];
-        let s = in_mode(&env);
+        let s = with_env(&env);
         let mut c = s.client();
         c.send(&create(Some("a"), "deltas=40 delta_delay_ms=20"));
         c.send(&create(Some("b"), "deltas=20 delta_delay_ms=20"));
@@ -602,4 +602,60 @@ fn preempt_and_reject_act_per_lane() {
         assert_eq!(rows.len() as u64, responses, "{mode}: {rows:?}");
         s.finish();
     }
+}
+
+/// One lane's response stalls while another lane is answered on the same connection: the stalled
+/// turn alone ends (`upstream_connection_lost`, after `upstream.read_timeout_ms`); the other
+/// lane completes on the connection it was using.
+#[test]
+fn a_stalled_lane_ends_alone() {
+    let env = [("TURNPIKE_UPSTREAM__READ_TIMEOUT_MS", "600")];
+    let s = with_env(&env);
+    let mut c = s.client();
+    c.send(&create(Some("stuck"), "stall after=3"));
+    c.send(&create(Some("busy"), "deltas=40 delta_delay_ms=50"));
+    let (_, ends) = answers(&mut c, 2);
+    let by_lane = |lane: &str| {
+        ends.iter()
+            .find(|e| e["stream_id"] == lane)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        by_lane("stuck")["error"]["code"],
+        "upstream_connection_lost",
+        "{ends:?}"
+    );
+    assert_eq!(by_lane("busy")["type"], "response.completed", "{ends:?}");
+    assert_eq!(
+        s.sim_stats()["accepted"],
+        1,
+        "the busy lane was never moved"
+    );
+    assert_eq!(s.rows(2).len(), 2);
+    s.finish();
+}
+
+/// The upstream sends an error of no lane while only named lanes run: it concerns the
+/// connection, so every turn on it ends at once (nothing waits for a timeout) and each is
+/// recorded.
+#[test]
+fn an_error_of_no_lane_ends_the_turns_on_the_connection() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    c.send(&create(
+        Some("a"),
+        "first_delay_ms=400 connection_error=server_error after=3",
+    ));
+    c.send(&create(Some("b"), "deltas=100 delta_delay_ms=50"));
+    let (_, ends) = answers(&mut c, 2);
+    for lane in ["a", "b"] {
+        let end = ends.iter().find(|e| e["stream_id"] == lane).unwrap();
+        assert_eq!(
+            end["error"]["code"], "upstream_connection_lost",
+            "{lane}: {ends:?}"
+        );
+    }
+    assert_eq!(s.rows(2).len(), 2);
+    s.finish();
 }

@@ -154,6 +154,9 @@ struct Upstream {
     preferred: Option<u64>,
     /// Lease timeouts in a row.
     failures: u32,
+    /// When the connection last sent anything (a lane's silence is the lane's, while others
+    /// are answered).
+    heard_at: Option<Instant>,
 }
 
 /// The client socket: frames out (no actor in between), the decoder of what comes in, and the
@@ -533,6 +536,7 @@ impl SessionActor {
                     act.up.preferred = Some(lease.conn);
                     act.up.lease = Some(lease);
                     act.up.spent = false;
+                    act.up.heard_at = None;
                     act.serve_leasing(ctx);
                 }
                 Err(err) => act.lease_failed(&account, err, ctx),
@@ -608,6 +612,8 @@ impl SessionActor {
 
     /// An upstream event on the session's connection: to the turn of its lane (docs/DESIGN.md#overlap).
     fn on_upstream_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.up.heard_at = Some(now);
         let lane = stream_id_of(&text);
         // A preempted response drained on this connection takes its lane's events until its end.
         if let Some(d) = self
@@ -625,7 +631,6 @@ impl SessionActor {
             let lane = lane.map(str::to_string);
             return self.on_unattributed(lane, text, ctx);
         };
-        let now = Instant::now();
         let turn = &mut self.turns[i];
         let index = turn.index;
         turn.last_upstream = now;
@@ -694,6 +699,7 @@ impl SessionActor {
         // The pool has evicted it already.
         self.up.lease = None;
         self.up.spent = false;
+        self.up.heard_at = None;
         while let Some(i) = self.drains.iter().position(|d| d.lease.is_none()) {
             self.end_drain(i, false, ctx);
         }
@@ -897,6 +903,7 @@ impl SessionActor {
         }
         let mut stalled = None;
         let mut due = Vec::new();
+        let mut stuck = Vec::new();
         for turn in self.turns.iter().filter(|t| t.phase == Phase::Streaming) {
             if turn.drain_deadline.is_some_and(|d| now >= d) {
                 due.push((turn.index, None));
@@ -913,12 +920,25 @@ impl SessionActor {
                 continue;
             }
             let silent = now.duration_since(turn.last_upstream);
-            if turn.tracker.events == 0 && silent >= first_event_timeout {
+            let (limit, why) = if turn.tracker.events == 0 {
                 // The request went out and nothing came back: the upstream may have gone
                 // silent (a graceful restart keeps its old sockets open and mute).
-                stalled = Some("no first event");
-            } else if silent >= read_timeout {
-                stalled = Some("read timeout");
+                (first_event_timeout, "no first event")
+            } else {
+                (read_timeout, "read timeout")
+            };
+            if silent < limit {
+                continue;
+            }
+            let heard = self
+                .up
+                .heard_at
+                .is_some_and(|at| now.duration_since(at) < limit);
+            if heard && self.lease_in_use(Some(turn.index)) {
+                // Other lanes are answered on this connection: this response alone stalls.
+                stuck.push(turn.index);
+            } else {
+                stalled = Some(why);
             }
         }
         for (index, cancelled) in due {
@@ -927,6 +947,21 @@ impl SessionActor {
                 None => Ending::ClientGone,
             };
             self.finish(index, ending, Delivery::spent(cancelled), ctx);
+        }
+        for index in stuck {
+            let code = ErrorCode::UpstreamConnectionLost;
+            let e = self.turn_error(
+                index,
+                code,
+                "the upstream stopped answering this response; retry this turn",
+            );
+            ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
+            self.finish(
+                index,
+                Ending::UpstreamLost(code),
+                Delivery::spent(Some(e)),
+                ctx,
+            );
         }
         if let Some(why) = stalled {
             return self.drop_connection(LostReason::Error(why.into()), ctx);

@@ -384,6 +384,11 @@ fn fault_steps(fault: &Fault, seq: usize) -> Vec<Step> {
             e["sequence_number"] = json!(seq);
             vec![Step::Event(e)]
         }
+        Fault::ConnectionError(code) => {
+            let e = wrapped_error(0, Some(code), &format!("Simulated error {code}."), None);
+            // Raw text: events are tagged with their lane, this one belongs to none.
+            vec![Step::Text(e.to_string()), Step::Stall]
+        }
         Fault::Close(code) => vec![Step::Close(*code)],
         Fault::Drop => vec![Step::Drop],
         Fault::Stall => vec![Step::Stall],

@@ -13,6 +13,9 @@ use std::time::Duration;
 pub enum Fault {
     /// A wrapped `error` event with this code and status; ends the response.
     Error { code: String, status: u16 },
+    /// A wrapped `error` event of no lane (no `stream_id`, whatever the response's lane): an
+    /// error of the connection; nothing more of the response follows.
+    ConnectionError(String),
     /// A WebSocket close frame with this code; ends the connection.
     Close(u16),
     /// The TCP connection dropped without a close frame.
@@ -190,6 +193,9 @@ impl Script {
                         status: 0,
                     },
                 )?,
+                "connection_error" => {
+                    set_fault(&mut s, Fault::ConnectionError(need()?.to_string()))?
+                }
                 "status" => {
                     let v = num(need()?)?;
                     if !(100..=599).contains(&v) {

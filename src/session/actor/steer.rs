@@ -267,6 +267,17 @@ impl SessionActor {
                 ctx,
             );
         }
+        if kind == EventKind::Error && lane.is_none() {
+            // An error of no lane while only named lanes run concerns the connection: every
+            // turn on it ends (each retried once when nothing of it was forwarded).
+            let (code, _) = upstream_error_code(&text);
+            let code = code.unwrap_or_else(|| "error".into());
+            warn!(parent: &self.span, code = %code, "upstream error outside any lane; the connection goes");
+            return self.drop_connection(
+                LostReason::Error(format!("upstream error outside any lane: {code}")),
+                ctx,
+            );
+        }
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => "unattributed_frame").increment(1);
         if !self.unattributed_logged {
             self.unattributed_logged = true;
