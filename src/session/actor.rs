@@ -45,6 +45,7 @@ use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 use super::gate::{self, ACCOUNTING_UNAVAILABLE};
 use super::lanes::{Arrival, LaneId, LaneState, Lanes, MAX_NAMED_LANES};
+use super::lifecycle;
 use crate::protocol::events::stream_id_of;
 
 /// Bytes sent between two backpressure pings.
@@ -480,20 +481,21 @@ impl SessionActor {
         };
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
         if let Some(lease) = &self.up.lease {
-            if *lease.account == *account
-                && !self.up.spent
-                && lease.opened_at.elapsed() < max_age
-                && !lease.is_retired()
-            {
-                self.park(false);
-                return self.send_upstream(index, ctx);
+            let held = lifecycle::Held {
+                account: &lease.account,
+                opened_at: lease.opened_at,
+                retired: lease.is_retired(),
+                spent: self.up.spent,
+                in_use: self.lease_in_use(Some(index)),
+            };
+            match lifecycle::fit(held, &account, max_age, Instant::now()) {
+                lifecycle::Fit::Send => {
+                    self.park(false);
+                    return self.send_upstream(index, ctx);
+                }
+                lifecycle::Fit::Wait => return,
+                lifecycle::Fit::Exchange { reusable } => self.release_lease(reusable),
             }
-            if self.lease_in_use(Some(index)) {
-                return;
-            }
-            // Another account, too old, spent, or retired by a pool restart: give it back.
-            let reusable = !self.up.spent;
-            self.release_lease(reusable);
         }
         if self.up.acquiring.is_some() {
             return;
@@ -718,29 +720,21 @@ impl SessionActor {
         let Some(turn) = self.at_mut(index) else {
             return;
         };
-        // A chained turn is retried too: on the fresh connection the continuation decision
-        // replays it or fails closed.
-        let transparent = turn.forwarded == 0
-            && !turn.retried
-            && !client_gone
-            && !matches!(reason, LostReason::Protocol(_));
-        if transparent {
-            info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
-            turn.retried = true;
-            turn.phase = Phase::Leasing;
-            self.up.preferred = None;
-            return self.lease_and_send(index, ctx);
-        }
-        let (code, message) = match reason {
-            LostReason::Closed(Some(close::RESTART | close::TRY_AGAIN_LATER)) => (
-                ErrorCode::UpstreamRestarting,
-                "the upstream is restarting; retry this turn",
-            ),
-            LostReason::Protocol(what) => (ErrorCode::UpstreamProtocolError, *what),
-            _ => (
-                ErrorCode::UpstreamConnectionLost,
-                "the upstream connection was lost mid-turn; retry this turn",
-            ),
+        let loss = lifecycle::Loss {
+            forwarded: turn.forwarded,
+            retried: turn.retried,
+            client_gone,
+            reason,
+        };
+        let (code, message) = match lifecycle::after_loss(loss) {
+            lifecycle::AfterLoss::Retry => {
+                info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
+                turn.retried = true;
+                turn.phase = Phase::Leasing;
+                self.up.preferred = None;
+                return self.lease_and_send(index, ctx);
+            }
+            lifecycle::AfterLoss::End(code, message) => (code, message),
         };
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
         let e = self.turn_error(index, code, message);
@@ -919,26 +913,18 @@ impl SessionActor {
                 due.push((turn.index, Some(e)));
                 continue;
             }
-            let silent = now.duration_since(turn.last_upstream);
-            let (limit, why) = if turn.tracker.events == 0 {
-                // The request went out and nothing came back: the upstream may have gone
-                // silent (a graceful restart keeps its old sockets open and mute).
-                (first_event_timeout, "no first event")
-            } else {
-                (read_timeout, "read timeout")
+            let silence = lifecycle::Silence {
+                events: turn.tracker.events,
+                silent: now.duration_since(turn.last_upstream),
+                connection_silent: self.up.heard_at.map(|at| now.duration_since(at)),
+                others: self.lease_in_use(Some(turn.index)),
+                first_event_timeout,
+                read_timeout,
             };
-            if silent < limit {
-                continue;
-            }
-            let heard = self
-                .up
-                .heard_at
-                .is_some_and(|at| now.duration_since(at) < limit);
-            if heard && self.lease_in_use(Some(turn.index)) {
-                // Other lanes are answered on this connection: this response alone stalls.
-                stuck.push(turn.index);
-            } else {
-                stalled = Some(why);
+            match lifecycle::stall(silence) {
+                lifecycle::Stall::No => {}
+                lifecycle::Stall::Alone => stuck.push(turn.index),
+                lifecycle::Stall::Connection(why) => stalled = Some(why),
             }
         }
         for (index, cancelled) in due {

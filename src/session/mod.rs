@@ -5,6 +5,7 @@
 //! - `admission`: slots per key and per account, released by guards.
 //! - `fleet`: per-key slots counted across relays sharing PostgreSQL.
 //! - `lanes`: which create starts, waits or is refused, per lane (pure).
+//! - `lifecycle`: a turn's decisions on the shared connection: retry, stall, fit (pure).
 //! - `gate`: what every turn passes, WebSocket or HTTP: standing, reservation, accounts, record.
 //! - `registry`: every live session (shutdown, admin).
 //! - `requests`: HTTP requests in flight (admin).
@@ -15,6 +16,7 @@ pub mod admission;
 pub mod fleet;
 pub mod gate;
 pub mod lanes;
+pub mod lifecycle;
 pub mod messages;
 pub mod registry;
 pub mod requests;
