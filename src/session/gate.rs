@@ -299,25 +299,25 @@ pub fn read_affinity(
     }
 }
 
-/// After a turn `account` served: the affinity now points there (written in the background,
-/// only when it changed or a quarter of its TTL has passed). A move away from the remembered
-/// account is logged and counted: it costs the prompt cache.
+/// After a turn `account` served: the affinity now points there (written only when it changed
+/// or a quarter of its TTL has passed; the future resolves once written, or at once). A move
+/// away from the remembered account is logged and counted: it costs the prompt cache.
 pub fn remember_affinity(
     deps: &SessionDeps,
     key_id: i64,
     affinity: &Affinity,
     account: &str,
     span: &Span,
-) {
+) -> Option<impl Future<Output = ()> + 'static> {
     let ttl_s = deps.settings.pool.affinity_ttl_s;
     if ttl_s == 0 || account.is_empty() {
-        return;
+        return None;
     }
     let ttl = chrono::Duration::seconds(i64::try_from(ttl_s).unwrap_or(i64::MAX / 1000));
     let at = crate::db::now();
     if let Some((known, written)) = &affinity.known {
         if known == account && at - *written < ttl / 4 {
-            return;
+            return None;
         }
         if known != account {
             ::metrics::counter!(metric::AFFINITY_MOVES, "from" => known.clone()).increment(1);
@@ -327,12 +327,12 @@ pub fn remember_affinity(
     }
     let db = deps.db.clone();
     let (key, account) = (affinity.key.clone(), account.to_string());
-    actix::spawn(async move {
+    Some(async move {
         let write =
             async move { queries::affinity::remember(&db, key_id, &key, &account, at + ttl).await };
         // Best effort: a lost write costs one cache miss, never a turn.
         let _ = crate::db::within(crate::db::READ_DEADLINE, write).await;
-    });
+    })
 }
 
 /// Who a turn was, for its record.
@@ -398,23 +398,28 @@ pub fn record_of(
 }
 
 /// A turn's record is made: its affinity points at the account that served it (when the
-/// upstream served it), the metrics count it, and one line says how it ended.
+/// upstream served it), the metrics count it, and one line says how it ended. The future
+/// resolves once the affinity is written: the client hears the end after it, so its next turn
+/// reads where this one went.
 pub fn turn_ended(
     deps: &SessionDeps,
     affinity: Option<&Affinity>,
     record: &TurnRecord,
     usage_malformed: bool,
     span: &Span,
-) {
-    if let Some(affinity) = affinity
-        && record.usage_source != crate::record::UsageSource::None
-    {
-        remember_affinity(deps, record.api_key_id, affinity, &record.account, span);
-    }
+) -> impl Future<Output = ()> + 'static {
+    let remembered = affinity
+        .filter(|_| record.usage_source != crate::record::UsageSource::None)
+        .and_then(|a| remember_affinity(deps, record.api_key_id, a, &record.account, span));
     crate::telemetry::turn_ended(record, usage_malformed);
     info!(parent: span, status = %record.status, usage_source = %record.usage_source,
         response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
         first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");
+    async move {
+        if let Some(write) = remembered {
+            write.await;
+        }
+    }
 }
 
 /// Hands a record to accounting; resolves to whether it is durable within

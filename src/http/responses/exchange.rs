@@ -673,7 +673,7 @@ impl Exchange {
             span: &self.span,
         };
         let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);
-        gate::turn_ended(
+        let remembered = gate::turn_ended(
             &self.deps,
             self.affinity.as_ref(),
             &record,
@@ -682,8 +682,9 @@ impl Exchange {
         );
         let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
         let durable = gate::make_durable(&self.deps, record, wait);
+        let after = async move { futures_util::future::join(released, remembered).await.0 };
         let (durable, (), (), ()) =
-            futures_util::future::join4(durable, bind, read_rest(self.rest.take()), released).await;
+            futures_util::future::join4(durable, bind, read_rest(self.rest.take()), after).await;
         let last = if durable {
             last
         } else {

@@ -74,7 +74,7 @@ impl SessionActor {
             return;
         };
         let record = self.record_of(turn, outcome, account);
-        gate::turn_ended(
+        let remembered = gate::turn_ended(
             &self.deps,
             turn.affinity.as_ref(),
             &record,
@@ -94,7 +94,11 @@ impl SessionActor {
         }
         let bind = self.bind_stored(&record, store);
         let durable = self.record(record, wait);
-        let durable = async move { futures_util::future::join3(durable, bind, released).await.0 };
+        let durable = async move {
+            futures_util::future::join4(durable, bind, released, remembered)
+                .await
+                .0
+        };
         // `wait`: nothing else happens in this session until the record is safe, so the
         // turn's last frame precedes everything after it.
         ctx.wait(durable.into_actor(self).map(move |durable, act, ctx| {
