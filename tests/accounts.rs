@@ -2,6 +2,7 @@
 //! handshake (its credential is refused: 401) does not stop the service while another account is
 //! healthy — turns move to it transparently, the failing account cools down instead of being
 //! redialled for every turn, and operators see why.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
 
@@ -43,15 +44,7 @@ fn a_refused_account_fails_over_to_a_healthy_one() {
     // The refused account was not redialled for every turn: it cooled down.
     let refused = s.sim_stats()["rejected"].as_u64().unwrap();
     assert!((1..=4).contains(&refused), "handshakes refused: {refused}");
-    let (code, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
-    assert_eq!(code, 200);
-    let bad = pools["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["account"] == "sim")
-        .unwrap()
-        .clone();
+    let bad = pool(&admin, "sim");
     assert!(bad["failures"].as_u64().unwrap() >= 1, "{bad}");
     let why = bad["last_error"].as_str().unwrap_or_default();
     assert!(why.contains("401"), "the upstream's status is shown: {why}");
@@ -201,6 +194,19 @@ fn refuse(s: &Stack, key: &str, status: Option<u16>, retry_after: Option<u64>) {
     assert_eq!(head.status, 200);
 }
 
+/// `/admin/pools`' entry of `account`.
+fn pool(admin: &str, account: &str) -> serde_json::Value {
+    let (code, pools) = http(admin, "GET", "/admin/pools", Some(TOKEN));
+    assert_eq!(code, 200);
+    pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["account"] == account)
+        .unwrap()
+        .clone()
+}
+
 fn refused_count(s: &Stack, key: &str) -> u64 {
     s.sim_stats()["refused"][key].as_u64().unwrap_or(0)
 }
@@ -246,14 +252,7 @@ fn retry_after_sets_the_cooldown() {
             1,
             "{backend}: asked once per cooldown"
         );
-        let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
-        let sim = pools["pools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["account"] == "sim")
-            .unwrap()
-            .clone();
+        let sim = pool(&admin, "sim");
         assert_eq!(sim["health"], "cooling", "{sim}");
         let next = sim["next_probe_ms"].as_u64().unwrap();
         assert!(
@@ -298,14 +297,7 @@ fn a_refused_handshakes_retry_after_sets_the_cooldown() {
         1,
         "dialled once per cooldown"
     );
-    let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
-    let sim = pools["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["account"] == "sim")
-        .unwrap()
-        .clone();
+    let sim = pool(&admin, "sim");
     assert_eq!(sim["health"], "cooling", "{sim}");
     let next = sim["next_probe_ms"].as_u64().unwrap();
     // The first backoff is 1 s ± 20 %: longer than that is the upstream's 3 s.
@@ -355,14 +347,7 @@ fn a_refused_credential_disables_the_account() {
         "tried first, then never redialled: {}",
         s.sim_stats()
     );
-    let (_, pools) = http(&admin, "GET", "/admin/pools", Some(TOKEN));
-    let sim = pools["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["account"] == "sim")
-        .unwrap()
-        .clone();
+    let sim = pool(&admin, "sim");
     assert_eq!(
         (sim["health"].as_str(), sim["reason"].as_str()),
         (Some("disabled"), Some("credential_refused")),
