@@ -8,6 +8,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use super::dispatch;
 use super::health::Failure;
 use super::messages::{
     Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
@@ -186,165 +187,133 @@ impl ContextPool {
         dialing
     }
 
-    /// Serves waiters in order from idle connections, then dials for those left.
-    /// One pass over the connections and one over the waiters: with a thousand sessions each
-    /// of its own identity (Codex sends a `session-id` per conversation) a dispatch must not
-    /// cost waiters × connections.
+    /// Serves waiters in order from idle connections, then dials for those left, as
+    /// `dispatch::plan` decides (docs/DESIGN.md#leases).
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         // A waiter whose session is gone is served nothing (and dialled for by nobody).
         self.waiters.retain(|w| w.lessee.connected());
         if self.waiters.is_empty() {
             return;
         }
-        let now = Instant::now();
-        let max_age = self.max_age();
-        let mut lend: Vec<(usize, u64)> = Vec::new();
-        {
-            let mut idle = self.idle_view();
-            for (i, w) in self.waiters.iter().enumerate() {
-                if idle.is_empty() {
-                    break;
-                }
-                if let Some(conn) = policy::pick(&idle, &w.identity, w.preferred, max_age, now) {
-                    idle.retain(|c| c.id != conn);
-                    lend.push((i, conn));
-                }
-            }
-        }
-        // Back to front, so the indices left to remove stay valid.
-        for (i, conn) in lend.into_iter().rev() {
-            if let Some(w) = self.waiters.remove(i) {
-                self.grant(conn, w);
-            }
-        }
-        // A dial serves only waiters of its own identity: dial for each waiter that no dial
-        // of its identity in progress covers, within capacity; make room by closing idle
-        // connections of another identity.
-        let uncovered: Vec<usize> = {
-            let mut covering = self.dialing_by_identity();
-            self.waiters
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| match covering.get_mut(w.identity.as_str()) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        false
-                    }
-                    _ => true,
-                })
-                .map(|(k, _)| k)
-                .collect()
+        let limits = dispatch::Limits {
+            max_conns: self.max_conns,
+            max_age: self.max_age(),
+            cooling: self.health.cooling(Instant::now()),
+            now: Instant::now(),
         };
-        // A cooling account dials nobody: its waiters go elsewhere at once
-        // (docs/DESIGN.md#accounts).
-        if !uncovered.is_empty() && self.health.cooling(Instant::now()) {
-            for k in uncovered.into_iter().rev() {
-                if let Some(w) = self.waiters.remove(k) {
-                    let _ = w.reply.send(Err(LeaseError::Cooling));
-                }
-            }
-            return;
-        }
-        let mut left = uncovered.len();
-        for k in uncovered {
-            if self.conns.len() >= self.max_conns {
-                let wanted = self.waiters[k].identity.clone();
-                let victim = self
-                    .idle_view()
-                    .iter()
-                    .find(|c| c.identity != wanted)
-                    .map(|c| c.id);
-                match victim {
-                    Some(v) => self.close(v),
-                    None => break,
-                }
-            }
-            self.dial(k, ctx);
-            left -= 1;
-        }
-        if left > 0 && self.conns.len() >= self.max_conns {
-            self.reclaim(left, ctx);
-        }
-    }
-
-    /// docs/DESIGN.md#idle-reclaim: turns wait and the account is at `max_conns` — ask the sessions holding a
-    /// connection between turns for it back, the one parked longest first (`needed` of them).
-    /// `max_conns` bounds concurrent turns, not open sessions.
-    fn reclaim(&mut self, needed: usize, ctx: &mut Context<Self>) {
-        let asked = self
-            .conns
-            .values()
-            .filter(|e| {
-                matches!(
-                    e.state,
-                    State::Leased {
-                        reclaiming: true,
-                        ..
-                    }
-                )
-            })
-            .count();
-        let mut parked: Vec<(Instant, u64)> = self
-            .conns
-            .iter()
-            .filter_map(|(id, e)| match &e.state {
-                State::Leased {
-                    parked_since: Some(t),
-                    reclaiming: false,
-                    lessee: Some(_),
-                    ..
-                } => Some((*t, *id)),
-                _ => None,
-            })
-            .collect();
-        parked.sort_unstable();
-        for (_, conn) in parked.into_iter().take(needed.saturating_sub(asked)) {
-            let Some(Entry {
-                state:
-                    State::Leased {
-                        reclaiming,
-                        lessee: Some(lessee),
-                        ..
-                    },
-                ..
-            }) = self.conns.get_mut(&conn)
-            else {
-                continue;
-            };
-            *reclaiming = true;
-            debug!(account = %self.account, conn, "reclaiming a connection held between turns");
-            let ask = lessee.send(Reclaim { conn });
-            ctx.spawn(ask.into_actor(self).map(move |given, act, ctx| {
-                match given {
-                    Ok(true) => {
-                        act.reclaimed_total += 1;
-                        // The session's Release follows.
-                        return;
-                    }
-                    // The session is gone: nobody will give it back.
-                    Err(_) => {
-                        act.recover_orphans();
-                        return act.dispatch(ctx);
-                    }
-                    Ok(false) => {}
-                }
-                // In use again (or gone): not a candidate until it parks again.
-                if let Some(Entry {
-                    state:
+        let plan = {
+            let waiters: Vec<dispatch::Waiting<'_>> = self
+                .waiters
+                .iter()
+                .map(|w| dispatch::Waiting {
+                    identity: &w.identity,
+                    preferred: w.preferred,
+                })
+                .collect();
+            let conns: Vec<dispatch::Conn<'_>> = self
+                .conns
+                .iter()
+                .map(|(id, e)| dispatch::Conn {
+                    id: *id,
+                    identity: &e.identity,
+                    opened_at: e.opened_at,
+                    held: match &e.state {
+                        State::Dialing => dispatch::Held::Dialing,
+                        State::Idle { since } => dispatch::Held::Idle { since: *since },
                         State::Leased {
                             parked_since,
                             reclaiming,
+                            lessee,
                             ..
+                        } => dispatch::Held::Leased {
+                            parked_since: *parked_since,
+                            reclaiming: *reclaiming,
+                            reclaimable: lessee.is_some(),
                         },
-                    ..
-                }) = act.conns.get_mut(&conn)
-                {
-                    *parked_since = None;
-                    *reclaiming = false;
-                }
-                act.dispatch(ctx);
-            }));
+                    },
+                })
+                .collect();
+            dispatch::plan(&waiters, &conns, limits)
+        };
+        // Dials first: they read their waiter, which stays queued until a connection is ready.
+        for conn in &plan.close {
+            self.close(*conn);
         }
+        for k in &plan.dial {
+            self.dial(*k, ctx);
+        }
+        for conn in &plan.reclaim {
+            self.ask_back(*conn, ctx);
+        }
+        // Then the answered waiters leave the queue, back to front so indices stay valid.
+        let mut answered: Vec<(usize, Option<u64>)> = plan
+            .lend
+            .iter()
+            .map(|(k, conn)| (*k, Some(*conn)))
+            .chain(plan.cooling.iter().map(|k| (*k, None)))
+            .collect();
+        answered.sort_unstable_by_key(|(k, _)| std::cmp::Reverse(*k));
+        for (k, conn) in answered {
+            let Some(w) = self.waiters.remove(k) else {
+                continue;
+            };
+            match conn {
+                Some(conn) => self.grant(conn, w),
+                None => {
+                    let _ = w.reply.send(Err(LeaseError::Cooling));
+                }
+            }
+        }
+    }
+
+    /// docs/DESIGN.md#idle-reclaim: asks the session holding `conn` between turns for it back
+    /// (`max_conns` bounds concurrent turns, not open sessions).
+    fn ask_back(&mut self, conn: u64, ctx: &mut Context<Self>) {
+        let Some(Entry {
+            state:
+                State::Leased {
+                    reclaiming,
+                    lessee: Some(lessee),
+                    ..
+                },
+            ..
+        }) = self.conns.get_mut(&conn)
+        else {
+            return;
+        };
+        *reclaiming = true;
+        debug!(account = %self.account, conn, "reclaiming a connection held between turns");
+        let ask = lessee.send(Reclaim { conn });
+        ctx.spawn(ask.into_actor(self).map(move |given, act, ctx| {
+            match given {
+                Ok(true) => {
+                    act.reclaimed_total += 1;
+                    // The session's Release follows.
+                    return;
+                }
+                // The session is gone: nobody will give it back.
+                Err(_) => {
+                    act.recover_orphans();
+                    return act.dispatch(ctx);
+                }
+                Ok(false) => {}
+            }
+            // In use again (or gone): not a candidate until it parks again.
+            if let Some(Entry {
+                state:
+                    State::Leased {
+                        parked_since,
+                        reclaiming,
+                        ..
+                    },
+                ..
+            }) = act.conns.get_mut(&conn)
+            {
+                *parked_since = None;
+                *reclaiming = false;
+            }
+            act.dispatch(ctx);
+        }));
     }
 
     fn grant(&mut self, conn: u64, w: Waiter) {

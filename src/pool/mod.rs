@@ -4,11 +4,14 @@
 //!
 //! - `messages`: `Acquire`, `Release`, `PoolStats`, `ShutdownPool`.
 //! - `policy`: which idle connection serves a request, which are retired (pure).
+//! - `dispatch`: who gets which connection, who is dialled for, what is closed or asked back
+//!   (pure, over a view of the pool).
 //! - `health`: an account cools down after failed dials (backoff, pure rule).
 //! - `routing`: which account a turn goes to: priority, weight, stickiness (pure).
 //! - `actor`: the pool actor.
 
 pub mod actor;
+pub mod dispatch;
 pub mod health;
 pub mod messages;
 pub mod policy;

@@ -1,0 +1,284 @@
+//! The pool's dispatch as a plain function (docs/DESIGN.md#leases): given what the pool holds
+//! and who waits, which waiter gets which idle connection, who is dialled for, what is closed to
+//! make room, which waiters are sent elsewhere (the account is cooling) and which connections
+//! parked between turns are asked back. The actor takes a view, asks, and carries the plan out.
+//! One pass over the connections and one over the waiters: with a thousand sessions each of
+//! its own identity a dispatch must not cost waiters × connections.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::policy::{self, IdleConn};
+
+/// A waiter as the dispatch sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting<'a> {
+    pub identity: &'a str,
+    pub preferred: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Dialing,
+    Idle {
+        since: Instant,
+    },
+    Leased {
+        /// Held between turns since then (`None`: a turn runs on it).
+        parked_since: Option<Instant>,
+        /// A reclaim is on its way.
+        reclaiming: bool,
+        /// Its session can be asked to give it back.
+        reclaimable: bool,
+    },
+}
+
+/// A connection as the dispatch sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn<'a> {
+    pub id: u64,
+    pub identity: &'a str,
+    pub opened_at: Instant,
+    pub held: Held,
+}
+
+/// What to do, by waiter index (into the waiters given) and connection id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Lend connection to waiter.
+    pub lend: Vec<(usize, u64)>,
+    /// Answer `Cooling`: the account dials nobody now; their turns go elsewhere.
+    pub cooling: Vec<usize>,
+    /// Close these idle connections (room for a dial of another identity).
+    pub close: Vec<u64>,
+    /// Dial one connection for each of these waiters (of its identity).
+    pub dial: Vec<usize>,
+    /// Ask the sessions holding these connections between turns to give them back.
+    pub reclaim: Vec<u64>,
+}
+
+/// The limits a dispatch works within.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_conns: usize,
+    pub max_age: Duration,
+    pub cooling: bool,
+    pub now: Instant,
+}
+
+pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan {
+    let mut plan = Plan::default();
+    let mut idle: Vec<IdleConn<'_>> = conns
+        .iter()
+        .filter_map(|c| match c.held {
+            Held::Idle { since } => Some(IdleConn {
+                id: c.id,
+                identity: c.identity,
+                opened_at: c.opened_at,
+                idle_since: since,
+            }),
+            _ => None,
+        })
+        .collect();
+    // Waiters in order take the fit idle connections.
+    let mut lent = vec![false; waiters.len()];
+    for (i, w) in waiters.iter().enumerate() {
+        if idle.is_empty() {
+            break;
+        }
+        if let Some(conn) = policy::pick(&idle, w.identity, w.preferred, limits.max_age, limits.now)
+        {
+            idle.retain(|c| c.id != conn);
+            plan.lend.push((i, conn));
+            lent[i] = true;
+        }
+    }
+    // A dial serves only waiters of its own identity: one for each waiter that no dial of its
+    // identity in progress covers.
+    let mut covering: HashMap<&str, usize> = HashMap::new();
+    for c in conns.iter().filter(|c| c.held == Held::Dialing) {
+        *covering.entry(c.identity).or_default() += 1;
+    }
+    let uncovered: Vec<usize> = (0..waiters.len())
+        .filter(|i| !lent[*i])
+        .filter(|i| match covering.get_mut(waiters[*i].identity) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if uncovered.is_empty() {
+        return plan;
+    }
+    if limits.cooling {
+        plan.cooling = uncovered;
+        return plan;
+    }
+    // Within capacity; room is made by closing idle connections of another identity, the
+    // longest idle first.
+    idle.sort_by_key(|c| c.idle_since);
+    let mut open = conns.len();
+    let mut left = uncovered.len();
+    for k in uncovered {
+        if open >= limits.max_conns {
+            let wanted = waiters[k].identity;
+            let Some(at) = idle.iter().position(|c| c.identity != wanted) else {
+                break;
+            };
+            plan.close.push(idle.remove(at).id);
+            open -= 1;
+        }
+        plan.dial.push(k);
+        open += 1;
+        left -= 1;
+    }
+    if left > 0 && open >= limits.max_conns {
+        plan.reclaim = reclaim(conns, left);
+    }
+    plan
+}
+
+/// docs/DESIGN.md#idle-reclaim: `needed` turns wait at `max_conns` — the connections to ask
+/// back, parked longest first, less those already being asked.
+fn reclaim(conns: &[Conn<'_>], needed: usize) -> Vec<u64> {
+    let asked = conns
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.held,
+                Held::Leased {
+                    reclaiming: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    let mut parked: Vec<(Instant, u64)> = conns
+        .iter()
+        .filter_map(|c| match c.held {
+            Held::Leased {
+                parked_since: Some(t),
+                reclaiming: false,
+                reclaimable: true,
+            } => Some((t, c.id)),
+            _ => None,
+        })
+        .collect();
+    parked.sort_unstable();
+    parked
+        .into_iter()
+        .take(needed.saturating_sub(asked))
+        .map(|(_, id)| id)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_conns: usize, cooling: bool, now: Instant) -> Limits {
+        Limits {
+            max_conns,
+            max_age: Duration::from_secs(3600),
+            cooling,
+            now,
+        }
+    }
+
+    fn conn(id: u64, identity: &str, held: Held, t0: Instant) -> Conn<'_> {
+        Conn {
+            id,
+            identity,
+            opened_at: t0,
+            held,
+        }
+    }
+
+    fn waiter(identity: &str) -> Waiting<'_> {
+        Waiting {
+            identity,
+            preferred: None,
+        }
+    }
+
+    #[test]
+    fn idle_connections_go_to_waiters_of_their_identity_in_order() {
+        let t0 = Instant::now();
+        let idle = |s| Held::Idle {
+            since: t0 + Duration::from_millis(s),
+        };
+        let conns = [conn(1, "a", idle(1), t0), conn(2, "b", idle(2), t0)];
+        let waiters = [waiter("b"), waiter("a"), waiter("a")];
+        let p = plan(&waiters, &conns, limits(4, false, t0));
+        assert_eq!(p.lend, [(0, 2), (1, 1)]);
+        assert_eq!(p.dial, [2], "the second `a` waiter gets a dial");
+        assert!(p.close.is_empty() && p.reclaim.is_empty());
+    }
+
+    #[test]
+    fn a_dial_in_progress_covers_one_waiter_of_its_identity() {
+        let t0 = Instant::now();
+        let conns = [conn(1, "a", Held::Dialing, t0)];
+        let waiters = [waiter("a"), waiter("a"), waiter("b")];
+        let p = plan(&waiters, &conns, limits(4, false, t0));
+        assert_eq!(p.dial, [1, 2]);
+        // A thousand waiters of a thousand identities: one dial each, none twice.
+        let ids: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+        let many: Vec<Waiting<'_>> = ids.iter().map(|i| waiter(i)).collect();
+        let p = plan(&many, &[], limits(2000, false, t0));
+        assert_eq!(p.dial.len(), 1000);
+    }
+
+    #[test]
+    fn at_capacity_room_is_made_then_parked_connections_are_asked_back() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let parked = |s, reclaiming| Held::Leased {
+            parked_since: Some(t0 + ms(s)),
+            reclaiming,
+            reclaimable: true,
+        };
+        let conns = [
+            conn(1, "old", Held::Idle { since: t0 }, t0),
+            conn(2, "x", parked(5, false), t0),
+            conn(3, "y", parked(1, false), t0),
+            conn(
+                4,
+                "z",
+                Held::Leased {
+                    parked_since: None,
+                    reclaiming: false,
+                    reclaimable: true,
+                },
+                t0,
+            ),
+        ];
+        let waiters = [waiter("new1"), waiter("new2")];
+        let p = plan(&waiters, &conns, limits(4, false, t0));
+        assert_eq!(p.close, [1], "an idle connection of another identity");
+        assert_eq!(p.dial, [0]);
+        assert_eq!(
+            p.reclaim,
+            [3],
+            "the one parked longest, for the waiter left"
+        );
+        // One already being asked back counts.
+        let mut asked = conns;
+        asked[2].held = parked(1, true);
+        let p = plan(&waiters, &asked, limits(4, false, t0));
+        assert!(p.reclaim.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_cooling_account_dials_nobody_and_sends_its_waiters_elsewhere() {
+        let t0 = Instant::now();
+        let conns = [conn(1, "a", Held::Idle { since: t0 }, t0)];
+        let waiters = [waiter("a"), waiter("b")];
+        let p = plan(&waiters, &conns, limits(4, true, t0));
+        assert_eq!(p.lend, [(0, 1)], "what is open still serves");
+        assert_eq!(p.cooling, [1]);
+        assert!(p.dial.is_empty());
+    }
+}
