@@ -26,12 +26,13 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::health::AccountingHealth;
+use super::merge::{self, Key, Merge, key};
 use super::messages::{Backlog, BacklogAge, Flush, RecordTurn, SpoolFailure};
 use super::pending::PendingSpend;
 use super::spool::{Spool, SpoolFs};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::db::{DbError, DbPool, queries, within as timed};
-use crate::record::{RecordError, TurnRecord, decode_record, encode_record};
+use crate::record::{TurnRecord, decode_record, encode_record};
 use crate::telemetry::metric;
 
 pub struct AccountingConfig {
@@ -46,13 +47,6 @@ pub struct AccountingConfig {
 
 /// Answers a `RecordTurn` once its record is durable.
 type Ack = oneshot::Sender<Result<(), SpoolFailure>>;
-
-/// The idempotency key of a record.
-type Key = (String, i64);
-
-fn key(r: &TurnRecord) -> Key {
-    (r.request_id.clone(), r.api_key_id)
-}
 
 /// A record not yet committed to the database.
 struct Pending {
@@ -192,52 +186,26 @@ impl Accounting {
             self.spool.fs_mut().reset()?;
         }
         let in_memory: HashSet<Key> = self.pending.iter().map(|p| key(&p.record)).collect();
-        let cap = self.cfg.max_in_memory;
-        let mut on_disk: HashSet<Key> = HashSet::new();
-        let mut loaded: Vec<Pending> = Vec::new();
-        let mut spilled: VecDeque<(u64, usize)> = VecDeque::new();
-        let mut unreadable: Vec<(u64, &'static str, Vec<u8>)> = Vec::new();
-        let mut fresh_all: Vec<TurnRecord> = Vec::new();
-        // Segments holding nothing this build can bill: removed once their records are aside.
-        let mut dead_segs: Vec<u64> = Vec::new();
-        let mut in_mem = self.pending.len();
-        let rec = self.spool.recover(&mut |seg, records| {
-            let mut fresh = Vec::new();
-            let mut billable = 0;
-            for bytes in records {
-                match decode_record(&bytes) {
-                    Ok(r) => {
-                        billable += 1;
-                        let k = key(&r);
-                        if !in_memory.contains(&k) && on_disk.insert(k) {
-                            fresh.push(r);
-                        }
-                    }
-                    Err(RecordError::UnknownVersion(_)) => unreadable.push((seg, "unknown", bytes)),
-                    Err(RecordError::Invalid(_)) => unreadable.push((seg, "invalid", bytes)),
-                }
-            }
-            if billable == 0 {
-                dead_segs.push(seg);
-            }
-            if fresh.is_empty() {
-                return;
-            }
-            // Pending spend counts every record not yet committed, in memory or not.
-            fresh_all.extend(fresh.iter().cloned());
-            if spilled.is_empty() && in_mem + fresh.len() <= cap {
-                in_mem += fresh.len();
-                loaded.extend(fresh.into_iter().map(|record| Pending {
-                    seg: Some(seg),
-                    record,
-                    ack: None,
-                }));
-            } else {
-                spilled.push_back((seg, fresh.len()));
-            }
-        })?;
-        // Keys of in-memory records found on disk are not in `on_disk` (skipped above): find
-        // them separately to know which need writing again.
+        let mut merge = Merge::new(in_memory, self.cfg.max_in_memory);
+        let rec = self
+            .spool
+            .recover(&mut |seg, records| merge.segment(seg, records))?;
+        let Merge {
+            loaded,
+            spilled,
+            unreadable,
+            fresh: fresh_all,
+            dead: dead_segs,
+            ..
+        } = merge;
+        let loaded: Vec<Pending> = loaded
+            .into_iter()
+            .map(|(seg, record)| Pending {
+                seg: Some(seg),
+                record,
+                ack: None,
+            })
+            .collect();
         let found_segs: HashSet<u64> = rec.segments.iter().map(|(s, _)| *s).collect();
         if rec.torn_tails + rec.corrupt_segments > 0 {
             warn!(
@@ -256,12 +224,7 @@ impl Accounting {
             }
             self.spool.remove(&dead_segs)?;
         }
-        let lost: usize = self
-            .spilled
-            .iter()
-            .filter(|(s, _)| !found_segs.contains(s))
-            .map(|(_, n)| n)
-            .sum();
+        let lost = merge::lost(&self.spilled, &found_segs);
         if lost > 0 {
             error!(
                 records = lost,
@@ -283,7 +246,7 @@ impl Accounting {
         // Records in memory whose segment is gone, or that no segment ever acknowledged.
         let mut rewritten = 0;
         for p in &mut self.pending {
-            if p.seg.is_none_or(|s| !found_segs.contains(&s)) {
+            if merge::needs_rewrite(p.seg, &found_segs) {
                 p.seg = Some(self.spool.append(&encode_record(&p.record))?);
                 rewritten += 1;
             }

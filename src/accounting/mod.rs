@@ -6,11 +6,13 @@
 //! - `spool`: append-only checksummed segments, group-committed fsync, recovery, the lock.
 //! - `health`: whether a record can be made durable now (sessions and `/readyz` read it).
 //! - `pending`: spend not yet in the database, counted by admission.
+//! - `merge`: the spool and memory merged when the spool is (re)opened (pure).
 //! - `faults`: filesystems that fail or forget on demand (fault tests).
 
 pub mod actor;
 pub mod faults;
 pub mod health;
+pub mod merge;
 pub mod messages;
 pub mod pending;
 pub mod spool;
