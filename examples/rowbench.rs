@@ -17,7 +17,7 @@ use turnpike::record::TurnRecord;
 
 fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
     TurnRecord {
-        request_id: format!("resp_{tag}_{n}"),
+        request_id: format!("resp_{tag}_{n}").into(),
         response_id: None,
         api_key_id: key,
         user_id: user,

@@ -181,13 +181,13 @@ pub struct TurnRecord {
     /// The relay's turn id (`turn_…`), generated when the `response.create` was accepted: the
     /// idempotency key with `api_key_id`. (Records of format version 1 hold the upstream
     /// response id here.)
-    pub request_id: String,
+    pub request_id: crate::ids::TurnId,
     /// The upstream's response id, when it named one.
     #[serde(default)]
     pub response_id: Option<String>,
     pub api_key_id: i64,
     pub user_id: i64,
-    pub session_id: String,
+    pub session_id: crate::ids::SessionId,
     pub turn_index: i32,
     pub account: String,
     pub model: String,

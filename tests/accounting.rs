@@ -304,7 +304,7 @@ fn kill_9_mid_load_loses_nothing() {
 fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
     use turnpike::record::TurnRecord;
     TurnRecord {
-        request_id: format!("turn_restart_{n}"),
+        request_id: format!("turn_restart_{n}").into(),
         response_id: None,
         api_key_id: key,
         user_id: user,

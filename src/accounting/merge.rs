@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use crate::record::{RecordError, TurnRecord, decode_record};
 
 /// The idempotency key of a record.
-pub type Key = (String, i64);
+pub type Key = (crate::ids::TurnId, i64);
 
 pub fn key(r: &TurnRecord) -> Key {
     (r.request_id.clone(), r.api_key_id)
@@ -119,7 +119,7 @@ mod tests {
     fn ids(loaded: &[(u64, TurnRecord)]) -> Vec<(u64, String)> {
         loaded
             .iter()
-            .map(|(s, r)| (*s, r.request_id.clone()))
+            .map(|(s, r)| (*s, r.request_id.to_string()))
             .collect()
     }
 

@@ -34,7 +34,7 @@ use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal};
 use crate::continuation::{self, Chain, Decision, History, Lineages};
 use crate::db::models::{ApiKey, User};
-use crate::ids::random_hex;
+use crate::ids::{SessionId, TurnId};
 use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
 use crate::protocol::errors::{ErrorCode, close};
 use crate::protocol::events::EventKind;
@@ -65,7 +65,7 @@ struct Turn {
     /// Bumped when an async step of the turn (admission, reservation) is abandoned, so its
     /// late result is ignored.
     generation: u64,
-    turn_id: String,
+    turn_id: TurnId,
     accepted_wall: NaiveDateTime,
     tracker: TurnTracker,
     /// What goes upstream (the client's bytes, with `model` added if it was omitted).
@@ -177,7 +177,7 @@ struct Client {
 }
 
 pub struct SessionActor {
-    id: String,
+    id: SessionId,
     deps: Arc<SessionDeps>,
     principal: Principal,
     /// Last standing read from the database: admission falls back to it while the DB is down.
@@ -221,7 +221,7 @@ impl SessionActor {
         headers: Vec<(String, String)>,
         client: ClientTx,
     ) -> Self {
-        let id = format!("sess_{}", random_hex(8));
+        let id = SessionId::random();
         let reader = ClientReader::new(deps.settings.limits.client_frame_max_bytes);
         let replay_max = deps.settings.session.replay_max_bytes;
         let span = info_span!("session", session = %id, key = %principal.key_prefix, user = %principal.user_name);
@@ -412,7 +412,7 @@ impl SessionActor {
     ) -> Turn {
         self.turn_index += 1;
         let index = self.turn_index;
-        let turn_id = id.unwrap_or_else(|| format!("turn_{}", random_hex(12)));
+        let turn_id = id.map_or_else(TurnId::random, TurnId::from);
         let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
         Turn {
             index,
@@ -908,7 +908,7 @@ impl SessionActor {
                     .tracker
                     .response_id
                     .clone()
-                    .unwrap_or_else(|| turn.turn_id.clone());
+                    .unwrap_or_else(|| turn.turn_id.to_string());
                 let e = cancelled_event(&id, turn.frame.stream_id.as_deref());
                 due.push((turn.index, Some(e)));
                 continue;
@@ -1058,7 +1058,7 @@ impl Actor for SessionActor {
         ctx.set_mailbox_capacity(256);
         ::metrics::gauge!(metric::SESSIONS_OPEN).increment(1.0);
         self.deps.registry.do_send(Register {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             session: ctx.address().recipient(),
             when_idle: ctx.address().recipient(),
             describe: ctx.address().recipient(),
@@ -1096,7 +1096,7 @@ impl Actor for SessionActor {
         // Make sure the transport goes too.
         self.out(Outbound::Close(close::NORMAL, String::new()));
         self.deps.registry.do_send(Unregister {
-            id: self.id.clone(),
+            id: self.id.to_string(),
         });
         info!(parent: &self.span, turns = self.turn_index, "session closed");
     }
@@ -1271,7 +1271,7 @@ impl Handler<Describe> for SessionActor {
         .find(|(p, _)| has(*p))
         .map_or("idle", |(_, name)| name);
         MessageResult(SessionInfo {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             key_prefix: self.principal.key_prefix.clone(),
             user: self.principal.user_name.clone(),
             account: self.up.lease.as_ref().map(|l| l.account.to_string()),

@@ -337,8 +337,8 @@ pub fn remember_affinity(
 
 /// Who a turn was, for its record.
 pub struct TurnIdentity<'a> {
-    pub request_id: &'a str,
-    pub session_id: &'a str,
+    pub request_id: &'a crate::ids::TurnId,
+    pub session_id: &'a crate::ids::SessionId,
     pub turn_index: i32,
     pub model: &'a str,
     pub warmup: bool,
@@ -375,11 +375,11 @@ pub fn record_of(
         }
     });
     TurnRecord {
-        request_id: turn.request_id.to_string(),
+        request_id: turn.request_id.clone(),
         response_id: outcome.response_id,
         api_key_id: principal.key_id,
         user_id: principal.user_id,
-        session_id: turn.session_id.to_string(),
+        session_id: turn.session_id.clone(),
         turn_index: turn.turn_index,
         account,
         model: turn.model.to_string(),

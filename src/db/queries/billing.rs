@@ -15,7 +15,7 @@ use crate::record::{CompensationStatus, TurnRecord};
 macro_rules! stored_fingerprint {
     ($r:expr) => {
         usage_logs::table
-            .filter(usage_logs::request_id.eq(&$r.request_id))
+            .filter(usage_logs::request_id.eq($r.request_id.as_str()))
             .filter(usage_logs::api_key_id.eq($r.api_key_id))
             .select((
                 usage_logs::status,
@@ -372,7 +372,7 @@ pub async fn record_with_compensation(
             }
             let n = diesel::insert_into(billing_compensations::table)
                 .values((
-                    billing_compensations::request_id.eq(&r.request_id),
+                    billing_compensations::request_id.eq(r.request_id.as_str()),
                     billing_compensations::api_key_id.eq(r.api_key_id),
                     billing_compensations::user_id.eq(r.user_id),
                     billing_compensations::amount_nanousd.eq(r.cost_nanousd),

@@ -16,7 +16,7 @@ use super::{Kind, Reply};
 use crate::auth::Principal;
 use crate::db::models::{ApiKey, User};
 use crate::http::error::HttpError;
-use crate::ids::random_hex;
+use crate::ids::{SessionId, TurnId};
 use crate::pool::health::Failure;
 use crate::protocol::errors::ErrorCode;
 use crate::protocol::events::EventKind;
@@ -97,8 +97,8 @@ pub(crate) struct Exchange {
     kind: Kind,
     headers: Vec<(String, String)>,
     model: String,
-    request_id: String,
-    session_id: String,
+    request_id: TurnId,
+    session_id: SessionId,
     /// The client's own session id, if it sent one.
     client_session: Option<String>,
     /// The turn's affinity (docs/DESIGN.md#routing), read at admission.
@@ -144,13 +144,15 @@ impl Exchange {
             .model
             .clone()
             .ok_or_else(|| HttpError::new(ErrorCode::ModelRequired, "the request needs `model`"))?;
-        let request_id = format!("turn_{}", random_hex(12));
-        let session_id = session.clone().unwrap_or_else(|| request_id.clone());
+        let request_id = TurnId::random();
+        let session_id = session
+            .clone()
+            .map_or_else(|| SessionId::from(request_id.as_str()), SessionId::from);
         let stream = kind == Kind::Responses && frame.stream;
         let span = info_span!("http_turn", request_id = %request_id, key = %principal.key_prefix,
             path = %path, stream, account = tracing::field::Empty);
         let in_flight = deps.requests.enter(RequestInfo {
-            request_id: request_id.clone(),
+            request_id: request_id.to_string(),
             key_prefix: principal.key_prefix.clone(),
             user: principal.user_name.clone(),
             path,
@@ -253,7 +255,7 @@ impl Exchange {
         self.key_slot = Some(KeySlot::new(local, fleet));
         self.take_account()?;
         let ask = gate::ReservationAsk {
-            request_id: self.request_id.clone(),
+            request_id: self.request_id.to_string(),
             model: &self.model,
             warmup: self.frame.warmup,
             prompt_bytes: self.frame.prompt_bytes,

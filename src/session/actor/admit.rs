@@ -212,7 +212,7 @@ impl SessionActor {
     fn reservation(&self, index: i32) -> Option<NewReservation> {
         let turn = self.at(index)?;
         self.reservation_for(
-            turn.turn_id.clone(),
+            turn.turn_id.to_string(),
             &turn.model,
             turn.frame.warmup,
             turn.frame.prompt_bytes,

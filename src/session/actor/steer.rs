@@ -187,7 +187,7 @@ impl SessionActor {
                     let e = steer_refused(&steer, code, &message, lane.as_deref());
                     return act.send(e, ctx);
                 }
-                let successor = format!("turn_{}", random_hex(12));
+                let successor = TurnId::random().to_string();
                 let input_bytes = steer.get("input").map_or(0, |v| v.to_string().len());
                 let model = act.model.clone().unwrap_or_default();
                 let Some(reservation) =
