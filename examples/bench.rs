@@ -298,18 +298,19 @@ async fn serve_async(mut conn: tokio::net::TcpStream, conn_no: usize) {
     let mut out = actix_web::web::BytesMut::new();
     let mut turn = 0u64;
     // Each event: encoded, written and flushed on its own.
-    macro_rules! send {
-        ($text:expr) => {{
+    macro_rules! send_msg {
+        ($msg:expr) => {{
             out.clear();
-            if codec
-                .encode(WsMessage::Text($text.into()), &mut out)
-                .is_err()
+            if codec.encode($msg, &mut out).is_err()
                 || conn.write_all(&out).await.is_err()
                 || conn.flush().await.is_err()
             {
                 return;
             }
         }};
+    }
+    macro_rules! send {
+        ($text:expr) => {{ send_msg!(WsMessage::Text($text.into())) }};
     }
     loop {
         let frame = loop {
@@ -322,11 +323,15 @@ async fn serve_async(mut conn: tokio::net::TcpStream, conn_no: usize) {
                 return;
             }
         };
-        let Frame::Text(text) = frame else {
-            if matches!(frame, Frame::Close(_)) {
-                return;
+        let text = match frame {
+            Frame::Text(text) => text,
+            Frame::Close(_) => return,
+            // A relay probes a connection idle for a while before it writes on it.
+            Frame::Ping(p) => {
+                send_msg!(WsMessage::Pong(p));
+                continue;
             }
-            continue;
+            _ => continue,
         };
         let frame = String::from_utf8_lossy(&text).to_string();
         if !frame.contains("\"response.create\"") {

@@ -31,13 +31,18 @@ def sh(cmd):
 
 out = []
 w = out.append
-w(f"## Relay benchmark: direct vs websocat vs turnpike ({datetime.date.today()}, commit {commit})")
+small = os.environ.get("BENCH_WORKLOAD", "big") == "small"
+title = "Second workload (small deltas)" if small else "Relay benchmark"
+w(f"## {title}: direct vs websocat vs turnpike ({datetime.date.today()}, commit {commit})")
 w("")
 w(f"Machine: {os.cpu_count()} cores ({cpu_model()}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
   f"Linux {platform.release()}, {sh('rustc --version')}. Load generator, upstream and relay share the cores.")
-w("Command: `scripts/bench.sh` (release builds; websocat 4.0.0-alpha3 `--text ws-l: ws://`, TCP_NODELAY by "
-  "`scripts/nodelay.c` preloaded; upstream `bench upstream`: ~200-byte deltas stamped at send; "
-  "latency = stamp → client receive).")
+upstream = ("`BENCH_WORKLOAD=small scripts/bench.sh` … upstream `bench upstream-async`: one tokio thread, "
+            "~60-byte deltas each written and flushed on its own, stamped at send"
+            if small else
+            "`scripts/bench.sh` … upstream `bench upstream`: a thread per connection, ~200-byte deltas stamped at send")
+w(f"Command: {upstream} (release builds; websocat 4.0.0-alpha3 `--text ws-l: ws://`, TCP_NODELAY by "
+  "`scripts/nodelay.c` preloaded; latency = stamp → client receive).")
 w("")
 labels = {
     "s1_500eps": "1 session, 500 events/s",

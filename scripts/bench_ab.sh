@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Before/after of two turnpike builds in one run, rounds interleaved (BENCHMARKS.md):
+#
+#   scripts/bench_ab.sh OLD_BINARY [NEW_BINARY]       # NEW defaults to target/release/turnpike
+#
+# Per round and build: a fresh relay on a new SQLite file, a warm-up, then each scenario of
+# `bench stream` against the same upstream; prints one JSON line per measurement and a median
+# summary per build and scenario. BENCH_WORKLOAD=big|small picks the upstream (as bench.sh);
+# BENCH_ROUNDS (3); BENCH_AB_SCENARIOS overrides the scenarios ("name:SESSIONS TURNS EVENTS GAP_US
+# [LANES]" separated by commas; a name starting with `idle` runs `bench idle` with SESSIONS first,
+# on the relay as it was started: memory per idle session). Never run beside a build or a test
+# run: only same-run ratios count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLD=${1:?usage: scripts/bench_ab.sh OLD_BINARY [NEW_BINARY]}
+NEW=${2:-$PWD/target/release/turnpike}
+cargo build --release --quiet --example bench
+B=$PWD/target/release/examples/bench
+ROUNDS=${BENCH_ROUNDS:-3}
+SCENARIOS=${BENCH_AB_SCENARIOS:-"idle1k:1000,s1_500eps:1 3 1500 2000,s100_50keps:100 2 1500 2000,s100_saturation:100 5 2000 0"}
+case ${BENCH_WORKLOAD:-big} in
+  big) MODE=upstream ;;
+  small) MODE=upstream-async ;;
+  *) echo "bench_ab: BENCH_WORKLOAD is big or small" >&2; exit 2 ;;
+esac
+
+WORK=$(mktemp -d /tmp/turnpike-ab.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench_ab: port $1 never opened" >&2; exit 1; }
+
+UP=$(free_port)
+"$B" "$MODE" "127.0.0.1:$UP" & PIDS+=($!)
+wait_port "$UP"
+OUT=$WORK/ab.jsonl
+: >"$OUT"
+
+run_build() { # label binary round
+  local label=$1 bin=$2 round=$3 port
+  port=$(free_port)
+  cat >"$WORK/$label.toml" <<EOF
+[server]
+bind = "127.0.0.1:$port"
+[database]
+url = "sqlite://$WORK/$label-$round.db"
+[log]
+level = "warn"
+[limits]
+default_max_sessions_per_key = 20000
+[[accounts]]
+name = "bench"
+base_url = "http://127.0.0.1:$UP/v1"
+api_key = "sk-bench"
+max_conns = 20000
+EOF
+  "$bin" --config "$WORK/$label.toml" migrate >/dev/null
+  "$bin" --config "$WORK/$label.toml" users create bench >/dev/null
+  local key pid
+  key=$("$bin" --config "$WORK/$label.toml" keys create --user bench)
+  "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
+  wait_port "$port"
+  local url=ws://127.0.0.1:$port/v1/responses
+  local warm=0
+  IFS=, read -ra scens <<<"$SCENARIOS"
+  for s in "${scens[@]}"; do
+    local name=${s%%:*} args lanes j
+    read -ra args <<<"${s#*:}"
+    if [[ $name == idle* ]]; then
+      j=$("$B" idle "$url" "$key" "${args[0]}" "$pid")
+    else
+      if [ "$warm" = 0 ]; then "$B" stream "$url" "$key" 10 2 200 0 >/dev/null; warm=1; fi
+      lanes=${args[4]:-1}
+      j=$(BENCH_LANES=$lanes "$B" stream "$url" "$key" "${args[@]:0:4}" "$pid")
+    fi
+    echo "{\"build\":\"$label\",\"round\":$round,\"scenario\":\"$name\",\"r\":$j}" | tee -a "$OUT"
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  # Alternate which build goes first, so neither always meets a warmer machine.
+  if (( round % 2 )); then
+    run_build old "$OLD" "$round"; run_build new "$NEW" "$round"
+  else
+    run_build new "$NEW" "$round"; run_build old "$OLD" "$round"
+  fi
+done
+
+python3 - "$OUT" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(xs):
+    xs = sorted(xs); n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+idle = [r for r in rows if "kib_per_session" in r["r"]]
+if idle:
+    print("| scenario | build | KiB per idle session overall, median [range] | marginal |")
+    print("|---|---|---|---|")
+    for scen in dict.fromkeys(r["scenario"] for r in idle):
+        for build in ("old", "new"):
+            rs = [r["r"] for r in idle if r["scenario"] == scen and r["build"] == build]
+            o = [r["kib_per_session"] for r in rs]; m = [r["marginal_kib_per_session"] for r in rs]
+            print(f"| {scen} | {build} | {med(o):.1f} [{min(o):.1f}–{max(o):.1f}] | {med(m):.1f} [{min(m):.1f}–{max(m):.1f}] |")
+    print()
+rows = [r for r in rows if "kib_per_session" not in r["r"]]
+print("| scenario | build | events/s median [range] | p50 µs | p99 µs | relay CPU-s per 1M events median [range] |")
+print("|---|---|---|---|---|---|")
+for scen in dict.fromkeys(r["scenario"] for r in rows):
+    for build in ("old", "new"):
+        rs = [r["r"] for r in rows if r["scenario"] == scen and r["build"] == build]
+        eps = [r["events_per_s"] for r in rs]
+        cpu = [r["cpu_s_per_m_events"] for r in rs if r.get("cpu_s_per_m_events") is not None]
+        p50 = med([r["p50_us"] for r in rs]); p99 = med([r["p99_us"] for r in rs])
+        print(f"| {scen} | {build} | {med(eps):,.0f} [{min(eps):,.0f}–{max(eps):,.0f}] | {p50:.0f} | {p99:.0f} | "
+              f"{med(cpu):.2f} [{min(cpu):.2f}–{max(cpu):.2f}] |")
+PY
