@@ -187,6 +187,34 @@ impl ContextPool {
         dialing
     }
 
+    /// The pool's connections as `dispatch` sees them.
+    fn view(&self) -> Vec<dispatch::Conn<'_>> {
+        self.conns
+            .iter()
+            .map(|(id, e)| dispatch::Conn {
+                id: *id,
+                identity: &e.identity,
+                opened_at: e.opened_at,
+                held: match &e.state {
+                    State::Dialing => dispatch::Held::Dialing,
+                    State::Idle { since } => dispatch::Held::Idle { since: *since },
+                    State::Leased {
+                        parked_since,
+                        reclaiming,
+                        lessee,
+                        holder,
+                        ..
+                    } => dispatch::Held::Leased {
+                        parked_since: *parked_since,
+                        reclaiming: *reclaiming,
+                        reclaimable: lessee.is_some(),
+                        orphan: !holder.connected(),
+                    },
+                },
+            })
+            .collect()
+    }
+
     /// Serves waiters in order from idle connections, then dials for those left, as
     /// `dispatch::plan` decides (docs/DESIGN.md#leases).
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
@@ -195,6 +223,8 @@ impl ContextPool {
         if self.waiters.is_empty() {
             return;
         }
+        // Leases of sessions that are gone come back before anyone waits on them.
+        self.recover_orphans();
         let limits = dispatch::Limits {
             max_conns: self.max_conns,
             max_age: self.max_age(),
@@ -210,30 +240,7 @@ impl ContextPool {
                     preferred: w.preferred,
                 })
                 .collect();
-            let conns: Vec<dispatch::Conn<'_>> = self
-                .conns
-                .iter()
-                .map(|(id, e)| dispatch::Conn {
-                    id: *id,
-                    identity: &e.identity,
-                    opened_at: e.opened_at,
-                    held: match &e.state {
-                        State::Dialing => dispatch::Held::Dialing,
-                        State::Idle { since } => dispatch::Held::Idle { since: *since },
-                        State::Leased {
-                            parked_since,
-                            reclaiming,
-                            lessee,
-                            ..
-                        } => dispatch::Held::Leased {
-                            parked_since: *parked_since,
-                            reclaiming: *reclaiming,
-                            reclaimable: lessee.is_some(),
-                        },
-                    },
-                })
-                .collect();
-            dispatch::plan(&waiters, &conns, limits)
+            dispatch::plan(&waiters, &self.view(), limits)
         };
         // Dials first: they read their waiter, which stays queued until a connection is ready.
         for conn in &plan.close {
@@ -357,18 +364,7 @@ impl ContextPool {
     /// (docs/DESIGN.md#leases). A connection held between turns is clean and goes idle; one
     /// with a turn on it is in an unknown state and is closed. Returns how many.
     fn recover_orphans(&mut self) -> usize {
-        let orphans: Vec<(u64, bool)> = self
-            .conns
-            .iter()
-            .filter_map(|(id, e)| match &e.state {
-                State::Leased {
-                    holder,
-                    parked_since,
-                    ..
-                } if !holder.connected() => Some((*id, parked_since.is_some())),
-                _ => None,
-            })
-            .collect();
+        let orphans = dispatch::orphans(&self.view());
         for &(id, clean) in &orphans {
             self.give_back(id, clean);
         }

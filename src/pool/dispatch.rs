@@ -30,6 +30,8 @@ pub enum Held {
         reclaiming: bool,
         /// Its session can be asked to give it back.
         reclaimable: bool,
+        /// Its session is gone (its mailbox closed): nobody will give it back.
+        orphan: bool,
     },
 }
 
@@ -140,6 +142,23 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
     plan
 }
 
+/// docs/DESIGN.md#leases: leases whose session is gone, whatever path it left by, are taken
+/// back — (id, clean): held between turns, it is clean and goes idle; with a turn on it, its
+/// state is unknown and it is closed.
+pub fn orphans(conns: &[Conn<'_>]) -> Vec<(u64, bool)> {
+    conns
+        .iter()
+        .filter_map(|c| match c.held {
+            Held::Leased {
+                orphan: true,
+                parked_since,
+                ..
+            } => Some((c.id, parked_since.is_some())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// docs/DESIGN.md#idle-reclaim: `needed` turns wait at `max_conns` — the connections to ask
 /// back, parked longest first, less those already being asked.
 fn reclaim(conns: &[Conn<'_>], needed: usize) -> Vec<u64> {
@@ -162,6 +181,7 @@ fn reclaim(conns: &[Conn<'_>], needed: usize) -> Vec<u64> {
                 parked_since: Some(t),
                 reclaiming: false,
                 reclaimable: true,
+                orphan: false,
             } => Some((t, c.id)),
             _ => None,
         })
@@ -239,6 +259,7 @@ mod tests {
             parked_since: Some(t0 + ms(s)),
             reclaiming,
             reclaimable: true,
+            orphan: false,
         };
         let conns = [
             conn(1, "old", Held::Idle { since: t0 }, t0),
@@ -251,6 +272,7 @@ mod tests {
                     parked_since: None,
                     reclaiming: false,
                     reclaimable: true,
+                    orphan: false,
                 },
                 t0,
             ),
@@ -269,6 +291,42 @@ mod tests {
         asked[2].held = parked(1, true);
         let p = plan(&waiters, &asked, limits(4, false, t0));
         assert!(p.reclaim.is_empty(), "{p:?}");
+    }
+
+    /// The churn leak's sequence (tests/churn.rs end to end): with `max_conns = 1` a client
+    /// vanishes while its lease is being granted, and another while a turn runs on its
+    /// connection. Those leases come back (clean to idle, a turn's closed), and the next
+    /// session is served instead of waiting for a connection nobody will give back.
+    #[test]
+    fn leases_of_sessions_that_are_gone_come_back() {
+        let t0 = Instant::now();
+        let leased = |parked: bool, orphan| Held::Leased {
+            parked_since: parked.then_some(t0),
+            reclaiming: false,
+            reclaimable: true,
+            orphan,
+        };
+        let conns = [
+            conn(1, "a", leased(true, true), t0),
+            conn(2, "b", leased(false, true), t0),
+            conn(3, "c", leased(true, false), t0),
+        ];
+        assert_eq!(orphans(&conns), [(1, true), (2, false)]);
+        // Before they are taken back the account is full and nobody can be served…
+        let waiters = [waiter("a")];
+        let full = plan(&waiters, &conns, limits(3, false, t0));
+        assert!(full.lend.is_empty() && full.dial.is_empty(), "{full:?}");
+        assert_eq!(
+            full.reclaim,
+            [3],
+            "a live session's parked connection is asked back; orphans are taken back, not asked"
+        );
+        // …after, the clean one is idle again and serves its identity at once.
+        let back = [
+            conn(1, "a", Held::Idle { since: t0 }, t0),
+            conn(3, "c", leased(true, false), t0),
+        ];
+        assert_eq!(plan(&waiters, &back, limits(3, false, t0)).lend, [(0, 1)]);
     }
 
     #[test]
