@@ -29,9 +29,10 @@ fn next(seed: &mut u64) -> u64 {
     *seed
 }
 
-/// `loops` threads, each connecting, sending one turn and going away 0–50 ms later (a close
-/// frame or a dropped socket), for `run`.
-fn churn(addr: &str, key: &str, loops: usize, run: Duration) -> usize {
+/// `loops` threads, each connecting, sending one turn — or, with `lanes` > 1, one on each of
+/// `lanes` lanes side by side, one of them cancelled now and then — and going away 0–50 ms later
+/// (a close frame or a dropped socket), for `run`.
+fn churn(addr: &str, key: &str, loops: usize, run: Duration, lanes: usize) -> usize {
     let handles: Vec<_> = (0..loops)
         .map(|i| {
             let (addr, key) = (addr.to_string(), key.to_string());
@@ -54,7 +55,18 @@ fn churn(addr: &str, key: &str, loops: usize, run: Duration) -> usize {
                     } else {
                         "first_delay_ms=20"
                     };
-                    c.send(&create(directive));
+                    if lanes == 1 {
+                        c.send(&create(directive));
+                    } else {
+                        for l in 0..lanes {
+                            let mut frame = create(directive);
+                            frame["stream_id"] = json!(format!("l{l}"));
+                            c.send(&frame);
+                        }
+                        if next(&mut seed).is_multiple_of(3) {
+                            c.send(&json!({"type": "response.cancel", "stream_id": "l0"}));
+                        }
+                    }
                     std::thread::sleep(Duration::from_millis(delay));
                     if next(&mut seed).is_multiple_of(2) {
                         let _ = c.ws.close(None);
@@ -103,7 +115,7 @@ fn finished_upstream(s: &Stack) -> HashSet<String> {
     ids
 }
 
-fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize) {
+fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize, lanes: usize) {
     let (s, admin) = common::admin::start(
         db,
         &[("TURNPIKE_LOG__LEVEL", "info")],
@@ -112,7 +124,7 @@ fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize) {
             ..StackOptions::default()
         },
     );
-    let sent = churn(&s.addr, &s.key, loops, run);
+    let sent = churn(&s.addr, &s.key, loops, run, lanes);
     assert!(sent > loops, "the churn ran ({sent} connections)");
 
     // Within the drain window every session is gone and no connection is leased.
@@ -181,14 +193,23 @@ fn storm(db: TestDb, loops: usize, run: Duration, max_conns: usize) {
 #[test]
 fn churn_with_one_connection_leaks_no_lease() {
     for db in block(TestDb::all()) {
-        storm(db, 2, Duration::from_secs(5), 1);
+        storm(db, 2, Duration::from_secs(5), 1, 1);
     }
 }
 
 #[test]
 fn churn_of_twenty_loops_leaks_no_lease() {
     for db in block(TestDb::all()) {
-        storm(db, 20, Duration::from_secs(10), 4);
+        storm(db, 20, Duration::from_secs(10), 4, 1);
+    }
+}
+
+/// The same churn with three lanes side by side per client (one cancelled now and then): no
+/// lease outlives its session and every response the upstream finished is billed once.
+#[test]
+fn churn_with_lanes_leaks_no_lease() {
+    for db in block(TestDb::all()) {
+        storm(db, 10, Duration::from_secs(8), 2, 3);
     }
 }
 
