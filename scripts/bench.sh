@@ -48,8 +48,7 @@ trap cleanup EXIT
 ulimit -Hn 1048576 2>/dev/null || true
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
+source scripts/bench_lib.sh
 
 UP=$(free_port); WSP=$(free_port); TP=$(free_port)
 WORKLOAD=${BENCH_WORKLOAD:-big}
@@ -68,24 +67,7 @@ start_websocat() {
 }
 start_websocat
 
-cat >"$WORK/turnpike.toml" <<EOF
-[server]
-bind = "127.0.0.1:$TP"
-[database]
-url = "sqlite://$WORK/bench.db"
-[log]
-level = "warn"
-[limits]
-default_max_sessions_per_key = 20000
-[[accounts]]
-name = "bench"
-base_url = "http://127.0.0.1:$UP/v1"
-api_key = "sk-bench"
-max_conns = 20000
-EOF
-"$T" --config "$WORK/turnpike.toml" migrate >/dev/null
-"$T" --config "$WORK/turnpike.toml" users create bench >/dev/null
-KEY=$("$T" --config "$WORK/turnpike.toml" keys create --user bench)
+KEY=$(bench_relay "$T" "$WORK/turnpike.toml" "$TP" "sqlite://$WORK/bench.db" "$UP")
 start_turnpike() {
   "$T" --config "$WORK/turnpike.toml" serve 2>>"$WORK/turnpike.log" &
   TP_PID=$!; PIDS+=($TP_PID)

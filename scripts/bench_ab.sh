@@ -28,8 +28,7 @@ WORK=$(mktemp -d /tmp/turnpike-ab.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench_ab: port $1 never opened" >&2; exit 1; }
+source scripts/bench_lib.sh
 
 UP=$(free_port)
 "$B" "$MODE" "127.0.0.1:$UP" & PIDS+=($!)
@@ -40,25 +39,8 @@ OUT=$WORK/ab.jsonl
 run_build() { # label binary round
   local label=$1 bin=$2 round=$3 port
   port=$(free_port)
-  cat >"$WORK/$label.toml" <<EOF
-[server]
-bind = "127.0.0.1:$port"
-[database]
-url = "sqlite://$WORK/$label-$round.db"
-[log]
-level = "warn"
-[limits]
-default_max_sessions_per_key = 20000
-[[accounts]]
-name = "bench"
-base_url = "http://127.0.0.1:$UP/v1"
-api_key = "sk-bench"
-max_conns = 20000
-EOF
-  "$bin" --config "$WORK/$label.toml" migrate >/dev/null
-  "$bin" --config "$WORK/$label.toml" users create bench >/dev/null
   local key pid
-  key=$("$bin" --config "$WORK/$label.toml" keys create --user bench)
+  key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "sqlite://$WORK/$label-$round.db" "$UP")
   "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
   wait_port "$port"
   local url=ws://127.0.0.1:$port/v1/responses

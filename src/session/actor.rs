@@ -316,19 +316,7 @@ impl SessionActor {
 
     /// What `lane` is doing, as a new create on it cares.
     fn lane_state(&self, lane: &LaneId) -> LaneState {
-        match self.turns.iter().find(|t| &t.frame.stream_id == lane) {
-            Some(t) if t.phase == Phase::Finishing => LaneState::Ending,
-            Some(_) => LaneState::Busy,
-            // A successor the upstream will start on its own comes first.
-            None if self
-                .steers
-                .get(lane)
-                .is_some_and(steer::SteerState::awaiting) =>
-            {
-                LaneState::Busy
-            }
-            None => LaneState::Free,
-        }
+        lane_state(&self.turns, &self.steers, lane)
     }
 
     /// `on_overlap = "preempt"`: creates still waiting on `lane` are superseded by a newer one;
@@ -351,28 +339,11 @@ impl SessionActor {
         if self.client.gone || self.close_when_idle.is_some() {
             return;
         }
-        let states: Vec<(LaneId, LaneState)> = self
-            .turns
-            .iter()
-            .map(|t| t.frame.stream_id.clone())
-            .chain(
-                self.steers
-                    .iter()
-                    .filter(|(_, st)| st.awaiting())
-                    .map(|(l, _)| l.clone()),
-            )
-            .map(|l| {
-                let state = self.lane_state(&l);
-                (l, state)
-            })
-            .collect();
-        let state = |lane: &LaneId| {
-            states
-                .iter()
-                .find(|(l, _)| l == lane)
-                .map_or(LaneState::Free, |(_, s)| *s)
-        };
-        for w in self.lanes.startable(state, self.turns.len()) {
+        let (turns, steers) = (&self.turns, &self.steers);
+        let ready = self
+            .lanes
+            .startable(|lane| lane_state(turns, steers, lane), turns.len());
+        for w in ready {
             self.start_turn(w.frame, w.accepted, ctx);
         }
     }
@@ -990,6 +961,21 @@ impl SessionActor {
         } else {
             self.park(true);
         }
+    }
+}
+
+/// What `lane` is doing, as a new create on it cares: its turn's phase, else whether a successor
+/// the upstream will start on its own comes first.
+fn lane_state(
+    turns: &[Turn],
+    steers: &std::collections::HashMap<LaneId, steer::SteerState>,
+    lane: &LaneId,
+) -> LaneState {
+    match turns.iter().find(|t| &t.frame.stream_id == lane) {
+        Some(t) if t.phase == Phase::Finishing => LaneState::Ending,
+        Some(_) => LaneState::Busy,
+        None if steers.get(lane).is_some_and(steer::SteerState::awaiting) => LaneState::Busy,
+        None => LaneState::Free,
     }
 }
 

@@ -1,0 +1,29 @@
+# Shared by scripts/bench.sh and scripts/bench_ab.sh (sourced, not run).
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
+
+# bench_relay BINARY CONFIG PORT DATABASE_URL UPSTREAM_PORT: writes a relay's config (one account
+# on the bench upstream, room for 20,000 sessions), migrates, creates the user `bench`; prints a
+# new key of it.
+bench_relay() {
+  local bin=$1 conf=$2 port=$3 db=$4 up=$5
+  cat >"$conf" <<CONF
+[server]
+bind = "127.0.0.1:$port"
+[database]
+url = "$db"
+[log]
+level = "warn"
+[limits]
+default_max_sessions_per_key = 20000
+[[accounts]]
+name = "bench"
+base_url = "http://127.0.0.1:$up/v1"
+api_key = "sk-bench"
+max_conns = 20000
+CONF
+  "$bin" --config "$conf" migrate >/dev/null
+  "$bin" --config "$conf" users create bench >/dev/null
+  "$bin" --config "$conf" keys create --user bench
+}
