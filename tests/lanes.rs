@@ -659,3 +659,28 @@ fn an_error_of_no_lane_ends_the_turns_on_the_connection() {
     assert_eq!(s.rows(2).len(), 2);
     s.finish();
 }
+
+/// The upstream restarts (close 1012) while two lanes stream on its connection: both turns end
+/// `upstream_restarting` (each had forwarded events, so neither is retried), each is recorded,
+/// and the session goes on with a fresh connection.
+#[test]
+fn an_upstream_restart_ends_every_lane_on_the_connection() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    c.send(&create(Some("a"), "first_delay_ms=300 close=1012 after=3"));
+    c.send(&create(Some("b"), "deltas=100 delta_delay_ms=50"));
+    let (_, ends) = answers(&mut c, 2);
+    for lane in ["a", "b"] {
+        let end = ends.iter().find(|e| e["stream_id"] == lane).unwrap();
+        assert_eq!(
+            end["error"]["code"], "upstream_restarting",
+            "{lane}: {ends:?}"
+        );
+    }
+    assert_eq!(s.rows(2).len(), 2);
+    c.send(&create(Some("a"), ""));
+    let again = c.until_terminal(T);
+    assert_eq!(again.last().unwrap()["type"], "response.completed");
+    assert_eq!(s.sim_stats()["accepted"], 2, "a fresh connection");
+    s.finish();
+}
