@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 use super::dispatch;
 use super::health::Failure;
 use super::messages::{
-    Acquire, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release, ShutdownPool,
+    Acquire, Home, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release,
+    ShutdownPool,
 };
 use super::policy::{self, IdleConn};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
@@ -45,6 +46,8 @@ struct Entry {
     identity: String,
     opened_at: Instant,
     state: State,
+    /// The thread its actor runs on.
+    thread: std::thread::ThreadId,
     /// Closed when given back (a pool restart retires what was leased at the time); the
     /// lessee sees it through its `Lease`.
     retire: Arc<std::sync::atomic::AtomicBool>,
@@ -56,7 +59,7 @@ struct Waiter {
     headers: Vec<(String, String)>,
     preferred: Option<u64>,
     lessee: Recipient<UpstreamEvent>,
-    arbiter: Option<actix::ArbiterHandle>,
+    home: Option<Home>,
     reclaim: Option<Recipient<Reclaim>>,
     reply: oneshot::Sender<Result<Lease, LeaseError>>,
 }
@@ -127,6 +130,7 @@ impl ContextPool {
                     identity: &e.identity,
                     opened_at: e.opened_at,
                     idle_since: since,
+                    thread: Some(e.thread),
                 }),
                 _ => None,
             })
@@ -151,11 +155,17 @@ impl ContextPool {
         };
         let pool = ctx.address().recipient();
         ::metrics::counter!(metric::DIALS, "account" => self.account.to_string()).increment(1);
-        let addr = match &w.arbiter {
-            Some(arbiter) => {
-                UpstreamConn::start_in_arbiter(arbiter, move |_| UpstreamConn::new(id, spec, pool))
-            }
-            None => UpstreamConn::new(id, spec, pool).start(),
+        let (addr, thread) = match &w.home {
+            Some(home) => (
+                UpstreamConn::start_in_arbiter(&home.arbiter, move |_| {
+                    UpstreamConn::new(id, spec, pool)
+                }),
+                home.thread,
+            ),
+            None => (
+                UpstreamConn::new(id, spec, pool).start(),
+                std::thread::current().id(),
+            ),
         };
         debug!(account = %self.account, conn = id, "dialling upstream");
         self.conns.insert(
@@ -165,6 +175,7 @@ impl ContextPool {
                 identity,
                 opened_at: Instant::now(),
                 state: State::Dialing,
+                thread,
                 retire: Arc::default(),
             },
         );
@@ -211,6 +222,7 @@ impl ContextPool {
                         orphan: !holder.connected(),
                     },
                 },
+                thread: Some(e.thread),
             })
             .collect()
     }
@@ -238,6 +250,7 @@ impl ContextPool {
                 .map(|w| dispatch::Waiting {
                     identity: &w.identity,
                     preferred: w.preferred,
+                    thread: w.home.as_ref().map(|h| h.thread),
                 })
                 .collect();
             dispatch::plan(&waiters, &self.view(), limits)
@@ -246,7 +259,7 @@ impl ContextPool {
         for conn in &plan.close {
             self.close(*conn);
         }
-        for k in &plan.dial {
+        for k in plan.dial.iter().chain(&plan.spare) {
             self.dial(*k, ctx);
         }
         for conn in &plan.reclaim {
@@ -451,7 +464,7 @@ impl Handler<Acquire> for ContextPool {
             headers: msg.headers,
             preferred: msg.preferred,
             lessee: msg.lessee,
-            arbiter: msg.arbiter,
+            home: msg.home,
             reclaim: msg.reclaim,
             reply: tx,
         });

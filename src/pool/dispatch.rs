@@ -6,6 +6,7 @@
 //! its own identity a dispatch must not cost waiters × connections.
 
 use std::collections::HashMap;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use super::policy::{self, IdleConn};
@@ -15,6 +16,8 @@ use super::policy::{self, IdleConn};
 pub struct Waiting<'a> {
     pub identity: &'a str,
     pub preferred: Option<u64>,
+    /// The thread its session runs on.
+    pub thread: Option<ThreadId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct Conn<'a> {
     pub identity: &'a str,
     pub opened_at: Instant,
     pub held: Held,
+    /// The thread its actor runs on.
+    pub thread: Option<ThreadId>,
 }
 
 /// What to do, by waiter index (into the waiters given) and connection id.
@@ -55,6 +60,9 @@ pub struct Plan {
     pub close: Vec<u64>,
     /// Dial one connection for each of these waiters (of its identity).
     pub dial: Vec<usize>,
+    /// Dial a spare on the thread of each of these waiters (of its identity), which were lent
+    /// a connection of another thread: the thread's next sessions get one of their own.
+    pub spare: Vec<usize>,
     /// Ask the sessions holding these connections between turns to give them back.
     pub reclaim: Vec<u64>,
 }
@@ -78,6 +86,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
                 identity: c.identity,
                 opened_at: c.opened_at,
                 idle_since: since,
+                thread: c.thread,
             }),
             _ => None,
         })
@@ -88,8 +97,14 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
         if idle.is_empty() {
             break;
         }
-        if let Some(conn) = policy::pick(&idle, w.identity, w.preferred, limits.max_age, limits.now)
-        {
+        if let Some(conn) = policy::pick(
+            &idle,
+            w.identity,
+            w.preferred,
+            w.thread,
+            limits.max_age,
+            limits.now,
+        ) {
             idle.retain(|c| c.id != conn);
             plan.lend.push((i, conn));
             lent[i] = true;
@@ -111,6 +126,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
             _ => true,
         })
         .collect();
+    plan.spare = spares(waiters, conns, &plan, &idle, uncovered.len(), limits);
     if uncovered.is_empty() {
         return plan;
     }
@@ -121,7 +137,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
     // Within capacity; room is made by closing idle connections of another identity, the
     // longest idle first.
     idle.sort_by_key(|c| c.idle_since);
-    let mut open = conns.len();
+    let mut open = conns.len() + plan.spare.len();
     let mut left = uncovered.len();
     for k in uncovered {
         if open >= limits.max_conns {
@@ -140,6 +156,50 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
         plan.reclaim = reclaim(conns, left);
     }
     plan
+}
+
+/// docs/DESIGN.md#leases (threads): a waiter lent a connection of another thread — each of
+/// its events will wake that thread too — gets a spare dialled on its own thread when that
+/// thread has no idle or dialling connection of its identity left; never while cooling, and
+/// only in room that no waiter needs (`needed`: waiters a dial must serve).
+fn spares(
+    waiters: &[Waiting<'_>],
+    conns: &[Conn<'_>],
+    plan: &Plan,
+    idle_left: &[IdleConn<'_>],
+    needed: usize,
+    limits: Limits,
+) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    if limits.cooling {
+        return out;
+    }
+    let thread_of = |id: u64| conns.iter().find(|c| c.id == id).and_then(|c| c.thread);
+    let mut room = limits.max_conns.saturating_sub(conns.len() + needed);
+    for &(k, conn) in &plan.lend {
+        let w = waiters[k];
+        let (Some(home), Some(there)) = (w.thread, thread_of(conn)) else {
+            continue;
+        };
+        if home == there || room == 0 {
+            continue;
+        }
+        let served = |identity: &str| identity == w.identity;
+        let covered = idle_left
+            .iter()
+            .any(|c| served(c.identity) && c.thread == Some(home))
+            || conns
+                .iter()
+                .any(|c| c.held == Held::Dialing && served(c.identity) && c.thread == Some(home))
+            || out
+                .iter()
+                .any(|&j| served(waiters[j].identity) && waiters[j].thread == Some(home));
+        if !covered {
+            out.push(k);
+            room -= 1;
+        }
+    }
+    out
 }
 
 /// docs/DESIGN.md#leases: leases whose session is gone, whatever path it left by, are taken
@@ -213,6 +273,7 @@ mod tests {
             identity,
             opened_at: t0,
             held,
+            thread: None,
         }
     }
 
@@ -220,6 +281,7 @@ mod tests {
         Waiting {
             identity,
             preferred: None,
+            thread: None,
         }
     }
 
@@ -235,6 +297,57 @@ mod tests {
         assert_eq!(p.lend, [(0, 2), (1, 1)]);
         assert_eq!(p.dial, [2], "the second `a` waiter gets a dial");
         assert!(p.close.is_empty() && p.reclaim.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_lent_a_connection_of_another_thread_gets_a_spare_dialled_on_its_own() {
+        let t0 = Instant::now();
+        let (a, b) = super::super::two_threads();
+        let on = |id, held, t| Conn {
+            thread: Some(t),
+            ..conn(id, "x", held, t0)
+        };
+        let from = |t| Waiting {
+            thread: Some(t),
+            ..waiter("x")
+        };
+        let idle = Held::Idle { since: t0 };
+        // Thread b's session borrows a's only connection (now, no dial to wait for), and a
+        // spare is dialled on b for b's next sessions.
+        let p = plan(&[from(b)], &[on(1, idle, a)], limits(4, false, t0));
+        assert_eq!(
+            (p.lend.as_slice(), p.spare.as_slice()),
+            (&[(0, 1)][..], &[0][..])
+        );
+        assert!(p.dial.is_empty());
+        // Its own thread's connection comes first: no spare.
+        let p = plan(
+            &[from(b)],
+            &[on(1, idle, a), on(2, idle, b)],
+            limits(4, false, t0),
+        );
+        assert_eq!((p.lend.as_slice(), p.spare.len()), (&[(0, 2)][..], 0));
+        // A spare already dialling on b, two b waiters in one dispatch, no room, cooling: none.
+        let p = plan(
+            &[from(b)],
+            &[on(1, idle, a), on(2, Held::Dialing, b)],
+            limits(4, false, t0),
+        );
+        assert!(p.spare.is_empty());
+        let p = plan(
+            &[from(b), from(b)],
+            &[on(1, idle, a), on(2, idle, a)],
+            limits(4, false, t0),
+        );
+        assert_eq!(p.spare, [0], "one spare per thread");
+        let p = plan(&[from(b)], &[on(1, idle, a)], limits(1, false, t0));
+        assert!(p.spare.is_empty(), "at capacity");
+        let p = plan(&[from(b), from(b)], &[on(1, idle, a)], limits(2, false, t0));
+        assert_eq!(
+            (p.spare.len(), p.dial.as_slice()),
+            (0, &[1][..]),
+            "room goes to waiters"
+        );
     }
 
     #[test]

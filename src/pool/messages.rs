@@ -42,6 +42,25 @@ pub enum LeaseError {
     Cooling,
 }
 
+/// Where a session runs. A connection dialled for it runs there too, and an idle one already
+/// there is lent first: its events then reach the session without crossing threads (and
+/// upstream sockets spread over the workers as the sessions do).
+#[derive(Debug, Clone)]
+pub struct Home {
+    pub arbiter: actix::ArbiterHandle,
+    pub thread: std::thread::ThreadId,
+}
+
+impl Home {
+    /// The caller's arbiter and thread.
+    pub fn current() -> Self {
+        Self {
+            arbiter: actix::Arbiter::current(),
+            thread: std::thread::current().id(),
+        }
+    }
+}
+
 /// Lend a connection: the preferred one if it is idle and fit, else a fit idle one, else a new
 /// one when under capacity, else wait up to the lease timeout.
 #[derive(Debug, Message)]
@@ -51,9 +70,8 @@ pub struct Acquire {
     pub headers: Vec<(String, String)>,
     pub preferred: Option<u64>,
     pub lessee: Recipient<UpstreamEvent>,
-    /// The requester's thread: a connection dialled for it runs there, so its events reach
-    /// the session without crossing threads (and upstream sockets spread over the workers).
-    pub arbiter: Option<actix::ArbiterHandle>,
+    /// Where the requester runs (`None`: anywhere).
+    pub home: Option<Home>,
     /// Where the pool asks for the connection back while the session holds it between turns.
     pub reclaim: Option<Recipient<Reclaim>>,
 }

@@ -18,3 +18,13 @@ pub mod policy;
 pub mod routing;
 
 pub use actor::ContextPool;
+
+/// Tests: this thread's id and another's.
+#[cfg(test)]
+fn two_threads() -> (std::thread::ThreadId, std::thread::ThreadId) {
+    let other = std::thread::spawn(|| std::thread::current().id()).join();
+    (
+        std::thread::current().id(),
+        other.unwrap_or_else(|_| panic!("no thread")),
+    )
+}

@@ -1,5 +1,6 @@
 //! Pool decisions as plain functions.
 
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// What the pool knows of an idle connection.
@@ -9,14 +10,19 @@ pub struct IdleConn<'a> {
     pub identity: &'a str,
     pub opened_at: Instant,
     pub idle_since: Instant,
+    /// The thread its actor runs on.
+    pub thread: Option<ThreadId>,
 }
 
-/// The idle connection to lend: the preferred one if fit, else the most recently used fit one.
+/// The idle connection to lend: the preferred one if fit, else a fit one on the waiter's
+/// `thread` (its events then reach the session without waking another thread,
+/// docs/DESIGN.md#leases), else any fit one; the most recently used among equals.
 /// A connection is fit when its identity matches and it is younger than `max_age`.
 pub fn pick(
     idle: &[IdleConn<'_>],
     identity: &str,
     preferred: Option<u64>,
+    thread: Option<ThreadId>,
     max_age: Duration,
     now: Instant,
 ) -> Option<u64> {
@@ -29,7 +35,7 @@ pub fn pick(
     }
     idle.iter()
         .filter(fit)
-        .max_by_key(|c| c.idle_since)
+        .max_by_key(|c| (thread.is_some() && c.thread == thread, c.idle_since))
         .map(|c| c.id)
 }
 
@@ -73,6 +79,7 @@ mod tests {
             identity,
             opened_at: now - Duration::from_secs(age_s),
             idle_since: now - Duration::from_secs(idle_s),
+            thread: None,
         }
     }
 
@@ -86,15 +93,37 @@ mod tests {
             conn(3, "b", 10, 0, now),
             conn(4, "a", 4000, 0, now),
         ];
-        assert_eq!(pick(&idle, "a", Some(1), max, now), Some(1));
-        assert_eq!(pick(&idle, "a", None, max, now), Some(2));
+        assert_eq!(pick(&idle, "a", Some(1), None, max, now), Some(1));
+        assert_eq!(pick(&idle, "a", None, None, max, now), Some(2));
         assert_eq!(
-            pick(&idle, "a", Some(3), max, now),
+            pick(&idle, "a", Some(3), None, max, now),
             Some(2),
             "identity must match"
         );
-        assert_eq!(pick(&idle, "a", Some(4), max, now), Some(2), "too old");
-        assert_eq!(pick(&idle, "c", None, max, now), None);
+        assert_eq!(
+            pick(&idle, "a", Some(4), None, max, now),
+            Some(2),
+            "too old"
+        );
+        assert_eq!(pick(&idle, "c", None, None, max, now), None);
+    }
+
+    #[test]
+    fn a_connection_on_the_waiters_thread_goes_first_unless_another_is_preferred() {
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let max = Duration::from_secs(3300);
+        let (here, there) = super::super::two_threads();
+        let on = |id, idle_s, t| IdleConn {
+            thread: Some(t),
+            ..conn(id, "a", 10, idle_s, now)
+        };
+        let idle = [on(1, 5, here), on(2, 1, there), on(3, 9, here)];
+        assert_eq!(pick(&idle, "a", None, Some(here), max, now), Some(1));
+        assert_eq!(pick(&idle, "a", None, Some(there), max, now), Some(2));
+        assert_eq!(pick(&idle, "a", Some(3), Some(there), max, now), Some(3));
+        // No thread asked (or none there): the most recently used.
+        assert_eq!(pick(&idle, "a", None, None, max, now), Some(2));
+        assert_eq!(pick(&idle[..1], "a", None, Some(there), max, now), Some(1));
     }
 
     #[test]

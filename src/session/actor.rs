@@ -35,7 +35,7 @@ use crate::auth::{AuthError, Principal};
 use crate::continuation::{self, Chain, Decision, History, Lineages};
 use crate::db::models::{ApiKey, User};
 use crate::ids::{SessionId, TurnId};
-use crate::pool::messages::{Acquire, Lease, LeaseError, Parked, Reclaim, Release};
+use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Parked, Reclaim, Release};
 use crate::protocol::errors::{ErrorCode, close};
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
@@ -481,7 +481,7 @@ impl SessionActor {
             headers: self.headers.clone(),
             preferred: self.up.preferred,
             lessee: ctx.address().recipient(),
-            arbiter: Some(actix::Arbiter::current()),
+            home: Some(Home::current()),
             reclaim: Some(ctx.address().recipient()),
         });
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
