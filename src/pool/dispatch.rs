@@ -5,7 +5,7 @@
 //! One pass over the connections and one over the waiters: with a thousand sessions each of
 //! its own identity a dispatch must not cost waiters × connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -171,30 +171,32 @@ fn spares(
     limits: Limits,
 ) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::new();
-    if limits.cooling {
+    let mut room = limits.max_conns.saturating_sub(conns.len() + needed);
+    if limits.cooling || room == 0 || plan.lend.is_empty() {
         return out;
     }
-    let thread_of = |id: u64| conns.iter().find(|c| c.id == id).and_then(|c| c.thread);
-    let mut room = limits.max_conns.saturating_sub(conns.len() + needed);
+    // One pass each over the connections: their threads, and the (identity, thread) pairs
+    // that already have a connection to lend soon.
+    let thread_of: HashMap<u64, ThreadId> = conns
+        .iter()
+        .filter_map(|c| Some((c.id, c.thread?)))
+        .collect();
+    let mut covered: HashSet<(&str, ThreadId)> = idle_left
+        .iter()
+        .filter_map(|c| Some((c.identity, c.thread?)))
+        .chain(
+            conns
+                .iter()
+                .filter(|c| c.held == Held::Dialing)
+                .filter_map(|c| Some((c.identity, c.thread?))),
+        )
+        .collect();
     for &(k, conn) in &plan.lend {
-        let w = waiters[k];
-        let (Some(home), Some(there)) = (w.thread, thread_of(conn)) else {
+        let Some(w) = waiters.get(k) else { continue };
+        let (Some(home), Some(&there)) = (w.thread, thread_of.get(&conn)) else {
             continue;
         };
-        if home == there || room == 0 {
-            continue;
-        }
-        let served = |identity: &str| identity == w.identity;
-        let covered = idle_left
-            .iter()
-            .any(|c| served(c.identity) && c.thread == Some(home))
-            || conns
-                .iter()
-                .any(|c| c.held == Held::Dialing && served(c.identity) && c.thread == Some(home))
-            || out
-                .iter()
-                .any(|&j| served(waiters[j].identity) && waiters[j].thread == Some(home));
-        if !covered {
+        if home != there && room > 0 && covered.insert((w.identity, home)) {
             out.push(k);
             room -= 1;
         }
@@ -348,6 +350,10 @@ mod tests {
             (0, &[1][..]),
             "room goes to waiters"
         );
+        // A thousand borrows from one thread in one dispatch: one spare.
+        let many: Vec<Conn<'_>> = (0..1000).map(|i| on(i, idle, a)).collect();
+        let p = plan(&vec![from(b); 1000], &many, limits(4000, false, t0));
+        assert_eq!((p.lend.len(), p.spare.len()), (1000, 1));
     }
 
     #[test]
