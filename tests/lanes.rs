@@ -636,6 +636,15 @@ fn a_stalled_lane_ends_alone() {
     s.finish();
 }
 
+/// Lanes `a` and `b` both end with the error `code`.
+fn both_lanes_end(c: &mut Client, code: &str) {
+    let (_, ends) = answers(c, 2);
+    for lane in ["a", "b"] {
+        let end = ends.iter().find(|e| e["stream_id"] == lane).unwrap();
+        assert_eq!(end["error"]["code"], code, "{lane}: {ends:?}");
+    }
+}
+
 /// The upstream sends an error of no lane while only named lanes run: it concerns the
 /// connection, so every turn on it ends at once (nothing waits for a timeout) and each is
 /// recorded.
@@ -648,14 +657,7 @@ fn an_error_of_no_lane_ends_the_turns_on_the_connection() {
         "first_delay_ms=400 connection_error=server_error after=3",
     ));
     c.send(&create(Some("b"), "deltas=100 delta_delay_ms=50"));
-    let (_, ends) = answers(&mut c, 2);
-    for lane in ["a", "b"] {
-        let end = ends.iter().find(|e| e["stream_id"] == lane).unwrap();
-        assert_eq!(
-            end["error"]["code"], "upstream_connection_lost",
-            "{lane}: {ends:?}"
-        );
-    }
+    both_lanes_end(&mut c, "upstream_connection_lost");
     assert_eq!(s.rows(2).len(), 2);
     s.finish();
 }
@@ -669,14 +671,7 @@ fn an_upstream_restart_ends_every_lane_on_the_connection() {
     let mut c = s.client();
     c.send(&create(Some("a"), "first_delay_ms=300 close=1012 after=3"));
     c.send(&create(Some("b"), "deltas=100 delta_delay_ms=50"));
-    let (_, ends) = answers(&mut c, 2);
-    for lane in ["a", "b"] {
-        let end = ends.iter().find(|e| e["stream_id"] == lane).unwrap();
-        assert_eq!(
-            end["error"]["code"], "upstream_restarting",
-            "{lane}: {ends:?}"
-        );
-    }
+    both_lanes_end(&mut c, "upstream_restarting");
     assert_eq!(s.rows(2).len(), 2);
     c.send(&create(Some("a"), ""));
     let again = c.until_terminal(T);

@@ -122,18 +122,9 @@ impl ContextPool {
     }
 
     fn idle_view(&self) -> Vec<IdleConn<'_>> {
-        self.conns
+        self.view()
             .iter()
-            .filter_map(|(id, e)| match e.state {
-                State::Idle { since } => Some(IdleConn {
-                    id: *id,
-                    identity: &e.identity,
-                    opened_at: e.opened_at,
-                    idle_since: since,
-                    thread: Some(e.thread),
-                }),
-                _ => None,
-            })
+            .filter_map(dispatch::Conn::idle)
             .collect()
     }
 
@@ -187,17 +178,6 @@ impl ContextPool {
         }
     }
 
-    /// Dials in progress per identity.
-    fn dialing_by_identity(&self) -> HashMap<&str, usize> {
-        let mut dialing: HashMap<&str, usize> = HashMap::new();
-        for e in self.conns.values() {
-            if matches!(e.state, State::Dialing) {
-                *dialing.entry(e.identity.as_str()).or_default() += 1;
-            }
-        }
-        dialing
-    }
-
     /// The pool's connections as `dispatch` sees them.
     fn view(&self) -> Vec<dispatch::Conn<'_>> {
         self.conns
@@ -222,7 +202,7 @@ impl ContextPool {
                         orphan: !holder.connected(),
                     },
                 },
-                thread: Some(e.thread),
+                thread: e.thread,
             })
             .collect()
     }
@@ -532,7 +512,7 @@ impl Handler<ConnStatus> for ContextPool {
                 // dial of that identity covers it.
                 let covering = identity
                     .as_deref()
-                    .and_then(|i| self.dialing_by_identity().get(i).copied())
+                    .and_then(|i| dispatch::dialing_by_identity(&self.view()).get(i).copied())
                     .unwrap_or(0);
                 let same = |w: &&Waiter| Some(&w.identity) == identity.as_ref();
                 let waiting = self.waiters.iter().filter(same).count();

@@ -46,7 +46,23 @@ pub struct Conn<'a> {
     pub opened_at: Instant,
     pub held: Held,
     /// The thread its actor runs on.
-    pub thread: Option<ThreadId>,
+    pub thread: ThreadId,
+}
+
+impl<'a> Conn<'a> {
+    /// The connection as `policy` sees it, if it is idle.
+    pub fn idle(&self) -> Option<IdleConn<'a>> {
+        match self.held {
+            Held::Idle { since } => Some(IdleConn {
+                id: self.id,
+                identity: self.identity,
+                opened_at: self.opened_at,
+                idle_since: since,
+                thread: self.thread,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// What to do, by waiter index (into the waiters given) and connection id.
@@ -78,19 +94,7 @@ pub struct Limits {
 
 pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan {
     let mut plan = Plan::default();
-    let mut idle: Vec<IdleConn<'_>> = conns
-        .iter()
-        .filter_map(|c| match c.held {
-            Held::Idle { since } => Some(IdleConn {
-                id: c.id,
-                identity: c.identity,
-                opened_at: c.opened_at,
-                idle_since: since,
-                thread: c.thread,
-            }),
-            _ => None,
-        })
-        .collect();
+    let mut idle: Vec<IdleConn<'_>> = conns.iter().filter_map(Conn::idle).collect();
     // Waiters in order take the fit idle connections.
     let mut lent = vec![false; waiters.len()];
     for (i, w) in waiters.iter().enumerate() {
@@ -112,10 +116,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
     }
     // A dial serves only waiters of its own identity: one for each waiter that no dial of its
     // identity in progress covers.
-    let mut covering: HashMap<&str, usize> = HashMap::new();
-    for c in conns.iter().filter(|c| c.held == Held::Dialing) {
-        *covering.entry(c.identity).or_default() += 1;
-    }
+    let mut covering = dialing_by_identity(conns);
     let uncovered: Vec<usize> = (0..waiters.len())
         .filter(|i| !lent[*i])
         .filter(|i| match covering.get_mut(waiters[*i].identity) {
@@ -158,6 +159,15 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
     plan
 }
 
+/// Dials in progress per identity.
+pub fn dialing_by_identity<'a>(conns: &[Conn<'a>]) -> HashMap<&'a str, usize> {
+    let mut dialing: HashMap<&str, usize> = HashMap::new();
+    for c in conns.iter().filter(|c| c.held == Held::Dialing) {
+        *dialing.entry(c.identity).or_default() += 1;
+    }
+    dialing
+}
+
 /// docs/DESIGN.md#leases (threads): a waiter lent a connection of another thread — each of
 /// its events will wake that thread too — gets a spare dialled on its own thread when that
 /// thread has no idle or dialling connection of its identity left; never while cooling, and
@@ -177,18 +187,15 @@ fn spares(
     }
     // One pass each over the connections: their threads, and the (identity, thread) pairs
     // that already have a connection to lend soon.
-    let thread_of: HashMap<u64, ThreadId> = conns
-        .iter()
-        .filter_map(|c| Some((c.id, c.thread?)))
-        .collect();
+    let thread_of: HashMap<u64, ThreadId> = conns.iter().map(|c| (c.id, c.thread)).collect();
     let mut covered: HashSet<(&str, ThreadId)> = idle_left
         .iter()
-        .filter_map(|c| Some((c.identity, c.thread?)))
+        .map(|c| (c.identity, c.thread))
         .chain(
             conns
                 .iter()
                 .filter(|c| c.held == Held::Dialing)
-                .filter_map(|c| Some((c.identity, c.thread?))),
+                .map(|c| (c.identity, c.thread)),
         )
         .collect();
     for &(k, conn) in &plan.lend {
@@ -275,7 +282,7 @@ mod tests {
             identity,
             opened_at: t0,
             held,
-            thread: None,
+            thread: std::thread::current().id(),
         }
     }
 
@@ -306,7 +313,7 @@ mod tests {
         let t0 = Instant::now();
         let (a, b) = super::super::two_threads();
         let on = |id, held, t| Conn {
-            thread: Some(t),
+            thread: t,
             ..conn(id, "x", held, t0)
         };
         let from = |t| Waiting {

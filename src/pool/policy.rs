@@ -11,7 +11,7 @@ pub struct IdleConn<'a> {
     pub opened_at: Instant,
     pub idle_since: Instant,
     /// The thread its actor runs on.
-    pub thread: Option<ThreadId>,
+    pub thread: ThreadId,
 }
 
 /// The idle connection to lend: the preferred one if fit, else a fit one on the waiter's
@@ -35,7 +35,7 @@ pub fn pick(
     }
     idle.iter()
         .filter(fit)
-        .max_by_key(|c| (thread.is_some() && c.thread == thread, c.idle_since))
+        .max_by_key(|c| (Some(c.thread) == thread, c.idle_since))
         .map(|c| c.id)
 }
 
@@ -79,7 +79,7 @@ mod tests {
             identity,
             opened_at: now - Duration::from_secs(age_s),
             idle_since: now - Duration::from_secs(idle_s),
-            thread: None,
+            thread: std::thread::current().id(),
         }
     }
 
@@ -114,7 +114,7 @@ mod tests {
         let max = Duration::from_secs(3300);
         let (here, there) = super::super::two_threads();
         let on = |id, idle_s, t| IdleConn {
-            thread: Some(t),
+            thread: t,
             ..conn(id, "a", 10, idle_s, now)
         };
         let idle = [on(1, 5, here), on(2, 1, there), on(3, 9, here)];
