@@ -8,8 +8,10 @@
 # summary per build and scenario. BENCH_WORKLOAD=big|small picks the upstream (as bench.sh);
 # BENCH_ROUNDS (3); BENCH_AB_SCENARIOS overrides the scenarios ("name:SESSIONS TURNS EVENTS GAP_US
 # [LANES]" separated by commas; a name starting with `idle` runs `bench idle` with SESSIONS first,
-# on the relay as it was started: memory per idle session). Never run beside a build or a test
-# run: only same-run ratios count.
+# on the relay as it was started: memory per idle session). BENCH_DB=postgres puts each relay on
+# a fresh PostgreSQL database (BENCH_PG_URL, default postgres://postgres@127.0.0.1:5432; needs
+# psql) instead of a SQLite file. Never run beside a build or a test run: only same-run ratios
+# count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=${1:?usage: scripts/bench_ab.sh OLD_BINARY [NEW_BINARY]}
@@ -26,7 +28,13 @@ esac
 
 WORK=$(mktemp -d /tmp/turnpike-ab.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+PG=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
+PG_DBS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  for d in "${PG_DBS[@]}"; do psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1 || true; done
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 source scripts/bench_lib.sh
 
@@ -36,11 +44,25 @@ wait_port "$UP"
 OUT=$WORK/ab.jsonl
 : >"$OUT"
 
+# A new database for one relay run (label, round).
+new_db() {
+  case ${BENCH_DB:-sqlite} in
+    sqlite) echo "sqlite://$WORK/$1-$2.db" ;;
+    postgres)
+      local name="turnpike_ab_$$_$1_$2"
+      psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
+      echo "$PG/$name" ;;
+    *) echo "bench_ab: BENCH_DB is sqlite or postgres" >&2; exit 2 ;;
+  esac
+}
+
 run_build() { # label binary round
-  local label=$1 bin=$2 round=$3 port
+  local label=$1 bin=$2 round=$3 port db
   port=$(free_port)
   local key pid
-  key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "sqlite://$WORK/$label-$round.db" "$UP")
+  db=$(new_db "$label" "$round")
+  [ "${BENCH_DB:-sqlite}" = postgres ] && PG_DBS+=("turnpike_ab_$$_${label}_$round")
+  key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "$db" "$UP")
   "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
   wait_port "$port"
   local url=ws://127.0.0.1:$port/v1/responses

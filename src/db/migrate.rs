@@ -6,12 +6,12 @@
 
 use std::collections::HashSet;
 
+use deadpool::managed::Object;
 use diesel::QueryableByName;
 use diesel::backend::Backend;
 use diesel::migration::{Migration, MigrationSource};
 use diesel::sql_types::Text;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::deadpool::Object;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use deadpool::Runtime;
+use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
 use diesel::SqliteConnection;
-use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
@@ -15,23 +17,72 @@ use crate::config::{DatabaseSettings, DatabaseTarget};
 
 pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 
+pub type Pool<C> = deadpool::managed::Pool<Checked<C>>;
+
 #[derive(Clone)]
 pub enum DbPool {
     Postgres(Pool<AsyncPgConnection>),
     Sqlite(Pool<SqliteConn>),
 }
 
+/// A PostgreSQL connection used within this long is lent without a test query
+/// (docs/DESIGN.md#database-checkout).
+const PG_VERIFY_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// diesel-async's manager, with a cheaper check on lending (docs/DESIGN.md#database-checkout):
+/// a connection that is broken (an open transaction left behind; for PostgreSQL, a socket the
+/// server closed) is never lent; a test query (`SELECT 1`) runs only on a connection idle for
+/// `verify_after` — on a busy relay that query doubled every read's round trips.
+pub struct Checked<C> {
+    inner: AsyncDieselConnectionManager<C>,
+    /// `None`: never (a SQLite file has no peer to lose).
+    verify_after: Option<Duration>,
+}
+
+/// Whether a connection last lent `idle` ago gets the test query.
+fn needs_test_query(idle: Duration, verify_after: Option<Duration>) -> bool {
+    verify_after.is_some_and(|after| idle >= after)
+}
+
+impl<C> Manager for Checked<C>
+where
+    C: PoolableConnection + Send + 'static,
+    AsyncDieselConnectionManager<C>: Manager<Type = C, Error = PoolError>,
+{
+    type Type = C;
+    type Error = PoolError;
+
+    async fn create(&self) -> Result<C, PoolError> {
+        self.inner.create().await
+    }
+
+    async fn recycle(&self, conn: &mut C, metrics: &Metrics) -> RecycleResult<PoolError> {
+        if !needs_test_query(metrics.last_used(), self.verify_after) {
+            if conn.is_broken() {
+                return Err(RecycleError::message("broken connection"));
+            }
+            return Ok(());
+        }
+        self.inner.recycle(conn, metrics).await
+    }
+}
+
 /// A pool of `max` connections whose every wait (for a free one, to open one, to check one)
 /// is bounded by `timeout`.
 fn bounded<C>(
-    manager: AsyncDieselConnectionManager<C>,
+    inner: AsyncDieselConnectionManager<C>,
+    verify_after: Option<Duration>,
     max: usize,
     timeout: Option<Duration>,
 ) -> Result<Pool<C>, deadpool::managed::BuildError>
 where
-    C: diesel_async::pooled_connection::PoolableConnection + 'static,
-    AsyncDieselConnectionManager<C>: deadpool::managed::Manager,
+    C: PoolableConnection + Send + 'static,
+    AsyncDieselConnectionManager<C>: Manager<Type = C, Error = PoolError>,
 {
+    let manager = Checked {
+        inner,
+        verify_after,
+    };
     Pool::builder(manager)
         .max_size(max)
         .runtime(Runtime::Tokio1)
@@ -58,6 +109,7 @@ impl DbPool {
                 let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
                 Ok(Self::Postgres(bounded(
                     manager,
+                    Some(PG_VERIFY_AFTER_IDLE),
                     settings.pool_max_size,
                     timeout,
                 )?))
@@ -92,6 +144,7 @@ impl DbPool {
                 );
                 Ok(Self::Sqlite(bounded(
                     manager,
+                    None,
                     settings.pool_max_size,
                     timeout,
                 )?))
@@ -132,6 +185,14 @@ pub fn with_pg_defaults(url: &str, statement_timeout_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_postgres_connection_idle_for_a_while_gets_a_test_query() {
+        let ms = Duration::from_millis;
+        assert!(!needs_test_query(ms(999), Some(PG_VERIFY_AFTER_IDLE)));
+        assert!(needs_test_query(ms(1000), Some(PG_VERIFY_AFTER_IDLE)));
+        assert!(!needs_test_query(Duration::from_secs(3600), None));
+    }
 
     #[test]
     fn pg_defaults_are_added_unless_set() {
