@@ -22,7 +22,7 @@ pub async fn lookup(
             .filter(aa::affinity_key.eq(key))
             .filter(aa::expires_at.gt(at))
             .select((aa::account, aa::updated_at))
-            .first(c)
+            .get_result(c)
             .await
             .optional()?
     }))

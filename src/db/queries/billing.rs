@@ -190,7 +190,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                         .filter(|r| !fresh.contains(&(r.request_id.as_str(), r.api_key_id)))
                     {
                         let stored: Option<Fingerprint> =
-                            stored_fingerprint!(r).first(tx).await.optional()?;
+                            stored_fingerprint!(r).get_result(tx).await.optional()?;
                         mismatched += usize::from(stored.is_some_and(|s| s != fingerprint(r)));
                     }
                     let ledger: Vec<NewLedger<'_>> =
@@ -234,7 +234,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                                 diesel::RunQueryDsl::execute(usage_insert!(&usage::row_of(r)), tx)?;
                             if written == 0 {
                                 let stored: Option<Fingerprint> =
-                                    diesel::RunQueryDsl::first(stored_fingerprint!(r), tx)
+                                    diesel::RunQueryDsl::get_result(stored_fingerprint!(r), tx)
                                         .optional()?;
                                 out.mismatched +=
                                     usize::from(stored.is_some_and(|s| s != fingerprint(r)));

@@ -43,7 +43,7 @@ pub async fn lookup(pool: &DbPool, response_id: &str) -> Result<Option<(String, 
             .filter(rb::response_id.eq(response_id))
             .filter(rb::expires_at.gt(at))
             .select((rb::account, rb::api_key_id))
-            .first(c)
+            .get_result(c)
             .await
             .optional()?
     }))

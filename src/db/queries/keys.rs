@@ -24,7 +24,7 @@ pub async fn by_hash(pool: &DbPool, key_hash: &str) -> Result<Option<(ApiKey, Us
             .inner_join(users::table)
             .filter(api_keys::key_hash.eq(key_hash))
             .select((ApiKey::as_select(), User::as_select()))
-            .first(c)
+            .get_result(c)
             .await
             .optional()?
     }))
@@ -37,7 +37,7 @@ pub async fn by_id(pool: &DbPool, id: i64) -> Result<Option<(ApiKey, User)>, DbE
             .inner_join(users::table)
             .filter(api_keys::id.eq(id))
             .select((ApiKey::as_select(), User::as_select()))
-            .first(c)
+            .get_result(c)
             .await
             .optional()?
     }))

@@ -77,8 +77,8 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
             let mut c = p.get().await?;
             let n = n.clone();
             c.transaction::<_, DbError, _>(async |tx| {
-                let key = key_row!(n).for_update().first(tx).await.optional()?;
-                let balance = user_row!(n).for_update().first(tx).await.optional()?;
+                let key = key_row!(n).for_update().get_result(tx).await.optional()?;
+                let balance = user_row!(n).for_update().get_result(tx).await.optional()?;
                 let key_reserved: Vec<i64> = reserved_by!(r::api_key_id, n.api_key_id, at)
                     .load(tx)
                     .await?;
@@ -101,8 +101,8 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
             Ok(c.spawn_blocking(move |conn| {
                 use diesel::RunQueryDsl as Sync;
                 conn.immediate_transaction::<_, diesel::result::Error, _>(|tx| {
-                    let key = Sync::first(key_row!(n), tx).optional()?;
-                    let balance = Sync::first(user_row!(n), tx).optional()?;
+                    let key = Sync::get_result(key_row!(n), tx).optional()?;
+                    let balance = Sync::get_result(user_row!(n), tx).optional()?;
                     let key_reserved: Vec<i64> =
                         Sync::load(reserved_by!(r::api_key_id, n.api_key_id, at), tx)?;
                     let user_reserved: Vec<i64> =

@@ -35,7 +35,7 @@ pub async fn by_name(pool: &DbPool, name: &str) -> Result<Option<User>, DbError>
         users::table
             .filter(users::name.eq(name))
             .select(User::as_select())
-            .first(c)
+            .get_result(c)
             .await
             .optional()?
     }))
