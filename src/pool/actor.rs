@@ -54,7 +54,8 @@ struct Entry {
 }
 
 struct Waiter {
-    id: u64,
+    /// Answered `LeaseError::Timeout` if still waiting then.
+    deadline: Instant,
     identity: String,
     headers: Vec<(String, String)>,
     preferred: Option<u64>,
@@ -75,6 +76,8 @@ pub struct ContextPool {
     upstream: UpstreamSettings,
     conns: HashMap<u64, Entry>,
     waiters: VecDeque<Waiter>,
+    /// The one timer for the waiters' earliest deadline, armed while any waits.
+    expiry: Option<SpawnHandle>,
     next_id: u64,
     dialled_total: u64,
     leases_total: u64,
@@ -105,6 +108,7 @@ impl ContextPool {
             upstream,
             conns: HashMap::new(),
             waiters: VecDeque::new(),
+            expiry: None,
             next_id: 1,
             dialled_total: 0,
             leases_total: 0,
@@ -264,6 +268,33 @@ impl ContextPool {
                 }
             }
         }
+    }
+
+    /// docs/DESIGN.md#leases: one timer for the earliest waiter's deadline, not one per
+    /// `Acquire` — actix polls every future an actor has spawned on each of its messages, and a
+    /// timer per waiter outlived the waiter for `pool.lease_timeout_ms`, so a pool that had
+    /// just lent a thousand connections paid a thousand timer polls per message.
+    fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
+        if self.expiry.is_some() {
+            return;
+        }
+        let Some(first) = self.waiters.iter().map(|w| w.deadline).min() else {
+            return;
+        };
+        let wait = first.saturating_duration_since(Instant::now());
+        self.expiry = Some(ctx.run_later(wait, |act, ctx| {
+            act.expiry = None;
+            let now = Instant::now();
+            let (late, waiting): (VecDeque<Waiter>, VecDeque<Waiter>) =
+                std::mem::take(&mut act.waiters)
+                    .into_iter()
+                    .partition(|w| w.deadline <= now);
+            act.waiters = waiting;
+            for w in late {
+                let _ = w.reply.send(Err(LeaseError::Timeout));
+            }
+            act.arm_expiry(ctx);
+        }));
     }
 
     /// docs/DESIGN.md#idle-reclaim: asks the session holding `conn` between turns for it back
@@ -436,10 +467,8 @@ impl Handler<Acquire> for ContextPool {
         if self.shutting_down {
             return Box::pin(async { Err(LeaseError::ShuttingDown) });
         }
-        let id = self.next_id;
-        self.next_id += 1;
         self.waiters.push_back(Waiter {
-            id,
+            deadline: Instant::now() + Duration::from_millis(self.pool.lease_timeout_ms),
             identity: identity_of(&msg.headers),
             headers: msg.headers,
             preferred: msg.preferred,
@@ -448,14 +477,7 @@ impl Handler<Acquire> for ContextPool {
             reclaim: msg.reclaim,
             reply: tx,
         });
-        let timeout = Duration::from_millis(self.pool.lease_timeout_ms);
-        ctx.run_later(timeout, move |act, _| {
-            if let Some(pos) = act.waiters.iter().position(|w| w.id == id)
-                && let Some(w) = act.waiters.remove(pos)
-            {
-                let _ = w.reply.send(Err(LeaseError::Timeout));
-            }
-        });
+        self.arm_expiry(ctx);
         self.dispatch(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(LeaseError::ShuttingDown)) })
     }
