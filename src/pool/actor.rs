@@ -78,6 +78,8 @@ pub struct ContextPool {
     waiters: VecDeque<Waiter>,
     /// The one timer for the waiters' earliest deadline, armed while any waits.
     expiry: Option<SpawnHandle>,
+    /// A `Dispatch` is on its way.
+    dispatch_due: bool,
     next_id: u64,
     dialled_total: u64,
     leases_total: u64,
@@ -109,6 +111,7 @@ impl ContextPool {
             conns: HashMap::new(),
             waiters: VecDeque::new(),
             expiry: None,
+            dispatch_due: false,
             next_id: 1,
             dialled_total: 0,
             leases_total: 0,
@@ -211,9 +214,19 @@ impl ContextPool {
             .collect()
     }
 
+    /// Asks for a dispatch once the messages waiting in the mailbox now are handled
+    /// (docs/DESIGN.md#leases): a burst of a thousand acquires or dials done costs one dispatch,
+    /// not one each — a dispatch reads every connection and waiter.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if !self.dispatch_due {
+            self.dispatch_due = true;
+            ctx.notify(Dispatch);
+        }
+    }
+
     /// Serves waiters in order from idle connections, then dials for those left, as
     /// `dispatch::plan` decides (docs/DESIGN.md#leases).
-    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+    fn dispatch_now(&mut self, ctx: &mut Context<Self>) {
         // A waiter whose session is gone is served nothing (and dialled for by nobody).
         self.waiters.retain(|w| w.lessee.connected());
         if self.waiters.is_empty() {
@@ -456,6 +469,20 @@ impl Actor for ContextPool {
                 act.close(id);
             }
         });
+    }
+}
+
+/// Runs the dispatch asked for while handling earlier messages.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Dispatch;
+
+impl Handler<Dispatch> for ContextPool {
+    type Result = ();
+
+    fn handle(&mut self, _: Dispatch, ctx: &mut Context<Self>) {
+        self.dispatch_due = false;
+        self.dispatch_now(ctx);
     }
 }
 
