@@ -283,3 +283,44 @@ fn two_relays_share_one_turn_cap() {
     }
     s.finish();
 }
+
+/// docs/DESIGN.md#database-checkout: a pooled connection is lent without a test query when it
+/// was used within the last second, so one the server has closed must be recognised as broken
+/// and never lent. PostgreSQL ends every backend of the relay between two turns of a key with a
+/// quota; the next turns (each reserves in the database first, failing closed) are served at
+/// once, not refused `accounting_unavailable`, and billed.
+#[test]
+fn turns_after_the_database_ended_the_relays_connections_are_served() {
+    let Some(db) = block(TestDb::all())
+        .into_iter()
+        .find(|d| d.backend == "postgres")
+    else {
+        return;
+    };
+    let s = stack_with_quota(db, Some(100 * TURN));
+    let mut c = s.client();
+    let turn = |c: &mut Client| {
+        c.send(
+            &json!({"type": "response.create", "model": "gpt-test", "store": false,
+            "input": "go!!", "max_output_tokens": 16}),
+        );
+        let events = c.until_terminal(T);
+        events.last().cloned().unwrap_or_default()
+    };
+    assert_eq!(turn(&mut c)["type"], "response.completed");
+    exec(
+        &s.db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
+    // Well under the second after which a connection would get a test query anyway.
+    std::thread::sleep(Duration::from_millis(200));
+    for n in 2..=4 {
+        let last = turn(&mut c);
+        assert_eq!(last["type"], "response.completed", "turn {n}: {last}");
+    }
+    let sums = common::ledger::wait_rows(&s.db, 4);
+    assert_eq!(sums.usage_rows, 4, "{sums:?}");
+    assert_invariant(&sums);
+    s.finish();
+}
