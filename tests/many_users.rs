@@ -163,13 +163,19 @@ fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
         .filter(|o| *o == "response.completed")
         .count();
     assert_eq!(done, 2 * N, "{:?}", s.problems());
-    assert_eq!(
-        held["open"], N as u64,
+    // Every session holds its socket; besides them at most one spare per worker thread, dialled
+    // when the burst's last sessions were lent another thread's connection
+    // (docs/DESIGN.md#leases, threads).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let open = held["open"].as_u64().unwrap_or(0);
+    assert!(
+        (N as u64..=N as u64 + workers).contains(&open),
         "every session held its upstream socket: {held}"
     );
     let after = s.sim_stats();
-    assert_eq!(
-        after["accepted"], N as u64,
+    let accepted = after["accepted"].as_u64().unwrap_or(0);
+    assert!(
+        (N as u64..=N as u64 + workers).contains(&accepted),
         "second turns reused their sockets (no redial): {after}"
     );
     assert_eq!(s.rows(2 * N).len(), 2 * N);
