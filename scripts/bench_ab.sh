@@ -44,24 +44,19 @@ wait_port "$UP"
 OUT=$WORK/ab.jsonl
 : >"$OUT"
 
-# A new database for one relay run (label, round).
-new_db() {
-  case ${BENCH_DB:-sqlite} in
-    sqlite) echo "sqlite://$WORK/$1-$2.db" ;;
-    postgres)
-      local name="turnpike_ab_$$_$1_$2"
-      psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
-      echo "$PG/$name" ;;
-    *) echo "bench_ab: BENCH_DB is sqlite or postgres" >&2; exit 2 ;;
-  esac
-}
-
 run_build() { # label binary round
-  local label=$1 bin=$2 round=$3 port db
+  local label=$1 bin=$2 round=$3 port db name="turnpike_ab_$$_$1_$3"
   port=$(free_port)
   local key pid
-  db=$(new_db "$label" "$round")
-  [ "${BENCH_DB:-sqlite}" = postgres ] && PG_DBS+=("turnpike_ab_$$_${label}_$round")
+  # A new database for each relay run.
+  case ${BENCH_DB:-sqlite} in
+    sqlite) db="sqlite://$WORK/$name.db" ;;
+    postgres)
+      psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
+      PG_DBS+=("$name")
+      db="$PG/$name" ;;
+    *) echo "bench_ab: BENCH_DB is sqlite or postgres" >&2; exit 2 ;;
+  esac
   key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "$db" "$UP")
   "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
   wait_port "$port"

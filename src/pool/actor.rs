@@ -472,6 +472,13 @@ impl Actor for ContextPool {
     }
 }
 
+/// `timeout` from `now`; a timeout beyond what the clock can hold (an unbounded
+/// `pool.lease_timeout_ms`) waits for decades instead of overflowing.
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    const DECADES: Duration = Duration::from_secs(30 * 365 * 86_400);
+    now.checked_add(timeout.min(DECADES)).unwrap_or(now)
+}
+
 /// Runs the dispatch asked for while handling earlier messages.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -495,7 +502,10 @@ impl Handler<Acquire> for ContextPool {
             return Box::pin(async { Err(LeaseError::ShuttingDown) });
         }
         self.waiters.push_back(Waiter {
-            deadline: Instant::now() + Duration::from_millis(self.pool.lease_timeout_ms),
+            deadline: deadline_after(
+                Instant::now(),
+                Duration::from_millis(self.pool.lease_timeout_ms),
+            ),
             identity: identity_of(&msg.headers),
             headers: msg.headers,
             preferred: msg.preferred,
@@ -716,5 +726,21 @@ impl Handler<RestartActor> for ContextPool {
         info!(account = %self.account, closed = idle.len(), parked, retiring = self.conns.len(), "pool restarted");
         self.dispatch(ctx);
         MessageResult(self.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_timeout_too_large_for_the_clock_waits_for_decades() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline_after(now, Duration::from_millis(5_000)),
+            now + Duration::from_secs(5)
+        );
+        let far = deadline_after(now, Duration::from_millis(u64::MAX));
+        assert!(far > now + Duration::from_secs(20 * 365 * 86_400));
     }
 }
