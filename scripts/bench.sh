@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The relay benchmark (BENCHMARKS.md): the same workload three ways in one run — directly to a
+# The relay benchmark (BENCHMARKS.md): the same workload four ways in one run — directly to a
 # minimal upstream, through websocat 4 (TCP_NODELAY forced by an LD_PRELOAD shim), through
-# turnpike — then accounting rows/s on SQLite and PostgreSQL and the spool's fsync cost.
+# LiteLLM 1.108.7's OpenAI WebSocket passthrough (Python, uvloop, one process: the proxy #21's
+# latency target names), through turnpike — then accounting rows/s on SQLite and PostgreSQL and
+# the spool's fsync cost.
 # Figures are printed and written between the `bench:` markers of BENCHMARKS.md.
 #
 #   scripts/bench.sh            # everything (~6 min on 2 cores after the release build)
@@ -14,9 +16,10 @@
 #                                        # single-threaded async upstream, each event written
 #                                        # and flushed on its own (default: big, ~200-byte
 #                                        # deltas, a thread per upstream connection)
-#   BENCH_PATHS='direct|turnpike' ...    # a regex choosing among direct, websocat, turnpike
+#   BENCH_PATHS='direct|turnpike' ...    # a regex choosing among direct, websocat, litellm, turnpike
 #
-# Needs: cargo, gcc, python3; websocat is installed once into ~/.cache/turnpike-bench.
+# Needs: cargo, gcc, python3; websocat and LiteLLM (a venv, from PyPI) are installed once into
+# ~/.cache/turnpike-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,6 +39,15 @@ USE_WS=1
 if [ "$USE_WS" = 1 ] && [ ! -x "$WS" ]; then
   echo "bench: installing websocat 4.0.0-alpha3 into $CACHE (once)" >&2
   cargo install --quiet websocat --version 4.0.0-alpha3 --no-default-features --root "$CACHE/websocat"
+fi
+LL=$CACHE/litellm-1.108.7
+USE_LL=1
+[[ litellm =~ ${BENCH_PATHS:-.} ]] || USE_LL=0
+if [ "$USE_LL" = 1 ] && [ ! -x "$LL/bin/litellm" ]; then
+  echo "bench: installing LiteLLM 1.108.7 into $LL (once)" >&2
+  rm -rf "$LL"
+  python3 -m venv "$LL"
+  "$LL/bin/pip" install --quiet 'litellm[proxy]==1.108.7' uvloop
 fi
 SHIM=$CACHE/nodelay.so
 gcc -O2 -shared -fPIC -o "$SHIM" scripts/nodelay.c -ldl
@@ -66,6 +78,21 @@ start_websocat() {
   wait_port "$WSP"
 }
 start_websocat
+# LiteLLM's `/openai/{endpoint}` WebSocket passthrough to the same upstream; the master key is
+# the client's key. Its own cost-map download is off (no network here).
+LLP=$(free_port)
+if [ "$USE_LL" = 1 ]; then
+  cat >"$WORK/litellm.yaml" <<CONF
+general_settings:
+  master_key: sk-bench
+  enable_openai_websocket_passthrough: true
+CONF
+  OPENAI_API_BASE=http://127.0.0.1:$UP/ OPENAI_API_KEY=sk-upstream LITELLM_LOCAL_MODEL_COST_MAP=True \
+    "$LL/bin/litellm" --config "$WORK/litellm.yaml" --host 127.0.0.1 --port "$LLP" --num_workers 1 \
+    >>"$WORK/litellm.log" 2>&1 &
+  LL_PID=$!; PIDS+=($LL_PID)
+  wait_port "$LLP" 900
+fi
 
 KEY=$(bench_relay "$T" "$WORK/turnpike.toml" "$TP" "sqlite://$WORK/bench.db" "$UP")
 start_turnpike() {
@@ -83,6 +110,7 @@ restart_relays() {
 
 DIRECT=ws://127.0.0.1:$UP/v1/responses
 VIA_WS=ws://127.0.0.1:$WSP/v1/responses
+VIA_LL=ws://127.0.0.1:$LLP/openai/v1/responses
 VIA_TP=ws://127.0.0.1:$TP/v1/responses
 OUT=$WORK/results.jsonl
 : >"$OUT"
@@ -90,6 +118,7 @@ OUT=$WORK/results.jsonl
 rec() {
   local scen=$1 path=$2; shift 2
   [[ $path =~ ${BENCH_PATHS:-.} ]] || return 0
+  [ "$path" != litellm ] || [ "$USE_LL" = 1 ] || return 0
   local j up0 up1
   # The upstream's CPU too: it must never be the bottleneck of the direct row.
   up0=$(cpu_of "$UPSTREAM_PID")
@@ -100,13 +129,14 @@ rec() {
 # A process's CPU seconds (user + system) from /proc.
 cpu_of() { python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 ROUNDS=${BENCH_ROUNDS:-3}
-three() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_US)
+each_path() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_US)
   local scen=$1; shift
   [[ $scen =~ ${BENCH_SCENARIOS:-.} ]] || return 0
-  # Rounds interleave the three paths, so a slow spell of the machine hits all of them.
+  # Rounds interleave the paths, so a slow spell of the machine hits all of them.
   for _ in $(seq 1 "$ROUNDS"); do
     rec "$scen" direct stream "$DIRECT" k "$@"
     rec "$scen" websocat stream "$VIA_WS" k "$@" "$WS_PID"
+    rec "$scen" litellm stream "$VIA_LL" sk-bench "$@" "${LL_PID:-$$}"
     rec "$scen" turnpike stream "$VIA_TP" "$KEY" "$@" "$TP_PID"
   done
 }
@@ -114,20 +144,22 @@ three() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_
 if [[ $ONLY == all || $ONLY == stream ]]; then
   # Warm-up: both relays' first connections and code paths.
   [ "$USE_WS" = 1 ] && "$B" stream "$VIA_WS" k 10 2 200 0 >/dev/null
+  [ "$USE_LL" = 1 ] && "$B" stream "$VIA_LL" sk-bench 10 2 200 0 >/dev/null
   "$B" stream "$VIA_TP" "$KEY" 10 2 200 0 >/dev/null
-  three s1_500eps 1 3 1500 2000          # 1 session, 500 events/s
-  three s100_50keps 100 2 1500 2000      # 100 sessions × 500 events/s = 50k events/s
+  each_path s1_500eps 1 3 1500 2000          # 1 session, 500 events/s
+  each_path s100_50keps 100 2 1500 2000      # 100 sessions × 500 events/s = 50k events/s
   # 1,000 sessions at 20 events/s each: at 50k/s the load generator's and upstream's 2,000
   # threads alone saturate the two cores (direct p99 ≈ 20–150 ms), hiding the relays.
-  three s1000_20keps 1000 2 60 50000     # 1,000 sessions × 20 events/s = 20k events/s
-  three s100_saturation 100 5 2000 0     # 100 sessions, unpaced
+  each_path s1000_20keps 1000 2 60 50000     # 1,000 sessions × 20 events/s = 20k events/s
+  each_path s100_saturation 100 5 2000 0     # 100 sessions, unpaced
   # Lanes: 25 sessions × 4 lanes side by side × 500 events/s = 50k events/s, beside s100_50keps
   # (the thread upstream plays a connection's lanes side by side; the async one does not).
-  if [ "$WORKLOAD" = big ]; then BENCH_LANES=4 three s25x4lanes_50keps 25 2 1500 2000; fi
+  if [ "$WORKLOAD" = big ]; then BENCH_LANES=4 each_path s25x4lanes_50keps 25 2 1500 2000; fi
 fi
 if [[ $ONLY == all || $ONLY == ttfe ]]; then
   rec ttfe direct ttfe "$DIRECT" k 100
   rec ttfe websocat ttfe "$VIA_WS" k 100
+  rec ttfe litellm ttfe "$VIA_LL" sk-bench 100
   rec ttfe turnpike ttfe "$VIA_TP" "$KEY" 100
 fi
 if [[ $ONLY == all || $ONLY == http ]] && [ "$WORKLOAD" = big ]; then

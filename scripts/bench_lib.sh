@@ -1,7 +1,8 @@
 # Shared by scripts/bench.sh and scripts/bench_ab.sh (sourced, not run).
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
+# wait_port PORT [TENTHS]: waits for a listener (10 s unless told).
+wait_port() { for _ in $(seq 1 "${2:-100}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
 
 # bench_relay BINARY CONFIG PORT DATABASE_URL UPSTREAM_PORT: writes a relay's config (one account
 # on the bench upstream, room for 20,000 sessions), migrates, creates the user `bench`; prints a

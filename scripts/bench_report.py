@@ -33,7 +33,9 @@ out = []
 w = out.append
 small = os.environ.get("BENCH_WORKLOAD", "big") == "small"
 title = "Second workload (small deltas)" if small else "Relay benchmark"
-w(f"## {title}: direct vs websocat vs turnpike ({datetime.date.today()}, commit {commit})")
+paths = [p for p in ("direct", "websocat", "litellm", "turnpike") if any(r["path"] == p for r in rows)]
+names = {"direct": "direct", "websocat": "websocat", "litellm": "LiteLLM", "turnpike": "turnpike"}
+w(f"## {title}: {' vs '.join(names[p] for p in paths)} ({datetime.date.today()}, commit {commit})")
 w("")
 w(f"Machine: {os.cpu_count()} cores ({cpu_model()}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
   f"Linux {platform.release()}, {sh('rustc --version')}. Load generator, upstream and relay share the cores.")
@@ -42,7 +44,9 @@ upstream = ("`BENCH_WORKLOAD=small scripts/bench.sh` … upstream `bench upstrea
             if small else
             "`scripts/bench.sh` … upstream `bench upstream`: a thread per connection, ~200-byte deltas stamped at send")
 w(f"Command: {upstream} (release builds; websocat 4.0.0-alpha3 `--text ws-l: ws://`, TCP_NODELAY by "
-  "`scripts/nodelay.c` preloaded; latency = stamp → client receive).")
+  "`scripts/nodelay.c` preloaded; " + ("LiteLLM 1.108.7 `litellm --num_workers 1` (uvloop), its "
+  "`/openai/v1/responses` WebSocket passthrough; " if "litellm" in paths else "") +
+  "latency = stamp → client receive).")
 w("")
 labels = {
     "s1_500eps": "1 session, 500 events/s",
@@ -73,7 +77,7 @@ def merged(rs, path):
 
 
 if any(k in by for k in labels):
-    w("Medians over the rounds (each round runs the three paths one after another); p50 and CPU "
+    w("Medians over the rounds (each round runs the paths one after another); p50 and CPU "
       "show [lowest–highest] round. *added* = the path's figure minus direct's.")
     w("")
     w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | rounds, failed sessions |")
@@ -81,7 +85,7 @@ if any(k in by for k in labels):
     for scen, label in labels.items():
         rs = by.get(scen, [])
         direct = merged(rs, "direct")
-        for path in ("direct", "websocat", "turnpike"):
+        for path in paths:
             m = merged(rs, path)
             if m is None:
                 continue
