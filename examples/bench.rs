@@ -15,7 +15,9 @@
 //! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, and, with PID,
 //! that process's CPU seconds over the run (the relay's). With `BENCH_LANES=N` each turn is N
 //! creates at once on lanes `l0`…, read until all N have completed (the thread upstream plays
-//! the creates of named lanes side by side, each event tagged with its `stream_id`).
+//! the creates of named lanes side by side, each event tagged with its `stream_id`). With
+//! `BENCH_SLOW_US=N` every event slower than N µs is printed to stderr with its index in its turn
+//! and its stamp (when the tail happens; `scripts/sched_gaps.py` says what ran meanwhile).
 //!
 //! `bench ttfe URL KEY N` — N fresh WebSockets one after another (each with its own `session-id`,
 //! so a relay cannot lend it an upstream socket dialled for another): time to first event of
@@ -32,6 +34,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tungstenite::Message;
@@ -445,7 +448,14 @@ fn turn_of(
         if let Some(i) = t.rfind("\"t\":") {
             let stamp = param(&t[i..], "\"t\":");
             if stamp > 0 {
-                lat.push(at.saturating_sub(stamp));
+                let took = at.saturating_sub(stamp);
+                lat.push(took);
+                if took > slow_ns() {
+                    eprintln!(
+                        "slow: {} µs, event {events} of its turn, stamp {stamp}",
+                        took / 1000
+                    );
+                }
             }
         }
         if t.starts_with(r#"{"type":"error""#) {
@@ -458,6 +468,17 @@ fn turn_of(
             }
         }
     }
+}
+
+/// `BENCH_SLOW_US` in ns (never, unset).
+fn slow_ns() -> u64 {
+    static SLOW: OnceLock<u64> = OnceLock::new();
+    *SLOW.get_or_init(|| {
+        std::env::var("BENCH_SLOW_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(u64::MAX, |us| us.saturating_mul(1000))
+    })
 }
 
 fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
