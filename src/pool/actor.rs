@@ -367,7 +367,9 @@ impl ContextPool {
             return;
         };
         // The lessee is set before the session learns of the lease, so no frame is lost.
-        entry.addr.do_send(SetLessee(Some(w.lessee.clone())));
+        entry
+            .addr
+            .do_send(SetLessee(Some((w.lessee.clone(), lease_id))));
         let lease = Lease {
             conn,
             id: lease_id,

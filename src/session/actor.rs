@@ -158,6 +158,8 @@ struct Upstream {
     /// When the connection last sent anything (a lane's silence is the lane's, while others
     /// are answered).
     heard_at: Option<Instant>,
+    /// The lease whose frames the session reads itself (docs/DESIGN.md#direct-reads).
+    direct: Option<u64>,
 }
 
 /// The client socket: frames out (no actor in between), the decoder of what comes in, and the
@@ -510,11 +512,29 @@ impl SessionActor {
                     act.up.lease = Some(lease);
                     act.up.spent = false;
                     act.up.heard_at = None;
+                    act.read_directly(ctx);
                     act.serve_leasing(ctx);
                 }
                 Err(err) => act.lease_failed(&account, err, ctx),
             }
         }));
+    }
+
+    /// Reads the leased connection's frames on this actor when the connection runs on this
+    /// thread — one task and no mailbox message per event (docs/DESIGN.md#direct-reads).
+    /// Tried when a lease arrives and before each request, in case the connection had not yet
+    /// learnt of the lease.
+    pub(super) fn read_directly(&mut self, ctx: &mut Context<Self>) {
+        let Some(lease) = self.up.lease.as_ref() else {
+            return;
+        };
+        if self.up.direct == Some(lease.id) {
+            return;
+        }
+        if let Some(reader) = crate::upstream::socket::attach(lease.conn, lease.id) {
+            self.up.direct = Some(lease.id);
+            ctx.add_stream(reader);
+        }
     }
 
     /// Turns waiting for a connection get one, in the order they were accepted.
@@ -1169,6 +1189,17 @@ impl Handler<UpstreamEvent> for SessionActor {
             UpstreamEvent::Lost { conn, .. } => self.on_drain_event(conn, None, ctx),
         }
     }
+}
+
+/// The leased connection's text frames, read on this actor (`read_directly`): the same as
+/// `UpstreamEvent::Text` from the connection actor.
+impl StreamHandler<(u64, ByteString)> for SessionActor {
+    fn handle(&mut self, (conn, text): (u64, ByteString), ctx: &mut Self::Context) {
+        <Self as Handler<UpstreamEvent>>::handle(self, UpstreamEvent::Text { conn, text }, ctx);
+    }
+
+    /// The lease ended, or its connection took the socket back: its frames come as messages.
+    fn finished(&mut self, _: &mut Self::Context) {}
 }
 
 impl Handler<EndSession> for SessionActor {

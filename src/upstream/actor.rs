@@ -18,8 +18,6 @@ pub struct UpstreamConn {
     spec: Option<DialSpec>,
     probe_idle: std::time::Duration,
     probe_timeout: std::time::Duration,
-    /// When the upstream last sent anything.
-    last_heard: std::time::Instant,
     /// Requests held back while a probe waits for its pong.
     held: Option<Vec<ByteString>>,
     /// Probes sent (a late deadline of an earlier probe is ignored).
@@ -42,7 +40,6 @@ impl UpstreamConn {
             id,
             probe_idle: spec.probe_idle,
             probe_timeout: spec.probe_timeout,
-            last_heard: std::time::Instant::now(),
             held: None,
             probes: 0,
             spec: Some(spec),
@@ -63,6 +60,9 @@ impl UpstreamConn {
         }
         self.lost = true;
         debug!(conn = self.id, ?reason, "upstream connection lost");
+        if let Some(sink) = &self.sink {
+            sink.end_direct();
+        }
         if let Some(lessee) = self.lessee.take() {
             lessee.do_send(UpstreamEvent::Lost {
                 conn: self.id,
@@ -140,7 +140,7 @@ impl Actor for UpstreamConn {
         // The resident reader starts with the connection: nothing else runs before it.
         ctx.wait(dial(spec).into_actor(self).map(|res, act, ctx| match res {
             Ok(socket) => {
-                let (stream, sink) = socket::split(socket);
+                let (stream, sink) = socket::split(act.id, socket);
                 ctx.add_stream(stream);
                 act.sink = Some(sink);
                 act.pool.do_send(ConnStatus::Ready { conn: act.id });
@@ -171,7 +171,21 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
         if self.lost {
             return;
         }
-        self.last_heard = std::time::Instant::now();
+        self.on_frame(item, ctx);
+        // What a lessee reading directly handed over is handled: it reads again.
+        if let Some(sink) = &self.sink {
+            sink.resume_direct();
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        self.lose(LostReason::Eof, ctx);
+        ctx.stop();
+    }
+}
+
+impl UpstreamConn {
+    fn on_frame(&mut self, item: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
         match item {
             Ok(Frame::Text(bytes)) => match (&self.lessee, ByteString::try_from(bytes)) {
                 (Some(lessee), Ok(text)) => lessee.do_send(UpstreamEvent::Text {
@@ -205,13 +219,6 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
         }
     }
 
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.lose(LostReason::Eof, ctx);
-        ctx.stop();
-    }
-}
-
-impl UpstreamConn {
     fn write_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         if self.lost || !self.write(WsMessage::Text(text), ctx) {
             self.lose(LostReason::Error("upstream socket is closing".into()), ctx);
@@ -257,7 +264,8 @@ impl Handler<SendText> for UpstreamConn {
     type Result = ();
 
     fn handle(&mut self, msg: SendText, ctx: &mut Context<Self>) {
-        if self.held.is_none() && self.last_heard.elapsed() >= self.probe_idle {
+        let heard = self.sink.as_ref().map(socket::Writer::heard);
+        if self.held.is_none() && heard.is_some_and(|at| at.elapsed() >= self.probe_idle) {
             self.probe(ctx);
         }
         match self.held.as_mut() {
@@ -271,7 +279,10 @@ impl Handler<SetLessee> for UpstreamConn {
     type Result = ();
 
     fn handle(&mut self, msg: SetLessee, _ctx: &mut Context<Self>) {
-        self.lessee = msg.0;
+        if let Some(sink) = &self.sink {
+            sink.set_lease(msg.0.as_ref().map(|(_, lease)| *lease));
+        }
+        self.lessee = msg.0.map(|(lessee, _)| lessee);
     }
 }
 
@@ -281,6 +292,9 @@ impl Handler<CloseConn> for UpstreamConn {
     fn handle(&mut self, _: CloseConn, ctx: &mut Context<Self>) {
         self.lost = true;
         self.lessee = None;
+        if let Some(sink) = &self.sink {
+            sink.end_direct();
+        }
         self.shut(ctx);
     }
 }

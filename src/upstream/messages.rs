@@ -54,10 +54,12 @@ pub enum ConnStatus {
 #[rtype(result = "()")]
 pub struct SendText(pub ByteString);
 
-/// Who receives the connection's frames from now on (`None`: idle in the pool).
+/// Who receives the connection's frames from now on, and the lease they belong to (`None`:
+/// idle in the pool). A lessee on the connection's thread may then read them itself
+/// (`socket::attach`, docs/DESIGN.md#direct-reads).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct SetLessee(pub Option<Recipient<UpstreamEvent>>);
+pub struct SetLessee(pub Option<(Recipient<UpstreamEvent>, u64)>);
 
 /// Close the socket cleanly (close frame, then stop).
 #[derive(Debug, Message)]

@@ -6,17 +6,28 @@
 //! was decoded, the write buffer once it is flushed. The socket is shared by a reader (a stream
 //! of the connection actor) and a writer (flushed by a future the actor spawns), never polled by
 //! both at once: one thread, one actor.
+//!
+//! Direct reads (docs/DESIGN.md#direct-reads): a lessee on the connection's own thread may read
+//! the socket itself (`attach`), so an event reaches the session without a hop through the
+//! connection actor. It takes only text frames; anything else (a ping, a pong, a close, an error,
+//! the end) it hands to the connection actor's reader, which handles it as before and hands the
+//! socket back (`Writer::resume_direct`). A new lease, a lost connection or the lessee dropping
+//! its reader ends it. One side reads at a time: the lessee while attached and not handed, the
+//! connection actor otherwise.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use actix_codec::{Decoder, Encoder};
 use actix_web::web::{Buf, BytesMut};
 use awc::BoxedSocket;
 use awc::error::WsProtocolError;
 use awc::ws::{Codec, Frame, Message};
+use bytestring::ByteString;
 use futures_util::Stream;
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
@@ -32,6 +43,83 @@ struct Shared {
     rbuf: BytesMut,
     wbuf: BytesMut,
     eof: bool,
+    conn: u64,
+    /// When a frame was last decoded (the liveness probe's clock).
+    heard: Instant,
+    /// The lease the connection's frames belong to (set by the connection actor).
+    lease: Option<u64>,
+    /// A lessee reading the socket itself.
+    direct: Option<Direct>,
+    attachments: u64,
+}
+
+struct Direct {
+    /// Which attachment this is: a reader of an earlier one has ended.
+    generation: u64,
+    /// The connection actor reads until it hands the socket back.
+    handed: bool,
+    /// What the lessee handed over (none: the end of the stream).
+    handoff: Option<Result<Frame, WsProtocolError>>,
+    conn_waker: Option<Waker>,
+    lessee_waker: Option<Waker>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // At thread exit the registry may be gone already: nothing to forget then.
+        let _ = SOCKETS.try_with(|m| m.borrow_mut().remove(&self.conn));
+    }
+}
+
+thread_local! {
+    /// This thread's upstream sockets by connection, for `attach`.
+    static SOCKETS: RefCell<HashMap<u64, Weak<RefCell<Shared>>>> = RefCell::new(HashMap::new());
+}
+
+impl Shared {
+    /// The next frame in what was read (the probe's clock set when there is one).
+    fn decode(&mut self) -> Result<Option<Frame>, WsProtocolError> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        let frame = self.codec.decode(&mut self.rbuf)?;
+        if frame.is_some() {
+            self.heard = Instant::now();
+        }
+        Ok(frame)
+    }
+
+    /// Reads more into the buffer: `Ready(Ok(false))` at the end of the stream.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+            Poll::Pending => {
+                if self.rbuf.is_empty() {
+                    // Idle: no buffer held until the next bytes arrive.
+                    self.rbuf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n > 0)),
+        }
+    }
+
+    /// Ends a lessee's direct reads: it sees the end of its stream, the connection actor reads.
+    fn end_direct(&mut self) {
+        if let Some(d) = self.direct.take() {
+            wake(d.lessee_waker);
+            wake(d.conn_waker);
+        }
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(w) = waker {
+        w.wake();
+    }
 }
 
 /// Frames from the upstream.
@@ -41,8 +129,8 @@ pub struct Reader(Rc<RefCell<Shared>>);
 #[derive(Clone)]
 pub struct Writer(Rc<RefCell<Shared>>);
 
-/// Splits awc's transport, keeping whatever it had read past the handshake.
-pub fn split(socket: Socket) -> (Reader, Writer) {
+/// Splits awc's transport of connection `conn`, keeping whatever it had read past the handshake.
+pub fn split(conn: u64, socket: Socket) -> (Reader, Writer) {
     let parts = socket.into_parts();
     let mut wbuf = parts.write_buf;
     if wbuf.is_empty() {
@@ -54,7 +142,13 @@ pub fn split(socket: Socket) -> (Reader, Writer) {
         rbuf: parts.read_buf,
         wbuf,
         eof: false,
+        conn,
+        heard: Instant::now(),
+        lease: None,
+        direct: None,
+        attachments: 0,
     }));
+    SOCKETS.with(|m| m.borrow_mut().insert(conn, Rc::downgrade(&shared)));
     (Reader(shared.clone()), Writer(shared))
 }
 
@@ -64,37 +158,176 @@ impl Stream for Reader {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut guard = self.0.borrow_mut();
         let s = &mut *guard;
+        if let Some(d) = s.direct.as_mut() {
+            if let Some(item) = d.handoff.take() {
+                return Poll::Ready(Some(item));
+            }
+            if !d.handed {
+                // The lessee reads.
+                d.conn_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
         loop {
-            if !s.rbuf.is_empty() {
-                match s.codec.decode(&mut s.rbuf) {
-                    Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                    Ok(None) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                }
+            match s.decode() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
             if s.eof {
                 return Poll::Ready(None);
             }
-            if s.rbuf.capacity() - s.rbuf.len() < READ_CHUNK / 4 {
-                s.rbuf.reserve(READ_CHUNK);
-            }
-            match poll_read_buf(Pin::new(&mut s.io), cx, &mut s.rbuf) {
-                Poll::Pending => {
-                    if s.rbuf.is_empty() {
-                        // Idle: no buffer held until the next bytes arrive.
-                        s.rbuf = BytesMut::new();
-                    }
-                    return Poll::Pending;
-                }
+            match s.fill(cx) {
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Ok(0)) => s.eof = true,
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(more)) => s.eof = !more,
             }
         }
     }
 }
 
+/// A lessee's direct reads of its connection: the text frames, each with the connection's
+/// number. Ends when the lease does (or the connection actor takes the socket back for good).
+pub struct DirectReader {
+    shared: Rc<RefCell<Shared>>,
+    generation: u64,
+}
+
+/// Reads lease `lease`'s frames directly, if connection `conn` runs on this thread and that
+/// lease is the connection's current one.
+pub fn attach(conn: u64, lease: u64) -> Option<DirectReader> {
+    let shared = SOCKETS.with(|m| m.borrow().get(&conn).and_then(Weak::upgrade))?;
+    let generation = {
+        let mut s = shared.borrow_mut();
+        if s.lease != Some(lease) || s.eof {
+            return None;
+        }
+        s.end_direct();
+        s.attachments += 1;
+        let generation = s.attachments;
+        s.direct = Some(Direct {
+            generation,
+            handed: false,
+            handoff: None,
+            conn_waker: None,
+            lessee_waker: None,
+        });
+        generation
+    };
+    Some(DirectReader { shared, generation })
+}
+
+impl DirectReader {
+    /// Gives the socket to the connection actor with what it must handle (none: the end).
+    fn hand(s: &mut Shared, item: Option<Result<Frame, WsProtocolError>>, cx: &Context<'_>) {
+        if let Some(d) = s.direct.as_mut() {
+            d.handed = true;
+            d.handoff = item;
+            d.lessee_waker = Some(cx.waker().clone());
+            wake(d.conn_waker.take());
+        }
+    }
+}
+
+impl Stream for DirectReader {
+    type Item = (u64, ByteString);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut guard = self.shared.borrow_mut();
+        let s = &mut *guard;
+        match s.direct.as_mut() {
+            Some(d) if d.generation == self.generation => {
+                if d.handed {
+                    d.lessee_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            _ => return Poll::Ready(None),
+        }
+        loop {
+            match s.decode() {
+                Ok(Some(Frame::Text(bytes))) => match ByteString::try_from(bytes) {
+                    Ok(text) => return Poll::Ready(Some((s.conn, text))),
+                    Err(_) => {
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "invalid UTF-8 text frame",
+                        );
+                        Self::hand(s, Some(Err(e.into())), cx);
+                        return Poll::Pending;
+                    }
+                },
+                Ok(Some(frame)) => {
+                    Self::hand(s, Some(Ok(frame)), cx);
+                    return Poll::Pending;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    Self::hand(s, Some(Err(e)), cx);
+                    return Poll::Pending;
+                }
+            }
+            if s.eof {
+                Self::hand(s, None, cx);
+                return Poll::Pending;
+            }
+            match s.fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    Self::hand(s, Some(Err(e.into())), cx);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(more)) => s.eof = !more,
+            }
+        }
+    }
+}
+
+impl Drop for DirectReader {
+    fn drop(&mut self) {
+        // A session that stops (or drops the stream) gives the socket back to the connection.
+        if let Ok(mut s) = self.shared.try_borrow_mut()
+            && s.direct
+                .as_ref()
+                .is_some_and(|d| d.generation == self.generation)
+        {
+            s.end_direct();
+        }
+    }
+}
+
 impl Writer {
+    /// When the upstream last sent a frame.
+    pub fn heard(&self) -> Instant {
+        self.0.borrow().heard
+    }
+
+    /// The connection's frames belong to `lease` now: a lessee reading directly stops.
+    pub fn set_lease(&self, lease: Option<u64>) {
+        let mut s = self.0.borrow_mut();
+        s.lease = lease;
+        s.end_direct();
+    }
+
+    /// The connection actor handled what the lessee handed over: the lessee reads again.
+    pub fn resume_direct(&self) {
+        let mut guard = self.0.borrow_mut();
+        let s = &mut *guard;
+        if let Some(d) = s.direct.as_mut()
+            && d.handed
+            && d.handoff.is_none()
+            && !s.eof
+        {
+            d.handed = false;
+            wake(d.lessee_waker.take());
+        }
+    }
+
+    /// The connection actor reads from now on (the connection is lost or closing).
+    pub fn end_direct(&self) {
+        self.0.borrow_mut().end_direct();
+    }
+
     /// Encodes a frame; `flush` writes it.
     pub fn write(&self, msg: Message) -> Result<(), WsProtocolError> {
         let mut guard = self.0.borrow_mut();
@@ -140,7 +373,7 @@ mod tests {
     use super::*;
     use actix_codec::Framed;
     use futures_util::StreamExt;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     fn server_frames(texts: &[&str]) -> BytesMut {
         let mut codec = Codec::new();
@@ -151,15 +384,94 @@ mod tests {
         buf
     }
 
+    /// One poll, with a waker that does nothing.
+    fn poll_once<S: Stream + Unpin>(s: &mut S) -> Poll<Option<S::Item>> {
+        Pin::new(s).poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_direct_reader_takes_text_and_hands_everything_else_to_the_connection() {
+        actix_web::rt::System::new().block_on(direct_reads());
+    }
+
+    /// Connection `conn`'s reader and writer over an in-memory socket, and the upstream's end.
+    fn socket(conn: u64) -> (Reader, Writer, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let framed = Framed::new(Box::new(ours) as BoxedSocket, Codec::new().client_mode());
+        let (reader, writer) = split(conn, framed);
+        (reader, writer, theirs)
+    }
+
+    async fn direct_reads() {
+        let (mut reader, writer, mut theirs) = socket(7);
+        assert!(attach(7, 1).is_none(), "no lease yet");
+        writer.set_lease(Some(1));
+        assert!(attach(8, 1).is_none(), "another connection");
+        assert!(attach(7, 2).is_none(), "another lease");
+        let mut direct = attach(7, 1).expect("the lease's own reader");
+
+        // Text reaches the lessee; the connection's reader waits meanwhile.
+        theirs
+            .write_all(&server_frames(&["{\"a\":1}"]))
+            .await
+            .unwrap();
+        let (conn, text) = direct.next().await.unwrap();
+        assert_eq!((conn, &*text), (7, "{\"a\":1}"));
+        assert!(poll_once(&mut reader).is_pending());
+
+        // A ping goes to the connection's reader, and the lessee waits until it is handled.
+        let mut codec = Codec::new();
+        let mut bytes = BytesMut::new();
+        codec.encode(Message::Ping("p".into()), &mut bytes).unwrap();
+        codec
+            .encode(Message::Text("{\"b\":2}".into()), &mut bytes)
+            .unwrap();
+        theirs.write_all(&bytes).await.unwrap();
+        assert!(poll_once(&mut direct).is_pending());
+        let Some(Ok(Frame::Ping(p))) = reader.next().await else {
+            panic!("the ping, handed over")
+        };
+        assert_eq!(p.as_ref(), b"p");
+        assert!(poll_once(&mut direct).is_pending(), "not handed back yet");
+        writer.resume_direct();
+        let (_, text) = direct.next().await.unwrap();
+        assert_eq!(&*text, "{\"b\":2}");
+
+        // A new lease ends the lessee's reads; the connection reads again.
+        writer.set_lease(None);
+        assert!(direct.next().await.is_none());
+        let connection_reads = async |reader: &mut Reader, theirs: &mut DuplexStream, text| {
+            theirs.write_all(&server_frames(&[text])).await.unwrap();
+            let Some(Ok(Frame::Text(got))) = reader.next().await else {
+                panic!("read by the connection")
+            };
+            assert_eq!(got.as_ref(), text.as_bytes());
+        };
+        connection_reads(&mut reader, &mut theirs, "{\"c\":3}").await;
+
+        // A lessee that drops its reader gives the socket back.
+        writer.set_lease(Some(2));
+        drop(attach(7, 2).expect("attached"));
+        connection_reads(&mut reader, &mut theirs, "{\"d\":4}").await;
+
+        // The end of the stream is the connection's to see.
+        writer.set_lease(Some(3));
+        let mut direct = attach(7, 3).expect("attached");
+        drop(theirs);
+        assert!(poll_once(&mut direct).is_pending());
+        assert!(reader.next().await.is_none());
+        writer.end_direct();
+        assert!(direct.next().await.is_none());
+        assert!(attach(7, 3).is_none(), "nothing to read after the end");
+    }
+
     #[test]
     fn frames_in_order_and_no_buffer_held_between_them() {
         actix_web::rt::System::new().block_on(frames_and_buffers());
     }
 
     async fn frames_and_buffers() {
-        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
-        let framed = Framed::new(Box::new(ours) as BoxedSocket, Codec::new().client_mode());
-        let (mut reader, writer) = split(framed);
+        let (mut reader, writer, mut theirs) = socket(1);
 
         // Two frames in one read, the second split across two.
         let bytes = server_frames(&["{\"a\":1}", "{\"b\":2}"]);

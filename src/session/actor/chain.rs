@@ -45,6 +45,7 @@ impl SessionActor {
             return;
         };
         let decision = self.continuation(turn, lease.conn, false);
+        self.read_directly(ctx);
         self.write_request(index, decision, ctx);
     }
 
