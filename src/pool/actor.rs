@@ -361,8 +361,9 @@ impl ContextPool {
     }
 
     fn grant(&mut self, conn: u64, w: Waiter) {
-        let lease_id = self.next_id;
-        self.next_id += 1;
+        // Unique in the process, not only in this pool: a session on the connection's thread
+        // finds the socket by it (docs/DESIGN.md#direct-reads).
+        let lease_id = NEXT_LEASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -473,6 +474,9 @@ impl Actor for ContextPool {
         });
     }
 }
+
+/// Lease numbers, one sequence for every pool.
+static NEXT_LEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// `timeout` from `now`; a timeout beyond what the clock can hold (an unbounded
 /// `pool.lease_timeout_ms`) waits for decades instead of overflowing.

@@ -531,7 +531,7 @@ impl SessionActor {
         if self.up.direct == Some(lease.id) {
             return;
         }
-        if let Some(reader) = crate::upstream::socket::attach(lease.conn, lease.id) {
+        if let Some(reader) = crate::upstream::socket::attach(lease.id) {
             self.up.direct = Some(lease.id);
             ctx.add_stream(reader);
         }

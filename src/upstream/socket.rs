@@ -66,14 +66,17 @@ struct Direct {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // At thread exit the registry may be gone already: nothing to forget then.
-        let _ = SOCKETS.try_with(|m| m.borrow_mut().remove(&self.conn));
+        if let Some(lease) = self.lease {
+            // At thread exit the registry may be gone already: nothing to forget then.
+            let _ = LEASED.try_with(|m| m.borrow_mut().remove(&lease));
+        }
     }
 }
 
 thread_local! {
-    /// This thread's upstream sockets by connection, for `attach`.
-    static SOCKETS: RefCell<HashMap<u64, Weak<RefCell<Shared>>>> = RefCell::new(HashMap::new());
+    /// This thread's leased upstream sockets by lease number (unique in the process: the
+    /// pools' connection numbers are not), for `attach`.
+    static LEASED: RefCell<HashMap<u64, Weak<RefCell<Shared>>>> = RefCell::new(HashMap::new());
 }
 
 impl Shared {
@@ -148,7 +151,6 @@ pub fn split(conn: u64, socket: Socket) -> (Reader, Writer) {
         direct: None,
         attachments: 0,
     }));
-    SOCKETS.with(|m| m.borrow_mut().insert(conn, Rc::downgrade(&shared)));
     (Reader(shared.clone()), Writer(shared))
 }
 
@@ -193,10 +195,10 @@ pub struct DirectReader {
     generation: u64,
 }
 
-/// Reads lease `lease`'s frames directly, if connection `conn` runs on this thread and that
-/// lease is the connection's current one.
-pub fn attach(conn: u64, lease: u64) -> Option<DirectReader> {
-    let shared = SOCKETS.with(|m| m.borrow().get(&conn).and_then(Weak::upgrade))?;
+/// Reads lease `lease`'s frames directly, if its connection runs on this thread and the lease
+/// is the connection's current one.
+pub fn attach(lease: u64) -> Option<DirectReader> {
+    let shared = LEASED.with(|m| m.borrow().get(&lease).and_then(Weak::upgrade))?;
     let generation = {
         let mut s = shared.borrow_mut();
         if s.lease != Some(lease) || s.eof {
@@ -302,9 +304,19 @@ impl Writer {
         self.0.borrow().heard
     }
 
-    /// The connection's frames belong to `lease` now: a lessee reading directly stops.
+    /// The connection's frames belong to `lease` now (lease numbers are unique in the
+    /// process): a lessee reading directly stops.
     pub fn set_lease(&self, lease: Option<u64>) {
         let mut s = self.0.borrow_mut();
+        LEASED.with(|m| {
+            let mut m = m.borrow_mut();
+            if let Some(old) = s.lease {
+                m.remove(&old);
+            }
+            if let Some(new) = lease {
+                m.insert(new, Rc::downgrade(&self.0));
+            }
+        });
         s.lease = lease;
         s.end_direct();
     }
@@ -404,11 +416,10 @@ mod tests {
 
     async fn direct_reads() {
         let (mut reader, writer, mut theirs) = socket(7);
-        assert!(attach(7, 1).is_none(), "no lease yet");
+        assert!(attach(1).is_none(), "no lease yet");
         writer.set_lease(Some(1));
-        assert!(attach(8, 1).is_none(), "another connection");
-        assert!(attach(7, 2).is_none(), "another lease");
-        let mut direct = attach(7, 1).expect("the lease's own reader");
+        assert!(attach(2).is_none(), "another lease");
+        let mut direct = attach(1).expect("the lease's own reader");
 
         // Text reaches the lessee; the connection's reader waits meanwhile.
         theirs
@@ -440,6 +451,7 @@ mod tests {
         // A new lease ends the lessee's reads; the connection reads again.
         writer.set_lease(None);
         assert!(direct.next().await.is_none());
+        drop(direct);
         let connection_reads = async |reader: &mut Reader, theirs: &mut DuplexStream, text| {
             theirs.write_all(&server_frames(&[text])).await.unwrap();
             let Some(Ok(Frame::Text(got))) = reader.next().await else {
@@ -451,18 +463,22 @@ mod tests {
 
         // A lessee that drops its reader gives the socket back.
         writer.set_lease(Some(2));
-        drop(attach(7, 2).expect("attached"));
+        assert!(attach(1).is_none(), "the lease is over");
+        drop(attach(2).expect("attached"));
         connection_reads(&mut reader, &mut theirs, "{\"d\":4}").await;
 
         // The end of the stream is the connection's to see.
         writer.set_lease(Some(3));
-        let mut direct = attach(7, 3).expect("attached");
+        let mut last = attach(3).expect("attached");
         drop(theirs);
-        assert!(poll_once(&mut direct).is_pending());
+        assert!(poll_once(&mut last).is_pending());
         assert!(reader.next().await.is_none());
         writer.end_direct();
-        assert!(direct.next().await.is_none());
-        assert!(attach(7, 3).is_none(), "nothing to read after the end");
+        assert!(last.next().await.is_none());
+        assert!(attach(3).is_none(), "nothing to read after the end");
+        drop((reader, writer, last));
+        assert!(attach(3).is_none(), "a socket that is gone is forgotten");
+        assert!(LEASED.with(|m| m.borrow().is_empty()));
     }
 
     #[test]
