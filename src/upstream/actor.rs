@@ -61,7 +61,8 @@ impl UpstreamConn {
         self.lost = true;
         debug!(conn = self.id, ?reason, "upstream connection lost");
         if let Some(sink) = &self.sink {
-            sink.end_direct();
+            // Nobody reads this socket directly again: its lease is over.
+            sink.set_lease(None);
         }
         if let Some(lessee) = self.lessee.take() {
             lessee.do_send(UpstreamEvent::Lost {
@@ -293,7 +294,8 @@ impl Handler<CloseConn> for UpstreamConn {
         self.lost = true;
         self.lessee = None;
         if let Some(sink) = &self.sink {
-            sink.end_direct();
+            // Nobody reads this socket directly again: its lease is over.
+            sink.set_lease(None);
         }
         self.shut(ctx);
     }

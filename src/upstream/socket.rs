@@ -335,11 +335,6 @@ impl Writer {
         }
     }
 
-    /// The connection actor reads from now on (the connection is lost or closing).
-    pub fn end_direct(&self) {
-        self.0.borrow_mut().end_direct();
-    }
-
     /// Encodes a frame; `flush` writes it.
     pub fn write(&self, msg: Message) -> Result<(), WsProtocolError> {
         let mut guard = self.0.borrow_mut();
@@ -473,7 +468,8 @@ mod tests {
         drop(theirs);
         assert!(poll_once(&mut last).is_pending());
         assert!(reader.next().await.is_none());
-        writer.end_direct();
+        // The connection, lost, ends the lease.
+        writer.set_lease(None);
         assert!(last.next().await.is_none());
         assert!(attach(3).is_none(), "nothing to read after the end");
         drop((reader, writer, last));
