@@ -51,6 +51,9 @@ struct Shared {
     /// A lessee reading the socket itself.
     direct: Option<Direct>,
     attachments: u64,
+    /// The connection actor's task, as of its reader's last poll: a lessee handing the socket
+    /// over wakes it (kept from before any attachment, so the first handover is never lost).
+    conn_waker: Option<Waker>,
 }
 
 struct Direct {
@@ -60,7 +63,6 @@ struct Direct {
     handed: bool,
     /// What the lessee handed over (none: the end of the stream).
     handoff: Option<Result<Frame, WsProtocolError>>,
-    conn_waker: Option<Waker>,
     lessee_waker: Option<Waker>,
 }
 
@@ -114,7 +116,13 @@ impl Shared {
     fn end_direct(&mut self) {
         if let Some(d) = self.direct.take() {
             wake(d.lessee_waker);
-            wake(d.conn_waker);
+            self.wake_conn();
+        }
+    }
+
+    fn wake_conn(&self) {
+        if let Some(w) = &self.conn_waker {
+            w.wake_by_ref();
         }
     }
 }
@@ -150,6 +158,7 @@ pub fn split(conn: u64, socket: Socket) -> (Reader, Writer) {
         lease: None,
         direct: None,
         attachments: 0,
+        conn_waker: None,
     }));
     (Reader(shared.clone()), Writer(shared))
 }
@@ -160,13 +169,19 @@ impl Stream for Reader {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut guard = self.0.borrow_mut();
         let s = &mut *guard;
+        if !s
+            .conn_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            s.conn_waker = Some(cx.waker().clone());
+        }
         if let Some(d) = s.direct.as_mut() {
             if let Some(item) = d.handoff.take() {
                 return Poll::Ready(Some(item));
             }
             if !d.handed {
                 // The lessee reads.
-                d.conn_waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
         }
@@ -211,7 +226,6 @@ pub fn attach(lease: u64) -> Option<DirectReader> {
             generation,
             handed: false,
             handoff: None,
-            conn_waker: None,
             lessee_waker: None,
         });
         generation
@@ -226,7 +240,7 @@ impl DirectReader {
             d.handed = true;
             d.handoff = item;
             d.lessee_waker = Some(cx.waker().clone());
-            wake(d.conn_waker.take());
+            s.wake_conn();
         }
     }
 }
@@ -409,21 +423,35 @@ mod tests {
         (reader, writer, theirs)
     }
 
+    /// A waker that counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     async fn direct_reads() {
         let (mut reader, writer, mut theirs) = socket(7);
+        // The connection's reader waits for bytes, as its actor's does, before any lessee.
+        let conn_task = std::sync::Arc::new(Count(0.into()));
+        let conn_waker = Waker::from(conn_task.clone());
+        let poll_conn =
+            |r: &mut Reader| Pin::new(r).poll_next(&mut Context::from_waker(&conn_waker));
+        assert!(poll_conn(&mut reader).is_pending());
         assert!(attach(1).is_none(), "no lease yet");
         writer.set_lease(Some(1));
         assert!(attach(2).is_none(), "another lease");
         let mut direct = attach(1).expect("the lease's own reader");
 
-        // Text reaches the lessee; the connection's reader waits meanwhile.
+        // Text reaches the lessee.
         theirs
             .write_all(&server_frames(&["{\"a\":1}"]))
             .await
             .unwrap();
         let (conn, text) = direct.next().await.unwrap();
         assert_eq!((conn, &*text), (7, "{\"a\":1}"));
-        assert!(poll_once(&mut reader).is_pending());
 
         // A ping goes to the connection's reader, and the lessee waits until it is handled.
         let mut codec = Codec::new();
@@ -433,7 +461,13 @@ mod tests {
             .encode(Message::Text("{\"b\":2}".into()), &mut bytes)
             .unwrap();
         theirs.write_all(&bytes).await.unwrap();
+        let woken = conn_task.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(poll_once(&mut direct).is_pending());
+        assert_eq!(
+            conn_task.0.load(std::sync::atomic::Ordering::SeqCst),
+            woken + 1,
+            "handing over wakes the connection's task"
+        );
         let Some(Ok(Frame::Ping(p))) = reader.next().await else {
             panic!("the ping, handed over")
         };
@@ -442,6 +476,10 @@ mod tests {
         writer.resume_direct();
         let (_, text) = direct.next().await.unwrap();
         assert_eq!(&*text, "{\"b\":2}");
+        assert!(
+            poll_conn(&mut reader).is_pending(),
+            "the lessee reads, not the connection"
+        );
 
         // A new lease ends the lessee's reads; the connection reads again.
         writer.set_lease(None);
