@@ -176,7 +176,7 @@ fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
     let accepted = after["accepted"].as_u64().unwrap_or(0);
     assert!(
         (N as u64..=N as u64 + workers).contains(&accepted),
-        "second turns reused their sockets (no redial): {after}"
+        "second turns reused their sockets (no redial): before the second turns {held}, after {after}"
     );
     assert_eq!(s.rows(2 * N).len(), 2 * N);
     s.finish();
