@@ -80,7 +80,8 @@ pub struct ContextPool {
     expiry: Option<SpawnHandle>,
     /// A `Dispatch` is on its way.
     dispatch_due: bool,
-    next_id: u64,
+    /// Connection numbers (this pool's; lease numbers are `NEXT_LEASE`'s).
+    next_conn: u64,
     dialled_total: u64,
     leases_total: u64,
     reclaimed_total: u64,
@@ -112,7 +113,7 @@ impl ContextPool {
             waiters: VecDeque::new(),
             expiry: None,
             dispatch_due: false,
-            next_id: 1,
+            next_conn: 1,
             dialled_total: 0,
             leases_total: 0,
             reclaimed_total: 0,
@@ -136,8 +137,8 @@ impl ContextPool {
     }
 
     fn dial(&mut self, k: usize, ctx: &mut Context<Self>) {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.next_conn;
+        self.next_conn += 1;
         self.dialled_total += 1;
         let w = &self.waiters[k];
         let identity = w.identity.clone();

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use actix_codec::{Decoder, Encoder};
@@ -44,7 +44,7 @@ struct Shared {
     wbuf: BytesMut,
     eof: bool,
     conn: u64,
-    /// When a frame was last decoded (the liveness probe's clock).
+    /// When bytes last arrived (the liveness probe's clock).
     heard: Instant,
     /// The lease the connection's frames belong to (set by the connection actor).
     lease: Option<u64>,
@@ -82,33 +82,35 @@ thread_local! {
 }
 
 impl Shared {
-    /// The next frame in what was read (the probe's clock set when there is one).
-    fn decode(&mut self) -> Result<Option<Frame>, WsProtocolError> {
-        if self.rbuf.is_empty() {
-            return Ok(None);
-        }
-        let frame = self.codec.decode(&mut self.rbuf)?;
-        if frame.is_some() {
-            self.heard = Instant::now();
-        }
-        Ok(frame)
-    }
-
-    /// Reads more into the buffer: `Ready(Ok(false))` at the end of the stream.
-    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
-            Poll::Pending => {
-                if self.rbuf.is_empty() {
-                    // Idle: no buffer held until the next bytes arrive.
-                    self.rbuf = BytesMut::new();
+    /// The next frame, reading more when what was read holds none; `None` at the end of the
+    /// stream. Whichever side reads (the connection actor or its lessee) reads through this.
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, WsProtocolError>>> {
+        loop {
+            if !self.rbuf.is_empty() {
+                match self.codec.decode(&mut self.rbuf) {
+                    Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e))),
                 }
-                Poll::Pending
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n > 0)),
+            if self.eof {
+                return Poll::Ready(None);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Pending => {
+                    if self.rbuf.is_empty() {
+                        // Idle: no buffer held until the next bytes arrive.
+                        self.rbuf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => self.heard = Instant::now(),
+            }
         }
     }
 
@@ -185,21 +187,7 @@ impl Stream for Reader {
                 return Poll::Pending;
             }
         }
-        loop {
-            match s.decode() {
-                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                Ok(None) => {}
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            }
-            if s.eof {
-                return Poll::Ready(None);
-            }
-            match s.fill(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Ok(more)) => s.eof = !more,
-            }
-        }
+        s.next_frame(cx)
     }
 }
 
@@ -233,18 +221,6 @@ pub fn attach(lease: u64) -> Option<DirectReader> {
     Some(DirectReader { shared, generation })
 }
 
-impl DirectReader {
-    /// Gives the socket to the connection actor with what it must handle (none: the end).
-    fn hand(s: &mut Shared, item: Option<Result<Frame, WsProtocolError>>, cx: &Context<'_>) {
-        if let Some(d) = s.direct.as_mut() {
-            d.handed = true;
-            d.handoff = item;
-            d.lessee_waker = Some(cx.waker().clone());
-            s.wake_conn();
-        }
-    }
-}
-
 impl Stream for DirectReader {
     type Item = (u64, ByteString);
 
@@ -260,42 +236,25 @@ impl Stream for DirectReader {
             }
             _ => return Poll::Ready(None),
         }
-        loop {
-            match s.decode() {
-                Ok(Some(Frame::Text(bytes))) => match ByteString::try_from(bytes) {
-                    Ok(text) => return Poll::Ready(Some((s.conn, text))),
-                    Err(_) => {
-                        let e = std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "invalid UTF-8 text frame",
-                        );
-                        Self::hand(s, Some(Err(e.into())), cx);
-                        return Poll::Pending;
-                    }
-                },
-                Ok(Some(frame)) => {
-                    Self::hand(s, Some(Ok(frame)), cx);
-                    return Poll::Pending;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    Self::hand(s, Some(Err(e)), cx);
-                    return Poll::Pending;
-                }
-            }
-            if s.eof {
-                Self::hand(s, None, cx);
-                return Poll::Pending;
-            }
-            match s.fill(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => {
-                    Self::hand(s, Some(Err(e.into())), cx);
-                    return Poll::Pending;
-                }
-                Poll::Ready(Ok(more)) => s.eof = !more,
-            }
+        // Text is the lessee's; anything else (or the end) the connection actor handles.
+        let handoff = match ready!(s.next_frame(cx)) {
+            Some(Ok(Frame::Text(bytes))) => match ByteString::try_from(bytes) {
+                Ok(text) => return Poll::Ready(Some((s.conn, text))),
+                Err(_) => Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "invalid UTF-8 text frame",
+                )
+                .into())),
+            },
+            other => other,
+        };
+        if let Some(d) = s.direct.as_mut() {
+            d.handed = true;
+            d.handoff = handoff;
+            d.lessee_waker = Some(cx.waker().clone());
         }
+        s.wake_conn();
+        Poll::Pending
     }
 }
 
@@ -313,7 +272,7 @@ impl Drop for DirectReader {
 }
 
 impl Writer {
-    /// When the upstream last sent a frame.
+    /// When the upstream last sent anything.
     pub fn heard(&self) -> Instant {
         self.0.borrow().heard
     }
