@@ -8,6 +8,7 @@ import re
 import sys
 
 LAYERS = [
+    "buffers",
     "num",
     "ids",
     "protocol",

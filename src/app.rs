@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use tracing::{info, warn};
-use tracing_actix_web::TracingLogger;
 
 use actix::Actor;
 
@@ -347,7 +346,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     let stall_ms = u32::try_from(settings.limits.client_stall_timeout_ms).unwrap_or(u32::MAX);
     let mut server = HttpServer::new(move || {
         App::new()
-            .wrap(TracingLogger::<crate::http::request_log::PathOnlySpan>::new())
+            .wrap(crate::http::request_log::RequestLog)
             .app_data(web::Data::new(readiness.clone()))
             .app_data(data.clone())
             .configure(health::routes)

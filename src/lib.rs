@@ -23,6 +23,7 @@
 //! - [`record`]: a turn's usage record (`TurnRecord`, `Timing`) and its spool format.
 //! - [`protocol`]: wire facts, all pure: error table, client frames, event kinds, usage.
 //! - [`ids`]: the monotonic clock and unique ids.
+//! - [`buffers`]: spare byte buffers, per thread.
 //! - [`num`]: saturating conversions between number types (no `as` elsewhere).
 
 // No silent `as` casts in the relay's code: `num` converts, saturating (docs/DESIGN.md#layers).
@@ -34,6 +35,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod billing;
+pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod continuation;

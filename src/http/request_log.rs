@@ -1,11 +1,18 @@
 //! The request log's span. `tracing-actix-web`'s default records `http.target` with the query
 //! string — a key passed as `?api_key=…` (refused, but logged) would end up in every log line
 //! of the request. This span records the path only, never the query (docs/DESIGN.md#handshake).
+//!
+//! `RequestLog` runs each request's handler in that span and logs its end. Unlike
+//! tracing-actix-web's `TracingLogger` it does not enter the span on every poll of the response
+//! body: a WebSocket's body is polled once or twice per event, and that cost ≈ 290 instructions
+//! an event, more than the scan of the event itself (docs/DESIGN.md#event-scan). Nothing logs from
+//! inside a body's poll (bodies' code logs with an explicit parent).
 
 use actix_web::Error;
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use tracing::Span;
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
+use futures_util::future::LocalBoxFuture;
+use tracing::{Instrument, Span};
 
 use super::error::HttpError;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
@@ -60,5 +67,50 @@ impl RootSpanBuilder for PathOnlySpan {
             }
         }
         DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+/// The request log middleware (module docs).
+pub struct RequestLog;
+
+impl<S, B> Transform<S, ServiceRequest> for RequestLog
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<B>;
+    type Error = Error;
+    type Transform = RequestLogService<S>;
+    type InitError = ();
+    type Future = std::future::Ready<Result<Self::Transform, ()>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        std::future::ready(Ok(RequestLogService { service }))
+    }
+}
+
+pub struct RequestLogService<S> {
+    service: S,
+}
+
+impl<S, B> Service<ServiceRequest> for RequestLogService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<B>;
+    type Error = Error;
+    type Future = LocalBoxFuture<'static, Result<ServiceResponse<B>, Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let span = PathOnlySpan::on_request_start(&req);
+        let fut = span.in_scope(|| self.service.call(req));
+        Box::pin(async move {
+            let outcome = fut.instrument(span.clone()).await;
+            PathOnlySpan::on_request_end(span, &outcome);
+            outcome
+        })
     }
 }

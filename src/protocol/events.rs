@@ -2,7 +2,17 @@
 //! event the upstream sends, so a full parse is needed only for the few events that carry data
 //! the relay uses (`response.created` and the terminals).
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
+
+/// The keys searched for in every event. `str::find` builds a substring searcher on each call,
+/// which at an event's size cost more than the rest of its scan (docs/DESIGN.md#event-scan):
+/// these are built once.
+static STREAM_ID_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream_id\""));
+static DELTA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -111,13 +121,64 @@ pub fn event_type(text: &str) -> Option<std::borrow::Cow<'_, str>> {
 
 /// `{ "type" : "xyz"` → `xyz`, when the value has no escapes.
 fn scan_leading_type(text: &str) -> Option<&str> {
-    let rest = text.trim_start().strip_prefix('{')?.trim_start();
-    let rest = rest.strip_prefix("\"type\"")?.trim_start();
-    let rest = rest.strip_prefix(':')?.trim_start();
-    let rest = rest.strip_prefix('"')?;
-    let end = rest.find('"')?;
-    let value = &rest[..end];
-    (!value.contains('\\')).then_some(value)
+    let b = text.as_bytes();
+    let i = after(b, skip_ws(b, 0), b"{")?;
+    let i = after(b, skip_ws(b, i), b"\"type\"")?;
+    let i = after(b, skip_ws(b, i), b":")?;
+    let start = after(b, skip_ws(b, i), b"\"")?;
+    let len = memchr::memchr2(b'"', b'\\', &b[start..])?;
+    (b[start + len] == b'"').then(|| text.get(start..start + len))?
+}
+
+/// The index after JSON whitespace from `i`.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// The index after `token` when it starts at `i`.
+fn after(b: &[u8], i: usize, token: &[u8]) -> Option<usize> {
+    b.get(i..)?.starts_with(token).then_some(i + token.len())
+}
+
+/// Whether an event mentions `usage` anywhere (only then is a lifecycle event parsed for it).
+pub fn mentions_usage(text: &str) -> bool {
+    USAGE_KEY.find(text.as_bytes()).is_some()
+}
+
+/// Characters of a token event's `delta` string (0 without one): the output the relay counts
+/// when the upstream reports no usage. The first `"delta"` followed by a colon is the key; the
+/// same word as a value is not.
+pub fn delta_len(text: &str) -> usize {
+    let b = text.as_bytes();
+    let mut from = 0;
+    while let Some(found) = DELTA_KEY.find(&b[from..]) {
+        from += found + b"\"delta\"".len();
+        let Some(value) = after(b, skip_ws(b, from), b":") else {
+            continue;
+        };
+        return after(b, skip_ws(b, value), b"\"").map_or(0, |body| string_len(&text[body..]));
+    }
+    0
+}
+
+/// Characters of a JSON string's body up to its closing quote (0 if it never closes).
+fn string_len(body: &str) -> usize {
+    let bytes = body.as_bytes();
+    let mut i = 0;
+    while let Some(j) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+        i += j;
+        if bytes[i] == b'"' {
+            return body.get(..i).map_or(0, |s| s.chars().count());
+        }
+        i += 2;
+        if i >= bytes.len() {
+            break;
+        }
+    }
+    0
 }
 
 /// The event's lane: its top-level `stream_id` (docs/DESIGN.md#overlap), `None` for the default
@@ -126,9 +187,7 @@ fn scan_leading_type(text: &str) -> Option<&str> {
 /// `stream_id` inside the response object or a delta's text is never taken for the event's.
 pub fn stream_id_of(text: &str) -> Option<&str> {
     const KEY: &[u8] = b"\"stream_id\"";
-    if !text.contains("\"stream_id\"") {
-        return None;
-    }
+    STREAM_ID_KEY.find(text.as_bytes())?;
     let b = text.as_bytes();
     let mut depth = 0usize;
     let mut i = 0;
@@ -299,5 +358,26 @@ mod tests {
         );
         assert_eq!(event_type("not json"), None);
         assert_eq!(event_type(r#"{"type":5}"#), None);
+        // An escape in the value, or a truncated frame: left to the parser.
+        assert_eq!(event_type(r#"{"type":"a\u002eb"}"#).as_deref(), Some("a.b"));
+        assert_eq!(event_type(r#"{"type":"abc"#), None);
+        assert_eq!(event_type(r#"{ "type""#), None);
+    }
+
+    #[test]
+    fn delta_scan() {
+        assert_eq!(delta_len(r#"{"type":"x","delta":"a\"b"}"#), 4);
+        assert_eq!(delta_len(r#"{"type":"x","delta":""}"#), 0);
+        assert_eq!(delta_len(r#"{"type":"x"}"#), 0);
+        // Any JSON whitespace around the colon (Python's json.dumps writes `": "`).
+        assert_eq!(delta_len(r#"{"type": "x", "delta": "hello"}"#), 5);
+        assert_eq!(delta_len("{\"type\":\"x\",\"delta\"\n :\t\"ab\"}"), 2);
+        // A `"delta"` that is a value, not the key, is skipped.
+        assert_eq!(delta_len(r#"{"name":"delta","delta" : "abc"}"#), 3);
+        // Characters, not bytes; a string that never closes (even on a lone backslash) is 0.
+        assert_eq!(delta_len(r#"{"type":"x","delta":"héé\\"}"#), 5);
+        assert_eq!(delta_len(r#"{"type":"x","delta":"ab"#), 0);
+        assert_eq!(delta_len(r#"{"type":"x","delta":"ab\"#), 0);
+        assert_eq!(delta_len(r#"{"type":"x","delta":5}"#), 0);
     }
 }

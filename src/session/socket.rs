@@ -161,6 +161,8 @@ impl ClientReader {
 #[derive(Default)]
 struct Outbox {
     buf: BytesMut,
+    /// `buf` grew past a spare's size (not given to the thread's spares).
+    grown: bool,
     waker: Option<Waker>,
     /// No more frames: the body ends once `buf` is written.
     closed: bool,
@@ -218,8 +220,12 @@ impl ClientTx {
             return;
         }
         outbox.closed = matches!(msg, Message::Close(_));
+        if outbox.buf.capacity() == 0 {
+            outbox.buf = crate::buffers::take();
+        }
         // Encoding a server frame into memory cannot fail.
         let _ = self.codec.encode(msg, &mut outbox.buf);
+        outbox.grown |= crate::buffers::grew(&outbox.buf);
         if let Some(w) = outbox.waker.take() {
             w.wake();
         }
@@ -243,9 +249,11 @@ impl Stream for ClientBody {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut outbox = self.0.borrow_mut();
         if !outbox.buf.is_empty() {
-            // Everything queued since the last write, in one chunk; the buffer goes with it,
-            // so an idle session holds none (the next frame allocates anew).
-            let chunk = std::mem::take(&mut outbox.buf).freeze();
+            // Everything queued since the last write, in one chunk; the emptied buffer goes to
+            // the thread's spares, so an idle session holds none (docs/DESIGN.md#spare-buffers).
+            let chunk = outbox.buf.split().freeze();
+            let grown = std::mem::take(&mut outbox.grown);
+            crate::buffers::give(std::mem::take(&mut outbox.buf), grown);
             return Poll::Ready(Some(Ok(chunk)));
         }
         if outbox.closed {

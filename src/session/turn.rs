@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::protocol::errors::ErrorCode;
-use crate::protocol::events::{EventKind, TerminalKind, classify};
+use crate::protocol::events::{EventKind, TerminalKind, classify, delta_len, mentions_usage};
 use crate::protocol::usage::{Usage, estimate_tokens};
 use crate::record::{Timing, TurnStatus, UsageSource};
 
@@ -173,7 +173,7 @@ impl TurnTracker {
         match kind {
             EventKind::Token => self.streamed_chars += delta_len(text),
             EventKind::Created | EventKind::Terminal(_) | EventKind::Lifecycle
-                if kind != EventKind::Lifecycle || text.contains("\"usage\"") =>
+                if kind != EventKind::Lifecycle || mentions_usage(text) =>
             {
                 self.parse_response(text, kind)
             }
@@ -303,40 +303,6 @@ impl TurnTracker {
             response_id: self.response_id.clone(),
         }
     }
-}
-
-/// Length of the `"delta": "…"` string of a delta event, by scan (escapes counted as
-/// written), whatever JSON whitespace surrounds the colon.
-fn delta_len(text: &str) -> usize {
-    const KEY: &str = "\"delta\"";
-    let json_ws: &[char] = &[' ', '\t', '\n', '\r'];
-    let mut rest = text;
-    while let Some(found) = rest.find(KEY) {
-        rest = &rest[found + KEY.len()..];
-        // The key is followed by a colon; the same word as a value is not.
-        let Some(value) = rest.trim_start_matches(json_ws).strip_prefix(':') else {
-            continue;
-        };
-        return match value.trim_start_matches(json_ws).strip_prefix('"') {
-            Some(body) => string_len(body),
-            None => 0,
-        };
-    }
-    0
-}
-
-/// Characters of a JSON string's body up to its closing quote (0 if it never closes).
-fn string_len(body: &str) -> usize {
-    let bytes = body.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b'"' => return body[..i].chars().count(),
-            _ => i += 1,
-        }
-    }
-    0
 }
 
 #[cfg(test)]
@@ -688,17 +654,5 @@ mod tests {
         );
         assert_eq!(TurnTracker::new(t0).observe_whole(b"<html>", t0), None);
         assert_eq!(TurnTracker::new(t0).observe_whole(b"[1]", t0), None);
-    }
-
-    #[test]
-    fn delta_scan() {
-        assert_eq!(delta_len(r#"{"type":"x","delta":"a\"b"}"#), 4);
-        assert_eq!(delta_len(r#"{"type":"x","delta":""}"#), 0);
-        assert_eq!(delta_len(r#"{"type":"x"}"#), 0);
-        // Any JSON whitespace around the colon (Python's json.dumps writes `": "`).
-        assert_eq!(delta_len(r#"{"type": "x", "delta": "hello"}"#), 5);
-        assert_eq!(delta_len("{\"type\":\"x\",\"delta\"\n :\t\"ab\"}"), 2);
-        // A `"delta"` that is a value, not the key, is skipped.
-        assert_eq!(delta_len(r#"{"name":"delta","delta" : "abc"}"#), 3);
     }
 }

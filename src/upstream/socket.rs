@@ -34,13 +34,14 @@ use tokio_util::io::poll_read_buf;
 
 use super::dial::Socket;
 
-/// Room made for one read: a few events, not a whole turn.
-const READ_CHUNK: usize = 4096;
+use crate::buffers;
 
 struct Shared {
     io: BoxedSocket,
     codec: Codec,
     rbuf: BytesMut,
+    /// `rbuf` grew past a spare's size (not given to the thread's spares).
+    rbuf_grown: bool,
     wbuf: BytesMut,
     eof: bool,
     conn: u64,
@@ -96,14 +97,19 @@ impl Shared {
             if self.eof {
                 return Poll::Ready(None);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                self.rbuf.reserve(READ_CHUNK);
+            if self.rbuf.capacity() == 0 {
+                self.rbuf = buffers::take();
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < buffers::CHUNK / 4 {
+                self.rbuf.reserve(buffers::CHUNK);
+                self.rbuf_grown |= buffers::grew(&self.rbuf);
             }
             match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                 Poll::Pending => {
                     if self.rbuf.is_empty() {
-                        // Idle: no buffer held until the next bytes arrive.
-                        self.rbuf = BytesMut::new();
+                        // Idle: no buffer held until the next bytes arrive (docs/DESIGN.md#spare-buffers).
+                        let grown = std::mem::take(&mut self.rbuf_grown);
+                        buffers::give(std::mem::take(&mut self.rbuf), grown);
                     }
                     return Poll::Pending;
                 }
@@ -152,6 +158,7 @@ pub fn split(conn: u64, socket: Socket) -> (Reader, Writer) {
     let shared = Rc::new(RefCell::new(Shared {
         io: parts.io,
         codec: parts.codec,
+        rbuf_grown: buffers::grew(&parts.read_buf),
         rbuf: parts.read_buf,
         wbuf,
         eof: false,
