@@ -98,7 +98,12 @@ fn sessions_of_distinct_identities_each_get_one_dial() {
         &failed[..failed.len().min(3)]
     );
     let stats = s.sim_stats();
-    assert_eq!(stats["accepted"], N as u64, "one dial per session: {stats}");
+    assert_eq!(
+        stats["accepted"],
+        N as u64,
+        "one dial per session: {stats}; what the relay logged: {:?}",
+        s.dial_notes()
+    );
     assert_eq!(s.rows(N).len(), N);
     s.finish();
 }
@@ -176,7 +181,8 @@ fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
     let accepted = after["accepted"].as_u64().unwrap_or(0);
     assert!(
         (N as u64..=N as u64 + workers).contains(&accepted),
-        "second turns reused their sockets (no redial): before the second turns {held}, after {after}"
+        "second turns reused their sockets (no redial): before the second turns {held}, after {after}; what the relay logged: {:?}",
+        s.dial_notes()
     );
     assert_eq!(s.rows(2 * N).len(), 2 * N);
     s.finish();

@@ -207,6 +207,21 @@ impl Stack {
             .collect()
     }
 
+    /// What the relay logged that explains an extra upstream dial: warnings, errors, and the
+    /// info lines of a lost connection or a retried turn (at most 20 lines).
+    pub fn dial_notes(&self) -> Vec<String> {
+        self.relay
+            .log
+            .try_iter()
+            .filter(|l| {
+                ["WARN", "ERROR", "lost", "retrying", "failover"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .take(20)
+            .collect()
+    }
+
     pub fn finish(self) {
         let Stack { db, relay, sim, .. } = self;
         drop(relay);
