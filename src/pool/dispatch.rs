@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use super::policy::{self, IdleConn};
+use super::policy::{self, IdleConn, Reach};
 
 /// A waiter as the dispatch sees it.
 #[derive(Debug, Clone, Copy)]
@@ -95,25 +95,34 @@ pub struct Limits {
 pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan {
     let mut plan = Plan::default();
     let mut idle: Vec<IdleConn<'_>> = conns.iter().filter_map(Conn::idle).collect();
-    // Waiters in order take the fit idle connections.
+    // Waiters in order take the fit idle connections: first each its preferred one or one on
+    // its own thread, then the rest any fit one — a connection goes to a waiter of another
+    // thread only when no waiter of its own thread takes it (docs/DESIGN.md#leases).
     let mut lent = vec![false; waiters.len()];
-    for (i, w) in waiters.iter().enumerate() {
-        if idle.is_empty() {
-            break;
-        }
-        if let Some(conn) = policy::pick(
-            &idle,
-            w.identity,
-            w.preferred,
-            w.thread,
-            limits.max_age,
-            limits.now,
-        ) {
-            idle.retain(|c| c.id != conn);
-            plan.lend.push((i, conn));
-            lent[i] = true;
+    for reach in [Reach::Home, Reach::Anywhere] {
+        for (i, w) in waiters.iter().enumerate() {
+            if idle.is_empty() {
+                break;
+            }
+            if lent[i] {
+                continue;
+            }
+            if let Some(conn) = policy::pick(
+                &idle,
+                w.identity,
+                w.preferred,
+                w.thread,
+                reach,
+                limits.max_age,
+                limits.now,
+            ) {
+                idle.retain(|c| c.id != conn);
+                plan.lend.push((i, conn));
+                lent[i] = true;
+            }
         }
     }
+    plan.lend.sort_unstable_by_key(|&(i, _)| i);
     // A dial serves only waiters of its own identity: one for each waiter that no dial of its
     // identity in progress covers.
     let mut covering = dialing_by_identity(conns);
@@ -357,6 +366,24 @@ mod tests {
             (0, &[1][..]),
             "room goes to waiters"
         );
+        // A connection of a goes to a's waiter behind b's, whom b's dial in progress covers:
+        // nobody crosses threads, no spare, no dial.
+        let p = plan(
+            &[from(b), from(a)],
+            &[on(1, idle, a), on(2, Held::Dialing, b)],
+            limits(4, false, t0),
+        );
+        assert_eq!(
+            (p.lend.as_slice(), p.spare.len(), p.dial.len()),
+            (&[(1, 1)][..], 0, 0)
+        );
+        // Two threads' connections for two threads' waiters in the other order: each at home.
+        let p = plan(
+            &[from(b), from(a)],
+            &[on(1, idle, a), on(2, idle, b)],
+            limits(4, false, t0),
+        );
+        assert_eq!(p.lend, [(0, 2), (1, 1)]);
         // A thousand borrows from one thread in one dispatch: one spare.
         let many: Vec<Conn<'_>> = (0..1000).map(|i| on(i, idle, a)).collect();
         let p = plan(&vec![from(b); 1000], &many, limits(4000, false, t0));

@@ -14,15 +14,25 @@ pub struct IdleConn<'a> {
     pub thread: ThreadId,
 }
 
+/// Which idle connections a waiter may be lent in a pass of the dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Its preferred connection, or one on its own thread.
+    Home,
+    /// Any fit one.
+    Anywhere,
+}
+
 /// The idle connection to lend: the preferred one if fit, else a fit one on the waiter's
 /// `thread` (its events then reach the session without waking another thread,
-/// docs/DESIGN.md#leases), else any fit one; the most recently used among equals.
-/// A connection is fit when its identity matches and it is younger than `max_age`.
+/// docs/DESIGN.md#leases), else (`Reach::Anywhere`) any fit one; the most recently used among
+/// equals. A connection is fit when its identity matches and it is younger than `max_age`.
 pub fn pick(
     idle: &[IdleConn<'_>],
     identity: &str,
     preferred: Option<u64>,
     thread: Option<ThreadId>,
+    reach: Reach,
     max_age: Duration,
     now: Instant,
 ) -> Option<u64> {
@@ -33,9 +43,11 @@ pub fn pick(
     {
         return Some(c.id);
     }
+    let home = |c: &&IdleConn<'_>| Some(c.thread) == thread;
     idle.iter()
         .filter(fit)
-        .max_by_key(|c| (Some(c.thread) == thread, c.idle_since))
+        .filter(|c| reach == Reach::Anywhere || home(c))
+        .max_by_key(|c| (home(c), c.idle_since))
         .map(|c| c.id)
 }
 
@@ -93,19 +105,28 @@ mod tests {
             conn(3, "b", 10, 0, now),
             conn(4, "a", 4000, 0, now),
         ];
-        assert_eq!(pick(&idle, "a", Some(1), None, max, now), Some(1));
-        assert_eq!(pick(&idle, "a", None, None, max, now), Some(2));
         assert_eq!(
-            pick(&idle, "a", Some(3), None, max, now),
+            pick(&idle, "a", Some(1), None, Reach::Anywhere, max, now),
+            Some(1)
+        );
+        assert_eq!(
+            pick(&idle, "a", None, None, Reach::Anywhere, max, now),
+            Some(2)
+        );
+        assert_eq!(
+            pick(&idle, "a", Some(3), None, Reach::Anywhere, max, now),
             Some(2),
             "identity must match"
         );
         assert_eq!(
-            pick(&idle, "a", Some(4), None, max, now),
+            pick(&idle, "a", Some(4), None, Reach::Anywhere, max, now),
             Some(2),
             "too old"
         );
-        assert_eq!(pick(&idle, "c", None, None, max, now), None);
+        assert_eq!(
+            pick(&idle, "c", None, None, Reach::Anywhere, max, now),
+            None
+        );
     }
 
     #[test]
@@ -118,12 +139,45 @@ mod tests {
             ..conn(id, "a", 10, idle_s, now)
         };
         let idle = [on(1, 5, here), on(2, 1, there), on(3, 9, here)];
-        assert_eq!(pick(&idle, "a", None, Some(here), max, now), Some(1));
-        assert_eq!(pick(&idle, "a", None, Some(there), max, now), Some(2));
-        assert_eq!(pick(&idle, "a", Some(3), Some(there), max, now), Some(3));
+        assert_eq!(
+            pick(&idle, "a", None, Some(here), Reach::Anywhere, max, now),
+            Some(1)
+        );
+        assert_eq!(
+            pick(&idle, "a", None, Some(there), Reach::Anywhere, max, now),
+            Some(2)
+        );
+        assert_eq!(
+            pick(&idle, "a", Some(3), Some(there), Reach::Anywhere, max, now),
+            Some(3)
+        );
         // No thread asked (or none there): the most recently used.
-        assert_eq!(pick(&idle, "a", None, None, max, now), Some(2));
-        assert_eq!(pick(&idle[..1], "a", None, Some(there), max, now), Some(1));
+        assert_eq!(
+            pick(&idle, "a", None, None, Reach::Anywhere, max, now),
+            Some(2)
+        );
+        assert_eq!(
+            pick(
+                &idle[..1],
+                "a",
+                None,
+                Some(there),
+                Reach::Anywhere,
+                max,
+                now
+            ),
+            Some(1)
+        );
+        // At home only: nothing of another thread, but the preferred one wherever it is.
+        assert_eq!(
+            pick(&idle[..1], "a", None, Some(there), Reach::Home, max, now),
+            None
+        );
+        assert_eq!(
+            pick(&idle[..1], "a", Some(1), Some(there), Reach::Home, max, now),
+            Some(1)
+        );
+        assert_eq!(pick(&idle, "a", None, None, Reach::Home, max, now), None);
     }
 
     #[test]
