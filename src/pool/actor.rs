@@ -461,8 +461,11 @@ impl Actor for ContextPool {
             let cooling = act.health.cooling(Instant::now());
             ::metrics::gauge!(metric::ACCOUNT_COOLING, "account" => act.account.to_string())
                 .set(if cooling { 1.0 } else { 0.0 });
+            let wanted: std::collections::HashSet<&str> =
+                act.waiters.iter().map(|w| w.identity.as_str()).collect();
             let retire = policy::retire(
                 &act.idle_view(),
+                &wanted,
                 act.max_age(),
                 Duration::from_secs(act.pool.idle_timeout_s),
                 act.pool.max_idle,

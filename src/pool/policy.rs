@@ -1,5 +1,6 @@
 //! Pool decisions as plain functions.
 
+use std::collections::HashSet;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -52,8 +53,12 @@ pub fn pick(
 }
 
 /// Idle connections to close: too old, idle too long, or beyond `max_idle` (oldest use first).
+/// One of an identity in `wanted` (a waiter of it is queued) is closed only when too old: the
+/// dispatch on its way lends it — a dial finished during a burst is idle until then, and
+/// retiring it meant dialling again (docs/DESIGN.md#leases).
 pub fn retire(
     idle: &[IdleConn<'_>],
+    wanted: &HashSet<&str>,
     max_age: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -62,9 +67,11 @@ pub fn retire(
     let mut keep: Vec<&IdleConn<'_>> = Vec::new();
     let mut out = Vec::new();
     for c in idle {
-        if now.duration_since(c.opened_at) >= max_age
-            || now.duration_since(c.idle_since) >= idle_timeout
-        {
+        if now.duration_since(c.opened_at) >= max_age {
+            out.push(c.id);
+        } else if wanted.contains(c.identity) {
+            continue;
+        } else if now.duration_since(c.idle_since) >= idle_timeout {
             out.push(c.id);
         } else {
             keep.push(c);
@@ -189,13 +196,19 @@ mod tests {
             conn(3, "a", 10, 1, now),
             conn(4, "a", 10, 2, now),
         ];
-        let out = retire(
-            &idle,
-            Duration::from_secs(3300),
-            Duration::from_secs(300),
-            1,
-            now,
-        );
-        assert_eq!(out, vec![1, 2, 4]);
+        let run = |wanted: &HashSet<&str>| {
+            retire(
+                &idle,
+                wanted,
+                Duration::from_secs(3300),
+                Duration::from_secs(300),
+                1,
+                now,
+            )
+        };
+        assert_eq!(run(&HashSet::new()), vec![1, 2, 4]);
+        // A waiter of `a` is queued: only the too old one goes; the others are about to be lent.
+        let out = run(&HashSet::from(["a"]));
+        assert_eq!(out, vec![1]);
     }
 }
