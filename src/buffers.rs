@@ -21,10 +21,62 @@ thread_local! {
     static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A buffer held only while it holds bytes: taken from the thread's spares when written to,
+/// given back once emptied (unless it grew past `CHUNK`). The one way both the upstream read
+/// buffer and the client's outgoing buffer use the spares.
+#[derive(Default)]
+pub struct Held {
+    buf: BytesMut,
+    /// `buf` grew past `CHUNK`: not a spare when emptied.
+    grown: bool,
+}
+
+impl Held {
+    /// Holds `buf` (bytes read before the buffer was ours, say).
+    pub fn new(buf: BytesMut) -> Self {
+        Self {
+            grown: grew(&buf),
+            buf,
+        }
+    }
+
+    /// The bytes held (none allocated if none are).
+    pub fn bytes(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Writes into the buffer (a spare if none is held) and notes whether it grew.
+    pub fn write<T>(&mut self, f: impl FnOnce(&mut BytesMut) -> T) -> T {
+        if self.buf.capacity() == 0 {
+            self.buf = take();
+        }
+        let out = f(&mut self.buf);
+        self.grown |= grew(&self.buf);
+        out
+    }
+
+    /// Gives the buffer back to the spares if it is empty.
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() {
+            give(
+                std::mem::take(&mut self.buf),
+                std::mem::take(&mut self.grown),
+            );
+        }
+    }
+
+    /// Everything held, as one chunk; the emptied buffer goes back.
+    pub fn split(&mut self) -> bytes::Bytes {
+        let chunk = self.buf.split().freeze();
+        self.release_if_empty();
+        chunk
+    }
+}
+
 /// A buffer to read or encode into: one of the thread's spares, else a new one of `CHUNK` bytes.
 /// A spare's bytes may still back a frame in flight; `BytesMut` then writes only past them, or
 /// allocates when it needs more room.
-pub fn take() -> BytesMut {
+fn take() -> BytesMut {
     SPARE
         .try_with(|s| s.borrow_mut().pop())
         .ok()
@@ -34,7 +86,7 @@ pub fn take() -> BytesMut {
 
 /// Gives an emptied buffer back; one that grew past `CHUNK` (`grown`), still holds bytes, or
 /// finds the spares full is dropped.
-pub fn give(buf: BytesMut, grown: bool) {
+fn give(buf: BytesMut, grown: bool) {
     if grown || !buf.is_empty() {
         return;
     }
@@ -49,7 +101,7 @@ pub fn give(buf: BytesMut, grown: bool) {
 
 /// Whether `buf`'s allocation may now be larger than `CHUNK` (checked right after writing into
 /// it: a reserve that grew it left it at the start of its new allocation).
-pub fn grew(buf: &BytesMut) -> bool {
+fn grew(buf: &BytesMut) -> bool {
     buf.capacity() > CHUNK
 }
 
@@ -81,6 +133,19 @@ mod tests {
         d.extend_from_slice(b"x");
         give(d, false);
         assert_eq!(take().len(), 0);
+    }
+
+    #[test]
+    fn a_held_buffer_exists_only_while_it_holds_bytes() {
+        let mut h = Held::default();
+        assert_eq!(h.bytes().capacity(), 0);
+        h.write(|b| b.extend_from_slice(b"frame"));
+        assert_eq!(h.split().as_ref(), b"frame");
+        assert_eq!(h.bytes().capacity(), 0, "emptied: back to the spares");
+        // Grown past a spare's size: dropped, not kept.
+        h.write(|b| b.extend_from_slice(&[0; CHUNK + 1]));
+        let _ = h.split();
+        assert_eq!(take().capacity(), CHUNK);
     }
 
     #[test]

@@ -160,9 +160,7 @@ impl ClientReader {
 
 #[derive(Default)]
 struct Outbox {
-    buf: BytesMut,
-    /// `buf` grew past a spare's size (not given to the thread's spares).
-    grown: bool,
+    buf: crate::buffers::Held,
     waker: Option<Waker>,
     /// No more frames: the body ends once `buf` is written.
     closed: bool,
@@ -220,12 +218,9 @@ impl ClientTx {
             return;
         }
         outbox.closed = matches!(msg, Message::Close(_));
-        if outbox.buf.capacity() == 0 {
-            outbox.buf = crate::buffers::take();
-        }
         // Encoding a server frame into memory cannot fail.
-        let _ = self.codec.encode(msg, &mut outbox.buf);
-        outbox.grown |= crate::buffers::grew(&outbox.buf);
+        let codec = &mut self.codec;
+        let _ = outbox.buf.write(|b| codec.encode(msg, b));
         if let Some(w) = outbox.waker.take() {
             w.wake();
         }
@@ -248,13 +243,10 @@ impl Stream for ClientBody {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut outbox = self.0.borrow_mut();
-        if !outbox.buf.is_empty() {
+        if !outbox.buf.bytes().is_empty() {
             // Everything queued since the last write, in one chunk; the emptied buffer goes to
             // the thread's spares, so an idle session holds none (docs/DESIGN.md#spare-buffers).
-            let chunk = outbox.buf.split().freeze();
-            let grown = std::mem::take(&mut outbox.grown);
-            crate::buffers::give(std::mem::take(&mut outbox.buf), grown);
-            return Poll::Ready(Some(Ok(chunk)));
+            return Poll::Ready(Some(Ok(outbox.buf.split())));
         }
         if outbox.closed {
             return Poll::Ready(None);

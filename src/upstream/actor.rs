@@ -60,10 +60,7 @@ impl UpstreamConn {
         }
         self.lost = true;
         debug!(conn = self.id, ?reason, "upstream connection lost");
-        if let Some(sink) = &self.sink {
-            // Nobody reads this socket directly again: its lease is over.
-            sink.set_lease(None);
-        }
+        self.end_lease_reads();
         if let Some(lessee) = self.lessee.take() {
             lessee.do_send(UpstreamEvent::Lost {
                 conn: self.id,
@@ -186,6 +183,13 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for UpstreamConn {
 }
 
 impl UpstreamConn {
+    /// Nobody reads this socket directly again: its lease is over.
+    fn end_lease_reads(&self) {
+        if let Some(sink) = &self.sink {
+            sink.set_lease(None);
+        }
+    }
+
     fn on_frame(&mut self, item: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
         match item {
             Ok(Frame::Text(bytes)) => match (&self.lessee, ByteString::try_from(bytes)) {
@@ -293,10 +297,7 @@ impl Handler<CloseConn> for UpstreamConn {
     fn handle(&mut self, _: CloseConn, ctx: &mut Context<Self>) {
         self.lost = true;
         self.lessee = None;
-        if let Some(sink) = &self.sink {
-            // Nobody reads this socket directly again: its lease is over.
-            sink.set_lease(None);
-        }
+        self.end_lease_reads();
         self.shut(ctx);
     }
 }

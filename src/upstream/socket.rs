@@ -39,9 +39,7 @@ use crate::buffers;
 struct Shared {
     io: BoxedSocket,
     codec: Codec,
-    rbuf: BytesMut,
-    /// `rbuf` grew past a spare's size (not given to the thread's spares).
-    rbuf_grown: bool,
+    rbuf: buffers::Held,
     wbuf: BytesMut,
     eof: bool,
     conn: u64,
@@ -87,8 +85,9 @@ impl Shared {
     /// stream. Whichever side reads (the connection actor or its lessee) reads through this.
     fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, WsProtocolError>>> {
         loop {
-            if !self.rbuf.is_empty() {
-                match self.codec.decode(&mut self.rbuf) {
+            let rbuf = self.rbuf.bytes();
+            if !rbuf.is_empty() {
+                match self.codec.decode(rbuf) {
                     Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Some(Err(e))),
@@ -97,20 +96,17 @@ impl Shared {
             if self.eof {
                 return Poll::Ready(None);
             }
-            if self.rbuf.capacity() == 0 {
-                self.rbuf = buffers::take();
-            }
-            if self.rbuf.capacity() - self.rbuf.len() < buffers::CHUNK / 4 {
-                self.rbuf.reserve(buffers::CHUNK);
-                self.rbuf_grown |= buffers::grew(&self.rbuf);
-            }
-            match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+            let io = Pin::new(&mut self.io);
+            let read = self.rbuf.write(|b| {
+                if b.capacity() - b.len() < buffers::CHUNK / 4 {
+                    b.reserve(buffers::CHUNK);
+                }
+                poll_read_buf(io, cx, b)
+            });
+            match read {
                 Poll::Pending => {
-                    if self.rbuf.is_empty() {
-                        // Idle: no buffer held until the next bytes arrive (docs/DESIGN.md#spare-buffers).
-                        let grown = std::mem::take(&mut self.rbuf_grown);
-                        buffers::give(std::mem::take(&mut self.rbuf), grown);
-                    }
+                    // Idle: no buffer held until the next bytes arrive (docs/DESIGN.md#spare-buffers).
+                    self.rbuf.release_if_empty();
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
@@ -158,8 +154,7 @@ pub fn split(conn: u64, socket: Socket) -> (Reader, Writer) {
     let shared = Rc::new(RefCell::new(Shared {
         io: parts.io,
         codec: parts.codec,
-        rbuf_grown: buffers::grew(&parts.read_buf),
-        rbuf: parts.read_buf,
+        rbuf: buffers::Held::new(parts.read_buf),
         wbuf,
         eof: false,
         conn,
@@ -505,7 +500,7 @@ mod tests {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(Pin::new(&mut reader).poll_next(&mut cx).is_pending());
-        assert_eq!(reader.0.borrow().rbuf.capacity(), 0);
+        assert_eq!(reader.0.borrow_mut().rbuf.bytes().capacity(), 0);
 
         // A written frame reaches the peer masked (client mode); the buffer goes after.
         writer.write(Message::Text("hi".into())).unwrap();
