@@ -40,6 +40,7 @@ pub mod metric {
     pub const UPSTREAM_CONNECTIONS: &str = "turnpike_upstream_connections";
     pub const LEASE_WAITERS: &str = "turnpike_upstream_lease_waiters";
     pub const LEASES_RECOVERED: &str = "turnpike_upstream_leases_recovered_total";
+    pub const LEASE_READS: &str = "turnpike_upstream_lease_reads_total";
     pub const ACCOUNT_COOLING: &str = "turnpike_upstream_account_cooling";
     pub const AFFINITY_MOVES: &str = "turnpike_affinity_moves_total";
     pub const ACCOUNT_STATE: &str = "turnpike_upstream_account_state";
@@ -69,6 +70,7 @@ pub mod metric {
         UPSTREAM_CONNECTIONS,
         LEASE_WAITERS,
         LEASES_RECOVERED,
+        LEASE_READS,
         ACCOUNT_COOLING,
         AFFINITY_MOVES,
         ACCOUNT_STATE,
@@ -145,6 +147,9 @@ pub fn register_metrics(accounts: &[String]) {
         counter!(DIALS, "account" => a.clone()).increment(0);
         counter!(DIAL_FAILURES, "account" => a.clone()).increment(0);
         counter!(LEASES_RECOVERED, "account" => a.clone()).increment(0);
+        for reads in ["direct", "relayed"] {
+            counter!(LEASE_READS, "account" => a.clone(), "reads" => reads).increment(0);
+        }
         gauge!(ACCOUNT_COOLING, "account" => a.clone()).set(0.0);
         counter!(AFFINITY_MOVES, "from" => a.clone()).increment(0);
         account_state(&a, "healthy");

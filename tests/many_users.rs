@@ -190,6 +190,73 @@ fn a_thousand_sessions_hold_their_upstream_sockets_across_two_turns() {
     s.finish();
 }
 
+/// With one worker thread every session shares its thread with its upstream connection, so it
+/// reads each lease's frames from the socket itself (docs/DESIGN.md#direct-reads) — also on a
+/// connection lent again, where the grant can reach the session before the connection has
+/// learnt of the lease: the session then attaches at the first frame relayed to it as a message
+/// (it once stayed on messages for the whole turn). Three waves of sessions arriving at once,
+/// the later ones on the connections of the earlier.
+#[test]
+fn sessions_read_every_lease_directly_on_their_connections_thread() {
+    let _serial = one_at_a_time();
+    const N: usize = 60;
+    const WAVES: usize = 3;
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[
+            ("TURNPIKE_SERVER__WORKERS", "1"),
+            ("TURNPIKE_POOL__MAX_IDLE", "500"),
+            ("TURNPIKE_LIMITS__DEFAULT_MAX_SESSIONS_PER_KEY", "500"),
+            ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
+        ],
+        StackOptions {
+            max_conns: N + 10,
+            ..StackOptions::default()
+        },
+    );
+    for _ in 0..WAVES {
+        let barrier = Arc::new(Barrier::new(N));
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                let (addr, key, barrier) = (s.addr.clone(), s.key.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut c = Client::bearer(&addr, &key);
+                    barrier.wait();
+                    c.send(&create("deltas=40"));
+                    let events = c.until_terminal(T);
+                    (last_type(&events), events.len())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (last, n) = h.join().unwrap();
+            assert_eq!(
+                (last.as_str(), n),
+                ("response.completed", 48),
+                "40 deltas and 8 others"
+            );
+        }
+    }
+    let reads = |how: &str| {
+        common::admin::scrape(&admin)
+            .lines()
+            .filter(|l| {
+                l.starts_with("turnpike_upstream_lease_reads_total{")
+                    && l.contains(&format!("reads=\"{how}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let pools = common::http(&admin, "GET", "/admin/pools", Some(common::admin::TOKEN)).1;
+    assert_eq!(
+        (reads("direct"), reads("relayed")),
+        ((N * WAVES) as f64, 0.0),
+        "every lease read by its session; pools: {pools}"
+    );
+    assert_eq!(s.rows(N * WAVES).len(), N * WAVES);
+    s.finish();
+}
+
 /// A client that never reads while it sends frames in a loop (each answered by an error event)
 /// is cut off before its queue exceeds the limit plus one frame; the relay logs how much was
 /// unread; the session's resources go.

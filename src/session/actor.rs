@@ -160,6 +160,8 @@ struct Upstream {
     heard_at: Option<Instant>,
     /// The lease whose frames the session reads itself (docs/DESIGN.md#direct-reads).
     direct: Option<u64>,
+    /// The lease whose direct reads were tried at its first frame relayed as a message.
+    direct_settled: Option<u64>,
 }
 
 /// The client socket: frames out (no actor in between), the decoder of what comes in, and the
@@ -533,7 +535,30 @@ impl SessionActor {
         }
         if let Some(reader) = crate::upstream::socket::attach(lease.id) {
             self.up.direct = Some(lease.id);
+            lease_reads(&lease.account, "direct");
             ctx.add_stream(reader);
+        }
+    }
+
+    /// A frame of the current lease came as a message from the connection actor, so the
+    /// connection has learnt of the lease: whether its socket can be read on this thread is
+    /// settled now, and tried once per lease (the grant can reach the session before the
+    /// connection learns of it). Frames relayed before are all in the mailbox already, which
+    /// actix drains before it polls the session's streams: none is overtaken
+    /// (docs/DESIGN.md#direct-reads).
+    fn read_directly_once_relayed(&mut self, ctx: &mut Context<Self>) {
+        let Some(lease) = self.up.lease.as_ref() else {
+            return;
+        };
+        if self.up.direct_settled == Some(lease.id) || self.up.direct == Some(lease.id) {
+            return;
+        }
+        self.up.direct_settled = Some(lease.id);
+        self.read_directly(ctx);
+        if let Some(lease) = self.up.lease.as_ref()
+            && self.up.direct != Some(lease.id)
+        {
+            lease_reads(&lease.account, "relayed");
         }
     }
 
@@ -986,6 +1011,12 @@ impl SessionActor {
 
 /// What `lane` is doing, as a new create on it cares: its turn's phase, else whether a successor
 /// the upstream will start on its own comes first.
+/// Counts a lease by how its frames reach the session (docs/DESIGN.md#direct-reads).
+fn lease_reads(account: &str, reads: &'static str) {
+    ::metrics::counter!(metric::LEASE_READS, "account" => account.to_string(), "reads" => reads)
+        .increment(1);
+}
+
 fn lane_state(
     turns: &[Turn],
     steers: &std::collections::HashMap<LaneId, steer::SteerState>,
@@ -1179,7 +1210,8 @@ impl Handler<UpstreamEvent> for SessionActor {
         let current = self.up.lease.as_ref().map(|l| l.conn);
         match msg {
             UpstreamEvent::Text { conn, text } if Some(conn) == current => {
-                self.on_upstream_text(text, ctx)
+                self.on_upstream_text(text, ctx);
+                self.read_directly_once_relayed(ctx);
             }
             UpstreamEvent::Lost { conn, reason } if Some(conn) == current => {
                 self.on_upstream_lost(reason, ctx)
@@ -1195,7 +1227,11 @@ impl Handler<UpstreamEvent> for SessionActor {
 /// `UpstreamEvent::Text` from the connection actor.
 impl StreamHandler<(u64, ByteString)> for SessionActor {
     fn handle(&mut self, (conn, text): (u64, ByteString), ctx: &mut Self::Context) {
-        <Self as Handler<UpstreamEvent>>::handle(self, UpstreamEvent::Text { conn, text }, ctx);
+        if self.up.lease.as_ref().map(|l| l.conn) == Some(conn) {
+            self.on_upstream_text(text, ctx);
+        } else {
+            self.on_drain_event(conn, Some(text), ctx);
+        }
     }
 
     /// The lease ended, or its connection took the socket back: its frames come as messages.
