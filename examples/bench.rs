@@ -490,12 +490,18 @@ fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thre
 
 /// utime + stime of a process, in seconds.
 fn cpu_s(pid: u32) -> f64 {
+    let (user, system) = cpu_times(pid);
+    user + system
+}
+
+/// A process's user and system CPU seconds.
+fn cpu_times(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or_default();
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -553,7 +559,7 @@ fn stream(
         })
         .collect();
     barrier.wait();
-    let cpu0 = pid.map(cpu_s);
+    let cpu0 = pid.map(cpu_times);
     let t0 = Instant::now();
     let (mut total, mut lat, mut failed) = (0u64, Vec::new(), Vec::new());
     for h in handles {
@@ -567,11 +573,15 @@ fn stream(
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = pid.map(|p| cpu_s(p) - cpu0.unwrap_or(0.0));
+    // User and system time apart: which side a difference between relays is on.
+    let (cpu, user) = match (pid.map(cpu_times), cpu0) {
+        (Some((u1, s1)), Some((u0, s0))) => (Some(u1 + s1 - u0 - s0), Some(u1 - u0)),
+        _ => (None, None),
+    };
     lat.sort_unstable();
     let us = |p: f64| pct(&lat, p) as f64 / 1000.0;
     println!(
-        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"cpu_s_per_m_events\":{}}}",
+        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"relay_user_s\":{},\"cpu_s_per_m_events\":{}}}",
         failed.len(),
         failed.first().cloned().unwrap_or_default(),
         total as f64 / secs,
@@ -580,6 +590,7 @@ fn stream(
         us(0.999),
         lat.last().copied().unwrap_or(0) as f64 / 1000.0,
         cpu.map_or("null".into(), |c| format!("{c:.2}")),
+        user.map_or("null".into(), |u| format!("{u:.2}")),
         cpu.map_or("null".into(), |c| format!(
             "{:.2}",
             c / total.max(1) as f64 * 1e6

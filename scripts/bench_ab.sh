@@ -112,6 +112,8 @@ for scen in dict.fromkeys(r["scenario"] for r in rows):
         eps = [r["events_per_s"] for r in rs]
         cpu = [r["cpu_s_per_m_events"] for r in rs if r.get("cpu_s_per_m_events") is not None]
         p50 = med([r["p50_us"] for r in rs]); p99 = med([r["p99_us"] for r in rs])
+        share = [r["relay_user_s"] / r["relay_cpu_s"] for r in rs if r.get("relay_user_s") is not None and r.get("relay_cpu_s")]
+        user = f", user {med(share):.0%}" if share else ""
         print(f"| {scen} | {build} | {med(eps):,.0f} [{min(eps):,.0f}–{max(eps):,.0f}] | {p50:.0f} | {p99:.0f} | "
-              f"{med(cpu):.2f} [{min(cpu):.2f}–{max(cpu):.2f}] |")
+              f"{med(cpu):.2f} [{min(cpu):.2f}–{max(cpu):.2f}]{user} |")
 PY

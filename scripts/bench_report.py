@@ -70,6 +70,10 @@ def merged(rs, path):
     cpu = [r["cpu_s_per_m_events"] for r in runs if r.get("cpu_s_per_m_events") is not None]
     m["cpu"] = median(cpu) if cpu else None
     m["cpu_range"] = (min(cpu), max(cpu)) if cpu else None
+    # The user share of the relay's CPU (runs that recorded it: system time is the kernel's).
+    share = [r["relay_user_s"] / r["relay_cpu_s"] for r in runs
+             if r.get("relay_user_s") is not None and r.get("relay_cpu_s")]
+    m["user_share"] = median(share) if share else None
     m["p50_range"] = (min(r["p50_us"] for r in runs), max(r["p50_us"] for r in runs))
     m["failed"] = sum(r["failed"] for r in runs)
     m["runs"] = len(runs)
@@ -93,6 +97,8 @@ if any(k in by for k in labels):
             if direct and path != "direct":
                 added = " / ".join(f"{m[k] - direct[k]:+.0f}" for k in ("p50_us", "p99_us", "p999_us"))
             cpu = "—" if m["cpu"] is None else f"{m['cpu']:.2f} [{m['cpu_range'][0]:.2f}–{m['cpu_range'][1]:.2f}]"
+            if m["user_share"] is not None:
+                cpu += f", user {m['user_share']:.0%}"
             lo, hi = m["p50_range"]
             w(f"| {label} | {path} | {m['p50_us']:.0f} [{lo:.0f}–{hi:.0f}] | {m['p99_us']:.0f} | {m['p999_us']:.0f} | {added} | "
               f"{m['events_per_s']:,.0f} | {cpu} | {m['runs']}, {m['failed']} |")
