@@ -238,14 +238,10 @@ fn sessions_read_every_lease_directly_on_their_connections_thread() {
         }
     }
     let reads = |how: &str| {
-        common::admin::scrape(&admin)
-            .lines()
-            .filter(|l| {
-                l.starts_with("turnpike_upstream_lease_reads_total{")
-                    && l.contains(&format!("reads=\"{how}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+        common::admin::metric(
+            &admin,
+            &format!("turnpike_upstream_lease_reads_total{{account=\"sim\",reads=\"{how}\"}}"),
+        )
     };
     let pools = common::http(&admin, "GET", "/admin/pools", Some(common::admin::TOKEN)).1;
     assert_eq!(

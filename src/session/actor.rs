@@ -526,22 +526,26 @@ impl SessionActor {
     /// thread — one task and no mailbox message per event (docs/DESIGN.md#direct-reads).
     /// Tried when a lease arrives and before each request, in case the connection had not yet
     /// learnt of the lease.
-    pub(super) fn read_directly(&mut self, ctx: &mut Context<Self>) {
+    /// Whether the session now reads the lease's frames itself.
+    pub(super) fn read_directly(&mut self, ctx: &mut Context<Self>) -> bool {
         let Some(lease) = self.up.lease.as_ref() else {
-            return;
+            return false;
         };
         if self.up.direct == Some(lease.id) {
-            return;
+            return true;
         }
-        if let Some(reader) = crate::upstream::socket::attach(lease.id) {
-            self.up.direct = Some(lease.id);
-            lease_reads(&lease.account, "direct");
-            ctx.add_stream(reader);
-        }
+        let Some(reader) = crate::upstream::socket::attach(lease.id) else {
+            return false;
+        };
+        self.up.direct = Some(lease.id);
+        lease_reads(&lease.account, "direct");
+        ctx.add_stream(reader);
+        true
     }
 
-    /// A frame of the current lease came as a message from the connection actor, so the
-    /// connection has learnt of the lease: whether its socket can be read on this thread is
+    /// A frame of the current lease came (a frame read directly finds it settled at once). One
+    /// that came as a message from the connection actor means the connection has learnt of the
+    /// lease: whether its socket can be read on this thread is
     /// settled now, and tried once per lease (the grant can reach the session before the
     /// connection learns of it). Frames relayed before are all in the mailbox already, which
     /// actix drains before it polls the session's streams: none is overtaken
@@ -554,11 +558,9 @@ impl SessionActor {
             return;
         }
         self.up.direct_settled = Some(lease.id);
-        self.read_directly(ctx);
-        if let Some(lease) = self.up.lease.as_ref()
-            && self.up.direct != Some(lease.id)
-        {
-            lease_reads(&lease.account, "relayed");
+        let account = lease.account.clone();
+        if !self.read_directly(ctx) {
+            lease_reads(&account, "relayed");
         }
     }
 
@@ -1009,14 +1011,14 @@ impl SessionActor {
     }
 }
 
-/// What `lane` is doing, as a new create on it cares: its turn's phase, else whether a successor
-/// the upstream will start on its own comes first.
 /// Counts a lease by how its frames reach the session (docs/DESIGN.md#direct-reads).
 fn lease_reads(account: &str, reads: &'static str) {
     ::metrics::counter!(metric::LEASE_READS, "account" => account.to_string(), "reads" => reads)
         .increment(1);
 }
 
+/// What `lane` is doing, as a new create on it cares: its turn's phase, else whether a successor
+/// the upstream will start on its own comes first.
 fn lane_state(
     turns: &[Turn],
     steers: &std::collections::HashMap<LaneId, steer::SteerState>,
@@ -1227,11 +1229,7 @@ impl Handler<UpstreamEvent> for SessionActor {
 /// `UpstreamEvent::Text` from the connection actor.
 impl StreamHandler<(u64, ByteString)> for SessionActor {
     fn handle(&mut self, (conn, text): (u64, ByteString), ctx: &mut Self::Context) {
-        if self.up.lease.as_ref().map(|l| l.conn) == Some(conn) {
-            self.on_upstream_text(text, ctx);
-        } else {
-            self.on_drain_event(conn, Some(text), ctx);
-        }
+        <Self as Handler<UpstreamEvent>>::handle(self, UpstreamEvent::Text { conn, text }, ctx);
     }
 
     /// The lease ended, or its connection took the socket back: its frames come as messages.
