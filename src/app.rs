@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpServer, web};
+use actix_http::HttpService;
+use actix_service::map_config;
+use actix_web::dev::AppConfig;
+use actix_web::rt::net::TcpStream;
+use actix_web::{App, web};
 use tracing::{info, warn};
 
 use actix::Actor;
@@ -344,37 +348,52 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
     crate::http::refusals::start_summaries(Duration::from_secs(settings.log.refusal_summary_s));
     let data = web::Data::from(deps.clone());
     let stall_ms = u32::try_from(settings.limits.client_stall_timeout_ms).unwrap_or(u32::MAX);
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .wrap(crate::http::request_log::RequestLog)
-            .app_data(web::Data::new(readiness.clone()))
-            .app_data(data.clone())
-            .configure(health::routes)
-            .configure(ingress::routes)
-            .configure(crate::http::responses::routes)
-            .default_service(web::to(crate::http::responses::not_found))
-    })
-    .disable_signals()
-    .on_connect(move |conn, _| bound_stalled_socket(conn, stall_ms))
-    // Without it Nagle and delayed ACKs add tens of ms per event burst.
-    .tcp_nodelay(true)
-    // No linger after a response whose request body is unread: a WebSocket's body is never
-    // finished, and actix-http would wait this long, without sending FIN, after the close
-    // handshake (docs/DESIGN.md#close-handshake).
-    .client_disconnect_timeout(Duration::ZERO)
-    .shutdown_timeout(grace.as_secs().max(1));
-    if settings.server.workers > 0 {
-        server = server.workers(settings.server.workers);
-    }
     let addr = listener.local_addr()?;
-    let server = server.listen(listener).map_err(|source| AppError::Bind {
-        key: "server.bind",
-        addr,
-        source,
-    })?;
-    for a in server.addrs() {
-        info!(addr = %a, backend = deps.db.backend(), accounts = deps.accounts.len(), "turnpike listening on http://{a}");
+    let mut builder = actix_server::Server::build()
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs().max(1));
+    if settings.server.workers > 0 {
+        builder = builder.workers(settings.server.workers);
     }
+    let stopping = builder.graceful_shutdown_signal();
+    let ingress_deps = deps.clone();
+    // What actix-web's `HttpServer` builds, plus the upgrade service: WebSocket handshakes get
+    // their socket (docs/DESIGN.md#client-socket); every other request goes to the app.
+    let server = builder
+        .listen("turnpike", listener, move || {
+            let app = App::new()
+                .wrap(crate::http::request_log::RequestLog)
+                .app_data(web::Data::new(readiness.clone()))
+                .app_data(data.clone())
+                .configure(health::routes)
+                .configure(ingress::routes)
+                .configure(crate::http::responses::routes)
+                .default_service(web::to(crate::http::responses::not_found));
+            let stopping = stopping.clone();
+            HttpService::build()
+                // Idle keep-alive connections close as soon as the server stops (the setter
+                // is public but hidden; actix-web's `HttpServer` sets it the same way).
+                .graceful_shutdown_signal(move || {
+                    let stopping = stopping.clone();
+                    async move { stopping.notified().await }
+                })
+                // No linger after a response whose request body is unread
+                // (docs/DESIGN.md#close-handshake).
+                .client_disconnect_timeout(Duration::ZERO)
+                // Without it Nagle and delayed ACKs add tens of ms per event burst.
+                .tcp_nodelay(true)
+                .local_addr(addr)
+                .on_connect_ext(move |io: &TcpStream, _: &mut _| bound_stalled_socket(io, stall_ms))
+                .upgrade(ingress::upgrade_service(ingress_deps.clone()))
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })
+        .map_err(|source| AppError::Bind {
+            key: "server.bind",
+            addr,
+            source,
+        })?;
+    info!(addr = %addr, backend = deps.db.backend(), accounts = deps.accounts.len(), "turnpike listening on http://{addr}");
     let server = server.run();
     let handle = server.handle();
     let on_signal = deps.clone();
@@ -397,13 +416,11 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
 /// zero; the kernel then aborts the connection after `limits.client_stall_timeout_ms`
 /// (`TCP_USER_TIMEOUT` also bounds zero-window probing), freeing whatever the relay still had
 /// queued for it. Without it a cut-off client's queue would live until TCP keepalive noticed.
-fn bound_stalled_socket(conn: &dyn std::any::Any, stall_ms: u32) {
+fn bound_stalled_socket(sock: &TcpStream, stall_ms: u32) {
     if stall_ms == 0 {
         return;
     }
-    if let Some(sock) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
-        && let Err(e) = rustix::net::sockopt::set_tcp_user_timeout(sock, stall_ms)
-    {
+    if let Err(e) = rustix::net::sockopt::set_tcp_user_timeout(sock, stall_ms) {
         warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client socket");
     }
 }

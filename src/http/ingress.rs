@@ -1,16 +1,31 @@
 //! The WebSocket ingress: every check that can refuse a client happens here, before the
-//! upgrade, with an HTTP JSON error (docs/DESIGN.md#handshake); then a `SessionActor` takes the socket.
+//! upgrade, with an HTTP JSON error (docs/DESIGN.md#handshake); then a `SessionActor` takes the
+//! socket itself (docs/DESIGN.md#client-socket).
+//!
+//! actix-http hands every request that asks for `Upgrade: websocket` to [`upgrade_service`],
+//! with its connection; a GET on a WebSocket path without one reaches the app's route here
+//! (`routes`) and is answered 426 once its key is checked.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-
-use actix_web::{HttpRequest, HttpResponse, web};
-
 use std::time::Duration;
 
+use actix_codec::Framed;
+use actix_http::body::{BodySize, MessageBody};
+use actix_http::h1::{Codec, Message};
+use actix_http::{ConnectionType, Request, RequestHead, Response};
+use actix_service::{ServiceFactory, fn_service};
+use actix_web::http::header::HeaderMap;
+use actix_web::rt::net::TcpStream;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use futures_util::SinkExt;
+use tracing::Instrument;
+
 use super::error::HttpError;
-use super::refusals;
+use super::{refusals, request_log};
 use crate::auth;
+use crate::config::LimitSettings;
 use crate::protocol::errors::ErrorCode;
 use crate::session::SessionDeps;
 use crate::session::admission::KeySlot;
@@ -20,6 +35,13 @@ use actix::{Actor, AsyncContext};
 use crate::session::actor::{SessionActor, auth_error_code};
 use crate::session::socket;
 use crate::upstream::dial::passes_through;
+
+/// The paths a client reaches the Responses API on (WebSocket GET, HTTP POST alike).
+pub const PATHS: [&str; 3] = [
+    "/v1/responses",
+    "/responses",
+    "/backend-api/codex/responses",
+];
 
 /// Query parameters that would carry a key in the URL (refused: URLs end up in logs).
 const KEY_PARAMS: &[&str] = &[
@@ -52,17 +74,13 @@ pub fn query_carries_key(query: &str) -> bool {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    for path in [
-        "/v1/responses",
-        "/responses",
-        "/backend-api/codex/responses",
-    ] {
-        cfg.route(path, web::get().to(upgrade));
+    for path in PATHS {
+        cfg.route(path, web::get().to(not_upgraded));
     }
 }
 
-fn presented_key(req: &HttpRequest) -> Option<&str> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     header("authorization")
         .and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -73,29 +91,19 @@ fn presented_key(req: &HttpRequest) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-fn is_websocket(req: &HttpRequest) -> bool {
-    req.headers()
-        .get("upgrade")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// A refused handshake is counted, not logged by itself (docs/DESIGN.md#refusals); a prefix
-/// that keeps failing waits before it hears the refusal.
-async fn upgrade(
+/// A GET on a WebSocket path that does not ask for the upgrade: the key first, then 426.
+async fn not_upgraded(
     req: HttpRequest,
-    stream: web::Payload,
     deps: web::Data<SessionDeps>,
 ) -> Result<HttpResponse, HttpError> {
-    let deps: Arc<SessionDeps> = deps.into_inner();
-    let limits = &deps.settings.limits;
-    let (threshold, delay) = (
-        limits.refused_handshakes_before_delay,
-        Duration::from_millis(limits.refused_handshake_delay_ms),
-    );
+    let checked = authenticate(req.head(), &deps).await.and_then(|_| {
+        Err(HttpError::new(
+            ErrorCode::UpgradeRequired,
+            "this endpoint speaks WebSocket only (GET with Upgrade: websocket)",
+        ))
+    });
     let peer = req.peer_addr().map(|a| a.ip());
-    let outcome = handshake(req.clone(), stream, deps).await;
-    summarize_refusal(outcome, peer, threshold, delay).await
+    summarize_refusal(checked, peer, &deps.settings.limits).await
 }
 
 /// A refused request is counted in the refusal summary (docs/DESIGN.md#refusals), and a
@@ -103,13 +111,14 @@ async fn upgrade(
 pub(super) async fn summarize_refusal<T>(
     outcome: Result<T, HttpError>,
     peer: Option<std::net::IpAddr>,
-    threshold: u32,
-    delay: Duration,
+    limits: &LimitSettings,
 ) -> Result<T, HttpError> {
     match outcome {
         Err(mut e) if e.code.status() < 500 => {
             let from_prefix = refusals::record(e.code.code(), peer);
+            let threshold = limits.refused_handshakes_before_delay;
             if threshold > 0 && from_prefix > threshold {
+                let delay = Duration::from_millis(limits.refused_handshake_delay_ms);
                 tokio::time::sleep(delay).await;
             }
             e.summarized = true;
@@ -122,7 +131,7 @@ pub(super) async fn summarize_refusal<T>(
 /// The checks every client request passes first, WebSocket or HTTP: not draining, no key in
 /// the URL, a key presented and valid.
 pub(super) async fn authenticate(
-    req: &HttpRequest,
+    req: &RequestHead,
     deps: &SessionDeps,
 ) -> Result<crate::auth::Principal, HttpError> {
     if deps.draining.load(Ordering::Relaxed) {
@@ -131,13 +140,13 @@ pub(super) async fn authenticate(
             "the relay is shutting down",
         ));
     }
-    if query_carries_key(req.query_string()) {
+    if query_carries_key(req.uri.query().unwrap_or_default()) {
         return Err(HttpError::new(
             ErrorCode::ApiKeyInQuery,
             "API keys in the URL are refused; send Authorization: Bearer <key>",
         ));
     }
-    let Some(key) = presented_key(req) else {
+    let Some(key) = presented_key(&req.headers) else {
         return Err(HttpError::new(
             ErrorCode::MissingApiKey,
             "send your turnpike key as Authorization: Bearer <key>",
@@ -158,26 +167,116 @@ pub(super) async fn authenticate(
 }
 
 /// Handshake headers passed through to the upstream (docs/DESIGN.md#handshake).
-pub(super) fn pass_through_headers(req: &HttpRequest) -> Vec<(String, String)> {
-    req.headers()
+pub(super) fn pass_through_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
         .iter()
         .filter(|(k, _)| passes_through(k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect()
 }
 
-async fn handshake(
-    req: HttpRequest,
-    stream: web::Payload,
+/// What actix-http hands the upgrade service: the request and its connection, with whatever
+/// was read past the request's head.
+type Upgrade = (Request, Framed<TcpStream, Codec>);
+
+/// The upgrade service: checks the handshake, answers it, and runs the session on the socket.
+/// Its future lives as long as the session writes to the client, so the server's connection
+/// count and its graceful stop see the socket (docs/DESIGN.md#client-socket).
+pub fn upgrade_service(
     deps: Arc<SessionDeps>,
-) -> Result<HttpResponse, HttpError> {
-    let principal = authenticate(&req, &deps).await?;
-    if !is_websocket(&req) {
-        return Err(HttpError::new(
-            ErrorCode::UpgradeRequired,
-            "this endpoint speaks WebSocket only (GET with Upgrade: websocket)",
-        ));
+) -> impl ServiceFactory<Upgrade, Config = (), Response = (), Error = Infallible, InitError = ()> {
+    fn_service(move |(req, framed): Upgrade| upgrade(req, framed, deps.clone()))
+}
+
+/// A session admitted by the handshake's checks.
+struct Admitted {
+    principal: crate::auth::Principal,
+    slot: KeySlot,
+    headers: Vec<(String, String)>,
+    /// The 101.
+    response: Response<()>,
+}
+
+async fn upgrade(
+    req: Request,
+    mut framed: Framed<TcpStream, Codec>,
+    deps: Arc<SessionDeps>,
+) -> Result<(), Infallible> {
+    let head = req.head();
+    let peer = head.peer_addr.map(|a| a.ip());
+    let path = head.uri.path();
+    let known = PATHS.contains(&path);
+    let span = request_log::span(
+        head.method.as_str(),
+        if known { path } else { "" },
+        path,
+        &peer.map(|ip| ip.to_string()).unwrap_or_default(),
+    );
+    let outcome = if known {
+        let checked = handshake(head, &deps).instrument(span.clone()).await;
+        summarize_refusal(checked, peer, &deps.settings.limits).await
+    } else {
+        // Not one of ours: the answer the app gives an unknown route.
+        Err(HttpError::new(
+            ErrorCode::NotFound,
+            format!("no route {} {path}", head.method),
+        ))
+    };
+    let admitted = match outcome {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            request_log::ended(&span, e.status_code(), Some(&e));
+            // The client may be gone already: nothing to do about it.
+            let _ = refuse(&mut framed, &e).await;
+            return Ok(());
+        }
+    };
+    request_log::ended(
+        &span,
+        actix_web::http::StatusCode::SWITCHING_PROTOCOLS,
+        None,
+    );
+    let Admitted {
+        principal,
+        slot,
+        headers,
+        response,
+    } = admitted;
+    if framed
+        .send(Message::Item((response, BodySize::None)))
+        .await
+        .is_err()
+    {
+        // Gone before the 101: no session (the key's slot goes with `slot`).
+        return Ok(());
     }
+    let parts = framed.into_parts();
+    let (tx, input, writer) = socket::over(parts.io, parts.read_buf);
+    SessionActor::create(move |ctx| {
+        ctx.add_stream(input);
+        SessionActor::new(deps, principal, slot, headers, tx)
+    });
+    writer.await;
+    Ok(())
+}
+
+/// Answers a refused handshake with its JSON error and closes the connection.
+async fn refuse(framed: &mut Framed<TcpStream, Codec>, e: &HttpError) -> std::io::Result<()> {
+    let (response, body) = e.error_response().into_parts();
+    let body = body.try_into_bytes().unwrap_or_default();
+    let mut response: Response<()> = response.into();
+    response
+        .head_mut()
+        .set_connection_type(ConnectionType::Close);
+    let size = BodySize::Sized(u64::try_from(body.len()).unwrap_or(u64::MAX));
+    framed.feed(Message::Item((response, size))).await?;
+    framed.feed(Message::Chunk(Some(body))).await?;
+    framed.send(Message::Chunk(None)).await?;
+    framed.close().await
+}
+
+async fn handshake(head: &RequestHead, deps: &Arc<SessionDeps>) -> Result<Admitted, HttpError> {
+    let principal = authenticate(head, deps).await?;
     let max_sessions = principal
         .max_sessions
         .or(Some(deps.settings.limits.default_max_sessions_per_key));
@@ -203,15 +302,17 @@ async fn handshake(
         None => None,
     };
     let slot = KeySlot::new(local, fleet);
-    let headers = pass_through_headers(&req);
-    let mut response = actix_web_actors::ws::handshake(&req)
-        .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))?;
-    let (tx, body) = socket::transport();
-    SessionActor::create(move |ctx| {
-        ctx.add_stream(stream);
-        SessionActor::new(deps, principal, slot, headers, tx)
-    });
-    Ok(response.streaming(body))
+    let headers = pass_through_headers(&head.headers);
+    let response = actix_http::ws::handshake(head)
+        .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))?
+        .finish()
+        .drop_body();
+    Ok(Admitted {
+        principal,
+        slot,
+        headers,
+        response,
+    })
 }
 
 #[cfg(test)]

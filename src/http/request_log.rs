@@ -11,6 +11,7 @@
 use actix_web::Error;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
+use actix_web::http::StatusCode;
 use futures_util::future::LocalBoxFuture;
 use tracing::{Instrument, Span};
 
@@ -21,22 +22,16 @@ pub struct PathOnlySpan;
 
 impl RootSpanBuilder for PathOnlySpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        let route = request.match_pattern().unwrap_or_default();
         let client_ip = request
             .connection_info()
             .realip_remote_addr()
             .unwrap_or("")
             .to_string();
-        tracing::info_span!(
-            "HTTP request",
-            http.method = %request.method(),
-            http.route = %route,
-            http.target = %request.path(),
-            http.client_ip = %client_ip,
-            http.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            exception.message = tracing::field::Empty,
-            exception.details = tracing::field::Empty,
+        span(
+            request.method().as_str(),
+            request.match_pattern().as_deref().unwrap_or_default(),
+            request.path(),
+            &client_ip,
         )
     }
 
@@ -58,15 +53,44 @@ impl RootSpanBuilder for PathOnlySpan {
                 .and_then(|e| e.as_error::<HttpError>())
                 .is_some_and(|e| e.summarized);
             if !summarized {
-                let _in = span.enter();
-                if status.is_client_error() {
-                    tracing::warn!("request refused: {error:?}");
-                } else {
-                    tracing::error!("request failed: {error:?}");
-                }
+                log_failure(&span, status, error);
             }
         }
         DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+/// A request's span: its path, never its query.
+pub fn span(method: &str, route: &str, path: &str, client_ip: &str) -> Span {
+    tracing::info_span!(
+        "HTTP request",
+        http.method = %method,
+        http.route = %route,
+        http.target = %path,
+        http.client_ip = %client_ip,
+        http.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        exception.message = tracing::field::Empty,
+        exception.details = tracing::field::Empty,
+    )
+}
+
+/// One line for a failed request: a warning for the client's error, an error for the relay's.
+fn log_failure<E: std::fmt::Debug + ?Sized>(span: &Span, status: StatusCode, error: &E) {
+    let _in = span.enter();
+    if status.is_client_error() {
+        tracing::warn!("request refused: {error:?}");
+    } else {
+        tracing::error!("request failed: {error:?}");
+    }
+}
+
+/// The end of a request answered outside the app (a WebSocket handshake, `http/ingress.rs`):
+/// its status on the span, and a failure's line unless the refusal summary counts it.
+pub fn ended(span: &Span, status: StatusCode, failure: Option<&HttpError>) {
+    span.record("http.status_code", status.as_u16());
+    if let Some(e) = failure.filter(|e| !e.summarized) {
+        log_failure(span, status, e);
     }
 }
 

@@ -1141,13 +1141,9 @@ impl Actor for SessionActor {
     }
 }
 
-/// The client's bytes, straight from the request body.
-impl StreamHandler<Result<actix_web::web::Bytes, actix_web::error::PayloadError>> for SessionActor {
-    fn handle(
-        &mut self,
-        chunk: Result<actix_web::web::Bytes, actix_web::error::PayloadError>,
-        ctx: &mut Self::Context,
-    ) {
+/// The client's bytes, straight from its socket.
+impl StreamHandler<std::io::Result<actix_web::web::Bytes>> for SessionActor {
+    fn handle(&mut self, chunk: std::io::Result<actix_web::web::Bytes>, ctx: &mut Self::Context) {
         let Ok(chunk) = chunk else {
             return self.on_client(ClientInput::Gone, ctx);
         };

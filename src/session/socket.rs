@@ -1,24 +1,28 @@
-//! The client WebSocket transport, owned by the session actor without an actor of its own.
+//! The client WebSocket transport: the client's socket itself, owned by the session actor
+//! without an actor of its own (docs/DESIGN.md#client-socket).
 //!
-//! In: the request body's bytes are a stream of the session actor; `ClientReader` decodes them
-//! into `ClientInput` (fragments reassembled, RFC 6455 §5.4). Out: `ClientTx` encodes frames
-//! straight into a buffer that the HTTP response body drains, so an upstream event reaches the
-//! client's socket with no actor hop after the session, and everything queued between two
-//! writes of the HTTP dispatcher leaves in one write.
+//! In: the socket's bytes are a stream of the session actor (`ClientBytes`); `ClientReader`
+//! decodes them into `ClientInput` (fragments reassembled, RFC 6455 §5.4). Out: `ClientTx`
+//! encodes frames straight into a buffer that `ClientWriter` writes to the socket, so an
+//! upstream event reaches the client's socket with no actor hop after the session, and
+//! everything queued between two of the writer's turns leaves in one write.
 //!
-//! Why the session does not run inside the response body (as an actix-web-actors
-//! `WebsocketContext` does): a client that stops reading stops the dispatcher polling its body,
-//! which would freeze whatever runs in it. The body here is only a buffer; the session keeps
-//! running, counting what is unread and cutting the client off (docs/DESIGN.md#slow-clients).
+//! Why the session does not write the socket itself: a client that stops reading would block
+//! whatever writes. The writer is only a buffer and a socket; the session keeps running,
+//! counting what is unread and cutting the client off (docs/DESIGN.md#slow-clients).
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
+use actix_web::rt::net::TcpStream;
 use actix_web::web::{Bytes, BytesMut};
+use bytes::Buf;
 use bytestring::ByteString;
 use futures_util::Stream;
 
@@ -162,7 +166,7 @@ impl ClientReader {
 struct Outbox {
     buf: crate::buffers::Held,
     waker: Option<Waker>,
-    /// No more frames: the body ends once `buf` is written.
+    /// No more frames: the writer ends once `buf` is written (or the socket failed).
     closed: bool,
 }
 
@@ -172,18 +176,38 @@ pub struct ClientTx {
     outbox: Rc<RefCell<Outbox>>,
 }
 
-/// The HTTP response body: drains what the session encoded.
-pub struct ClientBody(Rc<RefCell<Outbox>>);
+/// Writes what the session encoded to the client's socket; ends after the last frame (then
+/// shuts the socket's sending side) or when the socket fails.
+pub struct ClientWriter {
+    io: Rc<TcpStream>,
+    outbox: Rc<RefCell<Outbox>>,
+}
 
-/// A transport: the session's writer and the response body it feeds.
-pub fn transport() -> (ClientTx, ClientBody) {
+/// What the client sends: the socket's bytes as they arrive, after those read with the
+/// handshake.
+pub struct ClientBytes {
+    io: Rc<TcpStream>,
+    first: Option<Bytes>,
+    done: bool,
+}
+
+/// A transport over the client's socket, upgraded: the session's writer, the stream of what
+/// the client sends (starting with `read`, bytes that came with the handshake), and the future
+/// that writes.
+pub fn over(io: TcpStream, read: BytesMut) -> (ClientTx, ClientBytes, ClientWriter) {
+    let io = Rc::new(io);
     let outbox = Rc::new(RefCell::new(Outbox::default()));
     (
         ClientTx {
             codec: Codec::new(),
             outbox: outbox.clone(),
         },
-        ClientBody(outbox),
+        ClientBytes {
+            io: io.clone(),
+            first: (!read.is_empty()).then(|| read.freeze()),
+            done: false,
+        },
+        ClientWriter { io, outbox },
     )
 }
 
@@ -206,7 +230,7 @@ impl ClientTx {
         self.push(Message::Pong(payload));
     }
 
-    /// Answers the client's close frame with the same code, and ends the body.
+    /// Answers the client's close frame with the same code; nothing is sent after it.
     pub fn echo_close(&mut self, reason: Option<CloseReason>) {
         self.push(Message::Close(reason));
     }
@@ -229,7 +253,7 @@ impl ClientTx {
 
 impl Drop for ClientTx {
     fn drop(&mut self) {
-        // The session is gone: the body ends after what was queued.
+        // The session is gone: the writer ends after what was queued.
         let mut outbox = self.outbox.borrow_mut();
         outbox.closed = true;
         if let Some(w) = outbox.waker.take() {
@@ -238,27 +262,97 @@ impl Drop for ClientTx {
     }
 }
 
-impl Stream for ClientBody {
-    type Item = Result<Bytes, std::convert::Infallible>;
+impl Future for ClientWriter {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let mut outbox = this.outbox.borrow_mut();
+            let queued = outbox.buf.bytes();
+            if queued.is_empty() {
+                if outbox.closed {
+                    // FIN after the close frame; the descriptor closes with the session's
+                    // reading half.
+                    let _ = rustix::net::shutdown(&*this.io, rustix::net::Shutdown::Write);
+                    return Poll::Ready(());
+                }
+                if !outbox
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    outbox.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            // Everything queued since the last write, in one write.
+            match this.io.try_write(queued) {
+                Ok(n) => {
+                    queued.advance(n);
+                    // The emptied buffer goes to the thread's spares, so an idle session holds
+                    // none (docs/DESIGN.md#spare-buffers).
+                    outbox.buf.release_if_empty();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(outbox);
+                    if ready!(this.io.poll_write_ready(cx)).is_err() {
+                        return this.fail();
+                    }
+                }
+                Err(_) => {
+                    drop(outbox);
+                    return this.fail();
+                }
+            }
+        }
+    }
+}
+
+impl ClientWriter {
+    /// The socket failed (reset, `TCP_USER_TIMEOUT`): nothing more is queued; the session
+    /// hears of it from its reading half.
+    fn fail(&mut self) -> Poll<()> {
+        let mut outbox = self.outbox.borrow_mut();
+        outbox.closed = true;
+        outbox.buf = crate::buffers::Held::default();
+        Poll::Ready(())
+    }
+}
+
+impl Stream for ClientBytes {
+    type Item = io::Result<Bytes>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut outbox = self.0.borrow_mut();
-        if !outbox.buf.bytes().is_empty() {
-            // Everything queued since the last write, in one chunk; the emptied buffer goes to
-            // the thread's spares, so an idle session holds none (docs/DESIGN.md#spare-buffers).
-            return Poll::Ready(Some(Ok(outbox.buf.split())));
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
         }
-        if outbox.closed {
+        if this.done {
             return Poll::Ready(None);
         }
-        if !outbox
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            outbox.waker = Some(cx.waker().clone());
+        // Client frames are few and small (a turn's request): read through a scratch buffer,
+        // so an idle session holds none.
+        let mut scratch = [0u8; 8192];
+        loop {
+            match this.io.try_read(&mut scratch) {
+                Ok(0) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Ok(n) => return Poll::Ready(Some(Ok(Bytes::copy_from_slice(&scratch[..n])))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(this.io.poll_read_ready(cx)) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
         }
-        Poll::Pending
     }
 }
 
@@ -324,29 +418,65 @@ mod tests {
         assert!(read_all(&mut reader, &more).is_empty());
     }
 
+    /// A connected pair over loopback: the relay's end (tokio) and the client's (blocking std).
+    async fn socket_pair() -> (TcpStream, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (server, client)
+    }
+
+    fn on_runtime(f: impl Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f);
+    }
+
     #[test]
-    fn queued_frames_leave_in_one_chunk_then_the_body_ends() {
-        let (mut tx, mut body) = transport();
-        tx.send(Outbound::Text("a".into()));
-        tx.send(Outbound::Text("b".into()));
-        let mut cx = Context::from_waker(Waker::noop());
-        let Poll::Ready(Some(Ok(chunk))) = Pin::new(&mut body).poll_next(&mut cx) else {
-            panic!("a chunk")
-        };
-        assert_eq!(chunk.as_ref(), b"\x81\x01a\x81\x01b");
-        assert!(Pin::new(&mut body).poll_next(&mut cx).is_pending());
-        tx.send(Outbound::Close(
-            crate::protocol::errors::close::POLICY,
-            "client_too_slow".into(),
-        ));
-        tx.send(Outbound::Text("late".into()));
-        let Poll::Ready(Some(Ok(chunk))) = Pin::new(&mut body).poll_next(&mut cx) else {
-            panic!("the close frame")
-        };
-        assert_eq!(&chunk[..4], b"\x88\x11\x03\xf0");
-        assert!(matches!(
-            Pin::new(&mut body).poll_next(&mut cx),
-            Poll::Ready(None)
-        ));
+    fn frames_reach_the_socket_in_order_then_the_close_and_fin() {
+        use std::io::Read;
+        on_runtime(async {
+            let (server, mut client) = socket_pair().await;
+            let (mut tx, _input, writer) = over(server, BytesMut::new());
+            tx.send(Outbound::Text("a".into()));
+            tx.send(Outbound::Text("b".into()));
+            tx.send(Outbound::Close(
+                crate::protocol::errors::close::POLICY,
+                "client_too_slow".into(),
+            ));
+            tx.send(Outbound::Text("late".into()));
+            // The writer ends after the close frame, without waiting for the session to go.
+            writer.await;
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).unwrap();
+            assert_eq!(&wire[..6], b"\x81\x01a\x81\x01b");
+            assert_eq!(&wire[6..10], b"\x88\x11\x03\xf0");
+            assert_eq!(
+                &wire[10..],
+                b"client_too_slow",
+                "nothing after the close frame"
+            );
+            drop(tx);
+        });
+    }
+
+    #[test]
+    fn the_client_bytes_start_with_those_read_with_the_handshake() {
+        use futures_util::StreamExt;
+        use std::io::Write;
+        on_runtime(async {
+            let (server, mut client) = socket_pair().await;
+            let (tx, mut input, writer) = over(server, BytesMut::from(&b"early"[..]));
+            client.write_all(b"later").unwrap();
+            assert_eq!(input.next().await.unwrap().unwrap().as_ref(), b"early");
+            assert_eq!(input.next().await.unwrap().unwrap().as_ref(), b"later");
+            drop(client);
+            assert!(input.next().await.is_none(), "EOF ends the stream");
+            // A session gone with nothing queued: the writer ends at once.
+            drop(tx);
+            writer.await;
+        });
     }
 }

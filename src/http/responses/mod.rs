@@ -11,7 +11,7 @@
 mod exchange;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -45,11 +45,7 @@ impl Kind {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    for base in [
-        "/v1/responses",
-        "/responses",
-        "/backend-api/codex/responses",
-    ] {
+    for base in ingress::PATHS {
         cfg.route(base, web::post().to(create))
             .route(&format!("{base}/compact"), web::post().to(compact));
     }
@@ -92,14 +88,9 @@ async fn serve(
     kind: Kind,
 ) -> Result<HttpResponse, HttpError> {
     let accepted = Instant::now();
-    let limits = &deps.settings.limits;
-    let (threshold, delay) = (
-        limits.refused_handshakes_before_delay,
-        Duration::from_millis(limits.refused_handshake_delay_ms),
-    );
     let peer = req.peer_addr().map(|a| a.ip());
-    let checked = ingress::authenticate(&req, &deps).await;
-    let principal = ingress::summarize_refusal(checked, peer, threshold, delay).await?;
+    let checked = ingress::authenticate(req.head(), &deps).await;
+    let principal = ingress::summarize_refusal(checked, peer, &deps.settings.limits).await?;
     let body = read_body(payload, deps.settings.limits.http_body_max_bytes).await?;
     let frame = request_of(&body)?;
     let (tx, rx) = oneshot::channel();
@@ -109,7 +100,7 @@ async fn serve(
         frame,
         exchange::Origin {
             kind,
-            headers: ingress::pass_through_headers(&req),
+            headers: ingress::pass_through_headers(req.headers()),
             path: req.path().to_string(),
             session: client_session(&req),
         },
