@@ -199,9 +199,24 @@ struct Admitted {
 
 async fn upgrade(
     req: Request,
-    mut framed: Framed<TcpStream, Codec>,
+    framed: Framed<TcpStream, Codec>,
     deps: Arc<SessionDeps>,
 ) -> Result<(), Infallible> {
+    // The handshake's future and everything it holds (the request, the HTTP codec and its
+    // buffers, the checks' state) live on the heap only until the session starts: the future
+    // kept for the socket's life is the writer's alone (idle memory, BENCHMARKS.md).
+    if let Some(writer) = Box::pin(open(req, framed, deps)).await {
+        writer.await;
+    }
+    Ok(())
+}
+
+/// The handshake: refused (`None`), or a session started on the socket and its writer.
+async fn open(
+    req: Request,
+    mut framed: Framed<TcpStream, Codec>,
+    deps: Arc<SessionDeps>,
+) -> Option<socket::ClientWriter> {
     let head = req.head();
     let peer = head.peer_addr.map(|a| a.ip());
     let path = head.uri.path();
@@ -228,7 +243,7 @@ async fn upgrade(
             request_log::ended(&span, e.status_code(), Some(&e));
             // The client may be gone already: nothing to do about it.
             let _ = refuse(&mut framed, &e).await;
-            return Ok(());
+            return None;
         }
     };
     request_log::ended(
@@ -248,7 +263,7 @@ async fn upgrade(
         .is_err()
     {
         // Gone before the 101: no session (the key's slot goes with `slot`).
-        return Ok(());
+        return None;
     }
     let parts = framed.into_parts();
     let (tx, input, writer) = socket::over(parts.io, parts.read_buf);
@@ -256,8 +271,7 @@ async fn upgrade(
         ctx.add_stream(input);
         SessionActor::new(deps, principal, slot, headers, tx)
     });
-    writer.await;
-    Ok(())
+    Some(writer)
 }
 
 /// Answers a refused handshake with its JSON error and closes the connection.
