@@ -331,22 +331,24 @@ impl Stream for ClientBytes {
         if this.done {
             return Poll::Ready(None);
         }
-        // Client frames are few and small (a turn's request): read through a scratch buffer,
-        // so an idle session holds none.
-        let mut scratch = [0u8; 8192];
+        // The stream is polled whenever the session is (every event): no buffer is touched
+        // until the socket is readable, and then only a spare one (an idle session holds none).
         loop {
-            match this.io.try_read(&mut scratch) {
+            if let Err(e) = ready!(this.io.poll_read_ready(cx)) {
+                this.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            let mut buf = crate::buffers::Held::default();
+            let read = buf.write(|b| this.io.try_read_buf(b));
+            let chunk = buf.split();
+            match read {
                 Ok(0) => {
                     this.done = true;
                     return Poll::Ready(None);
                 }
-                Ok(n) => return Poll::Ready(Some(Ok(Bytes::copy_from_slice(&scratch[..n])))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = ready!(this.io.poll_read_ready(cx)) {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                }
+                Ok(_) => return Poll::Ready(Some(Ok(chunk))),
+                // Readiness was stale: `try_read_buf` cleared it, the next poll waits.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(e)));
