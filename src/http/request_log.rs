@@ -4,9 +4,9 @@
 //!
 //! `RequestLog` runs each request's handler in that span and logs its end. Unlike
 //! tracing-actix-web's `TracingLogger` it does not enter the span on every poll of the response
-//! body: a WebSocket's body is polled once or twice per event, and that cost ≈ 290 instructions
-//! an event, more than the scan of the event itself (docs/DESIGN.md#event-scan). Nothing logs from
-//! inside a body's poll (bodies' code logs with an explicit parent).
+//! body: an SSE body is polled once or twice per event (docs/DESIGN.md#event-scan). Nothing logs
+//! from inside a body's poll (bodies' code logs with an explicit parent). WebSocket handshakes
+//! never reach the app: the ingress gives them the same span and line (`span`, `ended`).
 
 use actix_web::Error;
 use actix_web::body::MessageBody;
