@@ -288,6 +288,11 @@ impl Future for ClientWriter {
             }
             // Everything queued since the last write, in one write.
             match this.io.try_write(queued) {
+                // A socket that takes nothing of a non-empty buffer will not take more.
+                Ok(0) => {
+                    drop(outbox);
+                    return this.fail();
+                }
                 Ok(n) => {
                     queued.advance(n);
                     // The emptied buffer goes to the thread's spares, so an idle session holds
