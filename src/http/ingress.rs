@@ -232,10 +232,7 @@ async fn open(
         summarize_refusal(checked, peer, &deps.settings.limits).await
     } else {
         // Not one of ours: the answer the app gives an unknown route.
-        Err(HttpError::new(
-            ErrorCode::NotFound,
-            format!("no route {} {path}", head.method),
-        ))
+        Err(super::responses::no_route(&head.method, path))
     };
     let admitted = match outcome {
         Ok(admitted) => admitted,

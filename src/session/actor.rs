@@ -525,8 +525,7 @@ impl SessionActor {
     /// Reads the leased connection's frames on this actor when the connection runs on this
     /// thread — one task and no mailbox message per event (docs/DESIGN.md#direct-reads).
     /// Tried when a lease arrives and before each request, in case the connection had not yet
-    /// learnt of the lease.
-    /// Whether the session now reads the lease's frames itself.
+    /// learnt of the lease; says whether the session now reads the lease's frames itself.
     pub(super) fn read_directly(&mut self, ctx: &mut Context<Self>) -> bool {
         let Some(lease) = self.up.lease.as_ref() else {
             return false;

@@ -203,8 +203,11 @@ fn request_of(body: &[u8]) -> Result<CreateFrame, HttpError> {
 
 /// Paths the relay does not serve: 404 in the JSON error shape.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, HttpError> {
-    Err(HttpError::new(
-        ErrorCode::NotFound,
-        format!("no route {} {}", req.method(), req.path()),
-    ))
+    Err(no_route(req.method(), req.path()))
+}
+
+/// The answer to a request no route takes (the app's default, and the WebSocket ingress's for
+/// a handshake on a path that is not ours).
+pub fn no_route(method: &actix_web::http::Method, path: &str) -> HttpError {
+    HttpError::new(ErrorCode::NotFound, format!("no route {method} {path}"))
 }
