@@ -148,6 +148,7 @@ pub fn start_relay_with(
     spool_fs: Box<dyn SpoolFs>,
 ) -> Result<Arc<SessionDeps>, AppError> {
     let mut accounts = Vec::new();
+    let placement = Arc::new(crate::pool::placement::Placement::default());
     for a in &settings.accounts {
         let key = a.resolve_key()?;
         let health = Arc::new(crate::pool::health::Health::new(
@@ -168,6 +169,7 @@ pub fn start_relay_with(
             settings.pool.clone(),
             settings.upstream.clone(),
             health.clone(),
+            placement.clone(),
         )
         .start();
         accounts.push(AccountHandle {
@@ -206,6 +208,7 @@ pub fn start_relay_with(
         fleet: fleet_of(&settings, &db),
         draining: Arc::new(AtomicBool::new(false)),
         accounts,
+        placement,
         db,
         settings,
     }))

@@ -26,6 +26,7 @@ pub fn init(log: &LogSettings) {
 /// the README; recording is a no-op until `install_metrics` ran (tests that embed the relay).
 pub mod metric {
     pub const SESSIONS_OPEN: &str = "turnpike_sessions_open";
+    pub const SESSIONS_MOVED: &str = "turnpike_sessions_moved_total";
     pub const HTTP_REQUESTS_IN_FLIGHT: &str = "turnpike_http_requests_in_flight";
     pub const HANDSHAKES_REFUSED: &str = "turnpike_handshakes_refused_total";
     pub const TURNS: &str = "turnpike_turns_total";
@@ -56,6 +57,7 @@ pub mod metric {
     /// Every metric, as `/metrics` shows it from the start.
     pub const ALL: &[&str] = &[
         SESSIONS_OPEN,
+        SESSIONS_MOVED,
         HTTP_REQUESTS_IN_FLIGHT,
         HANDSHAKES_REFUSED,
         TURNS,
@@ -92,6 +94,7 @@ pub fn register_metrics(accounts: &[String]) {
     use ::metrics::{counter, gauge, histogram};
     use metric::*;
     gauge!(SESSIONS_OPEN).increment(0.0);
+    counter!(SESSIONS_MOVED).increment(0);
     gauge!(HTTP_REQUESTS_IN_FLIGHT).increment(0.0);
     for reason in [
         "missing_api_key",

@@ -253,6 +253,70 @@ fn sessions_read_every_lease_directly_on_their_connections_thread() {
     s.finish();
 }
 
+/// docs/DESIGN.md#placement: a client that reconnects with its `session-id` (a pool identity)
+/// is accepted by either worker in turn; its session starts on the worker holding the idle
+/// connection its last session used, so every lease is read directly and no second connection
+/// is dialled. Without placement, every session accepted by the other worker borrowed the
+/// connection across threads (`relayed`) and a spare was dialled on its own.
+#[test]
+fn a_reconnecting_client_runs_beside_its_idle_connection() {
+    let _serial = one_at_a_time();
+    const N: usize = 8;
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[
+            ("TURNPIKE_SERVER__WORKERS", "2"),
+            ("TURNPIKE_LOG__LEVEL", "warn,turnpike=info"),
+        ],
+        StackOptions::default(),
+    );
+    let pool = || {
+        let (_, body) = common::http(&admin, "GET", "/admin/pools", Some(common::admin::TOKEN));
+        body["pools"][0].clone()
+    };
+    let auth = format!("Bearer {}", s.key);
+    for _ in 0..N {
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("session-id", "returning"),
+        ];
+        let mut c = Client::connect(&s.addr, "/v1/responses", &headers).expect("connect");
+        c.send(&create("deltas=5"));
+        let events = c.until_terminal(T);
+        assert_eq!(last_type(&events), "response.completed");
+        drop(c);
+        // The next client comes once the connection is idle again (its session gave it back).
+        let deadline = Instant::now() + T;
+        while pool()["idle"] != 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(pool()["idle"], 1, "{}", pool());
+    }
+    let metric = |name: &str| common::admin::metric(&admin, name);
+    let reads = |how: &str| {
+        metric(&format!(
+            "turnpike_upstream_lease_reads_total{{account=\"sim\",reads=\"{how}\"}}"
+        ))
+    };
+    assert_eq!(
+        (reads("direct"), reads("relayed")),
+        (N as f64, 0.0),
+        "every lease read by its session; pool: {}",
+        pool()
+    );
+    assert_eq!(
+        pool()["dialled_total"],
+        1,
+        "one connection for the one identity"
+    );
+    assert!(
+        metric("turnpike_sessions_moved_total") >= 1.0,
+        "the accepting workers alternate: some sessions moved"
+    );
+    assert_eq!(s.rows(N).len(), N);
+    s.finish();
+}
+
 /// A client that never reads while it sends frames in a loop (each answered by an error event)
 /// is cut off before its queue exceeds the limit plus one frame; the relay logs how much was
 /// unread; the session's resources go.

@@ -19,6 +19,7 @@ use actix_service::{ServiceFactory, fn_service};
 use actix_web::http::header::HeaderMap;
 use actix_web::rt::net::TcpStream;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use bytes::BytesMut;
 use futures_util::SinkExt;
 use tracing::Instrument;
 
@@ -32,9 +33,11 @@ use crate::session::admission::KeySlot;
 use crate::session::fleet::{SlotKind, Taken};
 use actix::{Actor, AsyncContext};
 
+use crate::pool::placement::Claim;
 use crate::session::actor::{SessionActor, auth_error_code};
 use crate::session::socket;
-use crate::upstream::dial::passes_through;
+use crate::telemetry::metric;
+use crate::upstream::dial::{identity_of, passes_through};
 
 /// The paths a client reaches the Responses API on (WebSocket GET, HTTP POST alike).
 pub const PATHS: [&str; 3] = [
@@ -205,18 +208,49 @@ async fn upgrade(
     // The handshake's future and everything it holds (the request, the HTTP codec and its
     // buffers, the checks' state) live on the heap only until the session starts: the future
     // kept for the socket's life is the writer's alone (idle memory, BENCHMARKS.md).
-    if let Some(writer) = Box::pin(open(req, framed, deps)).await {
-        writer.await;
+    match Box::pin(open(req, framed, deps)).await {
+        Some(Running::Here(writer)) => writer.await,
+        // The writer runs on the other worker; this future ends with it, so this worker's
+        // connection count and graceful stop still see the socket.
+        Some(Running::There(ended)) => {
+            let _ = ended.await;
+        }
+        None => {}
     }
     Ok(())
 }
 
-/// The handshake: refused (`None`), or a session started on the socket and its writer.
+/// A session started on the socket: its writer, here or on another worker thread.
+enum Running {
+    Here(socket::ClientWriter),
+    There(tokio::sync::oneshot::Receiver<()>),
+}
+
+/// What a session is started with.
+struct Starting {
+    deps: Arc<SessionDeps>,
+    principal: crate::auth::Principal,
+    slot: KeySlot,
+    headers: Vec<(String, String)>,
+    claim: Option<Claim>,
+}
+
+/// Starts the session on the socket, on the calling thread; returns its writer.
+fn start(io: TcpStream, leftover: BytesMut, s: Starting) -> socket::ClientWriter {
+    let (tx, input, writer) = socket::over(io, leftover);
+    SessionActor::create(move |ctx| {
+        ctx.add_stream(input);
+        SessionActor::new(s.deps, s.principal, s.slot, s.headers, tx, s.claim)
+    });
+    writer
+}
+
+/// The handshake: refused (`None`), or a session started on the socket.
 async fn open(
     req: Request,
     mut framed: Framed<TcpStream, Codec>,
     deps: Arc<SessionDeps>,
-) -> Option<socket::ClientWriter> {
+) -> Option<Running> {
     let head = req.head();
     let peer = head.peer_addr.map(|a| a.ip());
     let path = head.uri.path();
@@ -262,13 +296,35 @@ async fn open(
         // Gone before the 101: no session (the key's slot goes with `slot`).
         return None;
     }
+    let placed = deps.placement.place(&identity_of(&headers));
+    let starting = Starting {
+        deps,
+        principal,
+        slot,
+        headers,
+        claim: placed.claim,
+    };
     let parts = framed.into_parts();
-    let (tx, input, writer) = socket::over(parts.io, parts.read_buf);
-    SessionActor::create(move |ctx| {
-        ctx.add_stream(input);
-        SessionActor::new(deps, principal, slot, headers, tx)
+    let Some(there) = placed.to else {
+        return Some(Running::Here(start(parts.io, parts.read_buf, starting)));
+    };
+    // docs/DESIGN.md#placement: the socket moves to the worker holding the idle connection.
+    let io = parts.io.into_std().ok()?;
+    let leftover = parts.read_buf;
+    let (ended, running) = tokio::sync::oneshot::channel();
+    let moved = there.spawn_fn(move || {
+        // A socket the other worker cannot register is closed (dropped) like a failed write.
+        let Ok(io) = TcpStream::from_std(io) else {
+            return;
+        };
+        let writer = start(io, leftover, starting);
+        actix_web::rt::spawn(async move {
+            writer.await;
+            let _ = ended.send(());
+        });
     });
-    Some(writer)
+    ::metrics::counter!(metric::SESSIONS_MOVED).increment(u64::from(moved));
+    moved.then_some(Running::There(running))
 }
 
 /// Answers a refused handshake with its JSON error and closes the connection.

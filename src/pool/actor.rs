@@ -14,6 +14,7 @@ use super::messages::{
     Acquire, Home, Lease, LeaseError, Parked, PoolSnapshot, PoolStats, Reclaim, Release,
     ShutdownPool,
 };
+use super::placement::{self, Placement};
 use super::policy::{self, IdleConn};
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::config::{AccountSettings, PoolSettings, UpstreamSettings};
@@ -91,6 +92,10 @@ pub struct ContextPool {
     shutting_down: bool,
     /// Shared with the sessions, which prefer accounts that are not cooling.
     health: Arc<super::health::Health>,
+    /// Where the ingress places new sessions: this pool's idle connections are published there
+    /// (docs/DESIGN.md#placement); `published` is what it last said.
+    placement: Arc<Placement>,
+    published: placement::Idle,
 }
 
 impl ContextPool {
@@ -100,6 +105,7 @@ impl ContextPool {
         pool: PoolSettings,
         upstream: UpstreamSettings,
         health: Arc<super::health::Health>,
+        placement: Arc<Placement>,
     ) -> Self {
         Self {
             account: Arc::from(account.name.as_str()),
@@ -122,6 +128,8 @@ impl ContextPool {
             started_at: crate::db::now(),
             shutting_down: false,
             health,
+            placement,
+            published: placement::Idle::new(),
         }
     }
 
@@ -134,6 +142,25 @@ impl ContextPool {
             .iter()
             .filter_map(dispatch::Conn::idle)
             .collect()
+    }
+
+    /// Tells the ingress where this pool's idle connections are, when that changed
+    /// (docs/DESIGN.md#placement).
+    fn publish_idle(&mut self) {
+        let mut idle = placement::Idle::new();
+        for e in self.conns.values() {
+            if matches!(e.state, State::Idle { .. }) {
+                *idle
+                    .entry(e.identity.clone())
+                    .or_default()
+                    .entry(e.thread)
+                    .or_default() += 1;
+            }
+        }
+        if idle != self.published {
+            self.placement.publish(&self.account, idle.clone());
+            self.published = idle;
+        }
     }
 
     fn dial(&mut self, k: usize, ctx: &mut Context<Self>) {
@@ -475,6 +502,7 @@ impl Actor for ContextPool {
                 debug!(account = %act.account, conn = id, "retiring idle upstream connection");
                 act.close(id);
             }
+            act.publish_idle();
         });
     }
 }
@@ -500,6 +528,7 @@ impl Handler<Dispatch> for ContextPool {
     fn handle(&mut self, _: Dispatch, ctx: &mut Context<Self>) {
         self.dispatch_due = false;
         self.dispatch_now(ctx);
+        self.publish_idle();
     }
 }
 
@@ -674,6 +703,7 @@ impl Handler<ShutdownPool> for ContextPool {
         for id in ids {
             self.close(id);
         }
+        self.publish_idle();
         MessageResult(addrs)
     }
 }

@@ -7,6 +7,8 @@
 //! - `dispatch`: who gets which connection, who is dialled for, what is closed or asked back
 //!   (pure, over a view of the pool).
 //! - `health`: an account cools down after failed dials (backoff, pure rule).
+//! - `placement`: which worker thread a new session runs on (beside its identity's idle
+//!   connection), from what the pools publish.
 //! - `routing`: which account a turn goes to: priority, weight, stickiness (pure).
 //! - `actor`: the pool actor.
 
@@ -14,6 +16,7 @@ pub mod actor;
 pub mod dispatch;
 pub mod health;
 pub mod messages;
+pub mod placement;
 pub mod policy;
 pub mod routing;
 

@@ -36,6 +36,7 @@ use crate::continuation::{self, Chain, Decision, History, Lineages};
 use crate::db::models::{ApiKey, User};
 use crate::ids::{SessionId, TurnId};
 use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Parked, Reclaim, Release};
+use crate::pool::placement::Claim;
 use crate::protocol::errors::{ErrorCode, close};
 use crate::protocol::events::EventKind;
 use crate::protocol::frames::{self, ClientFrame, CreateFrame};
@@ -162,6 +163,9 @@ struct Upstream {
     direct: Option<u64>,
     /// The lease whose direct reads were tried at its first frame relayed as a message.
     direct_settled: Option<u64>,
+    /// The idle connection this session was placed beside, claimed until its first lease
+    /// (docs/DESIGN.md#placement).
+    claim: Option<Claim>,
 }
 
 /// The client socket: frames out (no actor in between), the decoder of what comes in, and the
@@ -224,6 +228,7 @@ impl SessionActor {
         session_slot: KeySlot,
         headers: Vec<(String, String)>,
         client: ClientTx,
+        claim: Option<Claim>,
     ) -> Self {
         let id = SessionId::random();
         let reader = ClientReader::new(deps.settings.limits.client_frame_max_bytes);
@@ -238,7 +243,10 @@ impl SessionActor {
             headers,
             turn_index: 0,
             model: None,
-            up: Upstream::default(),
+            up: Upstream {
+                claim,
+                ..Upstream::default()
+            },
             lineages: Lineages::new(replay_max),
             turns: Vec::new(),
             drains: Vec::new(),
@@ -509,6 +517,7 @@ impl SessionActor {
             act.up.acquiring = None;
             match res {
                 Ok(lease) => {
+                    act.up.claim = None;
                     act.up.failures = 0;
                     act.up.preferred = Some(lease.conn);
                     act.up.lease = Some(lease);

@@ -69,6 +69,8 @@ pub struct SessionDeps {
     /// HTTP requests in flight (docs/DESIGN.md#http-surface).
     pub requests: Arc<requests::Requests>,
     pub draining: Arc<AtomicBool>,
+    /// Which worker thread a new session runs on (docs/DESIGN.md#placement).
+    pub placement: Arc<crate::pool::placement::Placement>,
 }
 
 impl SessionDeps {
