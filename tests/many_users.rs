@@ -255,8 +255,8 @@ fn sessions_read_every_lease_directly_on_their_connections_thread() {
 
 /// docs/DESIGN.md#placement: a client that reconnects with its `session-id` (a pool identity)
 /// is accepted by either worker in turn; its session starts on the worker holding the idle
-/// connection its last session used, so every lease is read directly and no second connection
-/// is dialled. Without placement, every session accepted by the other worker borrowed the
+/// connection its last session used (its first frame, sent with the handshake, goes with the
+/// socket), so every lease is read directly and no second connection is dialled. Without placement, every session accepted by the other worker borrowed the
 /// connection across threads (`relayed`) and a spare was dialled on its own.
 #[test]
 fn a_reconnecting_client_runs_beside_its_idle_connection() {
@@ -276,12 +276,12 @@ fn a_reconnecting_client_runs_beside_its_idle_connection() {
     };
     let auth = format!("Bearer {}", s.key);
     for _ in 0..N {
+        // The first frame comes with the handshake: a moved session gets those bytes too.
         let headers = [
             ("authorization", auth.as_str()),
             ("session-id", "returning"),
         ];
-        let mut c = Client::connect(&s.addr, "/v1/responses", &headers).expect("connect");
-        c.send(&create("deltas=5"));
+        let mut c = Client::with_first_frame(&s.addr, &headers, &create("deltas=5").to_string());
         let events = c.until_terminal(T);
         assert_eq!(last_type(&events), "response.completed");
         drop(c);

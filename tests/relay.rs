@@ -268,35 +268,10 @@ fn pre_upgrade_errors() {
 /// upgrade service hands the session the bytes read past the request's head): the turn runs.
 #[test]
 fn a_first_frame_sent_with_the_handshake_is_read() {
-    use std::io::{Read, Write};
     let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let auth = format!("Bearer {}", s.key);
     let frame = create("").to_string();
-    let len = u16::try_from(frame.len()).unwrap();
-    let mut bytes = format!(
-        "GET /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        s.key
-    )
-    .into_bytes();
-    // A masked text frame (the all-zero mask leaves the payload as it is).
-    bytes.extend_from_slice(&[0x81, 0x80 | 126]);
-    bytes.extend_from_slice(&len.to_be_bytes());
-    bytes.extend_from_slice(&[0, 0, 0, 0]);
-    bytes.extend_from_slice(frame.as_bytes());
-    let mut t = std::net::TcpStream::connect(&s.addr).unwrap();
-    t.write_all(&bytes).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        t.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let mut c = Client {
-        ws: tungstenite::WebSocket::from_raw_socket(t, tungstenite::protocol::Role::Client, None),
-    };
+    let mut c = Client::with_first_frame(&s.addr, &[("Authorization", &auth)], &frame);
     let got = c.until_terminal(T);
     assert_eq!(last_type(&got), "response.completed");
     assert_eq!(s.rows(1).len(), 1);

@@ -60,6 +60,41 @@ impl Client {
         }
     }
 
+    /// A WebSocket on `/v1/responses` whose first frame (masked text) goes out in the same write
+    /// as its handshake, before the 101: the server finds it among the bytes it read with the
+    /// request's head, and must not drop them.
+    pub fn with_first_frame(addr: &str, headers: &[(&str, &str)], frame: &str) -> Client {
+        use std::io::{Read, Write};
+        let mut bytes = String::from("GET /v1/responses HTTP/1.1\r\nHost: x\r\n");
+        for (k, v) in headers {
+            bytes.push_str(&format!("{k}: {v}\r\n"));
+        }
+        bytes.push_str(
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        );
+        let mut bytes = bytes.into_bytes();
+        let len = u16::try_from(frame.len()).expect("a frame under 64 KiB");
+        // The all-zero mask leaves the payload as it is.
+        bytes.extend_from_slice(&[0x81, 0x80 | 126]);
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 0]);
+        bytes.extend_from_slice(frame.as_bytes());
+        let mut t = TcpStream::connect(addr).expect("tcp connect");
+        t.write_all(&bytes).expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            t.read_exact(&mut byte).expect("response head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        Client {
+            ws: WebSocket::from_raw_socket(t, tungstenite::protocol::Role::Client, None),
+        }
+    }
+
     pub fn bearer(addr: &str, key: &str) -> Client {
         let auth = format!("Bearer {key}");
         Client::connect(addr, "/v1/responses", &[("authorization", &auth)]).expect("connect")
