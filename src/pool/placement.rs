@@ -47,14 +47,6 @@ pub struct Claim {
     thread: ThreadId,
 }
 
-impl std::fmt::Debug for Claim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Claim")
-            .field("thread", &self.thread)
-            .finish()
-    }
-}
-
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut s = self.placement.lock();
