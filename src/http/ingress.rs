@@ -323,7 +323,9 @@ async fn open(
             let _ = ended.send(());
         });
     });
-    ::metrics::counter!(metric::SESSIONS_MOVED).increment(u64::from(moved));
+    if moved {
+        ::metrics::counter!(metric::SESSIONS_MOVED).increment(1);
+    }
     moved.then_some(Running::There(running))
 }
 

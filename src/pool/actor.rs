@@ -145,22 +145,32 @@ impl ContextPool {
     }
 
     /// Tells the ingress where this pool's idle connections are, when that changed
-    /// (docs/DESIGN.md#placement).
+    /// (docs/DESIGN.md#placement). Runs after every dispatch: counted over borrowed identities,
+    /// copied only when it differs from what was published.
     fn publish_idle(&mut self) {
-        let mut idle = placement::Idle::new();
+        let mut idle: HashMap<&str, HashMap<std::thread::ThreadId, usize>> = HashMap::new();
         for e in self.conns.values() {
             if matches!(e.state, State::Idle { .. }) {
                 *idle
-                    .entry(e.identity.clone())
+                    .entry(e.identity.as_str())
                     .or_default()
                     .entry(e.thread)
                     .or_default() += 1;
             }
         }
-        if idle != self.published {
-            self.placement.publish(&self.account, idle.clone());
-            self.published = idle;
+        let unchanged = idle.len() == self.published.len()
+            && idle
+                .iter()
+                .all(|(id, threads)| self.published.get(*id) == Some(threads));
+        if unchanged {
+            return;
         }
+        let idle: placement::Idle = idle
+            .into_iter()
+            .map(|(id, threads)| (id.to_string(), threads))
+            .collect();
+        self.placement.publish(&self.account, idle.clone());
+        self.published = idle;
     }
 
     fn dial(&mut self, k: usize, ctx: &mut Context<Self>) {
