@@ -12,8 +12,9 @@
 //!
 //! `bench stream URL KEY SESSIONS TURNS EVENTS GAP_US [PID]` — SESSIONS threads, each one
 //! WebSocket running TURNS turns back to back; prints one JSON line: events, seconds, events/s,
-//! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, and, with PID,
-//! that process's CPU seconds over the run (the relay's). With `BENCH_LANES=N` each turn is N
+//! per-event latency (upstream stamp → client receive) p50/p99/p99.9/max in µs, its own CPU
+//! seconds, with PID that process's CPU seconds over the run (the relay's), and with
+//! `BENCH_UPSTREAM_PID` the upstream's. With `BENCH_LANES=N` each turn is N
 //! creates at once on lanes `l0`…, read until all N have completed (the thread upstream plays
 //! the creates of named lanes side by side, each event tagged with its `stream_id`). With
 //! `BENCH_SLOW_US=N` every event slower than N µs is printed to stderr with its index in its turn
@@ -560,6 +561,12 @@ fn stream(
         .collect();
     barrier.wait();
     let cpu0 = pid.map(cpu_times);
+    // The load generator's own CPU and the upstream's (`BENCH_UPSTREAM_PID`) over the same
+    // window: neither may be the bottleneck of a row.
+    let upstream = std::env::var("BENCH_UPSTREAM_PID")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    let (own0, up0) = (cpu_s(std::process::id()), upstream.map(cpu_s));
     let t0 = Instant::now();
     let (mut total, mut lat, mut failed) = (0u64, Vec::new(), Vec::new());
     for h in handles {
@@ -573,6 +580,8 @@ fn stream(
         }
     }
     let secs = t0.elapsed().as_secs_f64();
+    let own = cpu_s(std::process::id()) - own0;
+    let up = upstream.zip(up0).map(|(p, u0)| cpu_s(p) - u0);
     // User and system time apart: which side a difference between relays is on.
     let (cpu, user) = match (pid.map(cpu_times), cpu0) {
         (Some((u1, s1)), Some((u0, s0))) => (Some(u1 + s1 - u0 - s0), Some(u1 - u0)),
@@ -581,7 +590,7 @@ fn stream(
     lat.sort_unstable();
     let us = |p: f64| pct(&lat, p) as f64 / 1000.0;
     println!(
-        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"relay_user_s\":{},\"cpu_s_per_m_events\":{}}}",
+        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"relay_user_s\":{},\"cpu_s_per_m_events\":{},\"loadgen_cpu_s\":{own:.2},\"upstream_cpu_s\":{}}}",
         failed.len(),
         failed.first().cloned().unwrap_or_default(),
         total as f64 / secs,
@@ -595,6 +604,7 @@ fn stream(
             "{:.2}",
             c / total.max(1) as f64 * 1e6
         )),
+        up.map_or("null".into(), |u| format!("{u:.2}")),
     );
 }
 

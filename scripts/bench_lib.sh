@@ -4,14 +4,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # wait_port PORT [TENTHS]: waits for a listener (10 s unless told).
 wait_port() { for _ in $(seq 1 "${2:-100}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: port $1 never opened" >&2; exit 1; }
 
-# bench_relay BINARY CONFIG PORT DATABASE_URL UPSTREAM_PORT: writes a relay's config (one account
-# on the bench upstream, room for 20,000 sessions), migrates, creates the user `bench`; prints a
-# new key of it.
+# bench_relay BINARY CONFIG PORT DATABASE_URL UPSTREAM_PORT [WORKERS]: writes a relay's config
+# (one account on the bench upstream, room for 20,000 sessions; WORKERS worker threads, 0 = the
+# default, one per core), migrates, creates the user `bench`; prints a new key of it.
 bench_relay() {
-  local bin=$1 conf=$2 port=$3 db=$4 up=$5
+  local bin=$1 conf=$2 port=$3 db=$4 up=$5 workers=${6:-0}
   cat >"$conf" <<CONF
 [server]
 bind = "127.0.0.1:$port"
+workers = $workers
 [database]
 url = "$db"
 [log]

@@ -33,8 +33,9 @@ out = []
 w = out.append
 small = os.environ.get("BENCH_WORKLOAD", "big") == "small"
 title = "Second workload (small deltas)" if small else "Relay benchmark"
-paths = [p for p in ("direct", "websocat", "litellm", "turnpike") if any(r["path"] == p for r in rows)]
-names = {"direct": "direct", "websocat": "websocat", "litellm": "LiteLLM", "turnpike": "turnpike"}
+paths = [p for p in ("direct", "websocat", "litellm", "turnpike", "turnpike-1w") if any(r["path"] == p for r in rows)]
+names = {"direct": "direct", "websocat": "websocat", "litellm": "LiteLLM", "turnpike": "turnpike",
+         "turnpike-1w": "turnpike (1 worker)"}
 w(f"## {title}: {' vs '.join(names[p] for p in paths)} ({datetime.date.today()}, commit {commit})")
 w("")
 w(f"Machine: {os.cpu_count()} cores ({cpu_model()}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
@@ -63,7 +64,8 @@ def median(xs):
 
 def merged(rs, path):
     """The median of each figure over a path's rounds, and the rounds' p50 range."""
-    runs = [x["r"] for x in rs if x["path"] == path]
+    rows_of = [x for x in rs if x["path"] == path]
+    runs = [x["r"] for x in rows_of]
     if not runs:
         return None
     m = {k: median([r[k] for r in runs]) for k in ("p50_us", "p99_us", "p999_us", "events_per_s")}
@@ -75,6 +77,11 @@ def merged(rs, path):
              if r.get("relay_user_s") is not None and r.get("relay_cpu_s")]
     m["user_share"] = median(share) if share else None
     m["p50_range"] = (min(r["p50_us"] for r in runs), max(r["p50_us"] for r in runs))
+    # The upstream's and the load generator's CPU, in cores over the run: neither may bound a row.
+    up = [r["upstream_cpu_s"] / r["secs"] for r in runs if r.get("upstream_cpu_s") is not None and r.get("secs")]
+    gen = [r["loadgen_cpu_s"] / r["secs"] for r in runs if "loadgen_cpu_s" in r and r.get("secs")]
+    m["up_cores"] = median(up) if up else None
+    m["gen_cores"] = median(gen) if gen else None
     m["failed"] = sum(r["failed"] for r in runs)
     m["runs"] = len(runs)
     return m
@@ -82,10 +89,12 @@ def merged(rs, path):
 
 if any(k in by for k in labels):
     w("Medians over the rounds (each round runs the paths one after another); p50 and CPU "
-      "show [lowest–highest] round. *added* = the path's figure minus direct's.")
+      "show [lowest–highest] round. *added* = the path's figure minus direct's. *upstream / load gen*: "
+      "their CPU in cores over the run" + (" — the async upstream has one thread, so at ≥ 0.90 (⚑) it, "
+      "not the path, bounds the row's events/s" if small else "") + ".")
     w("")
-    w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | rounds, failed sessions |")
-    w("|---|---|---|---|---|---|---|---|---|")
+    w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | upstream / load gen cores | rounds, failed sessions |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for scen, label in labels.items():
         rs = by.get(scen, [])
         direct = merged(rs, "direct")
@@ -100,8 +109,11 @@ if any(k in by for k in labels):
             if m["user_share"] is not None:
                 cpu += f", user {m['user_share']:.0%}"
             lo, hi = m["p50_range"]
-            w(f"| {label} | {path} | {m['p50_us']:.0f} [{lo:.0f}–{hi:.0f}] | {m['p99_us']:.0f} | {m['p999_us']:.0f} | {added} | "
-              f"{m['events_per_s']:,.0f} | {cpu} | {m['runs']}, {m['failed']} |")
+            load = " / ".join("—" if c is None else f"{c:.2f}" for c in (m["up_cores"], m["gen_cores"]))
+            if small and m["up_cores"] is not None and m["up_cores"] >= 0.9:
+                load += " ⚑"
+            w(f"| {label} | {names[path]} | {m['p50_us']:.0f} [{lo:.0f}–{hi:.0f}] | {m['p99_us']:.0f} | {m['p999_us']:.0f} | {added} | "
+              f"{m['events_per_s']:,.0f} | {cpu} | {load} | {m['runs']}, {m['failed']} |")
     w("")
 if "ttfe" in by:
     w("Time to first event (request sent → first event read), 100 fresh WebSockets one after another, "
