@@ -6,7 +6,7 @@
 # the spool's fsync cost.
 # Figures are printed and written between the `bench:` markers of BENCHMARKS.md.
 #
-#   scripts/bench.sh            # everything (~6 min on 2 cores after the release build)
+#   scripts/bench.sh            # everything (~18 min on 2 cores after the release build)
 #   BENCH_ONLY=stream scripts/bench.sh   # only the latency/throughput rows (stream|ttfe|http|idle|rows)
 #   BENCH_NO_WRITE=1 scripts/bench.sh    # print, leave BENCHMARKS.md alone
 #   BENCH_SCENARIOS='s1_|s1000' ...      # a regex choosing among the stream workloads
