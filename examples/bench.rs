@@ -26,7 +26,8 @@
 //!
 //! `bench http ADDR KEY N EVENTS [PID]` — N streamed `POST /v1/responses` one after another on
 //! one keep-alive connection to ADDR, EVENTS deltas each, unpaced: time to first SSE event
-//! (request written → first event read) p50/p90 in µs, events/s, and PID's CPU seconds.
+//! (request written → first event read) p50/p90 in µs, the first delta's two legs (request
+//! written → the upstream's stamp, stamp → read) p50 in µs, events/s, and PID's CPU seconds.
 //!
 //! `bench idle URL KEY N PID [no-turn]` — N WebSockets, each runs one turn (none with `no-turn`)
 //! and stays open, opened in two halves; prints PID's RSS before, after the first half and with
@@ -45,6 +46,12 @@ const PAD: &str = "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed 
 
 fn now_ns() -> u64 {
     turnpike::sim::monotonic_ns()
+}
+
+/// The upstream's send stamp of an event (`"t":ns`, deltas only).
+fn stamp_of(event: &str) -> Option<u64> {
+    let i = event.rfind("\"t\":")?;
+    Some(param(&event[i..], "\"t\":")).filter(|&t| t > 0)
 }
 
 fn main() {
@@ -446,17 +453,14 @@ fn turn_of(
         }
         events += 1;
         let t = text.as_str();
-        if let Some(i) = t.rfind("\"t\":") {
-            let stamp = param(&t[i..], "\"t\":");
-            if stamp > 0 {
-                let took = at.saturating_sub(stamp);
-                lat.push(took);
-                if took > slow_ns() {
-                    eprintln!(
-                        "slow: {} µs, event {events} of its turn, stamp {stamp}",
-                        took / 1000
-                    );
-                }
+        if let Some(stamp) = stamp_of(t) {
+            let took = at.saturating_sub(stamp);
+            lat.push(took);
+            if took > slow_ns() {
+                eprintln!(
+                    "slow: {} µs, event {events} of its turn, stamp {stamp}",
+                    took / 1000
+                );
             }
         }
         if t.starts_with(r#"{"type":"error""#) {
@@ -652,8 +656,10 @@ fn http(addr: &str, key: &str, n: u64, events: u64, pid: Option<u32>) {
     );
     let (cpu0, t0) = (pid.map(cpu_s), Instant::now());
     let (mut first, mut seen, mut failed) = (Vec::new(), 0u64, 0u64);
+    // The first delta's legs: request written → the upstream stamps it, stamp → read here.
+    let (mut there, mut back) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        let sent = Instant::now();
+        let (sent, sent_ns) = (Instant::now(), now_ns());
         let req = format!(
             "POST /v1/responses HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -676,6 +682,7 @@ fn http(addr: &str, key: &str, n: u64, events: u64, pid: Option<u32>) {
         }
         // Chunked SSE: count events (blank-line ends) until the terminating chunk.
         let mut got_first = false;
+        let mut stamped = false;
         let mut pending = String::new();
         loop {
             line.clear();
@@ -693,6 +700,11 @@ fn http(addr: &str, key: &str, n: u64, events: u64, pid: Option<u32>) {
                     got_first = true;
                     first.push(sent.elapsed().as_nanos() as u64);
                 }
+                if !stamped && let Some(t) = stamp_of(&pending[..end]) {
+                    stamped = true;
+                    there.push(t.saturating_sub(sent_ns));
+                    back.push(now_ns().saturating_sub(t));
+                }
                 seen += 1;
                 pending.drain(..end + 2);
             }
@@ -703,13 +715,17 @@ fn http(addr: &str, key: &str, n: u64, events: u64, pid: Option<u32>) {
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = pid.zip(cpu0).map(|(p, c0)| cpu_s(p) - c0);
-    first.sort_unstable();
-    let us = |p| pct(&first, p) as f64 / 1000.0;
+    for v in [&mut first, &mut there, &mut back] {
+        v.sort_unstable();
+    }
+    let us = |v: &[u64], p| pct(v, p) as f64 / 1000.0;
     println!(
-        "{{\"requests\":{n},\"failed\":{failed},\"events\":{seen},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"first_p50_us\":{:.0},\"first_p90_us\":{:.0},\"relay_cpu_s\":{},\"cpu_s_per_m_events\":{}}}",
+        "{{\"requests\":{n},\"failed\":{failed},\"events\":{seen},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"first_p50_us\":{:.0},\"first_p90_us\":{:.0},\"delta_there_p50_us\":{:.0},\"delta_back_p50_us\":{:.0},\"relay_cpu_s\":{},\"cpu_s_per_m_events\":{}}}",
         seen as f64 / secs,
-        us(0.5),
-        us(0.9),
+        us(&first, 0.5),
+        us(&first, 0.9),
+        us(&there, 0.5),
+        us(&back, 0.5),
         cpu.map_or("null".into(), |c| format!("{c:.2}")),
         cpu.map_or("null".into(), |c| format!(
             "{:.2}",

@@ -132,8 +132,8 @@ if "http" in by:
       "connection; WebSocket: one socket. Medians over the rounds; *first event* = request written → "
       "first SSE event read.")
     w("")
-    w("| transport | path | first event p50 / p90 µs | events/s | relay CPU-s per 1M events |")
-    w("|---|---|---|---|---|")
+    w("| transport | path | first event p50 / p90 µs | first delta: written → upstream stamp / stamp → read, p50 µs | events/s | relay CPU-s per 1M events |")
+    w("|---|---|---|---|---|---|")
     for scen, transport in (("http", "HTTP + SSE"), ("http_ws", "WebSocket")):
         for path in ("direct", "turnpike"):
             runs = [x["r"] for x in by.get(scen, []) if x["path"] == path]
@@ -142,9 +142,12 @@ if "http" in by:
             first = "—"
             if "first_p50_us" in runs[0]:
                 first = f"{median([r['first_p50_us'] for r in runs]):.0f} / {median([r['first_p90_us'] for r in runs]):.0f}"
+            legs = "—"
+            if "delta_there_p50_us" in runs[0]:
+                legs = f"{median([r['delta_there_p50_us'] for r in runs]):.0f} / {median([r['delta_back_p50_us'] for r in runs]):.0f}"
             cpu = [r["cpu_s_per_m_events"] for r in runs if r.get("cpu_s_per_m_events") is not None]
             cpu = f"{median(cpu):.2f}" if cpu else "—"
-            w(f"| {transport} | {path} | {first} | {median([r['events_per_s'] for r in runs]):,.0f} | {cpu} |")
+            w(f"| {transport} | {path} | {first} | {legs} | {median([r['events_per_s'] for r in runs]):,.0f} | {cpu} |")
     w("")
 idle = by.get("idle1k", []) + by.get("idle10k", [])
 if idle:
