@@ -40,6 +40,8 @@ source scripts/bench_lib.sh
 
 UP=$(free_port)
 "$B" "$MODE" "127.0.0.1:$UP" & PIDS+=($!)
+# Each `bench stream` line carries the upstream's CPU over its window (`upstream_cpu_s`).
+export BENCH_UPSTREAM_PID=$!
 wait_port "$UP"
 OUT=$WORK/ab.jsonl
 : >"$OUT"
