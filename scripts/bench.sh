@@ -100,11 +100,14 @@ CONF
 fi
 
 KEY=$(bench_relay "$T" "$WORK/turnpike.toml" "$TP" "sqlite://$WORK/bench.db" "$UP")
-start_turnpike() {
-  "$T" --config "$WORK/turnpike.toml" serve 2>>"$WORK/turnpike.log" &
-  TP_PID=$!; PIDS+=($TP_PID)
-  wait_port "$TP"
+# start_relay NAME PORT: `turnpike serve` with $WORK/NAME.toml, logging to $WORK/NAME.log; its
+# pid in RELAY_PID.
+start_relay() {
+  "$T" --config "$WORK/$1.toml" serve 2>>"$WORK/$1.log" &
+  RELAY_PID=$!; PIDS+=($RELAY_PID)
+  wait_port "$2"
 }
+start_turnpike() { start_relay turnpike "$TP"; TP_PID=$RELAY_PID; }
 start_turnpike
 # The control relay of the stream rows: one worker thread.
 TP1=$(free_port)
@@ -112,9 +115,7 @@ USE_TP1=1
 [[ turnpike-1w =~ ${BENCH_PATHS:-.} ]] && [[ $ONLY == all || $ONLY == stream ]] || USE_TP1=0
 if [ "$USE_TP1" = 1 ]; then
   KEY1=$(bench_relay "$T" "$WORK/turnpike-1w.toml" "$TP1" "sqlite://$WORK/bench-1w.db" "$UP" 1)
-  "$T" --config "$WORK/turnpike-1w.toml" serve 2>>"$WORK/turnpike-1w.log" &
-  TP1_PID=$!; PIDS+=($TP1_PID)
-  wait_port "$TP1"
+  start_relay turnpike-1w "$TP1"; TP1_PID=$RELAY_PID
 fi
 # Memory is measured on fresh relays: what earlier loads left allocated would hide it.
 restart_relays() {

@@ -256,8 +256,9 @@ fn sessions_read_every_lease_directly_on_their_connections_thread() {
 /// docs/DESIGN.md#placement: a client that reconnects with its `session-id` (a pool identity)
 /// is accepted by either worker in turn; its session starts on the worker holding the idle
 /// connection its last session used (its first frame, sent with the handshake, goes with the
-/// socket), so every lease is read directly and no second connection is dialled. Without placement, every session accepted by the other worker borrowed the
-/// connection across threads (`relayed`) and a spare was dialled on its own.
+/// socket), so every lease is read directly and no second connection is dialled. Without
+/// placement, every session accepted by the other worker borrowed the connection across threads
+/// (`relayed`) and a spare was dialled on its own.
 #[test]
 fn a_reconnecting_client_runs_beside_its_idle_connection() {
     let _serial = one_at_a_time();
