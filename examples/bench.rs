@@ -509,6 +509,46 @@ fn cpu_times(pid: u32) -> (f64, f64) {
     (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
+/// Context switches of each of a process's threads: voluntary (it waited) and involuntary
+/// (preempted while it could run).
+fn switches(pid: u32) -> std::collections::HashMap<std::ffi::OsString, (u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|rest| rest.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let counts = (
+                field("voluntary_ctxt_switches:"),
+                field("nonvoluntary_ctxt_switches:"),
+            );
+            (task.file_name(), counts)
+        })
+        .collect()
+}
+
+/// The switches made between two readings by the threads alive at the second (a thread that
+/// exited in between takes its count with it; one that started counts from zero).
+fn switches_since(
+    before: &std::collections::HashMap<std::ffi::OsString, (u64, u64)>,
+    pid: u32,
+) -> (u64, u64) {
+    switches(pid)
+        .iter()
+        .fold((0, 0), |(v, i), (tid, (v1, i1))| {
+            let (v0, i0) = before.get(tid).copied().unwrap_or_default();
+            (v + v1.saturating_sub(v0), i + i1.saturating_sub(i0))
+        })
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -565,6 +605,7 @@ fn stream(
         .collect();
     barrier.wait();
     let cpu0 = pid.map(cpu_times);
+    let switches0 = pid.map(switches);
     // The load generator's own CPU and the upstream's (`BENCH_UPSTREAM_PID`) over the same
     // window: neither may be the bottleneck of a row.
     let upstream = std::env::var("BENCH_UPSTREAM_PID")
@@ -591,10 +632,20 @@ fn stream(
         (Some((u1, s1)), Some((u0, s0))) => (Some(u1 + s1 - u0 - s0), Some(u1 - u0)),
         _ => (None, None),
     };
+    // Per event: how often the relay waited and how often it was preempted (the cost of a
+    // second worker on a shared host, BENCHMARKS.md).
+    let per_event = |n: u64| format!("{:.3}", n as f64 / total.max(1) as f64);
+    let (vol, invol) = match pid.zip(switches0) {
+        Some((p, before)) => {
+            let (v, i) = switches_since(&before, p);
+            (per_event(v), per_event(i))
+        }
+        None => ("null".into(), "null".into()),
+    };
     lat.sort_unstable();
     let us = |p: f64| pct(&lat, p) as f64 / 1000.0;
     println!(
-        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"relay_user_s\":{},\"cpu_s_per_m_events\":{},\"loadgen_cpu_s\":{own:.2},\"upstream_cpu_s\":{}}}",
+        "{{\"sessions\":{sessions},\"turns\":{turns},\"events_per_turn\":{events},\"gap_us\":{gap_us},\"failed\":{},\"first_failure\":{:?},\"events\":{total},\"secs\":{secs:.3},\"events_per_s\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"relay_cpu_s\":{},\"relay_user_s\":{},\"cpu_s_per_m_events\":{},\"loadgen_cpu_s\":{own:.2},\"upstream_cpu_s\":{},\"relay_vol_switches_per_event\":{vol},\"relay_invol_switches_per_event\":{invol}}}",
         failed.len(),
         failed.first().cloned().unwrap_or_default(),
         total as f64 / secs,

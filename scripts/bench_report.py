@@ -76,6 +76,10 @@ def merged(rs, path):
     share = [r["relay_user_s"] / r["relay_cpu_s"] for r in runs
              if r.get("relay_user_s") is not None and r.get("relay_cpu_s")]
     m["user_share"] = median(share) if share else None
+    # The relay's context switches per event, voluntary (it waited) and involuntary (preempted).
+    sw = [(r["relay_vol_switches_per_event"], r["relay_invol_switches_per_event"]) for r in runs
+          if r.get("relay_vol_switches_per_event") is not None]
+    m["switches"] = (median([v for v, _ in sw]), median([i for _, i in sw])) if sw else None
     m["p50_range"] = (min(r["p50_us"] for r in runs), max(r["p50_us"] for r in runs))
     # The upstream's and the load generator's CPU, in cores over the run: neither may bound a row.
     up = [r["upstream_cpu_s"] / r["secs"] for r in runs if r.get("upstream_cpu_s") is not None and r.get("secs")]
@@ -90,7 +94,8 @@ def merged(rs, path):
 if any(k in by for k in labels):
     w("Medians over the rounds (each round runs the paths one after another); p50 and CPU "
       "show [lowest–highest] round. *added* = the path's figure minus direct's. *upstream / load gen*: "
-      "their CPU in cores over the run" + (" — the async upstream has one thread, so at ≥ 0.90 (⚑) it, "
+      "their CPU in cores over the run; *sw*: the relay's context switches per event, voluntary "
+      "(it waited for work) + involuntary (another process took its CPU)" + (" — the async upstream has one thread, so at ≥ 0.90 (⚑) it, "
       "not the path, bounds the row's events/s" if small else "") + ".")
     w("")
     w("| workload | path | p50 µs | p99 µs | p99.9 µs | added p50 / p99 / p99.9 µs | events/s | relay CPU-s per 1M events | upstream / load gen cores | rounds, failed sessions |")
@@ -108,6 +113,8 @@ if any(k in by for k in labels):
             cpu = "—" if m["cpu"] is None else f"{m['cpu']:.2f} [{m['cpu_range'][0]:.2f}–{m['cpu_range'][1]:.2f}]"
             if m["user_share"] is not None:
                 cpu += f", user {m['user_share']:.0%}"
+            if m["switches"] is not None:
+                cpu += ", sw {:.2f} + {:.2f}".format(*m["switches"])
             lo, hi = m["p50_range"]
             load = " / ".join("—" if c is None else f"{c:.2f}" for c in (m["up_cores"], m["gen_cores"]))
             if small and m["up_cores"] is not None and m["up_cores"] >= 0.9:
