@@ -94,35 +94,62 @@ pub struct Limits {
 
 pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan {
     let mut plan = Plan::default();
-    let mut idle: Vec<IdleConn<'_>> = conns.iter().filter_map(Conn::idle).collect();
+    let idle: Vec<IdleConn<'_>> = conns.iter().filter_map(Conn::idle).collect();
+    // A waiter looks only at the idle connections of its identity: with a thousand sessions
+    // of a thousand identities, one list for all made a dispatch cost waiters × connections.
+    // Only the waiters' identities are listed (one list each, allocated when it gets one).
+    let mut by_identity: HashMap<&str, Vec<IdleConn<'_>>> =
+        waiters.iter().map(|w| (w.identity, Vec::new())).collect();
+    for c in &idle {
+        if let Some(same) = by_identity.get_mut(c.identity) {
+            same.push(c.clone());
+        }
+    }
     // Waiters in order take the fit idle connections: first each its preferred one or one on
     // its own thread, then the rest any fit one — a connection goes to a waiter of another
     // thread only when no waiter of its own thread takes it (docs/DESIGN.md#leases).
     let mut lent = vec![false; waiters.len()];
+    // (waiter, the thread of the connection it was lent)
+    let mut lent_on: Vec<(usize, ThreadId)> = Vec::new();
+    let mut left = idle.len();
     for reach in [Reach::Home, Reach::Anywhere] {
         for (i, w) in waiters.iter().enumerate() {
-            if idle.is_empty() {
+            if left == 0 {
                 break;
             }
             if lent[i] {
                 continue;
             }
-            if let Some(conn) = policy::pick(
-                &idle,
+            let Some(same) = by_identity.get_mut(w.identity).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let picked = policy::pick(
+                same,
                 w.identity,
                 w.preferred,
                 w.thread,
                 reach,
                 limits.max_age,
                 limits.now,
-            ) {
-                idle.retain(|c| c.id != conn);
-                plan.lend.push((i, conn));
+            );
+            if let Some(at) = picked.and_then(|conn| same.iter().position(|c| c.id == conn)) {
+                // `remove`, not `swap_remove`: among equals the order decides (`pick`).
+                let conn = same.remove(at);
+                plan.lend.push((i, conn.id));
+                lent_on.push((i, conn.thread));
                 lent[i] = true;
+                left -= 1;
             }
         }
     }
     plan.lend.sort_unstable_by_key(|&(i, _)| i);
+    lent_on.sort_unstable_by_key(|&(i, _)| i);
+    let mut lent_ids: Vec<u64> = plan.lend.iter().map(|&(_, conn)| conn).collect();
+    lent_ids.sort_unstable();
+    let mut idle: Vec<IdleConn<'_>> = idle
+        .into_iter()
+        .filter(|c| lent_ids.binary_search(&c.id).is_err())
+        .collect();
     // A dial serves only waiters of its own identity: one for each waiter that no dial of its
     // identity in progress covers.
     let mut covering = dialing_by_identity(conns);
@@ -136,7 +163,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
             _ => true,
         })
         .collect();
-    plan.spare = spares(waiters, conns, &plan, &idle, uncovered.len(), limits);
+    plan.spare = spares(waiters, conns, &lent_on, &idle, uncovered.len(), limits);
     if uncovered.is_empty() {
         return plan;
     }
@@ -184,35 +211,38 @@ pub fn dialing_by_identity<'a>(conns: &[Conn<'a>]) -> HashMap<&'a str, usize> {
 fn spares(
     waiters: &[Waiting<'_>],
     conns: &[Conn<'_>],
-    plan: &Plan,
+    lent_on: &[(usize, ThreadId)],
     idle_left: &[IdleConn<'_>],
     needed: usize,
     limits: Limits,
 ) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::new();
     let mut room = limits.max_conns.saturating_sub(conns.len() + needed);
-    if limits.cooling || room == 0 || plan.lend.is_empty() {
+    if limits.cooling || room == 0 {
         return out;
     }
-    // One pass each over the connections: their threads, and the (identity, thread) pairs
-    // that already have a connection to lend soon.
-    let thread_of: HashMap<u64, ThreadId> = conns.iter().map(|c| (c.id, c.thread)).collect();
-    let mut covered: HashSet<(&str, ThreadId)> = idle_left
-        .iter()
-        .map(|c| (c.identity, c.thread))
-        .chain(
-            conns
-                .iter()
-                .filter(|c| c.held == Held::Dialing)
-                .map(|c| (c.identity, c.thread)),
-        )
-        .collect();
-    for &(k, conn) in &plan.lend {
+    // The (identity, thread) pairs that already have a connection to lend soon: one pass over
+    // the connections, made only when a lease crossed threads (placement makes that rare).
+    let mut covered: Option<HashSet<(&str, ThreadId)>> = None;
+    for &(k, there) in lent_on {
         let Some(w) = waiters.get(k) else { continue };
-        let (Some(home), Some(&there)) = (w.thread, thread_of.get(&conn)) else {
+        let Some(home) = w.thread else { continue };
+        if home == there || room == 0 {
             continue;
-        };
-        if home != there && room > 0 && covered.insert((w.identity, home)) {
+        }
+        let covered = covered.get_or_insert_with(|| {
+            idle_left
+                .iter()
+                .map(|c| (c.identity, c.thread))
+                .chain(
+                    conns
+                        .iter()
+                        .filter(|c| c.held == Held::Dialing)
+                        .map(|c| (c.identity, c.thread)),
+                )
+                .collect()
+        });
+        if covered.insert((w.identity, home)) {
             out.push(k);
             room -= 1;
         }
