@@ -522,4 +522,38 @@ mod tests {
         assert_eq!(p.cooling, [1]);
         assert!(p.dial.is_empty());
     }
+
+    #[test]
+    fn a_burst_of_many_identities_gets_each_its_own_connection_the_preferred_or_latest_used() {
+        let t0 = Instant::now();
+        let idle = |ms| Held::Idle {
+            since: t0 + Duration::from_millis(ms),
+        };
+        let names: Vec<String> = (0..500).map(|i| format!("session-{i}")).collect();
+        // Two idle connections per identity, listed in reverse: 2i used before 2i + 1.
+        let conns: Vec<Conn<'_>> = names
+            .iter()
+            .enumerate()
+            .rev()
+            .flat_map(|(i, n)| {
+                let i = i as u64;
+                [conn(2 * i, n, idle(1), t0), conn(2 * i + 1, n, idle(2), t0)]
+            })
+            .collect();
+        let mut waiters: Vec<Waiting<'_>> = names.iter().map(|n| waiter(n)).collect();
+        waiters[7].preferred = Some(14);
+        waiters.push(waiter("session-9"));
+        waiters.push(waiter("nobody"));
+        let p = plan(&waiters, &conns, limits(2000, false, t0));
+        let mut want: Vec<(usize, u64)> = (0..500).map(|i| (i, 2 * i as u64 + 1)).collect();
+        want[7].1 = 14;
+        want.push((500, 18));
+        assert_eq!(p.lend, want);
+        assert_eq!(
+            p.dial,
+            [501],
+            "an identity with no connection is dialled for"
+        );
+        assert!(p.close.is_empty() && p.spare.is_empty() && p.reclaim.is_empty());
+    }
 }
