@@ -116,6 +116,11 @@ for scen in dict.fromkeys(r["scenario"] for r in rows):
         p50 = med([r["p50_us"] for r in rs]); p99 = med([r["p99_us"] for r in rs])
         share = [r["relay_user_s"] / r["relay_cpu_s"] for r in rs if r.get("relay_user_s") is not None and r.get("relay_cpu_s")]
         user = f", user {med(share):.0%}" if share else ""
+        # Context switches per event, voluntary + involuntary (what a paced relay's CPU follows).
+        sw = [(r["relay_vol_switches_per_event"], r["relay_invol_switches_per_event"]) for r in rs
+              if r.get("relay_vol_switches_per_event") is not None]
+        if sw:
+            user += f", sw {med([v for v, _ in sw]):.2f} + {med([i for _, i in sw]):.2f}"
         print(f"| {scen} | {build} | {med(eps):,.0f} [{min(eps):,.0f}–{max(eps):,.0f}] | {p50:.0f} | {p99:.0f} | "
               f"{med(cpu):.2f} [{min(cpu):.2f}–{max(cpu):.2f}]{user} |")
 PY
