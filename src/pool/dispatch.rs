@@ -109,8 +109,8 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
     // its own thread, then the rest any fit one — a connection goes to a waiter of another
     // thread only when no waiter of its own thread takes it (docs/DESIGN.md#leases).
     let mut lent = vec![false; waiters.len()];
-    // (waiter, the thread of the connection it was lent)
-    let mut lent_on: Vec<(usize, ThreadId)> = Vec::new();
+    // (waiter, the connection it was lent, that connection's thread)
+    let mut lends: Vec<(usize, u64, ThreadId)> = Vec::new();
     let mut left = idle.len();
     for reach in [Reach::Home, Reach::Anywhere] {
         for (i, w) in waiters.iter().enumerate() {
@@ -135,15 +135,14 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
             if let Some(at) = picked.and_then(|conn| same.iter().position(|c| c.id == conn)) {
                 // `remove`, not `swap_remove`: among equals the order decides (`pick`).
                 let conn = same.remove(at);
-                plan.lend.push((i, conn.id));
-                lent_on.push((i, conn.thread));
+                lends.push((i, conn.id, conn.thread));
                 lent[i] = true;
                 left -= 1;
             }
         }
     }
-    plan.lend.sort_unstable_by_key(|&(i, _)| i);
-    lent_on.sort_unstable_by_key(|&(i, _)| i);
+    lends.sort_unstable_by_key(|&(i, _, _)| i);
+    plan.lend = lends.iter().map(|&(i, conn, _)| (i, conn)).collect();
     let mut lent_ids: Vec<u64> = plan.lend.iter().map(|&(_, conn)| conn).collect();
     lent_ids.sort_unstable();
     let mut idle: Vec<IdleConn<'_>> = idle
@@ -163,7 +162,7 @@ pub fn plan(waiters: &[Waiting<'_>], conns: &[Conn<'_>], limits: Limits) -> Plan
             _ => true,
         })
         .collect();
-    plan.spare = spares(waiters, conns, &lent_on, &idle, uncovered.len(), limits);
+    plan.spare = spares(waiters, conns, &lends, &idle, uncovered.len(), limits);
     if uncovered.is_empty() {
         return plan;
     }
@@ -211,7 +210,7 @@ pub fn dialing_by_identity<'a>(conns: &[Conn<'a>]) -> HashMap<&'a str, usize> {
 fn spares(
     waiters: &[Waiting<'_>],
     conns: &[Conn<'_>],
-    lent_on: &[(usize, ThreadId)],
+    lends: &[(usize, u64, ThreadId)],
     idle_left: &[IdleConn<'_>],
     needed: usize,
     limits: Limits,
@@ -224,7 +223,7 @@ fn spares(
     // The (identity, thread) pairs that already have a connection to lend soon: one pass over
     // the connections, made only when a lease crossed threads (placement makes that rare).
     let mut covered: Option<HashSet<(&str, ThreadId)>> = None;
-    for &(k, there) in lent_on {
+    for &(k, _, there) in lends {
         let Some(w) = waiters.get(k) else { continue };
         let Some(home) = w.thread else { continue };
         if home == there || room == 0 {
