@@ -47,6 +47,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         set_aside: None,
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
+        upstream_transport: turnpike::record::Transport::Ws,
     }
 }
 

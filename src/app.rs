@@ -180,6 +180,7 @@ pub fn start_relay_with(
             pool,
             health,
             http,
+            frame_max: a.frame_max_bytes,
         });
     }
     if accounts.is_empty() {

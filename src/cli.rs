@@ -98,6 +98,15 @@ pub struct SimArgs {
     /// upstream may. Default: random per process.
     #[arg(long)]
     pub id_seed: Option<String>,
+    /// Largest HTTP request body accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Refuse `stream_id` with 400 "Unsupported parameter" (an upstream without lanes).
+    #[arg(long)]
+    pub refuse_stream_id: bool,
+    /// Answer WebSocket handshakes 426 (an upstream reachable over HTTP only).
+    #[arg(long)]
+    pub http_only: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,6 +393,9 @@ async fn sim(args: SimArgs) -> Result<(), CliError> {
         record_frames: !args.no_record,
         workers: args.workers,
         id_seed: args.id_seed,
+        max_body: args.max_body_bytes,
+        refuse_stream_id: args.refuse_stream_id,
+        http_only: args.http_only,
     };
     let (handle, server) =
         crate::sim::start(config, args.bind).map_err(|source| AppError::Bind {

@@ -461,10 +461,19 @@ pub struct AccountSettings {
     /// Share of the turns without an affinity among the accounts of one priority (≥ 1).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Largest `response.create` frame sent over this account's WebSocket; a larger turn goes
+    /// as `POST /responses` (SSE) on the same account instead (docs/DESIGN.md#upstream-transports).
+    /// Default 16 MiB − 1: OpenAI's endpoint closes a message of 16 MiB or more with 1009.
+    #[serde(default = "default_account_frame_max")]
+    pub frame_max_bytes: usize,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn default_account_frame_max() -> usize {
+    16 * 1024 * 1024 - 1
 }
 
 impl AccountSettings {
@@ -481,6 +490,7 @@ impl AccountSettings {
             project: None,
             priority: 0,
             weight: default_weight(),
+            frame_max_bytes: default_account_frame_max(),
         }
     }
 

@@ -109,7 +109,9 @@ impl Origin {
     }
 }
 
-/// Which client transport carried a turn (`usage_logs.transport`; docs/DESIGN.md#http-surface).
+/// Which transport carried a turn: the client's (`usage_logs.transport`;
+/// docs/DESIGN.md#http-surface), or the upstream's (`usage_logs.upstream_transport`;
+/// docs/DESIGN.md#upstream-transports).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
@@ -206,6 +208,10 @@ pub struct TurnRecord {
     /// `ws` or `http` (records spooled before the HTTP surface are `ws`).
     #[serde(default)]
     pub transport: Transport,
+    /// How the request reached the upstream (records spooled before HTTP legs are `ws`;
+    /// docs/DESIGN.md#upstream-transports).
+    #[serde(default)]
+    pub upstream_transport: Transport,
     /// The usage the upstream reported and the relay did not believe (billed from its
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -333,6 +333,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         set_aside: None,
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
+        upstream_transport: turnpike::record::Transport::Ws,
     }
 }
 

@@ -23,7 +23,8 @@ async fn migrations_are_idempotent_and_complete() {
                 "20261122000001".to_string(),
                 "20261127000001".to_string(),
                 "20261128000001".to_string(),
-                "20261129000001".to_string()
+                "20261129000001".to_string(),
+                "20261206000001".to_string()
             ],
             "{}",
             db.backend
@@ -321,6 +322,7 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         set_aside: None,
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
+        upstream_transport: turnpike::record::Transport::Ws,
     }
 }
 

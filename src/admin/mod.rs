@@ -147,7 +147,7 @@ async fn turns(
             json!({
                 "key_prefix": key_prefix, "request_id": r.request_id, "response_id": r.response_id,
                 "session_id": r.session_id, "account": r.account, "model": r.model,
-                "status": r.status, "usage_source": r.usage_source, "transport": r.transport,
+                "status": r.status, "usage_source": r.usage_source, "transport": r.transport, "upstream_transport": r.upstream_transport,
                 "origin": r.origin, "input_tokens": r.input_tokens,
                 "cached_input_tokens": r.cached_input_tokens, "output_tokens": r.output_tokens,
                 "cost_nanousd": r.cost_nanousd, "first_token_ms": r.first_token_ms,

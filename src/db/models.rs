@@ -114,6 +114,7 @@ pub struct NewUsage<'a> {
     pub response_id: Option<&'a str>,
     pub origin: &'a str,
     pub transport: &'a str,
+    pub upstream_transport: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -147,8 +148,10 @@ pub struct UsageRow {
     pub response_id: Option<String>,
     /// `create`, `steer` or `compact`.
     pub origin: String,
-    /// `ws` or `http`.
+    /// `ws` or `http`: the client's side.
     pub transport: String,
+    /// `ws` or `http`: how the request reached the upstream (docs/DESIGN.md#upstream-transports).
+    pub upstream_transport: String,
 }
 
 #[derive(Debug, Insertable)]

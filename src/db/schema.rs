@@ -58,6 +58,7 @@ diesel::table! {
         response_id -> Nullable<Text>,
         origin -> Text,
         transport -> Text,
+        upstream_transport -> Text,
     }
 }
 

@@ -200,6 +200,9 @@ struct Admitted {
     response: Response<()>,
 }
 
+/// The 101's header that tells Codex the largest WebSocket message the relay takes.
+pub const MAX_MESSAGE_HEADER: &str = "x-codex-websocket-max-message-bytes";
+
 async fn upgrade(
     req: Request,
     framed: Framed<TcpStream, Codec>,
@@ -372,8 +375,14 @@ async fn handshake(head: &RequestHead, deps: &Arc<SessionDeps>) -> Result<Admitt
     };
     let slot = KeySlot::new(local, fleet);
     let headers = pass_through_headers(&head.headers);
+    // The largest message this relay reads: Codex sends a bigger request over HTTP instead of
+    // a frame it would get 1009 for (docs/DESIGN.md#upstream-transports).
     let response = actix_http::ws::handshake(head)
         .map_err(|e| HttpError::new(ErrorCode::UpgradeRequired, e.to_string()))?
+        .insert_header((
+            MAX_MESSAGE_HEADER,
+            deps.settings.limits.client_frame_max_bytes.to_string(),
+        ))
         .finish()
         .drop_body();
     Ok(Admitted {

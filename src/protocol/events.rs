@@ -216,6 +216,58 @@ pub fn stream_id_of(text: &str) -> Option<&str> {
     None
 }
 
+/// An event of an HTTP leg (an SSE event's `data`) as the WebSocket mode sends it
+/// (docs/DESIGN.md#upstream-transports): the lane's `stream_id` added as its last field (`type`
+/// stays first, where the scan finds it); an SSE `error` event (`code`, `message` at the top)
+/// wrapped like the WebSocket mode's (`error: {…}`). Everything else byte for byte.
+pub fn ws_event_of_sse(data: &str, lane: Option<&str>) -> String {
+    if classify(data) == EventKind::Error {
+        let v: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+        if v.get("error").is_none() {
+            let mut error = serde_json::Map::new();
+            for key in ["type", "code", "message", "param"] {
+                let value = match key {
+                    // The SSE event's own `type` is `error`; the error's kind is not said.
+                    "type" => serde_json::Value::Null,
+                    _ => v.get(key).cloned().unwrap_or_default(),
+                };
+                error.insert(key.into(), value);
+            }
+            let wrapped = serde_json::json!({"type": "error", "error": error});
+            return with_lane(&wrapped.to_string(), lane);
+        }
+    }
+    with_lane(data, lane)
+}
+
+/// An HTTP error answer (`status`, its body `{"error": {…}}`) as the WebSocket mode's `error`
+/// event on `lane`; a body that is not such JSON becomes its message.
+pub fn http_error_event(status: u16, body: &[u8], lane: Option<&str>) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let error = match v.get("error") {
+        Some(e @ serde_json::Value::Object(_)) => e.clone(),
+        _ => serde_json::json!({
+            "type": if status >= 500 { "server_error" } else { "invalid_request_error" },
+            "code": null,
+            "message": String::from_utf8_lossy(body).chars().take(512).collect::<String>(),
+            "param": null,
+        }),
+    };
+    let event = serde_json::json!({"type": "error", "status": status, "error": error});
+    with_lane(&event.to_string(), lane)
+}
+
+/// `text` (a JSON object) with `"stream_id": lane` as its last field; unchanged without a lane.
+fn with_lane(text: &str, lane: Option<&str>) -> String {
+    let (Some(lane), Some(end)) = (lane, text.rfind('}')) else {
+        return text.to_string();
+    };
+    let lane = serde_json::Value::String(lane.to_string());
+    let body = text[..end].trim_end();
+    let sep = if body.ends_with('{') { "" } else { "," };
+    format!("{body}{sep}\"stream_id\":{lane}{}", &text[end..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +431,38 @@ mod tests {
         assert_eq!(delta_len(r#"{"type":"x","delta":"ab"#), 0);
         assert_eq!(delta_len(r#"{"type":"x","delta":"ab\"#), 0);
         assert_eq!(delta_len(r#"{"type":"x","delta":5}"#), 0);
+    }
+
+    #[test]
+    fn an_http_legs_events_get_their_lane_back_and_keep_type_first() {
+        let delta = r#"{"type":"response.output_text.delta","delta":"}"}"#;
+        assert_eq!(ws_event_of_sse(delta, None), delta);
+        let on_lane = ws_event_of_sse(delta, Some("b"));
+        assert_eq!(
+            on_lane,
+            r#"{"type":"response.output_text.delta","delta":"}","stream_id":"b"}"#
+        );
+        assert_eq!(stream_id_of(&on_lane), Some("b"));
+        assert_eq!(classify(&on_lane), EventKind::Token);
+        assert_eq!(with_lane("{}", Some("b")), r#"{"stream_id":"b"}"#);
+    }
+
+    #[test]
+    fn errors_of_an_http_leg_read_like_the_websocket_modes() {
+        let sse = r#"{"type":"error","code":"server_error","message":"boom","param":null,"sequence_number":3}"#;
+        let v: serde_json::Value = serde_json::from_str(&ws_event_of_sse(sse, Some("b"))).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["code"], "server_error");
+        assert_eq!(v["error"]["message"], "boom");
+        assert_eq!(v["stream_id"], "b");
+        let body = br#"{"error":{"type":"invalid_request_error","code":"context_length_exceeded","message":"too long","param":"input"}}"#;
+        let v: serde_json::Value =
+            serde_json::from_str(&http_error_event(400, body, None)).unwrap();
+        assert_eq!(v["status"], 400);
+        assert_eq!(v["error"]["code"], "context_length_exceeded");
+        let v: serde_json::Value =
+            serde_json::from_str(&http_error_event(502, b"bad gateway", None)).unwrap();
+        assert_eq!(v["error"]["type"], "server_error");
+        assert_eq!(v["error"]["message"], "bad gateway");
     }
 }

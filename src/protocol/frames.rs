@@ -186,9 +186,33 @@ pub fn with_model(raw: &str, model: &str) -> String {
     }
 }
 
+/// A `response.create` frame as the body of `POST /responses` (docs/DESIGN.md#upstream-transports):
+/// without the WebSocket mode's `type` and `stream_id`, with `stream: true`; every other field
+/// as the client sent it, in its order. `None` when `raw` is not a JSON object.
+pub fn http_body(raw: &str) -> Option<String> {
+    let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(raw) else {
+        return None;
+    };
+    fields.shift_remove("type");
+    fields.shift_remove("stream_id");
+    fields.insert("stream".into(), Value::Bool(true));
+    Some(Value::Object(fields).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_http_body_is_the_create_without_the_websocket_fields() {
+        let raw = r#"{"type":"response.create","stream_id":"b","model":"m","input":"hi","prompt_cache_options":{"ttl":"12h"},"stream":false}"#;
+        assert_eq!(
+            http_body(raw).unwrap(),
+            r#"{"model":"m","input":"hi","prompt_cache_options":{"ttl":"12h"},"stream":true}"#
+        );
+        assert_eq!(http_body("[1]"), None);
+        assert_eq!(http_body("{}").unwrap(), r#"{"stream":true}"#);
+    }
 
     fn create(text: &str) -> CreateFrame {
         match parse(text).unwrap() {

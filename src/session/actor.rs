@@ -12,6 +12,7 @@ mod admit;
 mod chain;
 mod drain;
 mod ending;
+mod http_leg;
 mod outbound;
 mod steer;
 
@@ -92,6 +93,8 @@ struct Turn {
     affinity: Option<crate::session::gate::Affinity>,
     /// Accounts this turn could not reach (failover goes to the others).
     tried: Vec<String>,
+    /// How its request reaches the upstream.
+    leg: http_leg::Leg,
     span: Span,
 }
 
@@ -419,6 +422,7 @@ impl SessionActor {
             origin,
             affinity: None,
             tried: Vec::new(),
+            leg: http_leg::Leg::Lease,
             span,
         }
     }
@@ -430,6 +434,14 @@ impl SessionActor {
 
     fn at_mut(&mut self, index: i32) -> Option<&mut Turn> {
         self.turns.iter_mut().find(|t| t.index == index)
+    }
+
+    /// The connection turn `index`'s response is on: the leased one, or none for an HTTP leg.
+    fn conn_of(&self, index: i32) -> Option<u64> {
+        match self.at(index)?.leg {
+            http_leg::Leg::Http(_) => Some(http_leg::NO_CONNECTION),
+            http_leg::Leg::Lease => self.up.lease.as_ref().map(|l| l.conn),
+        }
     }
 
     /// The turns in `phase`, oldest first.
@@ -446,7 +458,7 @@ impl SessionActor {
     fn lease_in_use(&self, except: Option<i32>) -> bool {
         self.turns
             .iter()
-            .any(|t| t.phase == Phase::Streaming && Some(t.index) != except)
+            .any(|t| t.on_lease() && Some(t.index) != except)
             || self.drains.iter().any(|d| d.lease.is_none())
             || self.steers.values().any(steer::SteerState::awaiting)
     }
@@ -462,6 +474,9 @@ impl SessionActor {
         else {
             return;
         };
+        if self.needs_http(index, &account) {
+            return self.send_over_http(index, ctx);
+        }
         let max_age = Duration::from_secs(self.deps.settings.pool.max_age_s);
         if let Some(lease) = &self.up.lease {
             let held = lifecycle::Held {
@@ -654,20 +669,32 @@ impl SessionActor {
         let Some(i) = self
             .turns
             .iter()
-            .position(|t| t.phase == Phase::Streaming && t.frame.stream_id.as_deref() == lane)
+            .position(|t| t.on_lease() && t.frame.stream_id.as_deref() == lane)
         else {
             let lane = lane.map(str::to_string);
             return self.on_unattributed(lane, text, ctx);
         };
+        self.on_turn_text(i, text, ctx);
+    }
+
+    /// An upstream event of the turn at `i`, from its leased connection or its HTTP leg.
+    fn on_turn_text(&mut self, i: usize, text: ByteString, ctx: &mut Context<Self>) {
+        let now = Instant::now();
         let turn = &mut self.turns[i];
         let index = turn.index;
         turn.last_upstream = now;
         let observed = turn.tracker.observe(&text, now);
         match observed.kind {
-            EventKind::Invalid => self.drop_connection(
-                LostReason::Protocol("the upstream sent a frame that is not a JSON event"),
-                ctx,
-            ),
+            EventKind::Invalid => {
+                let why =
+                    LostReason::Protocol("the upstream sent a frame that is not a JSON event");
+                if turn.over_http() {
+                    self.stop_http_leg(index, ctx);
+                    self.lose_turn(index, &why, ctx);
+                } else {
+                    self.drop_connection(why, ctx);
+                }
+            }
             EventKind::Terminal(kind) => {
                 let delivery = Delivery::reusable(Some(text.to_string()));
                 self.finish(index, Ending::Terminal(kind), delivery, ctx);
@@ -681,10 +708,9 @@ impl SessionActor {
                 if code.as_deref() == Some("previous_response_not_found")
                     && nothing_forwarded
                     && !replayed
-                    && let Some(lease) = self.up.lease.as_ref()
+                    && let Some(conn) = self.conn_of(index)
                     && let Some(turn) = self.at(index)
-                    && let decision @ Decision::Replay { .. } =
-                        self.continuation(turn, lease.conn, true)
+                    && let decision @ Decision::Replay { .. } = self.continuation(turn, conn, true)
                 {
                     // Once, on the same (clean) connection: the upstream answered.
                     return self.write_request(index, decision, ctx);
@@ -735,7 +761,13 @@ impl SessionActor {
             let unused = lane.connection_lost();
             gate::release_reservations(&self.deps, unused);
         }
-        for index in self.in_phase(Phase::Streaming) {
+        let on_lease: Vec<i32> = self
+            .turns
+            .iter()
+            .filter(|t| t.on_lease())
+            .map(|t| t.index)
+            .collect();
+        for index in on_lease {
             self.lose_turn(index, &reason, ctx);
         }
         self.pump(ctx);
@@ -846,6 +878,15 @@ impl SessionActor {
         };
         let index = turn.index;
         match turn.phase {
+            Phase::Streaming if turn.over_http() => {
+                // HTTP has no cancel message: the leg is dropped, which stops the upstream.
+                let id = turn.tracker.response_id.clone();
+                let id = id.unwrap_or_else(|| turn.turn_id.to_string());
+                let stream_id = turn.frame.stream_id.clone();
+                self.stop_http_leg(index, ctx);
+                let e = cancelled_event(&id, stream_id.as_deref());
+                self.finish(index, Ending::Cancelled, Delivery::reusable(Some(e)), ctx);
+            }
             Phase::Streaming => {
                 if let Some(lease) = &self.up.lease {
                     lease.addr.do_send(SendText(text));
@@ -870,7 +911,7 @@ impl SessionActor {
         if kind == "response.steer" {
             return self.on_steer(text, ctx);
         }
-        let streaming = self.turns.iter().any(|t| t.phase == Phase::Streaming);
+        let streaming = self.turns.iter().any(Turn::on_lease);
         match &self.up.lease {
             Some(lease) if streaming => lease.addr.do_send(SendText(text)),
             _ => {
@@ -937,6 +978,10 @@ impl SessionActor {
                     .unwrap_or_else(|| turn.turn_id.to_string());
                 let e = cancelled_event(&id, turn.frame.stream_id.as_deref());
                 due.push((turn.index, Some(e)));
+                continue;
+            }
+            if turn.over_http() {
+                // Its leg times out its own silence (`Lost`).
                 continue;
             }
             let silence = lifecycle::Silence {

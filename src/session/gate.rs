@@ -345,6 +345,7 @@ pub struct TurnIdentity<'a> {
     pub accepted_at: NaiveDateTime,
     pub origin: Origin,
     pub transport: Transport,
+    pub upstream_transport: Transport,
     pub span: &'a Span,
 }
 
@@ -393,6 +394,7 @@ pub fn record_of(
         accepted_at: turn.accepted_at,
         origin: turn.origin,
         transport: turn.transport,
+        upstream_transport: turn.upstream_transport,
         set_aside,
     }
 }

@@ -47,6 +47,8 @@ pub struct AccountHandle {
     pub health: Arc<crate::pool::health::Health>,
     /// How the HTTP surface reaches it (docs/DESIGN.md#http-surface).
     pub http: Arc<crate::upstream::http::Endpoint>,
+    /// Largest request frame its WebSocket takes (docs/DESIGN.md#upstream-transports).
+    pub frame_max: usize,
 }
 
 /// What every session shares.

@@ -99,6 +99,16 @@ impl SimConn {
     /// A `response.create`: refused for a bad lane or lane limit, else queued on its lane
     /// (FIFO) and started when the lane and the connection have room.
     fn on_create(&mut self, req: Value, ctx: &mut WebsocketContext<Self>) {
+        if self.shared.config.refuse_stream_id && req.get("stream_id").is_some() {
+            // What a backend without lanes answers (its words, its code: none).
+            let e = wrapped_error(
+                400,
+                None,
+                "Unsupported parameter: stream_id",
+                Some("stream_id"),
+            );
+            return self.send_event("", e, ctx);
+        }
         let lane = match req.get("stream_id") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(id)) if valid_stream_id(id) => id.clone(),

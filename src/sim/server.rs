@@ -34,6 +34,12 @@ pub struct SimConfig {
     /// Fixed id seed: a restarted sim with the same seed hands out the same response ids
     /// again (an upstream that repeats ids). `None`: random per process.
     pub id_seed: Option<String>,
+    /// Largest HTTP request body accepted (an upstream's HTTP takes what its WebSocket refuses).
+    pub max_body: usize,
+    /// Answer a `stream_id` with 400 `Unsupported parameter` (an upstream without lanes).
+    pub refuse_stream_id: bool,
+    /// Answer WebSocket handshakes 426 (an upstream reachable over HTTP only).
+    pub http_only: bool,
 }
 
 impl Default for SimConfig {
@@ -47,6 +53,9 @@ impl Default for SimConfig {
             record_frames: true,
             workers: 1,
             id_seed: None,
+            max_body: 64 * 1024 * 1024,
+            refuse_stream_id: false,
+            http_only: false,
         }
     }
 }
@@ -339,9 +348,11 @@ pub fn start_on(
     let shared = Arc::new(SimShared::new(config.clone()));
     let data = web::Data::from(shared.clone());
     let counter = shared.clone();
+    let max_body = config.max_body;
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(max_body))
             .route("/v1/responses", web::get().to(upgrade))
             .route("/responses", web::get().to(upgrade))
             .route("/v1/responses", web::post().to(super::http::create))
@@ -403,6 +414,14 @@ async fn upgrade(
 ) -> actix_web::Result<HttpResponse> {
     if let Some(refused) = shared.refusal(&req) {
         return Ok(refused);
+    }
+    if shared.config.http_only {
+        return Ok(error_response(
+            426,
+            Some("upgrade_required"),
+            "WebSocket mode is not available for this account; use HTTP.",
+            None,
+        ));
     }
     let headers = req
         .headers()

@@ -4,10 +4,15 @@
 //! account's credential and headers on every request.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+
+use crate::protocol::events::{http_error_event, ws_event_of_sse};
+use crate::protocol::sse::SseReader;
 
 use super::dial::passes_through;
 
@@ -94,6 +99,14 @@ pub async fn post(
     }
     match tokio::time::timeout(first_byte, req.send_body(body)).await {
         Err(_) => Err(PostError::Timeout(url)),
+        // The connection closed after the request went out, before an answer's head: it may
+        // have reached the upstream (awc says so with this variant of its connect errors).
+        Ok(Err(awc::error::SendRequestError::Connect(awc::error::ConnectError::Disconnected))) => {
+            Err(PostError::Failed {
+                url,
+                why: "the connection closed before the answer's head".into(),
+            })
+        }
         Ok(Err(awc::error::SendRequestError::Connect(e))) => {
             Err(PostError::Unreachable(format!("connecting to {url}: {e}")))
         }
@@ -116,5 +129,205 @@ pub async fn next_chunk(
         Ok(None) => Ok(None),
         Ok(Some(Ok(b))) => Ok(Some(b)),
         Ok(Some(Err(e))) => Err(e.to_string()),
+    }
+}
+
+/// An answer's `Content-Type`, lower-case (empty when absent).
+pub fn content_type(res: &awc::ClientResponse) -> String {
+    res.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+/// Statuses that say the account (not the request) is refused: the turn may go elsewhere.
+pub fn account_trouble(status: awc::http::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 429) || status.is_server_error()
+}
+
+/// A whole body, at most `max` bytes, with at most `idle` between chunks.
+pub async fn read_all(
+    res: &mut awc::ClientResponse,
+    max: usize,
+    idle: Duration,
+) -> Result<Bytes, String> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = next_chunk(res, idle).await? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the body exceeds {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// A WebSocket session's turn sent as `POST /responses` with `stream: true`
+/// (docs/DESIGN.md#upstream-transports).
+pub struct LegRequest {
+    pub endpoint: Arc<Endpoint>,
+    /// The client's handshake headers (those that pass through).
+    pub headers: Vec<(String, String)>,
+    /// The request body (`frames::http_body`).
+    pub body: Bytes,
+    /// The turn's lane, restored on every event.
+    pub lane: Option<String>,
+    pub first_event: Duration,
+    pub idle: Duration,
+    /// Largest event.
+    pub event_max: usize,
+}
+
+/// What an HTTP leg tells the session, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LegItem {
+    /// The request reached the upstream (sent at this instant): it may bill it from here on.
+    Written(Instant),
+    /// One event as a WebSocket-mode text frame (the SSE event's `data`, its lane restored; an
+    /// HTTP error answer as the WebSocket mode's `error` event).
+    Event(ByteString),
+    /// The account refused the request before serving anything (401, 403, 429, 5xx): the
+    /// WebSocket mode's `error` event of its answer, for the client if no other account takes it.
+    Refused(ByteString),
+    /// No connection to the upstream: nothing was sent.
+    Unreachable(String),
+    /// Lost after the request was written: no byte for too long, a cut stream, an event over
+    /// the bound, an answer that is not SSE.
+    Lost(String),
+}
+
+enum Leg {
+    Start(Box<LegRequest>),
+    Reading(Box<Reading>),
+    /// Items left to hand out, then the end.
+    Flush(VecDeque<LegItem>),
+}
+
+struct Reading {
+    res: awc::ClientResponse,
+    reader: SseReader,
+    queue: VecDeque<LegItem>,
+    lane: Option<String>,
+    first_event: Duration,
+    idle: Duration,
+    event_max: usize,
+    events: u64,
+}
+
+/// The items of one HTTP leg as a stream: dropping it drops the upstream request (which is how
+/// the upstream is told to stop: HTTP has no `response.cancel`).
+pub fn leg(req: LegRequest) -> impl futures_util::Stream<Item = LegItem> + 'static {
+    futures_util::stream::unfold(Leg::Start(Box::new(req)), |leg| async move {
+        let leg = match leg {
+            Leg::Start(req) => start(*req).await,
+            other => other,
+        };
+        match leg {
+            Leg::Start(_) => None,
+            Leg::Flush(mut queue) => queue.pop_front().map(|i| (i, Leg::Flush(queue))),
+            Leg::Reading(mut r) => match r.next().await {
+                Ok(item) => Some((item, Leg::Reading(r))),
+                Err(last) => Some((last, Leg::Flush(VecDeque::new()))),
+            },
+        }
+    })
+}
+
+/// Sends the request: the leg reads its events, or what the upstream answered instead.
+async fn start(req: LegRequest) -> Leg {
+    let sent_at = Instant::now();
+    let answer = post(
+        &req.endpoint,
+        "responses",
+        &req.headers,
+        req.body,
+        true,
+        req.first_event,
+    )
+    .await;
+    let flush = |items: Vec<LegItem>| Leg::Flush(items.into());
+    let mut res = match answer {
+        Err(PostError::Unreachable(why)) => return flush(vec![LegItem::Unreachable(why)]),
+        // Written, not answered: the upstream may bill it.
+        Err(e) => {
+            return flush(vec![
+                LegItem::Written(sent_at),
+                LegItem::Lost(e.to_string()),
+            ]);
+        }
+        Ok(res) => res,
+    };
+    let status = res.status();
+    if !status.is_success() {
+        let body = read_all(&mut res, 64 * 1024, req.idle)
+            .await
+            .unwrap_or_default();
+        let event = ByteString::from(http_error_event(
+            status.as_u16(),
+            &body,
+            req.lane.as_deref(),
+        ));
+        return if account_trouble(status) {
+            flush(vec![LegItem::Refused(event)])
+        } else {
+            flush(vec![LegItem::Written(sent_at), LegItem::Event(event)])
+        };
+    }
+    let content_type = content_type(&res);
+    if !content_type.starts_with("text/event-stream") {
+        let why = format!("the upstream answered {content_type:?}, not the SSE stream asked for");
+        return flush(vec![LegItem::Written(sent_at), LegItem::Lost(why)]);
+    }
+    Leg::Reading(Box::new(Reading {
+        res,
+        reader: SseReader::default(),
+        queue: VecDeque::from([LegItem::Written(sent_at)]),
+        lane: req.lane,
+        first_event: req.first_event,
+        idle: req.idle,
+        event_max: req.event_max,
+        events: 0,
+    }))
+}
+
+impl Reading {
+    /// The next item; `Err` is the last one (the stream is over).
+    async fn next(&mut self) -> Result<LegItem, LegItem> {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Ok(item);
+            }
+            let wait = if self.events == 0 {
+                self.first_event
+            } else {
+                self.idle
+            };
+            let chunk = match next_chunk(&mut self.res, wait).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    return Err(LegItem::Lost(
+                        "the upstream's stream ended before the response finished".into(),
+                    ));
+                }
+                Err(why) => return Err(LegItem::Lost(why)),
+            };
+            self.reader.push(&chunk);
+            let events = self
+                .reader
+                .scan(self.event_max)
+                .map_err(|e| LegItem::Lost(e.to_string()))?;
+            let mut end = 0;
+            for e in &events {
+                end = e.span.end;
+                let data = self.reader.data(e).trim();
+                if data.is_empty() || data == "[DONE]" {
+                    continue;
+                }
+                self.events += 1;
+                let text = ws_event_of_sse(data, self.lane.as_deref());
+                self.queue.push_back(LegItem::Event(ByteString::from(text)));
+            }
+            self.reader.take(end);
+        }
     }
 }

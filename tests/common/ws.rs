@@ -27,6 +27,8 @@ pub enum Recv {
 
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
+    /// The 101's headers, lower-case names (empty for `with_first_frame`).
+    pub handshake: Vec<(String, String)>,
 }
 
 impl Client {
@@ -48,7 +50,14 @@ impl Client {
         let stream = TcpStream::connect(addr).expect("tcp connect");
         stream.set_nodelay(true).ok();
         match tungstenite::client(req, stream) {
-            Ok((ws, _)) => Ok(Client { ws }),
+            Ok((ws, res)) => {
+                let handshake = res
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                Ok(Client { ws, handshake })
+            }
             Err(tungstenite::HandshakeError::Failure(Error::Http(resp))) => {
                 let body = resp
                     .body()
@@ -92,6 +101,7 @@ impl Client {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         Client {
             ws: WebSocket::from_raw_socket(t, tungstenite::protocol::Role::Client, None),
+            handshake: Vec::new(),
         }
     }
 
@@ -102,6 +112,14 @@ impl Client {
 
     pub fn send(&mut self, v: &Value) {
         self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    /// A header of the 101, by its lower-case name.
+    pub fn handshake_header(&self, name: &str) -> Option<&str> {
+        self.handshake
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn send_text(&mut self, t: &str) {

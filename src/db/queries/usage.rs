@@ -42,6 +42,7 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
         response_id: r.response_id.as_deref(),
         origin: r.origin.as_str(),
         transport: r.transport.as_str(),
+        upstream_transport: r.upstream_transport.as_str(),
     }
 }
 
@@ -80,8 +81,8 @@ pub async fn recent(
 }
 
 /// PostgreSQL: usage rows as one array per column (`INSERT … SELECT FROM UNNEST`). The
-/// statement text is the same for every batch size and has 27 parameters, where a multi-row
-/// `VALUES` has 27 × rows and a text of its own per size, parsed and planned each time.
+/// statement text is the same for every batch size and has 28 parameters, where a multi-row
+/// `VALUES` has 28 × rows and a text of its own per size, parsed and planned each time.
 /// Returns the (request_id, api_key_id) of the rows written (not those already present).
 pub async fn insert_pg(
     tx: &mut diesel_async::AsyncPgConnection,
@@ -94,12 +95,12 @@ pub async fn insert_pg(
         turn_index, account, model, status, usage_source, warmup, input_tokens, \
         cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, \
         cost_nanousd, upstream_wait_ms, first_event_ms, first_token_ms, duration_ms, error_code, \
-        accepted_at, created_at, response_id, origin, transport) \
+        accepted_at, created_at, response_id, origin, transport, upstream_transport) \
         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int4[], \
         $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::int8[], $12::int8[], \
         $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], \
         $19::int8[], $20::int8[], $21::int8[], $22::text[], $23::timestamp[], \
-        $24::timestamp[], $25::text[], $26::text[], $27::text[]) \
+        $24::timestamp[], $25::text[], $26::text[], $27::text[], $28::text[]) \
         ON CONFLICT (request_id, api_key_id) DO NOTHING \
         RETURNING request_id, api_key_id";
     let written: Vec<WrittenKey> = diesel::sql_query(SQL)
@@ -130,6 +131,7 @@ pub async fn insert_pg(
         .bind::<Array<Nullable<Text>>, _>(column(rows, |r| r.response_id))
         .bind::<Array<Text>, _>(column(rows, |r| r.origin))
         .bind::<Array<Text>, _>(column(rows, |r| r.transport))
+        .bind::<Array<Text>, _>(column(rows, |r| r.upstream_transport))
         .load(tx)
         .await?;
     Ok(WrittenKey::pairs(written))

@@ -417,7 +417,7 @@ impl Exchange {
                 Ok(res) => res,
             };
             let status = res.status();
-            if account_trouble(status) {
+            if upstream::account_trouble(status) {
                 let retry_after = header(&res, "retry-after")
                     .as_deref()
                     .and_then(crate::pool::health::retry_after);
@@ -440,12 +440,7 @@ impl Exchange {
         if !res.status().is_success() {
             return self.upstream_error(&mut res).await;
         }
-        let content_type = res
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let content_type = upstream::content_type(&res);
         match (
             self.streams(),
             content_type.starts_with("text/event-stream"),
@@ -475,7 +470,7 @@ impl Exchange {
         }
         let retry_after = header(&res, "retry-after");
         let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
-        let body = read_all(&mut res, 64 * 1024, limit)
+        let body = upstream::read_all(&mut res, 64 * 1024, limit)
             .await
             .unwrap_or_default();
         End(
@@ -494,7 +489,9 @@ impl Exchange {
         let status = res.status();
         let retry_after = header(res, "retry-after");
         let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
-        let body = read_all(res, 64 * 1024, limit).await.unwrap_or_default();
+        let body = upstream::read_all(res, 64 * 1024, limit)
+            .await
+            .unwrap_or_default();
         let code = serde_json::from_slice::<Value>(&body)
             .ok()
             .as_ref()
@@ -518,7 +515,7 @@ impl Exchange {
         let s = &self.deps.settings.upstream;
         let (max, idle) = (s.frame_max_bytes, Duration::from_millis(s.read_timeout_ms));
         let body = tokio::select! {
-            body = read_all(res, max, idle) => body,
+            body = upstream::read_all(res, max, idle) => body,
             end = self.interrupted(sink) => return end,
         };
         let body = match body {
@@ -672,6 +669,7 @@ impl Exchange {
                 Kind::Compact => crate::record::Origin::Compact,
             },
             transport: Transport::Http,
+            upstream_transport: Transport::Http,
             span: &self.span,
         };
         let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);
@@ -708,7 +706,7 @@ async fn read_rest(res: Option<awc::ClientResponse>) {
     let Some(mut res) = res else {
         return;
     };
-    let _ = tokio::time::timeout(REST, read_all(&mut res, 64 * 1024, REST)).await;
+    let _ = tokio::time::timeout(REST, upstream::read_all(&mut res, 64 * 1024, REST)).await;
 }
 
 /// An upstream event that ends the stream: held back until the record is durable (or, for
@@ -717,11 +715,6 @@ enum Stop {
     Terminal(crate::protocol::events::TerminalKind),
     Error(Option<String>),
     Invalid,
-}
-
-/// Statuses that say the account (not the request) is refused: the turn may go elsewhere.
-fn account_trouble(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 401 | 403 | 429) || status.is_server_error()
 }
 
 /// An OpenAI error body's code: `error.code` (HTTP, WebSocket) or `code` (SSE `error` event).
@@ -737,22 +730,6 @@ fn header(res: &awc::ClientResponse, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-}
-
-/// A whole body, at most `max` bytes, with at most `idle` between chunks.
-async fn read_all(
-    res: &mut awc::ClientResponse,
-    max: usize,
-    idle: Duration,
-) -> Result<Bytes, String> {
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = upstream::next_chunk(res, idle).await? {
-        if body.len() + chunk.len() > max {
-            return Err(format!("the body exceeds {max} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
 }
 
 /// Whether a chunk went to the client.

@@ -326,7 +326,11 @@ impl SessionActor {
         code: &str,
         ctx: &mut Context<Self>,
     ) -> bool {
-        let Some(account) = self.up.lease.as_ref().map(|l| l.account.to_string()) else {
+        let account = match self.at(index) {
+            Some(t) if t.over_http() => t.account_slot.as_ref().map(|s| s.account.clone()),
+            _ => self.up.lease.as_ref().map(|l| l.account.to_string()),
+        };
+        let Some(account) = account else {
             return false;
         };
         let others = self

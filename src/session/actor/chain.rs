@@ -55,12 +55,18 @@ impl SessionActor {
         decision: Decision,
         ctx: &mut Context<Self>,
     ) {
+        // A replay can make a request larger than its account's WebSocket takes.
+        let frame_max = self
+            .at(index)
+            .and_then(|t| t.account_slot.as_ref())
+            .map_or(usize::MAX, |s| self.frame_max_of(&s.account));
         let Some(turn) = self.turns.iter_mut().find(|t| t.index == index) else {
             return;
         };
-        let Some(lease) = self.up.lease.as_ref() else {
+        let lease = self.up.lease.as_ref();
+        if lease.is_none() && !turn.over_http() {
             return;
-        };
+        }
         let decision = match decision {
             Decision::Replay { .. } if turn.replayed => Decision::FailClosed {
                 reason: "the chain was lost again after its conversation was replayed once for this turn; start a new chain".into(),
@@ -94,11 +100,22 @@ impl SessionActor {
         };
         let raw = rewritten.unwrap_or_else(|| turn.frame.raw.clone());
         let now = Instant::now();
-        lease.addr.do_send(SendText(ByteString::from(raw)));
-        turn.tracker.clock.written(now);
         turn.last_upstream = now;
         turn.phase = Phase::Streaming;
-        debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
+        match lease {
+            Some(lease) if !turn.over_http() && raw.len() <= frame_max => {
+                lease.addr.do_send(SendText(ByteString::from(raw)));
+                turn.tracker.clock.written(now);
+                debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
+            }
+            // Its leg says when the request reached the upstream.
+            _ => {
+                turn.leg = http_leg::Leg::Http(None);
+                if !self.start_http_leg(index, &raw, ctx) {
+                    self.unreachable(index, ctx);
+                }
+            }
+        }
     }
 
     /// A response that completed (or is incomplete) joins its lineage: its id is one a next
@@ -106,10 +123,10 @@ impl SessionActor {
     /// of its descendants sends.
     pub(super) fn remember_response(&mut self, index: i32, ending: &Ending) {
         use crate::protocol::events::TerminalKind::{Completed, Incomplete};
-        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(lease)) = (
+        let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(conn)) = (
             ending,
             self.turns.iter().find(|t| t.index == index),
-            self.up.lease.as_ref(),
+            self.conn_of(index),
         ) else {
             return;
         };
@@ -125,7 +142,7 @@ impl SessionActor {
             &turn.frame.stream_id,
             id,
             parent,
-            lease.conn,
+            conn,
             turn.frame.input.as_ref(),
             &turn.tracker.output,
         );

@@ -13,6 +13,17 @@ impl SessionActor {
         let Some(pos) = self.turns.iter().position(|t| t.index == index) else {
             return;
         };
+        if self.turns[pos].over_http() {
+            // No cancel to send over HTTP: the leg is dropped (which stops the upstream) and the
+            // turn billed from what it saw, before the next turn starts.
+            self.stop_http_leg(index, ctx);
+            return self.finish(
+                index,
+                Ending::Preempted,
+                Delivery::reusable(Some(event)),
+                ctx,
+            );
+        }
         let Some((conn, account)) = self
             .up
             .lease

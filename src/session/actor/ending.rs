@@ -21,6 +21,11 @@ impl SessionActor {
             accepted_at: turn.accepted_wall,
             origin: turn.origin,
             transport: crate::record::Transport::Ws,
+            upstream_transport: if turn.over_http() {
+                crate::record::Transport::Http
+            } else {
+                crate::record::Transport::Ws
+            },
             span: &turn.span,
         };
         gate::record_of(&self.deps, &self.principal, who, outcome, account)
@@ -52,10 +57,17 @@ impl SessionActor {
         let unused = steer.turn_ended(&ending, template);
         gate::release_reservations(&self.deps, unused);
         turn.generation += 1;
+        let on_lease = turn.on_lease();
+        let over_http = turn.over_http();
+        // The account that served the turn, else the one it was refused on or last tried.
+        let held = self
+            .up
+            .lease
+            .as_ref()
+            .filter(|_| !over_http)
+            .map(|l| l.account.to_string());
         let streaming = turn.phase == Phase::Streaming;
         turn.phase = Phase::Finishing;
-        // The account that served the turn, else the one it was refused on or last tried.
-        let held = self.up.lease.as_ref().map(|l| l.account.to_string());
         let account = streaming
             .then(|| held.clone())
             .flatten()
@@ -69,6 +81,7 @@ impl SessionActor {
         turn.account_slot = None;
         // A refusal because accounting is down does not wait for accounting.
         let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable);
+        let ending_kind = ending.clone();
         let outcome = turn.tracker.finish(ending, Instant::now());
         let Some(turn) = self.at(index) else {
             return;
@@ -84,7 +97,11 @@ impl SessionActor {
         let store = turn.frame.store;
         // The fallback answer is the turn's, so it carries the turn's lane.
         let stream_id = turn.frame.stream_id.clone();
-        if streaming && !delivery.reusable {
+        if over_http && !matches!(ending_kind, Ending::Terminal(_)) {
+            // A leg still running is stopped (dropping its request stops the upstream).
+            self.stop_http_leg(index, ctx);
+        }
+        if on_lease && !delivery.reusable {
             if self.lease_in_use(Some(index)) {
                 // Other lanes still read it: no new turn on it, closed once they end.
                 self.up.spent = true;

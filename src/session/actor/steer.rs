@@ -169,7 +169,17 @@ impl SessionActor {
     /// upstream. Admitted → forwarded unchanged, if the response is still running.
     pub(super) fn on_steer(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         let steer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let (_, lane) = self.target_of(&text);
+        let (target, lane) = self.target_of(&text);
+        if target.and_then(|i| self.at(i)).is_some_and(Turn::over_http) {
+            // Nothing to send it on: the response runs over an HTTP leg.
+            let e = steer_refused(
+                &steer,
+                ErrorCode::NoActiveResponse,
+                "this response runs over HTTP (its request is larger than the upstream WebSocket takes) and cannot be steered; send a new response.create",
+                lane.as_deref(),
+            );
+            return self.send(e, ctx);
+        }
         if !self.steerable(&lane) {
             let e = ErrorCode::NoActiveResponse
                 .ws_event_on(
@@ -213,7 +223,7 @@ impl SessionActor {
             && self
                 .turns
                 .iter()
-                .any(|t| &t.frame.stream_id == lane && t.phase == Phase::Streaming)
+                .any(|t| &t.frame.stream_id == lane && t.on_lease())
     }
 
     /// Sends an admitted steer upstream if its response still runs; else it is refused and

@@ -1,0 +1,200 @@
+//! A turn its account's WebSocket cannot carry (a request frame over the account's
+//! `frame_max_bytes`) goes upstream as `POST /responses` with `stream: true` of its own, and its
+//! SSE events reach the client as the WebSocket mode's events, through the same handling as a
+//! leased connection's: timing, usage, record, continuation (docs/DESIGN.md#upstream-transports).
+
+use futures_util::StreamExt;
+
+use super::*;
+use crate::upstream::http::{LegItem, LegRequest};
+
+/// How a turn's request reaches the upstream (docs/DESIGN.md#upstream-transports).
+#[derive(Debug, Default)]
+pub(super) enum Leg {
+    /// On the session's leased WebSocket, beside its other lanes.
+    #[default]
+    Lease,
+    /// As an HTTP request of its own; the handle of its stream once sent.
+    Http(Option<SpawnHandle>),
+}
+
+/// The connection an HTTP leg's response is remembered on: none, so a later turn continuing it
+/// never finds it "on the same connection" (its `store:false` chain is replayed).
+pub(super) const NO_CONNECTION: u64 = u64::MAX;
+
+/// One item of turn `index`'s HTTP leg, started at `generation` (a later one is ignored).
+pub(super) struct LegEvent {
+    index: i32,
+    generation: u64,
+    item: LegItem,
+}
+
+impl Turn {
+    /// Streaming on the session's leased connection (not over an HTTP leg).
+    pub(super) fn on_lease(&self) -> bool {
+        self.phase == Phase::Streaming && matches!(self.leg, Leg::Lease)
+    }
+
+    pub(super) fn over_http(&self) -> bool {
+        matches!(self.leg, Leg::Http(_))
+    }
+}
+
+impl SessionActor {
+    /// The largest request frame `account`'s WebSocket takes.
+    pub(super) fn frame_max_of(&self, account: &str) -> usize {
+        self.deps
+            .accounts
+            .iter()
+            .find(|a| a.name == account)
+            .map_or(usize::MAX, |a| a.frame_max)
+    }
+
+    /// Whether turn `index` goes over HTTP on `account`: its request is larger than the
+    /// account's WebSocket takes. Decided at each send (a failover may change the account).
+    pub(super) fn needs_http(&mut self, index: i32, account: &str) -> bool {
+        let max = self.frame_max_of(account);
+        let Some(turn) = self.at_mut(index) else {
+            return false;
+        };
+        let http = turn.frame.raw.len() > max;
+        turn.leg = if http { Leg::Http(None) } else { Leg::Lease };
+        http
+    }
+
+    /// Sends turn `index` over its HTTP leg, after the continuation decision (no connection
+    /// holds what it continues).
+    pub(super) fn send_over_http(&mut self, index: i32, ctx: &mut Context<Self>) {
+        let Some(turn) = self.at(index) else {
+            return;
+        };
+        let decision = self.continuation(turn, NO_CONNECTION, false);
+        self.write_request(index, decision, ctx);
+    }
+
+    /// Starts the HTTP leg of turn `index` with the request `raw` (the frame as it would have
+    /// gone over the WebSocket); `false` when the turn or its account is gone.
+    pub(super) fn start_http_leg(
+        &mut self,
+        index: i32,
+        raw: &str,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        let s = &self.deps.settings.upstream;
+        let (first_event, idle, event_max) = (
+            Duration::from_millis(s.first_event_timeout_ms),
+            Duration::from_millis(s.read_timeout_ms),
+            s.frame_max_bytes,
+        );
+        let headers = self.headers.clone();
+        let Some(turn) = self.turns.iter().find(|t| t.index == index) else {
+            return false;
+        };
+        let Some(endpoint) = turn.account_slot.as_ref().and_then(|slot| {
+            self.deps
+                .accounts
+                .iter()
+                .find(|a| a.name == slot.account)
+                .map(|a| a.http.clone())
+        }) else {
+            return false;
+        };
+        // `raw` parsed as a JSON object when it arrived; rewrites keep it one.
+        let body = frames::http_body(raw).unwrap_or_default();
+        info!(parent: &turn.span, bytes = raw.len(), account = %endpoint.account,
+            "request larger than the account's WebSocket frame limit: sent over HTTP");
+        let request = LegRequest {
+            endpoint,
+            headers,
+            body: body.into(),
+            lane: turn.frame.stream_id.clone(),
+            first_event,
+            idle,
+            event_max,
+        };
+        let Some(turn) = self.at_mut(index) else {
+            return false;
+        };
+        turn.generation += 1;
+        let generation = turn.generation;
+        let items = crate::upstream::http::leg(request).map(move |item| LegEvent {
+            index,
+            generation,
+            item,
+        });
+        let handle = ctx.add_stream(items);
+        if let Some(turn) = self.at_mut(index) {
+            turn.leg = Leg::Http(Some(handle));
+        }
+        true
+    }
+
+    /// Stops turn `index`'s HTTP leg, if it runs (dropping the request stops the upstream).
+    pub(super) fn stop_http_leg(&mut self, index: i32, ctx: &mut Context<Self>) {
+        if let Some(turn) = self.at_mut(index)
+            && let Leg::Http(handle) = &mut turn.leg
+            && let Some(handle) = handle.take()
+        {
+            ctx.cancel_future(handle);
+        }
+    }
+
+    fn on_leg(&mut self, ev: LegEvent, ctx: &mut Context<Self>) {
+        let Some(i) = self.turns.iter().position(|t| {
+            t.index == ev.index
+                && t.generation == ev.generation
+                && t.phase == Phase::Streaming
+                && t.over_http()
+        }) else {
+            return;
+        };
+        let index = ev.index;
+        match ev.item {
+            LegItem::Written(at) => self.turns[i].tracker.clock.written(at),
+            LegItem::Event(text) => self.on_turn_text(i, text, ctx),
+            LegItem::Refused(event) => {
+                self.stop_http_leg(index, ctx);
+                let (code, _) = upstream_error_code(&event);
+                let code = code.unwrap_or_else(|| "http_refused".into());
+                if self.fail_over_in_band(index, &code, ctx) {
+                    return;
+                }
+                // Nothing was served: the upstream's own words, not billed.
+                let delivery = Delivery::reusable(Some(event.to_string()));
+                let ending = Ending::Rejected(ErrorCode::UpstreamUnavailable);
+                self.finish(index, ending, delivery, ctx);
+            }
+            LegItem::Unreachable(why) => {
+                self.stop_http_leg(index, ctx);
+                warn!(parent: &self.turns[i].span, error = %why, "upstream unreachable over HTTP");
+                if !self.fail_over_in_band(index, "unreachable", ctx) {
+                    self.unreachable(index, ctx);
+                }
+            }
+            LegItem::Lost(why) => {
+                self.stop_http_leg(index, ctx);
+                warn!(parent: &self.turns[i].span, error = %why, "HTTP leg lost");
+                self.lose_turn(index, &LostReason::Error(why), ctx);
+            }
+        }
+    }
+}
+
+impl SessionActor {
+    /// Turn `index` could not reach its account, and no other took it: refused, not billed.
+    pub(super) fn unreachable(&mut self, index: i32, ctx: &mut Context<Self>) {
+        let message = crate::session::gate::unavailable(&self.deps);
+        let e = self.turn_error(index, ErrorCode::UpstreamUnavailable, &message);
+        let ending = Ending::Rejected(ErrorCode::UpstreamUnavailable);
+        self.finish(index, ending, Delivery::reusable(Some(e)), ctx);
+    }
+}
+
+impl StreamHandler<LegEvent> for SessionActor {
+    fn handle(&mut self, ev: LegEvent, ctx: &mut Self::Context) {
+        self.on_leg(ev, ctx);
+    }
+
+    /// A leg's stream ended: its last item said how; the session goes on (the default would stop it).
+    fn finished(&mut self, _: &mut Self::Context) {}
+}

@@ -1,0 +1,295 @@
+//! Upstream transports behind one turn (docs/DESIGN.md#upstream-transports): a WebSocket turn
+//! whose request is larger than its account's WebSocket takes goes as `POST /responses` (SSE),
+//! and the client sees a normal turn — the WebSocket mode's events on its lane, one row,
+//! billed, `upstream_transport = 'http'`; the same session's small turns stay on the socket.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use common::stack::{Stack, StackOptions, block};
+use common::ws::Client;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A relay whose clients may send 32 MiB frames, before a sim whose WebSocket takes 16 MiB
+/// (and whose HTTP takes more), with the account's frame limit given (`None`: the default).
+fn stack(account_frame_max: Option<usize>, sim_args: &[&str]) -> Stack {
+    stack_on(TestDb::sqlite(), account_frame_max, sim_args)
+}
+
+fn stack_on(db: TestDb, account_frame_max: Option<usize>, sim_args: &[&str]) -> Stack {
+    let extra = account_frame_max
+        .map(|n| format!("frame_max_bytes = {n}"))
+        .unwrap_or_default();
+    Stack::start(
+        db,
+        StackOptions {
+            sim_args,
+            account_extra: &extra,
+            env: &[("TURNPIKE_LIMITS__CLIENT_FRAME_MAX_BYTES", "33554432")],
+            ..StackOptions::default()
+        },
+    )
+}
+
+fn create(lane: Option<&str>, input: &str, directive: &str) -> Value {
+    let mut v = json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": input, "metadata": {"sim": directive}});
+    if let Some(l) = lane {
+        v["stream_id"] = json!(l);
+    }
+    v
+}
+
+/// The sim's HTTP requests (path, body).
+fn http_requests(s: &Stack) -> Vec<Value> {
+    common::http_get(&s.sim_addr, "/sim/http")
+        .1
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The text frames the sim received on its WebSockets.
+fn ws_frames_in(s: &Stack) -> Vec<String> {
+    let conns = s.sim_connections();
+    conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["frames"].as_array().cloned().unwrap_or_default())
+        .filter(|f| f["dir"] == "in" && f["text"].as_str().is_some_and(|t| t.starts_with('{')))
+        .map(|f| f["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_101_advertises_the_largest_message_the_relay_takes() {
+    let s = stack(None, &[]);
+    let c = s.client();
+    assert_eq!(
+        c.handshake_header("x-codex-websocket-max-message-bytes"),
+        Some("33554432")
+    );
+    s.finish();
+}
+
+#[test]
+fn a_17_mib_turn_goes_over_http_on_its_lane_and_is_billed_once() {
+    for db in block(TestDb::all()) {
+        a_17_mib_turn_on(stack_on(db, None, &[]));
+    }
+}
+
+fn a_17_mib_turn_on(s: Stack) {
+    let mut c = s.client();
+    let big = "x".repeat(17 * 1024 * 1024);
+    c.send(&create(Some("big"), &big, "deltas=5"));
+    drop(big);
+    let events = c.until_terminal(T);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.completed", "{last}");
+    // The WebSocket mode's events, every one on the client's lane.
+    assert!(events.iter().all(|e| e["stream_id"] == "big"), "{events:?}");
+    let deltas = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .count();
+    assert_eq!(deltas, 5);
+    assert_eq!(events[0]["type"], "response.created");
+
+    // A small turn of the same session (another lane) rides the WebSocket.
+    c.send(&create(None, "small", "deltas=2"));
+    let small = c.until_terminal(T);
+    assert_eq!(small.last().unwrap()["type"], "response.completed");
+    assert!(small.iter().all(|e| e.get("stream_id").is_none()));
+
+    let http = http_requests(&s);
+    assert_eq!(http.len(), 1, "one HTTP request: the big turn");
+    let body: Value = serde_json::from_str(http[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["stream"], true);
+    assert!(body.get("type").is_none() && body.get("stream_id").is_none());
+    assert_eq!(body["input"].as_str().unwrap().len(), 17 * 1024 * 1024);
+    // The small turn's frame went over the socket; the big one never did.
+    let frames = ws_frames_in(&s);
+    assert_eq!(frames.len(), 1, "{}", frames.len());
+    assert!(frames[0].contains("\"small\""));
+
+    let rows = s.rows(2);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].upstream_transport, "http");
+    assert_eq!(rows[0].transport, "ws");
+    assert_eq!(rows[0].status, "completed");
+    assert_eq!(rows[0].usage_source, "reported");
+    assert!(rows[0].input_tokens > 4_000_000, "{}", rows[0].input_tokens);
+    assert!(rows[0].cost_nanousd > 0);
+    assert_eq!(
+        rows[0].response_id.as_deref(),
+        last["response"]["id"].as_str()
+    );
+    // Timing of the HTTP leg, in order.
+    let (fe, ft, d) = (
+        rows[0].first_event_ms.unwrap(),
+        rows[0].first_token_ms.unwrap(),
+        rows[0].duration_ms,
+    );
+    assert!(rows[0].upstream_wait_ms.unwrap() <= fe && fe <= ft && ft < d);
+    assert_eq!(rows[1].upstream_transport, "ws");
+    assert_eq!(rows[1].status, "completed");
+    s.finish();
+}
+
+#[test]
+fn an_http_leg_cut_mid_response_ends_the_turn_lost_and_billed() {
+    // A 1 KiB account limit: every turn of any size goes over HTTP.
+    let s = stack(Some(1024), &[]);
+    let mut c = s.client();
+    let input = "y".repeat(4096);
+    c.send(&create(
+        None,
+        &input,
+        "deltas=6 delta_delay_ms=50 drop after=7",
+    ));
+    let events = c.until_terminal(T);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "error", "{events:?} {:?}", s.problems());
+    assert_eq!(
+        last["error"]["code"],
+        "upstream_connection_lost",
+        "{events:?} {:?}",
+        s.problems()
+    );
+    // Cut mid-response: the client had its first events, then the error.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response.output_text.delta"),
+        "{events:?}"
+    );
+    let rows = s.rows(1);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].upstream_transport, "http");
+    assert_eq!(
+        rows[0].error_code.as_deref(),
+        Some("upstream_connection_lost")
+    );
+    // Reached the upstream: never billed zero.
+    assert!(rows[0].input_tokens >= 1000, "{}", rows[0].input_tokens);
+    assert!(rows[0].cost_nanousd > 0);
+    // The session goes on: the next turn completes.
+    c.send(&create(None, &input, "deltas=1"));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    s.finish();
+}
+
+#[test]
+fn an_http_legs_request_errors_reach_the_client_as_websocket_errors() {
+    let s = stack(Some(1024), &[]);
+    let mut c = s.client();
+    let input = "z".repeat(4096);
+    // A request-level refusal (400): the upstream's words, wrapped as the WebSocket mode does.
+    c.send(&create(
+        Some("l1"),
+        &input,
+        "error=context_length_exceeded status=400",
+    ));
+    let e = c.next_event(T);
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["status"], 400);
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    assert_eq!(e["stream_id"], "l1");
+    // An account-level refusal (429) with no other account: nothing served, nothing billed.
+    c.send(&create(
+        Some("l1"),
+        &input,
+        "error=rate_limit_exceeded status=429",
+    ));
+    let e = c.next_event(T);
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["status"], 429);
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(e["stream_id"], "l1");
+    let rows = s.rows(2);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[0].error_code.as_deref(),
+        Some("context_length_exceeded")
+    );
+    assert!(rows[0].input_tokens > 0, "a 400 reached the upstream");
+    assert_eq!(rows[1].error_code.as_deref(), Some("upstream_unavailable"));
+    assert_eq!(rows[1].cost_nanousd, 0, "a 429 served nothing");
+    s.finish();
+}
+
+#[test]
+fn a_cancel_or_a_steer_during_an_http_leg() {
+    let s = stack(Some(1024), &[]);
+    let mut c = s.client();
+    let input = "w".repeat(4096);
+    c.send(&create(None, &input, "deltas=50 delta_delay_ms=100"));
+    let first = c.next_event(T);
+    assert_eq!(first["type"], "response.created");
+    let id = first["response"]["id"].as_str().unwrap().to_string();
+    // A steer cannot ride HTTP: refused, its input handed back.
+    c.send(&json!({"type": "response.steer", "input": "left", "previous_response_id": id}));
+    let steer = loop {
+        let e = c.next_event(T);
+        if e["type"] == "response.steer.failed" || common::ws::is_terminal(&e) {
+            break e;
+        }
+    };
+    assert_eq!(steer["type"], "response.steer.failed", "{steer}");
+    assert_eq!(steer["steer"]["input"], "left");
+    c.send(&json!({"type": "response.cancel", "response_id": id}));
+    let end = c.until_terminal(T);
+    let last = end.last().unwrap();
+    assert_eq!(last["type"], "response.cancelled", "{last}");
+    assert_eq!(last["response"]["id"], id.as_str());
+    let rows = s.rows(1);
+    assert_eq!(rows[0].status, "cancelled");
+    assert!(rows[0].input_tokens > 0);
+    // The upstream saw its client leave (the leg was dropped).
+    let deadline = std::time::Instant::now() + T;
+    while s.sim_stats()["http_abandoned"] != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.sim_stats()["http_abandoned"], 1, "{}", s.sim_stats());
+    s.finish();
+}
+
+/// Steady clients beside a big turn: the big turn's HTTP leg does not hold the others' lanes.
+#[test]
+fn lanes_on_the_socket_run_beside_an_http_leg() {
+    let s = stack(Some(8192), &[]);
+    let mut c: Client = s.client();
+    let big = "b".repeat(16 * 1024);
+    c.send(&create(Some("big"), &big, "deltas=20 delta_delay_ms=50"));
+    c.send(&create(Some("small"), "s", "deltas=2"));
+    let mut ended = Vec::new();
+    while ended.len() < 2 {
+        let e = c.next_event(T);
+        if common::ws::is_terminal(&e) {
+            assert_eq!(e["type"], "response.completed", "{e}");
+            ended.push(e["stream_id"].as_str().unwrap().to_string());
+        }
+    }
+    // The small lane on the socket finished while the big one still streamed over HTTP.
+    assert_eq!(ended, ["small", "big"]);
+    let rows = s.rows(2);
+    let mut by_lane: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| (r.upstream_transport.clone(), r.output_tokens))
+        .collect();
+    by_lane.sort();
+    assert_eq!(by_lane.len(), 2);
+    assert_eq!(by_lane[0].0, "http");
+    assert_eq!(by_lane[1].0, "ws");
+    s.finish();
+}
