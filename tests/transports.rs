@@ -293,3 +293,32 @@ fn lanes_on_the_socket_run_beside_an_http_leg() {
     assert_eq!(by_lane[1].0, "ws");
     s.finish();
 }
+
+#[test]
+fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
+    let s = stack(None, &["--http-only"]);
+    let mut c = s.client();
+    for (i, lane) in [None, Some("b"), None].into_iter().enumerate() {
+        c.send(&create(lane, &format!("turn {i}"), "deltas=3"));
+        let events = c.until_terminal(T);
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "response.completed", "{events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| e.get("stream_id").map(|v| v.as_str()) == lane.map(Some))
+        );
+    }
+    // One handshake refused, then no more dials: every turn went over HTTP.
+    let stats = s.sim_stats();
+    assert_eq!(stats["rejected"], 1, "{stats}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
+    assert_eq!(http_requests(&s).len(), 3);
+    let rows = s.rows(3);
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r.upstream_transport == "http" && r.status == "completed")
+    );
+    s.finish();
+}

@@ -550,6 +550,9 @@ impl Handler<Acquire> for ContextPool {
         if self.shutting_down {
             return Box::pin(async { Err(LeaseError::ShuttingDown) });
         }
+        if self.health.http_only() {
+            return Box::pin(async { Err(LeaseError::WebSocketRefused) });
+        }
         self.waiters.push_back(Waiter {
             deadline: deadline_after(
                 Instant::now(),
@@ -595,6 +598,22 @@ impl Handler<ConnStatus> for ContextPool {
                     e.state = State::Idle {
                         since: Instant::now(),
                     };
+                }
+            }
+            ConnStatus::DialFailed {
+                conn,
+                error,
+                status: Some(426),
+                ..
+            } => {
+                // Not a failure of the account: it speaks HTTP only. Every waiter goes there.
+                if self.health.refuse_websocket() {
+                    warn!(account = %self.account, error = %error,
+                        "upstream refuses the WebSocket mode (426): this account's turns go over HTTP");
+                }
+                self.conns.remove(&conn);
+                for w in self.waiters.drain(..) {
+                    let _ = w.reply.send(Err(LeaseError::WebSocketRefused));
                 }
             }
             ConnStatus::DialFailed {
@@ -683,6 +702,7 @@ impl Handler<PoolStats> for ContextPool {
             since: view.since,
             next_probe_ms: view.next_probe_ms,
             last_error: self.health.last_error(),
+            http_only: view.http_only,
             ..PoolSnapshot::default()
         };
         for e in self.conns.values() {

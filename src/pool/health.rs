@@ -6,6 +6,7 @@
 //! and HTTP requests (which choose accounts and see in-band refusals); the rules are pure.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
@@ -84,6 +85,9 @@ pub struct View {
     pub since: Option<NaiveDateTime>,
     /// Milliseconds until the next probe may dial (cooling, or disabled and probed).
     pub next_probe_ms: Option<u64>,
+    /// The upstream answered a WebSocket handshake 426: its turns go over HTTP
+    /// (docs/DESIGN.md#upstream-transports).
+    pub http_only: bool,
 }
 
 /// One account's health.
@@ -91,6 +95,8 @@ pub struct View {
 pub struct Health {
     state: Mutex<State>,
     on_refused: OnRefusedCredential,
+    /// Set once by a 426 to a handshake: no more dials (docs/DESIGN.md#upstream-transports).
+    http_only: AtomicBool,
 }
 
 impl Health {
@@ -98,7 +104,19 @@ impl Health {
         Self {
             state: Mutex::default(),
             on_refused,
+            http_only: AtomicBool::new(false),
         }
+    }
+
+    /// The upstream refused the WebSocket mode (426): from now on the account is reached over
+    /// HTTP only. Returns whether this is news (the one moment worth a log line).
+    pub fn refuse_websocket(&self) -> bool {
+        !self.http_only.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether the account's turns go over HTTP (its upstream answered a handshake 426).
+    pub fn http_only(&self) -> bool {
+        self.http_only.load(Ordering::Relaxed)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -211,6 +229,7 @@ impl Health {
             failures_total: s.failures_total,
             since: s.since,
             next_probe_ms: next,
+            http_only: self.http_only(),
         }
     }
 }

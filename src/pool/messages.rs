@@ -40,6 +40,9 @@ pub enum LeaseError {
     ShuttingDown,
     #[error("the account is cooling down after failed dials")]
     Cooling,
+    /// The upstream answered the handshake 426: the account takes turns over HTTP only.
+    #[error("the upstream refuses the WebSocket mode (426)")]
+    WebSocketRefused,
 }
 
 /// Where a session runs. A connection dialled for it runs there too, and an idle one already
@@ -132,6 +135,8 @@ pub struct PoolSnapshot {
     pub next_probe_ms: Option<u64>,
     /// The last dial error (the upstream's status and words, no secrets).
     pub last_error: Option<String>,
+    /// The upstream answered a handshake 426: turns go over HTTP (docs/DESIGN.md#upstream-transports).
+    pub http_only: bool,
 }
 
 #[derive(Debug, Message)]

@@ -609,12 +609,19 @@ impl SessionActor {
             .collect();
         if matches!(err, LeaseError::Timeout) {
             self.up.failures += 1;
-        } else if !matches!(err, LeaseError::DialFailed(_) | LeaseError::Cooling) {
+        } else if !matches!(
+            err,
+            LeaseError::DialFailed(_) | LeaseError::Cooling | LeaseError::WebSocketRefused
+        ) {
             // The detail (upstream URL, host) is for the operator's log only.
             warn!(parent: &self.span, error = %err, "no upstream connection for the turn");
         }
         for index in waiting {
             match &err {
+                // The account turned out to be HTTP only: its turns go there now.
+                LeaseError::WebSocketRefused if self.needs_http(index, account) => {
+                    self.send_over_http(index, ctx);
+                }
                 LeaseError::Timeout => {
                     let e = self.turn_error(
                         index,

@@ -416,6 +416,7 @@ async fn upgrade(
         return Ok(refused);
     }
     if shared.config.http_only {
+        shared.registry().rejected += 1;
         return Ok(error_response(
             426,
             Some("upgrade_required"),

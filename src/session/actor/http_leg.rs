@@ -41,17 +41,19 @@ impl Turn {
 }
 
 impl SessionActor {
-    /// The largest request frame `account`'s WebSocket takes.
+    /// The largest request frame `account`'s WebSocket takes (0: it has none, its upstream
+    /// answered a handshake 426).
     pub(super) fn frame_max_of(&self, account: &str) -> usize {
-        self.deps
-            .accounts
-            .iter()
-            .find(|a| a.name == account)
-            .map_or(usize::MAX, |a| a.frame_max)
+        match self.deps.accounts.iter().find(|a| a.name == account) {
+            Some(a) if a.health.http_only() => 0,
+            Some(a) => a.frame_max,
+            None => usize::MAX,
+        }
     }
 
     /// Whether turn `index` goes over HTTP on `account`: its request is larger than the
-    /// account's WebSocket takes. Decided at each send (a failover may change the account).
+    /// account's WebSocket takes, or the account has no WebSocket mode. Decided at each send
+    /// (a failover may change the account).
     pub(super) fn needs_http(&mut self, index: i32, account: &str) -> bool {
         let max = self.frame_max_of(account);
         let Some(turn) = self.at_mut(index) else {
