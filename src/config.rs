@@ -246,6 +246,20 @@ pub struct UpstreamSettings {
     /// How long that proof may take; no pong in time → the connection is dropped and the turn
     /// goes to a fresh one.
     pub probe_timeout_ms: u64,
+    /// How the HTTP surface's `POST /responses` turns reach the upstream
+    /// (docs/DESIGN.md#upstream-transports).
+    pub http_transport: HttpTransport,
+}
+
+/// How an HTTP client's turn reaches the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpTransport {
+    /// On a leased upstream WebSocket of the pool, where the account has one and the request
+    /// fits its frame limit; else over HTTP.
+    Ws,
+    /// Always as an HTTP request of its own.
+    Http,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -323,6 +337,7 @@ impl Default for UpstreamSettings {
             first_event_timeout_ms: 10_000,
             probe_idle_ms: 10_000,
             probe_timeout_ms: 1_000,
+            http_transport: HttpTransport::Ws,
         }
     }
 }

@@ -320,10 +320,12 @@ fn a_refused_handshakes_retry_after_sets_the_cooldown() {
 /// metrics) and enable it again; all accounts out → `upstream_unavailable` naming the wait.
 #[test]
 fn a_refused_credential_disables_the_account() {
-    // The second account is the backup (priority 1): the first is tried first.
+    // The second account is the backup (priority 1): the first is tried first. HTTP requests
+    // go upstream over HTTP: the sim refuses new requests and handshakes of a key, not frames
+    // on a socket it already opened (where the last part's request would be served).
     let (s, admin) = common::admin::start(
         TestDb::sqlite(),
-        &[],
+        &[("TURNPIKE_UPSTREAM__HTTP_TRANSPORT", "http")],
         StackOptions {
             account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-2\"\npriority = 1\n",
             ..StackOptions::default()

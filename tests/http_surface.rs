@@ -2,7 +2,7 @@
 //! `/v1/responses/compact` are turns like WebSocket turns — relayed as they arrive, billed from
 //! the upstream's usage token for token, one row each (`transport = 'http'`), estimated when
 //! the stream is cut, `client_gone` with input billed when the client leaves, never a 200
-//! without a durable record.
+//! without a durable record — here with the turns sent upstream over HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test]: a panic is a failed test
 
 mod common;
@@ -21,6 +21,14 @@ fn req(extra: Value) -> Value {
         body[k] = v.clone();
     }
     body
+}
+
+/// A stack whose HTTP clients' turns go upstream over HTTP (`upstream.http_transport = "http"`):
+/// this file tests that path; tests/transports.rs runs them on an upstream WebSocket.
+fn start(db: TestDb, opts: StackOptions<'_>) -> Stack {
+    let mut env = vec![("TURNPIKE_UPSTREAM__HTTP_TRANSPORT", "http")];
+    env.extend_from_slice(opts.env);
+    Stack::start(db, StackOptions { env: &env, ..opts })
 }
 
 fn sim(directive: &str) -> Value {
@@ -49,7 +57,7 @@ fn assert_billed_as_reported(row: &UsageRow, usage: &Value) {
 fn sse_is_relayed_as_it_arrives_and_billed() {
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let s = Stack::start(db, StackOptions::default());
+        let s = start(db, StackOptions::default());
         let mut c = Conn::open(&s.addr);
         let head = c.post(
             "/v1/responses",
@@ -128,7 +136,7 @@ fn sse_is_relayed_as_it_arrives_and_billed() {
 fn json_and_compact_are_billed() {
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let s = Stack::start(db, StackOptions::default());
+        let s = start(db, StackOptions::default());
         let (code, body) = post_json(
             &s.addr,
             "/v1/responses",
@@ -170,7 +178,7 @@ fn json_and_compact_are_billed() {
 fn a_cut_stream_is_billed_estimated_and_told() {
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let s = Stack::start(db, StackOptions::default());
+        let s = start(db, StackOptions::default());
         let mut c = Conn::open(&s.addr);
         let head = c.post("/v1/responses", &s.key, &req(json!({"stream": true, "metadata": {"sim": "deltas=8 delta_delay_ms=50 drop after=6"}})));
         assert_eq!(head.status, 200);
@@ -205,7 +213,7 @@ fn a_cut_stream_is_billed_estimated_and_told() {
 fn a_client_leaving_mid_stream_cancels_the_upstream_request() {
     for db in block(TestDb::all()) {
         let backend = db.backend;
-        let s = Stack::start(db, StackOptions::default());
+        let s = start(db, StackOptions::default());
         let mut c = Conn::open(&s.addr);
         let head = c.post(
             "/v1/responses",
@@ -244,7 +252,7 @@ fn a_client_leaving_mid_stream_cancels_the_upstream_request() {
 /// upstream.
 #[test]
 fn quota_refused_before_the_upstream() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             key: turnpike::auth::KeyRequest {
@@ -279,7 +287,7 @@ fn quota_refused_before_the_upstream() {
 /// Requests the relay refuses itself: the JSON error shape with the table's status.
 #[test]
 fn refusals_have_the_json_error_shape() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             env: &[("TURNPIKE_LIMITS__HTTP_BODY_MAX_BYTES", "4096")],
@@ -350,7 +358,7 @@ fn refusals_have_the_json_error_shape() {
 /// open no more upstream connections than the account has turn slots.
 #[test]
 fn upstream_connections_are_kept_alive() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             max_conns: 2,
@@ -386,7 +394,7 @@ fn upstream_connections_are_kept_alive() {
 /// nothing is billed.
 #[test]
 fn rate_limited_accounts_fail_over() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             account_extra: "\n[[accounts]]\nname = \"second\"\nbase_url = \"http://SIM_ADDR/v1\"\napi_key = \"sk-second\"\n",
@@ -405,7 +413,7 @@ fn rate_limited_accounts_fail_over() {
     assert_eq!(s.sim_stats()["http_requests"], 2, "one refused, one served");
     s.finish();
 
-    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let s = start(TestDb::sqlite(), StackOptions::default());
     let (code, body) = post_json(
         &s.addr,
         "/v1/responses",
@@ -427,7 +435,7 @@ fn rate_limited_accounts_fail_over() {
 /// with an SSE error, billed estimated (the request reached the upstream).
 #[test]
 fn a_silent_upstream_times_out() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             env: &[("TURNPIKE_UPSTREAM__FIRST_EVENT_TIMEOUT_MS", "600")],
@@ -559,7 +567,7 @@ fn requests_in_flight_are_visible() {
 /// before the process exits.
 #[test]
 fn sigterm_ends_http_streams_after_the_grace() {
-    let mut s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut s = start(TestDb::sqlite(), StackOptions::default());
     let start = |directive: &str| {
         let (addr, key) = (s.addr.clone(), s.key.clone());
         let body = req(json!({"stream": true, "metadata": {"sim": directive}}));
@@ -599,7 +607,7 @@ fn sigterm_ends_http_streams_after_the_grace() {
 /// runs, an HTTP request of a key limited to one turn gets 429 `concurrency_limit_exceeded`.
 #[test]
 fn http_and_websocket_turns_share_the_keys_turn_limit() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             key: turnpike::auth::KeyRequest {
@@ -632,7 +640,7 @@ fn http_and_websocket_turns_share_the_keys_turn_limit() {
 /// the turn ends (`client_too_slow`, billed) and the upstream request is cancelled.
 #[test]
 fn a_client_that_stops_reading_is_bounded() {
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             env: &[
@@ -694,7 +702,7 @@ fn an_answer_that_is_neither_sse_nor_json_is_a_protocol_error() {
     let extra = format!(
         "priority = 1\n\n[[accounts]]\nname = \"html\"\nbase_url = \"http://{addr}/v1\"\napi_key = \"sk-h\"\n"
     );
-    let s = Stack::start(
+    let s = start(
         TestDb::sqlite(),
         StackOptions {
             account_extra: Box::leak(extra.into_boxed_str()),

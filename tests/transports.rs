@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
+use common::post::{Conn, post_json};
 use common::stack::{Stack, StackOptions, block};
 use common::ws::Client;
 use serde_json::{Value, json};
@@ -319,6 +320,212 @@ fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
     assert!(
         rows.iter()
             .all(|r| r.upstream_transport == "http" && r.status == "completed")
+    );
+    s.finish();
+}
+
+// ---- HTTP clients on upstream WebSockets (`upstream.http_transport = "ws"`, the default) ----
+
+fn http_req(extra: Value) -> Value {
+    let mut body = json!({"model": "gpt-test", "store": false, "input": "hello over http",
+        "prompt_cache_options": {"ttl": "12h"}, "client_metadata": {"x": "y"}});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// Streamed and JSON requests of one client ride one warm upstream WebSocket: the SSE events
+/// are the upstream's events, the JSON answer its response object, every row billed as reported
+/// with `upstream_transport = 'ws'`, and the upstream saw the body's fields byte for byte.
+#[test]
+fn http_clients_turns_run_on_a_pooled_upstream_websocket() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = stack_on(db, None, &[]);
+        let mut c = Conn::open(&s.addr);
+        let body =
+            http_req(json!({"stream": true, "metadata": {"sim": "deltas=4 delta_delay_ms=50"}}));
+        let head = c.post("/v1/responses", &s.key, &body);
+        assert_eq!(head.status, 200, "{backend}");
+        assert!(
+            head.header("content-type")
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let events = c.events();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e.data["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds.first(), Some(&"response.created"), "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&"response.completed"), "{kinds:?}");
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == "response.output_text.delta")
+                .count(),
+            4
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.event.as_deref() == e.data["type"].as_str())
+        );
+        let terminal = events.last().unwrap().data.clone();
+        // Then a JSON request on the same client connection.
+        let head = c.post("/v1/responses", &s.key, &http_req(json!({})));
+        assert_eq!(head.status, 200);
+        let json_answer = c.json(&head);
+        assert_eq!(json_answer["status"], "completed", "{json_answer}");
+        assert_eq!(json_answer["object"], "response");
+
+        // Both on one upstream WebSocket, none over HTTP.
+        assert_eq!(http_requests(&s).len(), 0, "{backend}");
+        let frames = ws_frames_in(&s);
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(s.sim_stats()["accepted"], 1, "one warm socket for both");
+        let sent: Value = serde_json::from_str(&frames[0]).unwrap();
+        assert_eq!(sent["type"], "response.create");
+        assert!(sent.get("stream").is_none());
+        assert_eq!(sent["prompt_cache_options"], json!({"ttl": "12h"}));
+        assert_eq!(sent["client_metadata"], json!({"x": "y"}));
+
+        let rows = s.rows(2);
+        assert_eq!(rows.len(), 2);
+        for r in &rows {
+            assert_eq!(
+                (
+                    r.transport.as_str(),
+                    r.upstream_transport.as_str(),
+                    r.status.as_str()
+                ),
+                ("http", "ws", "completed"),
+                "{backend}: {r:?}"
+            );
+            assert_eq!(r.usage_source, "reported");
+            assert!(r.cost_nanousd > 0);
+        }
+        let usage = &terminal["response"]["usage"];
+        assert_eq!(
+            rows[0].input_tokens,
+            usage["input_tokens"].as_i64().unwrap()
+        );
+        assert_eq!(
+            rows[0].output_tokens,
+            usage["output_tokens"].as_i64().unwrap()
+        );
+        assert_eq!(rows[1].response_id.as_deref(), json_answer["id"].as_str());
+        let r = &rows[0];
+        let (fe, ft) = (r.first_event_ms.unwrap(), r.first_token_ms.unwrap());
+        assert!(
+            r.upstream_wait_ms.unwrap() <= fe && fe <= ft && ft < r.duration_ms,
+            "{r:?}"
+        );
+        s.finish();
+    }
+}
+
+/// Errors over the socket answer as the upstream's HTTP side would: a request's 400 with its
+/// status and JSON error; an account's 429 goes to the HTTP path (whose failover and answer
+/// are the HTTP surface's), nothing billed.
+#[test]
+fn http_clients_errors_over_the_socket() {
+    let s = stack(None, &[]);
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &http_req(json!({"metadata": {"sim": "error=context_length_exceeded status=400"}})),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &http_req(json!({"metadata": {"sim": "error=rate_limit_exceeded status=429"}})),
+    );
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // The 429 was tried on the socket, then over HTTP.
+    assert_eq!(http_requests(&s).len(), 1);
+    let rows = s.rows(2);
+    assert_eq!(
+        rows[0].error_code.as_deref(),
+        Some("context_length_exceeded")
+    );
+    assert_eq!(rows[0].upstream_transport, "ws");
+    assert!(rows[0].input_tokens > 0);
+    assert_eq!(
+        (rows[1].status.as_str(), rows[1].cost_nanousd),
+        ("rejected", 0)
+    );
+    s.finish();
+}
+
+/// A streaming client that leaves mid-response: the response is cancelled on the socket (the
+/// upstream reads `response.cancel`), the row is `client_gone` with its input billed, and the
+/// connection is not lent again.
+#[test]
+fn an_http_client_leaving_mid_stream_cancels_the_response_on_the_socket() {
+    let s = stack(None, &[]);
+    let mut c = Conn::open(&s.addr);
+    let head = c.post(
+        "/v1/responses",
+        &s.key,
+        &http_req(json!({"stream": true, "metadata": {"sim": "deltas=100 delta_delay_ms=50"}})),
+    );
+    assert_eq!(head.status, 200);
+    let seen = c.events_until(|e| e.data["type"] == "response.output_text.delta");
+    assert!(!seen.is_empty());
+    drop(c);
+    let r = &s.rows(1)[0];
+    assert_eq!(
+        (r.status.as_str(), r.usage_source.as_str()),
+        ("client_gone", "estimated"),
+        "{r:?}"
+    );
+    assert!(r.input_tokens > 0 && r.cost_nanousd > 0, "{r:?}");
+    let deadline = std::time::Instant::now() + T;
+    while !ws_frames_in(&s)
+        .iter()
+        .any(|f| f.contains("response.cancel"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ws_frames_in(&s)
+            .iter()
+            .any(|f| f.contains("response.cancel"))
+    );
+    // The next request gets a fresh socket: the old one may still carry the response.
+    let (code, _) = post_json(&s.addr, "/v1/responses", &s.key, &http_req(json!({})));
+    assert_eq!(code, 200);
+    assert_eq!(s.sim_stats()["accepted"], 2);
+    s.finish();
+}
+
+/// A socket lost before anything of the response came: the request goes over HTTP, once, and
+/// the client sees one normal answer and one row.
+#[test]
+fn an_http_clients_turn_whose_socket_is_lost_first_goes_over_http() {
+    let s = stack(None, &[]);
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &http_req(json!({"metadata": {"sim": "close=1011 after=0 once"}})),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(http_requests(&s).len(), 1);
+    let rows = s.rows(1);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].upstream_transport.as_str()),
+        ("completed", "http")
     );
     s.finish();
 }

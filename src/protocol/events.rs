@@ -257,6 +257,46 @@ pub fn http_error_event(status: u16, body: &[u8], lane: Option<&str>) -> String 
     with_lane(&event.to_string(), lane)
 }
 
+/// A WebSocket-mode event as an SSE event of the HTTP surface (docs/DESIGN.md#upstream-transports):
+/// its bytes as `data`, its `type` as `event`. A wrapped `error` event gets the Responses
+/// stream's own fields (`code`, `message`, `param`) beside its `error` object, as the relay's
+/// own SSE errors have.
+pub fn sse_of_ws(text: &str) -> bytes::Bytes {
+    let kind = event_type(text).unwrap_or_default();
+    if kind == "error" {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        if let Some(error) = v.get("error").cloned() {
+            for key in ["code", "message", "param"] {
+                v[key] = error.get(key).cloned().unwrap_or_default();
+            }
+            return super::sse::event(&kind, &v.to_string());
+        }
+    }
+    super::sse::event(&kind, text)
+}
+
+/// A wrapped `error` event as the HTTP answer the upstream's HTTP side gives: its `status`
+/// (500 when it has none) and `{"error": {…}}`.
+pub fn http_error_of_ws(text: &str) -> (u16, bytes::Bytes) {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let status = v
+        .get("status")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|s| u16::try_from(s).ok())
+        .filter(|s| (400..600).contains(s))
+        .unwrap_or(500);
+    let error = v.get("error").cloned().unwrap_or_default();
+    let body = serde_json::json!({ "error": error }).to_string();
+    (status, bytes::Bytes::from(body))
+}
+
+/// A terminal event's `response` object: the JSON answer of a request that did not stream.
+pub fn response_of_terminal(text: &str) -> Option<bytes::Bytes> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let response = v.get("response").filter(|r| r.is_object())?;
+    Some(bytes::Bytes::from(response.to_string()))
+}
+
 /// `text` (a JSON object) with `"stream_id": lane` as its last field; unchanged without a lane.
 fn with_lane(text: &str, lane: Option<&str>) -> String {
     let (Some(lane), Some(end)) = (lane, text.rfind('}')) else {
@@ -464,5 +504,35 @@ mod tests {
             serde_json::from_str(&http_error_event(502, b"bad gateway", None)).unwrap();
         assert_eq!(v["error"]["type"], "server_error");
         assert_eq!(v["error"]["message"], "bad gateway");
+    }
+
+    #[test]
+    fn websocket_events_as_the_http_surface_answers_them() {
+        let delta = r#"{"type":"response.output_text.delta","delta":"hi"}"#;
+        assert_eq!(
+            &sse_of_ws(delta)[..],
+            format!("event: response.output_text.delta\ndata: {delta}\n\n").as_bytes()
+        );
+        let err = r#"{"type":"error","status":429,"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"slow down","param":null}}"#;
+        let sse = String::from_utf8(sse_of_ws(err).to_vec()).unwrap();
+        assert!(sse.starts_with("event: error\ndata: "), "{sse}");
+        let data: serde_json::Value =
+            serde_json::from_str(sse.trim_end().trim_start_matches("event: error\ndata: "))
+                .unwrap();
+        assert_eq!(data["code"], "rate_limit_exceeded");
+        assert_eq!(data["message"], "slow down");
+        assert_eq!(data["status"], 429);
+        let (status, body) = http_error_of_ws(err);
+        assert_eq!(status, 429);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(http_error_of_ws(r#"{"type":"error","error":{}}"#).0, 500);
+        let done =
+            r#"{"type":"response.completed","response":{"id":"resp_1","status":"completed"}}"#;
+        assert_eq!(
+            &response_of_terminal(done).unwrap()[..],
+            br#"{"id":"resp_1","status":"completed"}"#
+        );
+        assert_eq!(response_of_terminal(delta), None);
     }
 }

@@ -186,6 +186,24 @@ pub fn with_model(raw: &str, model: &str) -> String {
     }
 }
 
+/// A `POST /responses` body as the WebSocket mode's `response.create` frame
+/// (docs/DESIGN.md#upstream-transports): `type` first, without `stream` (the WebSocket mode
+/// always streams); every other field as the client sent it, in its order. `None` when `body`
+/// is not a JSON object.
+pub fn ws_frame(body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let mut frame = serde_json::Map::with_capacity(fields.len() + 1);
+    frame.insert("type".into(), Value::String("response.create".into()));
+    frame.extend(
+        fields
+            .into_iter()
+            .filter(|(k, _)| k != "stream" && k != "type"),
+    );
+    Some(Value::Object(frame).to_string())
+}
+
 /// A `response.create` frame as the body of `POST /responses` (docs/DESIGN.md#upstream-transports):
 /// without the WebSocket mode's `type` and `stream_id`, with `stream: true`; every other field
 /// as the client sent it, in its order. `None` when `raw` is not a JSON object.
@@ -211,6 +229,13 @@ mod tests {
             r#"{"model":"m","input":"hi","prompt_cache_options":{"ttl":"12h"},"stream":true}"#
         );
         assert_eq!(http_body("[1]"), None);
+        // And back: an HTTP body as a frame.
+        let body = br#"{"model":"m","stream":true,"input":"hi","client_metadata":{"a":"b"}}"#;
+        assert_eq!(
+            ws_frame(body).unwrap(),
+            r#"{"type":"response.create","model":"m","input":"hi","client_metadata":{"a":"b"}}"#
+        );
+        assert_eq!(ws_frame(b"[]"), None);
         assert_eq!(http_body("{}").unwrap(), r#"{"stream":true}"#);
     }
 

@@ -145,7 +145,12 @@ fn parse(b: &[u8], span: Range<usize>) -> Scanned {
 /// An SSE `error` event carrying the OpenAI error object (what a client reads after the
 /// stream started).
 pub fn error_event(body: &serde_json::Value) -> Bytes {
-    Bytes::from(format!("event: error\ndata: {body}\n\n"))
+    event(&"error", &body.to_string())
+}
+
+/// One SSE event: its `event` field and its one-line `data` (JSON has no raw newline).
+pub fn event(kind: &impl std::fmt::Display, data: &str) -> Bytes {
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ use crate::session::requests::{InFlight, RequestInfo};
 use crate::session::turn::{Ending, TurnTracker};
 use crate::upstream::http::{self as upstream, Endpoint, PostError};
 
+mod ws_leg;
+
 /// Bytes of an SSE body on their way to the client; the permit is its share of the client's
 /// send budget (`limits.client_send_buffer_bytes`), given back when the bytes leave for the
 /// socket.
@@ -113,6 +115,8 @@ pub(crate) struct Exchange {
     in_flight: InFlight,
     /// The upstream response whose last event came, its end still to read.
     rest: Option<awc::ClientResponse>,
+    /// The turn ran on a leased upstream WebSocket (docs/DESIGN.md#upstream-transports).
+    over_ws: bool,
     span: Span,
 }
 
@@ -181,6 +185,7 @@ impl Exchange {
             account: None,
             in_flight,
             rest: None,
+            over_ws: false,
             span,
         })
     }
@@ -321,7 +326,7 @@ impl Exchange {
     /// The account failed the turn before anything was relayed: it cools down, and the turn
     /// moves to the next account that can take it (`Ok`), or ends with `end` (`Err`).
     fn fail_over(&mut self, why: &Failure<'_>, end: End) -> Result<(), End> {
-        let Some(failed) = self.account.take().map(|s| s.account.clone()) else {
+        let Some(failed) = self.account.as_ref().map(|s| s.account.clone()) else {
             return Err(end);
         };
         if let Some(a) = self.deps.accounts.iter().find(|a| a.name == failed) {
@@ -331,13 +336,28 @@ impl Exchange {
                     "upstream account refusing requests; they go to other accounts while it cools down");
             }
         }
+        if self.next_account() {
+            Ok(())
+        } else {
+            Err(end)
+        }
+    }
+
+    /// The turn leaves its account (already known to be failing) for the next one that can
+    /// take it; `false`, keeping its account, when none can (or the turn is bound to it).
+    fn next_account(&mut self) -> bool {
+        let Some(held) = self.account.take() else {
+            return false;
+        };
+        let failed = held.account.clone();
         self.tried.push(failed.clone());
         if self.bound.is_some() || self.take_account().is_err() {
-            return Err(end);
+            self.account = Some(held);
+            return false;
         }
         info!(parent: &self.span, from = %failed, to = ?self.account.as_ref().map(|s| &s.account),
             "failover: the request moves to another account");
-        Ok(())
+        true
     }
 
     /// Resolves when the turn must end for a reason of its own: the client left (`client_gone`),
@@ -370,6 +390,9 @@ impl Exchange {
     /// The upstream part: the request (with failover while nothing was relayed), then the
     /// answer relayed.
     async fn exchange(&mut self, sink: &mut Sink) -> End {
+        if let Some(end) = self.over_websocket(sink).await {
+            return end;
+        }
         let settings = &self.deps.settings.upstream;
         let first_byte = Duration::from_millis(settings.first_event_timeout_ms);
         let body = Bytes::from(std::mem::take(&mut self.frame.raw));
@@ -669,7 +692,11 @@ impl Exchange {
                 Kind::Compact => crate::record::Origin::Compact,
             },
             transport: Transport::Http,
-            upstream_transport: Transport::Http,
+            upstream_transport: if self.over_ws {
+                Transport::Ws
+            } else {
+                Transport::Http
+            },
             span: &self.span,
         };
         let record = gate::record_of(&self.deps, &self.principal, who, outcome, account);

@@ -1,0 +1,258 @@
+//! An HTTP client's turn on a leased upstream WebSocket (docs/DESIGN.md#upstream-transports): the
+//! body goes as the WebSocket mode's `response.create` on a connection of the account's pool —
+//! warm, kept between turns, preferred by the client's session headers — and its events come back
+//! as SSE (or, for a request that does not stream, as the terminal's response object). Anything
+//! that keeps the request from the socket before an event was relayed hands the turn back to the
+//! HTTP path, once.
+
+use actix::prelude::*;
+
+use super::*;
+use tracing::debug;
+
+use crate::config::HttpTransport;
+use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Release};
+use crate::protocol::events::{self, TerminalKind};
+use crate::protocol::frames;
+use crate::upstream::messages::{SendText, UpstreamEvent};
+
+/// Receives the leased connection's events for the exchange (a task, not an actor).
+struct Lessee(mpsc::UnboundedSender<UpstreamEvent>);
+
+impl Actor for Lessee {
+    type Context = Context<Self>;
+}
+
+impl Handler<UpstreamEvent> for Lessee {
+    type Result = ();
+
+    fn handle(&mut self, msg: UpstreamEvent, ctx: &mut Context<Self>) {
+        if self.0.send(msg).is_err() {
+            ctx.stop();
+        }
+    }
+}
+
+/// The lease, given back when the turn is done with it: reusable only after the response ended.
+struct Held {
+    lease: Lease,
+    pool: Addr<crate::pool::ContextPool>,
+    _lessee: Addr<Lessee>,
+}
+
+impl Held {
+    fn release(self, reusable: bool) {
+        if !reusable {
+            // Whatever still runs on it stops with it.
+            self.lease
+                .addr
+                .do_send(SendText(r#"{"type":"response.cancel"}"#.into()));
+        }
+        self.pool.do_send(Release {
+            conn: self.lease.conn,
+            lease: self.lease.id,
+            reusable,
+        });
+    }
+}
+
+/// How the socket's part ended: the turn's end, or the HTTP path's turn.
+enum Outcome {
+    End(End),
+    /// Nothing of the response was relayed: the HTTP path takes the turn.
+    Fallback,
+}
+
+impl Exchange {
+    /// The turn on a leased upstream WebSocket, when the relay sends HTTP clients there and the
+    /// account has one that takes the request; `None` when the HTTP path is to take it.
+    pub(super) async fn over_websocket(&mut self, sink: &mut Sink) -> Option<End> {
+        let s = &self.deps.settings.upstream;
+        if s.http_transport != HttpTransport::Ws || self.kind != Kind::Responses {
+            return None;
+        }
+        let account = self.account.as_ref()?.account.clone();
+        let handle = self.deps.accounts.iter().find(|a| a.name == account)?;
+        // A background response outlives its request: HTTP only.
+        if handle.health.http_only() || self.frame.raw.contains("\"background\"") {
+            return None;
+        }
+        let frame = frames::ws_frame(self.frame.raw.as_bytes())?;
+        if frame.len() > handle.frame_max {
+            return None;
+        }
+        let pool = handle.pool.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let lessee = Lessee(tx).start();
+        let acquire = pool.send(Acquire {
+            headers: self.headers.clone(),
+            preferred: None,
+            lessee: lessee.clone().recipient(),
+            home: Some(Home::current()),
+            reclaim: None,
+        });
+        let lease = tokio::select! {
+            lease = acquire => lease,
+            end = self.interrupted(sink) => return Some(end),
+        };
+        let lease = match lease {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(LeaseError::DialFailed(_) | LeaseError::Cooling)) => {
+                // The pool counted the account's failure: the HTTP path goes to the next
+                // account, if there is one (else it asks this one, and relays its answer).
+                self.next_account();
+                return None;
+            }
+            // No connection in time, or no WebSocket at all (426): HTTP, on this account.
+            _ => return None,
+        };
+        let held = Held {
+            lease,
+            pool,
+            _lessee: lessee,
+        };
+        let conn = held.lease.conn;
+        // What the HTTP path starts from, should it take the turn.
+        let before = self.tracker.clone();
+        self.tracker.clock.written(Instant::now());
+        held.lease.addr.do_send(SendText(frame.into()));
+        debug!(parent: &self.span, conn, %account, "request written on an upstream WebSocket");
+        let (outcome, reusable) = self.relay_events(&mut rx, conn, sink).await;
+        held.release(reusable);
+        match outcome {
+            Outcome::End(end) => {
+                self.over_ws = true;
+                Some(end)
+            }
+            Outcome::Fallback => {
+                info!(parent: &self.span, "the upstream WebSocket gave nothing of the response; the request goes over HTTP");
+                self.tracker = before;
+                None
+            }
+        }
+    }
+
+    /// The response's events, relayed as they come; returns how it ended and whether the
+    /// connection may serve another turn.
+    async fn relay_events(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<UpstreamEvent>,
+        conn: u64,
+        sink: &mut Sink,
+    ) -> (Outcome, bool) {
+        let s = &self.deps.settings;
+        let first_event = Duration::from_millis(s.upstream.first_event_timeout_ms);
+        let idle = Duration::from_millis(s.upstream.read_timeout_ms);
+        let stall = Duration::from_millis(s.limits.client_stall_timeout_ms.max(1));
+        let budget = s.limits.client_send_buffer_bytes;
+        let streams = self.streams();
+        let mut relayed = false;
+        loop {
+            let wait = if self.tracker.events == 0 {
+                first_event
+            } else {
+                idle
+            };
+            let event = tokio::select! {
+                e = tokio::time::timeout(wait, rx.recv()) => e,
+                end = self.interrupted(sink) => return (Outcome::End(end), false),
+            };
+            // Nothing heard yet: the HTTP path may still take the turn.
+            let unheard = self.tracker.events == 0;
+            let text = match event {
+                Ok(Some(UpstreamEvent::Text { conn: c, text })) if c == conn => text,
+                Ok(Some(UpstreamEvent::Lost { conn: c, .. })) if c != conn => continue,
+                Ok(Some(UpstreamEvent::Text { .. })) => continue,
+                // Silent, or lost, before any event: the request goes over HTTP (once).
+                Ok(Some(UpstreamEvent::Lost { .. }) | None) | Err(_) if unheard => {
+                    return (Outcome::Fallback, false);
+                }
+                Ok(Some(UpstreamEvent::Lost { .. }) | None) | Err(_) => {
+                    warn!(parent: &self.span, "upstream WebSocket lost mid-response");
+                    let end = End::lost(
+                        ErrorCode::UpstreamConnectionLost,
+                        "the upstream connection was lost mid-response",
+                    );
+                    return (Outcome::End(end), false);
+                }
+            };
+            match self.tracker.observe(&text, Instant::now()).kind {
+                EventKind::Terminal(kind) => {
+                    return (Outcome::End(self.ended(kind, &text, streams)), true);
+                }
+                EventKind::Error => {
+                    let (status, body) = events::http_error_of_ws(&text);
+                    let code = serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .as_ref()
+                        .and_then(error_code);
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    // An error of the request leaves the connection usable; others may not.
+                    let reusable = status.is_client_error();
+                    if unheard && upstream::account_trouble(status) {
+                        // The account's trouble, not the request's: the HTTP path decides
+                        // (failover, or the upstream's own answer).
+                        return (Outcome::Fallback, reusable);
+                    }
+                    let last = if relayed {
+                        Last::Event(events::sse_of_ws(&text))
+                    } else {
+                        Last::Upstream {
+                            status,
+                            body,
+                            retry_after: None,
+                        }
+                    };
+                    return (
+                        Outcome::End(End(Ending::UpstreamError(code), last)),
+                        reusable,
+                    );
+                }
+                EventKind::Invalid => {
+                    let end = End::lost(
+                        ErrorCode::UpstreamProtocolError,
+                        "the upstream sent an event that is not a JSON object with a type",
+                    );
+                    return (Outcome::End(end), false);
+                }
+                _ if !streams => {}
+                _ => {
+                    if !relayed {
+                        if !sink.start_stream(budget) {
+                            return (Outcome::End(End::client_gone()), false);
+                        }
+                        relayed = true;
+                    }
+                    match sink.send(events::sse_of_ws(&text), stall).await {
+                        Sent::Yes => {}
+                        Sent::Gone => return (Outcome::End(End::client_gone()), false),
+                        Sent::Stalled => {
+                            let end = End(Ending::Aborted(ErrorCode::ClientTooSlow), Last::Nothing);
+                            return (Outcome::End(end), false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A terminal event: the stream's last event, or the response object of a request that
+    /// did not stream.
+    fn ended(&self, kind: TerminalKind, text: &str, streams: bool) -> End {
+        let last = match (streams, events::response_of_terminal(text)) {
+            (true, _) => Last::Event(events::sse_of_ws(text)),
+            (false, Some(body)) => Last::Upstream {
+                status: StatusCode::OK,
+                body,
+                retry_after: None,
+            },
+            (false, None) => {
+                return End::lost(
+                    ErrorCode::UpstreamProtocolError,
+                    "the upstream's terminal event carried no response",
+                );
+            }
+        };
+        End(Ending::Terminal(kind), last)
+    }
+}
