@@ -180,10 +180,17 @@ fi
 if [[ $ONLY == all || $ONLY == http ]] && [ "$WORKLOAD" = big ]; then
   # The HTTP surface beside the WebSocket mode, against the same upstream: one client, 300
   # streamed turns of 200 events one after another (HTTP: keep-alive POSTs; WebSocket: one socket).
+  # `turnpike` sends HTTP clients' turns on a pooled upstream WebSocket (the default);
+  # `turnpike-httpup` is the same build with upstream.http_transport = "http" (POSTs upstream).
+  TPH=$(free_port)
+  KEYH=$(bench_relay "$T" "$WORK/turnpike-httpup.toml" "$TPH" "sqlite://$WORK/bench-httpup.db" "$UP")
+  TURNPIKE_UPSTREAM__HTTP_TRANSPORT=http start_relay turnpike-httpup "$TPH"; TPH_PID=$RELAY_PID
   "$B" http "127.0.0.1:$TP" "$KEY" 20 20 >/dev/null
+  "$B" http "127.0.0.1:$TPH" "$KEYH" 20 20 >/dev/null
   for _ in $(seq 1 "$ROUNDS"); do
     rec http direct http "127.0.0.1:$UP" k 300 200
     rec http turnpike http "127.0.0.1:$TP" "$KEY" 300 200 "$TP_PID"
+    rec http turnpike-httpup http "127.0.0.1:$TPH" "$KEYH" 300 200 "$TPH_PID"
     rec http_ws direct stream "$DIRECT" k 1 300 200 0
     rec http_ws turnpike stream "$VIA_TP" "$KEY" 1 300 200 0 "$TP_PID"
   done

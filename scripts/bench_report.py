@@ -136,13 +136,14 @@ if "ttfe" in by:
 if "http" in by:
     w("The HTTP surface beside the WebSocket mode, same upstream: one client, 300 streamed turns of "
       "200 events one after another — HTTP: `POST /v1/responses` with `stream: true` on one keep-alive "
-      "connection; WebSocket: one socket. Medians over the rounds; *first event* = request written → "
-      "first SSE event read.")
+      "connection; WebSocket: one socket. `turnpike` sends an HTTP client's turn on a pooled upstream "
+      "WebSocket (`upstream.http_transport = \"ws\"`, the default), `turnpike, HTTP upstream` as a POST "
+      "(`\"http\"`). Medians over the rounds; *first event* = request written → first SSE event read.")
     w("")
     w("| transport | path | first event p50 / p90 µs | first delta: written → upstream stamp / stamp → read, p50 µs | events/s | relay CPU-s per 1M events |")
     w("|---|---|---|---|---|---|")
     for scen, transport in (("http", "HTTP + SSE"), ("http_ws", "WebSocket")):
-        for path in ("direct", "turnpike"):
+        for path in ("direct", "turnpike", "turnpike-httpup"):
             runs = [x["r"] for x in by.get(scen, []) if x["path"] == path]
             if not runs:
                 continue
@@ -154,7 +155,8 @@ if "http" in by:
                 legs = f"{median([r['delta_there_p50_us'] for r in runs]):.0f} / {median([r['delta_back_p50_us'] for r in runs]):.0f}"
             cpu = [r["cpu_s_per_m_events"] for r in runs if r.get("cpu_s_per_m_events") is not None]
             cpu = f"{median(cpu):.2f}" if cpu else "—"
-            w(f"| {transport} | {path} | {first} | {legs} | {median([r['events_per_s'] for r in runs]):,.0f} | {cpu} |")
+            shown = {"turnpike-httpup": "turnpike, HTTP upstream"}.get(path, path)
+            w(f"| {transport} | {shown} | {first} | {legs} | {median([r['events_per_s'] for r in runs]):,.0f} | {cpu} |")
     w("")
 idle = by.get("idle1k", []) + by.get("idle10k", [])
 if idle:

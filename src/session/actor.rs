@@ -681,12 +681,13 @@ impl SessionActor {
             let lane = lane.map(str::to_string);
             return self.on_unattributed(lane, text, ctx);
         };
-        self.on_turn_text(i, text, ctx);
+        self.on_turn_text(i, text, now, ctx);
     }
 
-    /// An upstream event of the turn at `i`, from its leased connection or its HTTP leg.
-    fn on_turn_text(&mut self, i: usize, text: ByteString, ctx: &mut Context<Self>) {
-        let now = Instant::now();
+    /// An upstream event of the turn at `i`, read at `now`, from its leased connection or its
+    /// HTTP leg.
+    #[inline]
+    fn on_turn_text(&mut self, i: usize, text: ByteString, now: Instant, ctx: &mut Context<Self>) {
         let turn = &mut self.turns[i];
         let index = turn.index;
         turn.last_upstream = now;

@@ -153,7 +153,7 @@ impl SessionActor {
         let index = ev.index;
         match ev.item {
             LegItem::Written(at) => self.turns[i].tracker.clock.written(at),
-            LegItem::Event(text) => self.on_turn_text(i, text, ctx),
+            LegItem::Event(text) => self.on_turn_text(i, text, Instant::now(), ctx),
             LegItem::Refused(event) => {
                 self.stop_http_leg(index, ctx);
                 let (code, _) = upstream_error_code(&event);
