@@ -425,3 +425,40 @@ fn stored_chain_continues_from_a_second_relay() {
         s.finish();
     }
 }
+
+/// A continuation the upstream refuses (4xx) evicts the response it continued from the socket's
+/// cache (as the service does, and the sim): the next continuation of that response is replayed
+/// at once — one request, no `previous_response_not_found` round trip — and completes.
+#[test]
+fn a_failed_continuation_makes_the_next_one_replay() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    let first = turn(&mut c, create(json!({"input": "remember 7"})));
+    assert_eq!(first["type"], "response.completed");
+    let r1 = first["response"]["id"].as_str().unwrap().to_string();
+    let refused = turn(
+        &mut c,
+        create(json!({"input": "and?", "previous_response_id": r1,
+            "metadata": {"sim": "error=invalid_value status=400"}})),
+    );
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["error"]["code"], "invalid_value");
+    let again = turn(
+        &mut c,
+        create(json!({"input": "what was it?", "previous_response_id": r1})),
+    );
+    assert_eq!(again["type"], "response.completed", "{again}");
+    let creates: Vec<Value> = creates_seen(&s).into_iter().flatten().collect();
+    assert_eq!(creates.len(), 3, "{creates:?}");
+    let last = &creates[2];
+    assert!(
+        last.get("previous_response_id").is_none(),
+        "replayed: {last}"
+    );
+    let replayed = last["input"].to_string();
+    assert!(
+        replayed.contains("remember 7") && replayed.contains("what was it?"),
+        "{replayed}"
+    );
+    s.finish();
+}

@@ -1262,3 +1262,60 @@ fn refused_create_preempts_nothing() {
     assert_eq!(rows[0].status, "completed");
     s.finish();
 }
+
+/// What the relay does not know passes byte for byte: a `response.create` with fields it has
+/// never seen (and a compaction trigger in its input) reaches the upstream as the client wrote
+/// it, and events of types it has never seen reach the client as the upstream wrote them (that
+/// they are no token for timing is `protocol::events`' unit test).
+#[test]
+fn unknown_fields_and_events_pass_byte_for_byte() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    let frame = r#"{"type":"response.create","model":"gpt-test","store":false,"input":[{"type":"message","role":"user","content":"hi"},{"type":"compaction_trigger"}],"prompt_cache_options":{"ttl":"12h"},"prewarm":true,"reasoning":{"effort":"low","context":"all_turns"},"client_metadata":{"x-codex-turn-metadata":"{\"turn_id\":\"t1\"}"},"metadata":{"sim":"extra=response.queued,response.metadata,response.compaction.compacting first_delay_ms=0 delta_delay_ms=30 deltas=3"}}"#;
+    c.send_text(frame);
+    let mut raw = Vec::new();
+    loop {
+        match c.recv(T) {
+            common::ws::Recv::Json(v) => {
+                let done = common::ws::is_terminal(&v);
+                raw.push(v);
+                if done {
+                    break;
+                }
+            }
+            common::ws::Recv::Ping | common::ws::Recv::Pong => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(raw.last().unwrap()["type"], "response.completed");
+    let kinds: Vec<&str> = raw.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for unknown in [
+        "response.queued",
+        "response.metadata",
+        "response.compaction.compacting",
+    ] {
+        let e = raw
+            .iter()
+            .find(|e| e["type"] == unknown)
+            .unwrap_or_else(|| panic!("{unknown} missing: {kinds:?}"));
+        assert_eq!(e["x_sim"]["note"], "an event type the client may not know");
+    }
+    // The upstream received the frame exactly as sent.
+    let conns = s.sim_connections();
+    let got: Vec<&str> = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["frames"].as_array().unwrap())
+        .filter(|f| f["dir"] == "in")
+        .filter_map(|f| f["text"].as_str())
+        .filter(|t| t.starts_with('{'))
+        .collect();
+    assert_eq!(got, [frame]);
+    let row = &s.rows(1)[0];
+    assert_eq!(
+        (row.status.as_str(), row.usage_source.as_str()),
+        ("completed", "reported")
+    );
+    s.finish();
+}

@@ -34,6 +34,11 @@ struct Node {
     conn: u64,
 }
 
+/// The connection of a response no connection holds (it ran over HTTP, or a failed
+/// continuation evicted it from its socket's cache): a continuation of it is never "on the same
+/// connection".
+pub const NO_CONNECTION: u64 = u64::MAX;
+
 #[derive(Debug, Default)]
 pub struct Lineages {
     nodes: HashMap<String, Node>,
@@ -101,6 +106,14 @@ impl Lineages {
     pub fn last_of(&self, lane: &Option<String>) -> Option<(&str, u64)> {
         let id = self.last.get(lane)?;
         Some((id.as_str(), self.nodes.get(id)?.conn))
+    }
+
+    /// Response `id` is no longer held by its connection: a continuation of it failed there
+    /// (4xx/5xx), which evicts it from the socket's cache (docs/DESIGN.md#continuation).
+    pub fn detach(&mut self, id: &str) {
+        if let Some(node) = self.nodes.get_mut(id) {
+            node.conn = NO_CONNECTION;
+        }
     }
 
     /// The connection that holds response `id`, if this session saw it end (and still keeps
@@ -244,5 +257,17 @@ mod tests {
         // A new conversation is replayable again.
         l.record(&None, "r4", None, 1, Some(&json!("d")), &[]);
         assert!(l.history_of("r4").replay(None).is_ok());
+    }
+
+    #[test]
+    fn a_detached_response_is_on_no_connection_and_keeps_its_history() {
+        let mut l = Lineages::new(1 << 20);
+        let input = serde_json::json!("hi");
+        l.record(&None, "r1", None, 7, Some(&input), &[]);
+        l.detach("r1");
+        assert_eq!(l.conn_of("r1"), Some(NO_CONNECTION));
+        assert_eq!(l.last_of(&None), Some(("r1", NO_CONNECTION)));
+        assert_eq!(l.history_of("r1").items()[0]["content"][0]["text"], "hi");
+        l.detach("unknown");
     }
 }

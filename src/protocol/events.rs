@@ -535,4 +535,16 @@ mod tests {
         );
         assert_eq!(response_of_terminal(delta), None);
     }
+
+    #[test]
+    fn event_types_the_relay_does_not_know_are_no_tokens() {
+        for t in [
+            "response.metadata",
+            "response.compaction.compacting",
+            "codex.rate_limits",
+        ] {
+            assert_eq!(kind_of(t), EventKind::Other, "{t}");
+        }
+        assert_eq!(kind_of("response.queued"), EventKind::Lifecycle);
+    }
 }

@@ -259,14 +259,31 @@ impl SimConn {
     }
 
     fn finish(&mut self, lane: &str, ctx: &mut WebsocketContext<Self>) {
-        if let Some(l) = self.lanes.get_mut(lane)
-            && let Some(flight) = l.in_flight.take()
-            && flight.completes
-        {
-            if flight.store {
-                self.shared.store(flight.remembered.clone());
+        let failed = match self.lanes.get_mut(lane).and_then(|l| l.in_flight.take()) {
+            Some(flight) if flight.completes => {
+                if flight.store {
+                    self.shared.store(flight.remembered.clone());
+                }
+                if let Some(l) = self.lanes.get_mut(lane) {
+                    l.latest = Some(flight.remembered);
+                }
+                None
             }
-            l.latest = Some(flight.remembered);
+            Some(flight) => flight
+                .req
+                .get("previous_response_id")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            None => None,
+        };
+        // A continuation that failed evicts the response it continued from this socket's cache
+        // (as the service does): its next continuation is `previous_response_not_found`.
+        if let Some(previous) = failed {
+            for l in self.lanes.values_mut() {
+                if l.latest.as_ref().is_some_and(|r| r.response_id == previous) {
+                    l.latest = None;
+                }
+            }
         }
         if self.aged_out && self.in_flight() == 0 {
             return self.age_out(ctx);

@@ -215,6 +215,10 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
         json!({"type": "response.created", "response": in_progress}),
         script.first_delay,
     ));
+    for kind in &script.extra {
+        let event = json!({"type": kind, "response_id": ids.response, "x_sim": {"note": "an event type the client may not know"}});
+        events.push((event, Duration::ZERO));
+    }
 
     let (output_items, output_chars): (Vec<Value>, usize) = if warmup {
         (Vec::new(), 0)

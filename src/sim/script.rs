@@ -91,6 +91,9 @@ pub struct Script {
     pub steer_completes: bool,
     /// Over HTTP, an error answered before any byte carries `Retry-After: N`.
     pub retry_after: Option<u64>,
+    /// Event types sent right after `response.created` (`extra=a,b`): events a client or relay
+    /// does not know yet (`response.queued`, `response.metadata`, …), each with the response id.
+    pub extra: Vec<String>,
 }
 
 impl Default for Script {
@@ -115,6 +118,7 @@ impl Default for Script {
             report_output: None,
             steer_completes: false,
             retry_after: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -225,6 +229,13 @@ impl Script {
                 "report_output" => s.report_output = Some(num(need()?)?),
                 "steer_completes" => s.steer_completes = true,
                 "retry_after" => s.retry_after = Some(num(need()?)?),
+                "extra" => {
+                    s.extra = need()?
+                        .split(',')
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }

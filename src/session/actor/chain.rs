@@ -123,6 +123,13 @@ impl SessionActor {
     /// of its descendants sends.
     pub(super) fn remember_response(&mut self, index: i32, ending: &Ending) {
         use crate::protocol::events::TerminalKind::{Completed, Incomplete};
+        // A continuation the upstream refused evicts what it continued from the connection's
+        // cache: the next continuation of it replays rather than asking for it there.
+        if let (Ending::UpstreamError(_), Some(parent)) =
+            (ending, self.at(index).and_then(|t| t.parent.clone()))
+        {
+            self.lineages.detach(&parent);
+        }
         let (Ending::Terminal(Completed | Incomplete), Some(turn), Some(conn)) = (
             ending,
             self.turns.iter().find(|t| t.index == index),

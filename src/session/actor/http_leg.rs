@@ -20,7 +20,7 @@ pub(super) enum Leg {
 
 /// The connection an HTTP leg's response is remembered on: none, so a later turn continuing it
 /// never finds it "on the same connection" (its `store:false` chain is replayed).
-pub(super) const NO_CONNECTION: u64 = u64::MAX;
+pub(super) use crate::continuation::lineage::NO_CONNECTION;
 
 /// One item of turn `index`'s HTTP leg, started at `generation` (a later one is ignored).
 pub(super) struct LegEvent {
