@@ -529,3 +529,69 @@ fn an_http_clients_turn_whose_socket_is_lost_first_goes_over_http() {
     );
     s.finish();
 }
+
+/// An upstream whose WebSocket closes a 2 MiB request with 1009 while its HTTP takes it (the
+/// account's configured limit says 16 MiB): the turn goes over HTTP — one turn, one row, billed
+/// once — and the account has learnt: the next request of that size goes straight over HTTP,
+/// smaller ones stay on the socket. The same for an HTTP client's request.
+#[test]
+fn a_1009_teaches_the_account_its_frame_limit() {
+    let s = stack(None, &["--max-frame-bytes", "1048576"]);
+    let mut c = s.client();
+    let big = "q".repeat(2 * 1024 * 1024);
+    for lane in [Some("a"), Some("b")] {
+        c.send(&create(lane, &big, "deltas=2"));
+        let events = c.until_terminal(T);
+        assert_eq!(
+            events.last().unwrap()["type"],
+            "response.completed",
+            "{events:?}"
+        );
+    }
+    c.send(&create(None, "small", "deltas=2"));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    // One socket refused the first big request; the second never went to a socket.
+    let closed_too_big = s
+        .sim_connections()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["text"].as_str().is_some_and(|t| t.contains("1009")))
+        })
+        .count();
+    assert_eq!(closed_too_big, 1, "{}", s.sim_connections());
+    assert_eq!(http_requests(&s).len(), 2);
+    let rows = s.rows(3);
+    assert_eq!(rows.len(), 3, "one row per turn");
+    let got: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r.status.as_str(), r.upstream_transport.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("completed", "http"),
+            ("completed", "http"),
+            ("completed", "ws")
+        ]
+    );
+    assert!(rows.iter().all(|r| r.usage_source == "reported"));
+    // An HTTP client's request of that size goes over HTTP at once.
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &http_req(json!({"input": big})),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_requests(&s).len(), 3);
+    s.finish();
+}

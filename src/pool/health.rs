@@ -6,7 +6,7 @@
 //! and HTTP requests (which choose accounts and see in-band refusals); the rules are pure.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
@@ -97,6 +97,9 @@ pub struct Health {
     on_refused: OnRefusedCredential,
     /// Set once by a 426 to a handshake: no more dials (docs/DESIGN.md#upstream-transports).
     http_only: AtomicBool,
+    /// The smallest request the upstream's WebSocket closed with 1009 (message too big); 0 until
+    /// one did.
+    refused_len: AtomicUsize,
 }
 
 impl Health {
@@ -105,6 +108,28 @@ impl Health {
             state: Mutex::default(),
             on_refused,
             http_only: AtomicBool::new(false),
+            refused_len: AtomicUsize::new(0),
+        }
+    }
+
+    /// The upstream closed a socket with 1009 right after a request of `len` bytes: requests
+    /// of that size go over HTTP from now on. Returns whether the limit fell (worth a log line).
+    pub fn refused_frame(&self, len: usize) -> bool {
+        let smaller = |cur: usize| (len > 0 && (cur == 0 || len < cur)).then_some(len);
+        self.refused_len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, smaller)
+            .is_ok()
+    }
+
+    /// The largest request frame the account's WebSocket is known to take, at most `configured`
+    /// (0: it has no WebSocket mode).
+    pub fn ws_frame_max(&self, configured: usize) -> usize {
+        if self.http_only() {
+            return 0;
+        }
+        match self.refused_len.load(Ordering::Relaxed) {
+            0 => configured,
+            refused => configured.min(refused - 1),
         }
     }
 
@@ -340,5 +365,20 @@ mod tests {
         h.set_disabled(true);
         assert!(!h.recovered());
         assert!(h.cooling(t0));
+    }
+
+    #[test]
+    fn a_1009_teaches_the_frame_limit_and_a_426_closes_the_websocket() {
+        let h = Health::default();
+        assert_eq!(h.ws_frame_max(1000), 1000);
+        assert!(h.refused_frame(600));
+        assert_eq!(h.ws_frame_max(1000), 599);
+        assert!(!h.refused_frame(800), "a larger refusal teaches nothing");
+        assert!(h.refused_frame(500));
+        assert_eq!(h.ws_frame_max(1000), 499);
+        assert_eq!(h.ws_frame_max(100), 100);
+        assert!(h.refuse_websocket());
+        assert!(!h.refuse_websocket());
+        assert_eq!(h.ws_frame_max(1000), 0);
     }
 }

@@ -95,6 +95,8 @@ struct Turn {
     tried: Vec<String>,
     /// How its request reaches the upstream.
     leg: http_leg::Leg,
+    /// Bytes of the request frame last written on the session's connection.
+    sent_bytes: usize,
     span: Span,
 }
 
@@ -423,6 +425,7 @@ impl SessionActor {
             affinity: None,
             tried: Vec::new(),
             leg: http_leg::Leg::Lease,
+            sent_bytes: 0,
             span,
         }
     }
@@ -758,6 +761,9 @@ impl SessionActor {
     /// The session's connection is gone: every turn streaming on it is retried (nothing of it
     /// forwarded yet) or ends with the error; responses drained on it end with what was seen.
     fn on_upstream_lost(&mut self, reason: LostReason, ctx: &mut Context<Self>) {
+        if reason == LostReason::Closed(Some(close::TOO_BIG)) {
+            self.learn_frame_limit();
+        }
         // The pool has evicted it already.
         self.up.lease = None;
         self.up.spent = false;

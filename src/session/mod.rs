@@ -51,6 +51,15 @@ pub struct AccountHandle {
     pub frame_max: usize,
 }
 
+impl AccountHandle {
+    /// The largest request frame its WebSocket takes: its `frame_max_bytes`, lowered by what the
+    /// upstream closed with 1009, 0 when it answered a handshake 426
+    /// (docs/DESIGN.md#upstream-transports).
+    pub fn ws_frame_max(&self) -> usize {
+        self.health.ws_frame_max(self.frame_max)
+    }
+}
+
 /// What every session shares.
 pub struct SessionDeps {
     pub settings: Settings,

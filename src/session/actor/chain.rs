@@ -104,6 +104,7 @@ impl SessionActor {
         turn.phase = Phase::Streaming;
         match lease {
             Some(lease) if !turn.over_http() && raw.len() <= frame_max => {
+                turn.sent_bytes = raw.len();
                 lease.addr.do_send(SendText(ByteString::from(raw)));
                 turn.tracker.clock.written(now);
                 debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");

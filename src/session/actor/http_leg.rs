@@ -44,11 +44,11 @@ impl SessionActor {
     /// The largest request frame `account`'s WebSocket takes (0: it has none, its upstream
     /// answered a handshake 426).
     pub(super) fn frame_max_of(&self, account: &str) -> usize {
-        match self.deps.accounts.iter().find(|a| a.name == account) {
-            Some(a) if a.health.http_only() => 0,
-            Some(a) => a.frame_max,
-            None => usize::MAX,
-        }
+        self.deps
+            .accounts
+            .iter()
+            .find(|a| a.name == account)
+            .map_or(usize::MAX, crate::session::AccountHandle::ws_frame_max)
     }
 
     /// Whether turn `index` goes over HTTP on `account`: its request is larger than the
@@ -62,6 +62,35 @@ impl SessionActor {
         let http = turn.frame.raw.len() > max;
         turn.leg = if http { Leg::Http(None) } else { Leg::Lease };
         http
+    }
+
+    /// The session's connection was closed with 1009 (message too big): the largest request
+    /// of a turn that had heard nothing yet is what the upstream refused, so requests of that
+    /// size go over HTTP on the account from now on — those turns' retries included
+    /// (docs/DESIGN.md#upstream-transports).
+    pub(super) fn learn_frame_limit(&mut self) {
+        let Some(lease) = self.up.lease.as_ref() else {
+            return;
+        };
+        let refused = self
+            .turns
+            .iter()
+            .filter(|t| t.on_lease() && t.tracker.events == 0)
+            .map(|t| t.sent_bytes)
+            .max()
+            .unwrap_or(0);
+        let Some(account) = self
+            .deps
+            .accounts
+            .iter()
+            .find(|a| *a.name == *lease.account)
+        else {
+            return;
+        };
+        if refused > 0 && account.health.refused_frame(refused) {
+            warn!(parent: &self.span, account = %account.name, bytes = refused,
+                "the upstream closed a request with 1009 (message too big): requests this large go over HTTP on this account");
+        }
     }
 
     /// Sends turn `index` over its HTTP leg, after the continuation decision (no connection

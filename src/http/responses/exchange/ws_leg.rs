@@ -12,9 +12,10 @@ use tracing::debug;
 
 use crate::config::HttpTransport;
 use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Release};
+use crate::protocol::errors::close;
 use crate::protocol::events::{self, TerminalKind};
 use crate::protocol::frames;
-use crate::upstream::messages::{SendText, UpstreamEvent};
+use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 /// Receives the leased connection's events for the exchange (a task, not an actor).
 struct Lessee(mpsc::UnboundedSender<UpstreamEvent>);
@@ -61,6 +62,8 @@ enum Outcome {
     End(End),
     /// Nothing of the response was relayed: the HTTP path takes the turn.
     Fallback,
+    /// The upstream closed the socket with 1009 (message too big) before any event: HTTP too.
+    TooBig,
 }
 
 impl Exchange {
@@ -74,14 +77,15 @@ impl Exchange {
         let account = self.account.as_ref()?.account.clone();
         let handle = self.deps.accounts.iter().find(|a| a.name == account)?;
         // A background response outlives its request: HTTP only.
-        if handle.health.http_only() || self.frame.raw.contains("\"background\"") {
+        if self.frame.raw.contains("\"background\"") {
             return None;
         }
         let frame = frames::ws_frame(self.frame.raw.as_bytes())?;
-        if frame.len() > handle.frame_max {
+        if frame.len() > handle.ws_frame_max() {
             return None;
         }
-        let pool = handle.pool.clone();
+        let (pool, health) = (handle.pool.clone(), handle.health.clone());
+        let frame_len = frame.len();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let lessee = Lessee(tx).start();
         let acquire = pool.send(Acquire {
@@ -119,12 +123,16 @@ impl Exchange {
         debug!(parent: &self.span, conn, %account, "request written on an upstream WebSocket");
         let (outcome, reusable) = self.relay_events(&mut rx, conn, sink).await;
         held.release(reusable);
+        if matches!(outcome, Outcome::TooBig) && health.refused_frame(frame_len) {
+            warn!(parent: &self.span, account = %account, bytes = frame_len,
+                "the upstream closed a request with 1009 (message too big): requests this large go over HTTP on this account");
+        }
         match outcome {
             Outcome::End(end) => {
                 self.over_ws = true;
                 Some(end)
             }
-            Outcome::Fallback => {
+            Outcome::Fallback | Outcome::TooBig => {
                 info!(parent: &self.span, "the upstream WebSocket gave nothing of the response; the request goes over HTTP");
                 self.tracker = before;
                 None
@@ -163,6 +171,10 @@ impl Exchange {
                 Ok(Some(UpstreamEvent::Text { conn: c, text })) if c == conn => text,
                 Ok(Some(UpstreamEvent::Lost { conn: c, .. })) if c != conn => continue,
                 Ok(Some(UpstreamEvent::Text { .. })) => continue,
+                Ok(Some(UpstreamEvent::Lost {
+                    reason: LostReason::Closed(Some(close::TOO_BIG)),
+                    ..
+                })) if unheard => return (Outcome::TooBig, false),
                 // Silent, or lost, before any event: the request goes over HTTP (once).
                 Ok(Some(UpstreamEvent::Lost { .. }) | None) | Err(_) if unheard => {
                     return (Outcome::Fallback, false);
