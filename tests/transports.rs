@@ -595,3 +595,78 @@ fn a_1009_teaches_the_account_its_frame_limit() {
     assert_eq!(http_requests(&s).len(), 3);
     s.finish();
 }
+
+/// An upstream without lanes (it answers `stream_id` with 400 "Unsupported parameter", no lane
+/// on the refusal): the refused create and every later named lane's turn go over HTTP, their
+/// events on their lanes, each billed once; the default lane stays on the socket, steering
+/// included.
+#[test]
+fn named_lanes_on_an_upstream_without_lanes_go_over_http() {
+    let s = stack(None, &["--refuse-stream-id"]);
+    let mut c = s.client();
+    c.send(&create(None, "default first", "deltas=2"));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    // Two lanes back to back, as the SDKs' lane helpers send them.
+    c.send(&create(Some("a"), "lane a", "deltas=3 delta_delay_ms=20"));
+    c.send(&create(Some("b"), "lane b", "deltas=3 delta_delay_ms=20"));
+    let mut ends = Vec::new();
+    while ends.len() < 2 {
+        let e = c.next_event(T);
+        assert!(e.get("stream_id").is_some(), "every event on its lane: {e}");
+        if common::ws::is_terminal(&e) {
+            assert_eq!(e["type"], "response.completed", "{e}");
+            ends.push(e["stream_id"].as_str().unwrap().to_string());
+        }
+    }
+    ends.sort();
+    assert_eq!(ends, ["a", "b"]);
+    // The default lane still steers on the socket.
+    c.send(&create(None, "steer me", "deltas=40 delta_delay_ms=20"));
+    let created = c.next_event(T);
+    let id = created["response"]["id"].as_str().unwrap().to_string();
+    c.send(&json!({"type": "response.steer", "previous_response_id": id, "input": "shorter"}));
+    let mut kinds = Vec::new();
+    while !kinds.iter().any(|k| k == "response.completed") {
+        let e = c.next_event(T);
+        kinds.push(e["type"].as_str().unwrap().to_string());
+    }
+    assert!(
+        kinds.iter().any(|k| k == "response.steer.accepted"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|k| k == "response.incomplete"),
+        "{kinds:?}"
+    );
+
+    // A later named lane goes over HTTP at once.
+    c.send(&create(Some("c"), "lane c", "deltas=1"));
+    let last = c.until_terminal(T).pop().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["stream_id"].as_str()),
+        (Some("response.completed"), Some("c"))
+    );
+
+    // The socket saw the named creates sent before its refusal came back (both lanes were
+    // sent back to back), never one after; all three lanes ran over HTTP.
+    let named = |s: &Stack| {
+        ws_frames_in(s)
+            .iter()
+            .filter(|f| f.contains("\"stream_id\""))
+            .count()
+    };
+    assert!((1..=2).contains(&named(&s)), "{}", named(&s));
+    assert_eq!(http_requests(&s).len(), 3);
+    let rows = s.rows(6);
+    assert_eq!(rows.len(), 6, "one row per turn: {rows:?}");
+    let by_transport = |t: &str| rows.iter().filter(|r| r.upstream_transport == t).count();
+    assert_eq!((by_transport("http"), by_transport("ws")), (3, 3));
+    assert!(
+        rows.iter()
+            .all(|r| r.status == "completed" || r.status == "incomplete")
+    );
+    s.finish();
+}

@@ -703,6 +703,7 @@ impl Handler<PoolStats> for ContextPool {
             next_probe_ms: view.next_probe_ms,
             last_error: self.health.last_error(),
             http_only: view.http_only,
+            lanes_refused: view.lanes_refused,
             ..PoolSnapshot::default()
         };
         for e in self.conns.values() {

@@ -88,6 +88,8 @@ pub struct View {
     /// The upstream answered a WebSocket handshake 426: its turns go over HTTP
     /// (docs/DESIGN.md#upstream-transports).
     pub http_only: bool,
+    /// The upstream refused `stream_id`: named lanes' turns go over HTTP.
+    pub lanes_refused: bool,
 }
 
 /// One account's health.
@@ -97,6 +99,9 @@ pub struct Health {
     on_refused: OnRefusedCredential,
     /// Set once by a 426 to a handshake: no more dials (docs/DESIGN.md#upstream-transports).
     http_only: AtomicBool,
+    /// Set once when the upstream refused a `stream_id` (a backend without lanes): named lanes
+    /// go over HTTP.
+    lanes_refused: AtomicBool,
     /// The smallest request the upstream's WebSocket closed with 1009 (message too big); 0 until
     /// one did.
     refused_len: AtomicUsize,
@@ -109,7 +114,19 @@ impl Health {
             on_refused,
             http_only: AtomicBool::new(false),
             refused_len: AtomicUsize::new(0),
+            lanes_refused: AtomicBool::new(false),
         }
+    }
+
+    /// The upstream answered a `stream_id` with "Unsupported parameter": its WebSocket has no
+    /// lanes, and named lanes' turns go over HTTP from now on. Returns whether this is news.
+    pub fn refuse_lanes(&self) -> bool {
+        !self.lanes_refused.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether named lanes' turns go over HTTP on this account.
+    pub fn lanes_refused(&self) -> bool {
+        self.lanes_refused.load(Ordering::Relaxed)
     }
 
     /// The upstream closed a socket with 1009 right after a request of `len` bytes: requests
@@ -255,6 +272,7 @@ impl Health {
             since: s.since,
             next_probe_ms: next,
             http_only: self.http_only(),
+            lanes_refused: self.lanes_refused(),
         }
     }
 }

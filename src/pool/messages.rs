@@ -137,6 +137,8 @@ pub struct PoolSnapshot {
     pub last_error: Option<String>,
     /// The upstream answered a handshake 426: turns go over HTTP (docs/DESIGN.md#upstream-transports).
     pub http_only: bool,
+    /// The upstream refused `stream_id`: named lanes' turns go over HTTP.
+    pub lanes_refused: bool,
 }
 
 #[derive(Debug, Message)]

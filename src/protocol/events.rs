@@ -257,6 +257,20 @@ pub fn http_error_event(status: u16, body: &[u8], lane: Option<&str>) -> String 
     with_lane(&event.to_string(), lane)
 }
 
+/// Whether an upstream event is the refusal of `stream_id` by a backend without lanes (a
+/// wrapped 400 "Unsupported parameter: stream_id", its `param` `stream_id`).
+pub fn refuses_stream_id(text: &str) -> bool {
+    if classify(text) != EventKind::Error || STREAM_ID_KEY.find(text.as_bytes()).is_none() {
+        return false;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let error = &v["error"];
+    error["param"] == "stream_id"
+        && error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Unsupported parameter"))
+}
+
 /// A WebSocket-mode event as an SSE event of the HTTP surface (docs/DESIGN.md#upstream-transports):
 /// its bytes as `data`, its `type` as `event`. A wrapped `error` event gets the Responses
 /// stream's own fields (`code`, `message`, `param`) beside its `error` object, as the relay's
@@ -546,5 +560,16 @@ mod tests {
             assert_eq!(kind_of(t), EventKind::Other, "{t}");
         }
         assert_eq!(kind_of("response.queued"), EventKind::Lifecycle);
+    }
+
+    #[test]
+    fn a_refused_stream_id_is_recognised() {
+        let refusal = r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":null,"message":"Unsupported parameter: stream_id","param":"stream_id"}}"#;
+        assert!(refuses_stream_id(refusal));
+        let other = r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"invalid_stream_id","message":"stream_id must be 1-256 characters","param":"stream_id"}}"#;
+        assert!(!refuses_stream_id(other));
+        assert!(!refuses_stream_id(
+            r#"{"type":"response.output_text.delta","delta":"stream_id"}"#
+        ));
     }
 }

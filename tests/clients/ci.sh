@@ -8,7 +8,9 @@
 #   openai-python over HTTP: responses.create (JSON, stream=True) and responses.compact;
 #   openai-node 7.55.0 on Node 22 (`ResponsesWS`): two chained turns and a tool loop; the lane
 #     helper: two lanes back to back, then a fork onto a third;
-#   Codex over HTTP (a provider without supports_websockets): a text turn and a tool loop.
+#   Codex over HTTP (a provider without supports_websockets): a text turn and a tool loop;
+#   an upstream without lanes (a second sim refusing `stream_id`): openai-python lanes and a steer
+#     on the default lane, openai-node lanes; every response billed once.
 # Then it checks the usage rows against what each client saw (token for token), the timing
 # order of every row, and what the sim received (the account's credential, Codex's headers).
 # Pinned clients are installed once into $TURNPIKE_CLIENTS_CACHE (default
@@ -110,6 +112,51 @@ check node env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" "$NODE22" "$CACHE/n
 echo "== openai-node 7.55.0 lanes (Node 22: two lanes back to back, then a fork) =="
 cp "$ROOT/tests/clients/node_lanes.mjs" "$CACHE/node22/node_lanes.mjs"
 check node-lanes env REPORT="$WORK/report.jsonl" CLIENT_KEY="$KEY" "$NODE22" "$CACHE/node22/node_lanes.mjs" "$BASE"
+
+echo "== an upstream without lanes (it refuses stream_id): openai-python lanes + steer, openai-node lanes =="
+# A second sim that answers stream_id with 400 "Unsupported parameter", a second relay and
+# database: named lanes run over HTTP, the default lane (and its steer) on the socket.
+"$BIN" sim --bind 127.0.0.1:0 --api-key "$UPSTREAM_KEY" --refuse-stream-id 2>"$WORK/sim2.log" &
+PIDS="$PIDS $!"
+SIM2=$(addr_from "$WORK/sim2.log")
+printf '[[accounts]]\nname = "nolanes"\nbase_url = "http://%s/v1"\napi_key = "%s"\n' "$SIM2" "$UPSTREAM_KEY" >"$WORK/relay2.toml"
+DB2="sqlite://$WORK/nolanes.db"
+TURNPIKE_DATABASE__URL=$DB2 "$BIN" migrate >/dev/null 2>&1
+TURNPIKE_DATABASE__URL=$DB2 "$BIN" users create clients >/dev/null 2>&1
+KEY2=$(TURNPIKE_DATABASE__URL=$DB2 "$BIN" keys create --user clients 2>/dev/null)
+TURNPIKE_DATABASE__URL=$DB2 TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool2 \
+  TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
+  "$BIN" --config "$WORK/relay2.toml" serve 2>"$WORK/relay2.log" &
+PIDS="$PIDS $!"
+BASE2=http://$(addr_from "$WORK/relay2.log")/v1
+check python-nolanes env NO_LANES=1 REPORT="$WORK/report-nolanes.jsonl" SIM_KEY="$KEY2" \
+  "$CACHE/venv/bin/python" "$ROOT/tests/clients/sdk_client.py" "$BASE2"
+check node-lanes-nolanes env REPORT="$WORK/report-nolanes.jsonl" CLIENT_KEY="$KEY2" \
+  "$NODE22" "$CACHE/node22/node_lanes.mjs" "$BASE2"
+check nolanes-rows "$CACHE/venv/bin/python" - "$WORK" <<'PY'
+import json, sqlite3, sys, time
+work = sys.argv[1]
+db = sqlite3.connect(f"{work}/nolanes.db")
+reports = [json.loads(l) for l in open(f"{work}/report-nolanes.jsonl")]
+assert len(reports) == 7, f"python 3 lanes + steer successor, node 3 lanes: got {len(reports)}"
+deadline = time.time() + 10
+while True:
+    rows = db.execute("select response_id, status, input_tokens, output_tokens, upstream_transport"
+                      " from usage_logs").fetchall()
+    if all(any(r[0] == rep["response_id"] for r in rows) for rep in reports) or time.time() > deadline:
+        break
+    time.sleep(0.1)
+# The steer on the default lane, on the socket: the steered response and its successor.
+steer = db.execute("select response_id, status, upstream_transport from usage_logs where origin = 'steer'").fetchall()
+assert [s[1:] for s in steer] == [("completed", "ws")], steer
+for rep in reports:
+    mine = [r for r in rows if r[0] == rep["response_id"]]
+    assert len(mine) == 1, f"billed once: {rep} {mine}"
+    assert mine[0][1] == "completed" and (mine[0][2], mine[0][3]) == (rep["input_tokens"], rep["output_tokens"]), (rep, mine)
+    lane_turn = rep["response_id"] != steer[0][0]
+    assert mine[0][4] == ("http" if lane_turn else "ws"), f"named lanes over HTTP: {mine}"
+print(f"{len(reports)} responses, each billed once: the lanes over HTTP, the steer on the socket")
+PY
 
 echo "== Codex CLI 0.169.0 =="
 export CODEX_HOME=$WORK/codexhome HOME_FOR_CODEX=$WORK

@@ -52,14 +52,20 @@ impl SessionActor {
     }
 
     /// Whether turn `index` goes over HTTP on `account`: its request is larger than the
-    /// account's WebSocket takes, or the account has no WebSocket mode. Decided at each send
-    /// (a failover may change the account).
+    /// account's WebSocket takes, the account has no WebSocket mode, or the turn is on a named
+    /// lane and the account's WebSocket has no lanes. Decided at each send (a failover may
+    /// change the account).
     pub(super) fn needs_http(&mut self, index: i32, account: &str) -> bool {
         let max = self.frame_max_of(account);
+        let no_lanes = self
+            .deps
+            .accounts
+            .iter()
+            .any(|a| a.name == account && a.health.lanes_refused());
         let Some(turn) = self.at_mut(index) else {
             return false;
         };
-        let http = turn.frame.raw.len() > max;
+        let http = turn.frame.raw.len() > max || (no_lanes && turn.frame.stream_id.is_some());
         turn.leg = if http { Leg::Http(None) } else { Leg::Lease };
         http
     }
@@ -90,6 +96,35 @@ impl SessionActor {
         if refused > 0 && account.health.refused_frame(refused) {
             warn!(parent: &self.span, account = %account.name, bytes = refused,
                 "the upstream closed a request with 1009 (message too big): requests this large go over HTTP on this account");
+        }
+    }
+
+    /// The upstream refused a `stream_id` on the session's connection (a backend without lanes;
+    /// the refusal carries no lane): the account's named lanes go over HTTP from now on, and the
+    /// named-lane turns on the connection that heard nothing yet — the refused one among them —
+    /// are sent again, over HTTP. The refusal is not forwarded: their clients see normal turns
+    /// (docs/DESIGN.md#upstream-transports).
+    pub(super) fn lanes_refused(&mut self, ctx: &mut Context<Self>) {
+        let Some(account) = self.up.lease.as_ref().map(|l| l.account.to_string()) else {
+            return;
+        };
+        if let Some(a) = self.deps.accounts.iter().find(|a| a.name == account)
+            && a.health.refuse_lanes()
+        {
+            warn!(parent: &self.span, %account,
+                "upstream refuses stream_id (no lanes): this account's named lanes go over HTTP");
+        }
+        let refused: Vec<i32> = self
+            .turns
+            .iter()
+            .filter(|t| t.on_lease() && t.frame.stream_id.is_some() && t.tracker.events == 0)
+            .map(|t| t.index)
+            .collect();
+        for index in refused {
+            if let Some(turn) = self.at_mut(index) {
+                turn.phase = Phase::Leasing;
+            }
+            self.lease_and_send(index, ctx);
         }
     }
 
