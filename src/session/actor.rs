@@ -30,7 +30,7 @@ use super::admission::{AccountSlot, KeySlot};
 use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
-use super::turn::{Ending, TurnTracker};
+use super::turn::{self, Ending, Step, TurnTracker};
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal};
 use crate::continuation::{self, Chain, Decision, History, Lineages};
@@ -697,9 +697,23 @@ impl SessionActor {
         let turn = &mut self.turns[i];
         let index = turn.index;
         turn.last_upstream = now;
-        let observed = turn.tracker.observe(&text, now);
-        match observed.kind {
-            EventKind::Invalid => {
+        let relayed = turn::Relayed {
+            forwarded: turn.forwarded > 0,
+            replayed: turn.replayed,
+        };
+        match turn::step(&mut turn.tracker, &text, now, relayed) {
+            Step::Forward => {
+                turn.forwarded += 1;
+                self.send(text, ctx);
+            }
+            Step::Steer(kind) => {
+                turn.forwarded += 1;
+                let lane = turn.frame.stream_id.clone();
+                let unused = self.steers.entry(lane).or_default().observe(kind, &text);
+                self.release_reservations(unused);
+                self.send(text, ctx);
+            }
+            Step::Invalid => {
                 let why =
                     LostReason::Protocol("the upstream sent a frame that is not a JSON event");
                 if turn.over_http() {
@@ -709,46 +723,40 @@ impl SessionActor {
                     self.drop_connection(why, ctx);
                 }
             }
-            EventKind::Terminal(kind) => {
-                let delivery = Delivery::reusable(Some(text.to_string()));
-                self.finish(index, Ending::Terminal(kind), delivery, ctx);
+            Step::End {
+                ending,
+                reusable,
+                recover,
+            } => {
+                if let Ending::UpstreamError(code) = &ending {
+                    let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
+                    ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
+                }
+                if recover.is_some_and(|r| self.recover(index, r, ctx)) {
+                    return;
+                }
+                let delivery = Delivery::new(Some(text.to_string()), reusable);
+                self.finish(index, ending, delivery, ctx);
             }
-            EventKind::Error => {
-                let nothing_forwarded = turn.forwarded == 0;
-                let replayed = turn.replayed;
-                let (code, request_level) = upstream_error_code(&text);
-                let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
-                ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
-                if code.as_deref() == Some("previous_response_not_found")
-                    && nothing_forwarded
-                    && !replayed
-                    && let Some(conn) = self.conn_of(index)
+        }
+    }
+
+    /// Tries to save turn `index` from the error that ended it (docs/DESIGN.md#turn-steps):
+    /// `true` when the turn goes on.
+    fn recover(&mut self, index: i32, recovery: turn::Recovery, ctx: &mut Context<Self>) -> bool {
+        match recovery {
+            turn::Recovery::Replay => {
+                if let Some(conn) = self.conn_of(index)
                     && let Some(turn) = self.at(index)
                     && let decision @ Decision::Replay { .. } = self.continuation(turn, conn, true)
                 {
                     // Once, on the same (clean) connection: the upstream answered.
-                    return self.write_request(index, decision, ctx);
+                    self.write_request(index, decision, ctx);
+                    return true;
                 }
-                if nothing_forwarded
-                    && account_trouble(code.as_deref())
-                    && self.fail_over_in_band(index, code.as_deref().unwrap_or_default(), ctx)
-                {
-                    return;
-                }
-                let delivery = Delivery::new(Some(text.to_string()), request_level);
-                self.finish(index, Ending::UpstreamError(code), delivery, ctx);
+                false
             }
-            EventKind::Steer(kind) => {
-                turn.forwarded += 1;
-                let lane = turn.frame.stream_id.clone();
-                let unused = self.steers.entry(lane).or_default().observe(kind, &text);
-                self.release_reservations(unused);
-                self.send(text, ctx);
-            }
-            _ => {
-                turn.forwarded += 1;
-                self.send(text, ctx);
-            }
+            turn::Recovery::FailOver(code) => self.fail_over_in_band(index, &code, ctx),
         }
     }
 
@@ -1110,41 +1118,6 @@ fn cancelled_event(response_id: &str, stream_id: Option<&str>) -> String {
         v["stream_id"] = json!(id);
     }
     v.to_string()
-}
-
-/// Upstream error codes that say the account, not the request, is in trouble: before anything
-/// of the turn was forwarded, the turn fails over (docs/DESIGN.md#accounts).
-fn account_trouble(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some(
-            "rate_limit_exceeded"
-                | "usage_limit_reached"
-                | "insufficient_quota"
-                | "invalid_api_key"
-                | "server_error"
-                | "server_is_overloaded"
-                | "service_unavailable"
-        )
-    )
-}
-
-/// An upstream `error` event's code, and whether it concerns only the request (the socket stays
-/// usable) rather than the connection.
-fn upstream_error_code(text: &str) -> (Option<String>, bool) {
-    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-    let code = v
-        .pointer("/error/code")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let kind = v
-        .pointer("/error/type")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let request_level = matches!(code.as_deref(), Some("previous_response_not_found"))
-        || (kind == "invalid_request_error"
-            && code.as_deref() != Some("websocket_connection_limit_reached"));
-    (code, request_level)
 }
 
 /// The client error of a refused standing.

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::protocol::errors::ErrorCode;
-use crate::protocol::events::{EventKind, TerminalKind, classify, delta_len, mentions_usage};
+use crate::protocol::events::{
+    EventKind, SteerKind, TerminalKind, classify, delta_len, mentions_usage,
+};
 use crate::protocol::usage::{Usage, estimate_tokens};
 use crate::record::{Timing, TurnStatus, UsageSource};
 
@@ -302,6 +304,125 @@ impl TurnTracker {
             error_code,
             response_id: self.response_id.clone(),
         }
+    }
+}
+
+/// What a streaming turn does with one upstream event, whatever carries it — the session's
+/// socket, an HTTP leg, an HTTP client's SSE stream or its upstream socket
+/// (docs/DESIGN.md#turn-steps). Each transport only carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Relay it to the client.
+    Forward,
+    /// Relay it; it says whether the upstream will start a successor (steering).
+    Steer(SteerKind),
+    /// The turn's last event: its record first, then the event. `reusable`: the connection
+    /// may serve another response (a terminal, or an error of the request alone).
+    End {
+        ending: Ending,
+        reusable: bool,
+        /// What may still save the turn, tried first by a transport that can; the end stands
+        /// when it cannot.
+        recover: Option<Recovery>,
+    },
+    /// Not a JSON event: never relayed; the turn ends `upstream_protocol_error`.
+    Invalid,
+}
+
+/// How an `error` event before anything was relayed may be recovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// `previous_response_not_found`, not yet replayed: replay the chain once.
+    Replay,
+    /// The account's trouble, not the request's (its code): another account may take the turn.
+    FailOver(String),
+}
+
+/// What a turn has done so far, as its next event's step depends on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Relayed {
+    /// Something of the response reached the client.
+    pub forwarded: bool,
+    /// Its conversation was replayed already.
+    pub replayed: bool,
+}
+
+/// Feeds one upstream event to the turn's tracker and decides its step.
+pub fn step(tracker: &mut TurnTracker, text: &str, now: Instant, relayed: Relayed) -> Step {
+    match tracker.observe(text, now).kind {
+        EventKind::Invalid => Step::Invalid,
+        EventKind::Terminal(kind) => Step::End {
+            ending: Ending::Terminal(kind),
+            reusable: true,
+            recover: None,
+        },
+        EventKind::Error => {
+            let e = read_error(text);
+            let recover = if relayed.forwarded {
+                None
+            } else if e.code.as_deref() == Some("previous_response_not_found") && !relayed.replayed
+            {
+                Some(Recovery::Replay)
+            } else if e.account {
+                Some(Recovery::FailOver(e.code.clone().unwrap_or_default()))
+            } else {
+                None
+            };
+            Step::End {
+                ending: Ending::UpstreamError(e.code),
+                reusable: e.request_level,
+                recover,
+            }
+        }
+        EventKind::Steer(kind) => Step::Steer(kind),
+        _ => Step::Forward,
+    }
+}
+
+/// An upstream `error` event, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamError {
+    /// `error.code` (the WebSocket mode's wrapped error), or an SSE error's own `code`.
+    pub code: Option<String>,
+    /// It concerns only the request: the socket stays usable.
+    pub request_level: bool,
+    /// It says the account, not the request, is in trouble (its code, or its status 401, 403,
+    /// 429 or 5xx): before anything was relayed the turn may go to another account
+    /// (docs/DESIGN.md#accounts).
+    pub account: bool,
+}
+
+pub fn read_error(text: &str) -> UpstreamError {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let code = v
+        .pointer("/error/code")
+        .or_else(|| v.get("code"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string);
+    let kind = v
+        .pointer("/error/type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let request_level = matches!(code.as_deref(), Some("previous_response_not_found"))
+        || (kind == "invalid_request_error"
+            && code.as_deref() != Some("websocket_connection_limit_reached"));
+    let status = v.get("status").and_then(serde_json::Value::as_u64);
+    let account = matches!(
+        code.as_deref(),
+        Some(
+            "rate_limit_exceeded"
+                | "usage_limit_reached"
+                | "insufficient_quota"
+                | "invalid_api_key"
+                | "server_error"
+                | "server_is_overloaded"
+                | "service_unavailable"
+        )
+    ) || matches!(status, Some(401 | 403 | 429 | 500..=599));
+    UpstreamError {
+        code,
+        request_level,
+        account,
     }
 }
 
@@ -654,5 +775,110 @@ mod tests {
         );
         assert_eq!(TurnTracker::new(t0).observe_whole(b"<html>", t0), None);
         assert_eq!(TurnTracker::new(t0).observe_whole(b"[1]", t0), None);
+    }
+
+    fn stepped(text: &str, relayed: Relayed) -> Step {
+        step(
+            &mut TurnTracker::new(Instant::now()),
+            text,
+            Instant::now(),
+            relayed,
+        )
+    }
+
+    const FRESH: Relayed = Relayed {
+        forwarded: false,
+        replayed: false,
+    };
+
+    #[test]
+    fn every_event_kind_has_its_step() {
+        let fwd = Relayed {
+            forwarded: true,
+            ..FRESH
+        };
+        assert_eq!(
+            stepped(
+                r#"{"type":"response.created","response":{"id":"r"}}"#,
+                FRESH
+            ),
+            Step::Forward
+        );
+        assert_eq!(
+            stepped(r#"{"type":"response.output_text.delta","delta":"x"}"#, fwd),
+            Step::Forward
+        );
+        assert_eq!(
+            stepped(r#"{"type":"codex.rate_limits"}"#, fwd),
+            Step::Forward
+        );
+        assert_eq!(
+            stepped(r#"{"type":"response.steer.accepted"}"#, fwd),
+            Step::Steer(SteerKind::Accepted)
+        );
+        assert_eq!(stepped("not json", fwd), Step::Invalid);
+        for (terminal, kind) in [
+            ("response.completed", TerminalKind::Completed),
+            ("response.incomplete", TerminalKind::Incomplete),
+            ("response.failed", TerminalKind::Failed),
+            ("response.cancelled", TerminalKind::Cancelled),
+        ] {
+            let text = format!(r#"{{"type":"{terminal}","response":{{"id":"r"}}}}"#);
+            assert_eq!(
+                stepped(&text, fwd),
+                Step::End {
+                    ending: Ending::Terminal(kind),
+                    reusable: true,
+                    recover: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_ends_the_turn_and_says_what_may_save_it() {
+        let not_found = r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"previous_response_not_found","message":"gone"}}"#;
+        let end = |reusable, recover| Step::End {
+            ending: Ending::UpstreamError(Some("previous_response_not_found".into())),
+            reusable,
+            recover,
+        };
+        assert_eq!(stepped(not_found, FRESH), end(true, Some(Recovery::Replay)));
+        let replayed = Relayed {
+            replayed: true,
+            ..FRESH
+        };
+        assert_eq!(stepped(not_found, replayed), end(true, None));
+        let forwarded = Relayed {
+            forwarded: true,
+            ..FRESH
+        };
+        assert_eq!(stepped(not_found, forwarded), end(true, None));
+
+        let limited = r#"{"type":"error","status":429,"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"slow"}}"#;
+        assert_eq!(
+            stepped(limited, FRESH),
+            Step::End {
+                ending: Ending::UpstreamError(Some("rate_limit_exceeded".into())),
+                reusable: false,
+                recover: Some(Recovery::FailOver("rate_limit_exceeded".into())),
+            }
+        );
+        // A status alone says it too; an SSE error's own `code` is read.
+        let e = read_error(
+            r#"{"type":"error","status":503,"error":{"type":"server_error","code":"odd"}}"#,
+        );
+        assert!(e.account && !e.request_level);
+        let e = read_error(r#"{"type":"error","code":"server_is_overloaded","message":"busy"}"#);
+        assert_eq!(e.code.as_deref(), Some("server_is_overloaded"));
+        assert!(e.account);
+        let bad = read_error(
+            r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+        );
+        assert!(bad.request_level && !bad.account);
+        let limit = read_error(
+            r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"websocket_connection_limit_reached"}}"#,
+        );
+        assert!(!limit.request_level, "the socket goes");
     }
 }

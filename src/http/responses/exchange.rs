@@ -28,7 +28,7 @@ use crate::session::admission::{AccountSlot, KeySlot};
 use crate::session::fleet::{SlotKind, Taken};
 use crate::session::gate;
 use crate::session::requests::{InFlight, RequestInfo};
-use crate::session::turn::{Ending, TurnTracker};
+use crate::session::turn::{self, Ending, Step, TurnTracker};
 use crate::upstream::http::{self as upstream, Endpoint, PostError};
 
 mod ws_leg;
@@ -615,24 +615,21 @@ impl Exchange {
             // The events of one read arrived together: one instant, one write to the client.
             let now = Instant::now();
             let mut relay_upto = 0;
-            let mut last: Option<(std::ops::Range<usize>, Stop)> = None;
+            // The stream has started: nothing is recovered any more.
+            let relayed = turn::Relayed {
+                forwarded: true,
+                replayed: true,
+            };
+            let mut last: Option<(std::ops::Range<usize>, Step)> = None;
             for e in &events {
                 let data = reader.data(e).trim();
                 if !data.is_empty() && data != "[DONE]" {
-                    let stop = match self.tracker.observe(data, now).kind {
-                        EventKind::Terminal(kind) => Some(Stop::Terminal(kind)),
-                        EventKind::Error => Some(Stop::Error(
-                            serde_json::from_str::<Value>(data)
-                                .ok()
-                                .as_ref()
-                                .and_then(error_code),
-                        )),
-                        EventKind::Invalid => Some(Stop::Invalid),
-                        _ => None,
-                    };
-                    if let Some(stop) = stop {
-                        last = Some((e.span.clone(), stop));
-                        break;
+                    match turn::step(&mut self.tracker, data, now, relayed) {
+                        Step::Forward | Step::Steer(_) => {}
+                        stop => {
+                            last = Some((e.span.clone(), stop));
+                            break;
+                        }
                     }
                 }
                 relay_upto = e.span.end;
@@ -651,12 +648,13 @@ impl Exchange {
             };
             let raw = reader.take(span.end - span.start);
             return match stop {
-                Stop::Terminal(kind) => {
-                    self.rest = Some(res);
-                    End(Ending::Terminal(kind), Last::Event(raw))
+                Step::End { ending, .. } => {
+                    if matches!(ending, Ending::Terminal(_)) {
+                        self.rest = Some(res);
+                    }
+                    End(ending, Last::Event(raw))
                 }
-                Stop::Error(code) => End(Ending::UpstreamError(code), Last::Event(raw)),
-                Stop::Invalid => End::lost(
+                _ => End::lost(
                     ErrorCode::UpstreamProtocolError,
                     "the upstream sent an event that is not a JSON object with a type",
                 ),
@@ -734,14 +732,6 @@ async fn read_rest(res: Option<awc::ClientResponse>) {
         return;
     };
     let _ = tokio::time::timeout(REST, upstream::read_all(&mut res, 64 * 1024, REST)).await;
-}
-
-/// An upstream event that ends the stream: held back until the record is durable (or, for
-/// an invalid one, never relayed).
-enum Stop {
-    Terminal(crate::protocol::events::TerminalKind),
-    Error(Option<String>),
-    Invalid,
 }
 
 /// An OpenAI error body's code: `error.code` (HTTP, WebSocket) or `code` (SSE `error` event).

@@ -87,14 +87,15 @@ impl SessionActor {
     /// An event of drain `i`'s response.
     pub(super) fn on_drain_text(&mut self, i: usize, text: ByteString, ctx: &mut Context<Self>) {
         let d = &mut self.drains[i];
-        match d.turn.tracker.observe(&text, Instant::now()).kind {
-            EventKind::Terminal(_) => self.end_drain(i, true, ctx),
-            EventKind::Invalid => self.end_drain(i, false, ctx),
-            EventKind::Error => {
-                let (_, request_level) = upstream_error_code(&text);
-                self.end_drain(i, request_level, ctx)
-            }
-            _ => {}
+        // Its client was told already: nothing is relayed, nothing recovered.
+        let relayed = turn::Relayed {
+            forwarded: true,
+            replayed: true,
+        };
+        match turn::step(&mut d.turn.tracker, &text, Instant::now(), relayed) {
+            Step::End { reusable, .. } => self.end_drain(i, reusable, ctx),
+            Step::Invalid => self.end_drain(i, false, ctx),
+            Step::Forward | Step::Steer(_) => {}
         }
     }
 

@@ -220,7 +220,7 @@ impl SessionActor {
             LegItem::Event(text) => self.on_turn_text(i, text, Instant::now(), ctx),
             LegItem::Refused(event) => {
                 self.stop_http_leg(index, ctx);
-                let (code, _) = upstream_error_code(&event);
+                let code = turn::read_error(&event).code;
                 let code = code.unwrap_or_else(|| "http_refused".into());
                 if self.fail_over_in_band(index, &code, ctx) {
                     return;

@@ -280,7 +280,7 @@ impl SessionActor {
         if kind == EventKind::Error && lane.is_none() {
             // An error of no lane while only named lanes run concerns the connection: every
             // turn on it ends (each retried once when nothing of it was forwarded).
-            let (code, _) = upstream_error_code(&text);
+            let code = turn::read_error(&text).code;
             let code = code.unwrap_or_else(|| "error".into());
             warn!(parent: &self.span, code = %code, "upstream error outside any lane; the connection goes");
             return self.drop_connection(

@@ -15,6 +15,7 @@ use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Release};
 use crate::protocol::errors::close;
 use crate::protocol::events::{self, TerminalKind};
 use crate::protocol::frames;
+use crate::session::turn::{self, Step};
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 /// Receives the leased connection's events for the exchange (a task, not an actor).
@@ -188,24 +189,32 @@ impl Exchange {
                     return (Outcome::End(end), false);
                 }
             };
-            match self.tracker.observe(&text, Instant::now()).kind {
-                EventKind::Terminal(kind) => {
+            // Recoveries are for a response of which nothing was heard.
+            let heard = turn::Relayed {
+                forwarded: !unheard,
+                replayed: true,
+            };
+            match turn::step(&mut self.tracker, &text, Instant::now(), heard) {
+                Step::End {
+                    ending: Ending::Terminal(kind),
+                    ..
+                } => {
                     return (Outcome::End(self.ended(kind, &text, streams)), true);
                 }
-                EventKind::Error => {
+                Step::End {
+                    recover: Some(turn::Recovery::FailOver(_)),
+                    reusable,
+                    ..
+                } => {
+                    // The account's trouble, not the request's: the HTTP path decides
+                    // (failover, or the upstream's own answer).
+                    return (Outcome::Fallback, reusable);
+                }
+                Step::End {
+                    ending, reusable, ..
+                } => {
                     let (status, body) = events::http_error_of_ws(&text);
-                    let code = serde_json::from_slice::<Value>(&body)
-                        .ok()
-                        .as_ref()
-                        .and_then(error_code);
                     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-                    // An error of the request leaves the connection usable; others may not.
-                    let reusable = status.is_client_error();
-                    if unheard && upstream::account_trouble(status) {
-                        // The account's trouble, not the request's: the HTTP path decides
-                        // (failover, or the upstream's own answer).
-                        return (Outcome::Fallback, reusable);
-                    }
                     let last = if relayed {
                         Last::Event(events::sse_of_ws(&text))
                     } else {
@@ -215,20 +224,17 @@ impl Exchange {
                             retry_after: None,
                         }
                     };
-                    return (
-                        Outcome::End(End(Ending::UpstreamError(code), last)),
-                        reusable,
-                    );
+                    return (Outcome::End(End(ending, last)), reusable);
                 }
-                EventKind::Invalid => {
+                Step::Invalid => {
                     let end = End::lost(
                         ErrorCode::UpstreamProtocolError,
                         "the upstream sent an event that is not a JSON object with a type",
                     );
                     return (Outcome::End(end), false);
                 }
-                _ if !streams => {}
-                _ => {
+                Step::Forward | Step::Steer(_) if !streams => {}
+                Step::Forward | Step::Steer(_) => {
                     if !relayed {
                         if !sink.start_stream(budget) {
                             return (Outcome::End(End::client_gone()), false);
