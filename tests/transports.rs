@@ -670,3 +670,45 @@ fn named_lanes_on_an_upstream_without_lanes_go_over_http() {
     );
     s.finish();
 }
+
+/// More HTTP clients at once than the account has sockets: those that find none free go over
+/// HTTP at once instead of queueing for a socket (the lease timeout here is a minute: a queued
+/// one would have ridden a socket).
+#[test]
+fn http_clients_beyond_the_accounts_sockets_go_over_http() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            max_conns: 2,
+            env: &[("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "60000")],
+            ..StackOptions::default()
+        },
+    );
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    post_json(
+                        &s.addr,
+                        "/v1/responses",
+                        &s.key,
+                        &http_req(json!({"metadata": {"sim": "deltas=10 delta_delay_ms=60"}})),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        answers
+            .iter()
+            .all(|(code, body)| *code == 200 && body["status"] == "completed"),
+        "{answers:?}"
+    );
+    let rows = s.rows(6);
+    assert_eq!(rows.len(), 6);
+    let on_ws = rows.iter().filter(|r| r.upstream_transport == "ws").count();
+    assert!((1..=2).contains(&on_ws), "{on_ws} on sockets: {rows:?}");
+    assert_eq!(http_requests(&s).len(), 6 - on_ws);
+    s.finish();
+}

@@ -64,6 +64,10 @@ struct Waiter {
     home: Option<Home>,
     reclaim: Option<Recipient<Reclaim>>,
     reply: oneshot::Sender<Result<Lease, LeaseError>>,
+    /// Waits when nothing can be had at once (`Acquire::queue`).
+    queue: bool,
+    /// A dial was started for it: it waits for that, whatever `queue` says.
+    dialled: bool,
 }
 
 pub struct ContextPool {
@@ -297,25 +301,37 @@ impl ContextPool {
         for k in plan.dial.iter().chain(&plan.spare) {
             self.dial(*k, ctx);
         }
+        for k in &plan.dial {
+            self.waiters[*k].dialled = true;
+        }
         for conn in &plan.reclaim {
             self.ask_back(*conn, ctx);
         }
-        // Then the answered waiters leave the queue, back to front so indices stay valid.
-        let mut answered: Vec<(usize, Option<u64>)> = plan
+        // Then the answered waiters leave the queue, back to front so indices stay valid:
+        // those lent a connection, those of a cooling account, and those that would rather not
+        // wait for what nothing lends or dials for them now.
+        let mut answered: Vec<(usize, Result<u64, LeaseError>)> = plan
             .lend
             .iter()
-            .map(|(k, conn)| (*k, Some(*conn)))
-            .chain(plan.cooling.iter().map(|k| (*k, None)))
+            .map(|(k, conn)| (*k, Ok(*conn)))
+            .chain(plan.cooling.iter().map(|k| (*k, Err(LeaseError::Cooling))))
             .collect();
+        let busy: Vec<usize> = (0..self.waiters.len())
+            .filter(|k| {
+                let w = &self.waiters[*k];
+                !w.queue && !w.dialled && !answered.iter().any(|(a, _)| a == k)
+            })
+            .collect();
+        answered.extend(busy.into_iter().map(|k| (k, Err(LeaseError::Busy))));
         answered.sort_unstable_by_key(|(k, _)| std::cmp::Reverse(*k));
         for (k, conn) in answered {
             let Some(w) = self.waiters.remove(k) else {
                 continue;
             };
             match conn {
-                Some(conn) => self.grant(conn, w),
-                None => {
-                    let _ = w.reply.send(Err(LeaseError::Cooling));
+                Ok(conn) => self.grant(conn, w),
+                Err(e) => {
+                    let _ = w.reply.send(Err(e));
                 }
             }
         }
@@ -565,6 +581,8 @@ impl Handler<Acquire> for ContextPool {
             home: msg.home,
             reclaim: msg.reclaim,
             reply: tx,
+            queue: msg.queue,
+            dialled: false,
         });
         self.arm_expiry(ctx);
         self.dispatch(ctx);

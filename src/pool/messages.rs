@@ -40,6 +40,9 @@ pub enum LeaseError {
     ShuttingDown,
     #[error("the account is cooling down after failed dials")]
     Cooling,
+    /// No connection now, and the requester would rather not wait for one.
+    #[error("no upstream connection free now")]
+    Busy,
     /// The upstream answered the handshake 426: the account takes turns over HTTP only.
     #[error("the upstream refuses the WebSocket mode (426)")]
     WebSocketRefused,
@@ -77,6 +80,9 @@ pub struct Acquire {
     pub home: Option<Home>,
     /// Where the pool asks for the connection back while the session holds it between turns.
     pub reclaim: Option<Recipient<Reclaim>>,
+    /// Wait for a connection when none is idle and none can be dialled (`false`: answer
+    /// `Busy` at once — an HTTP client's turn then goes over HTTP rather than queue).
+    pub queue: bool,
 }
 
 /// The pool needs the connection a session holds between turns (docs/DESIGN.md#idle-reclaim): give it back if

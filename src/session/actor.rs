@@ -513,6 +513,7 @@ impl SessionActor {
             lessee: ctx.address().recipient(),
             home: Some(Home::current()),
             reclaim: Some(ctx.address().recipient()),
+            queue: true,
         });
         ctx.spawn(acquire.into_actor(self).map(move |res, act, ctx| {
             let res = res.unwrap_or(Err(LeaseError::ShuttingDown));

@@ -159,6 +159,12 @@ impl TurnTracker {
         }
     }
 
+    /// The longest silence the turn's upstream is allowed before its next event: `first` until
+    /// it heard one, then `idle`.
+    pub fn silence_allowed(&self, first: Duration, idle: Duration) -> Duration {
+        if self.events == 0 { first } else { idle }
+    }
+
     /// The size of the request's prompt, for the input estimate.
     pub fn prompting(mut self, prompt_bytes: usize) -> Self {
         self.prompt_bytes = prompt_bytes;

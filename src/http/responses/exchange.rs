@@ -580,11 +580,7 @@ impl Exchange {
         }
         let mut reader = SseReader::default();
         loop {
-            let wait = if self.tracker.events == 0 {
-                first_event
-            } else {
-                idle
-            };
+            let wait = self.tracker.silence_allowed(first_event, idle);
             let chunk = tokio::select! {
                 chunk = upstream::next_chunk(&mut res, wait) => chunk,
                 end = self.interrupted(sink) => return end,

@@ -95,6 +95,7 @@ impl Exchange {
             lessee: lessee.clone().recipient(),
             home: Some(Home::current()),
             reclaim: None,
+            queue: false,
         });
         let lease = tokio::select! {
             lease = acquire => lease,
@@ -108,7 +109,8 @@ impl Exchange {
                 self.next_account();
                 return None;
             }
-            // No connection in time, or no WebSocket at all (426): HTTP, on this account.
+            // None free now (the HTTP path does not wait for one), or no WebSocket at all
+            // (426): HTTP, on this account.
             _ => return None,
         };
         let held = Held {
@@ -157,11 +159,7 @@ impl Exchange {
         let streams = self.streams();
         let mut relayed = false;
         loop {
-            let wait = if self.tracker.events == 0 {
-                first_event
-            } else {
-                idle
-            };
+            let wait = self.tracker.silence_allowed(first_event, idle);
             let event = tokio::select! {
                 e = tokio::time::timeout(wait, rx.recv()) => e,
                 end = self.interrupted(sink) => return (Outcome::End(end), false),
