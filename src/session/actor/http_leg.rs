@@ -167,8 +167,8 @@ impl SessionActor {
         };
         // `raw` parsed as a JSON object when it arrived; rewrites keep it one.
         let body = frames::http_body(raw).unwrap_or_default();
-        info!(parent: &turn.span, bytes = raw.len(), account = %endpoint.account,
-            "request larger than the account's WebSocket frame limit: sent over HTTP");
+        debug!(parent: &turn.span, bytes = raw.len(), account = %endpoint.account,
+            "request sent over HTTP: its account's WebSocket cannot carry it");
         let request = LegRequest {
             endpoint,
             headers,
@@ -232,14 +232,14 @@ impl SessionActor {
             }
             LegItem::Unreachable(why) => {
                 self.stop_http_leg(index, ctx);
-                warn!(parent: &self.turns[i].span, error = %why, "upstream unreachable over HTTP");
+                debug!(parent: &self.turns[i].span, error = %why, "upstream unreachable over HTTP");
                 if !self.fail_over_in_band(index, "unreachable", ctx) {
                     self.unreachable(index, ctx);
                 }
             }
             LegItem::Lost(why) => {
                 self.stop_http_leg(index, ctx);
-                warn!(parent: &self.turns[i].span, error = %why, "HTTP leg lost");
+                debug!(parent: &self.turns[i].span, error = %why, "HTTP leg lost");
                 self.lose_turn(index, &LostReason::Error(why), ctx);
             }
         }

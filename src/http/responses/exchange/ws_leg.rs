@@ -136,7 +136,7 @@ impl Exchange {
                 Some(end)
             }
             Outcome::Fallback | Outcome::TooBig => {
-                info!(parent: &self.span, "the upstream WebSocket gave nothing of the response; the request goes over HTTP");
+                debug!(parent: &self.span, "the upstream WebSocket gave nothing of the response; the request goes over HTTP");
                 self.tracker = before;
                 None
             }
