@@ -181,6 +181,7 @@ pub fn start_relay_with(
             health,
             http,
             frame_max: a.frame_max_bytes,
+            lanes: a.lanes,
         });
     }
     if accounts.is_empty() {

@@ -481,6 +481,22 @@ pub struct AccountSettings {
     /// Default 16 MiB − 1: OpenAI's endpoint closes a message of 16 MiB or more with 1009.
     #[serde(default = "default_account_frame_max")]
     pub frame_max_bytes: usize,
+    /// Named lanes (`stream_id`) on this account's WebSocket (docs/DESIGN.md#upstream-transports).
+    #[serde(default)]
+    pub lanes: LanesMode,
+}
+
+/// Whether an account's WebSocket carries named lanes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LanesMode {
+    /// Yes, until its upstream refuses a `stream_id`; then named lanes go over HTTP.
+    #[default]
+    Auto,
+    /// Yes: a refusal of `stream_id` is relayed as any upstream error.
+    Native,
+    /// No: named lanes' turns go over HTTP from the start.
+    Http,
 }
 
 fn default_weight() -> u32 {
@@ -506,6 +522,7 @@ impl AccountSettings {
             priority: 0,
             weight: default_weight(),
             frame_max_bytes: default_account_frame_max(),
+            lanes: LanesMode::Auto,
         }
     }
 

@@ -45,6 +45,7 @@ pub mod metric {
     pub const ACCOUNT_COOLING: &str = "turnpike_upstream_account_cooling";
     pub const AFFINITY_MOVES: &str = "turnpike_affinity_moves_total";
     pub const ACCOUNT_STATE: &str = "turnpike_upstream_account_state";
+    pub const ACCOUNT_HTTP: &str = "turnpike_upstream_account_http";
     pub const SPOOL_BACKLOG: &str = "turnpike_accounting_backlog_records";
     pub const SPOOL_BACKLOG_AGE: &str = "turnpike_accounting_backlog_age_seconds";
     pub const BATCH_ROWS: &str = "turnpike_accounting_batch_rows";
@@ -76,6 +77,7 @@ pub mod metric {
         ACCOUNT_COOLING,
         AFFINITY_MOVES,
         ACCOUNT_STATE,
+        ACCOUNT_HTTP,
         SPOOL_BACKLOG,
         SPOOL_BACKLOG_AGE,
         BATCH_ROWS,
@@ -121,7 +123,10 @@ pub fn register_metrics(accounts: &[String]) {
         "rejected",
     ] {
         for transport in ["ws", "http"] {
-            counter!(TURNS, "status" => status, "transport" => transport).increment(0);
+            for upstream in ["ws", "http"] {
+                counter!(TURNS, "status" => status, "transport" => transport, "upstream_transport" => upstream)
+                    .increment(0);
+            }
         }
     }
     for h in [
@@ -156,6 +161,7 @@ pub fn register_metrics(accounts: &[String]) {
         gauge!(ACCOUNT_COOLING, "account" => a.clone()).set(0.0);
         counter!(AFFINITY_MOVES, "from" => a.clone()).increment(0);
         account_state(&a, "healthy");
+        account_http(&a, false, false);
         gauge!(LEASE_WAITERS, "account" => a.clone()).set(0.0);
         for state in ["idle", "leased", "parked", "dialing"] {
             gauge!(UPSTREAM_CONNECTIONS, "account" => a.clone(), "state" => state).set(0.0);
@@ -207,10 +213,23 @@ pub fn account_state(account: &str, current: &str) {
     }
 }
 
+/// What an account's upstream taught the relay (docs/DESIGN.md#upstream-transports): a gauge
+/// per reason its turns go over HTTP (1 when it holds).
+pub fn account_http(account: &str, websocket_refused: bool, lanes_refused: bool) {
+    for (reason, holds) in [
+        ("websocket_refused", websocket_refused),
+        ("lanes_refused", lanes_refused),
+    ] {
+        ::metrics::gauge!(metric::ACCOUNT_HTTP, "account" => account.to_string(), "reason" => reason)
+            .set(if holds { 1.0 } else { 0.0 });
+    }
+}
+
 /// A turn's record reached accounting: count it and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
-    ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str())
-        .increment(1);
+    ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str(),
+        "upstream_transport" => r.upstream_transport.as_str())
+    .increment(1);
     if let Some(ms) = r.timing.first_token_ms {
         ::metrics::histogram!(metric::FIRST_TOKEN_MS).record(crate::num::f64_of_i64(ms));
     }

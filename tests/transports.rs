@@ -712,3 +712,69 @@ fn http_clients_beyond_the_accounts_sockets_go_over_http() {
     assert_eq!(http_requests(&s).len(), 6 - on_ws);
     s.finish();
 }
+
+/// What an account's upstream taught the relay is visible to operators (`/admin/pools`, a
+/// gauge per reason), and an account declared `lanes = "http"` sends named lanes over HTTP
+/// from the first turn, its socket never seeing a `stream_id`.
+#[test]
+fn what_accounts_taught_is_visible_and_lanes_can_be_declared() {
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[],
+        StackOptions {
+            sim_args: &["--refuse-stream-id"],
+            ..StackOptions::default()
+        },
+    );
+    let gauge = |account: &str, reason: &str| {
+        common::admin::metric(
+            &admin,
+            &format!("turnpike_upstream_account_http{{account=\"{account}\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(gauge("sim", "lanes_refused"), 0.0);
+    let mut c = s.client();
+    c.send(&create(Some("x"), "lane x", "deltas=1"));
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(gauge("sim", "lanes_refused"), 1.0);
+    assert_eq!(gauge("sim", "websocket_refused"), 0.0);
+    let (code, pools) = common::http(&admin, "GET", "/admin/pools", Some(common::admin::TOKEN));
+    assert_eq!(code, 200);
+    let sim = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["account"] == "sim")
+        .unwrap();
+    assert_eq!(
+        (sim["lanes_refused"].as_bool(), sim["http_only"].as_bool()),
+        (Some(true), Some(false))
+    );
+    s.finish();
+
+    // Declared on an upstream that has lanes: no `stream_id` is ever sent to its socket.
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: "lanes = \"http\"\n",
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    c.send(&create(Some("y"), "lane y", "deltas=1"));
+    let last = c.until_terminal(T).pop().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["stream_id"].as_str()),
+        (Some("response.completed"), Some("y"))
+    );
+    assert!(
+        ws_frames_in(&s)
+            .iter()
+            .all(|f| !f.contains("\"stream_id\""))
+    );
+    assert_eq!(http_requests(&s).len(), 1);
+    s.finish();
+}

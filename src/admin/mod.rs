@@ -430,6 +430,7 @@ async fn metrics(
             ::metrics::gauge!(metric::LEASE_WAITERS, "account" => a.name.clone())
                 .set(crate::num::f64_of(crate::num::count(p.waiters)));
             crate::telemetry::account_state(&a.name, &p.health);
+            crate::telemetry::account_http(&a.name, p.http_only, p.lanes_refused);
         }
     }
     if let Ok(n) = state

@@ -669,8 +669,11 @@ impl SessionActor {
         let now = Instant::now();
         self.up.heard_at = Some(now);
         let lane = stream_id_of(&text);
-        if lane.is_none() && crate::protocol::events::refuses_stream_id(&text) {
-            return self.lanes_refused(ctx);
+        if lane.is_none()
+            && crate::protocol::events::refuses_stream_id(&text)
+            && self.lanes_refused(ctx)
+        {
+            return;
         }
         // A preempted response drained on this connection takes its lane's events until its end.
         if let Some(d) = self

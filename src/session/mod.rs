@@ -49,6 +49,8 @@ pub struct AccountHandle {
     pub http: Arc<crate::upstream::http::Endpoint>,
     /// Largest request frame its WebSocket takes (docs/DESIGN.md#upstream-transports).
     pub frame_max: usize,
+    /// Whether its WebSocket carries named lanes (`[[accounts]] lanes`).
+    pub lanes: crate::config::LanesMode,
 }
 
 impl AccountHandle {
@@ -57,6 +59,16 @@ impl AccountHandle {
     /// (docs/DESIGN.md#upstream-transports).
     pub fn ws_frame_max(&self) -> usize {
         self.health.ws_frame_max(self.frame_max)
+    }
+
+    /// Whether named lanes' turns go over HTTP: configured so, or learnt (`lanes = "auto"`).
+    pub fn lanes_over_http(&self) -> bool {
+        use crate::config::LanesMode;
+        match self.lanes {
+            LanesMode::Http => true,
+            LanesMode::Auto => self.health.lanes_refused(),
+            LanesMode::Native => false,
+        }
     }
 }
 

@@ -61,7 +61,7 @@ impl SessionActor {
             .deps
             .accounts
             .iter()
-            .any(|a| a.name == account && a.health.lanes_refused());
+            .any(|a| a.name == account && a.lanes_over_http());
         let Some(turn) = self.at_mut(index) else {
             return false;
         };
@@ -104,13 +104,19 @@ impl SessionActor {
     /// named-lane turns on the connection that heard nothing yet — the refused one among them —
     /// are sent again, over HTTP. The refusal is not forwarded: their clients see normal turns
     /// (docs/DESIGN.md#upstream-transports).
-    pub(super) fn lanes_refused(&mut self, ctx: &mut Context<Self>) {
+    /// `false` when the account's lanes are declared `native`: the refusal is then relayed as
+    /// any upstream error.
+    pub(super) fn lanes_refused(&mut self, ctx: &mut Context<Self>) -> bool {
         let Some(account) = self.up.lease.as_ref().map(|l| l.account.to_string()) else {
-            return;
+            return false;
         };
-        if let Some(a) = self.deps.accounts.iter().find(|a| a.name == account)
-            && a.health.refuse_lanes()
-        {
+        let Some(a) = self.deps.accounts.iter().find(|a| a.name == account) else {
+            return false;
+        };
+        if a.lanes == crate::config::LanesMode::Native {
+            return false;
+        }
+        if a.health.refuse_lanes() {
             warn!(parent: &self.span, %account,
                 "upstream refuses stream_id (no lanes): this account's named lanes go over HTTP");
         }
@@ -126,6 +132,7 @@ impl SessionActor {
             }
             self.lease_and_send(index, ctx);
         }
+        true
     }
 
     /// Sends turn `index` over its HTTP leg, after the continuation decision (no connection
