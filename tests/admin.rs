@@ -239,8 +239,10 @@ fn every_metric_exists_from_the_start() {
     for series in [
         r#"turnpike_compensations{status="dead"} 0"#,
         r#"turnpike_upstream_dial_failures_total{account="sim"} 0"#,
-        r#"turnpike_turns_total{status="completed",transport="ws"} 0"#,
-        r#"turnpike_turns_total{status="completed",transport="http"} 0"#,
+        r#"turnpike_turns_total{status="completed",transport="ws",upstream_transport="ws"} 0"#,
+        r#"turnpike_turns_total{status="completed",transport="http",upstream_transport="ws"} 0"#,
+        r#"turnpike_turns_total{status="completed",transport="http",upstream_transport="http"} 0"#,
+        r#"turnpike_upstream_account_http{account="sim",reason="lanes_refused"} 0"#,
         "turnpike_http_requests_in_flight 0",
         r#"turnpike_handshakes_refused_total{reason="invalid_api_key"} 0"#,
     ] {
@@ -272,11 +274,11 @@ fn metrics_match_what_happened() {
             .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
     };
     assert_eq!(
-        value(r#"turnpike_turns_total{status="completed",transport="ws"}"#),
+        value(r#"turnpike_turns_total{status="completed",transport="ws",upstream_transport="ws"}"#),
         2.0
     );
     assert_eq!(
-        value(r#"turnpike_turns_total{status="failed",transport="ws"}"#),
+        value(r#"turnpike_turns_total{status="failed",transport="ws",upstream_transport="ws"}"#),
         1.0
     );
     assert_eq!(value("turnpike_sessions_open"), 2.0);

@@ -551,11 +551,11 @@ fn requests_in_flight_are_visible() {
     assert_eq!(body["requests"].as_array().unwrap().len(), 0, "{body}");
     let m = |name: &str| common::admin::metric(&admin, name);
     assert_eq!(
-        m("turnpike_turns_total{status=\"completed\",transport=\"http\"}"),
+        m("turnpike_turns_total{status=\"completed\",transport=\"http\","),
         1.0
     );
     assert_eq!(
-        m("turnpike_turns_total{status=\"completed\",transport=\"ws\"}"),
+        m("turnpike_turns_total{status=\"completed\",transport=\"ws\","),
         0.0
     );
     assert_eq!(m("turnpike_http_requests_in_flight"), 0.0);
