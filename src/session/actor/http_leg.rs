@@ -1,7 +1,9 @@
-//! A turn its account's WebSocket cannot carry (a request frame over the account's
-//! `frame_max_bytes`) goes upstream as `POST /responses` with `stream: true` of its own, and its
-//! SSE events reach the client as the WebSocket mode's events, through the same handling as a
-//! leased connection's: timing, usage, record, continuation (docs/DESIGN.md#upstream-transports).
+//! A turn its account's WebSocket cannot carry — a request frame over the account's limit
+//! (configured, or learnt from a 1009), an account whose upstream answered a handshake 426, a
+//! named lane on an upstream without lanes — goes upstream as `POST /responses` with
+//! `stream: true` of its own, and its SSE events reach the client as the WebSocket mode's events,
+//! through the same handling as a leased connection's: timing, usage, record, continuation
+//! (docs/DESIGN.md#upstream-transports).
 
 use futures_util::StreamExt;
 
