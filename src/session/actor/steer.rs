@@ -175,7 +175,7 @@ impl SessionActor {
             let e = steer_refused(
                 &steer,
                 ErrorCode::NoActiveResponse,
-                "this response runs over HTTP (its request is larger than the upstream WebSocket takes) and cannot be steered; send a new response.create",
+                "this response runs over HTTP (its account's upstream WebSocket cannot carry it) and cannot be steered; send a new response.create",
                 lane.as_deref(),
             );
             return self.send(e, ctx);
