@@ -778,3 +778,65 @@ fn what_accounts_taught_is_visible_and_lanes_can_be_declared() {
     assert_eq!(http_requests(&s).len(), 1);
     s.finish();
 }
+
+/// Clients that vanish the moment their turn's response started over HTTP: each turn still ends
+/// with one row, its input billed (the request reached the upstream).
+#[test]
+fn clients_vanishing_during_http_legs_leave_one_billed_row_each() {
+    let s = stack(Some(1024), &[]);
+    let input = "v".repeat(4096);
+    for _ in 0..5 {
+        let mut c = s.client();
+        c.send(&create(None, &input, "deltas=20 delta_delay_ms=30"));
+        // Gone without a close frame as soon as the response started.
+        assert_eq!(c.next_event(T)["type"], "response.created");
+        drop(c);
+    }
+    let rows = s.rows(5);
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r.upstream_transport, "http", "{r:?}");
+        assert!(
+            matches!(r.status.as_str(), "completed" | "client_gone"),
+            "{r:?}"
+        );
+        assert!(
+            r.input_tokens > 0 && r.cost_nanousd > 0,
+            "never zero once sent: {r:?}"
+        );
+    }
+    s.finish();
+}
+
+/// Forty sessions at once, each turn over HTTP on one account: more legs than the account's
+/// HTTP connections per worker (`max_conns` 4) — every turn completes, one row each.
+#[test]
+fn many_sessions_with_http_legs_at_once() {
+    let s = stack(Some(1024), &[]);
+    let input = "m".repeat(2048);
+    let (addr, key) = (&s.addr, &s.key);
+    let ends: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..40)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut c = Client::bearer(addr, key);
+                    c.send(&create(None, &input, "deltas=3 delta_delay_ms=20"));
+                    c.until_terminal(T).pop().unwrap()["type"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ends.iter().all(|e| e == "response.completed"), "{ends:?}");
+    let rows = s.rows(40);
+    assert_eq!(rows.len(), 40);
+    assert!(
+        rows.iter()
+            .all(|r| r.upstream_transport == "http" && r.status == "completed")
+    );
+    assert_eq!(http_requests(&s).len(), 40);
+    s.finish();
+}
