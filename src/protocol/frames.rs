@@ -38,6 +38,8 @@ pub struct CreateFrame {
     pub stream_id: Option<String>,
     /// `stream: true`: over HTTP, the answer is an SSE stream (the WebSocket mode ignores it).
     pub stream: bool,
+    /// `background: true`: the response outlives its request (HTTP only).
+    pub background: bool,
     /// `prompt_cache_key`: turns sharing it go to one account (docs/DESIGN.md#routing).
     pub prompt_cache_key: Option<String>,
 }
@@ -159,6 +161,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         max_output_tokens: obj.get("max_output_tokens").and_then(Value::as_u64),
         stream_id,
         stream: obj.get("stream").and_then(Value::as_bool) == Some(true),
+        background: obj.get("background").and_then(Value::as_bool) == Some(true),
         prompt_cache_key: obj
             .get("prompt_cache_key")
             .and_then(Value::as_str)

@@ -226,6 +226,7 @@ mod tests {
             max_output_tokens: None,
             stream_id: lane.map(str::to_string),
             stream: false,
+            background: false,
             prompt_cache_key: None,
         }
     }

@@ -327,6 +327,7 @@ impl SessionActor {
             max_output_tokens: None,
             stream_id: lane,
             stream: false,
+            background: false,
             prompt_cache_key: None,
         };
         let mut turn = self.new_turn(frame, template.model, now, Origin::Steer, id);

@@ -78,7 +78,7 @@ impl Exchange {
         let account = self.account.as_ref()?.account.clone();
         let handle = self.deps.accounts.iter().find(|a| a.name == account)?;
         // A background response outlives its request: HTTP only.
-        if self.frame.raw.contains("\"background\"") {
+        if self.frame.background {
             return None;
         }
         let frame = frames::ws_frame(self.frame.raw.as_bytes())?;
