@@ -48,6 +48,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
         upstream_transport: turnpike::record::Transport::Ws,
+        service_tier: "standard".into(),
     }
 }
 

@@ -373,6 +373,7 @@ pub async fn run_server(deps: Arc<SessionDeps>, listener: TcpListener) -> Result
                 .configure(health::routes)
                 .configure(ingress::routes)
                 .configure(crate::http::responses::routes)
+                .configure(crate::http::codex_usage::routes)
                 .default_service(web::to(crate::http::responses::not_found));
             let stopping = stopping.clone();
             HttpService::build()

@@ -57,6 +57,10 @@ pub enum AuthError {
     QuotaExhausted,
     #[error("user balance exhausted")]
     BalanceExhausted,
+    #[error("this key may not use model {0:?}")]
+    ModelNotAllowed(String),
+    #[error("this key may not use service tier {0:?}")]
+    ServiceTierNotAllowed(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -81,6 +85,44 @@ pub fn check_standing(key: &ApiKey, user: &User, pending: (i64, i64)) -> Result<
         && balance.saturating_sub(pending_user) <= 0
     {
         return Err(AuthError::BalanceExhausted);
+    }
+    Ok(())
+}
+
+/// The names of a stored allow-list (`None`: no list, everything allowed).
+pub fn allow_list(stored: Option<&str>) -> Option<Vec<&str>> {
+    stored.map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect()
+    })
+}
+
+/// An allow-list as stored: names trimmed, empty ones dropped, comma-joined; `None` for none.
+pub fn stored_list(names: Option<&[String]>) -> Option<String> {
+    let names: Vec<&str> = names?
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    (!names.is_empty()).then(|| names.join(","))
+}
+
+/// Whether a key may ask for this turn (docs/DESIGN.md#key-limits): its model, and the service
+/// tier it names (a request naming none, or `auto`, asks for no tier in particular).
+pub fn check_request(key: &ApiKey, model: &str, tier: Option<&str>) -> Result<(), AuthError> {
+    if let Some(models) = allow_list(key.allowed_models.as_deref())
+        && !models.contains(&model)
+    {
+        return Err(AuthError::ModelNotAllowed(model.to_string()));
+    }
+    let asked = tier.map(crate::billing::pricing::tier_name);
+    if let (Some(tiers), Some(asked)) = (allow_list(key.allowed_service_tiers.as_deref()), asked)
+        && asked != crate::billing::pricing::AUTO_TIER
+        && !tiers.contains(&asked.as_str())
+    {
+        return Err(AuthError::ServiceTierNotAllowed(asked));
     }
     Ok(())
 }
@@ -172,6 +214,10 @@ pub struct KeyRequest {
     pub quota_nanousd: Option<i64>,
     pub max_sessions: Option<i32>,
     pub max_concurrent_turns: Option<i32>,
+    /// Models the key may use (`None`: any).
+    pub allowed_models: Option<Vec<String>>,
+    /// Service tiers the key may ask for (`None`: any).
+    pub allowed_service_tiers: Option<Vec<String>>,
 }
 
 /// Creates a key for `user_id`; returns the full key (shown once) and the stored row.
@@ -183,6 +229,8 @@ pub async fn create_key(
     let key = generate_key().map_err(|e| DbError::Io(std::io::Error::other(e.to_string())))?;
     let hash = hash_key(&key);
     let prefix = display_prefix(&key);
+    let models = stored_list(req.allowed_models.as_deref());
+    let tiers = stored_list(req.allowed_service_tiers.as_deref());
     let row = queries::keys::insert(
         pool,
         &NewApiKey {
@@ -195,6 +243,8 @@ pub async fn create_key(
             max_sessions: req.max_sessions,
             max_concurrent_turns: req.max_concurrent_turns,
             created_at: crate::db::now(),
+            allowed_models: models.as_deref(),
+            allowed_service_tiers: tiers.as_deref(),
         },
     )
     .await?;
@@ -218,6 +268,8 @@ mod tests {
             max_concurrent_turns: None,
             created_at: crate::db::now(),
             revoked_at: None,
+            allowed_models: None,
+            allowed_service_tiers: None,
         }
     }
 

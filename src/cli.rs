@@ -150,6 +150,13 @@ pub enum KeysCommand {
         /// Free-text label.
         #[arg(long)]
         label: Option<String>,
+        /// Models the key may use, comma-separated (default: any).
+        #[arg(long, value_name = "MODEL,…", value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Service tiers the key may ask for, comma-separated: standard, flex, priority, …
+        /// (default: any; each billed at its price).
+        #[arg(long, value_name = "TIER,…", value_delimiter = ',')]
+        service_tiers: Option<Vec<String>>,
     },
     /// List keys (prefixes only; keys are never stored).
     List {
@@ -496,6 +503,8 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
             max_sessions,
             max_concurrent_turns,
             label,
+            models,
+            service_tiers,
         } => {
             let owner = queries::users::by_name(db, &user)
                 .await?
@@ -505,6 +514,8 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
                 quota_nanousd: quota_usd.map(|q| usd_arg("--quota-usd", &q)).transpose()?,
                 max_sessions,
                 max_concurrent_turns,
+                allowed_models: models,
+                allowed_service_tiers: service_tiers,
             };
             let (key, row) = auth::create_key(db, owner.id, &req).await?;
             // The key goes to stdout alone so that `KEY=$(turnpike keys create …)` works.
@@ -526,6 +537,10 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
                     money::format_usd(k.spent_nanousd),
                     opt_num(k.max_sessions),
                     opt_num(k.max_concurrent_turns),
+                    k.allowed_models.clone().unwrap_or_else(|| "any".into()),
+                    k.allowed_service_tiers
+                        .clone()
+                        .unwrap_or_else(|| "any".into()),
                     if k.revoked_at.is_some() {
                         "revoked"
                     } else {
@@ -545,6 +560,8 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
                     "SPENT_USD",
                     "MAX_SESSIONS",
                     "MAX_TURNS",
+                    "MODELS",
+                    "TIERS",
                     "STATE",
                     "CREATED_UTC",
                 ],

@@ -95,8 +95,10 @@ pub enum Origin {
     Create,
     /// A successor the upstream started on its own after `response.steer`.
     Steer,
-    /// `POST /v1/responses/compact`.
-    Compact,
+    /// `POST /v1/responses/compact`, or a request whose input holds a `compaction_trigger`
+    /// (records spooled before were `compact`).
+    #[serde(alias = "compact")]
+    Compaction,
 }
 
 impl Origin {
@@ -104,7 +106,7 @@ impl Origin {
         match self {
             Origin::Create => "create",
             Origin::Steer => "steer",
-            Origin::Compact => "compact",
+            Origin::Compaction => "compaction",
         }
     }
 }
@@ -202,7 +204,8 @@ pub struct TurnRecord {
     pub error_code: Option<String>,
     pub accepted_at: NaiveDateTime,
     /// `create` (the client's `response.create` or `POST /v1/responses`), `steer` (a successor
-    /// the upstream started after `response.steer`) or `compact` (`/v1/responses/compact`).
+    /// the upstream started after `response.steer`) or `compaction` (`/v1/responses/compact`,
+    /// or a `compaction_trigger` input item).
     #[serde(default)]
     pub origin: Origin,
     /// `ws` or `http` (records spooled before the HTTP surface are `ws`).
@@ -212,10 +215,22 @@ pub struct TurnRecord {
     /// docs/DESIGN.md#upstream-transports).
     #[serde(default)]
     pub upstream_transport: Transport,
+    /// The service tier billed (docs/DESIGN.md#pricing; records spooled before tiers are
+    /// `standard`).
+    #[serde(default = "standard_tier")]
+    pub service_tier: String,
     /// The usage the upstream reported and the relay did not believe (billed from its
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_aside: Option<SetAside>,
+}
+
+/// The service tier of a request that names none, and of the upstream's `default`
+/// (docs/DESIGN.md#pricing).
+pub const STANDARD_TIER: &str = "standard";
+
+fn standard_tier() -> String {
+    STANDARD_TIER.to_string()
 }
 
 /// A reported usage set aside (docs/DESIGN.md#usage-bounds).
@@ -253,6 +268,9 @@ impl TurnRecord {
             && bad(c, MODEL_MAX_CHARS)
         {
             self.response_id = Some(clean_label(c, MODEL_MAX_CHARS));
+        }
+        if bad(&self.service_tier, MODEL_MAX_CHARS) {
+            self.service_tier = clean_label(&self.service_tier, MODEL_MAX_CHARS);
         }
         self
     }
@@ -340,8 +358,11 @@ mod tests {
         // Version 1: no `v`, no `response_id`.
         let mut v1 = serde_json::to_value(record()).unwrap();
         v1.as_object_mut().unwrap().remove("response_id");
+        v1["origin"] = "compact".into();
         let old = decode_record(v1.to_string().as_bytes()).unwrap();
         assert_eq!(old.response_id, None);
+        assert_eq!(old.service_tier, "standard");
+        assert_eq!(old.origin, Origin::Compaction);
         v1["v"] = 99.into();
         assert_eq!(
             decode_record(v1.to_string().as_bytes()),

@@ -35,6 +35,7 @@ pub mod metric {
     pub const UPSTREAM_WAIT_MS: &str = "turnpike_upstream_wait_ms";
     pub const USAGE_MALFORMED: &str = "turnpike_usage_malformed_total";
     pub const USAGE_QUARANTINED: &str = "turnpike_usage_quarantined_total";
+    pub const BILLED: &str = "turnpike_billed_nanousd_total";
     pub const UPSTREAM_ERRORS: &str = "turnpike_upstream_errors_total";
     pub const DIALS: &str = "turnpike_upstream_dials_total";
     pub const DIAL_FAILURES: &str = "turnpike_upstream_dial_failures_total";
@@ -67,6 +68,7 @@ pub mod metric {
         UPSTREAM_WAIT_MS,
         USAGE_MALFORMED,
         USAGE_QUARANTINED,
+        BILLED,
         UPSTREAM_ERRORS,
         DIALS,
         DIAL_FAILURES,
@@ -142,6 +144,9 @@ pub fn register_metrics(accounts: &[String]) {
     counter!(USAGE_MALFORMED).increment(0);
     for reason in ["above_bound", "cost_overflow"] {
         counter!(USAGE_QUARANTINED, "reason" => reason).increment(0);
+    }
+    for tier in BILLED_TIERS.iter().chain(&["other"]) {
+        counter!(BILLED, "service_tier" => *tier).increment(0);
     }
     for code in [
         "upstream_restarting",
@@ -225,8 +230,19 @@ pub fn account_http(account: &str, websocket_refused: bool, lanes_refused: bool)
     }
 }
 
-/// A turn's record reached accounting: count it and its timing.
+/// The service tiers `turnpike_billed_nanousd_total` names; any other is `other` (tier names
+/// come from the upstream: the label set stays bounded).
+const BILLED_TIERS: [&str; 3] = ["standard", "priority", "flex"];
+
+/// A turn's record reached accounting: count it, its cost by tier and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
+    let tier = BILLED_TIERS
+        .iter()
+        .find(|t| **t == r.service_tier)
+        .copied()
+        .unwrap_or("other");
+    ::metrics::counter!(metric::BILLED, "service_tier" => tier)
+        .increment(u64::try_from(r.cost_nanousd).unwrap_or(0));
     ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str(),
         "upstream_transport" => r.upstream_transport.as_str())
     .increment(1);

@@ -57,6 +57,10 @@ async fn key_lifecycle_through_the_binary() {
                 "3",
                 "--max-sessions",
                 "2",
+                "--models",
+                "gpt-a,gpt-b",
+                "--service-tiers",
+                "standard,flex",
             ],
         );
         assert!(out.status.success(), "{b}: {}", stderr(&out));
@@ -75,6 +79,11 @@ async fn key_lifecycle_through_the_binary() {
             "{listing}"
         );
         assert!(listing.contains(&key[..12]), "prefix shown: {listing}");
+        assert!(
+            listing.contains("MODELS") && listing.contains("gpt-a,gpt-b"),
+            "allow-lists shown: {listing}"
+        );
+        assert!(listing.contains("standard,flex"), "{listing}");
         assert!(!listing.contains(key), "full key never listed");
         let users = stdout(&run(&db, &["users", "list"]));
         assert!(users.contains("alice") && users.contains("12.5"), "{users}");

@@ -24,7 +24,8 @@ async fn migrations_are_idempotent_and_complete() {
                 "20261127000001".to_string(),
                 "20261128000001".to_string(),
                 "20261129000001".to_string(),
-                "20261206000001".to_string()
+                "20261206000001".to_string(),
+                "20261206000002".to_string()
             ],
             "{}",
             db.backend
@@ -119,10 +120,25 @@ async fn keys_store_only_hashes_and_authenticate() {
             quota_nanousd: Some(1_000),
             max_sessions: Some(2),
             max_concurrent_turns: Some(1),
+            allowed_models: Some(vec!["gpt-a".into(), " gpt-b ".into(), "".into()]),
+            allowed_service_tiers: Some(vec!["standard".into(), "flex".into()]),
         };
         let (key, row) = auth::create_key(&pool, user.id, &req).await.unwrap();
         assert_eq!(row.key_hash, auth::hash_key(&key));
         assert_ne!(row.key_hash, key);
+        // The allow-lists are stored trimmed and read back as the key's limits.
+        assert_eq!(row.allowed_models.as_deref(), Some("gpt-a,gpt-b"));
+        assert_eq!(row.allowed_service_tiers.as_deref(), Some("standard,flex"));
+        assert!(auth::check_request(&row, "gpt-b", Some("flex")).is_ok());
+        assert!(auth::check_request(&row, "gpt-b", Some("auto")).is_ok());
+        assert!(matches!(
+            auth::check_request(&row, "gpt-c", None),
+            Err(auth::AuthError::ModelNotAllowed(_))
+        ));
+        assert!(matches!(
+            auth::check_request(&row, "gpt-a", Some("priority")),
+            Err(auth::AuthError::ServiceTierNotAllowed(_))
+        ));
         assert!(key.starts_with(&row.key_prefix));
         assert!(
             row.key_prefix.len() < key.len() / 2,
@@ -306,6 +322,9 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         warmup: false,
         usage: turnpike::protocol::usage::Usage {
             input_tokens: 10,
+            cache_write_tokens: 5,
+            cache_write_30m_tokens: 2,
+            cache_write_12h_tokens: 3,
             output_tokens: 4,
             total_tokens: 14,
             ..Default::default()
@@ -323,6 +342,7 @@ fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::Tu
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
         upstream_transport: turnpike::record::Transport::Ws,
+        service_tier: "priority".into(),
     }
 }
 
@@ -362,7 +382,18 @@ async fn batches_bill_once_and_count_mismatched_replays() {
         let (key2, _) = queries::keys::by_id(&pool, k2.id).await.unwrap().unwrap();
         assert_eq!((key1.spent_nanousd, key2.spent_nanousd), (150, 7));
         assert_eq!(owner.balance_nanousd, Some(1_000 - 157));
-        assert_eq!(queries::usage::by_key(&pool, k1.id).await.unwrap().len(), 2);
+        let rows = queries::usage::by_key(&pool, k1.id).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        // The tier billed and the cache writes' lifetimes are columns of the row.
+        assert_eq!(rows[0].service_tier, "priority");
+        assert_eq!(
+            (
+                rows[0].cache_write_tokens,
+                rows[0].cache_write_30m_tokens,
+                rows[0].cache_write_12h_tokens
+            ),
+            (5, 2, 3)
+        );
     })
     .await;
 }

@@ -131,7 +131,7 @@ fn sse_is_relayed_as_it_arrives_and_billed() {
 }
 
 /// JSON and compact answers: the upstream's body, a row each billed token for token
-/// (`origin = 'compact'` for the compaction) — on each backend.
+/// (`origin = 'compaction'` for the compaction) — on each backend.
 #[test]
 fn json_and_compact_are_billed() {
     for db in block(TestDb::all()) {
@@ -165,7 +165,7 @@ fn json_and_compact_are_billed() {
         assert_billed_as_reported(&rows[1], &compacted["usage"]);
         assert_eq!(
             (rows[1].origin.as_str(), rows[1].transport.as_str()),
-            ("compact", "http")
+            ("compaction", "http")
         );
         assert_eq!(rows[1].response_id.as_deref(), compacted["id"].as_str());
         s.finish();

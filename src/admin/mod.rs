@@ -81,6 +81,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/compensations/{id}/retry"),
     ("GET", "/admin/ready"),
     ("GET", "/admin/turns"),
+    ("GET", "/admin/keys"),
     ("GET", "/admin/console"),
     ("GET", "/admin/console/{asset}"),
 ];
@@ -112,6 +113,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/admin/ready", web::get().to(ready))
         .route("/admin/turns", web::get().to(turns))
+        .route("/admin/keys", web::get().to(keys))
         .configure(console::routes);
 }
 
@@ -149,7 +151,9 @@ async fn turns(
                 "session_id": r.session_id, "account": r.account, "model": r.model,
                 "status": r.status, "usage_source": r.usage_source, "transport": r.transport, "upstream_transport": r.upstream_transport,
                 "origin": r.origin, "input_tokens": r.input_tokens,
-                "cached_input_tokens": r.cached_input_tokens, "output_tokens": r.output_tokens,
+                "cached_input_tokens": r.cached_input_tokens, "cache_write_tokens": r.cache_write_tokens,
+                "cache_write_30m_tokens": r.cache_write_30m_tokens, "cache_write_12h_tokens": r.cache_write_12h_tokens,
+                "output_tokens": r.output_tokens, "service_tier": r.service_tier,
                 "cost_nanousd": r.cost_nanousd, "first_token_ms": r.first_token_ms,
                 "duration_ms": r.duration_ms, "error_code": r.error_code,
                 "accepted_at": r.accepted_at,
@@ -157,6 +161,31 @@ async fn turns(
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({"turns": rows})))
+}
+
+/// Every key with its owner, limits and allow-lists, oldest first (the full key is never
+/// stored, so never shown).
+async fn keys(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse, HttpError> {
+    let rows = queries::keys::list(&state.deps.db, None)
+        .await
+        .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
+    fn list(stored: &Option<String>) -> Option<Vec<&str>> {
+        crate::auth::allow_list(stored.as_deref())
+    }
+    let keys: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(k, user)| {
+            json!({
+                "id": k.id, "user": user, "key_prefix": k.key_prefix, "label": k.label,
+                "quota_nanousd": k.quota_nanousd, "spent_nanousd": k.spent_nanousd,
+                "max_sessions": k.max_sessions, "max_concurrent_turns": k.max_concurrent_turns,
+                "allowed_models": list(&k.allowed_models),
+                "allowed_service_tiers": list(&k.allowed_service_tiers),
+                "revoked": k.revoked_at.is_some(), "created_at": k.created_at,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"keys": keys})))
 }
 
 async fn disable_account(

@@ -59,6 +59,8 @@ pub fn check(u: &Usage, max_tokens: u64) -> Result<(), Implausible> {
         ("input_tokens", Some(u.input_tokens)),
         ("cached_input_tokens", Some(u.cached_input_tokens)),
         ("cache_write_tokens", Some(u.cache_write_tokens)),
+        ("cache_write_30m_tokens", Some(u.cache_write_30m_tokens)),
+        ("cache_write_12h_tokens", Some(u.cache_write_12h_tokens)),
         ("output_tokens", Some(u.output_tokens)),
         ("reasoning_tokens", Some(u.reasoning_tokens)),
         ("total_tokens", Some(u.total_tokens)),
@@ -91,6 +93,8 @@ fn capped(estimate: &Usage, max_tokens: u64) -> Usage {
         input_tokens: c(estimate.input_tokens),
         cached_input_tokens: c(estimate.cached_input_tokens),
         cache_write_tokens: c(estimate.cache_write_tokens),
+        cache_write_30m_tokens: c(estimate.cache_write_30m_tokens),
+        cache_write_12h_tokens: c(estimate.cache_write_12h_tokens),
         output_tokens: c(estimate.output_tokens),
         reasoning_tokens: c(estimate.reasoning_tokens),
         total_tokens: 0,
@@ -149,7 +153,7 @@ pub fn max_cost_fits(price: &Price, max_tokens: u64) -> bool {
     };
     // Input is priced at its dearest split.
     let dearest = Price {
-        input: price.input.max(price.cached_input).max(price.cache_write),
+        input: price.dearest_input(),
         ..*price
     };
     cost(&dearest, &most).is_some_and(|c| c <= MAX_COST_PER_RESPONSE_NANOUSD)

@@ -43,6 +43,10 @@ pub struct ApiKey {
     pub max_concurrent_turns: Option<i32>,
     pub created_at: NaiveDateTime,
     pub revoked_at: Option<NaiveDateTime>,
+    /// Models this key may ask for, comma-separated; `None`: any (docs/DESIGN.md#key-limits).
+    pub allowed_models: Option<String>,
+    /// Service tiers this key may ask for, comma-separated; `None`: any.
+    pub allowed_service_tiers: Option<String>,
 }
 
 #[derive(Debug, Insertable)]
@@ -57,6 +61,8 @@ pub struct NewApiKey<'a> {
     pub max_sessions: Option<i32>,
     pub max_concurrent_turns: Option<i32>,
     pub created_at: NaiveDateTime,
+    pub allowed_models: Option<&'a str>,
+    pub allowed_service_tiers: Option<&'a str>,
 }
 
 /// One row of the `billing_compensation_backlog` view.
@@ -115,6 +121,9 @@ pub struct NewUsage<'a> {
     pub origin: &'a str,
     pub transport: &'a str,
     pub upstream_transport: &'a str,
+    pub service_tier: &'a str,
+    pub cache_write_30m_tokens: i64,
+    pub cache_write_12h_tokens: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -146,12 +155,16 @@ pub struct UsageRow {
     pub accepted_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub response_id: Option<String>,
-    /// `create`, `steer` or `compact`.
+    /// `create`, `steer` or `compaction`.
     pub origin: String,
     /// `ws` or `http`: the client's side.
     pub transport: String,
     /// `ws` or `http`: how the request reached the upstream (docs/DESIGN.md#upstream-transports).
     pub upstream_transport: String,
+    /// The tier billed (docs/DESIGN.md#pricing).
+    pub service_tier: String,
+    pub cache_write_30m_tokens: i64,
+    pub cache_write_12h_tokens: i64,
 }
 
 #[derive(Debug, Insertable)]

@@ -25,6 +25,8 @@ diesel::table! {
         max_concurrent_turns -> Nullable<Integer>,
         created_at -> Timestamp,
         revoked_at -> Nullable<Timestamp>,
+        allowed_models -> Nullable<Text>,
+        allowed_service_tiers -> Nullable<Text>,
     }
 }
 
@@ -59,6 +61,9 @@ diesel::table! {
         origin -> Text,
         transport -> Text,
         upstream_transport -> Text,
+        service_tier -> Text,
+        cache_write_30m_tokens -> BigInt,
+        cache_write_12h_tokens -> BigInt,
     }
 }
 

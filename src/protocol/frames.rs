@@ -8,7 +8,8 @@ use super::errors::ErrorCode;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
     /// `response.create` (or no `type`): starts a turn.
-    Create(CreateFrame),
+    /// Boxed: a create is far larger than the other frames.
+    Create(Box<CreateFrame>),
     /// `response.cancel` / `response.interrupt`.
     Cancel,
     /// Any other type (`response.steer`, unknown): forwarded while a lease is held.
@@ -42,6 +43,11 @@ pub struct CreateFrame {
     pub background: bool,
     /// `prompt_cache_key`: turns sharing it go to one account (docs/DESIGN.md#routing).
     pub prompt_cache_key: Option<String>,
+    /// `service_tier` as asked (`auto`, `default`, `flex`, `priority`, …).
+    pub service_tier: Option<String>,
+    /// The input asks the upstream to compact (a `compaction_trigger` item): the turn's
+    /// `origin` is `compaction` (docs/DESIGN.md#pricing).
+    pub compaction: bool,
 }
 
 /// Responses in flight on one upstream connection (the upstream's limit; more wait).
@@ -142,11 +148,14 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             ));
         }
     };
-    let has_tool_output = obj
-        .get("input")
-        .and_then(Value::as_array)
-        .is_some_and(|items| items.iter().any(is_tool_output));
-    Ok(ClientFrame::Create(CreateFrame {
+    let items = obj.get("input").and_then(Value::as_array);
+    let has_tool_output = items.is_some_and(|items| items.iter().any(is_tool_output));
+    let compaction = items.is_some_and(|items| {
+        items
+            .iter()
+            .any(|i| i.get("type").and_then(Value::as_str) == Some("compaction_trigger"))
+    });
+    Ok(ClientFrame::Create(Box::new(CreateFrame {
         raw: text.to_string(),
         model,
         previous_response_id,
@@ -166,7 +175,12 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             .get("prompt_cache_key")
             .and_then(Value::as_str)
             .map(str::to_string),
-    }))
+        service_tier: obj
+            .get("service_tier")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        compaction,
+    })))
 }
 
 /// `function_call_output`, `custom_tool_call_output`, `mcp_tool_call_output`, …
@@ -244,7 +258,7 @@ mod tests {
 
     fn create(text: &str) -> CreateFrame {
         match parse(text).unwrap() {
-            ClientFrame::Create(c) => c,
+            ClientFrame::Create(c) => *c,
             other => panic!("{other:?}"),
         }
     }
@@ -262,6 +276,12 @@ mod tests {
         assert_eq!(c.prompt_bytes, 2);
         let c = create(r#"{"input":[{"type":"message"}],"instructions":"be brief","tools":[]}"#);
         assert_eq!(c.prompt_bytes, r#"[{"type":"message"}]"#.len() + 8 + 2);
+        assert!(!c.compaction && c.service_tier.is_none());
+        let c = create(
+            r#"{"input":[{"type":"message"},{"type":"compaction_trigger"}],"service_tier":"priority"}"#,
+        );
+        assert!(c.compaction);
+        assert_eq!(c.service_tier.as_deref(), Some("priority"));
     }
 
     #[test]

@@ -3,11 +3,18 @@
 use serde_json::Value;
 
 /// Token counts of one turn. All fields are counts; `None` in the source counts as absent.
+/// Records spooled before a field existed read it as zero.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Usage {
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
+    /// Every cache write (at least the two below together).
     pub cache_write_tokens: u64,
+    /// Cache writes kept 30 minutes (`cache_write_tokens_details.ttl_30m_tokens`).
+    pub cache_write_30m_tokens: u64,
+    /// Cache writes kept 12 hours (`cache_write_tokens_details.ttl_12h_tokens`).
+    pub cache_write_12h_tokens: u64,
     pub output_tokens: u64,
     pub reasoning_tokens: u64,
     pub total_tokens: u64,
@@ -67,16 +74,28 @@ impl Usage {
         let _ = obj;
         let input = first(&[&["input_tokens"], &["prompt_tokens"]])?;
         let output = first(&[&["output_tokens"], &["completion_tokens"]])?;
+        // The lifetimes of cache writes, under `input_tokens_details` or beside it.
+        let lifetime = |ttl: &str| {
+            first(&[
+                &["input_tokens_details", "cache_write_tokens_details", ttl],
+                &["cache_write_tokens_details", ttl],
+            ])
+        };
+        let (w30, w12) = (lifetime("ttl_30m_tokens")?, lifetime("ttl_12h_tokens")?);
         let usage = Usage {
             input_tokens: input,
             cached_input_tokens: first(&[
                 &["input_tokens_details", "cached_tokens"],
                 &["prompt_tokens_details", "cached_tokens"],
             ])?,
+            // Writes split by lifetime are writes, whether or not the total says so.
             cache_write_tokens: first(&[
                 &["input_tokens_details", "cache_write_tokens"],
                 &["prompt_tokens_details", "cache_write_tokens"],
-            ])?,
+            ])?
+            .max(w30.saturating_add(w12)),
+            cache_write_30m_tokens: w30,
+            cache_write_12h_tokens: w12,
             output_tokens: output,
             reasoning_tokens: first(&[
                 &["output_tokens_details", "reasoning_tokens"],
@@ -97,6 +116,14 @@ impl Usage {
         keep(&mut self.input_tokens, later.input_tokens);
         keep(&mut self.cached_input_tokens, later.cached_input_tokens);
         keep(&mut self.cache_write_tokens, later.cache_write_tokens);
+        keep(
+            &mut self.cache_write_30m_tokens,
+            later.cache_write_30m_tokens,
+        );
+        keep(
+            &mut self.cache_write_12h_tokens,
+            later.cache_write_12h_tokens,
+        );
         keep(&mut self.output_tokens, later.output_tokens);
         keep(&mut self.reasoning_tokens, later.reasoning_tokens);
         keep(&mut self.total_tokens, later.total_tokens);
@@ -140,9 +167,39 @@ mod tests {
                 cache_write_tokens: 2,
                 output_tokens: 5,
                 reasoning_tokens: 1,
-                total_tokens: 17
+                total_tokens: 17,
+                ..Usage::default()
             }
         );
+    }
+
+    #[test]
+    fn cache_write_lifetimes() {
+        let e = json!({"response": {"usage": {"input_tokens": 100, "input_tokens_details": {
+            "cached_tokens": 10, "cache_write_tokens": 50,
+            "cache_write_tokens_details": {"ttl_30m_tokens": 20, "ttl_12h_tokens": 30}},
+            "output_tokens": 1}}});
+        let u = Usage::from_event(&e).unwrap().unwrap();
+        assert_eq!(
+            (
+                u.cache_write_tokens,
+                u.cache_write_30m_tokens,
+                u.cache_write_12h_tokens
+            ),
+            (50, 20, 30)
+        );
+        // Beside `input_tokens_details`, and with no total: the lifetimes are the writes.
+        let e = json!({"usage": {"input_tokens": 100, "cache_write_tokens_details": {"ttl_12h_tokens": 7}}});
+        let u = Usage::from_event(&e).unwrap().unwrap();
+        assert_eq!((u.cache_write_tokens, u.cache_write_12h_tokens), (7, 7));
+        let bad = json!({"usage": {"input_tokens": 1, "cache_write_tokens_details": {"ttl_30m_tokens": "x"}}});
+        assert!(Usage::from_event(&bad).is_err());
+        // A spooled record of before the lifetimes reads them as zero.
+        let old: Usage =
+            serde_json::from_value(json!({"input_tokens": 3, "cached_input_tokens": 0,
+            "cache_write_tokens": 1, "output_tokens": 1, "reasoning_tokens": 0, "total_tokens": 4}))
+            .unwrap();
+        assert_eq!((old.cache_write_tokens, old.cache_write_30m_tokens), (1, 0));
     }
 
     #[test]

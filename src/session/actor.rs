@@ -292,7 +292,7 @@ impl SessionActor {
         let accepted = Instant::now();
         match frames::parse(&text) {
             Err(e) => self.protocol_error(e.code, &e.message, ctx),
-            Ok(ClientFrame::Create(frame)) => self.on_create(frame, accepted, ctx),
+            Ok(ClientFrame::Create(frame)) => self.on_create(*frame, accepted, ctx),
             Ok(ClientFrame::Cancel) => self.on_cancel(text, ctx),
             Ok(ClientFrame::Other(kind)) => self.on_other(kind, text, ctx),
         }
@@ -400,6 +400,10 @@ impl SessionActor {
     ) -> Turn {
         self.turn_index += 1;
         let index = self.turn_index;
+        let origin = match origin {
+            Origin::Create if frame.compaction => Origin::Compaction,
+            other => other,
+        };
         let turn_id = id.map_or_else(TurnId::random, TurnId::from);
         let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
         Turn {
@@ -1133,6 +1137,8 @@ pub fn auth_error_code(e: &AuthError) -> ErrorCode {
         AuthError::UserDisabled => ErrorCode::UserDisabled,
         AuthError::QuotaExhausted => ErrorCode::QuotaExhausted,
         AuthError::BalanceExhausted => ErrorCode::BalanceExhausted,
+        AuthError::ModelNotAllowed(_) => ErrorCode::ModelNotAllowed,
+        AuthError::ServiceTierNotAllowed(_) => ErrorCode::ServiceTierNotAllowed,
         AuthError::Db(_) => ErrorCode::NotReady,
     }
 }

@@ -73,10 +73,27 @@ pub fn service_refusal(deps: &SessionDeps) -> Option<(ErrorCode, String)> {
     None
 }
 
-/// What a turn reserves against: its id, model and the request's size.
+/// Why a key may not ask for this turn (its model and service tier; docs/DESIGN.md#key-limits),
+/// checked before the upstream is asked.
+pub fn request_refusal(
+    standing: Option<&(ApiKey, User)>,
+    model: &str,
+    service_tier: Option<&str>,
+) -> Option<(ErrorCode, String)> {
+    let (key, _) = standing?;
+    let refused = crate::auth::check_request(key, model, service_tier).err()?;
+    Some((
+        crate::session::actor::auth_error_code(&refused),
+        refused.to_string(),
+    ))
+}
+
+/// What a turn reserves against: its id, model, tier and the request's size.
 pub struct ReservationAsk<'a> {
     pub request_id: String,
     pub model: &'a str,
+    /// The `service_tier` asked for (`auto` or none: standard).
+    pub service_tier: Option<&'a str>,
     pub warmup: bool,
     pub prompt_bytes: usize,
     pub max_output_tokens: Option<u64>,
@@ -93,8 +110,9 @@ pub fn reservation_for(
         return None;
     }
     let billing = &deps.settings.billing;
+    let tier = crate::billing::pricing::billed_tier(None, ask.service_tier);
     let amount = crate::billing::reservation::expected_cost(
-        &deps.prices.price_of(ask.model),
+        &deps.prices.price_of(ask.model, &tier).0,
         ask.warmup,
         ask.prompt_bytes,
         ask.max_output_tokens
@@ -344,6 +362,8 @@ pub struct TurnIdentity<'a> {
     pub warmup: bool,
     pub accepted_at: NaiveDateTime,
     pub origin: Origin,
+    /// The `service_tier` the request asked for.
+    pub service_tier: Option<&'a str>,
     pub transport: Transport,
     pub upstream_transport: Transport,
     pub span: &'a Span,
@@ -358,8 +378,15 @@ pub fn record_of(
     outcome: Outcome,
     account: String,
 ) -> TurnRecord {
+    let tier =
+        crate::billing::pricing::billed_tier(outcome.service_tier.as_deref(), turn.service_tier);
+    let (price, priced) = deps.prices.price_of(turn.model, &tier);
+    if !priced {
+        warn!(parent: turn.span, service_tier = %tier,
+            "a service tier without a price of its own: billed at the model's dearest tier");
+    }
     let billed = crate::billing::bounds::settle(
-        &deps.prices.price_of(turn.model),
+        &price,
         turn.warmup,
         outcome.usage,
         outcome.usage_source,
@@ -395,6 +422,7 @@ pub fn record_of(
         origin: turn.origin,
         transport: turn.transport,
         upstream_transport: turn.upstream_transport,
+        service_tier: tier,
         set_aside,
     }
 }

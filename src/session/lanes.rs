@@ -228,6 +228,8 @@ mod tests {
             stream: false,
             background: false,
             prompt_cache_key: None,
+            service_tier: None,
+            compaction: false,
         }
     }
 

@@ -115,6 +115,9 @@ pub struct Outcome {
     pub timing: Timing,
     pub error_code: Option<String>,
     pub response_id: Option<String>,
+    /// The `service_tier` the upstream reported for the response (the terminal's, else the
+    /// latest seen): the tier billed (docs/DESIGN.md#pricing).
+    pub service_tier: Option<String>,
 }
 
 /// What one upstream frame meant to the turn.
@@ -128,6 +131,7 @@ pub struct Observed {
 pub struct TurnTracker {
     pub clock: TurnClock,
     pub response_id: Option<String>,
+    service_tier: Option<String>,
     usage: Usage,
     usage_reported: bool,
     /// A terminal event arrived (its usage, if any, is the upstream's bill).
@@ -148,6 +152,7 @@ impl TurnTracker {
         Self {
             clock: TurnClock::new(accepted),
             response_id: None,
+            service_tier: None,
             usage: Usage::default(),
             usage_reported: false,
             saw_terminal: false,
@@ -232,6 +237,9 @@ impl TurnTracker {
         {
             self.response_id = Some(id.to_string());
         }
+        if let Some(tier) = v.pointer("/response/service_tier").and_then(|t| t.as_str()) {
+            self.service_tier = Some(tier.to_string());
+        }
         match Usage::from_event(&v) {
             Ok(Some(u)) => {
                 self.usage.merge(&u);
@@ -309,6 +317,7 @@ impl TurnTracker {
             timing,
             error_code,
             response_id: self.response_id.clone(),
+            service_tier: self.service_tier.clone(),
         }
     }
 }

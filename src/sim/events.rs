@@ -105,9 +105,23 @@ pub fn input_tokens(req: &Value) -> u64 {
     tokens_of(input + instructions)
 }
 
-fn response_object(req: &Value, ids: &Ids, status: &str, created_at: i64) -> Value {
+fn response_object(
+    req: &Value,
+    script: &Script,
+    ids: &Ids,
+    status: &str,
+    created_at: i64,
+) -> Value {
     let get = |k: &str| req.get(k).cloned().unwrap_or(Value::Null);
+    // The tier that served it: as asked, `auto` resolved to `default`, unless scripted.
+    let tier = script.served_tier.clone().unwrap_or_else(|| {
+        match req.get("service_tier").and_then(Value::as_str) {
+            None | Some("auto") => "default".to_string(),
+            Some(t) => t.to_string(),
+        }
+    });
     json!({
+        "service_tier": tier,
         "id": ids.response,
         "object": "response",
         "created_at": created_at,
@@ -189,15 +203,24 @@ fn tool_call(req: &Value, wanted: Option<&str>) -> (String, String) {
 struct Usage {
     input: u64,
     cached: u64,
+    /// Cache writes kept 30 minutes and 12 hours.
+    written: (u64, u64),
     output: u64,
     reasoning: u64,
 }
 
 impl Usage {
     fn full(&self) -> Value {
+        let mut details = json!({"cached_tokens": self.cached});
+        let (w30, w12) = self.written;
+        if w30 + w12 > 0 {
+            details["cache_write_tokens"] = json!(w30 + w12);
+            details["cache_write_tokens_details"] =
+                json!({"ttl_30m_tokens": w30, "ttl_12h_tokens": w12});
+        }
         json!({
             "input_tokens": self.input,
-            "input_tokens_details": {"cached_tokens": self.cached},
+            "input_tokens_details": details,
             "output_tokens": self.output,
             "output_tokens_details": {"reasoning_tokens": self.reasoning},
             "total_tokens": self.input.saturating_add(self.output),
@@ -210,7 +233,7 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
     let warmup = req.get("generate").and_then(Value::as_bool) == Some(false);
     let mut events: Vec<(Value, Duration)> = Vec::new(); // (event, delay before it)
     let mut call_ids = Vec::new();
-    let in_progress = response_object(req, ids, "in_progress", created_at);
+    let in_progress = response_object(req, script, ids, "in_progress", created_at);
     events.push((
         json!({"type": "response.created", "response": in_progress}),
         script.first_delay,
@@ -287,6 +310,7 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
         Usage {
             input: input_tokens(req),
             cached: 0,
+            written: (0, 0),
             output: 0,
             reasoning: 0,
         }
@@ -298,7 +322,7 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
         (false, Terminal::Incomplete) => ("response.incomplete", "incomplete"),
         (false, Terminal::Failed) => ("response.failed", "failed"),
     };
-    let mut response = response_object(req, ids, status, created_at);
+    let mut response = response_object(req, script, ids, status, created_at);
     response["output"] = Value::Array(output_items);
     response["usage"] = match script.usage {
         UsageMode::Normal => usage.full(),
@@ -369,6 +393,7 @@ fn usage_of(req: &Value, script: &Script, output_chars: usize) -> Usage {
     Usage {
         input,
         cached: script.cached_tokens.min(input),
+        written: (script.cache_write_30m, script.cache_write_12h),
         output: script
             .report_output
             .unwrap_or_else(|| tokens_of(output_chars) + script.reasoning_tokens),
@@ -565,6 +590,23 @@ mod tests {
         let (_, t) = last("cached=1 reasoning=5");
         assert_eq!(t["input_tokens_details"]["cached_tokens"], 1);
         assert_eq!(t["output_tokens_details"]["reasoning_tokens"], 5);
+        let (_, t) = last("cache_write_30m=3 cache_write_12h=4");
+        let d = &t["input_tokens_details"];
+        assert_eq!(d["cache_write_tokens"], 7);
+        assert_eq!(d["cache_write_tokens_details"]["ttl_12h_tokens"], 4);
+    }
+
+    #[test]
+    fn service_tiers() {
+        let tier = |r: Value, s: &str| {
+            let p = plan(&r, &Script::parse(s).unwrap(), &Ids::new("t"), 1);
+            events(&p).last().unwrap()["response"]["service_tier"].clone()
+        };
+        assert_eq!(tier(req(), ""), "default");
+        let mut r = req();
+        r["service_tier"] = "priority".into();
+        assert_eq!(tier(r.clone(), ""), "priority");
+        assert_eq!(tier(r, "served_tier=flex"), "flex");
     }
 
     #[test]

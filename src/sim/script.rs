@@ -82,6 +82,11 @@ pub struct Script {
     /// Answer with a function call (to this tool, or the first function tool offered).
     pub tool: Option<Option<String>>,
     pub cached_tokens: u64,
+    /// Cache writes reported, kept 30 minutes and 12 hours (`cache_write_30m=N`, …).
+    pub cache_write_30m: u64,
+    pub cache_write_12h: u64,
+    /// The `service_tier` reported for the response, whatever was asked (`served_tier=X`).
+    pub served_tier: Option<String>,
     pub reasoning_tokens: u64,
     /// Report these counts instead of the computed ones (an upstream reporting nonsense).
     pub report_input: Option<u64>,
@@ -113,6 +118,9 @@ impl Default for Script {
             once: false,
             tool: None,
             cached_tokens: 0,
+            cache_write_30m: 0,
+            cache_write_12h: 0,
+            served_tier: None,
             reasoning_tokens: 0,
             report_input: None,
             report_output: None,
@@ -224,6 +232,9 @@ impl Script {
                 "once" => s.once = true,
                 "tool" => s.tool = Some(value.map(str::to_string)),
                 "cached" => s.cached_tokens = num(need()?)?,
+                "cache_write_30m" => s.cache_write_30m = num(need()?)?,
+                "cache_write_12h" => s.cache_write_12h = num(need()?)?,
+                "served_tier" => s.served_tier = Some(need()?.to_string()),
                 "reasoning" => s.reasoning_tokens = num(need()?)?,
                 "report_input" => s.report_input = Some(num(need()?)?),
                 "report_output" => s.report_output = Some(num(need()?)?),

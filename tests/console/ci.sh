@@ -43,7 +43,7 @@ export TURNPIKE_DATABASE__URL="sqlite://$WORK/turnpike.db"
 printf '[[accounts]]\nname = "sim"\nbase_url = "http://%s/v1"\napi_key = "sk-console"\n' "$SIM" >"$WORK/relay.toml"
 "$BIN" --config "$WORK/relay.toml" migrate >/dev/null 2>&1
 "$BIN" users create console >/dev/null 2>&1
-KEY=$("$BIN" keys create --user console 2>/dev/null)
+KEY=$("$BIN" keys create --user console --models gpt-test 2>/dev/null)
 # A dead compensation for the console to retry (as if every debit attempt had failed).
 python3 - "$WORK/turnpike.db" <<'PY'
 import sqlite3, sys

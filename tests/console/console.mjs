@@ -1,7 +1,7 @@
 // The operators' console in headless Chromium (puppeteer-core driving the system browser): a wrong
 // token shows the API's 401 message; with the right one a running session appears; Restart on
 // `accounting` raises its restart count; End on the session sends the client `session_ended`;
-// Retry on a dead compensation settles it. With SCREENSHOTS=DIR, one PNG per view lands there.
+// Retry on a dead compensation settles it; Keys shows the key's allow-lists. With SCREENSHOTS=DIR, one PNG per view lands there.
 //
 // node console.mjs ADMIN_ADDR RELAY_ADDR KEY TOKEN
 import puppeteer from "puppeteer-core";
@@ -90,6 +90,12 @@ await page.click(`#retry-${comp}`);
 await page.select("#comp-filter", "");
 await waitText(`tr[data-compensation="${comp}"] .status`, (t) => t === "settled", "the retried compensation settled");
 await shot("compensations");
+
+// Keys: the session's key with its allow-lists.
+await view("keys");
+await page.waitForSelector("#view tr[data-key]");
+await waitText("#view tr[data-key] .models", (t) => t === "gpt-test", "the key's model allow-list is shown");
+await shot("keys");
 
 await view("turns");
 await page.waitForSelector("#view tbody tr");

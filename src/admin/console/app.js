@@ -152,6 +152,18 @@ const views = {
     ];
   },
 
+  async keys() {
+    const { keys } = await api("/admin/keys");
+    const list = l => (l ? l.join(", ") : "any");
+    return [table(["id", "key", "user", "label", "quota (USD)", "spent (USD)", "sessions", "turns", "models", "tiers", "state", "created"], keys.map(k =>
+      el("tr", { "data-key": k.key_prefix },
+        el("td", { class: "num" }, k.id), el("td", {}, k.key_prefix), el("td", {}, k.user), el("td", {}, fmt(k.label)),
+        el("td", { class: "num" }, k.quota_nanousd === null ? "—" : usd(k.quota_nanousd)), el("td", { class: "num" }, usd(k.spent_nanousd)),
+        el("td", { class: "num" }, fmt(k.max_sessions)), el("td", { class: "num" }, fmt(k.max_concurrent_turns)),
+        el("td", { class: "models" }, list(k.allowed_models)), el("td", { class: "tiers" }, list(k.allowed_service_tiers)),
+        el("td", { class: k.revoked ? "bad" : "ok" }, k.revoked ? "revoked" : "active"), el("td", {}, ts(k.created_at)))))];
+  },
+
   async compensations() {
     const q = state.filter ? `?status=${encodeURIComponent(state.filter)}` : "";
     const { compensations } = await api("/admin/compensations" + q);
@@ -174,9 +186,9 @@ const views = {
     const key = el("input", { id: "turns-key", placeholder: "key prefix (tpk_…)", value: state.key, onchange: e => { state.key = e.target.value.trim(); refresh(); } });
     return [
       el("div", { class: "toolbar" }, el("label", { for: "turns-key" }, "Key"), key),
-      table(["accepted", "key", "status", "transport", "model", "account", "input", "cached", "output", "cost (USD)", "first token (ms)", "duration (ms)", "error"], turns.map(t =>
+      table(["accepted", "key", "status", "transport", "model", "tier", "account", "input", "cached", "output", "cost (USD)", "first token (ms)", "duration (ms)", "error"], turns.map(t =>
         el("tr", {}, el("td", {}, ts(t.accepted_at)), el("td", {}, t.key_prefix), el("td", {}, `${t.status} (${t.usage_source})`), el("td", {}, `${t.transport}/${t.origin}`),
-          el("td", {}, t.model), el("td", {}, t.account), el("td", { class: "num" }, t.input_tokens), el("td", { class: "num" }, t.cached_input_tokens),
+          el("td", {}, t.model), el("td", {}, t.service_tier), el("td", {}, t.account), el("td", { class: "num" }, t.input_tokens), el("td", { class: "num" }, t.cached_input_tokens),
           el("td", { class: "num" }, t.output_tokens), el("td", { class: "num" }, usd(t.cost_nanousd)), el("td", { class: "num" }, fmt(t.first_token_ms)),
           el("td", { class: "num" }, t.duration_ms), el("td", {}, fmt(t.error_code))))),
     ];

@@ -43,6 +43,9 @@ pub fn row_of(r: &TurnRecord) -> NewUsage<'_> {
         origin: r.origin.as_str(),
         transport: r.transport.as_str(),
         upstream_transport: r.upstream_transport.as_str(),
+        service_tier: &r.service_tier,
+        cache_write_30m_tokens: count(r.usage.cache_write_30m_tokens),
+        cache_write_12h_tokens: count(r.usage.cache_write_12h_tokens),
     }
 }
 
@@ -81,8 +84,8 @@ pub async fn recent(
 }
 
 /// PostgreSQL: usage rows as one array per column (`INSERT … SELECT FROM UNNEST`). The
-/// statement text is the same for every batch size and has 28 parameters, where a multi-row
-/// `VALUES` has 28 × rows and a text of its own per size, parsed and planned each time.
+/// statement text is the same for every batch size and has 31 parameters, where a multi-row
+/// `VALUES` has 31 × rows and a text of its own per size, parsed and planned each time.
 /// Returns the (request_id, api_key_id) of the rows written (not those already present).
 pub async fn insert_pg(
     tx: &mut diesel_async::AsyncPgConnection,
@@ -95,12 +98,14 @@ pub async fn insert_pg(
         turn_index, account, model, status, usage_source, warmup, input_tokens, \
         cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, \
         cost_nanousd, upstream_wait_ms, first_event_ms, first_token_ms, duration_ms, error_code, \
-        accepted_at, created_at, response_id, origin, transport, upstream_transport) \
+        accepted_at, created_at, response_id, origin, transport, upstream_transport, \
+        service_tier, cache_write_30m_tokens, cache_write_12h_tokens) \
         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int4[], \
         $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::int8[], $12::int8[], \
         $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], \
         $19::int8[], $20::int8[], $21::int8[], $22::text[], $23::timestamp[], \
-        $24::timestamp[], $25::text[], $26::text[], $27::text[], $28::text[]) \
+        $24::timestamp[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], \
+        $30::int8[], $31::int8[]) \
         ON CONFLICT (request_id, api_key_id) DO NOTHING \
         RETURNING request_id, api_key_id";
     let written: Vec<WrittenKey> = diesel::sql_query(SQL)
@@ -132,6 +137,9 @@ pub async fn insert_pg(
         .bind::<Array<Text>, _>(column(rows, |r| r.origin))
         .bind::<Array<Text>, _>(column(rows, |r| r.transport))
         .bind::<Array<Text>, _>(column(rows, |r| r.upstream_transport))
+        .bind::<Array<Text>, _>(column(rows, |r| r.service_tier))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.cache_write_30m_tokens))
+        .bind::<Array<BigInt>, _>(column(rows, |r| r.cache_write_12h_tokens))
         .load(tx)
         .await?;
     Ok(WrittenKey::pairs(written))

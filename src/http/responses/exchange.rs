@@ -235,6 +235,13 @@ impl Exchange {
             )
         })?;
         if let Some((code, message)) = gate::standing_refusal(&deps, standing.as_ref())
+            .or_else(|| {
+                gate::request_refusal(
+                    standing.as_ref(),
+                    &self.model,
+                    self.frame.service_tier.as_deref(),
+                )
+            })
             .or_else(|| gate::service_refusal(&deps))
         {
             return Err(End::refused(code, message));
@@ -262,6 +269,7 @@ impl Exchange {
         let ask = gate::ReservationAsk {
             request_id: self.request_id.to_string(),
             model: &self.model,
+            service_tier: self.frame.service_tier.as_deref(),
             warmup: self.frame.warmup,
             prompt_bytes: self.frame.prompt_bytes,
             max_output_tokens: self.frame.max_output_tokens,
@@ -682,9 +690,10 @@ impl Exchange {
             warmup: self.frame.warmup,
             accepted_at: self.accepted_wall,
             origin: match self.kind {
-                Kind::Responses => crate::record::Origin::Create,
-                Kind::Compact => crate::record::Origin::Compact,
+                Kind::Responses if !self.frame.compaction => crate::record::Origin::Create,
+                Kind::Responses | Kind::Compact => crate::record::Origin::Compaction,
             },
+            service_tier: self.frame.service_tier.as_deref(),
             transport: Transport::Http,
             upstream_transport: if self.over_ws {
                 Transport::Ws

@@ -189,7 +189,7 @@ fn request_of(body: &[u8]) -> Result<CreateFrame, HttpError> {
         .map_err(|_| HttpError::new(ErrorCode::InvalidJson, "the request body is not UTF-8"))?;
     match frames::parse(text) {
         Err(e) => Err(HttpError::new(e.code, e.message)),
-        Ok(ClientFrame::Create(frame)) if frame.model.is_some() => Ok(frame),
+        Ok(ClientFrame::Create(frame)) if frame.model.is_some() => Ok(*frame),
         Ok(ClientFrame::Create(_)) => Err(HttpError::new(
             ErrorCode::ModelRequired,
             "the request needs `model`",

@@ -37,7 +37,11 @@ impl SessionActor {
                     let Some(frame) = act.lanes.checked(&lane) else {
                         return;
                     };
-                    if let Some((code, message)) = act.refusal(res) {
+                    let model = frame.model.clone().or_else(|| act.model.clone());
+                    let asked = act.refusal(res).or_else(|| {
+                        act.request_refusal(model.as_deref(), frame.service_tier.as_deref())
+                    });
+                    if let Some((code, message)) = asked {
                         let e = Self::frame_error(&frame, code, &message);
                         return act.send(e, ctx);
                     }
@@ -85,7 +89,11 @@ impl SessionActor {
                         return;
                     };
                     turn.affinity = affinity;
-                    if let Some((code, message)) = act.refusal(res) {
+                    let (model, tier) = (turn.model.clone(), turn.frame.service_tier.clone());
+                    let asked = act
+                        .refusal(res)
+                        .or_else(|| act.request_refusal(Some(&model), tier.as_deref()));
+                    if let Some((code, message)) = asked {
                         return act.reject(index, code, &message, ctx);
                     }
                     if let Some((code, message)) = act.apply_binding(index, binding) {
@@ -214,6 +222,7 @@ impl SessionActor {
         self.reservation_for(
             turn.turn_id.to_string(),
             &turn.model,
+            turn.frame.service_tier.as_deref(),
             turn.frame.warmup,
             turn.frame.prompt_bytes,
             turn.frame.max_output_tokens,
@@ -226,6 +235,7 @@ impl SessionActor {
         &self,
         request_id: String,
         model: &str,
+        service_tier: Option<&str>,
         warmup: bool,
         prompt_bytes: usize,
         max_output_tokens: Option<u64>,
@@ -236,6 +246,7 @@ impl SessionActor {
             gate::ReservationAsk {
                 request_id,
                 model,
+                service_tier,
                 warmup,
                 prompt_bytes,
                 max_output_tokens,
@@ -280,6 +291,16 @@ impl SessionActor {
             other => gate::standing_refusal(&self.deps, other.as_ref()),
         };
         refused.or_else(|| gate::service_refusal(&self.deps))
+    }
+
+    /// Why the key may not ask for a turn of `model` at `tier` (docs/DESIGN.md#key-limits), on
+    /// the standing last read; a turn without a model yet is refused later (`model_required`).
+    fn request_refusal(
+        &self,
+        model: Option<&str>,
+        tier: Option<&str>,
+    ) -> Option<(ErrorCode, String)> {
+        gate::request_refusal(self.standing.as_ref(), model?, tier)
     }
 
     /// Accounts in the order this session prefers them (docs/DESIGN.md#accounts): the one it

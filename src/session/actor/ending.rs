@@ -20,6 +20,7 @@ impl SessionActor {
             warmup: turn.frame.warmup,
             accepted_at: turn.accepted_wall,
             origin: turn.origin,
+            service_tier: turn.frame.service_tier.as_deref(),
             transport: crate::record::Transport::Ws,
             upstream_transport: if turn.over_http() {
                 crate::record::Transport::Http

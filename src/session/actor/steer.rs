@@ -201,7 +201,7 @@ impl SessionActor {
                 let input_bytes = steer.get("input").map_or(0, |v| v.to_string().len());
                 let model = act.model.clone().unwrap_or_default();
                 let Some(reservation) =
-                    act.reservation_for(successor.clone(), &model, false, input_bytes, None)
+                    act.reservation_for(successor.clone(), &model, None, false, input_bytes, None)
                 else {
                     return act.forward_steer(steer, text, None, lane, ctx);
                 };
@@ -329,6 +329,8 @@ impl SessionActor {
             stream: false,
             background: false,
             prompt_cache_key: None,
+            service_tier: None,
+            compaction: false,
         };
         let mut turn = self.new_turn(frame, template.model, now, Origin::Steer, id);
         // Nothing of it was sent by the relay: it cannot be retried or replayed elsewhere.
