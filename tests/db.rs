@@ -362,7 +362,7 @@ async fn batches_bill_once_and_count_mismatched_replays() {
             turn_record("resp_a", k1.id, user.id, 100),
             turn_record("resp_b", k1.id, user.id, 50),
             turn_record("resp_a", k2.id, user.id, 7), // same response id, other key: its own row
-            turn_record("resp_w", k2.id, user.id, 0), // free (warm-up): row, no debit
+            turn_record("resp_w", k2.id, user.id, 0), // free (reported zero): row, no debit
         ];
         let out = queries::billing::record_batch(&pool, &batch).await.unwrap();
         assert_eq!((out.usage_rows, out.debits, out.mismatched), (4, 3, 0));

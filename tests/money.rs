@@ -365,3 +365,45 @@ fn operators_see_allow_lists_and_tiers() {
     assert_eq!((billed("priority"), billed("standard")), (8_000_000.0, 0.0));
     s.finish();
 }
+
+/// Warm-ups (`generate: false`) are billed as the upstream reports them: a warm-up reporting
+/// 118,762 input tokens is not free, one over HTTP whose upstream ignored the flag pays its
+/// output too, and one reporting nothing used pays nothing — on each backend.
+#[test]
+fn warmups_are_billed_as_reported() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = stack(db, KeyRequest::default());
+        let mut c = s.client();
+        let warm = |directive: &str| {
+            let mut v = create("gpt-test", "", json!({"generate": false}));
+            v["metadata"]["sim"] = json!(directive);
+            v
+        };
+        for directive in ["report_input=118762", "report_input=0 report_output=0"] {
+            c.send(&warm(directive));
+            let last = c.until_terminal(T).pop().unwrap();
+            assert_eq!(last["type"], "response.completed", "{backend}: {last}");
+        }
+        let mut body = warm("report_input=1000 report_output=50");
+        body.as_object_mut().unwrap().remove("type");
+        let (code, answer) = post_json(&s.addr, "/v1/responses", &s.key, &body);
+        assert_eq!(code, 200, "{backend}: {answer}");
+        let rows = s.rows(3);
+        let billed: Vec<(bool, &str, i64)> = rows
+            .iter()
+            .map(|r| (r.warmup, r.usage_source.as_str(), r.cost_nanousd))
+            .collect();
+        assert_eq!(
+            billed,
+            [
+                (true, "reported", 118_762 * 1_250),
+                (true, "reported", 0),
+                (true, "reported", 1000 * 1_250 + 50 * 10_000),
+            ],
+            "{backend}"
+        );
+        assert_invariant(&wait_rows(&s.db, 3));
+        s.finish();
+    }
+}

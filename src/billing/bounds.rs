@@ -103,16 +103,16 @@ fn capped(estimate: &Usage, max_tokens: u64) -> Usage {
 
 /// What to bill: the usage as measured (`usage`, from `source`) when it is plausible and its
 /// cost fits, else the relay's `estimate` (`estimated`), with the rejected usage set aside.
-/// Warm-ups cost nothing.
+/// Warm-ups (`generate: false`) are no exception: billed as the upstream reports them, zero
+/// only when it reports zero (docs/DESIGN.md#pricing).
 pub fn settle(
     price: &Price,
-    warmup: bool,
     usage: Usage,
     source: UsageSource,
     estimate: &Usage,
     max_tokens: u64,
 ) -> Billed {
-    let priced = |u: &Usage| if warmup { Some(0) } else { cost(price, u) };
+    let priced = |u: &Usage| cost(price, u);
     let rejected = match check(&usage, max_tokens) {
         Ok(()) => match priced(&usage) {
             Some(cost_nanousd) => {
@@ -179,7 +179,6 @@ mod tests {
     fn plausible_usage_is_billed_as_reported() {
         let b = settle(
             &PRICE,
-            false,
             usage(1000, 100),
             UsageSource::Reported,
             &usage(9, 9),
@@ -200,14 +199,7 @@ mod tests {
             usage(1, 1_000_000_000_000_000_000),
             usage(MAX, 1),
         ] {
-            let b = settle(
-                &PRICE,
-                false,
-                reported,
-                UsageSource::Reported,
-                &estimate,
-                MAX,
-            );
+            let b = settle(&PRICE, reported, UsageSource::Reported, &estimate, MAX);
             assert_eq!(b.usage_source, UsageSource::Estimated);
             assert_eq!(b.usage, usage(40, 5));
             assert_eq!(b.cost_nanousd, 50_000 + 50_000);
@@ -225,7 +217,6 @@ mod tests {
         };
         let b = settle(
             &dear,
-            false,
             usage(1, 10_000_000),
             UsageSource::Reported,
             &usage(4, 1),
@@ -242,7 +233,6 @@ mod tests {
     fn the_estimate_is_capped_at_the_bound() {
         let b = settle(
             &PRICE,
-            false,
             usage(u64::MAX, 0),
             UsageSource::Reported,
             &usage(u64::MAX, 7),
@@ -253,16 +243,22 @@ mod tests {
     }
 
     #[test]
-    fn warmups_cost_nothing_even_when_set_aside() {
+    fn zero_is_billed_only_when_reported() {
         let b = settle(
             &PRICE,
-            true,
+            usage(0, 0),
+            UsageSource::Reported,
+            &usage(3, 0),
+            MAX,
+        );
+        assert_eq!((b.cost_nanousd, b.usage_source), (0, UsageSource::Reported));
+        let b = settle(
+            &PRICE,
             usage(u64::MAX, 0),
             UsageSource::Reported,
             &usage(3, 0),
             MAX,
         );
-        assert_eq!(b.cost_nanousd, 0);
-        assert!(b.set_aside.is_some());
+        assert_eq!(b.cost_nanousd, 3_750, "the estimate, not zero");
     }
 }

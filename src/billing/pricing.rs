@@ -5,8 +5,8 @@
 //! Input tokens are split into cached (cached price), cache writes (by lifetime: 30 minutes,
 //! 12 hours, or unnamed — each its price) and the rest (input price); output tokens include
 //! reasoning tokens. Every model has a price per service tier (docs/DESIGN.md#pricing): a
-//! table of its own, or the standard prices times the tier's multiplier. Warm-ups cost zero
-//! (`bounds::settle`).
+//! table of its own, or the standard prices times the tier's multiplier. Warm-ups are priced
+//! like any turn, from what the upstream reports (`bounds::settle`).
 
 use std::collections::BTreeMap;
 

@@ -12,26 +12,25 @@ pub enum Refusal {
 }
 
 /// The expected cost of a turn: the prompt's estimated input tokens and `output_tokens` (the
-/// request's `max_output_tokens`, else `billing.reserve_output_tokens`), each at most
-/// `max_tokens`, at `price`. At least one nano-USD: a turn that may reach the upstream is never
-/// reserved as free. `None` for a warm-up (it costs nothing).
+/// request's `max_output_tokens`, else `billing.reserve_output_tokens`; none for a warm-up,
+/// which asks for no output), each at most `max_tokens`, at `price`. At least one nano-USD: a
+/// turn that may reach the upstream is never reserved as free (a warm-up is billed as
+/// reported, docs/DESIGN.md#pricing).
 pub fn expected_cost(
     price: &Price,
     warmup: bool,
     prompt_bytes: usize,
     output_tokens: u64,
     max_tokens: u64,
-) -> Option<i64> {
-    if warmup {
-        return None;
-    }
+) -> i64 {
+    let output_tokens = if warmup { 0 } else { output_tokens };
     let usage = Usage {
         input_tokens: estimate_tokens(prompt_bytes).min(max_tokens),
         output_tokens: output_tokens.min(max_tokens),
         ..Usage::default()
     };
     // `max_cost_fits` held at start: the cost of a bounded usage fits.
-    Some(cost(price, &usage).unwrap_or(i64::MAX).max(1))
+    cost(price, &usage).unwrap_or(i64::MAX).max(1)
 }
 
 /// The state a reservation is decided on, read under the key's and the user's row locks.
@@ -83,15 +82,13 @@ mod tests {
         // 400 bytes ≈ 100 input tokens at $1.25/M, 1,000 output at $10/M.
         assert_eq!(
             expected_cost(&PRICE, false, 400, 1_000, 20_000_000),
-            Some(125_000 + 10_000_000)
+            125_000 + 10_000_000
         );
-        assert_eq!(expected_cost(&PRICE, true, 400, 1_000, 20_000_000), None);
+        // A warm-up reserves its input only.
+        assert_eq!(expected_cost(&PRICE, true, 400, 1_000, 20_000_000), 125_000);
         // Never free, capped at the bound.
-        assert_eq!(expected_cost(&PRICE, false, 0, 0, 20_000_000), Some(1));
-        assert_eq!(
-            expected_cost(&PRICE, false, 0, u64::MAX, 1_000),
-            Some(10_000_000)
-        );
+        assert_eq!(expected_cost(&PRICE, false, 0, 0, 20_000_000), 1);
+        assert_eq!(expected_cost(&PRICE, false, 0, u64::MAX, 1_000), 10_000_000);
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn reservation_for(
         ask.max_output_tokens
             .unwrap_or(billing.reserve_output_tokens),
         billing.max_tokens_per_response,
-    )?;
+    );
     let at = crate::db::now();
     let ttl = chrono::Duration::seconds(
         i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
@@ -387,7 +387,6 @@ pub fn record_of(
     }
     let billed = crate::billing::bounds::settle(
         &price,
-        turn.warmup,
         outcome.usage,
         outcome.usage_source,
         &outcome.estimate,

@@ -307,11 +307,12 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
 
     // The terminal.
     let usage = if warmup {
+        // What a warm-up reports (scripted counts: an upstream that ignores the flag).
         Usage {
-            input: input_tokens(req),
+            input: script.report_input.unwrap_or_else(|| input_tokens(req)),
             cached: 0,
             written: (0, 0),
-            output: 0,
+            output: script.report_output.unwrap_or(0),
             reasoning: 0,
         }
     } else {
