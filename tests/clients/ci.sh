@@ -237,6 +237,12 @@ for name, transport, upstream in (("171-ws", "ws", "ws"), ("171-http", "http", "
 print("Codex 0.171 over WebSocket and over HTTP: its usage equals its rows, every turn on the socket")
 PY
 
+echo "== Codex 0.171 reads the key's quota and the user's balance (/status) =="
+TURNPIKE_DATABASE__URL=$DB2 "$BIN" users create status --balance-usd 0.002 >/dev/null 2>&1
+KEY3=$(TURNPIKE_DATABASE__URL=$DB2 "$BIN" keys create --user status --quota-usd 0.001 2>/dev/null)
+check codex171-status "$CACHE/venv/bin/python" "$ROOT/tests/clients/codex_status.py" "$CODEX171" \
+  "$(addr_from "$WORK/relay2.log")" "$KEY3" "$WORK" "$WORK/nolanes.db" 1000000 2000000
+
 echo "== rows, timing and what the upstream saw =="
 check rows "$CACHE/venv/bin/python" - "$WORK" "$SIM" "$KEY" "$UPSTREAM_KEY" <<'PY'
 import json, sqlite3, sys, time, urllib.request
