@@ -1319,3 +1319,56 @@ fn unknown_fields_and_events_pass_byte_for_byte() {
     );
     s.finish();
 }
+
+/// An event the upstream sends after its response's terminal (Codex's `codex.rate_limits`)
+/// reaches the client as it would direct, and the next turn on the lane is its own, billed
+/// once — on each backend.
+#[test]
+fn events_after_the_terminal_reach_the_client() {
+    for db in backends() {
+        let backend = db.backend;
+        let s = Stack::start(db, StackOptions::default());
+        let mut c = s.client();
+        c.send(&create("trailing=codex.rate_limits,response.metadata"));
+        let events = c.until_terminal(T);
+        assert_eq!(last_type(&events), "response.completed", "{backend}");
+        let id = events.last().unwrap()["response"]["id"].clone();
+        for kind in ["codex.rate_limits", "response.metadata"] {
+            let late = c.next_event(T);
+            assert_eq!(
+                (late["type"].as_str(), &late["response_id"]),
+                (Some(kind), &id),
+                "{backend}: {late}"
+            );
+        }
+        c.send(&create(""));
+        let next = c.until_terminal(T);
+        assert_eq!(last_type(&next), "response.completed", "{backend}");
+        assert_ne!(next.last().unwrap()["response"]["id"], id);
+        let rows = s.rows(2);
+        assert_eq!(rows.len(), 2, "{backend}");
+        assert!(rows.iter().all(|r| r.status == "completed"), "{backend}");
+        s.finish();
+    }
+}
+
+/// A steer sent after its response ended gets what the upstream answers such a steer —
+/// `response.steer.failed` with the input handed back — never a bare `error` that an SDK
+/// cannot match to its steer.
+#[test]
+fn a_steer_after_the_end_fails_as_a_steer() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let mut c = s.client();
+    c.send(&create(""));
+    let events = c.until_terminal(T);
+    let id = events.last().unwrap()["response"]["id"].clone();
+    let input = json!([{"type": "message", "role": "user", "content": "and also this"}]);
+    c.send(&json!({"type": "response.steer", "previous_response_id": id, "input": input}));
+    let e = c.next_event(T);
+    assert_eq!(e["type"], "response.steer.failed", "{e}");
+    assert_eq!(e["steer"]["input"], input, "{e}");
+    assert_eq!(e["steer"]["previous_response_id"], id, "{e}");
+    assert_eq!(e["error"]["code"], "no_active_response", "{e}");
+    assert_eq!(s.rows(1).len(), 1, "nothing billed for the steer");
+    s.finish();
+}

@@ -351,6 +351,10 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
         json!({"type": terminal_type, "response": response}),
         script.terminal_delay,
     ));
+    for kind in &script.trailing {
+        let event = json!({"type": kind, "response_id": ids.response, "x_sim": {"note": "sent after the terminal"}});
+        events.push((event, Duration::ZERO));
+    }
 
     // Number the events, then place the fault after `after` of them.
     let mut steps = VecDeque::new();

@@ -99,6 +99,9 @@ pub struct Script {
     /// Event types sent right after `response.created` (`extra=a,b`): events a client or relay
     /// does not know yet (`response.queued`, `response.metadata`, …), each with the response id.
     pub extra: Vec<String>,
+    /// Event types sent right after the terminal (`trailing=a,b`): what an upstream sends
+    /// after a response ended (`codex.rate_limits`, …).
+    pub trailing: Vec<String>,
 }
 
 impl Default for Script {
@@ -127,6 +130,7 @@ impl Default for Script {
             steer_completes: false,
             retry_after: None,
             extra: Vec::new(),
+            trailing: Vec::new(),
         }
     }
 }
@@ -139,6 +143,14 @@ pub fn find_marker(text: &str) -> Option<&str> {
     let start = text.rfind(MARKER_OPEN)? + MARKER_OPEN.len();
     let len = text[start..].find(MARKER_CLOSE)?;
     Some(text[start..start + len].trim())
+}
+
+/// A comma-separated list of event types.
+fn types(list: &str) -> Vec<String> {
+    list.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 impl Script {
@@ -240,13 +252,8 @@ impl Script {
                 "report_output" => s.report_output = Some(num(need()?)?),
                 "steer_completes" => s.steer_completes = true,
                 "retry_after" => s.retry_after = Some(num(need()?)?),
-                "extra" => {
-                    s.extra = need()?
-                        .split(',')
-                        .filter(|t| !t.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                }
+                "extra" => s.extra = types(need()?),
+                "trailing" => s.trailing = types(need()?),
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }

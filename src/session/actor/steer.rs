@@ -181,12 +181,14 @@ impl SessionActor {
             return self.send(e, ctx);
         }
         if !self.steerable(&lane) {
-            let e = ErrorCode::NoActiveResponse
-                .ws_event_on(
-                    "`response.steer` needs a response in flight",
-                    lane.as_deref(),
-                )
-                .to_string();
+            // Answered as the upstream answers a steer that raced its response's end: the
+            // input handed back, never a bare `error` (docs/DESIGN.md#steering).
+            let e = steer_refused(
+                &steer,
+                ErrorCode::NoActiveResponse,
+                "no response is in flight to steer (it may have just ended); send a new response.create",
+                lane.as_deref(),
+            );
             return self.send(e, ctx);
         }
         let admitted = self
@@ -257,9 +259,12 @@ impl SessionActor {
     }
 
     /// An upstream frame of a lane with no turn streaming. A `response.created` is a successor
-    /// the upstream started on its own: a turn of its own. Anything else is a protocol error,
-    /// logged once per session and not forwarded (the other lanes go on); a frame that is not
-    /// an event at all leaves the connection in an unknown state: it is dropped.
+    /// the upstream started on its own: a turn of its own. On a lane with no turn at all, any
+    /// other event but a terminal or an error came after its response's end and is forwarded.
+    /// A terminal or an error there, or any event for a lane whose next turn has not started
+    /// streaming, is a protocol error, logged once per session and not forwarded (the other
+    /// lanes go on); a frame that is not an event at all leaves the connection in an unknown
+    /// state: it is dropped.
     pub(super) fn on_unattributed(
         &mut self,
         lane: LaneId,
@@ -287,6 +292,16 @@ impl SessionActor {
                 LostReason::Error(format!("upstream error outside any lane: {code}")),
                 ctx,
             );
+        }
+        if idle_lane && !matches!(kind, EventKind::Terminal(_) | EventKind::Error) {
+            // An event after its response's terminal (`codex.rate_limits`, a steer's answer
+            // that raced the end, …) reaches the client as it would direct, until the lane's
+            // next create (docs/DESIGN.md#late-events).
+            if let EventKind::Steer(k) = kind {
+                let unused = self.steers.entry(lane).or_default().observe(k, &text);
+                self.release_reservations(unused);
+            }
+            return self.send(text, ctx);
         }
         ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => "unattributed_frame").increment(1);
         if !self.unattributed_logged {
