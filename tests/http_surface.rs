@@ -730,3 +730,71 @@ fn an_answer_that_is_neither_sse_nor_json_is_a_protocol_error() {
     );
     s.finish();
 }
+
+/// The header policy (docs/DESIGN.md#headers), header by header, with the headers the real
+/// clients send: the client's pass upstream but for its credentials and organization, and
+/// the upstream's reach the client (the model that served it, the request id, rate-limit
+/// usage) but for its organization and cookies — on a JSON answer, an SSE answer and an error.
+#[test]
+fn headers_pass_both_ways_by_the_policy() {
+    let s = start(TestDb::sqlite(), StackOptions::default());
+    let sent = [
+        ("x-openai-subagent", "review"),
+        ("version", "0.171.0"),
+        ("x-responsesapi-include-timing-metrics", "true"),
+        ("x-stainless-lang", "python"),
+        ("originator", "codex_exec"),
+        ("OpenAI-Organization", "org-client"),
+        ("Cookie", "client=secret"),
+    ];
+    let mut c = Conn::open(&s.addr);
+    for stream in [false, true] {
+        let body = req(json!({"stream": stream})).to_string();
+        let head = c.send(
+            "POST",
+            "/v1/responses",
+            Some(&s.key),
+            body.as_bytes(),
+            &sent,
+        );
+        assert_eq!(head.status, 200);
+        if stream {
+            c.events();
+        } else {
+            c.json(&head);
+        }
+        assert_eq!(head.header("openai-model"), Some("gpt-test"), "{head:?}");
+        assert!(
+            head.header("x-request-id")
+                .is_some_and(|v| v.starts_with("req_sim_"))
+        );
+        assert_eq!(head.header("x-codex-primary-used-percent"), Some("12"));
+        assert_eq!(head.header("x-reasoning-included"), Some("true"));
+        assert_eq!(head.header("openai-organization"), None, "{head:?}");
+        assert_eq!(head.header("set-cookie"), None, "{head:?}");
+    }
+    // What the upstream saw: the client's headers but its credentials and organization.
+    let seen = http_get(&s.sim_addr, "/sim/http").1;
+    for r in seen.as_array().unwrap() {
+        let h: Vec<(String, String)> = serde_json::from_value(r["headers"].clone()).unwrap();
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        for (k, v) in &sent[..5] {
+            assert_eq!(get(k), Some(*v), "{k} passes: {h:?}");
+        }
+        assert_ne!(get("openai-organization"), Some("org-client"), "{h:?}");
+        assert_eq!(get("cookie"), None, "{h:?}");
+        assert_eq!(get("authorization"), Some("Bearer sk-upstream"), "{h:?}");
+    }
+    // An upstream error keeps its headers too (Retry-After among them).
+    let body =
+        req(json!({"metadata": {"sim": "error=rate_limit_exceeded status=429 retry_after=7"}}))
+            .to_string();
+    let head = c.send("POST", "/v1/responses", Some(&s.key), body.as_bytes(), &[]);
+    c.json(&head);
+    assert_eq!(
+        (head.status, head.header("retry-after")),
+        (429, Some("7")),
+        "{head:?}"
+    );
+    s.finish();
+}

@@ -1020,6 +1020,9 @@ fn handshake_headers_pass_through_credentials_do_not() {
                 ("x-codex-turn-metadata", "{\"turn\":1}"),
                 ("session-id", session),
                 ("originator", "codex_exec"),
+                ("version", "0.171.0"),
+                ("x-openai-subagent", "review"),
+                ("x-responsesapi-include-timing-metrics", "true"),
                 ("openai-organization", "org-client-picked"),
                 ("openai-project", "proj-client-picked"),
                 ("cookie", "secret=1"),
@@ -1089,6 +1092,13 @@ fn handshake_headers_pass_through_credentials_do_not() {
         headers.get("originator").map(String::as_str),
         Some("codex_exec")
     );
+    for (k, v) in [
+        ("version", "0.171.0"),
+        ("x-openai-subagent", "review"),
+        ("x-responsesapi-include-timing-metrics", "true"),
+    ] {
+        assert_eq!(headers.get(k).map(String::as_str), Some(v), "{k}");
+    }
     assert_eq!(
         headers.get("authorization").map(String::as_str),
         Some("Bearer sk-upstream"),

@@ -116,15 +116,28 @@ pub async fn create(
         finished: false,
     };
     let streaming = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let mut res = HttpResponse::Ok();
+    upstream_headers(&mut res, &request, &tag);
     if streaming {
-        return HttpResponse::Ok()
+        return res
             .content_type("text/event-stream")
             .insert_header(("cache-control", "no-cache"))
             .streaming(run.sse());
     }
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .streaming(run.json())
+    res.content_type("application/json").streaming(run.json())
+}
+
+/// The headers the upstream answers a response request with: the model that served it, the
+/// request id, rate-limit usage, and the account's identity and cookies (a relay must not pass
+/// those two on).
+fn upstream_headers(res: &mut actix_web::HttpResponseBuilder, request: &Value, tag: &str) {
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("");
+    res.insert_header(("openai-model", model))
+        .insert_header(("x-request-id", format!("req_sim_{tag}")))
+        .insert_header(("x-codex-primary-used-percent", "12"))
+        .insert_header(("x-reasoning-included", "true"))
+        .insert_header(("openai-organization", "org-sim-upstream"))
+        .insert_header(("set-cookie", "__sim_session=upstream; Path=/"));
 }
 
 /// `POST /v1/responses/compact`: the input compacted into one opaque item, billed from the

@@ -27,6 +27,9 @@ pub fn passes_through(name: &str) -> bool {
             | "originator"
             | "user-agent"
             | "accept-language"
+            | "version"
+            | "x-openai-subagent"
+            | "x-responsesapi-include-timing-metrics"
     ) || name.starts_with("x-codex-")
 }
 

@@ -14,7 +14,7 @@ use bytestring::ByteString;
 use crate::protocol::events::{http_error_event, ws_event_of_sse};
 use crate::protocol::sse::SseReader;
 
-use super::dial::passes_through;
+use crate::protocol::headers::request_passes;
 
 /// An account as the HTTP surface reaches it.
 #[derive(Debug, Clone)]
@@ -90,7 +90,7 @@ pub async fn post(
             },
         ));
     for (k, v) in client_headers {
-        if passes_through(k) {
+        if request_passes(k) {
             req = req.insert_header((k.as_str(), v.as_str()));
         }
     }

@@ -61,7 +61,7 @@ enum Last {
     Upstream {
         status: StatusCode,
         body: Bytes,
-        retry_after: Option<String>,
+        headers: Vec<(String, String)>,
     },
     /// The upstream's terminal or `error` event, as received (SSE).
     Event(Bytes),
@@ -499,7 +499,7 @@ impl Exchange {
                 "the upstream refused the relay's credential",
             );
         }
-        let retry_after = header(&res, "retry-after");
+        let headers = client_headers(&res);
         let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
         let body = upstream::read_all(&mut res, 64 * 1024, limit)
             .await
@@ -509,7 +509,7 @@ impl Exchange {
             Last::Upstream {
                 status,
                 body,
-                retry_after,
+                headers,
             },
         )
     }
@@ -518,7 +518,7 @@ impl Exchange {
     /// WebSocket turn the upstream answered with an `error` event.
     async fn upstream_error(&mut self, res: &mut awc::ClientResponse) -> End {
         let status = res.status();
-        let retry_after = header(res, "retry-after");
+        let headers = client_headers(res);
         let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
         let body = upstream::read_all(res, 64 * 1024, limit)
             .await
@@ -532,7 +532,7 @@ impl Exchange {
             Last::Upstream {
                 status,
                 body,
-                retry_after,
+                headers,
             },
         )
     }
@@ -545,6 +545,7 @@ impl Exchange {
             .event(EventKind::Lifecycle, Instant::now());
         let s = &self.deps.settings.upstream;
         let (max, idle) = (s.frame_max_bytes, Duration::from_millis(s.read_timeout_ms));
+        let headers = client_headers(res);
         let body = tokio::select! {
             body = upstream::read_all(res, max, idle) => body,
             end = self.interrupted(sink) => return end,
@@ -565,7 +566,7 @@ impl Exchange {
                 Last::Upstream {
                     status: StatusCode::OK,
                     body,
-                    retry_after: None,
+                    headers,
                 },
             ),
             None => End::lost(
@@ -583,7 +584,7 @@ impl Exchange {
         let first_event = Duration::from_millis(s.upstream.first_event_timeout_ms);
         let idle = Duration::from_millis(s.upstream.read_timeout_ms);
         let stall = Duration::from_millis(s.limits.client_stall_timeout_ms.max(1));
-        if !sink.start_stream(s.limits.client_send_buffer_bytes) {
+        if !sink.start_stream(s.limits.client_send_buffer_bytes, client_headers(&res)) {
             return End::client_gone();
         }
         let mut reader = SseReader::default();
@@ -747,6 +748,15 @@ fn error_code(v: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The upstream's response headers that reach the client (docs/DESIGN.md#headers).
+fn client_headers(res: &awc::ClientResponse) -> Vec<(String, String)> {
+    let all = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_bytes()));
+    crate::protocol::headers::filtered(all, crate::protocol::headers::response_passes)
+}
+
 fn header(res: &awc::ClientResponse, name: &str) -> Option<String> {
     res.headers()
         .get(name)
@@ -772,13 +782,14 @@ impl Sink {
         }
     }
 
-    /// Answers the handler with the SSE stream; `false` if the client has gone.
-    fn start_stream(&mut self, budget: usize) -> bool {
+    /// Answers the handler with the SSE stream and the upstream's `headers` that pass;
+    /// `false` if the client has gone.
+    fn start_stream(&mut self, budget: usize, headers: Vec<(String, String)>) -> bool {
         let Sink::Waiting(reply) = std::mem::replace(self, Sink::Done) else {
             return false;
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        if reply.send(Reply::Stream(rx)).is_err() {
+        if reply.send(Reply::Stream(rx, headers)).is_err() {
             return false;
         }
         let max = budget.clamp(1, Semaphore::MAX_PERMITS);
@@ -821,13 +832,13 @@ impl Sink {
                 Last::Upstream {
                     status,
                     body,
-                    retry_after,
+                    headers,
                 },
             ) => {
                 let _ = reply.send(Reply::Upstream {
                     status,
                     body,
-                    retry_after,
+                    headers,
                 });
             }
             (Sink::Waiting(reply), Last::Error(code, message)) => {
@@ -838,7 +849,7 @@ impl Sink {
                 let _ = reply.send(Reply::Upstream {
                     status: StatusCode::OK,
                     body: bytes,
-                    retry_after: None,
+                    headers: Vec::new(),
                 });
             }
             (Sink::Streaming { tx, .. }, Last::Event(bytes)) => {

@@ -75,10 +75,15 @@ pub(crate) enum Reply {
     Upstream {
         status: StatusCode,
         body: Bytes,
-        retry_after: Option<String>,
+        /// The upstream's response headers that reach the client (docs/DESIGN.md#headers).
+        headers: Vec<(String, String)>,
     },
-    /// The SSE stream: events as the exchange lets them through (see `exchange::Sink`).
-    Stream(mpsc::UnboundedReceiver<exchange::Chunk>),
+    /// The SSE stream: events as the exchange lets them through (see `exchange::Sink`), with
+    /// the upstream's response headers that reach the client.
+    Stream(
+        mpsc::UnboundedReceiver<exchange::Chunk>,
+        Vec<(String, String)>,
+    ),
 }
 
 async fn serve(
@@ -100,7 +105,14 @@ async fn serve(
         frame,
         exchange::Origin {
             kind,
-            headers: ingress::pass_through_headers(req.headers()),
+            // docs/DESIGN.md#headers: what passes upstream; a pooled upstream socket's dial
+            // and identity take only the session-describing ones among them.
+            headers: crate::protocol::headers::filtered(
+                req.headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_bytes())),
+                crate::protocol::headers::request_passes,
+            ),
             path: req.path().to_string(),
             session: client_session(&req),
         },
@@ -133,22 +145,30 @@ fn respond(reply: Reply) -> HttpResponse {
         Reply::Upstream {
             status,
             body,
-            retry_after,
-        } => {
-            let mut res = HttpResponse::build(status);
-            if let Some(s) = retry_after {
-                res.insert_header(("retry-after", s));
-            }
-            res.content_type("application/json").body(body)
-        }
-        Reply::Stream(rx) => {
+            headers,
+        } => with_headers(HttpResponse::build(status), headers)
+            .content_type("application/json")
+            .body(body),
+        Reply::Stream(rx, headers) => {
             let body = sse_body(rx);
-            HttpResponse::Ok()
+            with_headers(HttpResponse::Ok(), headers)
                 .content_type("text/event-stream")
                 .insert_header(("cache-control", "no-cache"))
                 .streaming(body)
         }
     }
+}
+
+/// A response with the upstream's headers that pass (appended: a header the upstream repeats
+/// stays repeated).
+fn with_headers(
+    mut res: actix_web::HttpResponseBuilder,
+    headers: Vec<(String, String)>,
+) -> actix_web::HttpResponseBuilder {
+    for (k, v) in headers {
+        res.append_header((k, v));
+    }
+    res
 }
 
 /// The SSE body: each chunk's bytes, its share of the client's send budget given back as it

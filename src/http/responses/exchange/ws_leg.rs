@@ -219,7 +219,7 @@ impl Exchange {
                         Last::Upstream {
                             status,
                             body,
-                            retry_after: None,
+                            headers: Vec::new(),
                         }
                     };
                     return (Outcome::End(End(ending, last)), reusable);
@@ -234,7 +234,7 @@ impl Exchange {
                 Step::Forward | Step::Steer(_) if !streams => {}
                 Step::Forward | Step::Steer(_) => {
                     if !relayed {
-                        if !sink.start_stream(budget) {
+                        if !sink.start_stream(budget, Vec::new()) {
                             return (Outcome::End(End::client_gone()), false);
                         }
                         relayed = true;
@@ -260,7 +260,7 @@ impl Exchange {
             (false, Some(body)) => Last::Upstream {
                 status: StatusCode::OK,
                 body,
-                retry_after: None,
+                headers: Vec::new(),
             },
             (false, None) => {
                 return End::lost(
