@@ -1382,3 +1382,78 @@ fn a_steer_after_the_end_fails_as_a_steer() {
     assert_eq!(s.rows(1).len(), 1, "nothing billed for the steer");
     s.finish();
 }
+
+/// A terminal of another response arriving mid-turn (an upstream repeating an old one, usage
+/// 999/999) is relayed as sent but neither ends the turn nor is billed: the turn's own
+/// terminal ends it, one row at its own usage — over the WebSocket and over HTTP SSE, on each
+/// backend.
+#[test]
+fn a_stray_terminal_neither_ends_nor_bills_the_turn() {
+    for db in backends() {
+        let backend = db.backend;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_UPSTREAM__HTTP_TRANSPORT", "http")],
+                ..StackOptions::default()
+            },
+        );
+        let mut c = s.client();
+        c.send(&create("stray deltas=3"));
+        let mut events = Vec::new();
+        loop {
+            let e = c.next_event(T);
+            let own_end = e["type"] == "response.completed"
+                && e["response"]["id"]
+                    == events
+                        .first()
+                        .map_or(Value::Null, |f: &Value| f["response"]["id"].clone());
+            events.push(e);
+            if own_end {
+                break;
+            }
+        }
+        let stray = events
+            .iter()
+            .filter(|e| e["type"] == "response.completed")
+            .count();
+        assert_eq!(
+            stray, 2,
+            "{backend}: the stray is relayed, then the turn's own: {events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e["type"] == "response.output_text.delta"),
+            "{backend}: the turn went on after the stray"
+        );
+        let mut body = create("stray deltas=3");
+        body.as_object_mut().unwrap().remove("type");
+        body["stream"] = json!(true);
+        let mut h = common::post::Conn::open(&s.addr);
+        let head = h.post("/v1/responses", &s.key, &body);
+        assert_eq!(head.status, 200);
+        let seen = h.events();
+        assert_eq!(
+            seen.last().unwrap().data["type"],
+            "response.completed",
+            "{backend}"
+        );
+        let rows = s.rows(2);
+        assert_eq!(rows.len(), 2, "{backend}: one row each");
+        for r in &rows {
+            assert_eq!(r.status, "completed", "{backend}");
+            assert!(
+                r.input_tokens < 999 && r.output_tokens < 999,
+                "{backend}: {r:?}"
+            );
+            assert!(
+                r.response_id
+                    .as_deref()
+                    .is_some_and(|id| !id.ends_with("_stray")),
+                "{backend}: {r:?}"
+            );
+        }
+        s.finish();
+    }
+}

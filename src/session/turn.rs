@@ -124,6 +124,9 @@ pub struct Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub kind: EventKind,
+    /// A terminal (or usage-bearing event) of another response than the turn's: relayed as
+    /// the upstream sent it, never billed, never the turn's end (docs/DESIGN.md#stray-terminals).
+    pub stray: bool,
 }
 
 /// The state of the turn in flight.
@@ -180,19 +183,21 @@ impl TurnTracker {
     /// lifecycle events are parsed; deltas are scanned.
     pub fn observe(&mut self, text: &str, now: Instant) -> Observed {
         let kind = classify(text);
+        let parsed = match kind {
+            EventKind::Created | EventKind::Terminal(_) => true,
+            EventKind::Lifecycle => mentions_usage(text),
+            _ => false,
+        };
+        if parsed && !self.parse_response(text, kind) {
+            return Observed { kind, stray: true };
+        }
         self.events += 1;
         self.clock.event(kind, now);
         self.saw_terminal |= matches!(kind, EventKind::Terminal(_));
-        match kind {
-            EventKind::Token => self.streamed_chars += delta_len(text),
-            EventKind::Created | EventKind::Terminal(_) | EventKind::Lifecycle
-                if kind != EventKind::Lifecycle || mentions_usage(text) =>
-            {
-                self.parse_response(text, kind)
-            }
-            _ => {}
+        if kind == EventKind::Token {
+            self.streamed_chars += delta_len(text);
         }
-        Observed { kind }
+        Observed { kind, stray: false }
     }
 
     /// A whole (non-streamed) response body that arrived at `now` — a response object, or a
@@ -223,10 +228,20 @@ impl TurnTracker {
         }
     }
 
-    fn parse_response(&mut self, text: &str, kind: EventKind) {
+    /// Reads a `response.*` event's response: its id, tier, usage and (of a terminal) output.
+    /// `false`, with nothing read, when it names another response than the one the turn's
+    /// `response.created` named (docs/DESIGN.md#stray-terminals).
+    fn parse_response(&mut self, text: &str, kind: EventKind) -> bool {
         let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
-            return;
+            return true;
         };
+        if let (Some(mine), Some(theirs)) = (
+            self.response_id.as_deref(),
+            v.pointer("/response/id").and_then(|i| i.as_str()),
+        ) && mine != theirs
+        {
+            return false;
+        }
         if matches!(kind, EventKind::Terminal(_))
             && let Some(serde_json::Value::Array(items)) = v.pointer_mut("/response/output")
         {
@@ -248,6 +263,7 @@ impl TurnTracker {
             Ok(None) => {}
             Err(_) => self.usage_malformed = true,
         }
+        true
     }
 
     /// The relay's own measure of the turn: input from the prompt's size (once the request
@@ -364,7 +380,14 @@ pub struct Relayed {
 
 /// Feeds one upstream event to the turn's tracker and decides its step.
 pub fn step(tracker: &mut TurnTracker, text: &str, now: Instant, relayed: Relayed) -> Step {
-    match tracker.observe(text, now).kind {
+    let observed = tracker.observe(text, now);
+    if observed.stray {
+        // Another response's event: the client sees what the upstream sent, the turn goes on.
+        ::metrics::counter!(crate::telemetry::metric::UPSTREAM_ERRORS, "code" => "stray_terminal")
+            .increment(1);
+        return Step::Forward;
+    }
+    match observed.kind {
         EventKind::Invalid => Step::Invalid,
         EventKind::Terminal(kind) => Step::End {
             ending: Ending::Terminal(kind),
@@ -895,5 +918,37 @@ mod tests {
             r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"websocket_connection_limit_reached"}}"#,
         );
         assert!(!limit.request_level, "the socket goes");
+    }
+
+    /// A terminal naming another response than the turn's `response.created` (an upstream
+    /// repeating an old one, or nonsense) is relayed but is not the turn's end and bills
+    /// nothing; the turn's own terminal ends it.
+    #[test]
+    fn a_stray_terminal_is_not_the_turns() {
+        let t0 = Instant::now();
+        let mut t = TurnTracker::new(t0);
+        t.clock.written(t0);
+        let relayed = Relayed::default();
+        let created = r#"{"type":"response.created","response":{"id":"resp_A"}}"#;
+        assert_eq!(step(&mut t, created, at(t0, 1), relayed), Step::Forward);
+        let stray = r#"{"type":"response.completed","response":{"id":"resp_OLD","usage":{"input_tokens":999,"output_tokens":999}}}"#;
+        assert_eq!(step(&mut t, stray, at(t0, 2), relayed), Step::Forward);
+        let own = r#"{"type":"response.completed","response":{"id":"resp_A","usage":{"input_tokens":3,"output_tokens":2}}}"#;
+        assert!(matches!(
+            step(&mut t, own, at(t0, 3), relayed),
+            Step::End {
+                ending: Ending::Terminal(TerminalKind::Completed),
+                ..
+            }
+        ));
+        let o = t.finish(Ending::Terminal(TerminalKind::Completed), at(t0, 4));
+        assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (3, 2));
+        assert_eq!(o.response_id.as_deref(), Some("resp_A"));
+        // Before any `response.created`, a terminal is the turn's (nothing to match it to).
+        let mut t = TurnTracker::new(t0);
+        assert!(matches!(
+            step(&mut t, stray, at(t0, 1), relayed),
+            Step::End { .. }
+        ));
     }
 }

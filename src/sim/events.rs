@@ -238,6 +238,14 @@ pub fn plan(req: &Value, script: &Script, ids: &Ids, created_at: i64) -> Plan {
         json!({"type": "response.created", "response": in_progress}),
         script.first_delay,
     ));
+    if script.stray {
+        let other = json!({"id": format!("{}_stray", ids.response), "object": "response", "status": "completed",
+            "output": [], "usage": {"input_tokens": 999, "output_tokens": 999, "total_tokens": 1998}});
+        events.push((
+            json!({"type": "response.completed", "response": other}),
+            Duration::ZERO,
+        ));
+    }
     for kind in &script.extra {
         let event = json!({"type": kind, "response_id": ids.response, "x_sim": {"note": "an event type the client may not know"}});
         events.push((event, Duration::ZERO));

@@ -102,6 +102,9 @@ pub struct Script {
     /// Event types sent right after the terminal (`trailing=a,b`): what an upstream sends
     /// after a response ended (`codex.rate_limits`, …).
     pub trailing: Vec<String>,
+    /// Right after `response.created`, a `response.completed` of another response (usage
+    /// 999/999): an upstream repeating an old terminal (`stray`).
+    pub stray: bool,
 }
 
 impl Default for Script {
@@ -131,6 +134,7 @@ impl Default for Script {
             retry_after: None,
             extra: Vec::new(),
             trailing: Vec::new(),
+            stray: false,
         }
     }
 }
@@ -254,6 +258,7 @@ impl Script {
                 "retry_after" => s.retry_after = Some(num(need()?)?),
                 "extra" => s.extra = types(need()?),
                 "trailing" => s.trailing = types(need()?),
+                "stray" => s.stray = true,
                 other => return Err(format!("unknown directive key {other:?}")),
             }
         }
