@@ -208,6 +208,9 @@ pub struct SessionSettings {
     pub on_overlap: OnOverlap,
     /// `response.create`s that may wait behind the turn in flight (`on_overlap = "queue"`).
     pub lane_queue_max: usize,
+    /// Bytes of `response.create`s that may wait across one session's lanes; a create that
+    /// would wait beyond it gets `lane_queue_full` (docs/DESIGN.md#overlap).
+    pub lane_queue_max_bytes: usize,
     /// After `response.cancel`, how long to wait for the upstream's terminal before the
     /// connection is dropped and the turn ends as cancelled.
     pub cancel_grace_ms: u64,
@@ -317,6 +320,7 @@ impl Default for SessionSettings {
         Self {
             on_overlap: OnOverlap::Queue,
             lane_queue_max: 64,
+            lane_queue_max_bytes: 32 * 1024 * 1024,
             cancel_grace_ms: 5_000,
             drain_ms: 10_000,
             lease_idle_ms: 60_000,

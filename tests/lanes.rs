@@ -679,3 +679,50 @@ fn an_upstream_restart_ends_every_lane_on_the_connection() {
     assert_eq!(s.sim_stats()["accepted"], 2, "a fresh connection");
     s.finish();
 }
+
+/// Waiting creates are bounded in bytes, not only in count: with 2,500 bytes allowed, two
+/// creates of about 1 KiB wait behind a slow turn and a third is refused `lane_queue_full`
+/// (nothing else changes); the two run when the lane frees, each billed once.
+#[test]
+fn waiting_creates_are_bounded_in_bytes() {
+    let s = with_env(&[("TURNPIKE_SESSION__LANE_QUEUE_MAX_BYTES", "2500")]);
+    let mut c = s.client();
+    c.send(&create(Some("a"), "deltas=4 delta_delay_ms=150"));
+    let padded = |n: usize| {
+        let mut v = create(Some("a"), "");
+        v["input"] = json!(format!("{n} {}", "x".repeat(900)));
+        v
+    };
+    for n in 0..3 {
+        c.send(&padded(n));
+    }
+    let (_, ends) = answers(&mut c, 4);
+    let kinds: Vec<(&str, &str)> = ends
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or(""),
+                e["error"]["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("error", "lane_queue_full"),
+            ("response.completed", ""),
+            ("response.completed", ""),
+            ("response.completed", ""),
+        ],
+        "{ends:?}"
+    );
+    assert!(
+        ends[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2500 bytes")
+    );
+    assert_eq!(s.rows(3).len(), 3);
+    assert_quiet(&mut c);
+    s.finish();
+}

@@ -277,7 +277,7 @@ impl ErrorCode {
                 status: 429,
                 error_type: "rate_limit_error",
                 close: None,
-                when: "`response.create` while `session.lane_queue_max` creates already wait behind the turn in flight (`on_overlap = \"queue\"`)",
+                when: "`response.create` while `session.lane_queue_max` creates already wait on its lane, or the session's waiting creates would exceed `session.lane_queue_max_bytes` (`on_overlap = \"queue\"`)",
             },
             ErrorCode::StreamLimitReached => ErrorSpec {
                 code: "websocket_stream_limit_reached",

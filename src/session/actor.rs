@@ -238,6 +238,7 @@ impl SessionActor {
         let id = SessionId::random();
         let reader = ClientReader::new(deps.settings.limits.client_frame_max_bytes);
         let replay_max = deps.settings.session.replay_max_bytes;
+        let lanes = Lanes::bounded(deps.settings.session.lane_queue_max_bytes);
         let span = info_span!("session", session = %id, key = %principal.key_prefix, user = %principal.user_name);
         Self {
             id,
@@ -256,7 +257,7 @@ impl SessionActor {
             turns: Vec::new(),
             drains: Vec::new(),
             stop_after_drains: false,
-            lanes: Lanes::default(),
+            lanes,
             idle_since: Instant::now(),
             opened_at: Instant::now(),
             client: Client {
@@ -319,8 +320,16 @@ impl SessionActor {
                     ErrorCode::StreamLimitReached => {
                         format!("this session has its maximum of {MAX_NAMED_LANES} named streams")
                     }
+                    ErrorCode::LaneQueueFull
+                        if self.lanes.waiting_on(&frame.stream_id) >= queue_max =>
+                    {
+                        format!(
+                            "{queue_max} response.create frames already wait on this stream; retry after one ends"
+                        )
+                    }
                     ErrorCode::LaneQueueFull => format!(
-                        "{queue_max} response.create frames already wait on this stream; retry after one ends"
+                        "the response.create frames waiting in this session would exceed {} bytes; retry after one ends",
+                        self.deps.settings.session.lane_queue_max_bytes
                     ),
                     _ => "a response is in flight on this stream; wait for its terminal event"
                         .to_string(),
