@@ -207,6 +207,9 @@ pub fn start_relay_with(
         registry: Registry::default().start(),
         requests: Arc::default(),
         slots: Arc::new(Slots::default()),
+        bodies: Arc::new(crate::session::admission::BodyBytes::new(
+            settings.limits.http_body_bytes_per_key,
+        )),
         fleet: fleet_of(&settings, &db),
         draining: Arc::new(AtomicBool::new(false)),
         accounts,

@@ -295,6 +295,11 @@ pub struct LimitSettings {
     /// Largest HTTP request body (`POST /v1/responses`, `/compact`); larger ones get 413
     /// `request_body_too_large`.
     pub http_body_max_bytes: usize,
+    /// Bytes of one key's request bodies being received at once; a body that would pass it
+    /// gets 429 `request_bytes_in_flight` (docs/DESIGN.md#http-surface).
+    pub http_body_bytes_per_key: usize,
+    /// An upload that sends nothing for this long gets 408 `request_body_timeout`.
+    pub http_body_idle_timeout_ms: u64,
     /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
     /// session is ended with `client_too_slow`. What one connection can hold queued is this
     /// plus one frame.
@@ -364,6 +369,8 @@ impl Default for LimitSettings {
         Self {
             client_frame_max_bytes: 16 * 1024 * 1024,
             http_body_max_bytes: 16 * 1024 * 1024,
+            http_body_bytes_per_key: 64 * 1024 * 1024,
+            http_body_idle_timeout_ms: 10_000,
             client_send_buffer_bytes: 8 * 1024 * 1024,
             client_stall_timeout_ms: 30_000,
             default_max_sessions_per_key: 256,

@@ -798,3 +798,53 @@ fn headers_pass_both_ways_by_the_policy() {
     );
     s.finish();
 }
+
+/// Slow and stalled uploads pin a bounded amount of memory per key: a body stalled after its
+/// head declared 80 kB holds the key's 100 kB budget so that a second of 50 kB is refused at
+/// once (429 `request_bytes_in_flight`, `Retry-After`); the stalled one is answered 408
+/// `request_body_timeout` once silent for the idle timeout, and its bytes are given back.
+#[test]
+fn stalled_uploads_are_bounded_per_key_and_timed_out() {
+    use std::io::{Read, Write};
+    let s = start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_LIMITS__HTTP_BODY_BYTES_PER_KEY", "100000"),
+                ("TURNPIKE_LIMITS__HTTP_BODY_IDLE_TIMEOUT_MS", "800"),
+            ],
+            ..StackOptions::default()
+        },
+    );
+    let mut stalled = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(
+        stalled,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 80000\r\n\r\n{{\"model\":\"gpt-test\",\"input\":\"",
+        s.key
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = Conn::open(&s.addr);
+    let body = vec![b' '; 50_000];
+    let head = c.send("POST", "/v1/responses", Some(&s.key), &body, &[]);
+    let refused = c.json(&head);
+    assert_eq!(
+        (head.status, refused["error"]["code"].as_str()),
+        (429, Some("request_bytes_in_flight")),
+        "{refused}"
+    );
+    assert!(head.header("retry-after").is_some(), "{head:?}");
+    // The stalled upload is answered once silent for the idle timeout.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stalled.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_body_timeout"), "{answer}");
+    // Its bytes are back: a normal request runs.
+    let (code, ok) = post_json(&s.addr, "/v1/responses", &s.key, &req(json!({})));
+    assert_eq!(code, 200, "{ok}");
+    s.finish();
+}

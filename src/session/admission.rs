@@ -162,6 +162,78 @@ impl Drop for AccountSlot {
     }
 }
 
+/// Bytes of HTTP request bodies being received, per key (docs/DESIGN.md#http-surface): a key
+/// that uploads slowly, or stalls, holds at most `limit` bytes of the relay's memory at once.
+#[derive(Debug)]
+pub struct BodyBytes {
+    limit: usize,
+    held: Mutex<HashMap<i64, usize>>,
+}
+
+/// Bytes a body being received holds; dropping it gives them back.
+#[derive(Debug)]
+pub struct BodyHold {
+    bytes: Arc<BodyBytes>,
+    key: i64,
+    held: usize,
+}
+
+impl BodyBytes {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            held: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, usize>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A hold of `bytes` for `key`'s body, if its bodies in flight stay within the limit.
+    pub fn take(self: &Arc<Self>, key: i64, bytes: usize) -> Option<BodyHold> {
+        let mut hold = BodyHold {
+            bytes: self.clone(),
+            key,
+            held: 0,
+        };
+        hold.grow(bytes).then_some(hold)
+    }
+}
+
+impl BodyHold {
+    /// Holds `more` bytes too; `false` (nothing more held) when the key's limit would pass.
+    pub fn grow(&mut self, more: usize) -> bool {
+        let mut held = self.bytes.lock();
+        let now = held.entry(self.key).or_default();
+        match now.checked_add(more) {
+            Some(total) if total <= self.bytes.limit => {
+                *now = total;
+                self.held += more;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Holds at least `bytes` in all (a declared length not yet received).
+    pub fn reserve(&mut self, bytes: usize) -> bool {
+        bytes <= self.held || self.grow(bytes - self.held)
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        let mut held = self.bytes.lock();
+        if let Some(now) = held.get_mut(&self.key) {
+            *now = now.saturating_sub(self.held);
+            if *now == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +262,20 @@ mod tests {
         );
         drop(x);
         assert_eq!(s.of_account("a"), 0);
+    }
+
+    #[test]
+    fn body_bytes_are_bounded_per_key_and_given_back() {
+        let b = Arc::new(BodyBytes::new(100));
+        let mut one = b.take(1, 60).unwrap();
+        assert!(b.take(1, 50).is_none(), "60 + 50 > 100");
+        let other_key = b.take(2, 100).unwrap();
+        assert!(one.grow(40));
+        assert!(!one.grow(1));
+        assert!(one.reserve(90), "already held");
+        drop(one);
+        assert!(b.take(1, 100).is_some(), "given back on drop");
+        drop(other_key);
+        assert!(b.lock().is_empty());
     }
 }

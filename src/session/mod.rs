@@ -86,6 +86,8 @@ pub struct SessionDeps {
     pub auth_cache: crate::auth::AuthCache,
     pub accounts: Vec<AccountHandle>,
     pub slots: Arc<admission::Slots>,
+    /// Bytes of HTTP request bodies being received, per key.
+    pub bodies: Arc<admission::BodyBytes>,
     /// Per-key caps across relays (PostgreSQL with `limits.fleet_slot_ttl_ms` > 0).
     pub fleet: Option<Arc<fleet::Fleet>>,
     pub registry: Addr<registry::Registry>,

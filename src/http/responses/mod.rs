@@ -96,7 +96,7 @@ async fn serve(
     let peer = req.peer_addr().map(|a| a.ip());
     let checked = ingress::authenticate(req.head(), &deps).await;
     let principal = ingress::summarize_refusal(checked, peer, &deps.settings.limits).await?;
-    let body = read_body(payload, deps.settings.limits.http_body_max_bytes).await?;
+    let body = read_body(&req, payload, &deps, principal.key_id).await?;
     let frame = request_of(&body)?;
     let (tx, rx) = oneshot::channel();
     let turn = exchange::Exchange::new(
@@ -182,21 +182,67 @@ fn sse_body(
     })
 }
 
-/// The request body, refused above `max` bytes.
-async fn read_body(mut payload: web::Payload, max: usize) -> Result<Bytes, HttpError> {
+/// The request body, refused above `limits.http_body_max_bytes`, beyond the key's bytes of
+/// bodies being received (`limits.http_body_bytes_per_key`, a declared length counted at
+/// once), or when the upload goes silent (`limits.http_body_idle_timeout_ms`): slow or stalled
+/// uploads pin a bounded amount of memory per key (docs/DESIGN.md#http-surface).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    deps: &SessionDeps,
+    key: i64,
+) -> Result<Bytes, HttpError> {
+    let limits = &deps.settings.limits;
+    let max = limits.http_body_max_bytes;
+    let too_large = || {
+        HttpError::new(
+            ErrorCode::BodyTooLarge,
+            format!("the request body exceeds {max} bytes"),
+        )
+    };
+    let in_flight = || {
+        HttpError::new(
+            ErrorCode::BodyBytesInFlight,
+            format!(
+                "this key's request bodies being received would exceed {} bytes; retry when one is sent",
+                limits.http_body_bytes_per_key
+            ),
+        )
+        .retry_after(1)
+    };
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if declared > max {
+        return Err(too_large());
+    }
+    let mut hold = deps.bodies.take(key, declared).ok_or_else(in_flight)?;
+    let idle = std::time::Duration::from_millis(limits.http_body_idle_timeout_ms.max(1));
     let mut body = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            HttpError::new(
-                ErrorCode::InvalidJson,
-                format!("the request body could not be read: {e}"),
-            )
-        })?;
+    loop {
+        let chunk = match tokio::time::timeout(idle, payload.next()).await {
+            Err(_) => {
+                return Err(HttpError::new(
+                    ErrorCode::BodyTimeout,
+                    format!("the request body sent nothing for {} ms", idle.as_millis()),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(chunk)) => chunk.map_err(|e| {
+                HttpError::new(
+                    ErrorCode::InvalidJson,
+                    format!("the request body could not be read: {e}"),
+                )
+            })?,
+        };
         if body.len() + chunk.len() > max {
-            return Err(HttpError::new(
-                ErrorCode::BodyTooLarge,
-                format!("the request body exceeds {max} bytes"),
-            ));
+            return Err(too_large());
+        }
+        if !hold.reserve(body.len() + chunk.len()) {
+            return Err(in_flight());
         }
         body.extend_from_slice(&chunk);
     }
