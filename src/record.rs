@@ -240,8 +240,9 @@ pub struct SetAside {
     pub reason: String,
 }
 
-/// Longest `model` stored; longer names are cut (they come from the client).
-pub const MODEL_MAX_CHARS: usize = 128;
+/// Longest `model` stored (longer names are refused when the request is read; records
+/// spooled before are cut).
+pub use crate::protocol::frames::MODEL_MAX_CHARS;
 /// Longest `error_code` stored (codes come from the upstream or the relay's table).
 pub const ERROR_CODE_MAX_CHARS: usize = 64;
 

@@ -36,6 +36,7 @@ pub mod metric {
     pub const USAGE_MALFORMED: &str = "turnpike_usage_malformed_total";
     pub const USAGE_QUARANTINED: &str = "turnpike_usage_quarantined_total";
     pub const BILLED: &str = "turnpike_billed_nanousd_total";
+    pub const ADMIN_REFUSED: &str = "turnpike_admin_refused_total";
     pub const UPSTREAM_ERRORS: &str = "turnpike_upstream_errors_total";
     pub const DIALS: &str = "turnpike_upstream_dials_total";
     pub const DIAL_FAILURES: &str = "turnpike_upstream_dial_failures_total";
@@ -69,6 +70,7 @@ pub mod metric {
         USAGE_MALFORMED,
         USAGE_QUARANTINED,
         BILLED,
+        ADMIN_REFUSED,
         UPSTREAM_ERRORS,
         DIALS,
         DIAL_FAILURES,
@@ -142,6 +144,7 @@ pub fn register_metrics(accounts: &[String]) {
         let _ = histogram!(h);
     }
     counter!(USAGE_MALFORMED).increment(0);
+    counter!(ADMIN_REFUSED).increment(0);
     for reason in ["above_bound", "cost_overflow"] {
         counter!(USAGE_QUARANTINED, "reason" => reason).increment(0);
     }

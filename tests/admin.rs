@@ -70,6 +70,12 @@ fn every_route_needs_the_admin_token() {
         let (code, body) = http(&admin, method, &path, Some(TOKEN));
         assert!(code == 200 || code == 404, "{method} {path}: {code} {body}");
     }
+    // Every refusal above is counted (the log has one line for them, not one each).
+    let refusals = common::admin::metric(&admin, "turnpike_admin_refused_total");
+    assert!(refusals >= 3.0, "{refusals}");
+    let lines = s.problems();
+    let logged = lines.iter().filter(|l| l.contains("admin API")).count();
+    assert_eq!(logged, 1, "{lines:?}");
     let (code, doc) = http(&admin, "GET", "/admin/openapi.json", Some(TOKEN));
     assert_eq!((code, doc["openapi"].as_str()), (200, Some("3.0.3")));
     // The client listener does not serve the admin API.

@@ -295,6 +295,12 @@ fn protocol_errors_close_with_their_codes() {
             "invalid_model",
             1008,
         ),
+        // A name that could not be priced, stored and sent as one and the same.
+        (
+            r#"{"type":"response.create","model":"gpt-p3\u0000"}"#,
+            "invalid_model",
+            1008,
+        ),
         (
             r#"{"type":"response.create","model":"m","previous_response_id":"msg_123"}"#,
             "invalid_previous_response_id",

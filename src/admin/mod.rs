@@ -237,10 +237,41 @@ fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), HttpError> {
     if ok {
         Ok(())
     } else {
+        refused(req);
         Err(HttpError::new(
             ErrorCode::AdminUnauthorized,
             "send the admin token as Authorization: Bearer <admin.token>",
         ))
+    }
+}
+
+/// Refused admin requests since the window opened, and when it did (`None`: no refusal yet).
+static REFUSALS: std::sync::Mutex<(u64, Option<std::time::Instant>)> =
+    std::sync::Mutex::new((0, None));
+
+/// How long refusals are summed before one more line says how many there were.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A request refused for its token: counted (`turnpike_admin_refused_total`), and logged once
+/// when refusals start and at most once a minute while they go on, with their count — a
+/// token being guessed at thousands a second shows without flooding the log.
+fn refused(req: &HttpRequest) {
+    ::metrics::counter!(crate::telemetry::metric::ADMIN_REFUSED).increment(1);
+    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let now = std::time::Instant::now();
+    let mut w = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+    match w.1 {
+        Some(start) if now.duration_since(start) < REFUSAL_WINDOW => w.0 += 1,
+        Some(_) => {
+            tracing::warn!(refused = w.0 + 1, latest_from = %peer,
+                "admin API: requests with a wrong or missing token go on");
+            *w = (0, Some(now));
+        }
+        None => {
+            tracing::warn!(from = %peer,
+                "admin API: a request with a wrong or missing token was refused; more are counted in turnpike_admin_refused_total and summed once a minute");
+            *w = (0, Some(now));
+        }
     }
 }
 

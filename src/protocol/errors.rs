@@ -253,7 +253,7 @@ impl ErrorCode {
                 status: 400,
                 error_type: "invalid_request_error",
                 close: Some(close::POLICY),
-                when: "`model` is not a non-empty string",
+                when: "`model` is not a non-empty string of at most 128 characters without control characters",
             },
             ErrorCode::InvalidPreviousResponseId => ErrorSpec {
                 code: "invalid_previous_response_id",

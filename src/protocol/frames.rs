@@ -50,6 +50,9 @@ pub struct CreateFrame {
     pub compaction: bool,
 }
 
+/// Longest model name (it is priced, stored and sent as given).
+pub const MODEL_MAX_CHARS: usize = 128;
+
 /// Responses in flight on one upstream connection (the upstream's limit; more wait).
 pub const MAX_IN_FLIGHT: usize = 16;
 
@@ -110,11 +113,21 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     }
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
-        Some(Value::String(m)) if !m.trim().is_empty() => Some(m.clone()),
+        // The name priced is the name stored and the name sent: one with control characters
+        // (a NUL PostgreSQL cannot store) or too long to store is no model name.
+        Some(Value::String(m))
+            if !m.trim().is_empty()
+                && !m.chars().any(char::is_control)
+                && m.chars().count() <= MODEL_MAX_CHARS =>
+        {
+            Some(m.clone())
+        }
         Some(_) => {
             return Err(refuse(
                 ErrorCode::InvalidModel,
-                "`model` must be a non-empty string",
+                format!(
+                    "`model` must be a non-empty string of at most {MODEL_MAX_CHARS} characters, without control characters"
+                ),
             ));
         }
     };
@@ -282,6 +295,16 @@ mod tests {
         );
         assert!(c.compaction);
         assert_eq!(c.service_tier.as_deref(), Some("priority"));
+        // A model name is priced, stored and sent as given: none that could not be.
+        for bad in [
+            "\"gpt-p3\\u0000\"".to_string(),
+            "\"gpt\\nx\"".to_string(),
+            format!("\"{}\"", "m".repeat(129)),
+        ] {
+            let e = parse(&format!(r#"{{"model":{bad}}}"#)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidModel, "{bad}");
+        }
+        assert!(parse(&format!(r#"{{"model":"{}"}}"#, "m".repeat(128))).is_ok());
     }
 
     #[test]
