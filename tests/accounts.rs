@@ -463,3 +463,40 @@ fn a_chained_turn_fails_over_by_replay_or_fails_closed() {
     assert_eq!(t2["error"]["code"], "continuation_unavailable", "{t2}");
     s.finish();
 }
+
+/// An account whose upstream accepts the TCP connection and never answers the handshake
+/// (hung) holds a turn only for the lease timeout: the turn then fails over to the healthy
+/// account instead of answering `upstream_unavailable`, and completes there.
+#[test]
+fn a_hung_handshake_fails_over() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    // Accepts and holds every connection, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hung.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let extra = format!(
+        "\n[[accounts]]\nname = \"hung\"\nbase_url = \"http://{hung_addr}/v1\"\napi_key = \"sk-h\"\npriority = -1\n"
+    );
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[
+                ("TURNPIKE_POOL__LEASE_TIMEOUT_MS", "800"),
+                ("TURNPIKE_UPSTREAM__CONNECT_TIMEOUT_MS", "10000"),
+            ],
+            account_extra: &extra,
+            ..StackOptions::default()
+        },
+    );
+    let mut c = s.client();
+    c.send(&json!({"type": "response.create", "model": "gpt-test", "store": false, "input": "hi"}));
+    let end = c.until_terminal(T);
+    assert_eq!(end.last().unwrap()["type"], "response.completed", "{end:?}");
+    let rows = s.rows(1);
+    assert_eq!((rows.len(), rows[0].account.as_str()), (1, "sim"), "{rows:?}");
+    s.finish();
+}

@@ -639,6 +639,9 @@ impl SessionActor {
                 LeaseError::WebSocketRefused if self.needs_http(index, account) => {
                     self.send_over_http(index, ctx);
                 }
+                // A connection of this account did not come in time (all busy, or its
+                // handshake hangs): another account that can take the turn does.
+                LeaseError::Timeout if self.failover(index, ctx) => {}
                 LeaseError::Timeout => {
                     let e = self.turn_error(
                         index,
