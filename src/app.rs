@@ -22,6 +22,10 @@ use crate::accounting::pending::PendingSpend;
 use crate::accounting::spool::{DirFs, SpoolFs};
 use crate::billing::compensator::{Compensator, CompensatorConfig};
 use crate::billing::pricing::PriceTable;
+
+/// Responses whose billed tokens the relay remembers for their continuations' reservations
+/// (about 100 bytes each).
+const CHAINS_REMEMBERED: usize = 65_536;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, migrate};
 use crate::http::health::{self, Readiness};
@@ -194,6 +198,7 @@ pub fn start_relay_with(
     let health = Arc::new(AccountingHealth::default());
     Ok(Arc::new(SessionDeps {
         prices,
+        chains: crate::billing::reservation::Chains::new(CHAINS_REMEMBERED),
         accounting: start_accounting(
             &settings,
             db.clone(),

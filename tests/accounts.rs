@@ -497,6 +497,10 @@ fn a_hung_handshake_fails_over() {
     let end = c.until_terminal(T);
     assert_eq!(end.last().unwrap()["type"], "response.completed", "{end:?}");
     let rows = s.rows(1);
-    assert_eq!((rows.len(), rows[0].account.as_str()), (1, "sim"), "{rows:?}");
+    assert_eq!(
+        (rows.len(), rows[0].account.as_str()),
+        (1, "sim"),
+        "{rows:?}"
+    );
     s.finish();
 }

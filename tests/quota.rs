@@ -324,3 +324,88 @@ fn turns_after_the_database_ended_the_relays_connections_are_served() {
     assert_invariant(&sums);
     s.finish();
 }
+
+/// A turn of 50,000 input and 100 output tokens the upstream reported ($0.0635), reserved at
+/// about $0.0002 (16 output tokens, a short prompt).
+fn dear_turn(c: &mut Client, previous: Option<&str>) -> serde_json::Value {
+    let mut create = json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "go", "max_output_tokens": 16,
+        "metadata": {"sim": "report_input=50000 report_output=100"}});
+    if let Some(p) = previous {
+        create["previous_response_id"] = json!(p);
+    }
+    c.send(&create);
+    c.until_terminal(T).pop().unwrap()
+}
+
+const DEAR: i64 = 50_000 * 1_250 + 100 * 10_000;
+
+/// docs/DESIGN.md#reservations: a turn that ended holds its cost, not its estimate, until its
+/// record lands — every admission counts it at once. With records held in the spool (a slow
+/// flush), a turn that cost far more than it reserved leaves too little quota for the next
+/// turn's reservation: refused, where the estimate alone let it through — on each backend.
+#[test]
+fn an_ended_turn_counts_at_its_cost_before_its_record_lands() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = Stack::start(
+            db,
+            StackOptions {
+                env: &[("TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS", "8000")],
+                key: KeyRequest {
+                    quota_nanousd: Some(DEAR + 100_000),
+                    ..KeyRequest::default()
+                },
+                ..StackOptions::default()
+            },
+        );
+        let mut c = Client::bearer(&s.addr, &s.key);
+        assert_eq!(
+            dear_turn(&mut c, None)["type"],
+            "response.completed",
+            "{backend}"
+        );
+        let (count, held) =
+            block(async { turnpike::db::queries::reservations::live(&s.db.pool()).await }).unwrap();
+        assert_eq!(
+            (count, held),
+            (1, DEAR),
+            "{backend}: the reservation holds the cost"
+        );
+        let refused = dear_turn(&mut c, None);
+        assert_eq!(
+            refused["error"]["code"], "quota_exhausted",
+            "{backend}: {refused}"
+        );
+        let sums = common::ledger::wait_rows(&s.db, 2);
+        assert_invariant(&sums);
+        assert_eq!(sums.spent, DEAR, "{backend}");
+        s.finish();
+    }
+}
+
+/// A continuation is billed its previous response's context again as input, which its own
+/// request does not show: its reservation counts that context (as the relay billed it), so a
+/// quota that covers the first turn but not a second of the same size refuses the second
+/// before the upstream — on each backend.
+#[test]
+fn a_continuation_reserves_the_context_it_carries() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let s = stack_with_quota(db, Some(DEAR + DEAR / 2));
+        let mut c = Client::bearer(&s.addr, &s.key);
+        let first = dear_turn(&mut c, None);
+        assert_eq!(first["type"], "response.completed", "{backend}");
+        common::ledger::wait_rows(&s.db, 1);
+        let id = first["response"]["id"].as_str().unwrap().to_string();
+        let refused = dear_turn(&mut c, Some(&id));
+        assert_eq!(
+            refused["error"]["code"], "quota_exhausted",
+            "{backend}: {refused}"
+        );
+        let sums = common::ledger::wait_rows(&s.db, 2);
+        assert_invariant(&sums);
+        assert!(sums.spent <= DEAR + DEAR / 2, "{backend}: {}", sums.spent);
+        s.finish();
+    }
+}

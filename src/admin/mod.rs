@@ -257,7 +257,10 @@ const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 /// token being guessed at thousands a second shows without flooding the log.
 fn refused(req: &HttpRequest) {
     ::metrics::counter!(crate::telemetry::metric::ADMIN_REFUSED).increment(1);
-    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let now = std::time::Instant::now();
     let mut w = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
     match w.1 {

@@ -11,7 +11,16 @@ pub enum Refusal {
     Balance,
 }
 
-/// The expected cost of a turn: the prompt's estimated input tokens and `output_tokens` (the
+/// What a turn's input is expected to be: its request's prompt, and the context of the
+/// response it continues (its input and output, billed again as input).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Input {
+    pub prompt_bytes: usize,
+    pub context_tokens: u64,
+}
+
+/// The expected cost of a turn: its estimated input tokens (the prompt's, and the context of
+/// the response it continues) and `output_tokens` (the
 /// request's `max_output_tokens`, else `billing.reserve_output_tokens`; none for a warm-up,
 /// which asks for no output), each at most `max_tokens`, at `price`. At least one nano-USD: a
 /// turn that may reach the upstream is never reserved as free (a warm-up is billed as
@@ -19,13 +28,14 @@ pub enum Refusal {
 pub fn expected_cost(
     price: &Price,
     warmup: bool,
-    prompt_bytes: usize,
+    input: Input,
     output_tokens: u64,
     max_tokens: u64,
 ) -> i64 {
     let output_tokens = if warmup { 0 } else { output_tokens };
+    let input_tokens = estimate_tokens(input.prompt_bytes).saturating_add(input.context_tokens);
     let usage = Usage {
-        input_tokens: estimate_tokens(prompt_bytes).min(max_tokens),
+        input_tokens: input_tokens.min(max_tokens),
         output_tokens: output_tokens.min(max_tokens),
         ..Usage::default()
     };
@@ -61,11 +71,93 @@ pub fn decide(h: &Holdings, amount: i64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// What the responses a turn may continue were billed for, remembered by this relay
+/// (docs/DESIGN.md#reservations): a turn continuing one (`previous_response_id`) is billed for
+/// that whole context again as input, which its request's own bytes do not show. Bounded: the
+/// oldest are forgotten first (a forgotten or other relay's response reserves from the
+/// request's bytes alone).
+#[derive(Debug)]
+pub struct Chains {
+    capacity: usize,
+    inner: std::sync::Mutex<ChainsInner>,
+}
+
+#[derive(Debug, Default)]
+struct ChainsInner {
+    /// response id → (key id, its input + output tokens).
+    tokens: std::collections::HashMap<String, (i64, u64)>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Chains {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            inner: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChainsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `response_id` of key `key` was billed for `tokens` (input + output).
+    pub fn remember(&self, response_id: &str, key: i64, tokens: u64) {
+        let mut g = self.lock();
+        if g.tokens
+            .insert(response_id.to_string(), (key, tokens))
+            .is_none()
+        {
+            g.order.push_back(response_id.to_string());
+        }
+        while g.order.len() > self.capacity {
+            if let Some(old) = g.order.pop_front() {
+                g.tokens.remove(&old);
+            }
+        }
+    }
+
+    /// The tokens a continuation of `response_id` by key `key` carries as context (0 when
+    /// unknown, or another key's).
+    pub fn context_of(&self, response_id: &str, key: i64) -> u64 {
+        match self.lock().tokens.get(response_id) {
+            Some((owner, tokens)) if *owner == key => *tokens,
+            _ => 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const PRICE: Price = crate::billing::pricing::DEFAULT_PRICE;
+
+    fn bytes(prompt_bytes: usize) -> Input {
+        Input {
+            prompt_bytes,
+            context_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn a_continuation_reserves_its_context() {
+        let chains = Chains::new(2);
+        chains.remember("resp_a", 7, 50_000);
+        assert_eq!(chains.context_of("resp_a", 8), 0, "another key's response");
+        let input = Input {
+            prompt_bytes: 400,
+            context_tokens: chains.context_of("resp_a", 7),
+        };
+        assert_eq!(
+            expected_cost(&PRICE, false, input, 0, 20_000_000),
+            (50_100 * 1_250_000_000i64) / 1_000_000
+        );
+        chains.remember("resp_b", 7, 1);
+        chains.remember("resp_c", 7, 1);
+        assert_eq!(chains.context_of("resp_a", 7), 0, "the oldest forgotten");
+        assert_eq!(chains.context_of("resp_c", 7), 1);
+    }
 
     fn holdings(quota: Option<i64>, spent: i64, balance: Option<i64>, reserved: i64) -> Holdings {
         Holdings {
@@ -81,14 +173,20 @@ mod tests {
     fn expected_cost_from_prompt_and_output_bound() {
         // 400 bytes ≈ 100 input tokens at $1.25/M, 1,000 output at $10/M.
         assert_eq!(
-            expected_cost(&PRICE, false, 400, 1_000, 20_000_000),
+            expected_cost(&PRICE, false, bytes(400), 1_000, 20_000_000),
             125_000 + 10_000_000
         );
         // A warm-up reserves its input only.
-        assert_eq!(expected_cost(&PRICE, true, 400, 1_000, 20_000_000), 125_000);
+        assert_eq!(
+            expected_cost(&PRICE, true, bytes(400), 1_000, 20_000_000),
+            125_000
+        );
         // Never free, capped at the bound.
-        assert_eq!(expected_cost(&PRICE, false, 0, 0, 20_000_000), 1);
-        assert_eq!(expected_cost(&PRICE, false, 0, u64::MAX, 1_000), 10_000_000);
+        assert_eq!(expected_cost(&PRICE, false, bytes(0), 0, 20_000_000), 1);
+        assert_eq!(
+            expected_cost(&PRICE, false, bytes(0), u64::MAX, 1_000),
+            10_000_000
+        );
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct ReservationAsk<'a> {
     pub model: &'a str,
     /// The `service_tier` asked for (`auto` or none: standard).
     pub service_tier: Option<&'a str>,
+    /// The response it continues: its context is billed again as input.
+    pub previous_response_id: Option<&'a str>,
     pub warmup: bool,
     pub prompt_bytes: usize,
     pub max_output_tokens: Option<u64>,
@@ -111,10 +113,16 @@ pub fn reservation_for(
     }
     let billing = &deps.settings.billing;
     let tier = crate::billing::pricing::billed_tier(None, ask.service_tier);
+    let input = crate::billing::reservation::Input {
+        prompt_bytes: ask.prompt_bytes,
+        context_tokens: ask
+            .previous_response_id
+            .map_or(0, |id| deps.chains.context_of(id, key.id)),
+    };
     let amount = crate::billing::reservation::expected_cost(
         &deps.prices.price_of(ask.model, &tier).0,
         ask.warmup,
-        ask.prompt_bytes,
+        input,
         ask.max_output_tokens
             .unwrap_or(billing.reserve_output_tokens),
         billing.max_tokens_per_response,
@@ -401,6 +409,12 @@ pub fn record_of(
             reason: why.to_string(),
         }
     });
+    if let Some(id) = outcome.response_id.as_deref()
+        && billed.usage_source != crate::record::UsageSource::None
+    {
+        let tokens = billed.usage.input_tokens.saturating_add(billed.usage.output_tokens);
+        deps.chains.remember(id, principal.key_id, tokens);
+    }
     TurnRecord {
         request_id: turn.request_id.clone(),
         response_id: outcome.response_id,
@@ -451,24 +465,52 @@ pub fn turn_ended(
     }
 }
 
+/// Whether a key's turns reserve (its key has a quota or its user a balance).
+fn limited(standing: Option<&(ApiKey, User)>) -> bool {
+    standing.is_some_and(|(k, u)| k.quota_nanousd.is_some() || u.balance_nanousd.is_some())
+}
+
 /// Hands a record to accounting; resolves to whether it is durable within
 /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller holds nothing
-/// back for it).
+/// back for it). A limited key's turn that cost something has its reservation hold that cost
+/// meanwhile (docs/DESIGN.md#reservations): every relay's admission counts it at once, not at
+/// its estimate until the record lands (best effort: the record settles it anyway).
 pub fn make_durable(
     deps: &SessionDeps,
     record: TurnRecord,
     wait: bool,
+    standing: Option<&(ApiKey, User)>,
 ) -> impl Future<Output = bool> + 'static {
     let accounting = deps.accounting.clone();
     let limit = Duration::from_millis(deps.settings.accounting.ack_timeout_ms);
+    let settle = (limited(standing) && record.cost_nanousd > 0).then(|| {
+        let db = deps.db.clone();
+        let (id, key, cost) = (
+            record.request_id.to_string(),
+            record.api_key_id,
+            record.cost_nanousd,
+        );
+        async move {
+            let update = async move { queries::reservations::settle(&db, &id, key, cost).await };
+            let _ = crate::db::within(crate::db::READ_DEADLINE, update).await;
+        }
+    });
     async move {
+        let settled = async move {
+            if let Some(settle) = settle {
+                settle.await;
+            }
+        };
         let acked = accounting.send(RecordTurn(record));
         if !wait {
             // Queued with the actor all the same; it writes the record when it can.
             tokio::spawn(acked);
+            settled.await;
             return true;
         }
-        matches!(tokio::time::timeout(limit, acked).await, Ok(Ok(Ok(()))))
+        let (acked, ()) =
+            futures_util::future::join(tokio::time::timeout(limit, acked), settled).await;
+        matches!(acked, Ok(Ok(Ok(()))))
     }
 }
 

@@ -76,6 +76,8 @@ impl AccountHandle {
 pub struct SessionDeps {
     pub settings: Settings,
     pub prices: crate::billing::pricing::PriceTable,
+    /// What recent responses were billed for, to reserve their continuations' context.
+    pub chains: crate::billing::reservation::Chains,
     pub db: DbPool,
     pub accounting: Addr<Accounting>,
     /// Whether a finished turn can be made durable now (admission refuses turns when not).

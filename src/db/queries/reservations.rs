@@ -122,6 +122,26 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
     }
 }
 
+/// The reservation of a turn that ended now holds its cost instead of its estimate, until the
+/// record that debits it lands (docs/DESIGN.md#reservations); `0` rows when it landed first.
+pub async fn settle(
+    pool: &DbPool,
+    request_id: &str,
+    api_key_id: i64,
+    cost_nanousd: i64,
+) -> Result<usize, DbError> {
+    Ok(with_conn!(pool, |c| {
+        diesel::update(
+            r::table
+                .filter(r::request_id.eq(request_id))
+                .filter(r::api_key_id.eq(api_key_id)),
+        )
+        .set(r::amount_nanousd.eq(cost_nanousd))
+        .execute(c)
+        .await?
+    }))
+}
+
 /// Drops the reservation of a turn that ended before it was taken.
 pub async fn release(pool: &DbPool, request_id: &str) -> Result<usize, DbError> {
     Ok(with_conn!(pool, |c| {

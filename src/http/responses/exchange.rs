@@ -270,6 +270,7 @@ impl Exchange {
             request_id: self.request_id.to_string(),
             model: &self.model,
             service_tier: self.frame.service_tier.as_deref(),
+            previous_response_id: self.frame.previous_response_id.as_deref(),
             warmup: self.frame.warmup,
             prompt_bytes: self.frame.prompt_bytes,
             max_output_tokens: self.frame.max_output_tokens,
@@ -712,7 +713,7 @@ impl Exchange {
             &self.span,
         );
         let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
-        let durable = gate::make_durable(&self.deps, record, wait);
+        let durable = gate::make_durable(&self.deps, record, wait, self.standing.as_ref());
         let after = async move { futures_util::future::join(released, remembered).await.0 };
         let (durable, (), (), ()) =
             futures_util::future::join4(durable, bind, read_rest(self.rest.take()), after).await;

@@ -219,39 +219,21 @@ impl SessionActor {
     /// The reservation turn `index` takes, if its key or user is limited.
     fn reservation(&self, index: i32) -> Option<NewReservation> {
         let turn = self.at(index)?;
-        self.reservation_for(
-            turn.turn_id.to_string(),
-            &turn.model,
-            turn.frame.service_tier.as_deref(),
-            turn.frame.warmup,
-            turn.frame.prompt_bytes,
-            turn.frame.max_output_tokens,
-        )
+        self.reservation_for(gate::ReservationAsk {
+            request_id: turn.turn_id.to_string(),
+            model: &turn.model,
+            service_tier: turn.frame.service_tier.as_deref(),
+            previous_response_id: turn.frame.previous_response_id.as_deref(),
+            warmup: turn.frame.warmup,
+            prompt_bytes: turn.frame.prompt_bytes,
+            max_output_tokens: turn.frame.max_output_tokens,
+        })
     }
 
     /// The reservation of turn `request_id` (a create, or the successor of a steer), if the
     /// key or its user is limited.
-    pub(super) fn reservation_for(
-        &self,
-        request_id: String,
-        model: &str,
-        service_tier: Option<&str>,
-        warmup: bool,
-        prompt_bytes: usize,
-        max_output_tokens: Option<u64>,
-    ) -> Option<NewReservation> {
-        gate::reservation_for(
-            &self.deps,
-            self.standing.as_ref(),
-            gate::ReservationAsk {
-                request_id,
-                model,
-                service_tier,
-                warmup,
-                prompt_bytes,
-                max_output_tokens,
-            },
-        )
+    pub(super) fn reservation_for(&self, ask: gate::ReservationAsk<'_>) -> Option<NewReservation> {
+        gate::reservation_for(&self.deps, self.standing.as_ref(), ask)
     }
 
     /// The key and its user, re-read for a turn.

@@ -158,6 +158,6 @@ impl SessionActor {
         record: TurnRecord,
         wait: bool,
     ) -> impl Future<Output = bool> + 'static {
-        gate::make_durable(&self.deps, record, wait)
+        gate::make_durable(&self.deps, record, wait, self.standing.as_ref())
     }
 }

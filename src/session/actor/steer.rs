@@ -202,9 +202,15 @@ impl SessionActor {
                 let successor = TurnId::random().to_string();
                 let input_bytes = steer.get("input").map_or(0, |v| v.to_string().len());
                 let model = act.model.clone().unwrap_or_default();
-                let Some(reservation) =
-                    act.reservation_for(successor.clone(), &model, None, false, input_bytes, None)
-                else {
+                let Some(reservation) = act.reservation_for(gate::ReservationAsk {
+                    request_id: successor.clone(),
+                    model: &model,
+                    service_tier: None,
+                    previous_response_id: None,
+                    warmup: false,
+                    prompt_bytes: input_bytes,
+                    max_output_tokens: None,
+                }) else {
                     return act.forward_steer(steer, text, None, lane, ctx);
                 };
                 let reserve = act.take_reservation(reservation);
