@@ -726,3 +726,37 @@ fn waiting_creates_are_bounded_in_bytes() {
     assert_quiet(&mut c);
     s.finish();
 }
+
+/// The upstream keeps a lane's name for its connection's life (32 at most): a connection that
+/// carried named lanes is closed when its session gives it back, never lent to the next
+/// session — whose first named lane then runs (and is billed as a completed turn), not
+/// `websocket_stream_limit_reached` on another tenant's leftovers. Default-lane connections are
+/// still reused.
+#[test]
+fn named_lanes_never_leak_to_the_next_session() {
+    let s = with_env(&[]);
+    let mut first = s.client();
+    lanes_complete(&mut first, 32, "");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut next = s.client();
+    next.send(&create(Some("fresh"), ""));
+    let (_, ends) = answers(&mut next, 1);
+    assert_eq!(ends[0]["type"], "response.completed", "{ends:?}");
+    drop(next);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two default-lane sessions in a row share one connection.
+    for _ in 0..2 {
+        let mut c = s.client();
+        c.send(&create(None, ""));
+        let (_, ends) = answers(&mut c, 1);
+        assert_eq!(ends[0]["type"], "response.completed", "{ends:?}");
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(s.sim_stats()["accepted"], 3, "{}", s.sim_stats());
+    let rows = s.rows(35);
+    assert_eq!(rows.len(), 35);
+    assert!(rows.iter().all(|r| r.status == "completed"), "{rows:?}");
+    s.finish();
+}

@@ -171,6 +171,10 @@ struct Upstream {
     /// The idle connection this session was placed beside, claimed until its first lease
     /// (docs/DESIGN.md#placement).
     claim: Option<Claim>,
+    /// Connections that carried a named lane of this session: the upstream keeps a lane's name
+    /// for the connection's life, so they are closed when given back, never lent to another
+    /// session (docs/DESIGN.md#overlap).
+    named_on: std::collections::HashSet<u64>,
 }
 
 /// The client socket: frames out (no actor in between), the decoder of what comes in, and the
@@ -870,13 +874,13 @@ impl SessionActor {
         }
     }
 
-    /// Gives a connection back to its account's pool.
+    /// Gives a connection back to its account's pool (to be closed, if it carried a named lane).
     fn release(&self, lease: &Lease, reusable: bool) {
         if let Some(pool) = self.deps.pool_of(&lease.account) {
             pool.do_send(Release {
                 conn: lease.conn,
                 lease: lease.id,
-                reusable,
+                reusable: reusable && !self.up.named_on.contains(&lease.conn),
             });
         }
     }

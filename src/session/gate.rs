@@ -412,7 +412,10 @@ pub fn record_of(
     if let Some(id) = outcome.response_id.as_deref()
         && billed.usage_source != crate::record::UsageSource::None
     {
-        let tokens = billed.usage.input_tokens.saturating_add(billed.usage.output_tokens);
+        let tokens = billed
+            .usage
+            .input_tokens
+            .saturating_add(billed.usage.output_tokens);
         deps.chains.remember(id, principal.key_id, tokens);
     }
     TurnRecord {

@@ -104,6 +104,9 @@ impl SessionActor {
         turn.phase = Phase::Streaming;
         match lease {
             Some(lease) if !turn.over_http() && raw.len() <= frame_max => {
+                if turn.frame.stream_id.is_some() {
+                    self.up.named_on.insert(lease.conn);
+                }
                 turn.sent_bytes = raw.len();
                 lease.addr.do_send(SendText(ByteString::from(raw)));
                 turn.tracker.clock.written(now);
