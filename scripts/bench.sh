@@ -167,6 +167,9 @@ if [[ $ONLY == all || $ONLY == stream ]]; then
   # threads alone saturate the two cores (direct p99 ≈ 20–150 ms), hiding the relays.
   each_path s1000_20keps 1000 2 60 50000     # 1,000 sessions × 20 events/s = 20k events/s
   each_path s100_saturation 100 5 2000 0     # 100 sessions, unpaced
+  # Short turns, unpaced (#40): what a turn costs beside its events — admission, the record.
+  each_path s100_short20 100 40 20 0          # 100 sessions × 40 turns of 20 events
+  each_path s100_short200 100 8 200 0         # 100 sessions × 8 turns of 200 events
   # Lanes: 25 sessions × 4 lanes side by side × 500 events/s = 50k events/s, beside s100_50keps
   # (the thread upstream plays a connection's lanes side by side; the async one does not).
   if [ "$WORKLOAD" = big ]; then BENCH_LANES=4 each_path s25x4lanes_50keps 25 2 1500 2000; fi

@@ -122,6 +122,30 @@ if any(k in by for k in labels):
             w(f"| {label} | {names[path]} | {m['p50_us']:.0f} [{lo:.0f}–{hi:.0f}] | {m['p99_us']:.0f} | {m['p999_us']:.0f} | {added} | "
               f"{m['events_per_s']:,.0f} | {cpu} | {load} | {m['runs']}, {m['failed']} |")
     w("")
+shorts = {"s100_short20": "100 sessions, turns of 20 events, unpaced",
+          "s100_short200": "100 sessions, turns of 200 events, unpaced"}
+if any(k in by for k in shorts):
+    w("Short turns (#40): saturation in turns/s and the relay's CPU per turn (its CPU per event "
+      "× events per turn), medians over the rounds; *vs websocat* = turnpike's figure ÷ websocat's.")
+    w("")
+    w("| workload | path | turns/s | relay CPU µs per turn | vs websocat (turns/s, CPU/turn) | p50 µs | rounds, failed sessions |")
+    w("|---|---|---|---|---|---|---|")
+    for scen, label in shorts.items():
+        rs = by.get(scen, [])
+        per_turn = rs[0]["r"]["events_per_turn"] if rs else 1
+        ws = merged(rs, "websocat")
+        for path in paths:
+            m = merged(rs, path)
+            if m is None:
+                continue
+            tps = m["events_per_s"] / per_turn
+            cpu = None if m["cpu"] is None else m["cpu"] * per_turn
+            vs = "—"
+            if ws and path not in ("websocat", "direct") and cpu is not None and ws["cpu"]:
+                vs = f"{tps / (ws['events_per_s'] / per_turn):.2f}×, {cpu / (ws['cpu'] * per_turn):.2f}×"
+            cpu_s = "—" if cpu is None else f"{cpu:.1f}"
+            w(f"| {label} | {names[path]} | {tps:,.0f} | {cpu_s} | {vs} | {m['p50_us']:.0f} | {m['runs']}, {m['failed']} |")
+    w("")
 if "ttfe" in by:
     w("Time to first event (request sent → first event read), 100 fresh WebSockets one after another, "
       "3 turns each; turn 1 needs an upstream socket (turnpike dials one: each client has its own "

@@ -212,6 +212,9 @@ pub fn start_relay_with(
         registry: Registry::default().start(),
         requests: Arc::default(),
         slots: Arc::new(Slots::default()),
+        standings: Arc::new(crate::session::admission::Standings::new(
+            Duration::from_millis(settings.limits.standing_cache_ms),
+        )),
         bodies: Arc::new(crate::session::admission::BodyBytes::new(
             settings.limits.http_body_bytes_per_key,
         )),

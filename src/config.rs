@@ -300,6 +300,10 @@ pub struct LimitSettings {
     pub http_body_bytes_per_key: usize,
     /// An upload that sends nothing for this long gets 408 `request_body_timeout`.
     pub http_body_idle_timeout_ms: u64,
+    /// A key's standing (revoked, disabled, quota, balance, allow-lists) read for a turn serves
+    /// the key's turns for this long before it is read again (docs/DESIGN.md#admission-cache);
+    /// 0 reads it for every turn.
+    pub standing_cache_ms: u64,
     /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
     /// session is ended with `client_too_slow`. What one connection can hold queued is this
     /// plus one frame.
@@ -371,6 +375,7 @@ impl Default for LimitSettings {
             http_body_max_bytes: 16 * 1024 * 1024,
             http_body_bytes_per_key: 64 * 1024 * 1024,
             http_body_idle_timeout_ms: 10_000,
+            standing_cache_ms: 1_000,
             client_send_buffer_bytes: 8 * 1024 * 1024,
             client_stall_timeout_ms: 30_000,
             default_max_sessions_per_key: 256,

@@ -357,11 +357,14 @@ fn a_steer_the_key_cannot_pay_for_goes_nowhere() {
     for db in block(TestDb::all()) {
         let s = Stack::start(db, StackOptions::default());
         let mut c = s.client();
-        let id = started(&mut c, "main", "delta_delay_ms=50");
+        // Long enough to outlast the standing cache's second below.
+        let id = started(&mut c, "main", "deltas=30 delta_delay_ms=100");
         common::ledger::exec(
             &s.db,
             "UPDATE api_keys SET quota_nanousd = 1, spent_nanousd = 1",
         );
+        // A standing change takes effect within `limits.standing_cache_ms` (1 s).
+        std::thread::sleep(Duration::from_millis(1100));
         steer(&mut c, &id, "More!");
         let (all, ends) = answers(&mut c, 1);
         let refused = all
@@ -448,6 +451,8 @@ fn a_limited_keys_steer_reserves_its_successor() {
                 s.key_id
             ),
         );
+        // A standing change takes effect within `limits.standing_cache_ms` (1 s).
+        std::thread::sleep(Duration::from_millis(1100));
         let mut small = create(Some("main"), "delta_delay_ms=100");
         small["max_output_tokens"] = json!(16);
         c.send(&small);

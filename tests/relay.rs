@@ -696,6 +696,8 @@ fn per_turn_standing_and_concurrency() {
                 .await
                 .unwrap();
         });
+        // A standing change takes effect within `limits.standing_cache_ms` (1 s; docs/DESIGN.md#admission-cache).
+        std::thread::sleep(Duration::from_millis(1100));
         c.send(&create(""));
         let e = c.next_event(T);
         assert_eq!(
@@ -707,6 +709,7 @@ fn per_turn_standing_and_concurrency() {
                 .await
                 .unwrap();
         });
+        std::thread::sleep(Duration::from_millis(1100));
         c.send(&create(""));
         assert_eq!(
             last_type(&c.until_terminal(T)),
@@ -1254,13 +1257,15 @@ fn refused_create_preempts_nothing() {
         },
     );
     let mut c = s.client();
-    c.send(&create("terminal_delay_ms=800"));
+    c.send(&create("terminal_delay_ms=2500"));
     assert_eq!(c.next_event(T)["type"], "response.created");
     with_db(&s.db, async |p| {
         queries::users::set_enabled(p, "tester", false)
             .await
             .unwrap();
     });
+    // A standing change takes effect within `limits.standing_cache_ms` (1 s).
+    std::thread::sleep(Duration::from_millis(1100));
     c.send(&create(""));
     let events = c.until_terminal(T);
     assert_eq!(

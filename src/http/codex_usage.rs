@@ -36,7 +36,9 @@ async fn usage(req: HttpRequest, deps: web::Data<SessionDeps>) -> Result<HttpRes
             "the key's standing cannot be read right now; retry",
         )
     };
-    let (key, user) = crate::session::gate::read_standing(deps.db.clone(), principal.key_id)
+    let (db, key_id) = (deps.db.clone(), principal.key_id);
+    let read = async move { crate::db::queries::keys::by_id(&db, key_id).await };
+    let (key, user) = crate::db::within(crate::db::READ_DEADLINE, read)
         .await
         .map_err(unavailable)?
         .ok_or_else(|| HttpError::new(ErrorCode::ApiKeyRevoked, "API key revoked"))?;

@@ -234,6 +234,57 @@ impl Drop for BodyHold {
     }
 }
 
+/// Standings (a key and its user) read within the last `ttl`, by key (docs/DESIGN.md#admission-cache):
+/// a turn's admission reads the database only when its key's standing is older. `ttl` zero:
+/// every turn reads.
+#[derive(Debug)]
+pub struct Standings {
+    ttl: std::time::Duration,
+    read: Mutex<HashMap<i64, (std::time::Instant, Standing)>>,
+}
+
+/// A key and its user, as read.
+pub type Standing = (crate::db::models::ApiKey, crate::db::models::User);
+
+/// Keys whose standings are kept at most (the oldest reads go first beyond it).
+const STANDINGS_KEPT: usize = 100_000;
+
+impl Standings {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            read: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, (std::time::Instant, Standing)>> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `key`'s standing if it was read within the TTL.
+    pub fn fresh(&self, key: i64, now: std::time::Instant) -> Option<Standing> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let read = self.lock();
+        let (at, standing) = read.get(&key)?;
+        (now.duration_since(*at) < self.ttl).then(|| standing.clone())
+    }
+
+    /// `key`'s standing was just read.
+    pub fn store(&self, key: i64, standing: &Standing, now: std::time::Instant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut read = self.lock();
+        if read.len() >= STANDINGS_KEPT {
+            let ttl = self.ttl;
+            read.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+        }
+        read.insert(key, (now, standing.clone()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +328,51 @@ mod tests {
         assert!(b.take(1, 100).is_some(), "given back on drop");
         drop(other_key);
         assert!(b.lock().is_empty());
+    }
+
+    #[test]
+    fn standings_are_kept_for_their_ttl_only() {
+        use crate::db::models::{ApiKey, User};
+        let t0 = std::time::Instant::now();
+        let at = crate::db::now();
+        let standing: Standing = (
+            ApiKey {
+                id: 1,
+                user_id: 2,
+                key_hash: String::new(),
+                key_prefix: "tpk_".into(),
+                label: None,
+                quota_nanousd: None,
+                spent_nanousd: 0,
+                max_sessions: None,
+                max_concurrent_turns: None,
+                created_at: at,
+                revoked_at: None,
+                allowed_models: None,
+                allowed_service_tiers: None,
+            },
+            User {
+                id: 2,
+                name: "u".into(),
+                enabled: true,
+                balance_nanousd: None,
+                created_at: at,
+                updated_at: at,
+            },
+        );
+        let s = Standings::new(std::time::Duration::from_millis(100));
+        assert!(s.fresh(1, t0).is_none());
+        s.store(1, &standing, t0);
+        assert!(
+            s.fresh(1, t0 + std::time::Duration::from_millis(99))
+                .is_some()
+        );
+        assert!(
+            s.fresh(1, t0 + std::time::Duration::from_millis(100))
+                .is_none()
+        );
+        let never = Standings::new(std::time::Duration::ZERO);
+        never.store(1, &standing, t0);
+        assert!(never.fresh(1, t0).is_none());
     }
 }

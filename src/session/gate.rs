@@ -26,13 +26,24 @@ pub const ACCOUNTING_UNAVAILABLE: &str =
     "usage cannot be recorded right now, so the relay does not serve turns; retry later";
 
 /// The key and its user, re-read for a turn (bounded: a database that does not answer counts
-/// as down).
-pub async fn read_standing(
-    db: crate::db::DbPool,
+/// as down) — or as read within `limits.standing_cache_ms` (docs/DESIGN.md#admission-cache).
+pub fn read_standing(
+    deps: &SessionDeps,
     key_id: i64,
-) -> Result<Option<(ApiKey, User)>, crate::db::DbError> {
-    let read = async move { queries::keys::by_id(&db, key_id).await };
-    crate::db::within(crate::db::READ_DEADLINE, read).await
+) -> impl Future<Output = Result<Option<(ApiKey, User)>, crate::db::DbError>> + 'static {
+    let cached = deps.standings.fresh(key_id, Instant::now());
+    let (db, standings) = (deps.db.clone(), deps.standings.clone());
+    async move {
+        if let Some(standing) = cached {
+            return Ok(Some(standing));
+        }
+        let read = async move { queries::keys::by_id(&db, key_id).await };
+        let read = crate::db::within(crate::db::READ_DEADLINE, read).await;
+        if let Ok(Some(standing)) = &read {
+            standings.store(key_id, standing, Instant::now());
+        }
+        read
+    }
 }
 
 /// Why a turn must be refused for its key's and user's standing (`None`: the key is gone),

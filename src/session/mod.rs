@@ -88,6 +88,8 @@ pub struct SessionDeps {
     pub auth_cache: crate::auth::AuthCache,
     pub accounts: Vec<AccountHandle>,
     pub slots: Arc<admission::Slots>,
+    /// Standings read recently, by key (docs/DESIGN.md#admission-cache).
+    pub standings: Arc<admission::Standings>,
     /// Bytes of HTTP request bodies being received, per key.
     pub bodies: Arc<admission::BodyBytes>,
     /// Per-key caps across relays (PostgreSQL with `limits.fleet_slot_ttl_ms` > 0).

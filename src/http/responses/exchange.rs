@@ -220,7 +220,7 @@ impl Exchange {
             self.client_session.as_deref(),
         );
         let (standing, binding, affinity) = futures_util::future::join3(
-            gate::read_standing(deps.db.clone(), key),
+            gate::read_standing(&deps, key),
             gate::read_binding(&deps, previous),
             gate::read_affinity(&deps, key, affinity),
         )

@@ -240,7 +240,7 @@ impl SessionActor {
     pub(super) fn read_standing(
         &self,
     ) -> impl Future<Output = Result<Option<(ApiKey, User)>, crate::db::DbError>> + 'static {
-        gate::read_standing(self.deps.db.clone(), self.principal.key_id)
+        gate::read_standing(&self.deps, self.principal.key_id)
     }
 
     /// Why a new turn must be refused before anything else (standing, accounting, accounts),
