@@ -257,31 +257,13 @@ mod tests {
 
     fn key() -> ApiKey {
         ApiKey {
-            id: 1,
-            user_id: 1,
             key_hash: hash_key("k"),
-            key_prefix: "tpk_".into(),
-            label: None,
-            quota_nanousd: None,
-            spent_nanousd: 0,
-            max_sessions: None,
-            max_concurrent_turns: None,
-            created_at: crate::db::now(),
-            revoked_at: None,
-            allowed_models: None,
-            allowed_service_tiers: None,
+            ..crate::db::models::sample_standing().0
         }
     }
 
     fn user() -> User {
-        User {
-            id: 1,
-            name: "u".into(),
-            enabled: true,
-            balance_nanousd: None,
-            created_at: crate::db::now(),
-            updated_at: crate::db::now(),
-        }
+        crate::db::models::sample_standing().1
     }
 
     #[test]

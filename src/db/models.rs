@@ -49,6 +49,36 @@ pub struct ApiKey {
     pub allowed_service_tiers: Option<String>,
 }
 
+/// An unlimited, active key (id 1) of an enabled user (id 2) without a balance, for unit tests.
+#[cfg(test)]
+pub fn sample_standing() -> (ApiKey, User) {
+    let now = crate::db::now();
+    let key = ApiKey {
+        id: 1,
+        user_id: 2,
+        key_hash: String::new(),
+        key_prefix: "tpk_x".into(),
+        label: None,
+        quota_nanousd: None,
+        spent_nanousd: 0,
+        max_sessions: None,
+        max_concurrent_turns: None,
+        created_at: now,
+        revoked_at: None,
+        allowed_models: None,
+        allowed_service_tiers: None,
+    };
+    let user = User {
+        id: 2,
+        name: "u".into(),
+        enabled: true,
+        balance_nanousd: None,
+        created_at: now,
+        updated_at: now,
+    };
+    (key, user)
+}
+
 #[derive(Debug, Insertable)]
 #[diesel(table_name = api_keys)]
 pub struct NewApiKey<'a> {

@@ -121,30 +121,9 @@ mod tests {
     use super::*;
 
     fn standing(quota: Option<i64>, spent: i64, balance: Option<i64>) -> (ApiKey, User) {
-        let now = crate::db::now();
-        let key = ApiKey {
-            id: 1,
-            user_id: 2,
-            key_hash: String::new(),
-            key_prefix: "tpk_x".into(),
-            label: None,
-            quota_nanousd: quota,
-            spent_nanousd: spent,
-            max_sessions: None,
-            max_concurrent_turns: None,
-            created_at: now,
-            revoked_at: None,
-            allowed_models: None,
-            allowed_service_tiers: None,
-        };
-        let user = User {
-            id: 2,
-            name: "u".into(),
-            enabled: true,
-            balance_nanousd: balance,
-            created_at: now,
-            updated_at: now,
-        };
+        let (mut key, mut user) = crate::db::models::sample_standing();
+        (key.quota_nanousd, key.spent_nanousd) = (quota, spent);
+        user.balance_nanousd = balance;
         (key, user)
     }
 

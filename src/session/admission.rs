@@ -332,34 +332,8 @@ mod tests {
 
     #[test]
     fn standings_are_kept_for_their_ttl_only() {
-        use crate::db::models::{ApiKey, User};
         let t0 = std::time::Instant::now();
-        let at = crate::db::now();
-        let standing: Standing = (
-            ApiKey {
-                id: 1,
-                user_id: 2,
-                key_hash: String::new(),
-                key_prefix: "tpk_".into(),
-                label: None,
-                quota_nanousd: None,
-                spent_nanousd: 0,
-                max_sessions: None,
-                max_concurrent_turns: None,
-                created_at: at,
-                revoked_at: None,
-                allowed_models: None,
-                allowed_service_tiers: None,
-            },
-            User {
-                id: 2,
-                name: "u".into(),
-                enabled: true,
-                balance_nanousd: None,
-                created_at: at,
-                updated_at: at,
-            },
-        );
+        let standing = crate::db::models::sample_standing();
         let s = Standings::new(std::time::Duration::from_millis(100));
         assert!(s.fresh(1, t0).is_none());
         s.store(1, &standing, t0);
