@@ -215,6 +215,9 @@ pub fn start_relay_with(
         standings: Arc::new(crate::session::admission::Standings::new(
             Duration::from_millis(settings.limits.standing_cache_ms),
         )),
+        affinities: Arc::new(crate::session::admission::Affinities::new(
+            Duration::from_millis(settings.limits.standing_cache_ms),
+        )),
         bodies: Arc::new(crate::session::admission::BodyBytes::new(
             settings.limits.http_body_bytes_per_key,
         )),

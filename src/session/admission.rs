@@ -234,54 +234,60 @@ impl Drop for BodyHold {
     }
 }
 
-/// Standings (a key and its user) read within the last `ttl`, by key (docs/DESIGN.md#admission-cache):
-/// a turn's admission reads the database only when its key's standing is older. `ttl` zero:
-/// every turn reads.
+/// What admission read recently, by key (docs/DESIGN.md#admission-cache): an entry read within
+/// the last `ttl` serves turns instead of a database read. `ttl` zero: nothing is kept.
 #[derive(Debug)]
-pub struct Standings {
+pub struct Recent<K, V> {
     ttl: std::time::Duration,
-    read: Mutex<HashMap<i64, (std::time::Instant, Standing)>>,
+    read: Mutex<HashMap<K, (std::time::Instant, V)>>,
 }
 
 /// A key and its user, as read.
 pub type Standing = (crate::db::models::ApiKey, crate::db::models::User);
 
-/// Keys whose standings are kept at most (the oldest reads go first beyond it).
-const STANDINGS_KEPT: usize = 100_000;
+/// Standings read recently, by key id.
+pub type Standings = Recent<i64, Standing>;
 
-impl Standings {
+/// Affinities read (or written) recently, by key id and affinity key: the account and when it
+/// was written, or none.
+pub type Affinities = Recent<(i64, String), Option<(String, chrono::NaiveDateTime)>>;
+
+/// Entries kept at most (beyond it, those older than the TTL go first).
+const RECENT_KEPT: usize = 100_000;
+
+impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
     pub fn new(ttl: std::time::Duration) -> Self {
         Self {
             ttl,
-            read: Mutex::default(),
+            read: Mutex::new(HashMap::new()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<i64, (std::time::Instant, Standing)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, (std::time::Instant, V)>> {
         self.read.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `key`'s standing if it was read within the TTL.
-    pub fn fresh(&self, key: i64, now: std::time::Instant) -> Option<Standing> {
+    /// `key`'s value if it was read within the TTL.
+    pub fn fresh(&self, key: &K, now: std::time::Instant) -> Option<V> {
         if self.ttl.is_zero() {
             return None;
         }
         let read = self.lock();
-        let (at, standing) = read.get(&key)?;
-        (now.duration_since(*at) < self.ttl).then(|| standing.clone())
+        let (at, value) = read.get(key)?;
+        (now.duration_since(*at) < self.ttl).then(|| value.clone())
     }
 
-    /// `key`'s standing was just read.
-    pub fn store(&self, key: i64, standing: &Standing, now: std::time::Instant) {
+    /// `key`'s value was just read (or written).
+    pub fn store(&self, key: K, value: V, now: std::time::Instant) {
         if self.ttl.is_zero() {
             return;
         }
         let mut read = self.lock();
-        if read.len() >= STANDINGS_KEPT {
+        if read.len() >= RECENT_KEPT {
             let ttl = self.ttl;
             read.retain(|_, (at, _)| now.duration_since(*at) < ttl);
         }
-        read.insert(key, (now, standing.clone()));
+        read.insert(key, (now, value));
     }
 }
 
@@ -331,22 +337,22 @@ mod tests {
     }
 
     #[test]
-    fn standings_are_kept_for_their_ttl_only() {
+    fn recent_reads_are_kept_for_their_ttl_only() {
         let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
         let standing = crate::db::models::sample_standing();
-        let s = Standings::new(std::time::Duration::from_millis(100));
-        assert!(s.fresh(1, t0).is_none());
-        s.store(1, &standing, t0);
-        assert!(
-            s.fresh(1, t0 + std::time::Duration::from_millis(99))
-                .is_some()
-        );
-        assert!(
-            s.fresh(1, t0 + std::time::Duration::from_millis(100))
-                .is_none()
-        );
+        let s = Standings::new(ms(100));
+        assert!(s.fresh(&1, t0).is_none());
+        s.store(1, standing.clone(), t0);
+        assert!(s.fresh(&1, t0 + ms(99)).is_some());
+        assert!(s.fresh(&1, t0 + ms(100)).is_none());
         let never = Standings::new(std::time::Duration::ZERO);
-        never.store(1, &standing, t0);
-        assert!(never.fresh(1, t0).is_none());
+        never.store(1, standing, t0);
+        assert!(never.fresh(&1, t0).is_none());
+        // An affinity known to have no account is kept too (not read again within the TTL).
+        let a = Affinities::new(ms(100));
+        a.store((1, "k".into()), None, t0);
+        assert_eq!(a.fresh(&(1, "k".into()), t0), Some(None));
+        assert_eq!(a.fresh(&(1, "other".into()), t0), None);
     }
 }

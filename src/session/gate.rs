@@ -31,7 +31,7 @@ pub fn read_standing(
     deps: &SessionDeps,
     key_id: i64,
 ) -> impl Future<Output = Result<Option<(ApiKey, User)>, crate::db::DbError>> + 'static {
-    let cached = deps.standings.fresh(key_id, Instant::now());
+    let cached = deps.standings.fresh(&key_id, Instant::now());
     let (db, standings) = (deps.db.clone(), deps.standings.clone());
     async move {
         if let Some(standing) = cached {
@@ -40,7 +40,7 @@ pub fn read_standing(
         let read = async move { queries::keys::by_id(&db, key_id).await };
         let read = crate::db::within(crate::db::READ_DEADLINE, read).await;
         if let Ok(Some(standing)) = &read {
-            standings.store(key_id, standing, Instant::now());
+            standings.store(key_id, standing.clone(), Instant::now());
         }
         read
     }
@@ -320,19 +320,28 @@ pub fn read_affinity(
 ) -> impl Future<Output = Option<Affinity>> + 'static {
     let db = deps.db.clone();
     let keep = deps.settings.pool.affinity_ttl_s > 0;
+    let affinities = deps.affinities.clone();
     async move {
         let key = key?;
-        let known = if keep {
-            let k = key.clone();
-            let read = async move { queries::affinity::lookup(&db, key_id, &k).await };
-            crate::db::within(crate::db::READ_DEADLINE, read)
-                .await
-                .ok()
-                .flatten()
-        } else {
+        let recent = (key_id, key);
+        let known = if !keep {
             None
+        } else if let Some(known) = affinities.fresh(&recent, Instant::now()) {
+            known
+        } else {
+            let k = recent.1.clone();
+            let read = async move { queries::affinity::lookup(&db, key_id, &k).await };
+            let read = crate::db::within(crate::db::READ_DEADLINE, read).await;
+            // Only what the database said is kept (not an outage's silence).
+            if let Ok(known) = &read {
+                affinities.store(recent.clone(), known.clone(), Instant::now());
+            }
+            read.ok().flatten()
         };
-        Some(Affinity { key, known })
+        Some(Affinity {
+            key: recent.1,
+            known,
+        })
     }
 }
 
@@ -364,6 +373,10 @@ pub fn remember_affinity(
     }
     let db = deps.db.clone();
     let (key, account) = (affinity.key.clone(), account.to_string());
+    // This relay's later turns of the affinity read what it just wrote.
+    let recent = (key_id, key.clone());
+    deps.affinities
+        .store(recent, Some((account.clone(), at)), Instant::now());
     Some(async move {
         let write =
             async move { queries::affinity::remember(&db, key_id, &key, &account, at + ttl).await };

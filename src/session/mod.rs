@@ -90,6 +90,8 @@ pub struct SessionDeps {
     pub slots: Arc<admission::Slots>,
     /// Standings read recently, by key (docs/DESIGN.md#admission-cache).
     pub standings: Arc<admission::Standings>,
+    /// Affinities read or written recently (docs/DESIGN.md#admission-cache).
+    pub affinities: Arc<admission::Affinities>,
     /// Bytes of HTTP request bodies being received, per key.
     pub bodies: Arc<admission::BodyBytes>,
     /// Per-key caps across relays (PostgreSQL with `limits.fleet_slot_ttl_ms` > 0).
