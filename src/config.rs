@@ -300,9 +300,9 @@ pub struct LimitSettings {
     pub http_body_bytes_per_key: usize,
     /// An upload that sends nothing for this long gets 408 `request_body_timeout`.
     pub http_body_idle_timeout_ms: u64,
-    /// A key's standing (revoked, disabled, quota, balance, allow-lists) read for a turn serves
-    /// the key's turns for this long before it is read again (docs/DESIGN.md#admission-cache);
-    /// 0 reads it for every turn.
+    /// A key's standing (revoked, disabled, quota, balance, allow-lists) and its affinities read
+    /// for a turn serve the key's turns for this long before they are read again
+    /// (docs/DESIGN.md#admission-cache); 0 reads them for every turn.
     pub standing_cache_ms: u64,
     /// Bytes sent to a client and not yet shown read (by a pong to a relay ping) before the
     /// session is ended with `client_too_slow`. What one connection can hold queued is this
