@@ -237,6 +237,13 @@ pub fn account_http(account: &str, websocket_refused: bool, lanes_refused: bool)
 /// come from the upstream: the label set stays bounded).
 const BILLED_TIERS: [&str; 3] = ["standard", "priority", "flex"];
 
+/// An account could not be reached: a WebSocket dial failed or was refused, or an HTTP request
+/// got no answer's head or an account-level refusal (401, 403, 429, 5xx) — both transports
+/// count, so the no-upstream alert fires for HTTP-only traffic too.
+pub fn dial_failed(account: &str) {
+    ::metrics::counter!(metric::DIAL_FAILURES, "account" => account.to_string()).increment(1);
+}
+
 /// A turn's record reached accounting: count it, its cost by tier and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
     let tier = BILLED_TIERS

@@ -504,3 +504,33 @@ fn a_hung_handshake_fails_over() {
     );
     s.finish();
 }
+
+/// HTTP requests an account refuses count as its dial failures, as refused WebSocket dials do:
+/// the no-upstream alert fires for HTTP-only traffic too.
+#[test]
+fn http_refusals_count_as_dial_failures() {
+    let (s, admin) = common::admin::start(
+        TestDb::sqlite(),
+        &[("TURNPIKE_UPSTREAM__HTTP_TRANSPORT", "http")],
+        StackOptions {
+            sim_args: &["--api-key", "sk-other"],
+            ..StackOptions::default()
+        },
+    );
+    let failures = || {
+        common::admin::metric(
+            &admin,
+            "turnpike_upstream_dial_failures_total{account=\"sim\"}",
+        )
+    };
+    assert_eq!(failures(), 0.0);
+    let (code, body) = post_json(
+        &s.addr,
+        "/v1/responses",
+        &s.key,
+        &json!({"model": "gpt-test", "store": false, "input": "hi"}),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(failures() >= 1.0, "the refused request counted");
+    s.finish();
+}

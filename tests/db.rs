@@ -470,3 +470,53 @@ fn a_failing_test_drops_its_database() {
     });
     assert_eq!(left, 0, "{name} was dropped");
 }
+
+/// A compensation whose turn's usage row is missing (a DBA's delete, a partial restore) is never
+/// settled: no debit without its usage row (the money invariant); with the row back, it settles.
+#[actix_web::test]
+async fn a_compensation_without_its_usage_row_is_not_settled() {
+    on_each_backend(|pool| async move {
+        let user = queries::users::create(&pool, "gus", None).await.unwrap();
+        let (_, key) = auth::create_key(&pool, user.id, &KeyRequest::default())
+            .await
+            .unwrap();
+        let comp = NewCompensation {
+            request_id: "turn_orphan",
+            api_key_id: key.id,
+            user_id: user.id,
+            amount_nanousd: 500,
+            status: "pending",
+            next_attempt_at: Some(now()),
+            last_error: Some("serialization failure"),
+            created_at: now(),
+            updated_at: now(),
+        };
+        assert!(
+            queries::billing::insert_compensation(&pool, &comp)
+                .await
+                .unwrap()
+        );
+        let due = queries::billing::due_compensations(&pool, 10)
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 1);
+        let refused = queries::billing::settle_compensation(&pool, &due[0])
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("usage row"), "{refused}");
+        let (k, _) = queries::keys::by_id(&pool, key.id).await.unwrap().unwrap();
+        assert_eq!(k.spent_nanousd, 0, "not debited");
+        // The usage row (as its batch writes it), then the retry settles.
+        let mut record = turn_record("turn_orphan", key.id, user.id, 500);
+        record.usage = turnpike::protocol::usage::Usage::default();
+        let written =
+            queries::billing::record_with_compensation(&pool, &record, "lost debit").await;
+        assert!(written.is_ok(), "{written:?}");
+        queries::billing::settle_compensation(&pool, &due[0])
+            .await
+            .unwrap();
+        let (k, _) = queries::keys::by_id(&pool, key.id).await.unwrap().unwrap();
+        assert_eq!(k.spent_nanousd, 500);
+    })
+    .await;
+}

@@ -22,6 +22,9 @@ pub enum DbError {
     Join(#[from] tokio::task::JoinError),
     #[error("database did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The rows do not say what they must (a DBA's edit, a partial restore): nothing is written.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 /// A pool error in an operator's words: what failed and why, with the causes the driver keeps

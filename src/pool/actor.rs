@@ -640,8 +640,7 @@ impl Handler<ConnStatus> for ContextPool {
                 status,
                 retry_after,
             } => {
-                ::metrics::counter!(metric::DIAL_FAILURES, "account" => self.account.to_string())
-                    .increment(1);
+                crate::telemetry::dial_failed(&self.account);
                 let failure = Failure {
                     error: &error,
                     retry_after: retry_after.as_deref().and_then(super::health::retry_after),

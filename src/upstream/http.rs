@@ -97,7 +97,7 @@ pub async fn post(
     for (k, v) in &endpoint.account_headers {
         req = req.insert_header((*k, v.as_str()));
     }
-    match tokio::time::timeout(first_byte, req.send_body(body)).await {
+    let answer = match tokio::time::timeout(first_byte, req.send_body(body)).await {
         Err(_) => Err(PostError::Timeout(url)),
         // The connection closed after the request went out, before an answer's head: it may
         // have reached the upstream (awc says so with this variant of its connect errors).
@@ -115,7 +115,16 @@ pub async fn post(
             why: e.to_string(),
         }),
         Ok(Ok(res)) => Ok(res),
+    };
+    let unreached = match &answer {
+        Err(PostError::Unreachable(_) | PostError::Timeout(_)) => true,
+        Ok(res) => account_trouble(res.status()),
+        Err(_) => false,
+    };
+    if unreached {
+        crate::telemetry::dial_failed(&endpoint.account);
     }
+    answer
 }
 
 /// The next chunk of a response body, or why there is none: `Ok(None)` at its end.

@@ -500,6 +500,20 @@ pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<()
     let at = now();
     with_conn!(pool, |c| {
         c.transaction::<_, DbError, _>(async |tx| {
+            // A debit without its turn's usage row would break the money invariant: the
+            // compensation fails instead (and goes dead after its attempts, for an operator).
+            let rows: i64 = crate::db::schema::usage_logs::table
+                .filter(crate::db::schema::usage_logs::request_id.eq(&row.request_id))
+                .filter(crate::db::schema::usage_logs::api_key_id.eq(row.api_key_id))
+                .count()
+                .get_result(tx)
+                .await?;
+            if rows == 0 {
+                return Err(DbError::Integrity(format!(
+                    "the usage row of turn {} (key {}) is missing: not debited",
+                    row.request_id, row.api_key_id
+                )));
+            }
             let ledger = NewLedger {
                 request_id: &row.request_id,
                 api_key_id: row.api_key_id,
