@@ -44,16 +44,24 @@ printf '[[accounts]]\nname = "sim"\nbase_url = "http://%s/v1"\napi_key = "sk-con
 "$BIN" --config "$WORK/relay.toml" migrate >/dev/null 2>&1
 "$BIN" users create console >/dev/null 2>&1
 KEY=$("$BIN" keys create --user console --models gpt-test 2>/dev/null)
-# A dead compensation for the console to retry (as if every debit attempt had failed).
+# A dead compensation for the console to retry (as if every debit attempt had failed), with the
+# usage row of its turn (a compensation is settled only with it).
 python3 - "$WORK/turnpike.db" <<'PY'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 key_id, user_id = db.execute("select id, user_id from api_keys").fetchone()
 for n in (1, 2):  # one for each browser
+    turn = f"turn_console_dead_{n}"
+    db.execute("insert into usage_logs (request_id, api_key_id, user_id, session_id, turn_index, account,"
+               " model, status, usage_source, warmup, input_tokens, cached_input_tokens, cache_write_tokens,"
+               " output_tokens, reasoning_tokens, total_tokens, cost_nanousd, duration_ms, accepted_at,"
+               " created_at) values (?, ?, ?, 'sess_console', 1, 'sim', 'gpt-test', 'completed',"
+               " 'reported', 0, 10, 0, 0, 5, 0, 15, 12345, 9, datetime('now'), datetime('now'))",
+               (turn, key_id, user_id))
     db.execute("insert into billing_compensations (request_id, api_key_id, user_id, amount_nanousd, status,"
                " attempts, next_attempt_at, last_error, error_history, created_at, updated_at, dead_at)"
                " values (?, ?, ?, 12345, 'dead', 8, null, 'database unreachable', '[]',"
-               " datetime('now'), datetime('now'), datetime('now'))", (f"turn_console_dead_{n}", key_id, user_id))
+               " datetime('now'), datetime('now'), datetime('now'))", (turn, key_id, user_id))
 db.commit()
 PY
 ADMIN=127.0.0.1:$(free_port)
