@@ -1,34 +1,23 @@
 //! A stack with the admin API on, and reading it (shared by the tests that look at the relay
 //! through its admin listener).
 
-use std::time::{Duration, Instant};
-
 use super::TestDb;
 use super::stack::{Stack, StackOptions};
 
 /// The admin token of these stacks (32 characters or more, as the relay requires).
 pub const TOKEN: &str = "admin-secret-token-of-32-characters";
 
-/// A free loopback address.
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// A stack with the admin API on (`TOKEN`, a free address) plus `env`; returns it and the
-/// admin address, once the admin listener answers.
+/// A stack with the admin API on (`TOKEN`, a loopback port the relay picks) plus `env`;
+/// returns it and the admin address, read from the relay's log (never a port chosen before
+/// the relay binds it: another process could take it in between).
 pub fn start(
     db: TestDb,
     env: &[(&'static str, &'static str)],
     opts: StackOptions<'static>,
 ) -> (Stack, String) {
-    let admin = free_addr();
     let mut all: Vec<(&'static str, &'static str)> = vec![
         ("TURNPIKE_ADMIN__TOKEN", TOKEN),
-        (
-            "TURNPIKE_ADMIN__BIND",
-            Box::leak(admin.clone().into_boxed_str()),
-        ),
+        ("TURNPIKE_ADMIN__BIND", "127.0.0.1:0"),
     ];
     all.extend_from_slice(env);
     let s = Stack::start(
@@ -38,10 +27,10 @@ pub fn start(
             ..opts
         },
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&admin).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let admin = s
+        .relay
+        .startup_addr("admin API on http://")
+        .expect("the relay logs its admin address before it listens");
     (s, admin)
 }
 

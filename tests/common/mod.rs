@@ -206,6 +206,8 @@ pub fn postgres_behind_proxy() -> Option<(TestDb, proxy::Proxy, String)> {
 pub struct Proc {
     pub child: std::process::Child,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// The lines `listening_addr` read on its way to the address.
+    pub startup: std::cell::RefCell<Vec<String>>,
 }
 
 impl Proc {
@@ -224,21 +226,47 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        Proc { child, log: rx }
+        Proc {
+            child,
+            log: rx,
+            startup: Default::default(),
+        }
     }
 
-    /// Waits for the log line `… listening on http://ADDR …` and returns ADDR.
+    /// Waits for the log line `… listening on http://ADDR …` and returns ADDR; a process that
+    /// ends first fails the test with its log (a busy port, a bad setting).
     pub fn listening_addr(&self) -> String {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let line = self
+            let line = match self
                 .log
                 .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-                .expect("process did not report its address");
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().expect("addr").to_string();
+            {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "process did not report its address ({e}); its log:\n{}",
+                    self.startup.borrow().join("\n")
+                ),
+            };
+            let addr = line
+                .split("listening on http://")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+            self.startup.borrow_mut().push(line);
+            if let Some(addr) = addr {
+                return addr;
             }
         }
+    }
+
+    /// The address after `marker` in a line read before the listening line (e.g. the admin
+    /// listener's `admin API on http://`).
+    pub fn startup_addr(&self, marker: &str) -> Option<String> {
+        self.startup.borrow().iter().find_map(|l| {
+            let rest = l.split(marker).nth(1)?;
+            Some(rest.split(['/', ' ']).next()?.to_string())
+        })
     }
 
     /// SIGTERM, then wait; returns the exit code, how long it took, and the rest of the log.
