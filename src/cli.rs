@@ -296,10 +296,18 @@ async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<
             Ok(app::serve(settings).await.map_err(|e| at(e.into()))?)
         }
         Command::Migrate => {
-            let db = app::open_database(&settings, true)
-                .await
-                .map_err(|e| at(e.into()))?;
-            eprintln!("migrations up to date ({})", db.backend());
+            // One line: what was applied, or that nothing was pending.
+            let run = async {
+                let db = app::open_database(&settings, false).await?;
+                let applied = crate::db::migrate::run_pending(&db).await?;
+                Ok::<_, AppError>((db.backend(), applied))
+            };
+            let (backend, applied) = run.await.map_err(|e| at(e.into()))?;
+            if applied.is_empty() {
+                eprintln!("migrations up to date ({backend})");
+            } else {
+                eprintln!("migrations applied ({backend}): {}", applied.join(", "));
+            }
             Ok(())
         }
         // Commands that only read never change the schema.

@@ -520,3 +520,101 @@ async fn a_compensation_without_its_usage_row_is_not_settled() {
     })
     .await;
 }
+
+#[derive(diesel::QueryableByName)]
+struct Tls {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ssl: bool,
+}
+
+/// Whether the pool's connection to `url` is encrypted, as the server sees it; or why it
+/// could not connect.
+async fn encrypted(url: &str) -> Result<bool, String> {
+    use diesel_async::RunQueryDsl;
+    let settings = turnpike::config::DatabaseSettings {
+        url: url.to_string(),
+        connect_timeout_ms: 5_000,
+        ..Default::default()
+    };
+    let pool = turnpike::db::DbPool::connect(&settings).map_err(|e| e.to_string())?;
+    let turnpike::db::DbPool::Postgres(pool) = pool else {
+        unreachable!("a PostgreSQL URL")
+    };
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| turnpike::db::DbError::from(e).to_string())?;
+    let row: Tls = diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .get_result(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.ssl)
+}
+
+/// libpq's `sslmode` and `sslrootcert` against the local server (docs/DESIGN.md#database-tls):
+/// encrypted unless disabled, the certificate checked as the mode says.
+#[actix_web::test]
+async fn postgres_over_tls_as_sslmode_says() {
+    let Ok(base) = std::env::var(common::PG_ENV) else {
+        return;
+    };
+    let db = TestDb::postgres(&base).await;
+    let with = |params: &str| format!("{}?{params}", db.url);
+    assert_eq!(encrypted(&with("sslmode=disable")).await, Ok(false));
+    let server_ssl = {
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Show {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            v: String,
+        }
+        let turnpike::db::DbPool::Postgres(pool) = db.pool() else {
+            unreachable!()
+        };
+        let mut conn = pool.get().await.unwrap();
+        let ssl: Show = diesel::sql_query("SELECT current_setting('ssl') AS v")
+            .get_result(&mut *conn)
+            .await
+            .unwrap();
+        let cert: Show = diesel::sql_query("SELECT current_setting('ssl_cert_file') AS v")
+            .get_result(&mut *conn)
+            .await
+            .unwrap();
+        (ssl.v == "on").then_some(cert.v)
+    };
+    let Some(cert) = server_ssl else {
+        // A server without TLS: `require` refuses to go on in plain text, `prefer` does.
+        let e = encrypted(&with("sslmode=require")).await.unwrap_err();
+        assert!(e.contains("TLS") || e.contains("SSL"), "{e}");
+        assert_eq!(encrypted(&db.url).await, Ok(false));
+        db.cleanup().await;
+        return;
+    };
+    // Without sslmode, as libpq: encrypted when the server offers it.
+    assert_eq!(encrypted(&db.url).await, Ok(true));
+    assert_eq!(encrypted(&with("sslmode=require")).await, Ok(true));
+    // Its certificate is not signed by a public root: verify-ca without roots refuses.
+    let e = encrypted(&with("sslmode=verify-ca")).await.unwrap_err();
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    if std::fs::read(&cert).is_ok() {
+        // The server's own (self-signed) certificate as the root.
+        let rooted = |mode: &str| with(&format!("sslmode={mode}&sslrootcert={cert}"));
+        assert_eq!(encrypted(&rooted("verify-ca")).await, Ok(true));
+        assert_eq!(encrypted(&rooted("require")).await, Ok(true));
+        if db.url.contains("@127.0.0.1:") {
+            // verify-full checks the name too: the certificate names localhost, not 127.0.0.1.
+            let e = encrypted(&rooted("verify-full")).await.unwrap_err();
+            assert!(e.contains("not valid for name \"127.0.0.1\""), "{e}");
+            let by_name = rooted("verify-full").replace("@127.0.0.1:", "@localhost:");
+            let named = encrypted(&by_name).await;
+            assert!(
+                named == Ok(true)
+                    || named
+                        .as_ref()
+                        .is_err_and(|e| e.contains("not valid for name")),
+                "{named:?}"
+            );
+        }
+    }
+    db.cleanup().await;
+}

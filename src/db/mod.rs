@@ -39,6 +39,7 @@ pub mod models;
 pub mod pool;
 pub mod queries;
 pub mod schema;
+pub mod tls;
 
 pub use error::DbError;
 pub use pool::{DbPool, SqliteConn};

@@ -106,7 +106,12 @@ impl DbPool {
         match DatabaseTarget::parse(&settings.url)? {
             DatabaseTarget::Postgres(url) => {
                 let url = with_pg_defaults(&url, settings.statement_timeout_ms);
-                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+                let (url, tls) = super::tls::split(&url)?;
+                let client = tls.client_config()?;
+                let mut config = ManagerConfig::<AsyncPgConnection>::default();
+                config.custom_setup = Box::new(move |url| tls.connect(url, client.clone()));
+                let manager =
+                    AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
                 Ok(Self::Postgres(bounded(
                     manager,
                     Some(PG_VERIFY_AFTER_IDLE),
