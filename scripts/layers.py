@@ -10,6 +10,7 @@ import sys
 LAYERS = [
     "buffers",
     "num",
+    "utc",
     "ids",
     "protocol",
     "record",
@@ -19,6 +20,7 @@ LAYERS = [
     "db",
     "actors",
     "auth",
+    "manage",
     "continuation",
     "upstream",
     "sim",

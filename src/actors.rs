@@ -10,6 +10,7 @@ pub struct ActorStatus {
     pub kind: &'static str,
     /// `running`, or a degraded state the actor names (`degraded: …`).
     pub state: String,
+    #[serde(serialize_with = "crate::utc::serialize")]
     pub started_at: NaiveDateTime,
     pub restarts: u32,
     pub last_error: Option<String>,

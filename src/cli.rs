@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{self, AppError};
 use crate::auth::{self, AuthError, KeyRequest};
-use crate::billing::money::{self, MoneyError};
+use crate::billing::money;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, queries};
+use crate::manage;
 use crate::record::CompensationStatus;
 
 #[derive(Debug, Parser)]
@@ -126,6 +127,8 @@ pub enum UsersCommand {
         #[arg(allow_hyphen_values = true)]
         usd: String,
     },
+    /// Add USD to a user's prepaid balance (a user without a balance limit has none to top up).
+    TopUp { name: String, usd: String },
     /// Refuse every key of a user from the next connect or turn on.
     Disable { name: String },
     /// Re-enable a disabled user.
@@ -194,6 +197,19 @@ pub enum CliError {
     Auth(#[from] AuthError),
 }
 
+impl From<manage::ManageError> for CliError {
+    fn from(e: manage::ManageError) -> Self {
+        use manage::ManageError as M;
+        match e {
+            M::Invalid(m) => CliError::BadValue(m),
+            M::NotFound(m) => CliError::NotFound(m),
+            M::Exists(m) => CliError::Exists(m),
+            M::Db(e) => CliError::Db(e),
+            M::Auth(e) => CliError::Auth(e),
+        }
+    }
+}
+
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
@@ -202,10 +218,6 @@ impl CliError {
             _ => 1,
         }
     }
-}
-
-fn usd_arg(flag: &str, text: &str) -> Result<i64, CliError> {
-    money::parse_usd(text).map_err(|e: MoneyError| CliError::BadValue(format!("{flag}: {e}")))
 }
 
 pub fn main() -> ExitCode {
@@ -440,25 +452,13 @@ fn rustls_provider() {
 }
 
 async fn users(db: &DbPool, cmd: UsersCommand) -> Result<(), CliError> {
-    let no_user = |name: &str| CliError::NotFound(format!("no user named {name:?}"));
+    let op = manage::Operator::cli();
     match cmd {
         UsersCommand::Create { name, balance_usd } => {
-            let name = name.trim().to_string();
-            if name.is_empty() {
-                return Err(CliError::BadValue("user name must not be empty".into()));
-            }
             let balance = balance_usd
-                .map(|b| usd_arg("--balance-usd", &b))
+                .map(|b| manage::usd("--balance-usd", &b))
                 .transpose()?;
-            let user = queries::users::create(db, &name, balance)
-                .await
-                .map_err(|e| {
-                    if e.is_unique_violation() {
-                        CliError::Exists(format!("user {name:?} exists already"))
-                    } else {
-                        e.into()
-                    }
-                })?;
+            let user = manage::create_user(db, &op, &name, balance).await?;
             eprintln!("created user {} (id {})", user.name, user.id);
         }
         UsersCommand::List => {
@@ -480,23 +480,22 @@ async fn users(db: &DbPool, cmd: UsersCommand) -> Result<(), CliError> {
         UsersCommand::SetBalance { name, usd } => {
             let balance = match usd.trim() {
                 "none" | "unlimited" => None,
-                text => Some(usd_arg("USD", text)?),
+                text => Some(manage::usd("USD", text)?),
             };
-            if !queries::users::set_balance(db, &name, balance).await? {
-                return Err(no_user(&name));
-            }
-            eprintln!("balance of {name}: {}", opt_usd(balance));
+            let now = manage::balance(db, &op, &name, manage::Balance::Set(balance)).await?;
+            eprintln!("balance of {name}: {}", opt_usd(now));
+        }
+        UsersCommand::TopUp { name, usd } => {
+            let add = manage::usd("USD", &usd)?;
+            let now = manage::balance(db, &op, &name, manage::Balance::Add(add)).await?;
+            eprintln!("balance of {name}: {}", opt_usd(now));
         }
         UsersCommand::Disable { name } => {
-            if !queries::users::set_enabled(db, &name, false).await? {
-                return Err(no_user(&name));
-            }
+            manage::set_enabled(db, &op, &name, false).await?;
             eprintln!("disabled {name}");
         }
         UsersCommand::Enable { name } => {
-            if !queries::users::set_enabled(db, &name, true).await? {
-                return Err(no_user(&name));
-            }
+            manage::set_enabled(db, &op, &name, true).await?;
             eprintln!("enabled {name}");
         }
     }
@@ -514,23 +513,22 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
             models,
             service_tiers,
         } => {
-            let owner = queries::users::by_name(db, &user)
-                .await?
-                .ok_or_else(|| CliError::NotFound(format!("no user named {user:?}")))?;
             let req = KeyRequest {
                 label,
-                quota_nanousd: quota_usd.map(|q| usd_arg("--quota-usd", &q)).transpose()?,
+                quota_nanousd: quota_usd
+                    .map(|q| manage::usd("--quota-usd", &q))
+                    .transpose()?,
                 max_sessions,
                 max_concurrent_turns,
                 allowed_models: models,
                 allowed_service_tiers: service_tiers,
             };
-            let (key, row) = auth::create_key(db, owner.id, &req).await?;
+            let (key, row) = manage::create_key(db, &manage::Operator::cli(), &user, &req).await?;
             // The key goes to stdout alone so that `KEY=$(turnpike keys create …)` works.
             println!("{key}");
             eprintln!(
-                "created key {} ({}…) for {}; it is not shown again",
-                row.id, row.key_prefix, owner.name
+                "created key {} ({}…) for {user}; it is not shown again",
+                row.id, row.key_prefix
             );
         }
         KeysCommand::List { user } => {
@@ -577,11 +575,7 @@ async fn keys(db: &DbPool, cmd: KeysCommand) -> Result<(), CliError> {
             );
         }
         KeysCommand::Revoke { id } => {
-            if !queries::keys::revoke(db, id).await? {
-                return Err(CliError::NotFound(format!(
-                    "no active key with id {id} (see `turnpike keys list`)"
-                )));
-            }
+            manage::revoke_key(db, &manage::Operator::cli(), id).await?;
             eprintln!("revoked key {id}");
         }
     }
@@ -598,12 +592,12 @@ async fn compensations(db: &DbPool, cmd: CompensationsCommand) -> Result<(), Cli
                 })?),
             };
             let rows = queries::billing::compensations(db, status, None).await?;
-            let table = rows.iter().map(|c| {
+            let table = rows.iter().map(|(c, key_prefix)| {
                 vec![
                     c.id.to_string(),
                     c.status.clone(),
                     c.request_id.clone(),
-                    c.api_key_id.to_string(),
+                    format!("{key_prefix}… ({})", c.api_key_id),
                     money::format_usd(c.amount_nanousd),
                     c.attempts.to_string(),
                     c.next_attempt_at
@@ -632,6 +626,16 @@ async fn compensations(db: &DbPool, cmd: CompensationsCommand) -> Result<(), Cli
                     "no unsettled compensation with id {id}"
                 )));
             }
+            let op = manage::Operator::cli();
+            let target = id.to_string();
+            manage::audit(
+                db,
+                &op,
+                "compensations.retry",
+                &target,
+                serde_json::json!({}),
+            )
+            .await;
             eprintln!("compensation {id} re-queued");
         }
     }

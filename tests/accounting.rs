@@ -151,7 +151,7 @@ fn billing_failures_become_compensations_then_settle() {
             .await
             .unwrap()
         });
-        for r in &rows {
+        for (r, _) in &rows {
             assert_eq!(r.attempts, 3);
             assert!(
                 r.last_error
@@ -172,7 +172,7 @@ fn billing_failures_become_compensations_then_settle() {
 
         // The cause is fixed; an operator re-queues the dead rows; they settle, exactly once.
         drop_trigger(&s.db);
-        for r in &rows {
+        for (r, _) in &rows {
             let out = common::turnpike()
                 .env("TURNPIKE_DATABASE__URL", &s.db.url)
                 .args(["compensations", "retry", &r.id.to_string()])

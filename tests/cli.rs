@@ -666,3 +666,38 @@ fn migrate_says_one_line() {
     let again = stderr(&run(&db, &["migrate"]));
     assert_eq!(again.trim(), "migrations up to date (sqlite)");
 }
+
+/// The CLI's changes are audited like the admin API's, as `cli:<user>` from `local`; a top-up
+/// adds to the balance.
+#[actix_web::test]
+async fn cli_changes_are_audited() {
+    for db in TestDb::all().await {
+        let ok = |args: &[&str]| {
+            let out = run(&db, args);
+            assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+            out
+        };
+        ok(&["--create", "users", "create", "erin", "--balance-usd", "2"]);
+        let out = ok(&["users", "top-up", "erin", "0.25"]);
+        assert!(
+            stderr(&out).contains("balance of erin: 2.25"),
+            "{}",
+            stderr(&out)
+        );
+        let key_out = ok(&["keys", "create", "--user", "erin"]);
+        let key = stdout(&key_out).trim().to_string();
+        let out = run(&db, &["users", "top-up", "nobody", "1"]);
+        assert_eq!(out.status.code(), Some(1));
+        let rows = turnpike::db::queries::audit::recent(&db.pool(), 10)
+            .await
+            .unwrap();
+        let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(actions, ["keys.create", "users.balance", "users.create"]);
+        for r in &rows {
+            assert!(r.actor.starts_with("cli:"), "{r:?}");
+            assert_eq!(r.peer, "local");
+            assert!(!r.detail.contains(&key));
+        }
+        db.cleanup().await;
+    }
+}

@@ -25,7 +25,8 @@ async fn migrations_are_idempotent_and_complete() {
                 "20261128000001".to_string(),
                 "20261129000001".to_string(),
                 "20261206000001".to_string(),
-                "20261206000002".to_string()
+                "20261206000002".to_string(),
+                "20261207000001".to_string()
             ],
             "{}",
             db.backend

@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use tracing::info;
 
 mod console;
+mod people;
 
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::billing::compensator::Compensator;
@@ -82,6 +83,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/ready"),
     ("GET", "/admin/turns"),
     ("GET", "/admin/keys"),
+    ("POST", "/admin/keys"),
+    ("PATCH", "/admin/keys/{id}"),
+    ("POST", "/admin/keys/{id}/revoke"),
+    ("GET", "/admin/users"),
+    ("POST", "/admin/users"),
+    ("POST", "/admin/users/{name}/balance"),
+    ("POST", "/admin/users/{name}/disable"),
+    ("POST", "/admin/users/{name}/enable"),
+    ("GET", "/admin/audit"),
     ("GET", "/admin/console"),
     ("GET", "/admin/console/{asset}"),
 ];
@@ -114,6 +124,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/ready", web::get().to(ready))
         .route("/admin/turns", web::get().to(turns))
         .route("/admin/keys", web::get().to(keys))
+        .configure(people::routes)
         .configure(console::routes);
 }
 
@@ -156,7 +167,7 @@ async fn turns(
                 "output_tokens": r.output_tokens, "service_tier": r.service_tier,
                 "cost_nanousd": r.cost_nanousd, "first_token_ms": r.first_token_ms,
                 "duration_ms": r.duration_ms, "error_code": r.error_code,
-                "accepted_at": r.accepted_at,
+                "accepted_at": crate::utc::text(&r.accepted_at),
             })
         })
         .collect();
@@ -181,7 +192,7 @@ async fn keys(_: Operator, state: web::Data<AdminState>) -> Result<HttpResponse,
                 "max_sessions": k.max_sessions, "max_concurrent_turns": k.max_concurrent_turns,
                 "allowed_models": list(&k.allowed_models),
                 "allowed_service_tiers": list(&k.allowed_service_tiers),
-                "revoked": k.revoked_at.is_some(), "created_at": k.created_at,
+                "revoked": k.revoked_at.is_some(), "created_at": crate::utc::text(&k.created_at),
             })
         })
         .collect();
@@ -193,7 +204,7 @@ async fn disable_account(
     name: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    set_account(op, name.into_inner(), state, true)
+    set_account(op, name.into_inner(), state, true).await
 }
 
 async fn enable_account(
@@ -201,12 +212,12 @@ async fn enable_account(
     name: web::Path<String>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, HttpError> {
-    set_account(op, name.into_inner(), state, false)
+    set_account(op, name.into_inner(), state, false).await
 }
 
 /// Takes an account out of service or puts it back (docs/DESIGN.md#accounts): a disabled
 /// account is never dialled; its turns go to the other accounts.
-fn set_account(
+async fn set_account(
     op: Operator,
     name: String,
     state: web::Data<AdminState>,
@@ -220,6 +231,12 @@ fn set_account(
     };
     account.health.set_disabled(disabled);
     tracing::info!(account = %name, disabled, from = %op.peer, "account set by an operator");
+    let action = if disabled {
+        "accounts.disable"
+    } else {
+        "accounts.enable"
+    };
+    crate::manage::audit(&state.deps.db, &op.into(), action, &name, json!({})).await;
     let view = account.health.view(std::time::Instant::now());
     Ok(HttpResponse::Ok().json(json!({"account": name, "health": view.state, "reason": view.reason, "failures": view.failures})))
 }
@@ -278,10 +295,32 @@ fn refused(req: &HttpRequest) {
     }
 }
 
-/// An authorized caller of the admin API (the extractor checks the bearer token), and where
-/// they called from — every action is logged with it.
+/// An authorized caller of the admin API (the extractor checks the bearer token), who they say
+/// they are (`X-Turnpike-Operator`, else `admin`) and where they called from — every action is
+/// logged and audited with it.
 pub struct Operator {
+    pub actor: String,
     pub peer: String,
+}
+
+impl From<Operator> for crate::manage::Operator {
+    fn from(op: Operator) -> Self {
+        Self {
+            actor: op.actor,
+            peer: op.peer,
+        }
+    }
+}
+
+/// The name an admin caller gives (`X-Turnpike-Operator`): printable, at most 64 characters;
+/// anything else is `admin` (the token is shared, so the name is what the caller says).
+fn operator_name(req: &HttpRequest) -> String {
+    req.headers()
+        .get("x-turnpike-operator")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && n.len() <= 64 && !n.chars().any(char::is_control))
+        .map_or_else(|| "admin".to_string(), str::to_string)
 }
 
 impl actix_web::FromRequest for Operator {
@@ -291,6 +330,7 @@ impl actix_web::FromRequest for Operator {
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let checked = match req.app_data::<web::Data<AdminState>>() {
             Some(state) => authorize(req, state).map(|()| Operator {
+                actor: operator_name(req),
                 peer: req.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
             }),
             None => Err(unavailable("admin state")),
@@ -358,6 +398,14 @@ async fn restart(
     }
     .map_err(|_| unavailable(&name))?;
     info!(actor = %name, from = %op.peer, "restarted by an operator");
+    crate::manage::audit(
+        &state.deps.db,
+        &op.into(),
+        "actors.restart",
+        &name,
+        json!({}),
+    )
+    .await;
     Ok(HttpResponse::Ok().json(status))
 }
 
@@ -398,6 +446,7 @@ async fn end_session(
         ));
     }
     info!(session = %id, from = %op.peer, "session ended by an operator");
+    crate::manage::audit(&state.deps.db, &op.into(), "sessions.end", &id, json!({})).await;
     Ok(HttpResponse::Ok().json(json!({"ended": id})))
 }
 
@@ -441,6 +490,14 @@ async fn compensations(
     )
     .await
     .map_err(|e| HttpError::new(ErrorCode::NotReady, e.to_string()))?;
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|(c, key_prefix)| {
+            let mut v = json!(c);
+            v["key_prefix"] = json!(key_prefix);
+            v
+        })
+        .collect();
     Ok(HttpResponse::Ok().json(json!({"compensations": rows})))
 }
 
@@ -460,6 +517,15 @@ async fn retry_compensation(
         ));
     }
     info!(compensation = id, from = %op.peer, "compensation re-queued by an operator");
+    let target = id.to_string();
+    crate::manage::audit(
+        &state.deps.db,
+        &op.into(),
+        "compensations.retry",
+        &target,
+        json!({}),
+    )
+    .await;
     Ok(HttpResponse::Ok().json(json!({"requeued": id})))
 }
 

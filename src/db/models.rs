@@ -227,11 +227,41 @@ pub struct Compensation {
     pub amount_nanousd: i64,
     pub status: String,
     pub attempts: i32,
+    #[serde(serialize_with = "crate::utc::serialize_opt")]
     pub next_attempt_at: Option<NaiveDateTime>,
     pub last_error: Option<String>,
     pub error_history: String,
+    #[serde(serialize_with = "crate::utc::serialize")]
     pub created_at: NaiveDateTime,
+    #[serde(serialize_with = "crate::utc::serialize")]
     pub updated_at: NaiveDateTime,
+    #[serde(serialize_with = "crate::utc::serialize_opt")]
     pub settled_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "crate::utc::serialize_opt")]
     pub dead_at: Option<NaiveDateTime>,
+}
+
+/// One operator action (docs/DESIGN.md#audit).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = super::schema::admin_audit, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct AuditRow {
+    pub id: i64,
+    #[serde(serialize_with = "crate::utc::serialize")]
+    pub at: NaiveDateTime,
+    pub actor: String,
+    pub peer: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = super::schema::admin_audit)]
+pub struct NewAudit<'a> {
+    pub at: NaiveDateTime,
+    pub actor: &'a str,
+    pub peer: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub detail: &'a str,
 }

@@ -151,6 +151,19 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Operator actions (docs/DESIGN.md#audit).
+    admin_audit (id) {
+        id -> BigInt,
+        at -> Timestamp,
+        actor -> Text,
+        peer -> Text,
+        action -> Text,
+        target -> Text,
+        detail -> Text,
+    }
+}
+
+diesel::table! {
     /// A view: the compensation backlog by status.
     billing_compensation_backlog (status) {
         status -> Text,
@@ -168,6 +181,7 @@ diesel::joinable!(billing_ledger -> api_keys (api_key_id));
 diesel::joinable!(billing_compensations -> api_keys (api_key_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    admin_audit,
     users,
     api_keys,
     usage_logs,

@@ -82,6 +82,7 @@ pub struct View {
     /// Failures in a row, and since the start.
     pub failures: u32,
     pub failures_total: u64,
+    #[serde(serialize_with = "crate::utc::serialize_opt")]
     pub since: Option<NaiveDateTime>,
     /// Milliseconds until the next probe may dial (cooling, or disabled and probed).
     pub next_probe_ms: Option<u64>,

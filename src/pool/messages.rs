@@ -136,6 +136,7 @@ pub struct PoolSnapshot {
     pub failures: u32,
     pub failures_total: u64,
     /// When the current failing or disabled spell started.
+    #[serde(serialize_with = "crate::utc::serialize_opt")]
     pub since: Option<chrono::NaiveDateTime>,
     /// Milliseconds until the next probe may dial.
     pub next_probe_ms: Option<u64>,

@@ -61,6 +61,8 @@ pub enum ErrorCode {
     SessionEnded,
     AdminUnauthorized,
     NotFound,
+    InvalidAdminRequest,
+    AlreadyExists,
 }
 
 /// One row of the table.
@@ -118,6 +120,8 @@ impl ErrorCode {
         ErrorCode::SessionEnded,
         ErrorCode::AdminUnauthorized,
         ErrorCode::NotFound,
+        ErrorCode::InvalidAdminRequest,
+        ErrorCode::AlreadyExists,
     ];
 
     pub const fn spec(self) -> ErrorSpec {
@@ -414,7 +418,21 @@ impl ErrorCode {
                 status: 404,
                 error_type: "invalid_request_error",
                 close: None,
-                when: "a path the relay does not serve, or an admin route naming an actor, session or compensation that does not exist",
+                when: "a path the relay does not serve, or an admin route naming an actor, session, compensation, user or key that does not exist",
+            },
+            ErrorCode::InvalidAdminRequest => ErrorSpec {
+                code: "invalid_admin_request",
+                status: 400,
+                error_type: "invalid_request_error",
+                close: None,
+                when: "an admin change whose body is not the documented JSON or holds a value out of range (the message names the field)",
+            },
+            ErrorCode::AlreadyExists => ErrorSpec {
+                code: "already_exists",
+                status: 409,
+                error_type: "invalid_request_error",
+                close: None,
+                when: "an admin route creating a user whose name is taken",
             },
         }
     }

@@ -20,6 +20,7 @@ pub struct RequestInfo {
     pub stream: bool,
     /// The account serving it, once chosen.
     pub account: Option<String>,
+    #[serde(serialize_with = "crate::utc::serialize")]
     pub started_at: chrono::NaiveDateTime,
 }
 

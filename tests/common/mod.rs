@@ -306,12 +306,25 @@ pub fn http(
     path: &str,
     bearer: Option<&str>,
 ) -> (u16, serde_json::Value) {
+    http_with(addr, method, path, bearer, "", "")
+}
+
+/// A plain HTTP/1.1 request with more header lines (`extra`, each ending in CRLF) and a body.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    extra: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .expect("write");
     let mut raw = String::new();

@@ -1,7 +1,9 @@
 // The operators' console in headless Chromium (puppeteer-core driving the system browser): a wrong
 // token shows the API's 401 message; with the right one a running session appears; Restart on
 // `accounting` raises its restart count; End on the session sends the client `session_ended`;
-// Retry on a dead compensation settles it; Keys shows the key's allow-lists. With SCREENSHOTS=DIR, one PNG per view lands there.
+// Retry on a dead compensation settles it; Keys shows the key's allow-lists; a user is created and
+// topped up, a key created for it (shown once, it serves a turn) and revoked (then refused); the
+// audit trail lists those changes under the operator's name. With SCREENSHOTS=DIR, one PNG per view lands there.
 //
 // node console.mjs ADMIN_ADDR RELAY_ADDR KEY TOKEN
 import puppeteer from "puppeteer-core";
@@ -28,7 +30,9 @@ const browser = await puppeteer.launch(firefox
   : { executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"] });
 const page = await browser.newPage();
 await page.setViewport({ width: 1280, height: 800 });
-page.on("dialog", (d) => d.accept()); // the confirmations of Restart and End
+// The confirmations of Restart, End and Revoke; a prompt (Top up) gets `promptAnswer`.
+let promptAnswer = "";
+page.on("dialog", (d) => (d.type() === "prompt" ? d.accept(promptAnswer) : d.accept()));
 const shot = async (name) => { if (shots && !firefox) await page.screenshot({ path: `${shots}/console-${name}.png`, fullPage: true }); };
 const text = (sel) => page.$eval(sel, (e) => e.textContent);
 const waitText = async (sel, pred, what) => {
@@ -48,9 +52,11 @@ await page.click("#connect");
 await waitText("#error", (t) => t.includes("admin_unauthorized"), "the 401 message is shown");
 if (!(await page.$eval("#login", (e) => !e.hidden))) fail("the login form stays after a 401");
 
-// The right token.
+// The right token, and a name for the audit trail.
+const operator = firefox ? "ci-firefox" : "ci-chromium";
 await page.$eval("#token", (e) => { e.value = ""; });
 await page.type("#token", token);
+await page.type("#operator", operator);
 await page.click("#connect");
 await waitText("#view .card .value", (t) => t === "yes", "overview says ready");
 await shot("overview");
@@ -101,6 +107,56 @@ await view("turns");
 await page.waitForSelector("#view tbody tr");
 await shot("turns");
 
+// Users: one created and topped up from the console.
+const who = firefox ? "dora-ff" : "dora-cr";
+await view("users");
+await page.type("#new-user-name", who);
+await page.type("#new-user-balance", "3");
+await page.click("#create-user");
+await waitText(`tr[data-user="${who}"] .balance`, (t) => t === "3.000000", "the new user with its balance");
+promptAnswer = "1.5";
+await page.click(`#topup-${who}`);
+await waitText(`tr[data-user="${who}"] .balance`, (t) => t === "4.500000", "the top-up added to the balance");
+await shot("users");
+
+// Keys: one created for that user, shown once; it serves a turn; revoked, it is refused.
+await view("keys");
+await page.type("#new-key-user", who);
+await page.type("#new-key-quota", "2");
+await page.click("#create-key");
+const newKey = await waitText("#new-key", (t) => t.startsWith("tpk_"), "the new key is shown once");
+const turnWith = async (k) => {
+  const c = new WebSocket(`ws://${relay}/v1/responses`, { headers: { authorization: `Bearer ${k}` } });
+  const opened = await new Promise((ok) => { c.on("open", () => ok(true)); c.on("unexpected-response", (_, res) => ok(res.statusCode)); c.on("error", () => ok(0)); });
+  if (opened !== true) return opened;
+  const got = [];
+  c.on("message", (m) => got.push(JSON.parse(m.toString())));
+  c.send(JSON.stringify({ type: "response.create", model: "gpt-test", store: false, input: "new key" }));
+  for (let i = 0; i < 100 && !got.some((e) => e.type === "response.completed"); i++) await sleep(50);
+  c.close();
+  return got.some((e) => e.type === "response.completed") ? "completed" : JSON.stringify(got.slice(-2));
+};
+const first = await turnWith(newKey);
+if (first !== "completed") fail("the key made in the console did not serve a turn: " + first);
+await shot("keys");
+const keyId = await page.$$eval("#view tr[data-key-id]", (rows, u) => rows.find((r) => r.children[2].textContent === u)?.dataset.keyId, who);
+if (!keyId) fail("the new key is not listed");
+await page.click(`#revoke-${keyId}`);
+await waitText(`tr[data-key-id="${keyId}"] .state`, (t) => t === "revoked", "the key shows revoked");
+let after = null;
+for (let i = 0; i < 50 && after !== 401; i++) { after = await turnWith(newKey); if (after !== 401) await sleep(100); }
+if (after !== 401) fail("a revoked key still opens a session: " + after);
+
+// Audit: those changes, under the operator's name.
+await view("audit");
+await page.waitForSelector("#view tr[data-audit]");
+const trail = await page.$$eval("#view tr[data-audit]", (rows) => rows.map((r) => [r.querySelector(".actor").textContent, r.querySelector(".action").textContent]));
+for (const action of ["users.create", "users.balance", "keys.create", "keys.revoke", "actors.restart", "sessions.end", "compensations.retry"]) {
+  if (!trail.some(([a, act]) => a === operator && act === action)) fail(`no ${action} by ${operator} in the audit: ${JSON.stringify(trail)}`);
+}
+if ((await page.content()).includes(newKey)) fail("the key itself appears in the audit view");
+await shot("audit");
+
 await browser.close();
 ws.close();
-console.log((firefox ? "firefox" : "chromium") + ": wrong token refused, session seen and ended, accounting restarted, compensation retried and settled");
+console.log((firefox ? "firefox" : "chromium") + ": wrong token refused, session seen and ended, accounting restarted, compensation retried and settled, user created and topped up, key created, used and revoked, all audited");

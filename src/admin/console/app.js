@@ -3,7 +3,7 @@
 "use strict";
 
 const POLL_MS = 2000;
-const state = { token: sessionStorage.getItem("turnpike-admin-token") || "", view: "overview", timer: null, prev: null, filter: "", key: "" };
+const state = { token: sessionStorage.getItem("turnpike-admin-token") || "", operator: sessionStorage.getItem("turnpike-operator") || "", view: "overview", timer: null, prev: null, filter: "", key: "", form: {}, newKey: null };
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -24,7 +24,11 @@ function showError(message) {
 
 // An admin API call: the JSON body, or an Error carrying the API's own error message.
 async function api(path, opts = {}) {
-  const res = await fetch(path, { ...opts, headers: { authorization: "Bearer " + state.token } });
+  const headers = { authorization: "Bearer " + state.token };
+  // Who acts, for the audit trail (the token is shared; the name is what the operator says).
+  if (state.operator) headers["x-turnpike-operator"] = state.operator;
+  if (opts.body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, { ...opts, headers });
   const text = await res.text();
   if (!res.ok) {
     let message = `HTTP ${res.status}`;
@@ -72,6 +76,28 @@ function card(label, value, cls) {
 function table(headers, rows) {
   return el("table", {}, el("thead", {}, el("tr", {}, headers.map(h => el("th", {}, h)))), el("tbody", {}, rows));
 }
+
+// A JSON call that changes something.
+const send = (path, method, body) => api(path, { method, body: JSON.stringify(body) });
+
+// A form field whose value survives the view's refresh (kept in state.form by id).
+function field(id, placeholder, size) {
+  return el("input", { id, placeholder, size: size || 14, value: state.form[id] || "", oninput: e => { state.form[id] = e.target.value; } });
+}
+
+// Submits a form: its values (empty fields left out) go to `submit`; the fields are cleared
+// only when it succeeded, so a refused value can be corrected.
+async function submitForm(ids, submit) {
+  const out = {};
+  for (const [name, id] of Object.entries(ids)) {
+    const v = (state.form[id] || "").trim();
+    if (v) out[name] = v;
+  }
+  await submit(out);
+  for (const id of Object.values(ids)) delete state.form[id];
+}
+
+const names = text => text.split(",").map(s => s.trim()).filter(Boolean);
 
 async function act(label, fn) {
   try { await fn(); showError(""); } catch (e) { showError(`${label}: ${e.message}`); }
@@ -152,16 +178,69 @@ const views = {
     ];
   },
 
+  async users() {
+    const { users } = await api("/admin/users");
+    const create = () => act("create user", () =>
+      submitForm({ name: "new-user-name", balance_usd: "new-user-balance" }, v => send("/admin/users", "POST", v)));
+    return [
+      el("div", { class: "toolbar" }, field("new-user-name", "name"), field("new-user-balance", "balance USD (none: no limit)", 26),
+        el("button", { class: "act", id: "create-user", onclick: create }, "Create user")),
+      table(["id", "user", "balance (USD)", "keys (active)", "spent (USD)", "state", "created", ""], users.map(u =>
+        el("tr", { "data-user": u.name },
+          el("td", { class: "num" }, u.id), el("td", {}, u.name),
+          el("td", { class: "num balance" }, u.balance_nanousd === null ? "no limit" : usd(u.balance_nanousd)),
+          el("td", { class: "num" }, `${u.keys} (${u.active_keys})`), el("td", { class: "num" }, usd(u.spent_nanousd)),
+          el("td", { class: u.enabled ? "ok state" : "bad state" }, u.enabled ? "enabled" : "disabled"), el("td", {}, ts(u.created_at)),
+          el("td", {},
+            el("button", { class: "act", id: `topup-${u.name}`, onclick: () => {
+              const amount = prompt(`Top up ${u.name} by (USD):`);
+              if (amount) act(`top up ${u.name}`, () => send(`/admin/users/${encodeURIComponent(u.name)}/balance`, "POST", { add_usd: amount.trim() }));
+            } }, "Top up"), " ",
+            el("button", { class: "act" + (u.enabled ? " danger" : ""), id: `${u.enabled ? "disable" : "enable"}-${u.name}`, onclick: () => {
+              const verb = u.enabled ? "disable" : "enable";
+              if (confirm(`${verb} user ${u.name} (all their keys)?`)) act(`${verb} ${u.name}`, () => send(`/admin/users/${encodeURIComponent(u.name)}/${verb}`, "POST", {}));
+            } }, u.enabled ? "Disable" : "Enable"))))),
+    ];
+  },
+
   async keys() {
     const { keys } = await api("/admin/keys");
     const list = l => (l ? l.join(", ") : "any");
-    return [table(["id", "key", "user", "label", "quota (USD)", "spent (USD)", "sessions", "turns", "models", "tiers", "state", "created"], keys.map(k =>
-      el("tr", { "data-key": k.key_prefix },
-        el("td", { class: "num" }, k.id), el("td", {}, k.key_prefix), el("td", {}, k.user), el("td", {}, fmt(k.label)),
-        el("td", { class: "num" }, k.quota_nanousd === null ? "—" : usd(k.quota_nanousd)), el("td", { class: "num" }, usd(k.spent_nanousd)),
-        el("td", { class: "num" }, fmt(k.max_sessions)), el("td", { class: "num" }, fmt(k.max_concurrent_turns)),
-        el("td", { class: "models" }, list(k.allowed_models)), el("td", { class: "tiers" }, list(k.allowed_service_tiers)),
-        el("td", { class: k.revoked ? "bad" : "ok" }, k.revoked ? "revoked" : "active"), el("td", {}, ts(k.created_at)))))];
+    const create = () => act("create key", () =>
+      submitForm({ user: "new-key-user", label: "new-key-label", quota_usd: "new-key-quota", models: "new-key-models" }, async v => {
+        if (v.models) { v.allowed_models = names(v.models); delete v.models; }
+        state.newKey = await send("/admin/keys", "POST", v);
+      }));
+    const shown = state.newKey
+      ? el("div", { class: "newkey" }, `New key ${state.newKey.key_prefix} for ${state.newKey.user} — copy it now, it is not shown again: `,
+        el("code", { id: "new-key" }, state.newKey.key), " ", el("button", { class: "act", onclick: () => { state.newKey = null; refresh(); } }, "Done"))
+      : "";
+    return [
+      el("div", { class: "toolbar" }, field("new-key-user", "user"), field("new-key-label", "label"), field("new-key-quota", "quota USD"),
+        field("new-key-models", "models (comma-separated; empty: any)", 30), el("button", { class: "act", id: "create-key", onclick: create }, "Create key")),
+      shown,
+      table(["id", "key", "user", "label", "quota (USD)", "spent (USD)", "sessions", "turns", "models", "tiers", "state", "created", ""], keys.map(k =>
+        el("tr", { "data-key": k.key_prefix, "data-key-id": k.id },
+          el("td", { class: "num" }, k.id), el("td", {}, k.key_prefix), el("td", {}, k.user), el("td", {}, fmt(k.label)),
+          el("td", { class: "num quota" }, k.quota_nanousd === null ? "—" : usd(k.quota_nanousd)), el("td", { class: "num" }, usd(k.spent_nanousd)),
+          el("td", { class: "num" }, fmt(k.max_sessions)), el("td", { class: "num" }, fmt(k.max_concurrent_turns)),
+          el("td", { class: "models" }, list(k.allowed_models)), el("td", { class: "tiers" }, list(k.allowed_service_tiers)),
+          el("td", { class: k.revoked ? "bad state" : "ok state" }, k.revoked ? "revoked" : "active"), el("td", {}, ts(k.created_at)),
+          el("td", {}, k.revoked ? "" : [
+            el("button", { class: "act", id: `quota-${k.id}`, onclick: () => {
+              const q = prompt(`Quota of ${k.key_prefix} in USD (empty: no quota):`);
+              if (q !== null) act(`quota ${k.key_prefix}`, () => send(`/admin/keys/${k.id}`, "PATCH", { quota_usd: q.trim() || null }));
+            } }, "Quota"), " ",
+            el("button", { class: "act danger", id: `revoke-${k.id}`, onclick: () => {
+              if (confirm(`Revoke key ${k.key_prefix}? Its sessions are refused from their next turn.`)) act(`revoke ${k.key_prefix}`, () => send(`/admin/keys/${k.id}/revoke`, "POST", {}));
+            } }, "Revoke")]))))];
+  },
+
+  async audit() {
+    const { audit } = await api("/admin/audit");
+    return [table(["when", "who", "from", "action", "target", "detail"], audit.map(a =>
+      el("tr", { "data-audit": a.id }, el("td", {}, ts(a.at)), el("td", { class: "actor" }, a.actor), el("td", {}, a.peer),
+        el("td", { class: "action" }, a.action), el("td", { class: "target" }, a.target), el("td", { class: "detail" }, JSON.stringify(a.detail)))))];
   },
 
   async compensations() {
@@ -171,9 +250,9 @@ const views = {
       ["", "pending", "settled", "dead"].map(v => { const o = el("option", { value: v }, v || "all"); if (v === state.filter) o.selected = true; return o; }));
     return [
       el("div", { class: "toolbar" }, el("label", { for: "comp-filter" }, "Status"), filter),
-      table(["id", "request", "key id", "amount (USD)", "status", "attempts", "next attempt", "last error", ""], compensations.map(c =>
+      table(["id", "request", "key", "amount (USD)", "status", "attempts", "next attempt", "last error", ""], compensations.map(c =>
         el("tr", { "data-compensation": c.id },
-          el("td", { class: "num" }, c.id), el("td", {}, c.request_id), el("td", { class: "num" }, c.api_key_id), el("td", { class: "num" }, usd(c.amount_nanousd)),
+          el("td", { class: "num" }, c.id), el("td", {}, c.request_id), el("td", {}, c.key_prefix), el("td", { class: "num" }, usd(c.amount_nanousd)),
           el("td", { class: `status ${c.status === "settled" ? "ok" : c.status === "dead" ? "bad" : "warn"}` }, c.status), el("td", { class: "num" }, c.attempts),
           el("td", {}, ts(c.next_attempt_at)), el("td", {}, fmt(c.last_error)),
           el("td", {}, c.status === "settled" ? "" : el("button", { class: "act", id: `retry-${c.id}`, onclick: () => act(`retry ${c.id}`, () => api(`/admin/compensations/${c.id}/retry`, { method: "POST" })) }, "Retry"))))),
@@ -195,9 +274,16 @@ const views = {
   },
 };
 
-async function refresh() {
+// `poll`: the periodic refresh, which waits while the operator types in a form of the view (a
+// re-render would move the caret); an action or a view change refreshes at once.
+async function refresh(poll) {
   clearTimeout(state.timer);
   if (!state.token) return;
+  const typing = document.activeElement && document.activeElement.tagName === "INPUT" && document.activeElement.closest("#view");
+  if (poll === true && typing) {
+    state.timer = setTimeout(() => refresh(true), POLL_MS);
+    return;
+  }
   try {
     const content = await views[state.view]();
     const view = document.getElementById("view");
@@ -218,11 +304,12 @@ async function refresh() {
       return;
     }
   }
-  state.timer = setTimeout(refresh, POLL_MS);
+  state.timer = setTimeout(() => refresh(true), POLL_MS);
 }
 
 function show(view) {
   state.view = view;
+  state.newKey = null;
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.view === view);
   document.getElementById("view").replaceChildren();
   refresh();
@@ -233,7 +320,9 @@ document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("login").addEventListener("submit", e => {
     e.preventDefault();
     state.token = document.getElementById("token").value.trim();
+    state.operator = document.getElementById("operator").value.trim();
     sessionStorage.setItem("turnpike-admin-token", state.token);
+    sessionStorage.setItem("turnpike-operator", state.operator);
     showError("");
     show(state.view);
   });

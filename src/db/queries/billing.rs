@@ -432,14 +432,16 @@ pub async fn quarantined(pool: &DbPool) -> Result<Vec<(String, i64, String)>, Db
 }
 
 /// Compensations by status (all when `None`), oldest first.
+/// Compensations, oldest first, each with its key's display prefix (what operators know a key by).
 pub async fn compensations(
     pool: &DbPool,
     status: Option<CompensationStatus>,
     limit: Option<i64>,
-) -> Result<Vec<Compensation>, DbError> {
+) -> Result<Vec<(Compensation, String)>, DbError> {
     Ok(with_conn!(pool, |c| {
         let mut q = billing_compensations::table
-            .select(Compensation::as_select())
+            .inner_join(api_keys::table)
+            .select((Compensation::as_select(), api_keys::key_prefix))
             .order(billing_compensations::id)
             .into_boxed();
         if let Some(s) = status {

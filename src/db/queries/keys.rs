@@ -72,3 +72,30 @@ pub async fn revoke(pool: &DbPool, id: i64) -> Result<bool, DbError> {
     });
     Ok(n == 1)
 }
+
+/// A key's limits as an operator changes them: `None` leaves a field, `Some(None)` clears it.
+#[derive(Debug, Default, Clone, AsChangeset)]
+#[diesel(table_name = api_keys)]
+pub struct KeyChange {
+    pub label: Option<Option<String>>,
+    pub quota_nanousd: Option<Option<i64>>,
+    pub max_sessions: Option<Option<i32>>,
+    pub max_concurrent_turns: Option<Option<i32>>,
+    pub allowed_models: Option<Option<String>>,
+    pub allowed_service_tiers: Option<Option<String>>,
+}
+
+/// Changes a key that is not revoked; `false` when there is none with this id.
+pub async fn update(pool: &DbPool, id: i64, change: &KeyChange) -> Result<bool, DbError> {
+    let n = with_conn!(pool, |c| {
+        diesel::update(
+            api_keys::table
+                .filter(api_keys::id.eq(id))
+                .filter(api_keys::revoked_at.is_null()),
+        )
+        .set(change)
+        .execute(c)
+        .await?
+    });
+    Ok(n == 1)
+}

@@ -1,6 +1,7 @@
 //! Query functions, each working on both backends. Grouped by table.
 
 pub mod affinity;
+pub mod audit;
 pub mod billing;
 pub mod bindings;
 pub mod fleet;

@@ -79,3 +79,24 @@ pub async fn set_enabled(pool: &DbPool, name: &str, enabled: bool) -> Result<boo
     });
     Ok(n == 1)
 }
+
+/// Adds `delta` to a user's balance; the new balance, `None` when no such user or the user has
+/// no balance limit (nothing to top up).
+pub async fn add_balance(pool: &DbPool, name: &str, delta: i64) -> Result<Option<i64>, DbError> {
+    Ok(with_conn!(pool, |c| {
+        diesel::update(
+            users::table
+                .filter(users::name.eq(name))
+                .filter(users::balance_nanousd.is_not_null()),
+        )
+        .set((
+            users::balance_nanousd.eq(users::balance_nanousd + delta),
+            users::updated_at.eq(now()),
+        ))
+        .returning(users::balance_nanousd)
+        .get_result::<Option<i64>>(c)
+        .await
+        .optional()?
+        .flatten()
+    }))
+}
