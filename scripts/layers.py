@@ -21,6 +21,7 @@ LAYERS = [
     "actors",
     "auth",
     "manage",
+    "export",
     "continuation",
     "upstream",
     "sim",

@@ -11,6 +11,7 @@ use crate::auth::{self, AuthError, KeyRequest};
 use crate::billing::money;
 use crate::config::{ConfigError, Settings};
 use crate::db::{DbError, DbPool, queries};
+use crate::export;
 use crate::manage;
 use crate::record::CompensationStatus;
 
@@ -48,6 +49,9 @@ pub enum Command {
     /// Inspect and re-queue failed debits.
     #[command(subcommand)]
     Compensations(CompensationsCommand),
+    /// Usage rows: export them, read the daily rollups, purge old rows.
+    #[command(subcommand)]
+    Usage(UsageCommand),
     /// Run the simulated upstream (a Responses WebSocket server with scriptable faults).
     Sim(SimArgs),
     /// Run the relay against an in-process simulated upstream, with a fresh demo key.
@@ -67,6 +71,49 @@ pub enum CompensationsCommand {
     },
     /// Re-queue a dead (or pending) compensation: due now, attempts reset.
     Retry { id: i64 },
+}
+
+/// Which usage an export or the rollups cover.
+#[derive(Debug, clap::Args)]
+pub struct UsageRange {
+    /// From this on (YYYY-MM-DD, or an RFC 3339 time).
+    #[arg(long)]
+    from: Option<String>,
+    /// Up to, not including, this.
+    #[arg(long)]
+    to: Option<String>,
+    /// One key's, by its display prefix (tpk_…).
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Write usage rows to stdout, oldest first, streamed (docs/DESIGN.md#retention).
+    Export {
+        #[command(flatten)]
+        range: UsageRange,
+        #[arg(long)]
+        model: Option<String>,
+        /// csv or jsonl.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+    /// Daily rollups per key and model, with the cache hit rate (they outlive purged rows).
+    Daily {
+        #[command(flatten)]
+        range: UsageRange,
+    },
+    /// Delete usage rows accepted before a time, in batches; the daily rollups keep their sums
+    /// and rows whose debit is not settled stay.
+    Purge {
+        /// YYYY-MM-DD, or an RFC 3339 time.
+        #[arg(long)]
+        before: String,
+        /// Rows deleted per statement (each batch its own short transaction).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
+        batch: i64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -337,6 +384,11 @@ async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<
             let read_only = matches!(cmd, CompensationsCommand::List { .. });
             let run =
                 async { compensations(&open_for(&settings, read_only, create).await?, cmd).await };
+            run.await.map_err(at)
+        }
+        Command::Usage(cmd) => {
+            let read_only = !matches!(cmd, UsageCommand::Purge { .. });
+            let run = async { usage(&open_for(&settings, read_only, create).await?, cmd).await };
             run.await.map_err(at)
         }
         Command::Sim(args) => sim(args).await,
@@ -651,6 +703,97 @@ fn opt_num(n: Option<i32>) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
+fn time_arg(flag: &str, text: Option<&str>) -> Result<Option<chrono::NaiveDateTime>, CliError> {
+    text.map(|t| export::parse_time(flag, t).map_err(CliError::BadValue))
+        .transpose()
+}
+
+async fn usage(db: &DbPool, cmd: UsageCommand) -> Result<(), CliError> {
+    match cmd {
+        UsageCommand::Export {
+            range,
+            model,
+            format,
+        } => {
+            use futures_util::StreamExt;
+            use std::io::Write;
+            let format = export::Format::parse(&format).ok_or_else(|| {
+                CliError::BadValue(format!("--format {format:?}: expected csv or jsonl"))
+            })?;
+            let filter = queries::usage::ExportFilter {
+                from: time_arg("--from", range.from.as_deref())?,
+                to: time_arg("--to", range.to.as_deref())?,
+                key_prefix: range.key,
+                model,
+            };
+            let chunks = export::stream(db.clone(), filter, format);
+            futures_util::pin_mut!(chunks);
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = chunks.next().await {
+                // A reader that went away (`| head`) ends the export quietly.
+                if out.write_all(&chunk?).is_err() {
+                    return Ok(());
+                }
+            }
+            let _ = out.flush();
+        }
+        UsageCommand::Daily { range } => {
+            let day = |flag: &str, t: Option<String>| time_arg(flag, t.as_deref());
+            let rows = queries::usage::daily(
+                db,
+                day("--from", range.from)?.map(|t| t.date()),
+                day("--to", range.to)?.map(|t| t.date()),
+                range.key.as_deref(),
+            )
+            .await?;
+            let table = rows.iter().map(|(d, prefix)| {
+                vec![
+                    d.day.to_string(),
+                    format!("{prefix}…"),
+                    d.model.clone(),
+                    d.turns.to_string(),
+                    d.input_tokens.to_string(),
+                    d.cached_input_tokens.to_string(),
+                    export::hit_rate(d).map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+                    d.output_tokens.to_string(),
+                    money::format_usd(d.cost_nanousd),
+                ]
+            });
+            print_table(
+                &[
+                    "DAY", "KEY", "MODEL", "TURNS", "INPUT", "CACHED", "HIT", "OUTPUT", "COST_USD",
+                ],
+                table,
+            );
+        }
+        UsageCommand::Purge { before, batch } => {
+            let before = export::parse_time("--before", &before).map_err(CliError::BadValue)?;
+            let mut total = 0;
+            loop {
+                let n = queries::usage::purge_batch(db, before, batch).await?;
+                total += n;
+                if i64::try_from(n).unwrap_or(i64::MAX) < batch {
+                    break;
+                }
+            }
+            let detail = serde_json::json!({"before": crate::utc::text(&before), "rows": total});
+            manage::audit(
+                db,
+                &manage::Operator::cli(),
+                "usage.purge",
+                "usage_logs",
+                detail,
+            )
+            .await;
+            eprintln!(
+                "purged {total} usage rows accepted before {} (daily rollups kept)",
+                crate::utc::text(&before)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let rows: Vec<Vec<String>> = rows.collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

@@ -40,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod continuation;
 pub mod db;
+pub mod export;
 pub mod http;
 pub mod ids;
 pub mod manage;

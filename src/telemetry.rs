@@ -36,6 +36,7 @@ pub mod metric {
     pub const USAGE_MALFORMED: &str = "turnpike_usage_malformed_total";
     pub const USAGE_QUARANTINED: &str = "turnpike_usage_quarantined_total";
     pub const BILLED: &str = "turnpike_billed_nanousd_total";
+    pub const INPUT_TOKENS: &str = "turnpike_input_tokens_total";
     pub const ADMIN_REFUSED: &str = "turnpike_admin_refused_total";
     pub const UPSTREAM_ERRORS: &str = "turnpike_upstream_errors_total";
     pub const DIALS: &str = "turnpike_upstream_dials_total";
@@ -70,6 +71,7 @@ pub mod metric {
         USAGE_MALFORMED,
         USAGE_QUARANTINED,
         BILLED,
+        INPUT_TOKENS,
         ADMIN_REFUSED,
         UPSTREAM_ERRORS,
         DIALS,
@@ -150,6 +152,9 @@ pub fn register_metrics(accounts: &[String]) {
     }
     for tier in BILLED_TIERS.iter().chain(&["other"]) {
         counter!(BILLED, "service_tier" => *tier).increment(0);
+    }
+    for cache in ["hit", "miss"] {
+        counter!(INPUT_TOKENS, "cache" => cache).increment(0);
     }
     for code in [
         "upstream_restarting",
@@ -253,6 +258,11 @@ pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
         .unwrap_or("other");
     ::metrics::counter!(metric::BILLED, "service_tier" => tier)
         .increment(u64::try_from(r.cost_nanousd).unwrap_or(0));
+    // Input billed, read from the prompt cache or not (the cache-hit alert's ratio).
+    let hit = r.usage.cached_input_tokens.min(r.usage.input_tokens);
+    ::metrics::counter!(metric::INPUT_TOKENS, "cache" => "hit").increment(hit);
+    ::metrics::counter!(metric::INPUT_TOKENS, "cache" => "miss")
+        .increment(r.usage.input_tokens - hit);
     ::metrics::counter!(metric::TURNS, "status" => r.status.as_str(), "transport" => r.transport.as_str(),
         "upstream_transport" => r.upstream_transport.as_str())
     .increment(1);

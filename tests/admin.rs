@@ -556,3 +556,85 @@ fn users_and_keys_are_managed_and_audited() {
         s.finish();
     }
 }
+
+/// The admin API's export streams what the table holds (CSV and JSON lines), and the daily
+/// rollups count the same turns and cost (docs/DESIGN.md#retention).
+#[test]
+fn usage_export_and_daily_on_the_admin_api() {
+    let (s, admin) = stack_with_admin(TestDb::sqlite());
+    let mut c = s.client();
+    for _ in 0..3 {
+        c.send(&create(""));
+        let events = c.until_terminal(T);
+        assert_eq!(events.last().unwrap()["type"], "response.completed");
+    }
+    drop(c);
+    let rows = s.rows(3);
+    assert_eq!(rows.len(), 3);
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&admin).unwrap();
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    let raw = get("/admin/usage/export?format=csv");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "streamed: {raw}"
+    );
+    assert!(raw.contains("content-type: text/csv"), "{raw}");
+    for r in &rows {
+        let line = format!("{},{},", r.id, r.request_id);
+        assert!(raw.contains(&line), "{line} in {raw}");
+    }
+    let (code, _) = common::http(&admin, "GET", "/admin/usage/export?format=xml", Some(TOKEN));
+    assert_eq!(code, 400);
+    let (code, e) = common::http(
+        &admin,
+        "GET",
+        "/admin/usage/export?from=yesterday",
+        Some(TOKEN),
+    );
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (400, Some("invalid_admin_request")),
+        "{e}"
+    );
+
+    let raw = get("/admin/usage/export?format=jsonl&model=gpt-test");
+    let body = common::dechunk(raw.split_once("\r\n\r\n").unwrap().1);
+    let got: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 3, "{raw}");
+    for (g, r) in got.iter().zip(&rows) {
+        assert_eq!(g["request_id"], r.request_id.as_str());
+        assert_eq!(g["cost_nanousd"], r.cost_nanousd);
+        assert_eq!(g["output_tokens"], r.output_tokens);
+    }
+
+    let (code, daily) = common::http(&admin, "GET", "/admin/usage/daily", Some(TOKEN));
+    assert_eq!(code, 200, "{daily}");
+    let days = daily["days"].as_array().unwrap();
+    assert_eq!(days.len(), 1, "{daily}");
+    assert_eq!(days[0]["turns"], 3);
+    assert_eq!(days[0]["model"], "gpt-test");
+    assert_eq!(
+        days[0]["cost_nanousd"],
+        rows.iter().map(|r| r.cost_nanousd).sum::<i64>()
+    );
+    assert_eq!(
+        days[0]["input_tokens"],
+        rows.iter().map(|r| r.input_tokens).sum::<i64>()
+    );
+    s.finish();
+}

@@ -701,3 +701,173 @@ async fn cli_changes_are_audited() {
         db.cleanup().await;
     }
 }
+
+fn usage_record(
+    id: &str,
+    key: i64,
+    user: i64,
+    model: &str,
+    days_ago: i64,
+) -> turnpike::record::TurnRecord {
+    turnpike::record::TurnRecord {
+        response_id: Some(format!("resp_{id}")),
+        model: model.into(),
+        usage: turnpike::protocol::usage::Usage {
+            input_tokens: 100,
+            cached_input_tokens: 40,
+            output_tokens: 7,
+            total_tokens: 107,
+            ..Default::default()
+        },
+        accepted_at: turnpike::db::now() - chrono::Duration::days(days_ago),
+        service_tier: "standard".into(),
+        ..common::turn_record(id, key, user, 1_000 + days_ago)
+    }
+}
+
+/// Usage rows exported as CSV and JSON lines that say what the table says; daily rollups kept by
+/// the database and intact after a purge; the purge spares a row whose debit is unsettled and
+/// is audited (docs/DESIGN.md#retention). On each backend.
+#[actix_web::test]
+async fn usage_export_rollups_and_purge() {
+    use turnpike::db::queries;
+    for db in TestDb::all().await {
+        let pool = db.migrated_pool().await;
+        let user = queries::users::create(&pool, "ursula", None).await.unwrap();
+        let (_, key) = auth::create_key(&pool, user.id, &turnpike::auth::KeyRequest::default())
+            .await
+            .unwrap();
+        let mut old = usage_record("turn_old_1", key.id, user.id, "m1", 40);
+        old.error_code = Some("=1+1,\"x\"".into());
+        let records = vec![
+            old,
+            usage_record("turn_old_2", key.id, user.id, "m1", 40),
+            usage_record("turn_old_3", key.id, user.id, "m2", 39),
+            usage_record("turn_new_1", key.id, user.id, "m1", 0),
+            usage_record("turn_new_2", key.id, user.id, "m2", 0),
+        ];
+        queries::billing::record_batch(&pool, &records)
+            .await
+            .unwrap();
+        // An old turn whose debit failed: its row must outlive the purge.
+        let unsettled = usage_record("turn_old_unsettled", key.id, user.id, "m1", 40);
+        queries::billing::record_with_compensation(&pool, &unsettled, "db down")
+            .await
+            .unwrap();
+        let rows = queries::usage::by_key(&pool, key.id).await.unwrap();
+        assert_eq!(rows.len(), 6, "{}", db.backend);
+
+        // Rollups: what the rows sum to, per day, key and model.
+        let daily = queries::usage::daily(&pool, None, None, None)
+            .await
+            .unwrap();
+        let m1_old = daily
+            .iter()
+            .find(|(d, _)| d.model == "m1" && d.day == records[0].accepted_at.date())
+            .unwrap();
+        assert_eq!(
+            (
+                m1_old.0.turns,
+                m1_old.0.input_tokens,
+                m1_old.0.cached_input_tokens
+            ),
+            (3, 300, 120)
+        );
+        assert_eq!(m1_old.0.cost_nanousd, 3 * 1_040, "{}", db.backend);
+        let total: i64 = daily.iter().map(|(d, _)| d.cost_nanousd).sum();
+        assert_eq!(total, rows.iter().map(|r| r.cost_nanousd).sum::<i64>());
+
+        // CSV: a header and a line per row, in id order, the formula defused and quoted.
+        let out = run(&db, &["usage", "export"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let csv = stdout(&out);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 7, "{csv}");
+        assert!(
+            lines[0].starts_with("id,request_id,accepted_at,key_prefix,user,"),
+            "{}",
+            lines[0]
+        );
+        let ids: Vec<String> = lines[1..]
+            .iter()
+            .map(|l| l.split(',').next().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
+        assert_eq!(ids, want);
+        assert!(lines[1].contains(",\"'=1+1,\"\"x\"\"\","), "{}", lines[1]);
+        assert!(
+            lines[1].contains(&format!(",{},ursula,", key.key_prefix)),
+            "{}",
+            lines[1]
+        );
+
+        // JSON lines, filtered: the new rows of the key, each what the table holds.
+        let today = turnpike::db::now().date().to_string();
+        let out = run(
+            &db,
+            &[
+                "usage",
+                "export",
+                "--format",
+                "jsonl",
+                "--key",
+                &key.key_prefix,
+                "--from",
+                &today,
+            ],
+        );
+        let got: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), 2, "{}", stdout(&out));
+        for g in &got {
+            let row = rows
+                .iter()
+                .find(|r| r.request_id == g["request_id"])
+                .unwrap();
+            assert_eq!(g["cost_nanousd"], row.cost_nanousd);
+            assert_eq!(g["cached_input_tokens"], row.cached_input_tokens);
+            assert!(g["accepted_at"].as_str().unwrap().ends_with('Z'));
+        }
+        let out = run(&db, &["usage", "export", "--format", "xml"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+        // Purge in batches of one: the three settled old rows go, the unsettled one stays, the
+        // rollups do not move.
+        let cutoff = (turnpike::db::now() - chrono::Duration::days(10))
+            .date()
+            .to_string();
+        let out = run(
+            &db,
+            &["usage", "purge", "--before", &cutoff, "--batch", "1"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("purged 3 usage rows"),
+            "{}",
+            stderr(&out)
+        );
+        let left: Vec<String> = queries::usage::by_key(&pool, key.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(
+            left,
+            ["turn_new_1", "turn_new_2", "turn_old_unsettled"],
+            "{}",
+            db.backend
+        );
+        let after = queries::usage::daily(&pool, None, None, None)
+            .await
+            .unwrap();
+        assert_eq!(after, daily, "rollups kept");
+        let audit = queries::audit::recent(&pool, 1).await.unwrap();
+        assert_eq!(audit[0].action, "usage.purge");
+        assert!(audit[0].detail.contains("\"rows\":3"), "{:?}", audit[0]);
+        drop(pool);
+        db.cleanup().await;
+    }
+}

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{TestDb, on_each_backend};
+use common::{TestDb, on_each_backend, turn_record};
 use turnpike::auth::{self, AuthError, KeyRequest};
 use turnpike::db::models::NewCompensation;
 use turnpike::db::{migrate, now, queries};
@@ -26,7 +26,8 @@ async fn migrations_are_idempotent_and_complete() {
                 "20261129000001".to_string(),
                 "20261206000001".to_string(),
                 "20261206000002".to_string(),
-                "20261207000001".to_string()
+                "20261207000001".to_string(),
+                "20261207000002".to_string()
             ],
             "{}",
             db.backend
@@ -306,45 +307,6 @@ async fn compensation_backlog_view_answers() {
         assert_eq!(pending.max_attempts, Some(0));
     })
     .await;
-}
-
-fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::TurnRecord {
-    turnpike::record::TurnRecord {
-        request_id: id.into(),
-        response_id: None,
-        api_key_id: key,
-        user_id: user,
-        session_id: "sess".into(),
-        turn_index: 1,
-        account: "sim".into(),
-        model: "m".into(),
-        status: turnpike::record::TurnStatus::Completed,
-        usage_source: turnpike::record::UsageSource::Reported,
-        warmup: false,
-        usage: turnpike::protocol::usage::Usage {
-            input_tokens: 10,
-            cache_write_tokens: 5,
-            cache_write_30m_tokens: 2,
-            cache_write_12h_tokens: 3,
-            output_tokens: 4,
-            total_tokens: 14,
-            ..Default::default()
-        },
-        cost_nanousd: cost,
-        timing: turnpike::record::Timing {
-            upstream_wait_ms: Some(1),
-            first_event_ms: Some(2),
-            first_token_ms: Some(3),
-            duration_ms: 9,
-        },
-        error_code: None,
-        accepted_at: now(),
-        set_aside: None,
-        origin: turnpike::record::Origin::Create,
-        transport: turnpike::record::Transport::Ws,
-        upstream_transport: turnpike::record::Transport::Ws,
-        service_tier: "priority".into(),
-    }
 }
 
 #[actix_web::test]

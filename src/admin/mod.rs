@@ -24,6 +24,7 @@ use tracing::info;
 
 mod console;
 mod people;
+mod usage;
 
 use crate::actors::{ActorStatus, GetStatus, RestartActor};
 use crate::billing::compensator::Compensator;
@@ -92,6 +93,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/users/{name}/disable"),
     ("POST", "/admin/users/{name}/enable"),
     ("GET", "/admin/audit"),
+    ("GET", "/admin/usage/export"),
+    ("GET", "/admin/usage/daily"),
     ("GET", "/admin/console"),
     ("GET", "/admin/console/{asset}"),
 ];
@@ -125,6 +128,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/turns", web::get().to(turns))
         .route("/admin/keys", web::get().to(keys))
         .configure(people::routes)
+        .configure(usage::routes)
         .configure(console::routes);
 }
 

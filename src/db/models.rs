@@ -265,3 +265,19 @@ pub struct NewAudit<'a> {
     pub target: &'a str,
     pub detail: &'a str,
 }
+
+/// One day of one key and model (docs/DESIGN.md#retention).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = super::schema::usage_daily, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct DailyRow {
+    pub day: chrono::NaiveDate,
+    pub api_key_id: i64,
+    pub model: String,
+    pub turns: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_nanousd: i64,
+}

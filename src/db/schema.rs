@@ -151,6 +151,22 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Daily rollups of `usage_logs`, kept by a trigger (docs/DESIGN.md#retention).
+    usage_daily (day, api_key_id, model) {
+        day -> Date,
+        api_key_id -> BigInt,
+        model -> Text,
+        turns -> BigInt,
+        input_tokens -> BigInt,
+        cached_input_tokens -> BigInt,
+        cache_write_tokens -> BigInt,
+        output_tokens -> BigInt,
+        reasoning_tokens -> BigInt,
+        cost_nanousd -> BigInt,
+    }
+}
+
+diesel::table! {
     /// Operator actions (docs/DESIGN.md#audit).
     admin_audit (id) {
         id -> BigInt,
@@ -182,6 +198,7 @@ diesel::joinable!(billing_compensations -> api_keys (api_key_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     admin_audit,
+    usage_daily,
     users,
     api_keys,
     usage_logs,

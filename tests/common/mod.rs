@@ -345,7 +345,7 @@ pub fn http_with(
     )
 }
 
-fn dechunk(mut body: &str) -> String {
+pub fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
@@ -397,4 +397,44 @@ pub fn start_sim(args: &[&str]) -> (Proc, String) {
     let p = Proc::spawn(cmd);
     let addr = p.listening_addr();
     (p, addr)
+}
+
+/// A finished turn's record as accounting gets it (tests vary the fields they look at).
+pub fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record::TurnRecord {
+    turnpike::record::TurnRecord {
+        request_id: id.into(),
+        response_id: None,
+        api_key_id: key,
+        user_id: user,
+        session_id: "sess".into(),
+        turn_index: 1,
+        account: "sim".into(),
+        model: "m".into(),
+        status: turnpike::record::TurnStatus::Completed,
+        usage_source: turnpike::record::UsageSource::Reported,
+        warmup: false,
+        usage: turnpike::protocol::usage::Usage {
+            input_tokens: 10,
+            cache_write_tokens: 5,
+            cache_write_30m_tokens: 2,
+            cache_write_12h_tokens: 3,
+            output_tokens: 4,
+            total_tokens: 14,
+            ..Default::default()
+        },
+        cost_nanousd: cost,
+        timing: turnpike::record::Timing {
+            upstream_wait_ms: Some(1),
+            first_event_ms: Some(2),
+            first_token_ms: Some(3),
+            duration_ms: 9,
+        },
+        error_code: None,
+        accepted_at: turnpike::db::now(),
+        set_aside: None,
+        origin: turnpike::record::Origin::Create,
+        transport: turnpike::record::Transport::Ws,
+        upstream_transport: turnpike::record::Transport::Ws,
+        service_tier: "priority".into(),
+    }
 }

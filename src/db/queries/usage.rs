@@ -166,3 +166,128 @@ impl WrittenKey {
             .collect()
     }
 }
+
+/// Which rows an export takes (docs/DESIGN.md#retention): accepted in `[from, to)`, of one key
+/// (by its display prefix), of one model.
+#[derive(Debug, Clone, Default)]
+pub struct ExportFilter {
+    pub from: Option<chrono::NaiveDateTime>,
+    pub to: Option<chrono::NaiveDateTime>,
+    pub key_prefix: Option<String>,
+    pub model: Option<String>,
+}
+
+/// A usage row with its key's display prefix and its user's name.
+#[derive(Debug, Clone)]
+pub struct ExportRow {
+    pub usage: UsageRow,
+    pub key_prefix: String,
+    pub user: String,
+}
+
+/// Up to `limit` rows of the filter with an id above `after`, by id.
+pub async fn export_page(
+    pool: &DbPool,
+    f: &ExportFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ExportRow>, DbError> {
+    use crate::db::schema::{api_keys, users};
+    let rows: Vec<(UsageRow, String, String)> = with_conn!(pool, |c| {
+        let mut q = usage_logs::table
+            .inner_join(api_keys::table.inner_join(users::table))
+            .select((UsageRow::as_select(), api_keys::key_prefix, users::name))
+            .filter(usage_logs::id.gt(after))
+            .order(usage_logs::id)
+            .limit(limit)
+            .into_boxed();
+        if let Some(from) = f.from {
+            q = q.filter(usage_logs::accepted_at.ge(from));
+        }
+        if let Some(to) = f.to {
+            q = q.filter(usage_logs::accepted_at.lt(to));
+        }
+        if let Some(prefix) = &f.key_prefix {
+            q = q.filter(api_keys::key_prefix.eq(prefix.clone()));
+        }
+        if let Some(model) = &f.model {
+            q = q.filter(usage_logs::model.eq(model.clone()));
+        }
+        q.load(c).await?
+    });
+    Ok(rows
+        .into_iter()
+        .map(|(usage, key_prefix, user)| ExportRow {
+            usage,
+            key_prefix,
+            user,
+        })
+        .collect())
+}
+
+/// Deletes up to `batch` rows accepted before `before`, oldest first, keeping any whose debit
+/// is not settled (its compensation needs the row). The daily rollups keep their sums. Returns
+/// how many went.
+pub async fn purge_batch(
+    pool: &DbPool,
+    before: chrono::NaiveDateTime,
+    batch: i64,
+) -> Result<usize, DbError> {
+    use crate::db::schema::billing_compensations as comp;
+    use diesel::dsl::{exists, not};
+    Ok(with_conn!(pool, |c| {
+        let unsettled = comp::table
+            .filter(comp::request_id.eq(usage_logs::request_id))
+            .filter(comp::api_key_id.eq(usage_logs::api_key_id))
+            .filter(comp::status.ne(crate::record::CompensationStatus::Settled.as_str()));
+        // The ids first: diesel cannot delete through a correlated subquery. A compensation is
+        // only ever written with its usage row, so an old row cannot gain one in between.
+        let ids: Vec<i64> = usage_logs::table
+            .filter(usage_logs::accepted_at.lt(before))
+            .filter(not(exists(unsettled)))
+            .select(usage_logs::id)
+            .order(usage_logs::id)
+            .limit(batch)
+            .load(c)
+            .await?;
+        if ids.is_empty() {
+            0
+        } else {
+            diesel::delete(usage_logs::table.filter(usage_logs::id.eq_any(&ids)))
+                .execute(c)
+                .await?
+        }
+    }))
+}
+
+/// Daily rollups (`usage_daily`) of days in `[from, to)`, of one key by its prefix, by day.
+pub async fn daily(
+    pool: &DbPool,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    key_prefix: Option<&str>,
+) -> Result<Vec<(crate::db::models::DailyRow, String)>, DbError> {
+    use crate::db::models::DailyRow;
+    use crate::db::schema::{api_keys, usage_daily};
+    Ok(with_conn!(pool, |c| {
+        let mut q = usage_daily::table
+            .inner_join(api_keys::table.on(api_keys::id.eq(usage_daily::api_key_id)))
+            .select((DailyRow::as_select(), api_keys::key_prefix))
+            .order((
+                usage_daily::day,
+                usage_daily::api_key_id,
+                usage_daily::model,
+            ))
+            .into_boxed();
+        if let Some(from) = from {
+            q = q.filter(usage_daily::day.ge(from));
+        }
+        if let Some(to) = to {
+            q = q.filter(usage_daily::day.lt(to));
+        }
+        if let Some(prefix) = key_prefix {
+            q = q.filter(api_keys::key_prefix.eq(prefix.to_string()));
+        }
+        q.load(c).await?
+    }))
+}

@@ -1,0 +1,2 @@
+DROP TRIGGER usage_daily_after_insert;
+DROP TABLE usage_daily;
