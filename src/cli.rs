@@ -40,6 +40,13 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit (idempotent).
     Migrate,
+    /// Ask the relay on this machine whether it is ready (`GET /readyz` on server.bind): exit 0
+    /// when it is, 1 with the reason when not — a container's HEALTHCHECK, which has no curl.
+    Healthcheck {
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCommand),
@@ -354,6 +361,7 @@ async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<
             // A database error at start names the database (path, or host:port/db).
             Ok(app::serve(settings).await.map_err(|e| at(e.into()))?)
         }
+        Command::Healthcheck { timeout_ms } => healthcheck(&settings, timeout_ms),
         Command::Migrate => {
             // One line: what was applied, or that nothing was pending.
             let run = async {
@@ -703,6 +711,44 @@ fn opt_num(n: Option<i32>) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
+/// `GET /readyz` on the relay's own port (a wildcard bind is asked on loopback).
+fn healthcheck(settings: &Settings, timeout_ms: u64) -> Result<(), CliError> {
+    use std::io::{Read, Write};
+    let mut addr = settings.server.bind;
+    if addr.ip().is_unspecified() {
+        let lo: std::net::IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        addr.set_ip(lo);
+    }
+    let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
+    let fail = |why: String| CliError::NotFound(format!("not ready: {addr}: {why}"));
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
+    conn.set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+        .and_then(|()| {
+            conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        })
+        .map_err(|e| fail(e.to_string()))?;
+    let mut answer = Vec::new();
+    conn.take(64 * 1024)
+        .read_to_end(&mut answer)
+        .map_err(|e| fail(e.to_string()))?;
+    let answer = String::from_utf8_lossy(&answer);
+    if answer.starts_with("HTTP/1.1 200") {
+        return Ok(());
+    }
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    let why = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| answer.lines().next().unwrap_or("no answer").to_string());
+    Err(fail(why))
+}
+
 fn time_arg(flag: &str, text: Option<&str>) -> Result<Option<chrono::NaiveDateTime>, CliError> {
     text.map(|t| export::parse_time(flag, t).map_err(CliError::BadValue))
         .transpose()

@@ -403,6 +403,12 @@ async fn serve_probes_and_graceful_stop() {
         let (code, body) = http_get(&addr, "/readyz");
         assert_eq!(code, 200, "{}: {body}", db.backend);
         assert_eq!(body["database"], db.backend);
+        let probe = turnpike()
+            .env("TURNPIKE_SERVER__BIND", &addr)
+            .arg("healthcheck")
+            .output()
+            .unwrap();
+        assert!(probe.status.success(), "{}", stderr(&probe));
         let (code, status, log) = server.terminate();
         assert_eq!(code, Some(0), "{log:?}");
         assert!(status < Duration::from_secs(10), "stop took {status:?}");
@@ -444,6 +450,18 @@ fn readyz_without_accounts() {
     assert_eq!(code, 503, "{body}");
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("no upstream accounts"), "{msg}");
+    // The container's HEALTHCHECK says the same: exit 1 with the reason.
+    let probe = turnpike()
+        .env("TURNPIKE_SERVER__BIND", &addr)
+        .arg("healthcheck")
+        .output()
+        .unwrap();
+    assert_eq!(probe.status.code(), Some(1));
+    assert!(
+        stderr(&probe).contains("not ready") && stderr(&probe).contains("no upstream accounts"),
+        "{}",
+        stderr(&probe)
+    );
     // A turn gets the clear error, not a misleading `account_busy`; the session stays open.
     assert!(run(&db, &["users", "create", "u"]).status.success());
     let key = stdout(&run(&db, &["keys", "create", "--user", "u"]))
