@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where a one-session latency tail is spent, from the scheduler's view (BENCHMARKS.md, "The
+"""Where a one-session latency tail is spent, from the scheduler's view (docs/benchmarks-history.md, "The
 one-session tail").
 
     perf sched record -o S.data -- target/release/examples/bench stream URL KEY 1 3 1500 2000

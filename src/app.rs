@@ -341,7 +341,7 @@ pub fn bind_listener(key: &'static str, addr: SocketAddr) -> Result<TcpListener,
 
 /// Raises the soft limit of open files to the hard limit: every client session and every
 /// upstream connection is a file descriptor (10,000 sessions need more than the usual 1,024).
-/// Logged, never fatal; the README says how to raise the hard limit.
+/// Logged, never fatal; the README's production guide says how to raise the hard limit.
 pub fn raise_fd_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);

@@ -459,7 +459,7 @@ async fn demo(mut settings: Settings, sim_bind: std::net::SocketAddr) -> Result<
          conn.response.create(model=\"gpt-test\", input=\"Say hello\", store=False)\n      \
          for ev in conn:\n          print(ev.type)\n          \
          if ev.type == \"response.completed\": break\n\n\
-         Script the simulated upstream with [[sim: …]] in your prompt (see README). Ctrl-C stops.",
+         Script the simulated upstream with [[sim: …]] in your prompt (see docs/testing.md). Ctrl-C stops.",
         sim.addr
     );
     let deps = app::start_relay(settings, db)?;

@@ -23,7 +23,7 @@ pub fn init(log: &LogSettings) {
 }
 
 /// Prometheus metrics (served at `GET /metrics` on the admin listener). Every name is listed in
-/// the README; recording is a no-op until `install_metrics` ran (tests that embed the relay).
+/// docs/operations.md; recording is a no-op until `install_metrics` ran (tests that embed the relay).
 pub mod metric {
     pub const SESSIONS_OPEN: &str = "turnpike_sessions_open";
     pub const SESSIONS_MOVED: &str = "turnpike_sessions_moved_total";

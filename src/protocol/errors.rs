@@ -1,5 +1,5 @@
 //! THE error table: every error turnpike originates, with its stable `code`, HTTP `status`,
-//! OpenAI-style `type`, and the WebSocket close code that follows it (if any). The README's
+//! OpenAI-style `type`, and the WebSocket close code that follows it (if any). docs/errors.md's
 //! error table lists the same rows; a test keeps the two in step.
 
 use serde_json::json;
@@ -500,11 +500,11 @@ mod tests {
 
     #[test]
     fn readme_lists_every_code() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/errors.md");
         for c in ErrorCode::ALL {
             let s = c.spec();
             let row = format!("| `{}` | {} |", s.code, s.status);
-            assert!(readme.contains(&row), "README error table lacks {row}");
+            assert!(readme.contains(&row), "docs/errors.md lacks {row}");
         }
     }
 

@@ -3,7 +3,7 @@
 # the admin API, dead compensations in its database, headless Debian Chromium and Firefox ESR
 # driven by puppeteer-core (installed once into ~/.cache/turnpike-clients; nothing downloads a
 # browser).
-# `SCREENSHOTS=docs tests/console/ci.sh` also regenerates the README's screenshots.
+# `SCREENSHOTS=docs/console tests/console/ci.sh` also regenerates the screenshots of docs/operations.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
