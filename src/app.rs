@@ -158,6 +158,10 @@ pub fn start_relay_with(
         let health = Arc::new(crate::pool::health::Health::new(
             settings.pool.refused_credential,
         ));
+        if a.transport == crate::config::AccountTransport::Http {
+            // Declared: as if its upstream had answered a handshake 426 (never dialled).
+            health.refuse_websocket();
+        }
         let http = Arc::new(crate::upstream::http::Endpoint {
             account: a.name.clone(),
             base_url: a.base_url.trim_end_matches('/').to_string(),

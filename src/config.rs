@@ -500,6 +500,22 @@ pub struct AccountSettings {
     /// Named lanes (`stream_id`) on this account's WebSocket (docs/DESIGN.md#upstream-transports).
     #[serde(default)]
     pub lanes: LanesMode,
+    /// How turns reach this account: `auto` (its WebSocket, HTTP when it must) or `http` (an
+    /// account without a WebSocket mode: every turn a `POST /responses`, no socket dialled).
+    #[serde(default)]
+    pub transport: AccountTransport,
+}
+
+/// How an account's turns reach it (docs/DESIGN.md#upstream-transports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountTransport {
+    /// The WebSocket; HTTP for a turn too large for it, and for every turn once the upstream
+    /// answered a handshake 426.
+    #[default]
+    Auto,
+    /// HTTP only, declared: the relay never dials the account's WebSocket.
+    Http,
 }
 
 /// Whether an account's WebSocket carries named lanes.
@@ -539,6 +555,7 @@ impl AccountSettings {
             weight: default_weight(),
             frame_max_bytes: default_account_frame_max(),
             lanes: LanesMode::Auto,
+            transport: AccountTransport::Auto,
         }
     }
 

@@ -520,13 +520,18 @@ fn users_and_keys_are_managed_and_audited() {
         assert!(sums.spent > 0, "{sums:?}");
         assert_eq!(carol["spent_nanousd"], sums.spent, "{carol}");
 
-        // The trail: the five changes, newest first, by who and from where; nothing refused.
+        // An actor restart is an audited action too.
+        let (code, _) = call("POST", "/admin/actors/compensator/restart", json!({}));
+        assert_eq!(code, 200);
+
+        // The trail: the six actions, newest first, by who and from where; nothing refused.
         let (_, audit) = call("GET", "/admin/audit", json!({}));
-        let rows = audit["audit"].as_array().unwrap();
-        let actions: Vec<&str> = rows.iter().map(|r| r["action"].as_str().unwrap()).collect();
+        let all = audit["audit"].as_array().unwrap();
+        let actions: Vec<&str> = all.iter().map(|r| r["action"].as_str().unwrap()).collect();
         assert_eq!(
             actions,
             [
+                "actors.restart",
                 "keys.revoke",
                 "keys.update",
                 "keys.create",
@@ -535,7 +540,9 @@ fn users_and_keys_are_managed_and_audited() {
             ],
             "{backend}: {audit}"
         );
-        for r in rows {
+        assert_eq!(all[0]["target"], "compensator");
+        let rows = &all[1..];
+        for r in all {
             assert_eq!(r["actor"], "alice-ops");
             assert!(r["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
             assert!(r["at"].as_str().unwrap().ends_with('Z'), "{r}");

@@ -295,9 +295,9 @@ fn lanes_on_the_socket_run_beside_an_http_leg() {
     s.finish();
 }
 
-#[test]
-fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
-    let s = stack(None, &["--http-only"]);
+/// Three WebSocket turns (default lane, a named lane, default lane) complete, each event on its
+/// lane; every row went over HTTP.
+fn three_turns_over_http(s: &Stack) {
     let mut c = s.client();
     for (i, lane) in [None, Some("b"), None].into_iter().enumerate() {
         c.send(&create(lane, &format!("turn {i}"), "deltas=3"));
@@ -310,16 +310,56 @@ fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
                 .all(|e| e.get("stream_id").map(|v| v.as_str()) == lane.map(Some))
         );
     }
-    // One handshake refused, then no more dials: every turn went over HTTP.
-    let stats = s.sim_stats();
-    assert_eq!(stats["rejected"], 1, "{stats}");
-    assert_eq!(stats["accepted"], 0, "{stats}");
-    assert_eq!(http_requests(&s).len(), 3);
     let rows = s.rows(3);
     assert_eq!(rows.len(), 3);
     assert!(
         rows.iter()
             .all(|r| r.upstream_transport == "http" && r.status == "completed")
+    );
+}
+
+#[test]
+fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
+    let s = stack(None, &["--http-only"]);
+    three_turns_over_http(&s);
+    // One handshake refused, then no more dials: every turn went over HTTP.
+    let stats = s.sim_stats();
+    assert_eq!(stats["rejected"], 1, "{stats}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
+    assert_eq!(http_requests(&s).len(), 3);
+    s.finish();
+}
+
+/// An account declared `transport = "http"` is never dialled: WebSocket and HTTP clients' turns
+/// all go as `POST /responses` from the first one, though its upstream has a WebSocket mode.
+#[test]
+fn an_account_declared_http_is_never_dialled() {
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            account_extra: "transport = \"http\"",
+            ..StackOptions::default()
+        },
+    );
+    three_turns_over_http(&s);
+    let mut c = Conn::open(&s.addr);
+    let head = c.post("/v1/responses", &s.key, &http_req(json!({"stream": true})));
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        c.events().last().unwrap().data["type"],
+        "response.completed"
+    );
+    let stats = s.sim_stats();
+    assert_eq!(
+        (stats["rejected"].as_i64(), stats["accepted"].as_i64()),
+        (Some(0), Some(0)),
+        "{stats}"
+    );
+    assert_eq!(http_requests(&s).len(), 4);
+    let rows = s.rows(4);
+    assert!(
+        rows.iter().all(|r| r.upstream_transport == "http"),
+        "{rows:?}"
     );
     s.finish();
 }
