@@ -291,7 +291,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         cli.command,
         Command::Serve | Command::Migrate | Command::Sim(_) | Command::Demo { .. }
     ) {
-        crate::telemetry::init(&settings.log);
+        crate::telemetry::init(&settings.log, &settings.telemetry);
     }
     // Actors, awc and the pool's PostgreSQL drivers need an actix System.
     actix_web::rt::System::new().block_on(dispatch(cli.command, settings, cli.create))
@@ -359,7 +359,9 @@ async fn dispatch(command: Command, settings: Settings, create: bool) -> Result<
         Command::Serve => {
             rustls_provider();
             // A database error at start names the database (path, or host:port/db).
-            Ok(app::serve(settings).await.map_err(|e| at(e.into()))?)
+            let served = app::serve(settings).await.map_err(|e| at(e.into()));
+            crate::telemetry::flush_traces();
+            Ok(served?)
         }
         Command::Healthcheck { timeout_ms } => healthcheck(&settings, timeout_ms),
         Command::Migrate => {

@@ -79,6 +79,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
     pub session: SessionSettings,
     pub upstream: UpstreamSettings,
     pub pool: PoolSettings,
@@ -449,6 +450,28 @@ pub struct LogSettings {
     pub refusal_summary_s: u64,
 }
 
+/// OpenTelemetry traces (docs/DESIGN.md#traces): one span per turn, exported over OTLP/HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP traces endpoint (`http://collector:4318/v1/traces`); empty: no traces.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of turns traced, 0 to 1 (a turn's span is kept or dropped whole).
+    pub trace_sample_ratio: f64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "turnpike".into(),
+            trace_sample_ratio: 1.0,
+        }
+    }
+}
+
 /// What happens to an account whose credential the upstream refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -757,6 +780,19 @@ impl Settings {
     /// Checks no serde type can express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         DatabaseTarget::parse(&self.database.url)?;
+        if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
+            return Err(ConfigError::new(
+                "telemetry.trace_sample_ratio",
+                "must be between 0 and 1",
+            ));
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+            return Err(ConfigError::new(
+                "telemetry.otlp_endpoint",
+                "expected http://HOST:PORT/v1/traces (OTLP over plain HTTP: a collector beside the relay)",
+            ));
+        }
         let prices = crate::billing::pricing::PriceTable::from_settings(&self.pricing)
             .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
         let max_tokens = self.billing.max_tokens_per_response;

@@ -1,25 +1,145 @@
 //! `tracing` setup: text or JSON lines on stderr (stdout is for command output, such as a new
-//! key). `RUST_LOG` overrides `log.level`.
+//! key); `RUST_LOG` overrides `log.level`. With `telemetry.otlp_endpoint` set, the turns' spans
+//! also go out as OpenTelemetry traces over OTLP/HTTP (docs/DESIGN.md#traces).
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{LogFormat, LogSettings, TelemetrySettings};
 
-pub fn init(log: &LogSettings) {
+/// The span names exported as traces: a WebSocket turn and an HTTP one.
+const TRACED_SPANS: [&str; 2] = ["turn", "http_turn"];
+
+/// The trace pipeline, kept to flush it at exit.
+static TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
+pub fn init(log: &LogSettings, telemetry: &TelemetrySettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    // A second init (tests, embedded use) keeps the first subscriber.
-    let _ = match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt: Traces = match log.format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
+    let traces = match traces(telemetry) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("telemetry.otlp_endpoint: traces off: {e}");
+            None
+        }
+    };
+    let layers: Vec<Traces> = std::iter::once(fmt).chain(traces).collect();
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+}
+
+/// A layer of the one subscriber (the log, the traces).
+type Traces = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// The OTLP layer: sees only the turns' spans (and nothing else, whatever the log level), so a
+/// turn is a trace of its own; exported in batches from a thread of the SDK's.
+fn traces(t: &TelemetrySettings) -> Result<Option<Traces>, String> {
+    use opentelemetry::trace::TracerProvider;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    if t.otlp_endpoint.is_empty() {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(&t.otlp_endpoint)
+        .with_headers(Default::default())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(t.service_name.clone())
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::TraceIdRatioBased(t.trace_sample_ratio))
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("turnpike");
+    let _ = TRACER.set(provider);
+    let only_turns =
+        tracing_subscriber::filter::filter_fn(|m| m.is_span() && TRACED_SPANS.contains(&m.name()));
+    Ok(Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(only_turns)
+            .boxed(),
+    ))
+}
+
+/// Exports the spans still buffered (at exit; a no-op without traces).
+pub fn flush_traces() {
+    if let Some(p) = TRACER.get()
+        && let Err(e) = p.shutdown()
+    {
+        eprintln!("telemetry: the last traces were not exported: {e}");
+    }
+}
+
+/// A turn's span with the fields its trace carries, filled when it ends (`record_turn`):
+/// OpenTelemetry's GenAI attributes and the phases of the turn, in ms from its acceptance.
+#[macro_export]
+macro_rules! turn_span {
+    ($($head:tt)*) => {
+        ::tracing::info_span!($($head)*,
+            gen_ai.system = "openai",
+            gen_ai.operation.name = "chat",
+            gen_ai.request.model = ::tracing::field::Empty,
+            gen_ai.response.id = ::tracing::field::Empty,
+            gen_ai.usage.input_tokens = ::tracing::field::Empty,
+            gen_ai.usage.output_tokens = ::tracing::field::Empty,
+            turnpike.account = ::tracing::field::Empty,
+            turnpike.service_tier = ::tracing::field::Empty,
+            turnpike.status = ::tracing::field::Empty,
+            turnpike.cost_nanousd = ::tracing::field::Empty,
+            turnpike.upstream_wait_ms = ::tracing::field::Empty,
+            turnpike.first_event_ms = ::tracing::field::Empty,
+            turnpike.first_token_ms = ::tracing::field::Empty,
+            turnpike.duration_ms = ::tracing::field::Empty,
+        )
+    };
+}
+
+/// Fills a turn's span (`turn_span!`) from its record — only when traces go out: otherwise the
+/// fields would only lengthen the turn's log lines.
+pub fn record_turn(span: &tracing::Span, r: &crate::record::TurnRecord) {
+    if TRACER.get().is_none() {
+        return;
+    }
+    span.record("gen_ai.request.model", r.model.as_str());
+    if let Some(id) = &r.response_id {
+        span.record("gen_ai.response.id", id.as_str());
+    }
+    // As i64: the OpenTelemetry layer writes a u64 as text.
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("gen_ai.usage.input_tokens", count(r.usage.input_tokens));
+    span.record("gen_ai.usage.output_tokens", count(r.usage.output_tokens));
+    span.record("turnpike.account", r.account.as_str());
+    span.record("turnpike.service_tier", r.service_tier.as_str());
+    span.record("turnpike.status", r.status.as_str());
+    span.record("turnpike.cost_nanousd", r.cost_nanousd);
+    let t = &r.timing;
+    for (field, ms) in [
+        ("turnpike.upstream_wait_ms", t.upstream_wait_ms),
+        ("turnpike.first_event_ms", t.first_event_ms),
+        ("turnpike.first_token_ms", t.first_token_ms),
+        ("turnpike.duration_ms", Some(t.duration_ms)),
+    ] {
+        if let Some(ms) = ms {
+            span.record(field, ms);
+        }
+    }
 }
 
 /// Prometheus metrics (served at `GET /metrics` on the admin listener). Every name is listed in

@@ -372,7 +372,10 @@ async fn accounting_with_key(
 fn accounting_restart_loses_nothing() {
     use turnpike::accounting::messages::{Backlog, RecordTurn};
     use turnpike::actors::RestartActor;
-    turnpike::telemetry::init(&turnpike::config::LogSettings::default());
+    turnpike::telemetry::init(
+        &turnpike::config::LogSettings::default(),
+        &turnpike::config::TelemetrySettings::default(),
+    );
     for db in block(TestDb::all()) {
         let backend = db.backend;
         let spool = tempfile::tempdir().unwrap();

@@ -418,7 +418,7 @@ impl SessionActor {
             other => other,
         };
         let turn_id = id.map_or_else(TurnId::random, TurnId::from);
-        let span = info_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
+        let span = crate::turn_span!(parent: &self.span, "turn", turn = index, request_id = %turn_id, origin = %origin);
         Turn {
             index,
             generation: 0,

@@ -482,6 +482,7 @@ pub fn turn_ended(
         .filter(|_| record.usage_source != crate::record::UsageSource::None)
         .and_then(|a| remember_affinity(deps, record.api_key_id, a, &record.account, span));
     crate::telemetry::turn_ended(record, usage_malformed);
+    crate::telemetry::record_turn(span, record);
     info!(parent: span, status = %record.status, usage_source = %record.usage_source,
         response_id = record.response_id.as_deref(), input_tokens = record.usage.input_tokens,
         first_token_ms = ?record.timing.first_token_ms, duration_ms = record.timing.duration_ms, "turn ended");

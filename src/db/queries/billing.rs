@@ -502,8 +502,23 @@ pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<()
     let at = now();
     with_conn!(pool, |c| {
         c.transaction::<_, DbError, _>(async |tx| {
+            // The write first: on SQLite a transaction that reads before it writes cannot take
+            // the write lock once another connection committed meanwhile (SQLITE_BUSY at once,
+            // no busy wait), which under concurrent writers spent every attempt.
+            diesel::update(
+                billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
+            )
+            .set((
+                billing_compensations::status.eq(CompensationStatus::Settled.as_str()),
+                billing_compensations::settled_at.eq(Some(at)),
+                billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
+                billing_compensations::updated_at.eq(at),
+            ))
+            .execute(tx)
+            .await?;
             // A debit without its turn's usage row would break the money invariant: the
-            // compensation fails instead (and goes dead after its attempts, for an operator).
+            // compensation fails instead (and goes dead after its attempts, for an operator);
+            // the error rolls the settlement back.
             let rows: i64 = crate::db::schema::usage_logs::table
                 .filter(crate::db::schema::usage_logs::request_id.eq(&row.request_id))
                 .filter(crate::db::schema::usage_logs::api_key_id.eq(row.api_key_id))
@@ -537,17 +552,6 @@ pub async fn settle_compensation(pool: &DbPool, row: &Compensation) -> Result<()
                     .execute(tx)
                     .await?;
             }
-            diesel::update(
-                billing_compensations::table.filter(billing_compensations::id.eq(row.id)),
-            )
-            .set((
-                billing_compensations::status.eq(CompensationStatus::Settled.as_str()),
-                billing_compensations::settled_at.eq(Some(at)),
-                billing_compensations::next_attempt_at.eq(None::<chrono::NaiveDateTime>),
-                billing_compensations::updated_at.eq(at),
-            ))
-            .execute(tx)
-            .await?;
             Ok(())
         })
         .await?

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::NaiveDateTime;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tracing::{Span, info, info_span, warn};
+use tracing::{Span, info, warn};
 
 use super::{Kind, Reply};
 use crate::auth::Principal;
@@ -153,7 +153,7 @@ impl Exchange {
             .clone()
             .map_or_else(|| SessionId::from(request_id.as_str()), SessionId::from);
         let stream = kind == Kind::Responses && frame.stream;
-        let span = info_span!("http_turn", request_id = %request_id, key = %principal.key_prefix,
+        let span = crate::turn_span!("http_turn", request_id = %request_id, key = %principal.key_prefix,
             path = %path, stream, account = tracing::field::Empty);
         let in_flight = deps.requests.enter(RequestInfo {
             request_id: request_id.to_string(),

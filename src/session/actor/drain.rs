@@ -132,6 +132,7 @@ impl SessionActor {
         let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
         let record = self.record_of(&d.turn, outcome, d.account.clone());
         crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
+        crate::telemetry::record_turn(&d.turn.span, &record);
         record
     }
 
