@@ -62,7 +62,7 @@ fn traces(t: &TelemetrySettings) -> Result<Option<Traces>, String> {
         .with_service_name(t.service_name.clone())
         .build();
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(Reported::new(exporter))
         .with_sampler(Sampler::TraceIdRatioBased(t.trace_sample_ratio))
         .with_resource(resource)
         .build();
@@ -76,6 +76,72 @@ fn traces(t: &TelemetrySettings) -> Result<Option<Traces>, String> {
             .with_filter(only_turns)
             .boxed(),
     ))
+}
+
+/// The OTLP exporter, saying when exports start failing and when they work again — one line
+/// each, with the spans lost in between — instead of nothing (the SDK's own logging is off).
+#[derive(Debug)]
+struct Reported<E> {
+    inner: E,
+    failing: std::sync::atomic::AtomicBool,
+    lost: std::sync::atomic::AtomicUsize,
+}
+
+impl<E> Reported<E> {
+    fn new(inner: E) -> Self {
+        Self {
+            inner,
+            failing: Default::default(),
+            lost: Default::default(),
+        }
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Reported<E>
+{
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        use std::sync::atomic::Ordering;
+        let spans = batch.len();
+        async move {
+            let result = self.inner.export(batch).await;
+            match &result {
+                Err(e) => {
+                    self.lost.fetch_add(spans, Ordering::Relaxed);
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "traces: export to telemetry.otlp_endpoint failed; spans are dropped until it answers");
+                    }
+                }
+                Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                    let lost = self.lost.swap(0, Ordering::Relaxed);
+                    tracing::info!(
+                        lost,
+                        "traces: export to telemetry.otlp_endpoint works again"
+                    );
+                }
+                Ok(()) => {}
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// Exports the spans still buffered (at exit; a no-op without traces).

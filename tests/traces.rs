@@ -19,13 +19,31 @@ const T: Duration = Duration::from_secs(20);
 /// The receiver, and the file it writes spans to.
 fn receiver() -> (Proc, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = receiver_on(&dir, 0);
+    (p, addr, dir)
+}
+
+/// A receiver on `port` (0: any) writing into `dir`.
+fn receiver_on(dir: &tempfile::TempDir, port: u16) -> (Proc, String) {
     let out = dir.path().join("spans.jsonl");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otel/receiver.py");
     let mut cmd = std::process::Command::new("python3");
-    cmd.arg(script).arg(&out);
+    cmd.arg(script).arg(&out).arg(port.to_string());
     let p = Proc::spawn(cmd);
     let addr = p.listening_addr();
-    (p, addr, dir)
+    (p, addr)
+}
+
+fn turn(s: &Stack) {
+    let mut c = s.client();
+    c.send(
+        &json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "traced", "metadata": {"sim": "deltas=2"}}),
+    );
+    assert_eq!(
+        c.until_terminal(T).last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 fn spans(dir: &tempfile::TempDir, n: usize) -> Vec<Value> {
@@ -122,5 +140,72 @@ fn every_turn_is_a_trace_with_its_genai_attributes() {
         assert!(span["end_ns"].as_u64() > span["start_ns"].as_u64());
     }
     assert_ne!(got[0]["trace_id"], got[1]["trace_id"]);
+    s.finish();
+}
+
+/// A collector that is away: one log line when exports start failing, one (with the spans lost)
+/// when they work again — not one per batch; turns are served all along.
+#[test]
+fn a_collector_away_is_one_line_and_its_return_another() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
+    let env: Vec<(&'static str, &'static str)> = vec![
+        (
+            "TURNPIKE_TELEMETRY__OTLP_ENDPOINT",
+            Box::leak(endpoint.into_boxed_str()),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: Box::leak(env.into_boxed_slice()),
+            ..StackOptions::default()
+        },
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        turn(&s);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        common::stack::wait_log(
+            &s.relay,
+            "export to telemetry.otlp_endpoint failed",
+            T,
+            &mut seen
+        ),
+        "{seen:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_receiver, _) = receiver_on(&dir, port);
+    turn(&s);
+    assert!(
+        common::stack::wait_log(&s.relay, "works again", T, &mut seen),
+        "{seen:?}"
+    );
+    let failed = seen
+        .iter()
+        .filter(|l| l.contains("failed; spans are dropped"))
+        .count();
+    assert_eq!(failed, 1, "one line for the whole outage: {seen:?}");
+    let back = seen.iter().find(|l| l.contains("works again")).unwrap();
+    // Each span of the outage is counted once, lost or delivered: none twice.
+    let lost: usize = back
+        .split("lost=")
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{back}"));
+    let delivered = spans(&dir, 4 - lost);
+    assert!(lost >= 1, "{back}");
+    assert_eq!(
+        lost + delivered.len(),
+        4,
+        "4 turns: {lost} lost, {delivered:?}"
+    );
     s.finish();
 }

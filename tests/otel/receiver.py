@@ -4,7 +4,7 @@ OpenTelemetry protocol's own definitions (PyPI `opentelemetry-proto`), answers a
 does, and appends each span to OUT as a JSON line (name, ids, times, attributes, resource).
 Prints `listening on http://127.0.0.1:PORT` on stderr.
 
-    python3 tests/otel/receiver.py OUT
+    python3 tests/otel/receiver.py OUT [PORT]
 """
 import http.server
 import json
@@ -61,6 +61,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
 print(f"listening on http://127.0.0.1:{server.server_address[1]}", file=sys.stderr, flush=True)
 server.serve_forever()
