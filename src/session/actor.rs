@@ -1,9 +1,11 @@
-//! `SessionActor`: one per client WebSocket. Every input — a client frame, an upstream event,
-//! an admission or lease result, a timer tick, shutdown — is a message into this one
-//! single-threaded state machine (docs/DESIGN.md#turn). Its turns run side by side, one per lane
-//! (`stream_id`), on the session's one upstream connection; which create starts or waits is
-//! decided by `session::lanes`, an event's turn by its `stream_id`. This file holds the state,
-//! the handlers and the turn lifecycle; the parts of a turn live beside it:
+//! `SessionActor`: one per client WebSocket, the executor of its turns' machines
+//! (docs/DESIGN.md#turn-machine). Every input — a client frame, an upstream event, an admission
+//! or lease result, a timer tick, shutdown — is a message into this one actor; what it means to
+//! a turn is that turn's `TurnMachine::step`, and the actor carries out the effects (`drive`).
+//! Its turns run side by side, one per lane (`stream_id`), on the session's one upstream
+//! connection; which create starts or waits is decided by `session::lanes`, an event's turn by
+//! its `stream_id`. This file holds the state, the handlers and the executor; the parts of a
+//! turn live beside it:
 //! `admit` (admission, preemption's admission), `chain` (continuation applied), `drain`
 //! (preempted turns drained for their usage), `ending` (the usage record, durable before the
 //! client hears the end), `outbound` (writing to the client, backpressure).
@@ -27,10 +29,11 @@ use tracing::{Span, debug, info, info_span, warn};
 
 use super::SessionDeps;
 use super::admission::{AccountSlot, KeySlot};
+use super::machine::{self, Effect, Input, Last, Phase, Rescue, TurnMachine, Unreachable};
 use super::messages::{Describe, EndSession, EndWhenIdle, SessionInfo};
 use super::registry::{Register, Unregister};
 use super::socket::{ClientInput, ClientReader, ClientTx, Outbound, Read};
-use super::turn::{self, Ending, Step, TurnTracker};
+use super::turn::{Ending, TurnTracker};
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal};
 use crate::continuation::{self, Chain, Decision, History, Lineages};
@@ -53,15 +56,6 @@ use crate::protocol::events::stream_id_of;
 /// Bytes sent between two backpressure pings.
 const PING_EVERY_BYTES: u64 = 256 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Admitting,
-    Leasing,
-    Streaming,
-    /// The turn ended; its record is on its way to accounting, its last frame waits for that.
-    Finishing,
-}
-
 struct Turn {
     index: i32,
     /// Bumped when an async step of the turn (admission, reservation) is abandoned, so its
@@ -69,24 +63,17 @@ struct Turn {
     generation: u64,
     turn_id: TurnId,
     accepted_wall: NaiveDateTime,
-    tracker: TurnTracker,
+    /// Its life: phase, tracker, deadlines (docs/DESIGN.md#turn-machine).
+    m: TurnMachine,
     /// What goes upstream (the client's bytes, with `model` added if it was omitted).
     frame: CreateFrame,
     model: String,
-    phase: Phase,
     key_slot: Option<KeySlot>,
     account_slot: Option<AccountSlot>,
-    forwarded: u32,
-    retried: bool,
-    /// The conversation was replayed for this turn (never twice).
-    replayed: bool,
     /// The response it continues, as sent (named by the client or injected by the relay).
     parent: Option<String>,
     /// The account holding the stored response this turn continues (`response_bindings`).
     bound_account: Option<String>,
-    last_upstream: Instant,
-    cancel_deadline: Option<Instant>,
-    drain_deadline: Option<Instant>,
     /// `Create`, or `Steer` for a successor the upstream started on its own.
     origin: Origin,
     /// Its affinity (docs/DESIGN.md#routing), read at admission.
@@ -401,6 +388,17 @@ impl SessionActor {
         self.admit(index, ctx);
     }
 
+    /// The time limits every turn of this session lives by.
+    fn turn_limits(&self) -> machine::Limits {
+        let (s, up) = (&self.deps.settings.session, &self.deps.settings.upstream);
+        machine::Limits {
+            cancel_grace: Duration::from_millis(s.cancel_grace_ms),
+            drain: Duration::from_millis(s.drain_ms),
+            first_event: Duration::from_millis(up.first_event_timeout_ms),
+            read: Duration::from_millis(up.read_timeout_ms),
+        }
+    }
+
     /// The session's next turn, accepted at `accepted`, started by `origin`, with the id given
     /// (one reserved for it) or a new one.
     fn new_turn(
@@ -424,20 +422,17 @@ impl SessionActor {
             generation: 0,
             turn_id,
             accepted_wall: crate::db::now(),
-            tracker: TurnTracker::new(accepted).prompting(frame.prompt_bytes),
+            m: TurnMachine::new(
+                TurnTracker::new(accepted).prompting(frame.prompt_bytes),
+                self.turn_limits(),
+                accepted,
+            ),
             frame,
             model,
-            phase: Phase::Admitting,
             key_slot: None,
             account_slot: None,
-            forwarded: 0,
-            retried: false,
-            replayed: false,
             parent: None,
             bound_account: None,
-            last_upstream: accepted,
-            cancel_deadline: None,
-            drain_deadline: None,
             origin,
             affinity: None,
             tried: Vec::new(),
@@ -468,7 +463,7 @@ impl SessionActor {
     fn in_phase(&self, phase: Phase) -> Vec<i32> {
         self.turns
             .iter()
-            .filter(|t| t.phase == phase)
+            .filter(|t| t.m.phase() == phase)
             .map(|t| t.index)
             .collect()
     }
@@ -539,7 +534,7 @@ impl SessionActor {
                 .acquiring
                 .as_ref()
                 .is_some_and(|(g, _)| *g == generation);
-            let wanted = act.turns.iter().any(|t| t.phase == Phase::Leasing);
+            let wanted = act.turns.iter().any(|t| t.m.phase() == Phase::Leasing);
             if !current || !wanted {
                 // Abandoned meanwhile: hand a late lease straight back.
                 if current {
@@ -621,7 +616,7 @@ impl SessionActor {
             .turns
             .iter()
             .filter(|t| {
-                t.phase == Phase::Leasing
+                t.m.phase() == Phase::Leasing
                     && t.account_slot
                         .as_ref()
                         .is_some_and(|s| s.account == account)
@@ -637,48 +632,31 @@ impl SessionActor {
             // The detail (upstream URL, host) is for the operator's log only.
             warn!(parent: &self.span, error = %err, "no upstream connection for the turn");
         }
+        let close = self.up.failures >= self.deps.settings.session.max_lease_failures;
+        let (why, message) = match &err {
+            // The account turned out to be HTTP only: its turns go there now.
+            LeaseError::WebSocketRefused => (Unreachable::NoWebSocket, None),
+            // A connection of this account did not come in time (all busy, or its handshake
+            // hangs): another account that can take the turn does.
+            LeaseError::Timeout => (
+                Unreachable::Timeout,
+                Some("no upstream connection became free in time; retry"),
+            ),
+            LeaseError::DialFailed(_) | LeaseError::Cooling => (Unreachable::Down, None),
+            LeaseError::ShuttingDown => (Unreachable::Final, Some("the relay is shutting down")),
+            LeaseError::Busy => (Unreachable::Final, None),
+        };
+        let message = message.map_or_else(
+            || crate::session::gate::unavailable(&self.deps),
+            str::to_string,
+        );
         for index in waiting {
-            match &err {
-                // The account turned out to be HTTP only: its turns go there now.
-                LeaseError::WebSocketRefused if self.needs_http(index, account) => {
-                    self.send_over_http(index, ctx);
-                }
-                // A connection of this account did not come in time (all busy, or its
-                // handshake hangs): another account that can take the turn does.
-                LeaseError::Timeout if self.failover(index, ctx) => {}
-                LeaseError::Timeout => {
-                    let e = self.turn_error(
-                        index,
-                        ErrorCode::UpstreamUnavailable,
-                        "no upstream connection became free in time; retry",
-                    );
-                    let close = (self.up.failures >= self.deps.settings.session.max_lease_failures)
-                        .then_some((close::TRY_AGAIN_LATER, "upstream_unavailable"));
-                    self.finish(
-                        index,
-                        Ending::Rejected(ErrorCode::UpstreamUnavailable),
-                        Delivery {
-                            close,
-                            ..Delivery::reusable(Some(e))
-                        },
-                        ctx,
-                    );
-                }
-                LeaseError::DialFailed(_) | LeaseError::Cooling if self.failover(index, ctx) => {}
-                other => {
-                    let message = match other {
-                        LeaseError::ShuttingDown => "the relay is shutting down".to_string(),
-                        _ => crate::session::gate::unavailable(&self.deps),
-                    };
-                    let e = self.turn_error(index, ErrorCode::UpstreamUnavailable, &message);
-                    self.finish(
-                        index,
-                        Ending::Rejected(ErrorCode::UpstreamUnavailable),
-                        Delivery::reusable(Some(e)),
-                        ctx,
-                    );
-                }
-            }
+            let input = Input::Unreachable {
+                why: why.clone(),
+                message: message.clone(),
+                close: close && matches!(err, LeaseError::Timeout),
+            };
+            self.drive(index, input, Instant::now(), None, ctx);
         }
         // Turns of other accounts waited for this acquisition to end.
         self.serve_leasing(ctx);
@@ -718,58 +696,124 @@ impl SessionActor {
     /// HTTP leg.
     #[inline]
     fn on_turn_text(&mut self, i: usize, text: ByteString, now: Instant, ctx: &mut Context<Self>) {
-        let turn = &mut self.turns[i];
-        let index = turn.index;
-        turn.last_upstream = now;
-        let relayed = turn::Relayed {
-            forwarded: turn.forwarded > 0,
-            replayed: turn.replayed,
+        let index = self.turns[i].index;
+        self.drive(index, Input::Upstream(&text), now, Some(&text), ctx);
+    }
+
+    /// Feeds `input` to turn `index`'s machine and carries out what it answers
+    /// (docs/DESIGN.md#turn-machine). `text`: the upstream event stepped, or the client frame
+    /// a cancel forwards.
+    pub(super) fn drive(
+        &mut self,
+        index: i32,
+        input: Input<'_>,
+        now: Instant,
+        text: Option<&ByteString>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(turn) = self.at_mut(index) else {
+            return;
         };
-        match turn::step(&mut turn.tracker, &text, now, relayed) {
-            Step::Forward => {
-                turn.forwarded += 1;
-                self.send(text, ctx);
+        let effects = turn.m.step(input, now);
+        for effect in effects {
+            self.carry_out(index, effect, text, ctx);
+        }
+    }
+
+    fn carry_out(
+        &mut self,
+        index: i32,
+        effect: Effect,
+        text: Option<&ByteString>,
+        ctx: &mut Context<Self>,
+    ) {
+        match effect {
+            Effect::Lease => self.lease_and_send(index, ctx),
+            Effect::Retry => {
+                if let Some(turn) = self.at(index) {
+                    info!(parent: &turn.span, "upstream lost before anything was forwarded; retrying once on a fresh connection");
+                }
+                self.up.preferred = None;
+                self.lease_and_send(index, ctx);
             }
-            Step::Steer(kind) => {
-                turn.forwarded += 1;
-                let lane = turn.frame.stream_id.clone();
-                let unused = self.steers.entry(lane).or_default().observe(kind, &text);
-                self.release_reservations(unused);
-                self.send(text, ctx);
-            }
-            Step::Invalid => {
-                let why =
-                    LostReason::Protocol("the upstream sent a frame that is not a JSON event");
-                if turn.over_http() {
-                    self.stop_http_leg(index, ctx);
-                    self.lose_turn(index, &why, ctx);
-                } else {
-                    self.drop_connection(why, ctx);
+            Effect::Forward => {
+                if let Some(text) = text {
+                    self.send(text.clone(), ctx);
                 }
             }
-            Step::End {
-                ending,
-                reusable,
-                recover,
-            } => {
-                if let Ending::UpstreamError(code) = &ending {
-                    let label = crate::record::clean_label(code.as_deref().unwrap_or("error"), 64);
-                    ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
-                }
-                if recover.is_some_and(|r| self.recover(index, r, ctx)) {
+            Effect::Steer(kind) => {
+                let (Some(turn), Some(text)) = (self.at(index), text) else {
                     return;
+                };
+                let lane = turn.frame.stream_id.clone();
+                let unused = self.steers.entry(lane).or_default().observe(kind, text);
+                self.release_reservations(unused);
+                self.send(text.clone(), ctx);
+            }
+            Effect::Rescue(rescue) => {
+                if !self.rescue(index, rescue, ctx) {
+                    self.drive(index, Input::NotRescued, Instant::now(), text, ctx);
                 }
-                let delivery = Delivery::new(Some(text.to_string()), reusable);
-                self.finish(index, ending, delivery, ctx);
+            }
+            Effect::ForwardCancel => {
+                if let (Some(lease), Some(text)) = (&self.up.lease, text) {
+                    lease.addr.do_send(SendText(text.clone()));
+                }
+            }
+            Effect::StopLeg => self.stop_http_leg(index, ctx),
+            Effect::Drain(message) => {
+                let e = self.turn_error(index, ErrorCode::ResponsePreempted, &message);
+                self.preempt_streaming(index, e, ctx);
+            }
+            Effect::FreeSlots => {
+                if let Some(turn) = self.at_mut(index) {
+                    turn.key_slot = None;
+                    turn.account_slot = None;
+                    debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
+                }
+            }
+            Effect::DropConnection(why) => self.drop_connection(why, ctx),
+            Effect::CountError(code) => {
+                let label = crate::record::clean_label(&code, 64);
+                ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
+            }
+            Effect::Finish(end) => {
+                let delivery = self.delivery(index, end.last, end.reusable, end.close, text);
+                self.finish(index, end.ending, delivery, ctx);
             }
         }
     }
 
-    /// Tries to save turn `index` from the error that ended it (docs/DESIGN.md#turn-steps):
-    /// `true` when the turn goes on.
-    fn recover(&mut self, index: i32, recovery: turn::Recovery, ctx: &mut Context<Self>) -> bool {
-        match recovery {
-            turn::Recovery::Replay => {
+    /// How turn `index`'s end reaches the client: its last frame in the WebSocket mode's shape.
+    fn delivery(
+        &self,
+        index: i32,
+        last: Last,
+        reusable: bool,
+        close: bool,
+        text: Option<&ByteString>,
+    ) -> Delivery {
+        let last = match last {
+            Last::Upstream => text.map(ToString::to_string),
+            Last::Error(code, message) => Some(self.turn_error(index, code, &message)),
+            Last::Verbatim(event) => Some(event),
+            Last::Cancelled => self.at(index).map(|t| {
+                let id = t.m.tracker.response_id.clone();
+                let id = id.unwrap_or_else(|| t.turn_id.to_string());
+                cancelled_event(&id, t.frame.stream_id.as_deref())
+            }),
+            Last::Nothing => None,
+        };
+        Delivery {
+            close: close.then_some((close::TRY_AGAIN_LATER, "upstream_unavailable")),
+            ..Delivery::new(last, reusable)
+        }
+    }
+
+    /// Tries to save turn `index` (docs/DESIGN.md#turn-machine): `true` when it goes on.
+    fn rescue(&mut self, index: i32, rescue: Rescue, ctx: &mut Context<Self>) -> bool {
+        match rescue {
+            Rescue::Replay => {
                 if let Some(conn) = self.conn_of(index)
                     && let Some(turn) = self.at(index)
                     && let decision @ Decision::Replay { .. } = self.continuation(turn, conn, true)
@@ -780,7 +824,21 @@ impl SessionActor {
                 }
                 false
             }
-            turn::Recovery::FailOver(code) => self.fail_over_in_band(index, &code, ctx),
+            Rescue::FailOver(code) => self.fail_over_in_band(index, &code, ctx),
+            Rescue::OtherAccount => self.failover(index, ctx),
+            Rescue::Http => {
+                let account = self
+                    .at(index)
+                    .and_then(|t| t.account_slot.as_ref())
+                    .map(|s| s.account.clone());
+                match account {
+                    Some(account) if self.needs_http(index, &account) => {
+                        self.send_over_http(index, ctx);
+                        true
+                    }
+                    _ => false,
+                }
+            }
         }
     }
 
@@ -823,34 +881,7 @@ impl SessionActor {
     }
 
     fn lose_turn(&mut self, index: i32, reason: &LostReason, ctx: &mut Context<Self>) {
-        let client_gone = self.client.gone;
-        let Some(turn) = self.at_mut(index) else {
-            return;
-        };
-        let loss = lifecycle::Loss {
-            forwarded: turn.forwarded,
-            retried: turn.retried,
-            client_gone,
-            reason,
-        };
-        let (code, message) = match lifecycle::after_loss(loss) {
-            lifecycle::AfterLoss::Retry => {
-                info!(parent: &turn.span, ?reason, "upstream lost before anything was forwarded; retrying once on a fresh connection");
-                turn.retried = true;
-                turn.phase = Phase::Leasing;
-                self.up.preferred = None;
-                return self.lease_and_send(index, ctx);
-            }
-            lifecycle::AfterLoss::End(code, message) => (code, message),
-        };
-        ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
-        let e = self.turn_error(index, code, message);
-        self.finish(
-            index,
-            Ending::UpstreamLost(code),
-            Delivery::spent(Some(e)),
-            ctx,
-        );
+        self.drive(index, Input::Lost(reason), Instant::now(), None, ctx);
     }
 
     // ---- leases ------------------------------------------------------------------------------
@@ -899,7 +930,7 @@ impl SessionActor {
             .find_map(|id| {
                 self.turns
                     .iter()
-                    .find(|t| t.tracker.response_id.as_deref() == Some(id))
+                    .find(|t| t.m.tracker.response_id.as_deref() == Some(id))
             });
         let lane: Option<LaneId> = named("stream_id").map(|l| Some(l.to_string()));
         let turn = by_response
@@ -917,43 +948,14 @@ impl SessionActor {
 
     /// `response.cancel` / `response.interrupt`: forwarded as the client sent it.
     fn on_cancel(&mut self, text: ByteString, ctx: &mut Context<Self>) {
-        let grace = Duration::from_millis(self.deps.settings.session.cancel_grace_ms);
         let (target, lane) = self.target_of(&text);
-        let Some(turn) = target.and_then(|i| self.turns.iter_mut().find(|t| t.index == i)) else {
+        let Some(index) = target else {
             let e = ErrorCode::NoActiveResponse
                 .ws_event_on("no response is in flight", lane.as_deref())
                 .to_string();
             return self.send(e, ctx);
         };
-        let index = turn.index;
-        match turn.phase {
-            Phase::Streaming if turn.over_http() => {
-                // HTTP has no cancel message: the leg is dropped, which stops the upstream.
-                let id = turn.tracker.response_id.clone();
-                let id = id.unwrap_or_else(|| turn.turn_id.to_string());
-                let stream_id = turn.frame.stream_id.clone();
-                self.stop_http_leg(index, ctx);
-                let e = cancelled_event(&id, stream_id.as_deref());
-                self.finish(index, Ending::Cancelled, Delivery::reusable(Some(e)), ctx);
-            }
-            Phase::Streaming => {
-                if let Some(lease) = &self.up.lease {
-                    lease.addr.do_send(SendText(text));
-                }
-                turn.cancel_deadline.get_or_insert(Instant::now() + grace);
-            }
-            Phase::Admitting | Phase::Leasing => {
-                let id = turn.turn_id.clone();
-                let stream_id = turn.frame.stream_id.clone();
-                self.finish(
-                    index,
-                    Ending::Cancelled,
-                    Delivery::reusable(Some(cancelled_event(&id, stream_id.as_deref()))),
-                    ctx,
-                );
-            }
-            Phase::Finishing => {}
-        }
+        self.drive(index, Input::Cancel, Instant::now(), Some(&text), ctx);
     }
 
     fn on_other(&mut self, kind: String, text: ByteString, ctx: &mut Context<Self>) {
@@ -978,26 +980,12 @@ impl SessionActor {
             return;
         }
         self.client.gone = true;
-        let drain = Duration::from_millis(self.deps.settings.session.drain_ms);
         if self.turns.is_empty() {
             return self.stop_when_drained(ctx);
         }
-        let mut ended = Vec::new();
-        for turn in &mut self.turns {
-            match turn.phase {
-                Phase::Streaming => {
-                    // Slots go at once; the upstream is read a while longer for the terminal.
-                    turn.key_slot = None;
-                    turn.account_slot = None;
-                    turn.drain_deadline = Some(Instant::now() + drain);
-                    debug!(parent: &turn.span, "client gone mid-turn; draining the upstream");
-                }
-                Phase::Admitting | Phase::Leasing => ended.push(turn.index),
-                Phase::Finishing => {}
-            }
-        }
-        for index in ended {
-            self.finish(index, Ending::ClientGone, Delivery::reusable(None), ctx);
+        let now = Instant::now();
+        for index in self.turns.iter().map(|t| t.index).collect::<Vec<_>>() {
+            self.drive(index, Input::ClientGone, now, None, ctx);
         }
     }
 
@@ -1005,72 +993,19 @@ impl SessionActor {
         let now = Instant::now();
         let deps = self.deps.clone();
         let s = &deps.settings;
-        let read_timeout = Duration::from_millis(s.upstream.read_timeout_ms);
         let first_event_timeout = Duration::from_millis(s.upstream.first_event_timeout_ms);
         while let Some(i) = self.drains.iter().position(|d| now >= d.deadline) {
             // No terminal in time: the connection's state is unknown.
             self.end_drain(i, false, ctx);
         }
-        let mut stalled = None;
-        let mut due = Vec::new();
-        let mut stuck = Vec::new();
-        for turn in self.turns.iter().filter(|t| t.phase == Phase::Streaming) {
-            if turn.drain_deadline.is_some_and(|d| now >= d) {
-                due.push((turn.index, None));
-                continue;
-            }
-            if turn.cancel_deadline.is_some_and(|d| now >= d) {
-                let id = turn
-                    .tracker
-                    .response_id
-                    .clone()
-                    .unwrap_or_else(|| turn.turn_id.to_string());
-                let e = cancelled_event(&id, turn.frame.stream_id.as_deref());
-                due.push((turn.index, Some(e)));
-                continue;
-            }
-            if turn.over_http() {
-                // Its leg times out its own silence (`Lost`).
-                continue;
-            }
-            let silence = lifecycle::Silence {
-                events: turn.tracker.events,
-                silent: now.duration_since(turn.last_upstream),
-                connection_silent: self.up.heard_at.map(|at| now.duration_since(at)),
-                others: self.lease_in_use(Some(turn.index)),
-                first_event_timeout,
-                read_timeout,
+        let connection_silent = self.up.heard_at.map(|at| now.duration_since(at));
+        for index in self.in_phase(Phase::Streaming) {
+            let others = self.lease_in_use(Some(index));
+            let tick = Input::Tick {
+                connection_silent,
+                others,
             };
-            match lifecycle::stall(silence) {
-                lifecycle::Stall::No => {}
-                lifecycle::Stall::Alone => stuck.push(turn.index),
-                lifecycle::Stall::Connection(why) => stalled = Some(why),
-            }
-        }
-        for (index, cancelled) in due {
-            let ending = match cancelled {
-                Some(_) => Ending::Cancelled,
-                None => Ending::ClientGone,
-            };
-            self.finish(index, ending, Delivery::spent(cancelled), ctx);
-        }
-        for index in stuck {
-            let code = ErrorCode::UpstreamConnectionLost;
-            let e = self.turn_error(
-                index,
-                code,
-                "the upstream stopped answering this response; retry this turn",
-            );
-            ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => code.code()).increment(1);
-            self.finish(
-                index,
-                Ending::UpstreamLost(code),
-                Delivery::spent(Some(e)),
-                ctx,
-            );
-        }
-        if let Some(why) = stalled {
-            return self.drop_connection(LostReason::Error(why.into()), ctx);
+            self.drive(index, tick, now, None, ctx);
         }
         let mut overdue = false;
         for lane in self.steers.values_mut() {
@@ -1101,7 +1036,7 @@ impl SessionActor {
 
     /// After a turn ends: the connection is parked when nothing uses it, and closed when spent.
     fn settle_lease(&mut self) {
-        if self.lease_in_use(None) || self.turns.iter().any(|t| t.phase != Phase::Finishing) {
+        if self.lease_in_use(None) || self.turns.iter().any(|t| t.m.phase() != Phase::Finishing) {
             return;
         }
         if self.up.spent {
@@ -1127,7 +1062,7 @@ fn lane_state(
     lane: &LaneId,
 ) -> LaneState {
     match turns.iter().find(|t| &t.frame.stream_id == lane) {
-        Some(t) if t.phase == Phase::Finishing => LaneState::Ending,
+        Some(t) if t.m.phase() == Phase::Finishing => LaneState::Ending,
         Some(_) => LaneState::Busy,
         None if steers.get(lane).is_some_and(steer::SteerState::awaiting) => LaneState::Busy,
         None => LaneState::Free,
@@ -1318,21 +1253,10 @@ impl Handler<EndSession> for SessionActor {
         // Every turn in flight ends with the error; the socket closes after the last.
         self.close_when_idle = Some((close, code.code()));
         self.answer_waiting(code, ctx);
-        let running: Vec<(i32, Phase)> = self
-            .turns
-            .iter()
-            .filter(|t| t.phase != Phase::Finishing)
-            .map(|t| (t.index, t.phase))
-            .collect();
-        for (index, phase) in running {
-            let e = self.turn_error(index, code, "the session was ended by the relay");
-            let reusable = phase != Phase::Streaming;
-            self.finish(
-                index,
-                Ending::Aborted(code),
-                Delivery::new(Some(e), reusable),
-                ctx,
-            );
+        let message = "the session was ended by the relay";
+        for index in self.running() {
+            let abort = Input::Abort(code, message.into());
+            self.drive(index, abort, Instant::now(), None, ctx);
         }
     }
 }
@@ -1376,7 +1300,7 @@ impl Handler<Describe> for SessionActor {
 
     fn handle(&mut self, _: Describe, _: &mut Self::Context) -> Self::Result {
         // The most advanced phase of its turns.
-        let has = |p: Phase| self.turns.iter().any(|t| t.phase == p);
+        let has = |p: Phase| self.turns.iter().any(|t| t.m.phase() == p);
         let state = [
             (Phase::Streaming, "streaming"),
             (Phase::Finishing, "finishing"),

@@ -6,6 +6,8 @@
 //! - `fleet`: per-key slots counted across relays sharing PostgreSQL.
 //! - `lanes`: which create starts, waits or is refused, per lane (pure).
 //! - `lifecycle`: a turn's decisions on the shared connection: retry, stall, fit (pure).
+//! - `machine`: one turn's life — phase, tracker, deadlines — as `step(input) -> effects`
+//!   (pure); the session actor and the HTTP exchange carry the effects out.
 //! - `gate`: what every turn passes, WebSocket or HTTP: standing, reservation, accounts, record.
 //! - `registry`: every live session (shutdown, admin).
 //! - `requests`: HTTP requests in flight (admin).
@@ -17,6 +19,7 @@ pub mod fleet;
 pub mod gate;
 pub mod lanes;
 pub mod lifecycle;
+pub mod machine;
 pub mod messages;
 pub mod registry;
 pub mod requests;

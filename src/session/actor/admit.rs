@@ -47,27 +47,23 @@ impl SessionActor {
                     }
                     act.supersede_waiting(&lane, ctx);
                     act.lanes.push(frame, Instant::now());
-                    let Some((index, phase)) = act
+                    let Some(index) = act
                         .turns
                         .iter()
                         .find(|t| t.frame.stream_id == lane)
-                        .map(|t| (t.index, t.phase))
+                        .map(|t| t.index)
                     else {
                         // The lane's turn ended meanwhile.
                         return act.pump(ctx);
                     };
-                    if phase == Phase::Finishing {
-                        return;
-                    }
-                    let e = act.turn_error(
+                    let message = "this response was ended by a newer response.create";
+                    act.drive(
                         index,
-                        ErrorCode::ResponsePreempted,
-                        "this response was ended by a newer response.create",
+                        Input::Preempt(message.into()),
+                        Instant::now(),
+                        None,
+                        ctx,
                     );
-                    if phase == Phase::Streaming {
-                        return act.preempt_streaming(index, e, ctx);
-                    }
-                    act.finish(index, Ending::Preempted, Delivery::reusable(Some(e)), ctx);
                 }),
         );
     }
@@ -130,7 +126,7 @@ impl SessionActor {
     /// Turn `index` if it is still in flight and `generation` is still its step.
     fn current(&mut self, index: i32, generation: u64) -> Option<&mut Turn> {
         self.at_mut(index)
-            .filter(|t| t.generation == generation && t.phase != Phase::Finishing)
+            .filter(|t| t.generation == generation && t.m.phase() != Phase::Finishing)
     }
 
     /// docs/DESIGN.md#fleet-slots: a key with a turn limit counts its turn for the whole
@@ -210,10 +206,7 @@ impl SessionActor {
     }
 
     fn start_leasing(&mut self, index: i32, ctx: &mut Context<Self>) {
-        if let Some(turn) = self.at_mut(index) {
-            turn.phase = Phase::Leasing;
-        }
-        self.lease_and_send(index, ctx);
+        self.drive(index, Input::Admitted, Instant::now(), None, ctx);
     }
 
     /// The reservation turn `index` takes, if its key or user is limited.
@@ -357,16 +350,7 @@ impl SessionActor {
                     "upstream account refusing turns; they go to other accounts while it cools down");
             }
         }
-        if let Some(turn) = self.at_mut(index) {
-            turn.phase = Phase::Leasing;
-        }
-        if self.failover(index, ctx) {
-            return true;
-        }
-        if let Some(turn) = self.at_mut(index) {
-            turn.phase = Phase::Streaming;
-        }
-        false
+        self.failover(index, ctx)
     }
 
     /// The turn's account could not be reached: it moves to the next account that can take
@@ -435,12 +419,7 @@ impl SessionActor {
         message: &str,
         ctx: &mut Context<Self>,
     ) {
-        let e = self.turn_error(index, code, message);
-        self.finish(
-            index,
-            Ending::Rejected(code),
-            Delivery::reusable(Some(e)),
-            ctx,
-        );
+        let refused = Input::Refused(code, message.into());
+        self.drive(index, refused, Instant::now(), None, ctx);
     }
 }

@@ -68,7 +68,7 @@ impl SessionActor {
             return;
         }
         let decision = match decision {
-            Decision::Replay { .. } if turn.replayed => Decision::FailClosed {
+            Decision::Replay { .. } if turn.m.replayed() => Decision::FailClosed {
                 reason: "the chain was lost again after its conversation was replayed once for this turn; start a new chain".into(),
             },
             d => d,
@@ -87,7 +87,6 @@ impl SessionActor {
             }
             Decision::Replay { input, reason } => {
                 info!(parent: &turn.span, reason, items = input.len(), "continuation: chain lost; previous_response_id dropped, conversation replayed");
-                turn.replayed = true;
             }
             Decision::Inject(id) => {
                 debug!(parent: &turn.span, previous_response_id = %id, "continuation: tool output continues the last response");
@@ -100,23 +99,31 @@ impl SessionActor {
         };
         let raw = rewritten.unwrap_or_else(|| turn.frame.raw.clone());
         let now = Instant::now();
-        turn.last_upstream = now;
-        turn.phase = Phase::Streaming;
-        match lease {
-            Some(lease) if !turn.over_http() && raw.len() <= frame_max => {
+        let socket = lease.filter(|_| !turn.over_http() && raw.len() <= frame_max);
+        let sent = Input::Sent {
+            leg: if socket.is_some() {
+                machine::Leg::Socket
+            } else {
+                machine::Leg::Http
+            },
+            replayed: matches!(decision, Decision::Replay { .. }),
+        };
+        turn.m.step(sent, now);
+        match socket {
+            Some(lease) => {
                 if turn.frame.stream_id.is_some() {
                     self.up.named_on.insert(lease.conn);
                 }
                 turn.sent_bytes = raw.len();
                 lease.addr.do_send(SendText(ByteString::from(raw)));
-                turn.tracker.clock.written(now);
+                turn.m.tracker.clock.written(now);
                 debug!(parent: &turn.span, conn = lease.conn, account = %lease.account, "request written upstream");
             }
             // Its leg says when the request reached the upstream.
             _ => {
                 turn.leg = http_leg::Leg::Http(None);
                 if !self.start_http_leg(index, &raw, ctx) {
-                    self.unreachable(index, ctx);
+                    self.unreachable(index, Unreachable::Final, ctx);
                 }
             }
         }
@@ -141,7 +148,7 @@ impl SessionActor {
         ) else {
             return;
         };
-        let Some(id) = turn.tracker.response_id.as_deref() else {
+        let Some(id) = turn.m.tracker.response_id.as_deref() else {
             return;
         };
         // A successor continues the steered response; the relay sent nothing of it.
@@ -155,7 +162,7 @@ impl SessionActor {
             parent,
             conn,
             turn.frame.input.as_ref(),
-            &turn.tracker.output,
+            &turn.m.tracker.output,
         );
     }
 

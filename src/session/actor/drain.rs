@@ -2,6 +2,7 @@
 //! its usage while the new turn runs.
 
 use super::*;
+use crate::session::turn::{self, Step};
 
 impl SessionActor {
     /// Preempts streaming turn `index` (docs/DESIGN.md#preemption): the client is told at once;
@@ -13,17 +14,6 @@ impl SessionActor {
         let Some(pos) = self.turns.iter().position(|t| t.index == index) else {
             return;
         };
-        if self.turns[pos].over_http() {
-            // No cancel to send over HTTP: the leg is dropped (which stops the upstream) and the
-            // turn billed from what it saw, before the next turn starts.
-            self.stop_http_leg(index, ctx);
-            return self.finish(
-                index,
-                Ending::Preempted,
-                Delivery::reusable(Some(event)),
-                ctx,
-            );
-        }
         let Some((conn, account)) = self
             .up
             .lease
@@ -37,8 +27,7 @@ impl SessionActor {
         turn.generation += 1;
         turn.key_slot = None;
         turn.account_slot = None;
-        turn.phase = Phase::Finishing;
-        let mut cancel = match turn.tracker.response_id.clone() {
+        let mut cancel = match turn.m.tracker.response_id.clone() {
             Some(id) => json!({"type": "response.cancel", "response_id": id}),
             None => json!({"type": "response.cancel"}),
         };
@@ -92,7 +81,7 @@ impl SessionActor {
             forwarded: true,
             replayed: true,
         };
-        match turn::step(&mut d.turn.tracker, &text, Instant::now(), relayed) {
+        match turn::step(&mut d.turn.m.tracker, &text, Instant::now(), relayed) {
             Step::End { reusable, .. } => self.end_drain(i, reusable, ctx),
             Step::Invalid => self.end_drain(i, false, ctx),
             Step::Forward | Step::Steer(_) => {}
@@ -129,9 +118,9 @@ impl SessionActor {
         if let Some(lease) = &d.lease {
             self.release(lease, clean);
         }
-        let outcome = d.turn.tracker.finish(Ending::Preempted, d.ended_at);
+        let outcome = d.turn.m.tracker.finish(Ending::Preempted, d.ended_at);
         let record = self.record_of(&d.turn, outcome, d.account.clone());
-        crate::telemetry::turn_ended(&record, d.turn.tracker.usage_malformed);
+        crate::telemetry::turn_ended(&record, d.turn.m.tracker.usage_malformed);
         crate::telemetry::record_turn(&d.turn.span, &record);
         record
     }

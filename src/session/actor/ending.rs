@@ -44,7 +44,10 @@ impl SessionActor {
         delivery: Delivery,
         ctx: &mut Context<Self>,
     ) {
-        if self.at(index).is_none_or(|t| t.phase == Phase::Finishing) {
+        if self
+            .at(index)
+            .is_none_or(|t| t.m.phase() == Phase::Finishing)
+        {
             return;
         }
         self.remember_response(index, &ending);
@@ -53,7 +56,7 @@ impl SessionActor {
         };
         // After a terminal, the upstream may start a successor on its own (steering).
         let template =
-            steer::Template::of(&turn.frame, &turn.model, turn.tracker.response_id.clone());
+            steer::Template::of(&turn.frame, &turn.model, turn.m.tracker.response_id.clone());
         let steer = self.steers.entry(turn.frame.stream_id.clone()).or_default();
         let unused = steer.turn_ended(&ending, template);
         gate::release_reservations(&self.deps, unused);
@@ -67,8 +70,7 @@ impl SessionActor {
             .as_ref()
             .filter(|_| !over_http)
             .map(|l| l.account.to_string());
-        let streaming = turn.phase == Phase::Streaming;
-        turn.phase = Phase::Finishing;
+        let streaming = turn.m.finished();
         let account = streaming
             .then(|| held.clone())
             .flatten()
@@ -83,7 +85,7 @@ impl SessionActor {
         // A refusal because accounting is down does not wait for accounting.
         let wait = ending != Ending::Rejected(ErrorCode::AccountingUnavailable);
         let ending_kind = ending.clone();
-        let outcome = turn.tracker.finish(ending, Instant::now());
+        let outcome = turn.m.tracker.finish(ending, Instant::now());
         let Some(turn) = self.at(index) else {
             return;
         };
@@ -92,7 +94,7 @@ impl SessionActor {
             &self.deps,
             turn.affinity.as_ref(),
             &record,
-            turn.tracker.usage_malformed,
+            turn.m.tracker.usage_malformed,
             &turn.span,
         );
         let store = turn.frame.store;

@@ -34,7 +34,7 @@ pub(super) struct LegEvent {
 impl Turn {
     /// Streaming on the session's leased connection (not over an HTTP leg).
     pub(super) fn on_lease(&self) -> bool {
-        self.phase == Phase::Streaming && matches!(self.leg, Leg::Lease)
+        self.m.phase() == Phase::Streaming && matches!(self.leg, Leg::Lease)
     }
 
     pub(super) fn over_http(&self) -> bool {
@@ -83,7 +83,7 @@ impl SessionActor {
         let refused = self
             .turns
             .iter()
-            .filter(|t| t.on_lease() && t.tracker.events == 0)
+            .filter(|t| t.on_lease() && t.m.tracker.events == 0)
             .map(|t| t.sent_bytes)
             .max()
             .unwrap_or(0);
@@ -125,14 +125,11 @@ impl SessionActor {
         let refused: Vec<i32> = self
             .turns
             .iter()
-            .filter(|t| t.on_lease() && t.frame.stream_id.is_some() && t.tracker.events == 0)
+            .filter(|t| t.on_lease() && t.frame.stream_id.is_some() && t.m.tracker.events == 0)
             .map(|t| t.index)
             .collect();
         for index in refused {
-            if let Some(turn) = self.at_mut(index) {
-                turn.phase = Phase::Leasing;
-            }
-            self.lease_and_send(index, ctx);
+            self.drive(index, Input::Resend, Instant::now(), None, ctx);
         }
         true
     }
@@ -218,33 +215,29 @@ impl SessionActor {
         let Some(i) = self.turns.iter().position(|t| {
             t.index == ev.index
                 && t.generation == ev.generation
-                && t.phase == Phase::Streaming
+                && t.m.phase() == Phase::Streaming
                 && t.over_http()
         }) else {
             return;
         };
         let index = ev.index;
         match ev.item {
-            LegItem::Written(at) => self.turns[i].tracker.clock.written(at),
+            LegItem::Written(at) => self.turns[i].m.tracker.clock.written(at),
             LegItem::Event(text) => self.on_turn_text(i, text, Instant::now(), ctx),
             LegItem::Refused(event) => {
-                self.stop_http_leg(index, ctx);
-                let code = turn::read_error(&event).code;
-                let code = code.unwrap_or_else(|| "http_refused".into());
-                if self.fail_over_in_band(index, &code, ctx) {
-                    return;
-                }
-                // Nothing was served: the upstream's own words, not billed.
-                let delivery = Delivery::reusable(Some(event.to_string()));
-                let ending = Ending::Rejected(ErrorCode::UpstreamUnavailable);
-                self.finish(index, ending, delivery, ctx);
+                // Nothing was served: the upstream's own words if no other account takes it.
+                let refused = Input::Unreachable {
+                    why: Unreachable::Refused {
+                        event: event.to_string(),
+                    },
+                    message: String::new(),
+                    close: false,
+                };
+                self.drive(index, refused, Instant::now(), None, ctx);
             }
             LegItem::Unreachable(why) => {
-                self.stop_http_leg(index, ctx);
                 debug!(parent: &self.turns[i].span, error = %why, "upstream unreachable over HTTP");
-                if !self.fail_over_in_band(index, "unreachable", ctx) {
-                    self.unreachable(index, ctx);
-                }
+                self.unreachable(index, Unreachable::LegDown, ctx);
             }
             LegItem::Lost(why) => {
                 self.stop_http_leg(index, ctx);
@@ -256,12 +249,15 @@ impl SessionActor {
 }
 
 impl SessionActor {
-    /// Turn `index` could not reach its account, and no other took it: refused, not billed.
-    pub(super) fn unreachable(&mut self, index: i32, ctx: &mut Context<Self>) {
-        let message = crate::session::gate::unavailable(&self.deps);
-        let e = self.turn_error(index, ErrorCode::UpstreamUnavailable, &message);
-        let ending = Ending::Rejected(ErrorCode::UpstreamUnavailable);
-        self.finish(index, ending, Delivery::reusable(Some(e)), ctx);
+    /// Turn `index` could not reach its account (`why`): another account takes it, else it
+    /// is refused, not billed.
+    pub(super) fn unreachable(&mut self, index: i32, why: Unreachable, ctx: &mut Context<Self>) {
+        let input = Input::Unreachable {
+            why,
+            message: crate::session::gate::unavailable(&self.deps),
+            close: false,
+        };
+        self.drive(index, input, Instant::now(), None, ctx);
     }
 }
 

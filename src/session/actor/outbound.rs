@@ -78,7 +78,7 @@ impl SessionActor {
     pub(super) fn running(&self) -> Vec<i32> {
         self.turns
             .iter()
-            .filter(|t| t.phase != Phase::Finishing)
+            .filter(|t| t.m.phase() != Phase::Finishing)
             .map(|t| t.index)
             .collect()
     }

@@ -291,7 +291,7 @@ impl SessionActor {
         if kind == EventKind::Error && lane.is_none() {
             // An error of no lane while only named lanes run concerns the connection: every
             // turn on it ends (each retried once when nothing of it was forwarded).
-            let code = turn::read_error(&text).code;
+            let code = crate::session::turn::read_error(&text).code;
             let code = code.unwrap_or_else(|| "error".into());
             warn!(parent: &self.span, code = %code, "upstream error outside any lane; the connection goes");
             return self.drop_connection(
@@ -355,10 +355,7 @@ impl SessionActor {
         };
         let mut turn = self.new_turn(frame, template.model, now, Origin::Steer, id);
         // Nothing of it was sent by the relay: it cannot be retried or replayed elsewhere.
-        turn.tracker.clock.written(now);
-        turn.phase = Phase::Streaming;
-        turn.retried = true;
-        turn.replayed = true;
+        turn.m.started_upstream(now);
         info!(parent: &turn.span, "the upstream started a successor (steering)");
         self.turns.push(turn);
         self.park(false);
