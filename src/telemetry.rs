@@ -435,6 +435,12 @@ pub fn dial_failed(account: &str) {
     ::metrics::counter!(metric::DIAL_FAILURES, "account" => account.to_string()).increment(1);
 }
 
+/// An upstream error ended (or would have ended) a turn: its code, cleaned to a label.
+pub fn upstream_error(code: &str) {
+    let label = crate::record::clean_label(code, 64);
+    ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
+}
+
 /// A turn's record reached accounting: count it, its cost by tier and its timing.
 pub fn turn_ended(r: &crate::record::TurnRecord, usage_malformed: bool) {
     let tier = BILLED_TIERS

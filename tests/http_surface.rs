@@ -461,6 +461,54 @@ fn a_silent_upstream_times_out() {
     s.finish();
 }
 
+/// A request the upstream took but did not answer in time (no head within the first-event
+/// timeout) is sent once more, as a WebSocket turn lost before any event is
+/// (docs/DESIGN.md#turn-machine): the client gets the second answer, billed once as reported;
+/// lost twice, the client hears `upstream_connection_lost` and the row bills the estimate.
+#[test]
+fn a_request_unanswered_is_sent_once_more() {
+    let s = start(
+        TestDb::sqlite(),
+        StackOptions {
+            env: &[("TURNPIKE_UPSTREAM__FIRST_EVENT_TIMEOUT_MS", "500")],
+            ..StackOptions::default()
+        },
+    );
+    let mut c = Conn::open(&s.addr);
+    let head = c.post(
+        "/v1/responses",
+        &s.key,
+        &req(sim("head_delay_ms=3000 once")),
+    );
+    let body = c.json(&head);
+    assert_eq!(head.status, 200, "{body}");
+    assert_eq!(body["status"], "completed", "{body}");
+    assert_eq!(s.sim_stats()["http_requests"], 2, "sent twice");
+    let rows = s.rows(1);
+    assert_eq!(rows.len(), 1, "billed once: {rows:?}");
+    assert_billed_as_reported(&rows[0], &body["usage"]);
+    assert_eq!(rows[0].response_id.as_deref(), body["id"].as_str());
+
+    // Unanswered twice: lost, billed from its estimate (it reached the upstream).
+    let mut c = Conn::open(&s.addr);
+    let head = c.post("/v1/responses", &s.key, &req(sim("head_delay_ms=3000")));
+    let body = c.json(&head);
+    assert_eq!(head.status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_connection_lost");
+    assert_eq!(s.sim_stats()["http_requests"], 4, "once more, not twice");
+    let rows = s.rows(2);
+    assert_eq!(
+        (rows[1].status.as_str(), rows[1].usage_source.as_str()),
+        ("upstream_lost", "estimated")
+    );
+    assert!(
+        rows[1].input_tokens > 0 && rows[1].cost_nanousd > 0,
+        "{:?}",
+        rows[1]
+    );
+    s.finish();
+}
+
 /// Accounting unavailable (spool and database down) while a request is in flight: no 200 and
 /// no terminal event — the client gets `accounting_unavailable`; later requests are refused
 /// before the upstream.

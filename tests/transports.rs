@@ -819,8 +819,9 @@ fn what_accounts_taught_is_visible_and_lanes_can_be_declared() {
     s.finish();
 }
 
-/// Clients that vanish the moment their turn's response started over HTTP: each turn still ends
-/// with one row, its input billed (the request reached the upstream).
+/// Clients that vanish the moment their turn's response started over HTTP: each turn ends at
+/// once with one row, its input billed (the request reached the upstream), and its request is
+/// dropped — the upstream stops generating for nobody (docs/DESIGN.md#turn-machine).
 #[test]
 fn clients_vanishing_during_http_legs_leave_one_billed_row_each() {
     let s = stack(Some(1024), &[]);
@@ -836,15 +837,26 @@ fn clients_vanishing_during_http_legs_leave_one_billed_row_each() {
     assert_eq!(rows.len(), 5, "{rows:?}");
     for r in &rows {
         assert_eq!(r.upstream_transport, "http", "{r:?}");
-        assert!(
-            matches!(r.status.as_str(), "completed" | "client_gone"),
-            "{r:?}"
-        );
+        assert_eq!(r.status, "client_gone", "{r:?}");
         assert!(
             r.input_tokens > 0 && r.cost_nanousd > 0,
             "never zero once sent: {r:?}"
         );
     }
+    // The sim notices a dropped request at its next write.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        let stats = s.sim_stats();
+        if stats["http_abandoned"] == 5 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        (&stats["http_abandoned"], &stats["http_completed"]),
+        (&json!(5), &json!(0)),
+        "{stats}"
+    );
     s.finish();
 }
 

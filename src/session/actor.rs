@@ -773,10 +773,7 @@ impl SessionActor {
                 }
             }
             Effect::DropConnection(why) => self.drop_connection(why, ctx),
-            Effect::CountError(code) => {
-                let label = crate::record::clean_label(&code, 64);
-                ::metrics::counter!(metric::UPSTREAM_ERRORS, "code" => label).increment(1);
-            }
+            Effect::CountError(code) => crate::telemetry::upstream_error(&code),
             Effect::Finish(end) => {
                 let delivery = self.delivery(index, end.last, end.reusable, end.close, text);
                 self.finish(index, end.ending, delivery, ctx);

@@ -52,7 +52,8 @@ pub enum Leg {
 pub struct Limits {
     /// After a client's cancel, how long the upstream has to end the response.
     pub cancel_grace: Duration,
-    /// After the client left, how long the upstream is read for the terminal's usage.
+    /// After the client left, how long the upstream is read for the terminal's usage (zero:
+    /// the turn ends at once, its connection spent).
     pub drain: Duration,
     pub first_event: Duration,
     pub read: Duration,
@@ -92,8 +93,13 @@ pub enum Input<'a> {
     },
     /// Its request was written upstream over `leg`; `replayed`: as its conversation's replay.
     Sent { leg: Leg, replayed: bool },
+    /// The upstream's answer began (an HTTP answer's head): from now on it is this answer or
+    /// nothing — no retry, no rescue (the upstream is generating it).
+    Answered,
     /// One upstream event of its response.
     Upstream(&'a str),
+    /// Its whole answer at once (an HTTP request that did not stream): a response object.
+    Whole(&'a [u8]),
     /// Its upstream (connection or HTTP leg) went before its end.
     Lost(&'a LostReason),
     /// Its transport changed before anything of it was heard (the upstream refused its lane,
@@ -209,6 +215,8 @@ pub struct TurnMachine {
     limits: Limits,
     /// Events of it relayed to the client.
     forwarded: u32,
+    /// Its upstream answer began (`Input::Answered`).
+    answered: bool,
     /// Retried once on a fresh connection already.
     retried: bool,
     /// Its conversation was replayed (never twice).
@@ -228,6 +236,7 @@ impl TurnMachine {
             leg: Leg::Socket,
             limits,
             forwarded: 0,
+            answered: false,
             retried: false,
             replayed: false,
             last_upstream: accepted,
@@ -260,9 +269,9 @@ impl TurnMachine {
         self.replayed
     }
 
-    /// Something of it reached the client.
-    pub fn forwarded(&self) -> bool {
-        self.forwarded > 0
+    /// Something of it reached the client, or its answer began.
+    pub fn committed(&self) -> bool {
+        self.forwarded > 0 || self.answered
     }
 
     /// Streaming over a WebSocket: its events come on the connection.
@@ -306,7 +315,19 @@ impl TurnMachine {
                 self.last_upstream = now;
                 Vec::new()
             }
+            Input::Answered => {
+                self.answered = true;
+                Vec::new()
+            }
             Input::Upstream(text) => self.upstream(text, now),
+            Input::Whole(body) => match self.tracker.observe_whole(body, now) {
+                Some(kind) => {
+                    vec![self.finish(End::new(Ending::Terminal(kind), Last::Upstream, true))]
+                }
+                None => self.lost(&LostReason::Protocol(
+                    "the upstream's answer is not a JSON object",
+                )),
+            },
             Input::Lost(reason) => self.lost(reason),
             Input::Resend => {
                 self.phase = Phase::Leasing;
@@ -399,7 +420,7 @@ impl TurnMachine {
         }
         self.last_upstream = now;
         let relayed = Relayed {
-            forwarded: self.forwarded > 0,
+            forwarded: self.committed(),
             replayed: self.replayed,
         };
         match turn::step(&mut self.tracker, text, now, relayed) {
@@ -455,7 +476,7 @@ impl TurnMachine {
             return Vec::new();
         }
         let loss = Loss {
-            forwarded: self.forwarded,
+            forwarded: self.forwarded + u32::from(self.answered),
             retried: self.retried,
             client_gone: self.drain_deadline.is_some(),
             reason,
@@ -518,6 +539,16 @@ impl TurnMachine {
     }
 
     fn client_gone(&mut self, now: Instant) -> Vec<Effect> {
+        if self.phase == Phase::Streaming && self.leg == Leg::Http {
+            // Dropping the request stops the upstream; billed from what was seen.
+            return vec![
+                Effect::StopLeg,
+                self.finish(End::new(Ending::ClientGone, Last::Nothing, true)),
+            ];
+        }
+        if self.phase == Phase::Streaming && self.limits.drain.is_zero() {
+            return vec![self.finish(End::new(Ending::ClientGone, Last::Nothing, false))];
+        }
         if self.phase == Phase::Streaming {
             // Its usage comes with the terminal: read a while longer, its slots free now.
             self.drain_deadline = Some(now + self.limits.drain);
@@ -710,6 +741,45 @@ mod tests {
         assert_eq!(
             end.ending,
             Ending::UpstreamLost(ErrorCode::UpstreamRestarting)
+        );
+    }
+
+    #[test]
+    fn an_answer_begun_is_never_retried_or_rescued() {
+        let t0 = Instant::now();
+        let mut m = sent(t0, Leg::Http);
+        assert!(m.step(Input::Answered, t0).is_empty());
+        assert!(m.committed());
+        let out = m.step(Input::Lost(&LostReason::Closed(None)), t0);
+        assert!(finish_of(&out).is_some(), "{out:?}");
+        let mut m = sent(t0, Leg::Http);
+        m.step(Input::Answered, t0);
+        let e = error("server_error", "server_error", 500);
+        let out = m.step(Input::Upstream(&e), t0);
+        assert!(
+            !out.iter().any(|e| matches!(e, Effect::Rescue(_))),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_whole_answer_is_its_terminal_or_a_protocol_error() {
+        let t0 = Instant::now();
+        let mut m = sent(t0, Leg::Http);
+        m.step(Input::Answered, t0);
+        let body = br#"{"id":"resp_9","status":"incomplete","output":[],"usage":{"input_tokens":1,"output_tokens":0,"total_tokens":1}}"#;
+        let out = m.step(Input::Whole(body), t0);
+        assert_eq!(
+            finish_of(&out).unwrap().ending,
+            Ending::Terminal(TerminalKind::Incomplete)
+        );
+        assert_eq!(m.tracker.response_id.as_deref(), Some("resp_9"));
+        let mut m = sent(t0, Leg::Http);
+        m.step(Input::Answered, t0);
+        let out = m.step(Input::Whole(b"[]"), t0);
+        assert_eq!(
+            finish_of(&out).unwrap().ending,
+            Ending::UpstreamLost(ErrorCode::UpstreamProtocolError)
         );
     }
 
@@ -920,6 +990,30 @@ mod tests {
         m.step(Input::ClientGone, t0);
         let out = m.step(Input::Lost(&LostReason::Closed(None)), t0);
         assert!(finish_of(&out).is_some(), "{out:?}");
+        // Over HTTP the leg is dropped (which stops the upstream) and the turn ends now.
+        let mut m = sent(t0, Leg::Http);
+        let out = m.step(Input::ClientGone, t0);
+        assert_eq!(out[0], Effect::StopLeg);
+        assert_eq!(finish_of(&out).unwrap().ending, Ending::ClientGone);
+        // Without a drain (an HTTP client's socket), a socket turn ends now, its socket spent.
+        let mut m = TurnMachine::new(
+            TurnTracker::new(t0),
+            Limits {
+                drain: Duration::ZERO,
+                ..limits()
+            },
+            t0,
+        );
+        m.step(Input::Admitted, t0);
+        m.step(
+            Input::Sent {
+                leg: Leg::Socket,
+                replayed: false,
+            },
+            t0,
+        );
+        let out = m.step(Input::ClientGone, t0);
+        assert!(!finish_of(&out).unwrap().reusable);
         // Not yet streaming: it ends now, nobody to tell.
         let mut m = machine(t0);
         let out = m.step(Input::ClientGone, t0);

@@ -434,6 +434,7 @@ fn fault_steps(fault: &Fault, seq: usize) -> Vec<Step> {
         Fault::Close(code) => vec![Step::Close(*code)],
         Fault::Drop => vec![Step::Drop],
         Fault::Stall => vec![Step::Stall],
+        Fault::HeadDelay(_) => Vec::new(),
         Fault::Binary => vec![Step::Binary(b"\x00\x01sim-binary".to_vec())],
         Fault::InvalidJson => vec![Step::Text(
             "{\"type\": \"response.output_text.delta\", oops".into(),

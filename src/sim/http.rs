@@ -4,7 +4,8 @@
 //! Faults over HTTP: an `error=CODE status=N` fault before the first event (`after=0`, the
 //! default) is the HTTP status with the JSON error (429, 5xx… before any byte); later it is an
 //! SSE `error` event. `close`/`drop` cut the body (no terminal); `stall` sends nothing more;
-//! `first_delay_ms` delays the first event (and the JSON answer).
+//! `first_delay_ms` delays the first event (and the JSON answer); `head_delay_ms` delays the
+//! answer's head itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +86,9 @@ pub async fn create(
         Ok(p) => p,
         Err(refused) => return *refused,
     };
+    if let Some(Fault::HeadDelay(wait)) = script.fault {
+        tokio::time::sleep(wait).await;
+    }
     if let Err(e) = events::check_request(&request, |id| shared.stored(id)) {
         let status = e["status"]
             .as_u64()

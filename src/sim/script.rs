@@ -28,6 +28,9 @@ pub enum Fault {
     InvalidJson,
     /// An extra delta event whose frame is this many bytes, then the sequence continues.
     Oversize(usize),
+    /// HTTP: the answer's head waits this long (an upstream that took the request and does not
+    /// answer in time); over WebSocket nothing (there is no head).
+    HeadDelay(Duration),
 }
 
 impl Fault {
@@ -35,7 +38,7 @@ impl Fault {
     pub fn continues(&self) -> bool {
         matches!(
             self,
-            Fault::Binary | Fault::InvalidJson | Fault::Oversize(_)
+            Fault::Binary | Fault::InvalidJson | Fault::Oversize(_) | Fault::HeadDelay(_)
         )
     }
 }
@@ -163,7 +166,7 @@ impl Script {
         let set_fault = |s: &mut Script, f: Fault| -> Result<(), String> {
             if s.fault.is_some() {
                 return Err(
-                    "only one of error/close/drop/stall/binary/invalid_json/oversize per turn"
+                    "only one of error/close/drop/stall/binary/invalid_json/oversize/head_delay_ms per turn"
                         .into(),
                 );
             }
@@ -240,6 +243,7 @@ impl Script {
                 }
                 "drop" => set_fault(&mut s, Fault::Drop)?,
                 "stall" => set_fault(&mut s, Fault::Stall)?,
+                "head_delay_ms" => set_fault(&mut s, Fault::HeadDelay(ms(need()?)?))?,
                 "binary" => set_fault(&mut s, Fault::Binary)?,
                 "invalid_json" => set_fault(&mut s, Fault::InvalidJson)?,
                 "oversize" => set_fault(&mut s, Fault::Oversize(crate::num::len(num(need()?)?)))?,

@@ -1,6 +1,8 @@
 //! One HTTP turn, from admission to its durable record (docs/DESIGN.md#http-surface). It runs
 //! as a task of its own: the handler only waits for its `Reply`, and a client who leaves (the
 //! handler or the SSE body dropped) is noticed here and ends the turn `client_gone`, billed.
+//! What happens to the turn is decided by its turn machine (docs/DESIGN.md#turn-machine), as for
+//! a WebSocket client's turn; this task carries it out in sequence (`step`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,9 +29,11 @@ use crate::session::SessionDeps;
 use crate::session::admission::{AccountSlot, KeySlot};
 use crate::session::fleet::{SlotKind, Taken};
 use crate::session::gate;
+use crate::session::machine::{self, Effect, Input, Rescue, TurnMachine, Unreachable};
 use crate::session::requests::{InFlight, RequestInfo};
-use crate::session::turn::{self, Ending, Step, TurnTracker};
+use crate::session::turn::{Ending, TurnTracker};
 use crate::upstream::http::{self as upstream, Endpoint, PostError};
+use crate::upstream::messages::LostReason;
 
 mod ws_leg;
 
@@ -56,6 +60,7 @@ enum Sink {
 }
 
 /// What the client hears last, once the record is durable.
+#[derive(Clone)]
 enum Last {
     /// The upstream's JSON answer (its response, or its error with its status).
     Upstream {
@@ -74,22 +79,27 @@ enum Last {
 /// How the turn ends: the record's ending and the client's last words.
 struct End(Ending, Last);
 
-impl End {
-    fn relay(ending: Ending, code: ErrorCode, message: impl Into<String>) -> Self {
-        End(ending, Last::Error(code, message.into()))
-    }
+/// A refusal before anything was sent: its code and the client's words.
+type Refusal = (ErrorCode, String);
 
-    fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
-        End::relay(Ending::Rejected(code), code, message)
-    }
+/// What the turn's machine answered, for the exchange's sequence.
+enum Next {
+    /// Nothing to do but go on.
+    Go,
+    /// Relay the event.
+    Relay,
+    /// Send the request again (once: nothing of it was heard).
+    Retry,
+    /// Try this; `NotRescued` when it cannot be done.
+    Rescue(Rescue),
+    /// The end, and whether the upstream socket may serve another response.
+    End(End, bool),
+}
 
-    fn lost(code: ErrorCode, message: impl Into<String>) -> Self {
-        End::relay(Ending::UpstreamLost(code), code, message)
-    }
-
-    fn client_gone() -> Self {
-        End(Ending::ClientGone, Last::Nothing)
-    }
+/// Why the turn must stop for a reason of its own.
+enum Interrupted {
+    ClientGone,
+    ShuttingDown,
 }
 
 pub(crate) struct Exchange {
@@ -106,7 +116,8 @@ pub(crate) struct Exchange {
     /// The turn's affinity (docs/DESIGN.md#routing), read at admission.
     affinity: Option<gate::Affinity>,
     accepted_wall: NaiveDateTime,
-    tracker: TurnTracker,
+    /// Its life: phase, tracker (docs/DESIGN.md#turn-machine).
+    m: TurnMachine,
     standing: Option<(ApiKey, User)>,
     bound: Option<String>,
     tried: Vec<String>,
@@ -165,8 +176,18 @@ impl Exchange {
             account: None,
             started_at: crate::db::now(),
         });
+        let up = &deps.settings.upstream;
+        let limits = machine::Limits {
+            // No cancel message over HTTP.
+            cancel_grace: Duration::ZERO,
+            // A client that left ends its turn at once (its socket spent, its request dropped).
+            drain: Duration::ZERO,
+            first_event: Duration::from_millis(up.first_event_timeout_ms),
+            read: Duration::from_millis(up.read_timeout_ms),
+        };
+        let tracker = TurnTracker::new(accepted).prompting(frame.prompt_bytes);
         Ok(Self {
-            tracker: TurnTracker::new(accepted).prompting(frame.prompt_bytes),
+            m: TurnMachine::new(tracker, limits, accepted),
             deps,
             principal,
             frame,
@@ -198,16 +219,98 @@ impl Exchange {
     pub async fn run(mut self, reply: oneshot::Sender<Reply>) {
         let mut sink = Sink::Waiting(reply);
         let end = match self.admit().await {
-            Err(end) => end,
-            Ok(()) => self.exchange(&mut sink).await,
+            Err((code, message)) => self.end_with(Input::Refused(code, message), &no_answer),
+            Ok(()) => {
+                self.step(Input::Admitted, &no_answer);
+                self.exchange(&mut sink).await
+            }
         };
         self.finish(end, sink).await;
+    }
+
+    /// Feeds `input` to the turn's machine (docs/DESIGN.md#turn-machine) and says what the
+    /// exchange does next; `answer` renders the upstream's own answer (`Last::Upstream`,
+    /// `Last::Verbatim`) should the turn end with it.
+    fn step(&mut self, input: Input<'_>, answer: &dyn Fn(&Ending) -> Last) -> Next {
+        let mut next = Next::Go;
+        for effect in self.m.step(input, Instant::now()) {
+            match effect {
+                Effect::Forward | Effect::Steer(_) => next = Next::Relay,
+                Effect::Retry => next = Next::Retry,
+                Effect::Rescue(rescue) => next = Next::Rescue(rescue),
+                Effect::CountError(code) => crate::telemetry::upstream_error(&code),
+                // Its socket is its own: garbage on it loses the turn.
+                Effect::DropConnection(why) => return self.step(Input::Lost(&why), answer),
+                Effect::Finish(end) => {
+                    let last = match end.last {
+                        machine::Last::Upstream | machine::Last::Verbatim(_) => answer(&end.ending),
+                        machine::Last::Error(code, message) => Last::Error(code, message),
+                        machine::Last::Cancelled | machine::Last::Nothing => Last::Nothing,
+                    };
+                    return Next::End(End(end.ending, last), end.reusable);
+                }
+                // The sequence does these itself: it asks for an upstream next, and an answer
+                // it stops reading is dropped (which stops the upstream).
+                Effect::Lease
+                | Effect::StopLeg
+                | Effect::ForwardCancel
+                | Effect::Drain(_)
+                | Effect::FreeSlots => {}
+            }
+        }
+        next
+    }
+
+    /// Feeds an `input` that ends the turn; its end.
+    fn end_with(&mut self, input: Input<'_>, answer: &dyn Fn(&Ending) -> Last) -> End {
+        match self.step(input, answer) {
+            Next::End(end, _) => end,
+            // Not reached: the exchange stops at the machine's first end.
+            _ => End(
+                Ending::UpstreamLost(ErrorCode::UpstreamProtocolError),
+                Last::Error(
+                    ErrorCode::UpstreamProtocolError,
+                    "the turn could not go on".into(),
+                ),
+            ),
+        }
+    }
+
+    /// Feeds an `input` that ends the turn unless it is tried another way: `Ok` to send the
+    /// request again (a retry, or a failover that marks `failure` on the account), else its end.
+    fn again(
+        &mut self,
+        input: Input<'_>,
+        failure: &Failure<'_>,
+        answer: &dyn Fn(&Ending) -> Last,
+    ) -> Result<(), End> {
+        match self.step(input, answer) {
+            Next::Retry => Ok(()),
+            Next::Rescue(Rescue::FailOver(_) | Rescue::OtherAccount) if self.fail_over(failure) => {
+                Ok(())
+            }
+            Next::End(end, _) => Err(end),
+            Next::Rescue(_) | Next::Go | Next::Relay => {
+                Err(self.end_with(Input::NotRescued, answer))
+            }
+        }
+    }
+
+    /// The end of a turn interrupted for a reason of its own.
+    fn interrupt(&mut self, why: Interrupted) -> End {
+        let input = match why {
+            Interrupted::ClientGone => Input::ClientGone,
+            Interrupted::ShuttingDown => {
+                Input::Abort(ErrorCode::ShuttingDown, "the relay is shutting down".into())
+            }
+        };
+        self.end_with(input, &no_answer)
     }
 
     /// Admission (docs/DESIGN.md#turn), as for a WebSocket turn: standing re-read, accounting
     /// and accounts, the stored response's binding, the key's and an account's turn slots,
     /// the reservation.
-    async fn admit(&mut self) -> Result<(), End> {
+    async fn admit(&mut self) -> Result<(), Refusal> {
         let deps = self.deps.clone();
         let key = self.principal.key_id;
         let previous = self
@@ -229,9 +332,9 @@ impl Exchange {
         // Unlike a session, a request has no earlier standing to fall back on: a database that
         // does not answer refuses it (a limited key could not be held to its limit).
         let standing = standing.map_err(|_| {
-            End::refused(
+            (
                 ErrorCode::AccountingUnavailable,
-                gate::ACCOUNTING_UNAVAILABLE,
+                gate::ACCOUNTING_UNAVAILABLE.to_string(),
             )
         })?;
         if let Some((code, message)) = gate::standing_refusal(&deps, standing.as_ref())
@@ -244,15 +347,15 @@ impl Exchange {
             })
             .or_else(|| gate::service_refusal(&deps))
         {
-            return Err(End::refused(code, message));
+            return Err((code, message));
         }
         self.standing = standing;
         self.bound = gate::bound_account(&deps, key, binding, &self.span)
-            .map_err(|(code, message)| End::refused(code, message))?;
+            .map_err(|(code, message)| (code, message.to_string()))?;
         let busy = || {
-            End::refused(
+            (
                 ErrorCode::ConcurrencyLimitExceeded,
-                "this key has its maximum of turns in flight",
+                "this key has its maximum of turns in flight".to_string(),
             )
         };
         let limit = self.principal.max_concurrent_turns;
@@ -278,13 +381,13 @@ impl Exchange {
         if let Some(reservation) = gate::reservation_for(&deps, self.standing.as_ref(), ask) {
             gate::take_reservation(&deps, reservation, self.span.clone())
                 .await
-                .map_err(|(code, message)| End::refused(code, message))?;
+                .map_err(|(code, message)| (code, message.to_string()))?;
         }
         Ok(())
     }
 
     /// A turn slot on the first account that has room (`tried` left out).
-    fn take_account(&mut self) -> Result<(), End> {
+    fn take_account(&mut self) -> Result<(), Refusal> {
         let route = gate::Route {
             tried: &self.tried,
             bound: self.bound.as_deref(),
@@ -309,15 +412,15 @@ impl Exchange {
             .filter(|(name, _)| !cooling(name))
             .collect();
         if candidates.is_empty() {
-            return Err(End::refused(
+            return Err((
                 ErrorCode::UpstreamUnavailable,
                 gate::unavailable(&self.deps),
             ));
         }
         let slot = self.deps.slots.account_turn(&candidates).ok_or_else(|| {
-            End::refused(
+            (
                 ErrorCode::AccountBusy,
-                "every upstream account is at its turn limit",
+                "every upstream account is at its turn limit".to_string(),
             )
         })?;
         self.in_flight.serving(&slot.account);
@@ -333,10 +436,10 @@ impl Exchange {
     }
 
     /// The account failed the turn before anything was relayed: it cools down, and the turn
-    /// moves to the next account that can take it (`Ok`), or ends with `end` (`Err`).
-    fn fail_over(&mut self, why: &Failure<'_>, end: End) -> Result<(), End> {
+    /// moves to the next account that can take it; `false` when none can.
+    fn fail_over(&mut self, why: &Failure<'_>) -> bool {
         let Some(failed) = self.account.as_ref().map(|s| s.account.clone()) else {
-            return Err(end);
+            return false;
         };
         if let Some(a) = self.deps.accounts.iter().find(|a| a.name == failed) {
             let (wait, first) = a.health.failed(why, Instant::now());
@@ -345,11 +448,7 @@ impl Exchange {
                     "upstream account refusing requests; they go to other accounts while it cools down");
             }
         }
-        if self.next_account() {
-            Ok(())
-        } else {
-            Err(end)
-        }
+        self.next_account()
     }
 
     /// The turn leaves its account (already known to be failing) for the next one that can
@@ -371,16 +470,12 @@ impl Exchange {
 
     /// Resolves when the turn must end for a reason of its own: the client left (`client_gone`),
     /// or the relay's shutdown grace is over (`shutting_down`).
-    fn interrupted<'a>(&self, sink: &'a mut Sink) -> impl Future<Output = End> + 'a {
+    fn interrupted<'a>(&self, sink: &'a mut Sink) -> impl Future<Output = Interrupted> + 'a {
         let aborted = self.deps.requests.aborted();
         async move {
             tokio::select! {
-                () = sink.closed() => End::client_gone(),
-                () = aborted => End::relay(
-                    Ending::Aborted(ErrorCode::ShuttingDown),
-                    ErrorCode::ShuttingDown,
-                    "the relay is shutting down",
-                ),
+                () = sink.closed() => Interrupted::ClientGone,
+                () = aborted => Interrupted::ShuttingDown,
             }
         }
     }
@@ -405,11 +500,18 @@ impl Exchange {
         let settings = &self.deps.settings.upstream;
         let first_byte = Duration::from_millis(settings.first_event_timeout_ms);
         let body = Bytes::from(std::mem::take(&mut self.frame.raw));
-        let mut res = loop {
+        let res = loop {
             let Some(endpoint) = self.endpoint() else {
-                return End::refused(ErrorCode::UpstreamUnavailable, "no upstream account");
+                let refused =
+                    Input::Refused(ErrorCode::UpstreamUnavailable, "no upstream account".into());
+                return self.end_with(refused, &no_answer);
             };
             let sent_at = Instant::now();
+            let sent = Input::Sent {
+                leg: machine::Leg::Http,
+                replayed: false,
+            };
+            self.m.step(sent, sent_at);
             let post = upstream::post(
                 &endpoint,
                 self.kind.upstream_path(),
@@ -420,58 +522,71 @@ impl Exchange {
             );
             let answer = tokio::select! {
                 answer = post => answer,
-                end = self.interrupted(sink) => return end,
+                why = self.interrupted(sink) => return self.interrupt(why),
             };
-            let res = match answer {
+            let tried = match answer {
                 Err(PostError::Unreachable(why)) => {
-                    let end = End::refused(
-                        ErrorCode::UpstreamUnavailable,
-                        gate::unavailable(&self.deps),
-                    );
+                    let input = Input::Unreachable {
+                        why: Unreachable::LegDown,
+                        message: gate::unavailable(&self.deps),
+                        close: false,
+                    };
                     let failure = Failure {
                         error: &why,
                         ..Failure::default()
                     };
-                    match self.fail_over(&failure, end) {
-                        Ok(()) => continue,
-                        Err(end) => return end,
-                    }
+                    self.again(input, &failure, &no_answer)
                 }
                 Err(e) => {
                     // Written, not answered: the upstream may bill it.
-                    self.tracker.clock.written(sent_at);
+                    self.m.tracker.clock.written(sent_at);
                     warn!(parent: &self.span, error = %e, "upstream request lost");
-                    return End::lost(
-                        ErrorCode::UpstreamConnectionLost,
-                        "the upstream did not answer the request",
-                    );
+                    let lost = LostReason::Error(e.to_string());
+                    self.again(Input::Lost(&lost), &Failure::default(), &no_answer)
                 }
-                Ok(res) => res,
+                Ok(mut res) if !res.status().is_success() => {
+                    let status = res.status();
+                    let trouble = upstream::account_trouble(status);
+                    if !trouble {
+                        self.m.tracker.clock.written(sent_at);
+                        self.recovered();
+                    }
+                    let retry_after = header(&res, "retry-after")
+                        .as_deref()
+                        .and_then(crate::pool::health::retry_after);
+                    let (event, answer) = self.error_answer(&mut res).await;
+                    let why = format!("the upstream answered HTTP {}", status.as_u16());
+                    let failure = Failure {
+                        error: &why,
+                        retry_after,
+                        credential_refused: matches!(status.as_u16(), 401 | 403),
+                    };
+                    let answer = |_: &Ending| answer.clone();
+                    let input = if trouble {
+                        // The account's refusal, not the request's: not billed.
+                        let event = event.clone();
+                        Input::Unreachable {
+                            why: Unreachable::Refused { event },
+                            message: String::new(),
+                            close: false,
+                        }
+                    } else {
+                        // A request-level error, read as the WebSocket mode's `error` event.
+                        Input::Upstream(&event)
+                    };
+                    self.again(input, &failure, &answer)
+                }
+                Ok(res) => {
+                    self.m.tracker.clock.written(sent_at);
+                    self.recovered();
+                    self.step(Input::Answered, &no_answer);
+                    break res;
+                }
             };
-            let status = res.status();
-            if upstream::account_trouble(status) {
-                let retry_after = header(&res, "retry-after")
-                    .as_deref()
-                    .and_then(crate::pool::health::retry_after);
-                let end = self.upstream_refusal(res).await;
-                let why = format!("the upstream answered HTTP {}", status.as_u16());
-                let failure = Failure {
-                    error: &why,
-                    retry_after,
-                    credential_refused: matches!(status.as_u16(), 401 | 403),
-                };
-                match self.fail_over(&failure, end) {
-                    Ok(()) => continue,
-                    Err(end) => return end,
-                }
+            if let Err(end) = tried {
+                return end;
             }
-            self.tracker.clock.written(sent_at);
-            self.recovered();
-            break res;
         };
-        if !res.status().is_success() {
-            return self.upstream_error(&mut res).await;
-        }
         let content_type = upstream::content_type(&res);
         match (
             self.streams(),
@@ -479,69 +594,57 @@ impl Exchange {
         ) {
             (true, true) => self.relay_stream(res, sink).await,
             (false, _) if content_type.starts_with("application/json") => {
+                let mut res = res;
                 self.relay_json(&mut res, sink).await
             }
-            _ => End::lost(
-                ErrorCode::UpstreamProtocolError,
-                format!("the upstream answered {content_type:?}, neither SSE nor JSON as asked"),
-            ),
+            _ => self.protocol_error(format!(
+                "the upstream answered {content_type:?}, neither SSE nor JSON as asked"
+            )),
         }
     }
 
-    /// An account-level refusal (401/403/429/5xx) before anything was relayed: what the client
-    /// hears if no other account takes the turn — the upstream's own words for 429 and 5xx (the
-    /// status and `Retry-After` tell the client when to come back), the relay's for a refused
-    /// credential (the client's key is not the one refused). Not billed: nothing was served.
-    async fn upstream_refusal(&mut self, mut res: awc::ClientResponse) -> End {
-        let status = res.status();
-        if matches!(status.as_u16(), 401 | 403) {
-            return End::refused(
-                ErrorCode::UpstreamUnavailable,
-                "the upstream refused the relay's credential",
-            );
-        }
-        let headers = client_headers(&res);
-        let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
-        let body = upstream::read_all(&mut res, 64 * 1024, limit)
-            .await
-            .unwrap_or_default();
-        End(
-            Ending::Rejected(ErrorCode::UpstreamUnavailable),
-            Last::Upstream {
-                status,
-                body,
-                headers,
-            },
-        )
+    /// The upstream's answer broke the protocol (`why`, for the client): the turn is lost.
+    fn protocol_error(&mut self, why: String) -> End {
+        let reason = LostReason::Protocol("the upstream's answer broke the protocol");
+        let End(ending, _) = self.end_with(Input::Lost(&reason), &no_answer);
+        End(ending, Last::Error(ErrorCode::UpstreamProtocolError, why))
     }
 
-    /// A request-level upstream error (400, 404 …): relayed with its status; billed like a
-    /// WebSocket turn the upstream answered with an `error` event.
-    async fn upstream_error(&mut self, res: &mut awc::ClientResponse) -> End {
+    /// An upstream error answer (any 4xx/5xx): the WebSocket mode's `error` event for the turn
+    /// machine, and what the client hears if it ends the turn — the upstream's own status, body
+    /// and headers (for 429 and 5xx the status and `Retry-After` tell the client when to come
+    /// back), but the relay's words for a refused credential (the client's key is not the one
+    /// refused). An account's refusal (401/403/429/5xx) is not billed: nothing was served; a
+    /// request-level error is billed like a WebSocket turn the upstream answered with an `error`
+    /// event.
+    async fn error_answer(&mut self, res: &mut awc::ClientResponse) -> (String, Last) {
         let status = res.status();
         let headers = client_headers(res);
         let limit = Duration::from_millis(self.deps.settings.upstream.read_timeout_ms);
         let body = upstream::read_all(res, 64 * 1024, limit)
             .await
             .unwrap_or_default();
-        let code = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .as_ref()
-            .and_then(error_code);
-        End(
-            Ending::UpstreamError(code),
-            Last::Upstream {
-                status,
-                body,
-                headers,
-            },
-        )
+        let event = error_event(status, &body);
+        if matches!(status.as_u16(), 401 | 403) {
+            let last = Last::Error(
+                ErrorCode::UpstreamUnavailable,
+                "the upstream refused the relay's credential".into(),
+            );
+            return (event, last);
+        }
+        let last = Last::Upstream {
+            status,
+            body,
+            headers,
+        };
+        (event, last)
     }
 
     /// A JSON answer: read whole (bounded by `upstream.frame_max_bytes`), billed from its
     /// usage, relayed once its record is durable.
     async fn relay_json(&mut self, res: &mut awc::ClientResponse, sink: &mut Sink) -> End {
-        self.tracker
+        self.m
+            .tracker
             .clock
             .event(EventKind::Lifecycle, Instant::now());
         let s = &self.deps.settings.upstream;
@@ -549,32 +652,21 @@ impl Exchange {
         let headers = client_headers(res);
         let body = tokio::select! {
             body = upstream::read_all(res, max, idle) => body,
-            end = self.interrupted(sink) => return end,
+            why = self.interrupted(sink) => return self.interrupt(why),
         };
         let body = match body {
             Ok(b) => b,
             Err(why) => {
                 warn!(parent: &self.span, error = %why, "upstream answer cut short");
-                return End::lost(
-                    ErrorCode::UpstreamConnectionLost,
-                    "the upstream's answer was cut short",
-                );
+                return self.end_with(Input::Lost(&LostReason::Error(why.to_string())), &no_answer);
             }
         };
-        match self.tracker.observe_whole(&body, Instant::now()) {
-            Some(kind) => End(
-                Ending::Terminal(kind),
-                Last::Upstream {
-                    status: StatusCode::OK,
-                    body,
-                    headers,
-                },
-            ),
-            None => End::lost(
-                ErrorCode::UpstreamProtocolError,
-                "the upstream's answer is not a JSON object",
-            ),
-        }
+        let answer = |_: &Ending| Last::Upstream {
+            status: StatusCode::OK,
+            body: body.clone(),
+            headers: headers.clone(),
+        };
+        self.end_with(Input::Whole(&body), &answer)
     }
 
     /// An SSE answer: the client's stream starts now; every event is relayed as it arrives,
@@ -586,56 +678,50 @@ impl Exchange {
         let idle = Duration::from_millis(s.upstream.read_timeout_ms);
         let stall = Duration::from_millis(s.limits.client_stall_timeout_ms.max(1));
         if !sink.start_stream(s.limits.client_send_buffer_bytes, client_headers(&res)) {
-            return End::client_gone();
+            return self.interrupt(Interrupted::ClientGone);
         }
         let mut reader = SseReader::default();
         loop {
-            let wait = self.tracker.silence_allowed(first_event, idle);
+            let wait = self.m.tracker.silence_allowed(first_event, idle);
             let chunk = tokio::select! {
                 chunk = upstream::next_chunk(&mut res, wait) => chunk,
-                end = self.interrupted(sink) => return end,
+                why = self.interrupted(sink) => return self.interrupt(why),
             };
-            let chunk = match chunk {
-                Ok(Some(chunk)) => chunk,
+            let lost = match chunk {
+                Ok(Some(chunk)) => {
+                    reader.push(&chunk);
+                    None
+                }
                 Ok(None) => {
-                    return End::lost(
-                        ErrorCode::UpstreamConnectionLost,
-                        "the upstream's stream ended before the response finished",
-                    );
+                    Some("the upstream's stream ended before the response finished".to_string())
                 }
                 Err(why) => {
                     warn!(parent: &self.span, error = %why, "upstream stream lost");
-                    return End::lost(
-                        ErrorCode::UpstreamConnectionLost,
-                        "the upstream's stream was lost before the response finished",
-                    );
+                    Some(why.to_string())
                 }
             };
-            reader.push(&chunk);
+            if let Some(why) = lost {
+                return self.end_with(Input::Lost(&LostReason::Error(why)), &no_answer);
+            }
             let Ok(events) = reader.scan(max) else {
-                return End::lost(
-                    ErrorCode::UpstreamProtocolError,
-                    format!("an upstream event exceeded {max} bytes"),
-                );
+                return self.protocol_error(format!("an upstream event exceeded {max} bytes"));
             };
-            // The events of one read arrived together: one instant, one write to the client.
-            let now = Instant::now();
+            // The events of one read arrived together: one write to the client.
             let mut relay_upto = 0;
-            // The stream has started: nothing is recovered any more.
-            let relayed = turn::Relayed {
-                forwarded: true,
-                replayed: true,
-            };
-            let mut last: Option<(std::ops::Range<usize>, Step)> = None;
+            let mut last: Option<(std::ops::Range<usize>, End)> = None;
             for e in &events {
                 let data = reader.data(e).trim();
                 if !data.is_empty() && data != "[DONE]" {
-                    match turn::step(&mut self.tracker, data, now, relayed) {
-                        Step::Forward | Step::Steer(_) => {}
-                        stop => {
-                            last = Some((e.span.clone(), stop));
-                            break;
-                        }
+                    // The event itself is the client's last words; filled in below.
+                    let answer = |_: &Ending| Last::Event(Bytes::new());
+                    let next = match self.step(Input::Upstream(data), &answer) {
+                        // The stream has started: nothing is rescued any more.
+                        Next::Rescue(_) => self.step(Input::NotRescued, &answer),
+                        next => next,
+                    };
+                    if let Next::End(end, _) = next {
+                        last = Some((e.span.clone(), end));
+                        break;
                     }
                 }
                 relay_upto = e.span.end;
@@ -643,27 +729,23 @@ impl Exchange {
             if relay_upto > 0 {
                 match sink.send(reader.take(relay_upto), stall).await {
                     Sent::Yes => {}
-                    Sent::Gone => return End::client_gone(),
+                    Sent::Gone => return self.interrupt(Interrupted::ClientGone),
                     Sent::Stalled => {
-                        return End(Ending::Aborted(ErrorCode::ClientTooSlow), Last::Nothing);
+                        let abort = Input::Abort(ErrorCode::ClientTooSlow, String::new());
+                        return self.end_with(abort, &no_answer);
                     }
                 }
             }
-            let Some((span, stop)) = last else {
+            let Some((span, End(ending, last))) = last else {
                 continue;
             };
             let raw = reader.take(span.end - span.start);
-            return match stop {
-                Step::End { ending, .. } => {
-                    if matches!(ending, Ending::Terminal(_)) {
-                        self.rest = Some(res);
-                    }
-                    End(ending, Last::Event(raw))
-                }
-                _ => End::lost(
-                    ErrorCode::UpstreamProtocolError,
-                    "the upstream sent an event that is not a JSON object with a type",
-                ),
+            if matches!(ending, Ending::Terminal(_)) {
+                self.rest = Some(res);
+            }
+            return match last {
+                Last::Event(_) => End(ending, Last::Event(raw)),
+                other => End(ending, other),
             };
         }
     }
@@ -683,7 +765,7 @@ impl Exchange {
         // fleet's count has the key's slot back.
         let released = KeySlot::release(self.key_slot.take());
         self.account = None;
-        let outcome = self.tracker.finish(ending, Instant::now());
+        let outcome = self.m.tracker.finish(ending, Instant::now());
         let who = gate::TurnIdentity {
             request_id: &self.request_id,
             session_id: &self.session_id,
@@ -709,7 +791,7 @@ impl Exchange {
             &self.deps,
             self.affinity.as_ref(),
             &record,
-            self.tracker.usage_malformed,
+            self.m.tracker.usage_malformed,
             &self.span,
         );
         let bind = gate::bind_stored(&self.deps, &record, self.frame.store, self.span.clone());
@@ -741,12 +823,19 @@ async fn read_rest(res: Option<awc::ClientResponse>) {
     let _ = tokio::time::timeout(REST, upstream::read_all(&mut res, 64 * 1024, REST)).await;
 }
 
-/// An OpenAI error body's code: `error.code` (HTTP, WebSocket) or `code` (SSE `error` event).
-fn error_code(v: &Value) -> Option<String> {
-    v.pointer("/error/code")
-        .or_else(|| v.get("code"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
+/// No upstream answer to render: the turn's end is the relay's words.
+fn no_answer(_: &Ending) -> Last {
+    Last::Nothing
+}
+
+/// An HTTP error answer as the WebSocket mode's `error` event (`status` and the body's
+/// `error`), the form the turn machine reads.
+fn error_event(status: StatusCode, body: &[u8]) -> String {
+    let error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").cloned())
+        .unwrap_or_default();
+    serde_json::json!({"type": "error", "status": status.as_u16(), "error": error}).to_string()
 }
 
 /// The upstream's response headers that reach the client (docs/DESIGN.md#headers).

@@ -13,9 +13,8 @@ use tracing::debug;
 use crate::config::HttpTransport;
 use crate::pool::messages::{Acquire, Home, Lease, LeaseError, Release};
 use crate::protocol::errors::close;
-use crate::protocol::events::{self, TerminalKind};
+use crate::protocol::events;
 use crate::protocol::frames;
-use crate::session::turn::{self, Step};
 use crate::upstream::messages::{LostReason, SendText, UpstreamEvent};
 
 /// Receives the leased connection's events for the exchange (a task, not an actor).
@@ -99,7 +98,7 @@ impl Exchange {
         });
         let lease = tokio::select! {
             lease = acquire => lease,
-            end = self.interrupted(sink) => return Some(end),
+            why = self.interrupted(sink) => return Some(self.interrupt(why)),
         };
         let lease = match lease {
             Ok(Ok(lease)) => lease,
@@ -120,8 +119,14 @@ impl Exchange {
         };
         let conn = held.lease.conn;
         // What the HTTP path starts from, should it take the turn.
-        let before = self.tracker.clone();
-        self.tracker.clock.written(Instant::now());
+        let before = self.m.tracker.clone();
+        let now = Instant::now();
+        self.m.tracker.clock.written(now);
+        let sent = Input::Sent {
+            leg: machine::Leg::Socket,
+            replayed: false,
+        };
+        self.m.step(sent, now);
         held.lease.addr.do_send(SendText(frame.into()));
         debug!(parent: &self.span, conn, %account, "request written on an upstream WebSocket");
         let (outcome, reusable) = self.relay_events(&mut rx, conn, sink).await;
@@ -137,7 +142,7 @@ impl Exchange {
             }
             Outcome::Fallback | Outcome::TooBig => {
                 debug!(parent: &self.span, "the upstream WebSocket gave nothing of the response; the request goes over HTTP");
-                self.tracker = before;
+                self.m.tracker = before;
                 None
             }
         }
@@ -159,116 +164,97 @@ impl Exchange {
         let streams = self.streams();
         let mut relayed = false;
         loop {
-            let wait = self.tracker.silence_allowed(first_event, idle);
+            let wait = self.m.tracker.silence_allowed(first_event, idle);
             let event = tokio::select! {
                 e = tokio::time::timeout(wait, rx.recv()) => e,
-                end = self.interrupted(sink) => return (Outcome::End(end), false),
+                why = self.interrupted(sink) => return self.ended_by(why),
             };
-            // Nothing heard yet: the HTTP path may still take the turn.
-            let unheard = self.tracker.events == 0;
-            let text = match event {
-                Ok(Some(UpstreamEvent::Text { conn: c, text })) if c == conn => text,
+            let lost = match event {
+                Ok(Some(UpstreamEvent::Text { conn: c, text })) if c == conn => Ok(text),
                 Ok(Some(UpstreamEvent::Lost { conn: c, .. })) if c != conn => continue,
                 Ok(Some(UpstreamEvent::Text { .. })) => continue,
-                Ok(Some(UpstreamEvent::Lost {
-                    reason: LostReason::Closed(Some(close::TOO_BIG)),
-                    ..
-                })) if unheard => return (Outcome::TooBig, false),
-                // Silent, or lost, before any event: the request goes over HTTP (once).
-                Ok(Some(UpstreamEvent::Lost { .. }) | None) | Err(_) if unheard => {
-                    return (Outcome::Fallback, false);
-                }
-                Ok(Some(UpstreamEvent::Lost { .. }) | None) | Err(_) => {
-                    warn!(parent: &self.span, "upstream WebSocket lost mid-response");
-                    let end = End::lost(
-                        ErrorCode::UpstreamConnectionLost,
-                        "the upstream connection was lost mid-response",
-                    );
-                    return (Outcome::End(end), false);
-                }
+                Ok(Some(UpstreamEvent::Lost { reason, .. })) => Err(reason),
+                Ok(None) => Err(LostReason::Closed(None)),
+                Err(_) => Err(LostReason::Error("no upstream event in time".into())),
             };
-            // Recoveries are for a response of which nothing was heard.
-            let heard = turn::Relayed {
-                forwarded: !unheard,
-                replayed: true,
-            };
-            match turn::step(&mut self.tracker, &text, Instant::now(), heard) {
-                Step::End {
-                    ending: Ending::Terminal(kind),
-                    ..
-                } => {
-                    return (Outcome::End(self.ended(kind, &text, streams)), true);
-                }
-                Step::End {
-                    recover: Some(turn::Recovery::FailOver(_)),
-                    reusable,
-                    ..
-                } => {
-                    // The account's trouble, not the request's: the HTTP path decides
-                    // (failover, or the upstream's own answer).
-                    return (Outcome::Fallback, reusable);
-                }
-                Step::End {
-                    ending, reusable, ..
-                } => {
-                    let (status, body) = events::http_error_of_ws(&text);
-                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-                    let last = if relayed {
-                        Last::Event(events::sse_of_ws(&text))
-                    } else {
-                        Last::Upstream {
-                            status,
-                            body,
-                            headers: Vec::new(),
+            let text = match lost {
+                Ok(text) => text,
+                Err(reason) => {
+                    let too_big = reason == LostReason::Closed(Some(close::TOO_BIG));
+                    return match self.step(Input::Lost(&reason), &no_answer) {
+                        // Nothing heard: the request goes over HTTP (once).
+                        Next::Retry if too_big => (Outcome::TooBig, false),
+                        Next::End(end, reusable) => {
+                            warn!(parent: &self.span, ?reason, "upstream WebSocket lost mid-response");
+                            (Outcome::End(end), reusable)
                         }
+                        _ => (Outcome::Fallback, false),
                     };
-                    return (Outcome::End(End(ending, last)), reusable);
                 }
-                Step::Invalid => {
-                    let end = End::lost(
-                        ErrorCode::UpstreamProtocolError,
-                        "the upstream sent an event that is not a JSON object with a type",
-                    );
-                    return (Outcome::End(end), false);
-                }
-                Step::Forward | Step::Steer(_) if !streams => {}
-                Step::Forward | Step::Steer(_) => {
+            };
+            let answer = |ending: &Ending| answer_of(ending, &text, streams, relayed);
+            let next = match self.step(Input::Upstream(&text), &answer) {
+                // The account's trouble, not the request's: the HTTP path decides (failover,
+                // or the upstream's own answer) — its turn goes there as it stands.
+                Next::Rescue(Rescue::FailOver(_)) => return (Outcome::Fallback, true),
+                Next::Rescue(_) => self.step(Input::NotRescued, &answer),
+                next => next,
+            };
+            match next {
+                Next::End(end, reusable) => return (Outcome::End(end), reusable),
+                Next::Relay if streams => {
                     if !relayed {
                         if !sink.start_stream(budget, Vec::new()) {
-                            return (Outcome::End(End::client_gone()), false);
+                            return self.ended_by(Interrupted::ClientGone);
                         }
                         relayed = true;
                     }
                     match sink.send(events::sse_of_ws(&text), stall).await {
                         Sent::Yes => {}
-                        Sent::Gone => return (Outcome::End(End::client_gone()), false),
+                        Sent::Gone => return self.ended_by(Interrupted::ClientGone),
                         Sent::Stalled => {
-                            let end = End(Ending::Aborted(ErrorCode::ClientTooSlow), Last::Nothing);
+                            let abort = Input::Abort(ErrorCode::ClientTooSlow, String::new());
+                            let end = self.end_with(abort, &no_answer);
                             return (Outcome::End(end), false);
                         }
                     }
                 }
+                Next::Relay | Next::Go | Next::Retry | Next::Rescue(_) => {}
             }
         }
     }
 
-    /// A terminal event: the stream's last event, or the response object of a request that
-    /// did not stream.
-    fn ended(&self, kind: TerminalKind, text: &str, streams: bool) -> End {
-        let last = match (streams, events::response_of_terminal(text)) {
+    /// The socket's part ended for a reason of the turn's own; its socket is spent.
+    fn ended_by(&mut self, why: Interrupted) -> (Outcome, bool) {
+        (Outcome::End(self.interrupt(why)), false)
+    }
+}
+
+/// What the client hears of the upstream's last event `text`: a terminal's response (or
+/// SSE event), an error with its status before the stream started, else its SSE event.
+fn answer_of(ending: &Ending, text: &str, streams: bool, relayed: bool) -> Last {
+    if let Ending::Terminal(_) = ending {
+        return match (streams, events::response_of_terminal(text)) {
             (true, _) => Last::Event(events::sse_of_ws(text)),
             (false, Some(body)) => Last::Upstream {
                 status: StatusCode::OK,
                 body,
                 headers: Vec::new(),
             },
-            (false, None) => {
-                return End::lost(
-                    ErrorCode::UpstreamProtocolError,
-                    "the upstream's terminal event carried no response",
-                );
-            }
+            (false, None) => Last::Error(
+                ErrorCode::UpstreamProtocolError,
+                "the upstream's terminal event carried no response".into(),
+            ),
         };
-        End(Ending::Terminal(kind), last)
+    }
+    if relayed {
+        return Last::Event(events::sse_of_ws(text));
+    }
+    let (status, body) = events::http_error_of_ws(text);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Last::Upstream {
+        status,
+        body,
+        headers: Vec::new(),
     }
 }
