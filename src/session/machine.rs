@@ -1,10 +1,12 @@
 //! The turn machine (docs/DESIGN.md#turn-machine): one turn's life as a value — its phase, its
 //! tracker (timing, response id, usage), what of it reached the client, its deadlines — and
-//! `step(input, now) -> Vec<Effect>`. The session actor (a WebSocket client's turns) and the
+//! `step(input, now) -> Effects`. The session actor (a WebSocket client's turns) and the
 //! HTTP exchange (an HTTP client's) feed it what happened and carry out what it answers with
 //! their sockets, pools and accounting; neither decides a phase. Unit-tested without sockets.
 
 use std::time::{Duration, Instant};
+
+use smallvec::{SmallVec, smallvec};
 
 use super::lifecycle::{self, AfterLoss, Loss, Silence, Stall};
 use super::turn::{self, Ending, Recovery, Relayed, Step, TurnTracker};
@@ -205,6 +207,9 @@ pub enum Effect {
     Finish(End),
 }
 
+/// The effects of one step, in order: at most a few, kept inline (no allocation per event).
+pub type Effects = SmallVec<[Effect; 2]>;
+
 /// One turn's state.
 #[derive(Debug, Clone)]
 pub struct TurnMachine {
@@ -289,14 +294,14 @@ impl TurnMachine {
     }
 
     /// What `input` does to the turn, at `now`.
-    pub fn step(&mut self, input: Input<'_>, now: Instant) -> Vec<Effect> {
+    pub fn step(&mut self, input: Input<'_>, now: Instant) -> Effects {
         if self.phase == Phase::Finishing {
-            return Vec::new();
+            return Effects::new();
         }
         match input {
             Input::Admitted => self.admitted(),
             Input::Refused(code, message) => {
-                vec![self.finish(End::new(
+                smallvec![self.finish(End::new(
                     Ending::Rejected(code),
                     Last::Error(code, message),
                     true,
@@ -313,16 +318,16 @@ impl TurnMachine {
                 self.replayed |= replayed;
                 self.pending = None;
                 self.last_upstream = now;
-                Vec::new()
+                Effects::new()
             }
             Input::Answered => {
                 self.answered = true;
-                Vec::new()
+                Effects::new()
             }
             Input::Upstream(text) => self.upstream(text, now),
             Input::Whole(body) => match self.tracker.observe_whole(body, now) {
                 Some(kind) => {
-                    vec![self.finish(End::new(Ending::Terminal(kind), Last::Upstream, true))]
+                    smallvec![self.finish(End::new(Ending::Terminal(kind), Last::Upstream, true))]
                 }
                 None => self.lost(&LostReason::Protocol(
                     "the upstream's answer is not a JSON object",
@@ -331,7 +336,7 @@ impl TurnMachine {
             Input::Lost(reason) => self.lost(reason),
             Input::Resend => {
                 self.phase = Phase::Leasing;
-                vec![Effect::Lease]
+                smallvec![Effect::Lease]
             }
             Input::Cancel => self.cancel(now),
             Input::Preempt(message) => self.preempt(message),
@@ -355,19 +360,19 @@ impl TurnMachine {
             Input::NotRescued => match self.pending.take() {
                 Some((end, phase)) => {
                     self.phase = phase;
-                    vec![self.finish(end)]
+                    smallvec![self.finish(end)]
                 }
-                None => Vec::new(),
+                None => Effects::new(),
             },
         }
     }
 
-    fn admitted(&mut self) -> Vec<Effect> {
+    fn admitted(&mut self) -> Effects {
         if self.phase != Phase::Admitting {
-            return Vec::new();
+            return Effects::new();
         }
         self.phase = Phase::Leasing;
-        vec![Effect::Lease]
+        smallvec![Effect::Lease]
     }
 
     fn finish(&mut self, end: End) -> Effect {
@@ -385,7 +390,7 @@ impl TurnMachine {
         Effect::Rescue(rescue)
     }
 
-    fn unreachable(&mut self, why: Unreachable, message: String, close: bool) -> Vec<Effect> {
+    fn unreachable(&mut self, why: Unreachable, message: String, close: bool) -> Effects {
         let code = ErrorCode::UpstreamUnavailable;
         let refused = |last| End {
             close,
@@ -414,9 +419,9 @@ impl TurnMachine {
         out
     }
 
-    fn upstream(&mut self, text: &str, now: Instant) -> Vec<Effect> {
+    fn upstream(&mut self, text: &str, now: Instant) -> Effects {
         if self.phase != Phase::Streaming {
-            return Vec::new();
+            return Effects::new();
         }
         self.last_upstream = now;
         let relayed = Relayed {
@@ -426,11 +431,11 @@ impl TurnMachine {
         match turn::step(&mut self.tracker, text, now, relayed) {
             Step::Forward => {
                 self.forwarded += 1;
-                vec![Effect::Forward]
+                smallvec![Effect::Forward]
             }
             Step::Steer(kind) => {
                 self.forwarded += 1;
-                vec![Effect::Steer(kind)]
+                smallvec![Effect::Steer(kind)]
             }
             Step::Invalid => {
                 let why =
@@ -442,7 +447,7 @@ impl TurnMachine {
                         out.extend(self.lost(&why));
                         out
                     }
-                    Leg::Socket => vec![Effect::DropConnection(why)],
+                    Leg::Socket => smallvec![Effect::DropConnection(why)],
                 }
             }
             Step::End {
@@ -450,7 +455,7 @@ impl TurnMachine {
                 reusable,
                 recover,
             } => {
-                let mut out = Vec::new();
+                let mut out = Effects::new();
                 if let Ending::UpstreamError(code) = &ending {
                     out.push(Effect::CountError(
                         code.clone().unwrap_or_else(|| "error".into()),
@@ -471,9 +476,9 @@ impl TurnMachine {
         }
     }
 
-    fn lost(&mut self, reason: &LostReason) -> Vec<Effect> {
+    fn lost(&mut self, reason: &LostReason) -> Effects {
         if self.phase != Phase::Streaming {
-            return Vec::new();
+            return Effects::new();
         }
         let loss = Loss {
             forwarded: self.forwarded + u32::from(self.answered),
@@ -485,9 +490,9 @@ impl TurnMachine {
             AfterLoss::Retry => {
                 self.retried = true;
                 self.phase = Phase::Leasing;
-                vec![Effect::Retry]
+                smallvec![Effect::Retry]
             }
-            AfterLoss::End(code, message) => vec![
+            AfterLoss::End(code, message) => smallvec![
                 Effect::CountError(code.code().into()),
                 self.finish(End::new(
                     Ending::UpstreamLost(code),
@@ -498,17 +503,17 @@ impl TurnMachine {
         }
     }
 
-    fn stop_leg(&self) -> Vec<Effect> {
+    fn stop_leg(&self) -> Effects {
         if self.phase == Phase::Streaming && self.leg == Leg::Http {
-            vec![Effect::StopLeg]
+            smallvec![Effect::StopLeg]
         } else {
-            Vec::new()
+            Effects::new()
         }
     }
 
-    fn cancel(&mut self, now: Instant) -> Vec<Effect> {
+    fn cancel(&mut self, now: Instant) -> Effects {
         match (self.phase, self.leg) {
-            (Phase::Streaming, Leg::Http) => vec![
+            (Phase::Streaming, Leg::Http) => smallvec![
                 Effect::StopLeg,
                 self.finish(End::new(Ending::Cancelled, Last::Cancelled, true)),
             ],
@@ -517,54 +522,49 @@ impl TurnMachine {
                 // the grace ends it here.
                 self.cancel_deadline
                     .get_or_insert(now + self.limits.cancel_grace);
-                vec![Effect::ForwardCancel]
+                smallvec![Effect::ForwardCancel]
             }
-            _ => vec![self.finish(End::new(Ending::Cancelled, Last::Cancelled, true))],
+            _ => smallvec![self.finish(End::new(Ending::Cancelled, Last::Cancelled, true))],
         }
     }
 
-    fn preempt(&mut self, message: String) -> Vec<Effect> {
+    fn preempt(&mut self, message: String) -> Effects {
         let last = Last::Error(ErrorCode::ResponsePreempted, message.clone());
         match (self.phase, self.leg) {
             (Phase::Streaming, Leg::Socket) => {
                 self.phase = Phase::Finishing;
-                vec![Effect::Drain(message)]
+                smallvec![Effect::Drain(message)]
             }
-            (Phase::Streaming, Leg::Http) => vec![
+            (Phase::Streaming, Leg::Http) => smallvec![
                 Effect::StopLeg,
                 self.finish(End::new(Ending::Preempted, last, true)),
             ],
-            _ => vec![self.finish(End::new(Ending::Preempted, last, true))],
+            _ => smallvec![self.finish(End::new(Ending::Preempted, last, true))],
         }
     }
 
-    fn client_gone(&mut self, now: Instant) -> Vec<Effect> {
+    fn client_gone(&mut self, now: Instant) -> Effects {
         if self.phase == Phase::Streaming && self.leg == Leg::Http {
             // Dropping the request stops the upstream; billed from what was seen.
-            return vec![
+            return smallvec![
                 Effect::StopLeg,
                 self.finish(End::new(Ending::ClientGone, Last::Nothing, true)),
             ];
         }
         if self.phase == Phase::Streaming && self.limits.drain.is_zero() {
-            return vec![self.finish(End::new(Ending::ClientGone, Last::Nothing, false))];
+            return smallvec![self.finish(End::new(Ending::ClientGone, Last::Nothing, false))];
         }
         if self.phase == Phase::Streaming {
             // Its usage comes with the terminal: read a while longer, its slots free now.
             self.drain_deadline = Some(now + self.limits.drain);
-            return vec![Effect::FreeSlots];
+            return smallvec![Effect::FreeSlots];
         }
-        vec![self.finish(End::new(Ending::ClientGone, Last::Nothing, true))]
+        smallvec![self.finish(End::new(Ending::ClientGone, Last::Nothing, true))]
     }
 
-    fn tick(
-        &mut self,
-        now: Instant,
-        connection_silent: Option<Duration>,
-        others: bool,
-    ) -> Vec<Effect> {
+    fn tick(&mut self, now: Instant, connection_silent: Option<Duration>, others: bool) -> Effects {
         if self.phase != Phase::Streaming {
-            return Vec::new();
+            return Effects::new();
         }
         if self.drain_deadline.is_some_and(|d| now >= d) {
             let mut out = self.stop_leg();
@@ -572,11 +572,11 @@ impl TurnMachine {
             return out;
         }
         if self.cancel_deadline.is_some_and(|d| now >= d) {
-            return vec![self.finish(End::new(Ending::Cancelled, Last::Cancelled, false))];
+            return smallvec![self.finish(End::new(Ending::Cancelled, Last::Cancelled, false))];
         }
         if self.leg == Leg::Http {
             // Its leg times its own silence (`Lost`).
-            return Vec::new();
+            return Effects::new();
         }
         let silence = Silence {
             events: self.tracker.events,
@@ -587,10 +587,10 @@ impl TurnMachine {
             read_timeout: self.limits.read,
         };
         match lifecycle::stall(silence) {
-            Stall::No => Vec::new(),
+            Stall::No => Effects::new(),
             Stall::Alone => {
                 let code = ErrorCode::UpstreamConnectionLost;
-                vec![
+                smallvec![
                     Effect::CountError(code.code().into()),
                     self.finish(End::new(
                         Ending::UpstreamLost(code),
@@ -602,7 +602,9 @@ impl TurnMachine {
                     )),
                 ]
             }
-            Stall::Connection(why) => vec![Effect::DropConnection(LostReason::Error(why.into()))],
+            Stall::Connection(why) => {
+                smallvec![Effect::DropConnection(LostReason::Error(why.into()))]
+            }
         }
     }
 }
@@ -623,6 +625,11 @@ mod tests {
         }
     }
 
+    /// One step, its effects as a `Vec` (comparable with `vec![…]`).
+    fn run(m: &mut TurnMachine, input: Input<'_>, now: Instant) -> Vec<Effect> {
+        m.step(input, now).into_vec()
+    }
+
     fn machine(t0: Instant) -> TurnMachine {
         TurnMachine::new(TurnTracker::new(t0), limits(), t0)
     }
@@ -630,10 +637,11 @@ mod tests {
     /// A turn admitted and sent over `leg` at `t0`.
     fn sent(t0: Instant, leg: Leg) -> TurnMachine {
         let mut m = machine(t0);
-        assert_eq!(m.step(Input::Admitted, t0), vec![Effect::Lease]);
+        assert_eq!(run(&mut m, Input::Admitted, t0), vec![Effect::Lease]);
         assert_eq!(m.phase(), Phase::Leasing);
         assert!(
-            m.step(
+            run(
+                &mut m,
                 Input::Sent {
                     leg,
                     replayed: false
@@ -668,14 +676,14 @@ mod tests {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
         assert_eq!(
-            m.step(Input::Upstream(CREATED), t0 + MS),
+            run(&mut m, Input::Upstream(CREATED), t0 + MS),
             vec![Effect::Forward]
         );
         assert_eq!(
-            m.step(Input::Upstream(DELTA), t0 + 2 * MS),
+            run(&mut m, Input::Upstream(DELTA), t0 + 2 * MS),
             vec![Effect::Forward]
         );
-        let out = m.step(Input::Upstream(COMPLETED), t0 + 3 * MS);
+        let out = run(&mut m, Input::Upstream(COMPLETED), t0 + 3 * MS);
         assert_eq!(
             out,
             vec![Effect::Finish(End::new(
@@ -688,15 +696,19 @@ mod tests {
         assert!(m.finished());
         assert_eq!(m.phase(), Phase::Finishing);
         // Nothing moves a finished turn.
-        assert!(m.step(Input::Upstream(DELTA), t0 + 4 * MS).is_empty());
-        assert!(m.step(Input::Cancel, t0 + 4 * MS).is_empty());
+        assert!(run(&mut m, Input::Upstream(DELTA), t0 + 4 * MS).is_empty());
+        assert!(run(&mut m, Input::Cancel, t0 + 4 * MS).is_empty());
     }
 
     #[test]
     fn a_refused_turn_ends_before_anything_is_sent() {
         let t0 = Instant::now();
         let mut m = machine(t0);
-        let out = m.step(Input::Refused(ErrorCode::QuotaExhausted, "over".into()), t0);
+        let out = run(
+            &mut m,
+            Input::Refused(ErrorCode::QuotaExhausted, "over".into()),
+            t0,
+        );
         let end = finish_of(&out).unwrap();
         assert_eq!(end.ending, Ending::Rejected(ErrorCode::QuotaExhausted));
         assert_eq!(
@@ -711,16 +723,17 @@ mod tests {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
         let gone = LostReason::Closed(None);
-        assert_eq!(m.step(Input::Lost(&gone), t0), vec![Effect::Retry]);
+        assert_eq!(run(&mut m, Input::Lost(&gone), t0), vec![Effect::Retry]);
         assert_eq!(m.phase(), Phase::Leasing);
-        m.step(
+        run(
+            &mut m,
             Input::Sent {
                 leg: Leg::Socket,
                 replayed: false,
             },
             t0,
         );
-        let out = m.step(Input::Lost(&gone), t0);
+        let out = run(&mut m, Input::Lost(&gone), t0);
         let end = finish_of(&out).unwrap();
         assert_eq!(
             end.ending,
@@ -734,9 +747,9 @@ mod tests {
     fn a_loss_after_an_event_ends_at_once_with_what_was_seen() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::Upstream(CREATED), t0);
+        run(&mut m, Input::Upstream(CREATED), t0);
         let restart = LostReason::Closed(Some(crate::protocol::errors::close::RESTART));
-        let out = m.step(Input::Lost(&restart), t0);
+        let out = run(&mut m, Input::Lost(&restart), t0);
         let end = finish_of(&out).unwrap();
         assert_eq!(
             end.ending,
@@ -748,14 +761,14 @@ mod tests {
     fn an_answer_begun_is_never_retried_or_rescued() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Http);
-        assert!(m.step(Input::Answered, t0).is_empty());
+        assert!(run(&mut m, Input::Answered, t0).is_empty());
         assert!(m.committed());
-        let out = m.step(Input::Lost(&LostReason::Closed(None)), t0);
+        let out = run(&mut m, Input::Lost(&LostReason::Closed(None)), t0);
         assert!(finish_of(&out).is_some(), "{out:?}");
         let mut m = sent(t0, Leg::Http);
-        m.step(Input::Answered, t0);
+        run(&mut m, Input::Answered, t0);
         let e = error("server_error", "server_error", 500);
-        let out = m.step(Input::Upstream(&e), t0);
+        let out = run(&mut m, Input::Upstream(&e), t0);
         assert!(
             !out.iter().any(|e| matches!(e, Effect::Rescue(_))),
             "{out:?}"
@@ -766,17 +779,17 @@ mod tests {
     fn a_whole_answer_is_its_terminal_or_a_protocol_error() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Http);
-        m.step(Input::Answered, t0);
+        run(&mut m, Input::Answered, t0);
         let body = br#"{"id":"resp_9","status":"incomplete","output":[],"usage":{"input_tokens":1,"output_tokens":0,"total_tokens":1}}"#;
-        let out = m.step(Input::Whole(body), t0);
+        let out = run(&mut m, Input::Whole(body), t0);
         assert_eq!(
             finish_of(&out).unwrap().ending,
             Ending::Terminal(TerminalKind::Incomplete)
         );
         assert_eq!(m.tracker.response_id.as_deref(), Some("resp_9"));
         let mut m = sent(t0, Leg::Http);
-        m.step(Input::Answered, t0);
-        let out = m.step(Input::Whole(b"[]"), t0);
+        run(&mut m, Input::Answered, t0);
+        let out = run(&mut m, Input::Whole(b"[]"), t0);
         assert_eq!(
             finish_of(&out).unwrap().ending,
             Ending::UpstreamLost(ErrorCode::UpstreamProtocolError)
@@ -787,13 +800,13 @@ mod tests {
     fn garbage_drops_a_socket_but_only_loses_an_http_leg() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
-        let out = m.step(Input::Upstream("not json"), t0);
+        let out = run(&mut m, Input::Upstream("not json"), t0);
         assert!(matches!(
             out.as_slice(),
             [Effect::DropConnection(LostReason::Protocol(_))]
         ));
         let mut m = sent(t0, Leg::Http);
-        let out = m.step(Input::Upstream("not json"), t0);
+        let out = run(&mut m, Input::Upstream("not json"), t0);
         assert_eq!(out[0], Effect::StopLeg);
         let end = finish_of(&out).unwrap();
         assert_eq!(
@@ -808,24 +821,25 @@ mod tests {
         // Replay: once; the same phase while tried.
         let mut m = sent(t0, Leg::Socket);
         let e = error("previous_response_not_found", "invalid_request_error", 400);
-        let out = m.step(Input::Upstream(&e), t0);
+        let out = run(&mut m, Input::Upstream(&e), t0);
         assert_eq!(out.last(), Some(&Effect::Rescue(Rescue::Replay)));
         assert_eq!(m.phase(), Phase::Streaming);
-        m.step(
+        run(
+            &mut m,
             Input::Sent {
                 leg: Leg::Socket,
                 replayed: true,
             },
             t0,
         );
-        let out = m.step(Input::Upstream(&e), t0);
+        let out = run(&mut m, Input::Upstream(&e), t0);
         assert!(finish_of(&out).is_some(), "never replayed twice: {out:?}");
 
         // Failover: the turn looks for another account; none → the error stands, from the
         // phase it was in.
         let mut m = sent(t0, Leg::Socket);
         let e = error("rate_limit_exceeded", "rate_limit_error", 429);
-        let out = m.step(Input::Upstream(&e), t0);
+        let out = run(&mut m, Input::Upstream(&e), t0);
         assert_eq!(
             out.last(),
             Some(&Effect::Rescue(Rescue::FailOver(
@@ -833,7 +847,7 @@ mod tests {
             )))
         );
         assert_eq!(m.phase(), Phase::Leasing);
-        let out = m.step(Input::NotRescued, t0);
+        let out = run(&mut m, Input::NotRescued, t0);
         assert_eq!(m.phase(), Phase::Streaming);
         let end = finish_of(&out).unwrap();
         assert_eq!(end.last, Last::Upstream);
@@ -844,8 +858,8 @@ mod tests {
 
         // After something was relayed, nothing is rescued.
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::Upstream(CREATED), t0);
-        let out = m.step(Input::Upstream(&e), t0);
+        run(&mut m, Input::Upstream(CREATED), t0);
+        let out = run(&mut m, Input::Upstream(&e), t0);
         assert!(finish_of(&out).is_some());
         assert!(!out.iter().any(|e| matches!(e, Effect::Rescue(_))));
     }
@@ -864,17 +878,17 @@ mod tests {
             (Unreachable::Final, None),
         ] {
             let mut m = machine(t0);
-            m.step(Input::Admitted, t0);
+            run(&mut m, Input::Admitted, t0);
             let input = Input::Unreachable {
                 why: why.clone(),
                 message: "none".into(),
                 close: true,
             };
-            let out = m.step(input, t0);
+            let out = run(&mut m, input, t0);
             let end = match rescue {
                 Some(r) => {
                     assert_eq!(out, vec![Effect::Rescue(r)], "{why:?}");
-                    m.step(Input::NotRescued, t0)
+                    run(&mut m, Input::NotRescued, t0)
                 }
                 None => out,
             };
@@ -885,7 +899,8 @@ mod tests {
         // An HTTP leg's refusal: the upstream's words if no other account takes it.
         let mut m = sent(t0, Leg::Http);
         let event = error("rate_limit_exceeded", "rate_limit_error", 429);
-        let out = m.step(
+        let out = run(
+            &mut m,
             Input::Unreachable {
                 why: Unreachable::Refused {
                     event: event.clone(),
@@ -902,7 +917,7 @@ mod tests {
                 Effect::Rescue(Rescue::FailOver("rate_limit_exceeded".into()))
             ]
         );
-        let out = m.step(Input::NotRescued, t0);
+        let out = run(&mut m, Input::NotRescued, t0);
         assert_eq!(finish_of(&out).unwrap().last, Last::Verbatim(event));
     }
 
@@ -911,13 +926,14 @@ mod tests {
         let t0 = Instant::now();
         // Not yet sent: ends at once.
         let mut m = machine(t0);
-        let out = m.step(Input::Cancel, t0);
+        let out = run(&mut m, Input::Cancel, t0);
         assert_eq!(finish_of(&out).unwrap().ending, Ending::Cancelled);
         // On a socket: forwarded; the upstream's terminal ends it, else the grace does.
         let mut m = sent(t0, Leg::Socket);
-        assert_eq!(m.step(Input::Cancel, t0), vec![Effect::ForwardCancel]);
+        assert_eq!(run(&mut m, Input::Cancel, t0), vec![Effect::ForwardCancel]);
         let tick = |m: &mut TurnMachine, at| {
-            m.step(
+            run(
+                m,
                 Input::Tick {
                     connection_silent: None,
                     others: false,
@@ -935,7 +951,7 @@ mod tests {
         assert!(!end.reusable, "the connection's state is unknown");
         // Over HTTP: the leg is dropped, which stops the upstream.
         let mut m = sent(t0, Leg::Http);
-        let out = m.step(Input::Cancel, t0);
+        let out = run(&mut m, Input::Cancel, t0);
         assert_eq!(out[0], Effect::StopLeg);
         assert!(finish_of(&out).unwrap().reusable);
     }
@@ -945,13 +961,13 @@ mod tests {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
         assert_eq!(
-            m.step(Input::Preempt("newer".into()), t0),
+            run(&mut m, Input::Preempt("newer".into()), t0),
             vec![Effect::Drain("newer".into())]
         );
         assert_eq!(m.phase(), Phase::Finishing);
         let mut m = machine(t0);
-        m.step(Input::Admitted, t0);
-        let out = m.step(Input::Preempt("newer".into()), t0);
+        run(&mut m, Input::Admitted, t0);
+        let out = run(&mut m, Input::Preempt("newer".into()), t0);
         let end = finish_of(&out).unwrap();
         assert_eq!(end.ending, Ending::Preempted);
         assert_eq!(
@@ -964,22 +980,22 @@ mod tests {
     fn a_client_gone_mid_stream_is_drained_for_its_usage() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::Upstream(CREATED), t0);
-        assert_eq!(m.step(Input::ClientGone, t0), vec![Effect::FreeSlots]);
+        run(&mut m, Input::Upstream(CREATED), t0);
+        assert_eq!(run(&mut m, Input::ClientGone, t0), vec![Effect::FreeSlots]);
         // Its terminal still ends it with the usage reported.
-        let out = m.step(Input::Upstream(COMPLETED), t0 + MS);
+        let out = run(&mut m, Input::Upstream(COMPLETED), t0 + MS);
         assert!(matches!(
             finish_of(&out).unwrap().ending,
             Ending::Terminal(_)
         ));
         // No terminal within the drain: it ends, billed from what was seen.
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::ClientGone, t0);
+        run(&mut m, Input::ClientGone, t0);
         let quiet = Input::Tick {
             connection_silent: Some(Duration::ZERO),
             others: true,
         };
-        let out = m.step(quiet, t0 + 1000 * MS);
+        let out = run(&mut m, quiet, t0 + 1000 * MS);
         let end = finish_of(&out).unwrap();
         assert_eq!(
             (&end.ending, &end.last),
@@ -987,12 +1003,12 @@ mod tests {
         );
         // A loss after the client left is never retried (nobody waits for it).
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::ClientGone, t0);
-        let out = m.step(Input::Lost(&LostReason::Closed(None)), t0);
+        run(&mut m, Input::ClientGone, t0);
+        let out = run(&mut m, Input::Lost(&LostReason::Closed(None)), t0);
         assert!(finish_of(&out).is_some(), "{out:?}");
         // Over HTTP the leg is dropped (which stops the upstream) and the turn ends now.
         let mut m = sent(t0, Leg::Http);
-        let out = m.step(Input::ClientGone, t0);
+        let out = run(&mut m, Input::ClientGone, t0);
         assert_eq!(out[0], Effect::StopLeg);
         assert_eq!(finish_of(&out).unwrap().ending, Ending::ClientGone);
         // Without a drain (an HTTP client's socket), a socket turn ends now, its socket spent.
@@ -1004,19 +1020,20 @@ mod tests {
             },
             t0,
         );
-        m.step(Input::Admitted, t0);
-        m.step(
+        run(&mut m, Input::Admitted, t0);
+        run(
+            &mut m,
             Input::Sent {
                 leg: Leg::Socket,
                 replayed: false,
             },
             t0,
         );
-        let out = m.step(Input::ClientGone, t0);
+        let out = run(&mut m, Input::ClientGone, t0);
         assert!(!finish_of(&out).unwrap().reusable);
         // Not yet streaming: it ends now, nobody to tell.
         let mut m = machine(t0);
-        let out = m.step(Input::ClientGone, t0);
+        let out = run(&mut m, Input::ClientGone, t0);
         assert_eq!(finish_of(&out).unwrap().last, Last::Nothing);
     }
 
@@ -1024,7 +1041,8 @@ mod tests {
     fn silence_ends_a_lane_or_its_connection() {
         let t0 = Instant::now();
         let tick = |m: &mut TurnMachine, at, connection_silent, others| {
-            m.step(
+            run(
+                m,
                 Input::Tick {
                     connection_silent,
                     others,
@@ -1044,7 +1062,7 @@ mod tests {
         );
         // Other lanes are answered: this one alone ends, the connection is spent.
         let mut m = sent(t0, Leg::Socket);
-        m.step(Input::Upstream(CREATED), t0);
+        run(&mut m, Input::Upstream(CREATED), t0);
         let out = tick(&mut m, t0 + 2000 * MS, Some(MS), true);
         let end = finish_of(&out).unwrap();
         assert_eq!(
@@ -1061,9 +1079,10 @@ mod tests {
     fn a_turn_whose_transport_changes_leases_again() {
         let t0 = Instant::now();
         let mut m = sent(t0, Leg::Socket);
-        assert_eq!(m.step(Input::Resend, t0), vec![Effect::Lease]);
+        assert_eq!(run(&mut m, Input::Resend, t0), vec![Effect::Lease]);
         assert_eq!(m.phase(), Phase::Leasing);
-        m.step(
+        run(
+            &mut m,
             Input::Sent {
                 leg: Leg::Http,
                 replayed: false,
@@ -1079,12 +1098,20 @@ mod tests {
         let t0 = Instant::now();
         for leg in [Leg::Socket, Leg::Http] {
             let mut m = sent(t0, leg);
-            let out = m.step(Input::Abort(ErrorCode::ShuttingDown, "bye".into()), t0);
+            let out = run(
+                &mut m,
+                Input::Abort(ErrorCode::ShuttingDown, "bye".into()),
+                t0,
+            );
             let end = finish_of(&out).unwrap();
             assert_eq!(end.ending, Ending::Aborted(ErrorCode::ShuttingDown));
             assert_eq!(out.first() == Some(&Effect::StopLeg), leg == Leg::Http);
             let mut m = sent(t0, leg);
-            let out = m.step(Input::Abort(ErrorCode::ClientTooSlow, String::new()), t0);
+            let out = run(
+                &mut m,
+                Input::Abort(ErrorCode::ClientTooSlow, String::new()),
+                t0,
+            );
             assert_eq!(finish_of(&out).unwrap().last, Last::Nothing);
         }
     }
