@@ -195,6 +195,7 @@ pub fn start_relay_with(
     if accounts.is_empty() {
         warn!("no [[accounts]] configured: every turn will be refused (account_busy)");
     }
+    share_learnt_facts(&settings, &accounts, &db);
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
     purge_expired(db.clone());
@@ -248,6 +249,27 @@ fn fleet_of(settings: &Settings, db: &DbPool) -> Option<Arc<crate::session::flee
 
 /// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
 /// instance may; it is idempotent; an expired reservation already counts for nothing).
+/// What relays learn of accounts' transports, shared through the database
+/// (docs/DESIGN.md#learnt-facts); an account declared HTTP-only has nothing to learn.
+fn share_learnt_facts(settings: &Settings, accounts: &[AccountHandle], db: &DbPool) {
+    let every = settings.upstream.learnt_refresh_ms;
+    let learning: Vec<_> = accounts
+        .iter()
+        .zip(&settings.accounts)
+        .filter(|(_, a)| a.transport != crate::config::AccountTransport::Http)
+        .map(|(h, _)| (h.name.clone(), h.health.clone()))
+        .collect();
+    if every == 0 || learning.is_empty() {
+        return;
+    }
+    actix::spawn(crate::pool::facts::share(
+        db.clone(),
+        learning,
+        Duration::from_millis(every),
+        Duration::from_secs(settings.upstream.learnt_ttl_s),
+    ));
+}
+
 fn purge_expired(db: DbPool) {
     actix::spawn(async move {
         loop {

@@ -253,6 +253,12 @@ pub struct UpstreamSettings {
     /// How the HTTP surface's `POST /responses` turns reach the upstream
     /// (docs/DESIGN.md#upstream-transports).
     pub http_transport: HttpTransport,
+    /// How often what relays learnt of accounts' transports (426, refused lanes, 1009 limits)
+    /// is shared through the database (docs/DESIGN.md#learnt-facts); 0: not shared.
+    pub learnt_refresh_ms: u64,
+    /// Learnt transport facts are forgotten this long after they were learnt: the next turn
+    /// probes the upstream again.
+    pub learnt_ttl_s: u64,
 }
 
 /// How an HTTP client's turn reaches the upstream.
@@ -352,6 +358,8 @@ impl Default for UpstreamSettings {
             probe_idle_ms: 10_000,
             probe_timeout_ms: 1_000,
             http_transport: HttpTransport::Ws,
+            learnt_refresh_ms: 10_000,
+            learnt_ttl_s: 86_400,
         }
     }
 }

@@ -27,7 +27,8 @@ async fn migrations_are_idempotent_and_complete() {
                 "20261206000001".to_string(),
                 "20261206000002".to_string(),
                 "20261207000001".to_string(),
-                "20261207000002".to_string()
+                "20261207000002".to_string(),
+                "20261207000003".to_string()
             ],
             "{}",
             db.backend

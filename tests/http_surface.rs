@@ -126,6 +126,9 @@ fn sse_is_relayed_as_it_arrives_and_billed() {
         assert_eq!(body["status"], "completed", "{body}");
         let rows = s.rows(2);
         assert_billed_as_reported(&rows[1], &body["usage"]);
+        // Nothing streamed: no token event, no first token.
+        assert_eq!(rows[1].first_token_ms, None, "{:?}", rows[1]);
+        assert!(rows[1].first_event_ms.is_some());
         s.finish();
     }
 }
@@ -458,6 +461,40 @@ fn a_silent_upstream_times_out() {
         ("upstream_lost", "estimated")
     );
     assert!(r.input_tokens > 0);
+    s.finish();
+}
+
+/// The requests of one client session (its `session-id` header, as Codex sends) are its turns
+/// 1, 2, 3 — numbered as a WebSocket session's — and another session counts on its own.
+#[test]
+fn a_client_sessions_requests_are_numbered_turns() {
+    let s = start(TestDb::sqlite(), StackOptions::default());
+    for session in ["codex-s1", "codex-s1", "codex-s2", "codex-s1"] {
+        let mut c = Conn::open(&s.addr);
+        let body = req(json!({})).to_string();
+        let head = c.send(
+            "POST",
+            "/v1/responses",
+            Some(&s.key),
+            body.as_bytes(),
+            &[("session-id", session)],
+        );
+        assert_eq!(c.json(&head)["status"], "completed");
+    }
+    let rows = s.rows(4);
+    let seen: Vec<(&str, i32)> = rows
+        .iter()
+        .map(|r| (r.session_id.as_str(), r.turn_index))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("codex-s1", 1),
+            ("codex-s1", 2),
+            ("codex-s2", 1),
+            ("codex-s1", 3)
+        ]
+    );
     s.finish();
 }
 

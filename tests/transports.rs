@@ -330,6 +330,120 @@ fn an_account_whose_upstream_answers_426_takes_its_turns_over_http() {
     s.finish();
 }
 
+/// The account's facts in the database, once `ready` says they are as awaited.
+fn facts_once(
+    s: &Stack,
+    ready: impl Fn(&[turnpike::db::queries::facts::Facts]) -> bool,
+) -> Vec<turnpike::db::queries::facts::Facts> {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let rows = common::stack::with_db(&s.db, async |db| {
+            turnpike::db::queries::facts::all(db).await.unwrap()
+        });
+        if ready(&rows) || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What one relay learnt of an account (its upstream answered the WebSocket handshake 426) is
+/// stored, and another relay on the database — or this one restarted — takes the account's
+/// turns over HTTP from its first turn, without a handshake of its own
+/// (docs/DESIGN.md#learnt-facts); on each backend.
+#[test]
+fn a_relay_learns_what_another_learnt() {
+    for db in block(TestDb::all()) {
+        let env = [("TURNPIKE_UPSTREAM__LEARNT_REFRESH_MS", "100")];
+        let s = Stack::start(
+            db,
+            StackOptions {
+                sim_args: &["--http-only"],
+                env: &env,
+                ..StackOptions::default()
+            },
+        );
+        let mut c = s.client();
+        c.send(&create(None, "hello", "deltas=2"));
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+        assert_eq!(s.sim_stats()["rejected"], 1);
+        let rows = facts_once(&s, |rows| rows.iter().any(|f| f.http_only));
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(
+            (
+                rows[0].account.as_str(),
+                rows[0].http_only,
+                rows[0].lanes_refused
+            ),
+            ("sim", true, false)
+        );
+        let (second, addr2, _dir) = s.second_relay(&env);
+        let mut seen = Vec::new();
+        assert!(
+            common::stack::wait_log(&second, "adopted what another relay learnt", T, &mut seen),
+            "{seen:?}"
+        );
+        let mut c = Client::bearer(&addr2, &s.key);
+        c.send(&create(None, "hello again", "deltas=2"));
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+        let stats = s.sim_stats();
+        assert_eq!(
+            (stats["rejected"].as_i64(), stats["accepted"].as_i64()),
+            (Some(1), Some(0)),
+            "the second relay dialled nobody: {stats}"
+        );
+        let rows = s.rows(2);
+        assert!(
+            rows.iter().all(|r| r.upstream_transport == "http"),
+            "{rows:?}"
+        );
+        drop(second);
+        s.finish();
+    }
+}
+
+/// Learnt facts are forgotten `upstream.learnt_ttl_s` after they were learnt, everywhere: the
+/// next turn probes the upstream again (it may have changed).
+#[test]
+fn learnt_facts_expire_and_the_upstream_is_probed_again() {
+    let env = [
+        ("TURNPIKE_UPSTREAM__LEARNT_REFRESH_MS", "100"),
+        ("TURNPIKE_UPSTREAM__LEARNT_TTL_S", "1"),
+    ];
+    let s = Stack::start(
+        TestDb::sqlite(),
+        StackOptions {
+            sim_args: &["--http-only"],
+            env: &env,
+            ..StackOptions::default()
+        },
+    );
+    let turn = |text: &str| {
+        let mut c = s.client();
+        c.send(&create(None, text, "deltas=2"));
+        assert_eq!(
+            c.until_terminal(T).last().unwrap()["type"],
+            "response.completed"
+        );
+    };
+    turn("one");
+    assert_eq!(s.sim_stats()["rejected"], 1);
+    facts_once(&s, |rows| rows.iter().any(|f| f.http_only));
+    // Stored, then gone once a second old.
+    let rows = facts_once(&s, <[_]>::is_empty);
+    assert!(rows.is_empty(), "{rows:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    turn("two");
+    assert_eq!(s.sim_stats()["rejected"], 2, "probed again");
+    s.finish();
+}
+
 /// An account declared `transport = "http"` is never dialled: WebSocket and HTTP clients' turns
 /// all go as `POST /responses` from the first one, though its upstream has a WebSocket mode.
 #[test]

@@ -119,6 +119,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    account_facts (account) {
+        account -> Text,
+        http_only -> Bool,
+        lanes_refused -> Bool,
+        refused_frame_bytes -> BigInt,
+        learnt_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     account_affinity (api_key_id, affinity_key) {
         api_key_id -> BigInt,
         affinity_key -> Text,
@@ -207,5 +217,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     response_bindings,
     turn_reservations,
     account_affinity,
+    account_facts,
     fleet_slots,
 );

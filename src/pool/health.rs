@@ -93,6 +93,37 @@ pub struct View {
     pub lanes_refused: bool,
 }
 
+/// What a relay learnt of an account's transport (docs/DESIGN.md#learnt-facts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Learnt {
+    /// Its upstream answered a WebSocket handshake 426.
+    pub http_only: bool,
+    /// Its upstream refused `stream_id`.
+    pub lanes_refused: bool,
+    /// The smallest request its upstream closed with 1009; 0: none.
+    pub refused_len: usize,
+}
+
+impl Learnt {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// What either learnt.
+    #[must_use]
+    pub fn union(self, other: Learnt) -> Learnt {
+        let refused_len = match (self.refused_len, other.refused_len) {
+            (0, n) | (n, 0) => n,
+            (a, b) => a.min(b),
+        };
+        Learnt {
+            http_only: self.http_only || other.http_only,
+            lanes_refused: self.lanes_refused || other.lanes_refused,
+            refused_len,
+        }
+    }
+}
+
 /// One account's health.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -160,6 +191,38 @@ impl Health {
     /// Whether the account's turns go over HTTP (its upstream answered a handshake 426).
     pub fn http_only(&self) -> bool {
         self.http_only.load(Ordering::Relaxed)
+    }
+
+    /// What was learnt of the account's transport so far.
+    pub fn learnt(&self) -> Learnt {
+        Learnt {
+            http_only: self.http_only(),
+            lanes_refused: self.lanes_refused(),
+            refused_len: self.refused_len.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes what another relay learnt; whether any of it is news here.
+    pub fn adopt(&self, l: Learnt) -> bool {
+        let mut news = false;
+        if l.http_only {
+            news |= self.refuse_websocket();
+        }
+        if l.lanes_refused {
+            news |= self.refuse_lanes();
+        }
+        if l.refused_len > 0 {
+            news |= self.refused_frame(l.refused_len);
+        }
+        news
+    }
+
+    /// Forgets what was learnt of the transport: the next turn finds out again (the upstream
+    /// may have changed).
+    pub fn forget_learnt(&self) {
+        self.http_only.store(false, Ordering::Relaxed);
+        self.lanes_refused.store(false, Ordering::Relaxed);
+        self.refused_len.store(0, Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

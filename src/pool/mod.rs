@@ -10,10 +10,12 @@
 //! - `placement`: which worker thread a new session runs on (beside its identity's idle
 //!   connection), from what the pools publish.
 //! - `routing`: which account a turn goes to: priority, weight, stickiness (pure).
+//! - `facts`: what relays learnt of accounts' transports, shared through the database.
 //! - `actor`: the pool actor.
 
 pub mod actor;
 pub mod dispatch;
+pub mod facts;
 pub mod health;
 pub mod messages;
 pub mod placement;

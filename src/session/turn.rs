@@ -202,7 +202,7 @@ impl TurnTracker {
 
     /// A whole (non-streamed) response body that arrived at `now` — a response object, or a
     /// compaction — read as a stream's terminal event carrying it (docs/DESIGN.md#http-surface);
-    /// its output, if any, is the turn's first token (nothing of it was visible before).
+    /// no token event came (its tokens all arrived with its end: `first_token_ms` stays NULL).
     /// `None` when the body is not a JSON object.
     pub fn observe_whole(&mut self, body: &[u8], now: Instant) -> Option<TerminalKind> {
         let Ok(serde_json::Value::Object(response)) = serde_json::from_slice(body) else {
@@ -214,13 +214,6 @@ impl TurnTracker {
             Some("cancelled") => "response.cancelled",
             _ => "response.completed",
         };
-        let has_output = response
-            .get("output")
-            .and_then(|o| o.as_array())
-            .is_some_and(|o| !o.is_empty());
-        if has_output {
-            self.clock.event(EventKind::Token, now);
-        }
         let event = serde_json::json!({"type": kind, "response": response}).to_string();
         match self.observe(&event, now).kind {
             EventKind::Terminal(k) => Some(k),
@@ -797,8 +790,8 @@ mod tests {
         assert_eq!(o.response_id.as_deref(), Some("resp_J"));
         assert_eq!((o.usage.input_tokens, o.usage.output_tokens), (11, 3));
         assert_eq!(o.usage_source.as_str(), "reported");
-        assert_eq!(o.timing.first_token_ms, Some(40));
-        assert!(o.timing.first_token_ms.unwrap() < o.timing.duration_ms);
+        // No token event came: the tokens all arrived with the end.
+        assert_eq!(o.timing.first_token_ms, None);
         let mut t = TurnTracker::new(t0);
         let k = t.observe_whole(
             br#"{"id":"cmp_1","object":"response.compaction","output":[],"usage":{"input_tokens":5,"output_tokens":2}}"#,

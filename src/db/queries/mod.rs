@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod audit;
 pub mod billing;
 pub mod bindings;
+pub mod facts;
 pub mod fleet;
 pub mod health;
 pub mod keys;

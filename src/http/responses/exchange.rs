@@ -113,6 +113,8 @@ pub(crate) struct Exchange {
     session_id: SessionId,
     /// The client's own session id, if it sent one.
     client_session: Option<String>,
+    /// Its number in the client's session (1 without one).
+    turn_index: i32,
     /// The turn's affinity (docs/DESIGN.md#routing), read at admission.
     affinity: Option<gate::Affinity>,
     accepted_wall: NaiveDateTime,
@@ -186,6 +188,7 @@ impl Exchange {
             read: Duration::from_millis(up.read_timeout_ms),
         };
         let tracker = TurnTracker::new(accepted).prompting(frame.prompt_bytes);
+        let turn_index = session.as_deref().map_or(1, |s| deps.requests.turn_of(s));
         Ok(Self {
             m: TurnMachine::new(tracker, limits, accepted),
             deps,
@@ -196,6 +199,7 @@ impl Exchange {
             model,
             request_id,
             session_id,
+            turn_index,
             client_session: session,
             affinity: None,
             accepted_wall: crate::db::now(),
@@ -769,7 +773,7 @@ impl Exchange {
         let who = gate::TurnIdentity {
             request_id: &self.request_id,
             session_id: &self.session_id,
-            turn_index: 1,
+            turn_index: self.turn_index,
             model: &self.model,
             warmup: self.frame.warmup,
             accepted_at: self.accepted_wall,
