@@ -301,6 +301,9 @@ for name, session in zip(("http-text", "http-tool"), http_sessions):
     assert (got[0], got[1]) == (seen["input_tokens"], seen["output_tokens"]), f"codex {name}: saw {seen}, rows {got}"
     if name == "http-tool":
         assert got[2] >= 2, f"the tool loop is two requests at least: {got}"
+    # Its requests are the session's turns 1, 2, … (its session-id header).
+    idx = [i for (i,) in db.execute("select turn_index from usage_logs where session_id = ? order by id", (session,))]
+    assert idx == list(range(1, len(idx) + 1)), f"codex {name}: turns numbered {idx}"
 codex_sessions += http_sessions
 # The HTTP requests the upstream saw: the account's credential, never the turnpike key.
 for r in json.load(urllib.request.urlopen(f"http://{sim}/sim/http")):
