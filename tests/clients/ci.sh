@@ -109,6 +109,20 @@ RELAY=$(addr_from "$WORK/relay.log")
 BASE=http://$RELAY/v1
 echo "sim at $SIM, turnpike at $BASE"
 
+# Another relay beside the first: database $WORK/NAME.db with USER and a key, serving CONFIG;
+# sets KEY_OUT and BASE_OUT.
+another_relay() { # name, config, user
+  local db="sqlite://$WORK/$1.db"
+  TURNPIKE_DATABASE__URL=$db "$BIN" migrate >/dev/null 2>&1
+  TURNPIKE_DATABASE__URL=$db "$BIN" users create "$3" >/dev/null 2>&1
+  KEY_OUT=$(TURNPIKE_DATABASE__URL=$db "$BIN" keys create --user "$3" 2>/dev/null)
+  TURNPIKE_DATABASE__URL=$db TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool-$1 \
+    TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
+    "$BIN" --config "$2" serve 2>"$WORK/$1.log" &
+  PIDS="$PIDS $!"
+  BASE_OUT=http://$(addr_from "$WORK/$1.log")/v1
+}
+
 PASSED=0
 FAILED=0
 check() { # name, command...
@@ -148,14 +162,8 @@ PIDS="$PIDS $!"
 SIM2=$(addr_from "$WORK/sim2.log")
 printf '[[accounts]]\nname = "nolanes"\nbase_url = "http://%s/v1"\napi_key = "%s"\n' "$SIM2" "$UPSTREAM_KEY" >"$WORK/relay2.toml"
 DB2="sqlite://$WORK/nolanes.db"
-TURNPIKE_DATABASE__URL=$DB2 "$BIN" migrate >/dev/null 2>&1
-TURNPIKE_DATABASE__URL=$DB2 "$BIN" users create clients >/dev/null 2>&1
-KEY2=$(TURNPIKE_DATABASE__URL=$DB2 "$BIN" keys create --user clients 2>/dev/null)
-TURNPIKE_DATABASE__URL=$DB2 TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool2 \
-  TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
-  "$BIN" --config "$WORK/relay2.toml" serve 2>"$WORK/relay2.log" &
-PIDS="$PIDS $!"
-BASE2=http://$(addr_from "$WORK/relay2.log")/v1
+another_relay nolanes "$WORK/relay2.toml" clients
+KEY2=$KEY_OUT BASE2=$BASE_OUT
 check python-nolanes env NO_LANES=1 REPORT="$WORK/report-nolanes.jsonl" SIM_KEY="$KEY2" \
   "$CACHE/venv/bin/python" "$ROOT/tests/clients/sdk_client.py" "$BASE2"
 check node-lanes-nolanes env REPORT="$WORK/report-nolanes.jsonl" CLIENT_KEY="$KEY2" \
@@ -258,20 +266,13 @@ echo "== Codex 0.171 reads the key's quota and the user's balance (/status) =="
 TURNPIKE_DATABASE__URL=$DB2 "$BIN" users create status --balance-usd 0.002 >/dev/null 2>&1
 KEY3=$(TURNPIKE_DATABASE__URL=$DB2 "$BIN" keys create --user status --quota-usd 0.001 2>/dev/null)
 check codex171-status "$CACHE/venv/bin/python" "$ROOT/tests/clients/codex_status.py" "$CODEX171" \
-  "$(addr_from "$WORK/relay2.log")" "$KEY3" "$WORK" "$WORK/nolanes.db" 1000000 2000000
+  "$(addr_from "$WORK/nolanes.log")" "$KEY3" "$WORK" "$WORK/nolanes.db" 1000000 2000000
 
 echo "== openai-python 3.63.0 and openai-node 7.60.0: steers that race their response's end =="
 # A relay and database of their own: their steered responses and successors are rows the checks
 # of the others do not count.
-DB3="sqlite://$WORK/race.db"
-TURNPIKE_DATABASE__URL=$DB3 "$BIN" migrate >/dev/null 2>&1
-TURNPIKE_DATABASE__URL=$DB3 "$BIN" users create race >/dev/null 2>&1
-KEY4=$(TURNPIKE_DATABASE__URL=$DB3 "$BIN" keys create --user race 2>/dev/null)
-TURNPIKE_DATABASE__URL=$DB3 TURNPIKE_SERVER__BIND=127.0.0.1:0 TURNPIKE_ACCOUNTING__SPOOL_DIR=$WORK/spool3 \
-  TURNPIKE_ACCOUNTING__FLUSH_INTERVAL_MS=50 \
-  "$BIN" --config "$WORK/relay.toml" serve 2>"$WORK/relay3.log" &
-PIDS="$PIDS $!"
-BASE3=http://$(addr_from "$WORK/relay3.log")/v1
+another_relay race "$WORK/relay.toml" race
+KEY4=$KEY_OUT BASE3=$BASE_OUT
 for round in 1 2 3; do
   check "python363-steer-race-$round" timeout 60 "$CACHE/venv363/bin/python" "$ROOT/tests/clients/steer_race.py" "$BASE3" "$KEY4"
 done
