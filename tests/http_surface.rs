@@ -933,3 +933,67 @@ fn stalled_uploads_are_bounded_per_key_and_timed_out() {
     assert_eq!(code, 200, "{ok}");
     s.finish();
 }
+
+/// What an HTTP client sees through turnpike is what it would see straight from the upstream
+/// (#41), by the header policy (docs/DESIGN.md#headers): the same requests — a JSON answer, an SSE
+/// stream, a request-level error — sent to the upstream directly and through the relay give the
+/// same status, the same body or events (but for each response's ids and timestamps), and every
+/// upstream header the policy passes with its value; the ones it withholds (the account's
+/// organization, cookies, hop-by-hop) are absent, and the relay adds none of its own but framing.
+#[test]
+fn answers_through_the_relay_are_the_upstreams() {
+    let s = start(TestDb::sqlite(), StackOptions::default());
+    let bodies = [
+        json!({"model": "gpt-test", "store": false, "input": "hello", "metadata": {"sim": "deltas=3"}}),
+        json!({"model": "gpt-test", "store": false, "input": "hello", "stream": true,
+            "metadata": {"sim": "deltas=3 extra=response.queued"}}),
+        json!({"model": "gpt-test", "store": false, "input": "hello",
+            "metadata": {"sim": "error=invalid_prompt status=400"}}),
+    ];
+    // Framing and the relay's own: the connection's, not the upstream's.
+    let framing = [
+        "date",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "content-type",
+    ];
+    for body in bodies {
+        let answer = |addr: &str, key: &str| {
+            let mut c = Conn::open(addr);
+            let raw = body.to_string();
+            let head = c.send("POST", "/v1/responses", Some(key), raw.as_bytes(), &[]);
+            let content = if body["stream"] == true {
+                Value::Array(c.events().into_iter().map(|e| e.data).collect())
+            } else {
+                c.json(&head)
+            };
+            (head, common::normalized(&content))
+        };
+        let (direct, direct_body) = answer(&s.sim_addr, "sk-upstream");
+        let (relayed, relayed_body) = answer(&s.addr, &s.key);
+        assert_eq!(direct.status, relayed.status, "{body}");
+        assert_eq!(direct_body, relayed_body, "{body}");
+        for (name, value) in &direct.headers {
+            let name = name.to_ascii_lowercase();
+            if framing.contains(&name.as_str()) {
+                continue;
+            }
+            let through = relayed.header(&name);
+            if turnpike::protocol::headers::response_passes(&name) {
+                let same = |v: &str| common::normalized(&json!(v));
+                assert_eq!(through.map(same), Some(same(value)), "{name} of {body}");
+            } else {
+                assert_eq!(through, None, "{name} withheld from {body}");
+            }
+        }
+        for (name, _) in &relayed.headers {
+            let name = name.to_ascii_lowercase();
+            assert!(
+                framing.contains(&name.as_str()) || direct.header(&name).is_some(),
+                "the relay added {name} to {body}"
+            );
+        }
+    }
+    s.finish();
+}

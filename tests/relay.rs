@@ -1468,3 +1468,48 @@ fn a_stray_terminal_neither_ends_nor_bills_the_turn() {
         s.finish();
     }
 }
+
+/// What a client sees through turnpike is what it would see straight from the upstream (#41):
+/// the same creates sent to the upstream directly and through the relay give the same events, in
+/// the same order, byte for byte but for the ids and timestamps each response gets — text, events
+/// of types no client knows yet before and after the terminal, a tool call, a request-level
+/// error, an incomplete response.
+#[test]
+fn events_through_the_relay_are_the_upstreams() {
+    let s = Stack::start(TestDb::sqlite(), StackOptions::default());
+    let directives = [
+        "deltas=3 extra=response.queued,response.metadata trailing=codex.rate_limits",
+        "tool",
+        "error=invalid_prompt status=400",
+        "terminal=incomplete deltas=2",
+    ];
+    let run = |c: &mut Client| -> Vec<Value> {
+        let mut all = Vec::new();
+        for d in directives {
+            c.send(
+                &json!({"type": "response.create", "model": "gpt-test", "store": false,
+                "input": "hello", "metadata": {"sim": d}}),
+            );
+            all.extend(c.until_terminal(Duration::from_secs(30)));
+        }
+        all
+    };
+    let mut direct = Client::connect(
+        &s.sim_addr,
+        "/v1/responses",
+        &[("authorization", "Bearer sk-upstream")],
+    )
+    .unwrap();
+    let mut relayed = s.client();
+    let (d, r) = (run(&mut direct), run(&mut relayed));
+    assert!(d.len() > 12, "{d:?}");
+    let (d, r): (Vec<Value>, Vec<Value>) = (
+        d.iter().map(common::normalized).collect(),
+        r.iter().map(common::normalized).collect(),
+    );
+    for (i, (a, b)) in d.iter().zip(&r).enumerate() {
+        assert_eq!(a, b, "event {i} differs");
+    }
+    assert_eq!(d.len(), r.len());
+    s.finish();
+}

@@ -438,3 +438,54 @@ pub fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record
         service_tier: "priority".into(),
     }
 }
+
+/// `v` with what differs between two runs of the same requests — the sim's per-response tags
+/// in ids (`resp_sim…`, `msg_sim…`, `call_sim…`, numbered in order of appearance) and the
+/// timestamps — made equal, so a direct run and a relayed one compare as a whole.
+pub fn normalized(v: &serde_json::Value) -> serde_json::Value {
+    fn tags(s: &str, seen: &mut Vec<String>) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(at) = rest.find("sim") {
+            let after = &rest[at + 3..];
+            let hex = after.bytes().take_while(u8::is_ascii_hexdigit).count();
+            if hex < 8 {
+                out.push_str(&rest[..at + 3]);
+                rest = after;
+                continue;
+            }
+            let tag = &after[..hex];
+            let n = seen.iter().position(|t| t == tag).unwrap_or_else(|| {
+                seen.push(tag.to_string());
+                seen.len() - 1
+            });
+            out.push_str(&rest[..at]);
+            out.push_str(&format!("<tag {n}>"));
+            rest = &after[hex..];
+        }
+        out.push_str(rest);
+        out
+    }
+    fn walk(v: &serde_json::Value, seen: &mut Vec<String>) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => Value::String(tags(s, seen)),
+            Value::Array(a) => Value::Array(a.iter().map(|x| walk(x, seen)).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| {
+                        let x = match k.as_str() {
+                            "created_at" | "completed_at" | "sim_ts_ns" if x.is_number() => {
+                                Value::from(0)
+                            }
+                            _ => walk(x, seen),
+                        };
+                        (k.clone(), x)
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    walk(v, &mut Vec::new())
+}
