@@ -45,6 +45,7 @@ fn record(tag: &str, n: usize, key: i64, user: i64) -> TurnRecord {
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
+        block: None,
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
         upstream_transport: turnpike::record::Transport::Ws,

@@ -8,7 +8,11 @@
 # summary per build and scenario. BENCH_WORKLOAD=big|small picks the upstream (as bench.sh);
 # BENCH_ROUNDS (3); BENCH_AB_SCENARIOS overrides the scenarios ("name:SESSIONS TURNS EVENTS GAP_US
 # [LANES]" separated by commas; a name starting with `idle` runs `bench idle` with SESSIONS first,
-# on the relay as it was started: memory per idle session). BENCH_DB=postgres puts each relay on
+# on the relay as it was started: memory per idle session; one starting with `ttfe` runs
+# `bench ttfe` with SESSIONS: time to first event, fresh and warm). BENCH_AB_ENV_OLD and
+# BENCH_AB_ENV_NEW: environment assignments for each build's relay (the same binary twice with
+# two settings, e.g. BENCH_AB_ENV_OLD=TURNPIKE_BILLING__RESERVATION_BLOCK_TURNS=1);
+# BENCH_QUOTA_USD gives the relays' key a quota (its turns reserve). BENCH_DB=postgres puts each relay on
 # a fresh PostgreSQL database (BENCH_PG_URL, default postgres://postgres@127.0.0.1:5432; needs
 # psql) instead of a SQLite file. Never run beside a build or a test run: only same-run ratios
 # count.
@@ -60,7 +64,9 @@ run_build() { # label binary round
     *) echo "bench_ab: BENCH_DB is sqlite or postgres" >&2; exit 2 ;;
   esac
   key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "$db" "$UP")
-  "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
+  local envs=BENCH_AB_ENV_${label^^}
+  # shellcheck disable=SC2086 # assignments split on purpose
+  env ${!envs:-} "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
   wait_port "$port"
   local url=ws://127.0.0.1:$port/v1/responses
   local warm=0
@@ -70,6 +76,8 @@ run_build() { # label binary round
     read -ra args <<<"${s#*:}"
     if [[ $name == idle* ]]; then
       j=$("$B" idle "$url" "$key" "${args[0]}" "$pid")
+    elif [[ $name == ttfe* ]]; then
+      j=$("$B" ttfe "$url" "$key" "${args[0]}")
     else
       if [ "$warm" = 0 ]; then "$B" stream "$url" "$key" 10 2 200 0 >/dev/null; warm=1; fi
       lanes=${args[4]:-1}
@@ -95,17 +103,27 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 def med(xs):
     xs = sorted(xs); n = len(xs)
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-idle = [r for r in rows if "kib_per_session" in r["r"]]
-if idle:
-    print("| scenario | build | KiB per idle session overall, median [range] | marginal |")
+def table(marker, head, a, b, fmt):
+    """Median [range] of fields a and b per scenario and build, for rows holding `marker`."""
+    sel = [r for r in rows if marker in r["r"]]
+    if not sel:
+        return
+    print(head)
     print("|---|---|---|---|")
-    for scen in dict.fromkeys(r["scenario"] for r in idle):
+    for scen in dict.fromkeys(r["scenario"] for r in sel):
         for build in ("old", "new"):
-            rs = [r["r"] for r in idle if r["scenario"] == scen and r["build"] == build]
-            o = [r["kib_per_session"] for r in rs]; m = [r["marginal_kib_per_session"] for r in rs]
-            print(f"| {scen} | {build} | {med(o):.1f} [{min(o):.1f}–{max(o):.1f}] | {med(m):.1f} [{min(m):.1f}–{max(m):.1f}] |")
+            rs = [r["r"] for r in sel if r["scenario"] == scen and r["build"] == build]
+            cols = []
+            for f in (a, b):
+                xs = [r[f] for r in rs]
+                cols.append(f"{med(xs):{fmt}} [{min(xs):{fmt}}–{max(xs):{fmt}}]")
+            print(f"| {scen} | {build} | {cols[0]} | {cols[1]} |")
     print()
-rows = [r for r in rows if "kib_per_session" not in r["r"]]
+table("kib_per_session", "| scenario | build | KiB per idle session overall, median [range] | marginal |",
+      "kib_per_session", "marginal_kib_per_session", ".1f")
+table("warm_p50_us", "| scenario | build | time to first event p50 µs, warm median [range] | fresh |",
+      "warm_p50_us", "fresh_p50_us", ".0f")
+rows = [r for r in rows if "kib_per_session" not in r["r"] and "warm_p50_us" not in r["r"]]
 print("| scenario | build | events/s median [range] | p50 µs | p99 µs | relay CPU-s per 1M events median [range] |")
 print("|---|---|---|---|---|---|")
 for scen in dict.fromkeys(r["scenario"] for r in rows):

@@ -199,11 +199,13 @@ pub fn start_relay_with(
     let prices = PriceTable::from_settings(&settings.pricing)
         .map_err(|(key, e)| ConfigError::new(key, e.to_string()))?;
     purge_expired(db.clone());
+    let blocks = give_back_blocks(&settings, &db);
     let pending_spend = Arc::new(PendingSpend::default());
     let health = Arc::new(AccountingHealth::default());
     Ok(Arc::new(SessionDeps {
         prices,
         chains: crate::billing::reservation::Chains::new(CHAINS_REMEMBERED),
+        blocks,
         accounting: start_accounting(
             &settings,
             db.clone(),
@@ -247,8 +249,6 @@ fn fleet_of(settings: &Settings, db: &DbPool) -> Option<Arc<crate::session::flee
     Some(fleet)
 }
 
-/// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
-/// instance may; it is idempotent; an expired reservation already counts for nothing).
 /// What relays learn of accounts' transports, shared through the database
 /// (docs/DESIGN.md#learnt-facts); an account declared HTTP-only has nothing to learn.
 fn share_learnt_facts(settings: &Settings, accounts: &[AccountHandle], db: &DbPool) {
@@ -270,6 +270,51 @@ fn share_learnt_facts(settings: &Settings, accounts: &[AccountHandle], db: &DbPo
     ));
 }
 
+/// This relay's reservation blocks (docs/DESIGN.md#reservation-blocks), with the task that
+/// closes each when its time is up and gives its unused part back — one log line when giving
+/// back starts failing and one when it works again; what failed is tried again.
+fn give_back_blocks(settings: &Settings, db: &DbPool) -> Arc<crate::billing::blocks::Blocks> {
+    let b = &settings.billing;
+    let every = Duration::from_millis(b.reservation_block_ms.max(1));
+    let blocks = Arc::new(crate::billing::blocks::Blocks::new(
+        b.reservation_block_turns,
+        every,
+        Duration::from_secs(b.reservation_ttl_s),
+    ));
+    if b.reservation_block_turns <= 1 {
+        return blocks;
+    }
+    let (db, shared) = (db.clone(), blocks.clone());
+    actix::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(every / 4).await;
+            let mut failed = None;
+            for back in shared.close_due(std::time::Instant::now()) {
+                let row = crate::db::queries::reservations::NewReservation::given_back(&back);
+                if let Err(e) = crate::db::queries::reservations::hold(&db, &row).await {
+                    failed.get_or_insert(e);
+                    shared.retry(back);
+                }
+            }
+            match (failed, failing) {
+                (Some(e), false) => {
+                    warn!(error = %e, "unused parts of reservation blocks not given back (held until given back or expired); retrying");
+                    failing = true;
+                }
+                (None, true) => {
+                    info!("unused parts of reservation blocks given back again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    });
+    blocks
+}
+
+/// Deletes expired `response_bindings` and `turn_reservations` every ten minutes (any
+/// instance may; it is idempotent; an expired reservation already counts for nothing).
 fn purge_expired(db: DbPool) {
     actix::spawn(async move {
         loop {

@@ -161,6 +161,11 @@ pub struct BillingSettings {
     pub reserve_output_tokens: u64,
     /// How long a reservation counts when its turn's record never comes (a relay that died).
     pub reservation_ttl_s: u64,
+    /// Turns' expected cost a limited key reserves at once, as a block its turns on this relay
+    /// draw from in memory (docs/DESIGN.md#reservation-blocks); 1 reserves turn by turn.
+    pub reservation_block_turns: u32,
+    /// How long a block serves turns; then what it has unused goes back.
+    pub reservation_block_ms: u64,
 }
 
 impl Default for BillingSettings {
@@ -169,6 +174,8 @@ impl Default for BillingSettings {
             max_tokens_per_response: 20_000_000,
             reserve_output_tokens: 4_096,
             reservation_ttl_s: 3_600,
+            reservation_block_turns: 8,
+            reservation_block_ms: 1_000,
         }
     }
 }
@@ -820,6 +827,20 @@ impl Settings {
                  output tokens) would cost more than $1,000,000; lower it or the prices",
             ));
         }
+        if self.billing.reservation_block_turns > 1_000 {
+            return Err(ConfigError::new(
+                "billing.reservation_block_turns",
+                "must be at most 1000",
+            ));
+        }
+        // A block serving turns after its row stopped counting would admit them unreserved.
+        let block_ms = self.billing.reservation_block_ms;
+        if block_ms == 0 || block_ms / 1_000 >= self.billing.reservation_ttl_s {
+            return Err(ConfigError::new(
+                "billing.reservation_block_ms",
+                "must be at least 1 and shorter than billing.reservation_ttl_s",
+            ));
+        }
         if self.database.pool_max_size == 0 {
             return Err(ConfigError::new(
                 "database.pool_max_size",
@@ -1009,6 +1030,22 @@ mod tests {
         s.accounts = vec![a.clone(), a];
         let err = s.validate().unwrap_err();
         assert_eq!(err.key, "accounts[1].name");
+    }
+
+    #[test]
+    fn a_block_never_outlives_its_reservation() {
+        let mut s = Settings::default();
+        s.billing.reservation_ttl_s = 2;
+        s.billing.reservation_block_ms = 1_999;
+        s.validate().unwrap();
+        s.billing.reservation_block_ms = 2_000;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.key, "billing.reservation_block_ms");
+        s.billing.reservation_block_ms = 0;
+        assert_eq!(
+            s.validate().unwrap_err().key,
+            "billing.reservation_block_ms"
+        );
     }
 
     #[test]

@@ -84,6 +84,13 @@ id_type!(
     12
 );
 id_type!(
+    /// A reservation block's id: its `turn_reservations` row's `request_id`
+    /// (docs/DESIGN.md#reservation-blocks).
+    BlockId,
+    "blk",
+    12
+);
+id_type!(
     /// A client session's id (one WebSocket, or one HTTP request).
     SessionId,
     "sess",

@@ -223,6 +223,18 @@ pub struct TurnRecord {
     /// estimate instead): written to `usage_quarantine` with the usage row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_aside: Option<SetAside>,
+    /// The reservation block the turn drew from, and what its record takes off the block's
+    /// row (docs/DESIGN.md#reservation-blocks; none for a turn with a row of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockDraw>,
+}
+
+/// A turn's draw on a reservation block, as its record settles it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDraw {
+    /// The block's `turn_reservations.request_id`.
+    pub block: String,
+    pub amount_nanousd: i64,
 }
 
 /// The service tier of a request that names none, and of the upstream's `default`

@@ -335,6 +335,7 @@ fn record(n: usize, key: i64, user: i64) -> turnpike::record::TurnRecord {
         transport: turnpike::record::Transport::Ws,
         upstream_transport: turnpike::record::Transport::Ws,
         service_tier: "standard".into(),
+        block: None,
     }
 }
 

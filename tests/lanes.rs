@@ -405,12 +405,13 @@ fn a_33rd_named_lane_is_refused_and_the_others_go_on() {
     s.finish();
 }
 
-fn live_reservations(db: &TestDb) -> i64 {
+/// What live reservations hold together (a block's row and what it gave back included).
+fn held(db: &TestDb) -> i64 {
     block(async {
         turnpike::db::queries::reservations::live(&db.pool())
             .await
             .unwrap()
-            .0
+            .1
     })
 }
 
@@ -438,10 +439,10 @@ fn a_limited_keys_steer_reserves_its_successor() {
         let rows = rows_by_turn(&s, 2);
         assert_eq!(rows[1].origin, "steer");
         let deadline = std::time::Instant::now() + T;
-        while live_reservations(&s.db) != 0 && std::time::Instant::now() < deadline {
+        while held(&s.db) != 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(live_reservations(&s.db), 0, "settled by the records");
+        assert_eq!(held(&s.db), 0, "settled by the records");
 
         // Room for this turn (16 output tokens reserved) but not for a successor (4,096).
         common::ledger::exec(

@@ -71,6 +71,28 @@ pub fn decide(h: &Holdings, amount: i64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// What a reservation took: a block of several turns (docs/DESIGN.md#reservation-blocks) or
+/// the turn's own row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Block,
+    Own,
+}
+
+/// A turn reserving `amount`, offered a block of `block`: the block while another as large
+/// would still fit after it — near the end of a quota or balance, turns reserve one by one,
+/// so a block never refuses a turn that its own row would have let through on this relay,
+/// and other relays' blocks hold little of what is left — else the turn's own row if it fits.
+pub fn choose(h: &Holdings, amount: i64, block: Option<i64>) -> Result<Taken, Refusal> {
+    if let Some(size) = block
+        && size > amount
+        && decide(h, size.saturating_mul(2)).is_ok()
+    {
+        return Ok(Taken::Block);
+    }
+    decide(h, amount).map(|()| Taken::Own)
+}
+
 /// What the responses a turn may continue were billed for, remembered by this relay
 /// (docs/DESIGN.md#reservations): a turn continuing one (`previous_response_id`) is billed for
 /// that whole context again as input, which its request's own bytes do not show. Bounded: the
@@ -186,6 +208,37 @@ mod tests {
         assert_eq!(
             expected_cost(&PRICE, false, bytes(0), u64::MAX, 1_000),
             10_000_000
+        );
+    }
+
+    #[test]
+    fn blocks_are_taken_only_with_room_for_another() {
+        let quota = Some(1_000);
+        assert_eq!(
+            choose(&holdings(quota, 0, None, 0), 100, Some(400)),
+            Ok(Taken::Block)
+        );
+        assert_eq!(
+            choose(&holdings(quota, 201, None, 0), 100, Some(400)),
+            Ok(Taken::Own),
+            "room for one block only: the turn reserves alone"
+        );
+        assert_eq!(
+            choose(&holdings(quota, 0, None, 901), 100, Some(400)),
+            Err(Refusal::Quota)
+        );
+        assert_eq!(
+            choose(&holdings(None, 0, Some(800), 0), 100, Some(400)),
+            Ok(Taken::Block),
+            "a balance as well"
+        );
+        assert_eq!(
+            choose(&holdings(None, 0, Some(799), 0), 100, Some(400)),
+            Ok(Taken::Own)
+        );
+        assert_eq!(
+            choose(&holdings(None, 0, None, 0), 100, None),
+            Ok(Taken::Own)
         );
     }
 

@@ -1130,7 +1130,9 @@ impl Actor for SessionActor {
         self.release_lease(clean);
         // Preempted turns still draining are recorded with what was seen (estimated usage).
         for d in std::mem::take(&mut self.drains) {
-            let record = self.close_drain(&d, false);
+            let mut record = self.close_drain(&d, false);
+            // Its draw ends with it (its excess, if any, waits for the record: best effort).
+            gate::end_draw(&self.deps, &mut record);
             self.deps.accounting.do_send(RecordTurn(record));
         }
         // Make sure the transport goes too.

@@ -3,6 +3,7 @@
 //! the stored-response binding, the choice of accounts, and at the end the usage record made
 //! durable. Plain functions over `SessionDeps`, so both transports run the same code.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
@@ -11,10 +12,12 @@ use tracing::{Span, info, warn};
 use super::SessionDeps;
 use crate::accounting::messages::RecordTurn;
 use crate::auth::{AuthError, Principal, check_standing};
-use crate::billing::reservation::Refusal;
+use crate::billing::blocks::{Ask, Blocks, GiveBack, Holder, Released};
+use crate::billing::reservation::{Refusal, Taken};
 use crate::db::models::{ApiKey, User};
 use crate::db::queries;
 use crate::db::queries::reservations::NewReservation;
+use crate::ids::BlockId;
 use crate::pool::routing::Candidate;
 use crate::protocol::errors::ErrorCode;
 use crate::record::{Origin, Transport, TurnRecord};
@@ -138,32 +141,103 @@ pub fn reservation_for(
             .unwrap_or(billing.reserve_output_tokens),
         billing.max_tokens_per_response,
     );
-    let at = crate::db::now();
-    let ttl = chrono::Duration::seconds(
-        i64::try_from(billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
-    );
-    Some(NewReservation {
-        request_id: ask.request_id,
-        api_key_id: key.id,
-        user_id: user.id,
-        amount_nanousd: amount,
-        created_at: at,
-        expires_at: at + ttl,
-    })
+    Some(reservation_row(
+        deps,
+        ask.request_id,
+        key.id,
+        user.id,
+        amount,
+    ))
 }
 
-/// Takes a reservation (docs/DESIGN.md#reservations); a refusal comes with the client's code
-/// and words (a database that does not answer refuses: money fails closed).
+/// A reservation row of `amount` taken now, counting for `billing.reservation_ttl_s`.
+fn reservation_row(
+    deps: &SessionDeps,
+    request_id: String,
+    api_key_id: i64,
+    user_id: i64,
+    amount_nanousd: i64,
+) -> NewReservation {
+    let at = crate::db::now();
+    let ttl = chrono::Duration::seconds(
+        i64::try_from(deps.settings.billing.reservation_ttl_s).unwrap_or(i64::MAX / 1000),
+    );
+    NewReservation {
+        request_id,
+        api_key_id,
+        user_id,
+        amount_nanousd,
+        created_at: at,
+        expires_at: at + ttl,
+    }
+}
+
+/// Takes a reservation (docs/DESIGN.md#reservations): a draw on the key's open block in
+/// memory, else a new block or the turn's own row in the database
+/// (docs/DESIGN.md#reservation-blocks). A refusal comes with the client's code and words (a
+/// database that does not answer refuses: money fails closed).
 pub fn take_reservation(
     deps: &SessionDeps,
     reservation: NewReservation,
     span: Span,
 ) -> impl Future<Output = Result<(), (ErrorCode, &'static str)>> + 'static {
     let db = deps.db.clone();
+    let blocks = deps.blocks.clone();
+    let (key, amount) = (reservation.api_key_id, reservation.amount_nanousd);
+    let reservation_user = reservation.user_id;
+    let ask = blocks.ask(key, &reservation.request_id, amount, Instant::now());
     async move {
-        let call = async move { queries::reservations::reserve(&db, &reservation).await };
-        match crate::db::within(crate::db::READ_DEADLINE, call).await {
-            Ok(Ok(())) => Ok(()),
+        let block = match ask {
+            Ask::Drawn => return Ok(()),
+            Ask::Acquire {
+                id,
+                size,
+                give_back,
+            } => Some(Acquiring {
+                blocks,
+                key,
+                give_back,
+                id,
+                size,
+                done: false,
+            }),
+            Ask::Exact => None,
+        };
+        let given_back = block
+            .as_ref()
+            .and_then(|b| b.give_back.as_ref())
+            .map(NewReservation::given_back);
+        let offer = block.as_ref().map(|b| (b.id.clone(), b.size));
+        let (request_id, expires_at) = (reservation.request_id.clone(), reservation.expires_at);
+        let call = async move {
+            let offer = offer.as_ref().map(|(id, size)| (id.as_str(), *size));
+            queries::reservations::reserve(&db, &reservation, offer, given_back.as_ref()).await
+        };
+        let taken = crate::db::within(crate::db::READ_DEADLINE, call).await;
+        if let Some(mut b) = block {
+            if taken.is_ok() {
+                // The give-back is written (in the reservation's transaction).
+                b.give_back = None;
+            }
+            if let Ok(Ok(Taken::Block)) = taken {
+                b.done = true;
+                let holder = Holder {
+                    key,
+                    user: reservation_user,
+                    expires_at,
+                };
+                b.blocks.acquired(
+                    b.id.clone(),
+                    holder,
+                    b.size,
+                    &request_id,
+                    amount,
+                    Instant::now(),
+                );
+            }
+        }
+        match taken {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(Refusal::Quota)) => Err((
                 ErrorCode::QuotaExhausted,
                 "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
@@ -180,15 +254,51 @@ pub fn take_reservation(
     }
 }
 
-/// Drops reservations whose turns will not run (in the background; they expire anyway).
+/// A block being taken for a key: the key may ask for another once this ends, whichever way
+/// (dropped with its turn too); a give-back not surely written is tried again.
+struct Acquiring {
+    blocks: Arc<Blocks>,
+    key: i64,
+    give_back: Option<GiveBack>,
+    id: BlockId,
+    size: i64,
+    done: bool,
+}
+
+impl Drop for Acquiring {
+    fn drop(&mut self) {
+        if let Some(back) = self.give_back.take() {
+            self.blocks.retry(back);
+        }
+        if !self.done {
+            self.blocks.not_acquired(self.key);
+        }
+    }
+}
+
+/// Drops reservations whose turns will not run (in the background; they expire anyway): a
+/// draw goes back to its block, a row of the turn's own is deleted.
 pub fn release_reservations(deps: &SessionDeps, ids: Vec<String>) {
-    if ids.is_empty() {
+    let work: Vec<(String, Released)> = ids
+        .into_iter()
+        .map(|id| {
+            let released = deps.blocks.release(&id);
+            (id, released)
+        })
+        .filter(|(_, r)| *r != Released::Local)
+        .collect();
+    if work.is_empty() {
         return;
     }
     let db = deps.db.clone();
     actix::spawn(async move {
-        for id in ids {
-            let _ = queries::reservations::release(&db, &id).await;
+        for (id, released) in work {
+            let _ = match released {
+                Released::GiveBack(back) => {
+                    queries::reservations::hold(&db, &NewReservation::given_back(&back)).await
+                }
+                Released::Own | Released::Local => queries::reservations::release(&db, &id).await,
+            };
         }
     });
 }
@@ -464,6 +574,7 @@ pub fn record_of(
         upstream_transport: turn.upstream_transport,
         service_tier: tier,
         set_aside,
+        block: None,
     }
 }
 
@@ -498,32 +609,58 @@ fn limited(standing: Option<&(ApiKey, User)>) -> bool {
     standing.is_some_and(|(k, u)| k.quota_nanousd.is_some() || u.balance_nanousd.is_some())
 }
 
+/// Ends the draw of `record`'s turn on its reservation block, if it drew from one
+/// (docs/DESIGN.md#reservation-blocks): the record then takes the draw off the block's row;
+/// returns the cost beyond the draw (the excess), which is not held yet.
+pub fn end_draw(deps: &SessionDeps, record: &mut TurnRecord) -> i64 {
+    let Some((draw, excess)) = deps.blocks.end(&record.request_id, record.cost_nanousd) else {
+        return 0;
+    };
+    record.block = Some(draw);
+    excess
+}
+
 /// Hands a record to accounting; resolves to whether it is durable within
 /// `accounting.ack_timeout_ms` (at once `true` when `wait` is false: the caller holds nothing
-/// back for it). A limited key's turn that cost something has its reservation hold that cost
-/// meanwhile (docs/DESIGN.md#reservations): every relay's admission counts it at once, not at
-/// its estimate until the record lands (best effort: the record settles it anyway).
+/// back for it). A limited key's turn that cost something holds that cost meanwhile
+/// (docs/DESIGN.md#reservations): every relay's admission counts it at once, not at its
+/// estimate until the record lands (best effort: the record settles it anyway) — its own
+/// row's amount set to the cost, or, for a draw on a block that does not cover the cost, a row
+/// of its own for the excess, written before the record is handed over so the record deletes it.
 pub fn make_durable(
     deps: &SessionDeps,
-    record: TurnRecord,
+    mut record: TurnRecord,
     wait: bool,
     standing: Option<&(ApiKey, User)>,
 ) -> impl Future<Output = bool> + 'static {
     let accounting = deps.accounting.clone();
     let limit = Duration::from_millis(deps.settings.accounting.ack_timeout_ms);
-    let settle = (limited(standing) && record.cost_nanousd > 0).then(|| {
-        let db = deps.db.clone();
-        let (id, key, cost) = (
-            record.request_id.to_string(),
-            record.api_key_id,
-            record.cost_nanousd,
-        );
+    let excess = end_draw(deps, &mut record);
+    let db = deps.db.clone();
+    let (id, key, cost) = (
+        record.request_id.to_string(),
+        record.api_key_id,
+        record.cost_nanousd,
+    );
+    let settle = (record.block.is_none() && limited(standing) && cost > 0).then(|| {
+        let db = db.clone();
+        let id = id.clone();
         async move {
             let update = async move { queries::reservations::settle(&db, &id, key, cost).await };
             let _ = crate::db::within(crate::db::READ_DEADLINE, update).await;
         }
     });
+    let excess = (excess > 0).then(|| {
+        let held = reservation_row(deps, id, key, record.user_id, excess);
+        async move {
+            let insert = async move { queries::reservations::hold(&db, &held).await };
+            let _ = crate::db::within(crate::db::READ_DEADLINE, insert).await;
+        }
+    });
     async move {
+        if let Some(excess) = excess {
+            excess.await;
+        }
         let settled = async move {
             if let Some(settle) = settle {
                 settle.await;

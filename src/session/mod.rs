@@ -81,6 +81,8 @@ pub struct SessionDeps {
     pub prices: crate::billing::pricing::PriceTable,
     /// What recent responses were billed for, to reserve their continuations' context.
     pub chains: crate::billing::reservation::Chains,
+    /// This relay's reservation blocks and the draws on them (docs/DESIGN.md#reservation-blocks).
+    pub blocks: Arc<crate::billing::blocks::Blocks>,
     pub db: DbPool,
     pub accounting: Addr<Accounting>,
     /// Whether a finished turn can be made durable now (admission refuses turns when not).

@@ -432,6 +432,7 @@ pub fn turn_record(id: &str, key: i64, user: i64, cost: i64) -> turnpike::record
         error_code: None,
         accepted_at: turnpike::db::now(),
         set_aside: None,
+        block: None,
         origin: turnpike::record::Origin::Create,
         transport: turnpike::record::Transport::Ws,
         upstream_transport: turnpike::record::Transport::Ws,

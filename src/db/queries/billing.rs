@@ -94,6 +94,27 @@ macro_rules! reservations_settle {
     }};
 }
 
+/// The statement that takes a turn's draw off its reservation block's row
+/// (docs/DESIGN.md#reservation-blocks): in the transaction that writes the turn's usage row, and
+/// only when that row is written now, so a replayed record takes nothing twice.
+macro_rules! block_settle {
+    ($block:expr, $amount:expr) => {{
+        use crate::db::schema::turn_reservations as tr;
+        diesel::update(tr::table.filter(tr::request_id.eq($block)))
+            .set(tr::amount_nanousd.eq(tr::amount_nanousd - $amount))
+    }};
+}
+
+/// The draws of these records (whose usage rows are written now), summed per block.
+fn block_totals<'a>(written: impl IntoIterator<Item = &'a TurnRecord>) -> Vec<(&'a str, i64)> {
+    let mut by_block = std::collections::BTreeMap::<&str, i64>::new();
+    for d in written.into_iter().filter_map(|r| r.block.as_ref()) {
+        let t = by_block.entry(d.block.as_str()).or_insert(0);
+        *t = t.saturating_add(d.amount_nanousd);
+    }
+    by_block.into_iter().collect()
+}
+
 /// The compensation backlog by status (`pending`, `settled`, `dead`), from the view.
 pub async fn compensation_backlog(pool: &DbPool) -> Result<Vec<BacklogRow>, DbError> {
     Ok(with_conn!(pool, |c| {
@@ -175,6 +196,14 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                     let ids: Vec<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
                     reservations_settle!(ids).execute(tx).await?;
                     let fresh = keys_of(&written);
+                    let drawn = block_totals(
+                        records
+                            .iter()
+                            .filter(|r| fresh.contains(&(r.request_id.as_str(), r.api_key_id))),
+                    );
+                    for (block, amount) in drawn {
+                        block_settle!(block, amount).execute(tx).await?;
+                    }
                     for r in records
                         .iter()
                         .filter(|r| fresh.contains(&(r.request_id.as_str(), r.api_key_id)))
@@ -229,6 +258,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                             records.iter().map(|r| r.request_id.as_str()).collect();
                         diesel::RunQueryDsl::execute(reservations_settle!(ids), tx)?;
                         let mut debits = Vec::new();
+                        let mut fresh = Vec::new();
                         for r in &records {
                             let written =
                                 diesel::RunQueryDsl::execute(usage_insert!(&usage::row_of(r)), tx)?;
@@ -241,6 +271,7 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                                 continue;
                             }
                             out.usage_rows += 1;
+                            fresh.push(r);
                             if let Some(row) = set_aside_of(r) {
                                 diesel::RunQueryDsl::execute(set_aside_insert!(r, row), tx)?;
                             }
@@ -260,6 +291,9 @@ pub async fn record_batch(pool: &DbPool, records: &[TurnRecord]) -> Result<Batch
                             if debited == 1 {
                                 debits.push(r.clone());
                             }
+                        }
+                        for (block, amount) in block_totals(fresh) {
+                            diesel::RunQueryDsl::execute(block_settle!(block, amount), tx)?;
                         }
                         let (by_key, by_user) = debit_totals(&debits);
                         for (key, amount) in &by_key {
@@ -365,10 +399,13 @@ pub async fn record_with_compensation(
             reservations_settle!([r.request_id.as_str()])
                 .execute(tx)
                 .await?;
-            if written == 1
-                && let Some(row) = set_aside_of(r)
-            {
-                set_aside_insert!(r, row).execute(tx).await?;
+            if written == 1 {
+                for (block, amount) in block_totals([r]) {
+                    block_settle!(block, amount).execute(tx).await?;
+                }
+                if let Some(row) = set_aside_of(r) {
+                    set_aside_insert!(r, row).execute(tx).await?;
+                }
             }
             let n = diesel::insert_into(billing_compensations::table)
                 .values((

@@ -6,7 +6,8 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use crate::billing::reservation::{Holdings, Refusal, decide};
+use crate::billing::blocks::GiveBack;
+use crate::billing::reservation::{Holdings, Refusal, Taken, choose};
 use crate::db::schema::{api_keys, turn_reservations as r, users};
 use crate::db::{DbError, DbPool, now};
 
@@ -22,12 +23,36 @@ pub struct NewReservation {
     pub expires_at: NaiveDateTime,
 }
 
+impl NewReservation {
+    /// The row that gives part of a reservation block back: its negative amount, expiring with
+    /// the block's row (docs/DESIGN.md#reservation-blocks).
+    pub fn given_back(b: &GiveBack) -> Self {
+        Self {
+            request_id: b.row_id.clone(),
+            api_key_id: b.holder.key,
+            user_id: b.holder.user,
+            amount_nanousd: -b.amount,
+            created_at: now(),
+            expires_at: b.holder.expires_at,
+        }
+    }
+}
+
 /// The statements of a reservation, for the async and the blocking connection types.
 macro_rules! key_row {
     ($n:expr) => {
         api_keys::table
             .filter(api_keys::id.eq($n.api_key_id))
             .select((api_keys::quota_nanousd, api_keys::spent_nanousd))
+    };
+}
+/// A row written once: a second write of the same id (a retry) changes nothing.
+macro_rules! insert_new {
+    ($n:expr) => {
+        diesel::insert_into(r::table)
+            .values($n)
+            .on_conflict((r::request_id, r::api_key_id))
+            .do_nothing()
     };
 }
 macro_rules! user_row {
@@ -67,11 +92,30 @@ fn holdings(
     })
 }
 
-/// Takes `n` if it fits the key's quota and the user's balance with every live reservation;
-/// `Ok(Err(_))` says which does not. One transaction holding the key's and the user's rows
-/// (PostgreSQL: `FOR UPDATE`, key before user as every writer does; SQLite: `BEGIN IMMEDIATE`).
-pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Refusal>, DbError> {
+/// Takes `n` if it fits the key's quota and the user's balance with every live reservation —
+/// or, asked for `block` (its id and size), that block instead when `choose` says so —
+/// after writing `given_back` (what the key's previous block left unused); `Ok(Err(_))` says
+/// what does not fit. One transaction holding the key's and the user's rows (PostgreSQL:
+/// `FOR UPDATE`, key before user as every writer does; SQLite: `BEGIN IMMEDIATE`).
+pub async fn reserve(
+    pool: &DbPool,
+    n: &NewReservation,
+    block: Option<(&str, i64)>,
+    given_back: Option<&NewReservation>,
+) -> Result<Result<Taken, Refusal>, DbError> {
+    let given_back = given_back.cloned();
     let at = n.created_at;
+    let block = block.map(|(id, size)| (id.to_string(), size));
+    let size = block.as_ref().map(|(_, size)| *size);
+    // The row taken: the turn's own, or the block's.
+    let row = move |n: &NewReservation, taken: Taken| match (&block, taken) {
+        (Some((id, size)), Taken::Block) => NewReservation {
+            request_id: id.clone(),
+            amount_nanousd: *size,
+            ..n.clone()
+        },
+        _ => n.clone(),
+    };
     match pool {
         DbPool::Postgres(p) => {
             let mut c = p.get().await?;
@@ -79,6 +123,9 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
             c.transaction::<_, DbError, _>(async |tx| {
                 let key = key_row!(n).for_update().get_result(tx).await.optional()?;
                 let balance = user_row!(n).for_update().get_result(tx).await.optional()?;
+                if let Some(g) = &given_back {
+                    insert_new!(g).execute(tx).await?;
+                }
                 let key_reserved: Vec<i64> = reserved_by!(r::api_key_id, n.api_key_id, at)
                     .load(tx)
                     .await?;
@@ -87,11 +134,15 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
                 let Some(h) = holdings(key, balance, &key_reserved, &user_reserved) else {
                     return Ok(Err(Refusal::Quota));
                 };
-                if let Err(why) = decide(&h, n.amount_nanousd) {
-                    return Ok(Err(why));
-                }
-                diesel::insert_into(r::table).values(&n).execute(tx).await?;
-                Ok(Ok(()))
+                let taken = match choose(&h, n.amount_nanousd, size) {
+                    Ok(taken) => taken,
+                    Err(why) => return Ok(Err(why)),
+                };
+                diesel::insert_into(r::table)
+                    .values(&row(&n, taken))
+                    .execute(tx)
+                    .await?;
+                Ok(Ok(taken))
             })
             .await
         }
@@ -103,6 +154,9 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
                 conn.immediate_transaction::<_, diesel::result::Error, _>(|tx| {
                     let key = Sync::get_result(key_row!(n), tx).optional()?;
                     let balance = Sync::get_result(user_row!(n), tx).optional()?;
+                    if let Some(g) = &given_back {
+                        Sync::execute(insert_new!(g), tx)?;
+                    }
                     let key_reserved: Vec<i64> =
                         Sync::load(reserved_by!(r::api_key_id, n.api_key_id, at), tx)?;
                     let user_reserved: Vec<i64> =
@@ -110,11 +164,12 @@ pub async fn reserve(pool: &DbPool, n: &NewReservation) -> Result<Result<(), Ref
                     let Some(h) = holdings(key, balance, &key_reserved, &user_reserved) else {
                         return Ok(Err(Refusal::Quota));
                     };
-                    if let Err(why) = decide(&h, n.amount_nanousd) {
-                        return Ok(Err(why));
-                    }
-                    Sync::execute(diesel::insert_into(r::table).values(&n), tx)?;
-                    Ok(Ok(()))
+                    let taken = match choose(&h, n.amount_nanousd, size) {
+                        Ok(taken) => taken,
+                        Err(why) => return Ok(Err(why)),
+                    };
+                    Sync::execute(diesel::insert_into(r::table).values(&row(&n, taken)), tx)?;
+                    Ok(Ok(taken))
                 })
             })
             .await?)
@@ -142,6 +197,13 @@ pub async fn settle(
     }))
 }
 
+/// Writes `n` unless a row of its id is there: what a turn that ended costs beyond its draw on
+/// a block, or a part of a block given back (docs/DESIGN.md#reservation-blocks).
+pub async fn hold(pool: &DbPool, n: &NewReservation) -> Result<usize, DbError> {
+    let n = n.clone();
+    Ok(with_conn!(pool, |c| insert_new!(&n).execute(c).await?))
+}
+
 /// Drops the reservation of a turn that ended before it was taken.
 pub async fn release(pool: &DbPool, request_id: &str) -> Result<usize, DbError> {
     Ok(with_conn!(pool, |c| {
@@ -160,7 +222,7 @@ pub async fn purge_expired(pool: &DbPool, before: NaiveDateTime) -> Result<usize
     }))
 }
 
-/// Live reservations: (count, nano-USD).
+/// Live reservation rows and what they hold together: (rows, nano-USD).
 pub async fn live(pool: &DbPool) -> Result<(i64, i64), DbError> {
     let at = now();
     let rows: Vec<i64> = with_conn!(pool, |c| {
@@ -172,6 +234,6 @@ pub async fn live(pool: &DbPool) -> Result<(i64, i64), DbError> {
     });
     Ok((
         i64::try_from(rows.len()).unwrap_or(i64::MAX),
-        rows.iter().sum(),
+        rows.iter().fold(0i64, |sum, a| sum.saturating_add(*a)),
     ))
 }
