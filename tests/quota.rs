@@ -19,6 +19,9 @@ const T: Duration = Duration::from_secs(20);
 /// What one turn of this test costs at the default prices, about: 2 input tokens ("go!!"
 /// and the sim's count) and 7 output tokens — 2 × 1,250 + 7 × 10,000 nano-USD.
 const TURN: i64 = 72_500;
+/// What one such turn reserves: 1 input token estimated (4 bytes a token) and its 16 output
+/// tokens.
+const RESERVED: i64 = 1_250 + 16 * 10_000;
 
 /// `sessions` clients on `addrs` (round robin), each sending `turns` turns one after another
 /// with `max_output_tokens = 16`; returns (completed, refused by quota or balance).
@@ -94,6 +97,22 @@ fn assert_bounded(spent: i64, limit: i64, what: &str) {
         spent >= limit - 2 * 125_000,
         "{what}: the limit was used ({spent} of {limit})"
     );
+}
+
+/// One turn like `fire`'s; its terminal event (or error).
+fn small_turn(c: &mut Client) -> serde_json::Value {
+    c.send(
+        &json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "input": "go!!", "max_output_tokens": 16}),
+    );
+    c.until_terminal(T).pop().unwrap_or_default()
+}
+
+/// What the key's live reservation rows hold together.
+fn held(db: &TestDb) -> i64 {
+    block(async { turnpike::db::queries::reservations::live(&db.pool()).await })
+        .unwrap()
+        .1
 }
 
 /// A stack with room for 20 concurrent turns, its key limited to `quota`.
@@ -205,11 +224,7 @@ fn a_limited_keys_turns_draw_from_one_block() {
         let started = std::time::Instant::now();
         let mut c = Client::bearer(&s.addr, &s.key);
         for _ in 0..6 {
-            c.send(
-                &json!({"type": "response.create", "model": "gpt-test", "store": false,
-                "input": "go!!", "max_output_tokens": 16}),
-            );
-            let end = c.until_terminal(T).pop().unwrap();
+            let end = small_turn(&mut c);
             assert_eq!(end["type"], "response.completed", "{backend}: {end}");
         }
         let sums = common::ledger::wait_rows(&s.db, 6);
@@ -244,6 +259,148 @@ fn a_limited_keys_turns_draw_from_one_block() {
     }
 }
 
+/// docs/DESIGN.md#reservation-blocks: while the database is away, the turns an open block
+/// covers are served (their money is reserved; their records wait in the spool); the turn that
+/// needs the next block is refused `accounting_unavailable` before the upstream. When the
+/// database returns every record lands, each takes its draw off the block's row, and once the
+/// block closes nothing is held.
+#[test]
+fn an_open_block_serves_its_turns_through_a_database_outage() {
+    let env = [
+        ("TURNPIKE_DATABASE__CONNECT_TIMEOUT_MS", "300"),
+        ("TURNPIKE_BILLING__RESERVATION_BLOCK_MS", "8000"),
+        ("TURNPIKE_LIMITS__STANDING_CACHE_MS", "8000"),
+    ];
+    let Some((s, proxy)) = Stack::behind_pg_proxy(&env) else {
+        return;
+    };
+    let change = turnpike::db::queries::keys::KeyChange {
+        quota_nanousd: Some(Some(1_000_000_000)),
+        ..Default::default()
+    };
+    let pool = s.db.pool();
+    assert!(
+        block(turnpike::db::queries::keys::update(
+            &pool, s.key_id, &change
+        ))
+        .unwrap()
+    );
+    let started = std::time::Instant::now();
+    let mut c = s.client();
+    assert_eq!(small_turn(&mut c)["type"], "response.completed");
+    common::ledger::wait_rows(&s.db, 1);
+    proxy.cut();
+    // Each ended turn leaves its block the difference between its reservation and its cost:
+    // the block of eight reservations serves more than eight of these turns.
+    let mut outcomes = Vec::new();
+    while outcomes.last().is_none_or(|o| o == "response.completed") && outcomes.len() < 40 {
+        let end = small_turn(&mut c);
+        outcomes.push(match end["type"].as_str() {
+            Some("error") => end["error"]["code"].as_str().unwrap_or("").to_string(),
+            other => other.unwrap_or("").to_string(),
+        });
+    }
+    // The first turn, and all but the last during the outage.
+    let served = outcomes.len() as u64;
+    let upstream_turns = s.sim_stats()["responses"].as_u64().unwrap_or(0);
+    let in_time = started.elapsed() < Duration::from_millis(7000);
+    proxy.restore();
+    assert_eq!(
+        outcomes.last().map(String::as_str),
+        Some("accounting_unavailable"),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        upstream_turns, served,
+        "the refused turn did not reach the upstream"
+    );
+    // The refused turn has a record too.
+    let sums = common::ledger::wait_rows(&s.db, served as i64 + 1);
+    assert_eq!(sums.usage_rows, served as i64 + 1, "{sums:?}");
+    assert_invariant(&sums);
+    if in_time {
+        // Served while the block covered the next turn's reservation, not one turn longer.
+        assert!(served >= 8, "at least the block's eight: {outcomes:?}");
+        assert!(
+            7 * RESERVED < sums.spent && sums.spent <= 8 * RESERVED,
+            "{sums:?}"
+        );
+    }
+    let deadline = std::time::Instant::now() + T;
+    while held(&s.db) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rows = reservation_rows(&s.db);
+    assert_eq!(rows.iter().map(|r| r.1).sum::<i64>(), 0, "{rows:?}");
+    s.finish();
+}
+
+/// docs/DESIGN.md#reservation-blocks: a relay killed (`kill -9`) with an open block leaves
+/// held exactly what the block had unused — its turns' records took their costs off it — and
+/// no more; a relay on the same database keeps serving the key, and the row stops counting at
+/// `billing.reservation_ttl_s` — on each backend.
+#[test]
+fn a_killed_relays_block_holds_only_its_unused_part_until_it_expires() {
+    for db in block(TestDb::all()) {
+        let backend = db.backend;
+        let ttl = ("TURNPIKE_BILLING__RESERVATION_TTL_S", "4");
+        let mut s = Stack::start(
+            db,
+            StackOptions {
+                env: &[ttl, ("TURNPIKE_BILLING__RESERVATION_BLOCK_MS", "3000")],
+                key: KeyRequest {
+                    quota_nanousd: Some(1_000_000_000),
+                    ..KeyRequest::default()
+                },
+                ..StackOptions::default()
+            },
+        );
+        let mut c = s.client();
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            assert_eq!(
+                small_turn(&mut c)["type"],
+                "response.completed",
+                "{backend}"
+            );
+        }
+        let sums = common::ledger::wait_rows(&s.db, 3);
+        s.relay.child.kill().unwrap();
+        s.relay.child.wait().unwrap();
+        let rows = reservation_rows(&s.db);
+        if started.elapsed() < Duration::from_millis(2500) {
+            assert_eq!(
+                rows.iter()
+                    .map(|r| (r.0.starts_with("blk_"), r.1))
+                    .collect::<Vec<_>>(),
+                [(true, 8 * RESERVED - sums.spent)],
+                "{backend}: eight turns' reservation less the three turns' costs: {rows:?}"
+            );
+        }
+        // Another relay serves the key meanwhile.
+        let (second, addr2, _dir) = s.second_relay(&[ttl]);
+        let mut c2 = Client::bearer(&addr2, &s.key);
+        assert_eq!(
+            small_turn(&mut c2)["type"],
+            "response.completed",
+            "{backend}"
+        );
+        // Past the TTL the killed relay's block counts for nothing (and the second relay's
+        // block, closed after its second, holds nothing).
+        std::thread::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed()));
+        let deadline = std::time::Instant::now() + T;
+        while held(&s.db) != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(held(&s.db), 0, "{backend}: {:?}", reservation_rows(&s.db));
+        let sums = common::ledger::wait_rows(&s.db, 4);
+        assert_eq!(sums.usage_rows, 4, "{backend}");
+        assert_invariant(&sums);
+        drop(second);
+        s.finish();
+    }
+}
+
 /// The quota is spent by 20 sessions on two relays whose turns draw from blocks while the
 /// quota has room for them and reserve one by one near its end: never above it, and most of
 /// it used (docs/DESIGN.md#reservation-blocks).
@@ -251,7 +408,7 @@ fn a_limited_keys_turns_draw_from_one_block() {
 fn blocks_hold_a_quota_across_relays() {
     let Some(pg) = postgres() else { return };
     // About 40 turns' reservations: blocks of 8 at first, then turn by turn.
-    let quota = 40 * 162_500;
+    let quota = 40 * RESERVED;
     let s = stack_with_quota(pg, Some(quota));
     let (second, addr2, _dir) = s.second_relay(&[]);
     let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 6);
@@ -263,7 +420,7 @@ fn blocks_hold_a_quota_across_relays() {
         "spent {} over the quota {quota}",
         sums.spent
     );
-    // Each turn costs 72,500 of its 162,500 reserved: at least half the quota is spent.
+    // Each turn costs about 72,500 of its 161,250 reserved: at least half the quota is spent.
     assert!(
         sums.spent >= quota / 2,
         "blocks kept turns out: {done} completed, spent {} of {quota}",
@@ -409,15 +566,7 @@ fn turns_after_the_database_ended_the_relays_connections_are_served() {
     };
     let s = stack_with_quota(db, Some(100 * TURN));
     let mut c = s.client();
-    let turn = |c: &mut Client| {
-        c.send(
-            &json!({"type": "response.create", "model": "gpt-test", "store": false,
-            "input": "go!!", "max_output_tokens": 16}),
-        );
-        let events = c.until_terminal(T);
-        events.last().cloned().unwrap_or_default()
-    };
-    assert_eq!(turn(&mut c)["type"], "response.completed");
+    assert_eq!(small_turn(&mut c)["type"], "response.completed");
     exec(
         &s.db,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -426,7 +575,7 @@ fn turns_after_the_database_ended_the_relays_connections_are_served() {
     // Well under the second after which a connection would get a test query anyway.
     std::thread::sleep(Duration::from_millis(200));
     for n in 2..=4 {
-        let last = turn(&mut c);
+        let last = small_turn(&mut c);
         assert_eq!(last["type"], "response.completed", "turn {n}: {last}");
     }
     let sums = common::ledger::wait_rows(&s.db, 4);
@@ -477,9 +626,11 @@ fn an_ended_turn_counts_at_its_cost_before_its_record_lands() {
         );
         // Held by the block the turn drew from and a row for what the block could not cover
         // (docs/DESIGN.md#reservation-blocks).
-        let (_, held) =
-            block(async { turnpike::db::queries::reservations::live(&s.db.pool()).await }).unwrap();
-        assert_eq!(held, DEAR, "{backend}: the reservations hold the cost");
+        assert_eq!(
+            held(&s.db),
+            DEAR,
+            "{backend}: the reservations hold the cost"
+        );
         let refused = dear_turn(&mut c, None);
         assert_eq!(
             refused["error"]["code"], "quota_exhausted",
