@@ -278,6 +278,7 @@ fn give_back_blocks(settings: &Settings, db: &DbPool) -> Arc<crate::billing::blo
     let every = Duration::from_millis(b.reservation_block_ms.max(1));
     let blocks = Arc::new(crate::billing::blocks::Blocks::new(
         b.reservation_block_turns,
+        b.reservation_block_max_turns,
         every,
         Duration::from_secs(b.reservation_ttl_s),
     ));

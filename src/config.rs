@@ -166,6 +166,8 @@ pub struct BillingSettings {
     pub reservation_block_turns: u32,
     /// How long a block serves turns; then what it has unused goes back.
     pub reservation_block_ms: u64,
+    /// Turns a key's block grows to at most, while its blocks run out before their time.
+    pub reservation_block_max_turns: u32,
 }
 
 impl Default for BillingSettings {
@@ -176,6 +178,7 @@ impl Default for BillingSettings {
             reservation_ttl_s: 3_600,
             reservation_block_turns: 8,
             reservation_block_ms: 1_000,
+            reservation_block_max_turns: 256,
         }
     }
 }
@@ -831,6 +834,14 @@ impl Settings {
             return Err(ConfigError::new(
                 "billing.reservation_block_turns",
                 "must be at most 1000",
+            ));
+        }
+        if !(self.billing.reservation_block_turns..=10_000)
+            .contains(&self.billing.reservation_block_max_turns)
+        {
+            return Err(ConfigError::new(
+                "billing.reservation_block_max_turns",
+                "must be between billing.reservation_block_turns and 10000",
             ));
         }
         // A block serving turns after its row stopped counting would admit them unreserved.

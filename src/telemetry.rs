@@ -243,6 +243,9 @@ pub mod metric {
     pub const ACCOUNTING_UNAVAILABLE: &str = "turnpike_accounting_unavailable";
     pub const COMPENSATIONS: &str = "turnpike_compensations";
     pub const COMPENSATION_AMOUNT: &str = "turnpike_compensations_nanousd";
+    /// How limited keys' turns reserved: `drawn` from an open block, a new `block`, their `own`
+    /// row (docs/DESIGN.md#reservation-blocks).
+    pub const RESERVATIONS: &str = "turnpike_reservations_total";
 
     /// Every metric, as `/metrics` shows it from the start.
     pub const ALL: &[&str] = &[
@@ -278,6 +281,7 @@ pub mod metric {
         ACCOUNTING_UNAVAILABLE,
         COMPENSATIONS,
         COMPENSATION_AMOUNT,
+        RESERVATIONS,
     ];
 }
 
@@ -370,6 +374,9 @@ pub fn register_metrics(accounts: &[String]) {
     gauge!(SPOOL_BACKLOG_AGE).increment(0.0);
     counter!(DB_ERRORS).increment(0);
     gauge!(ACCOUNTING_UNAVAILABLE).increment(0.0);
+    for how in ["drawn", "block", "own"] {
+        counter!(RESERVATIONS, "how" => how).increment(0);
+    }
     for status in crate::record::CompensationStatus::ALL.map(|s| s.as_str()) {
         gauge!(COMPENSATIONS, "status" => status).increment(0.0);
         gauge!(COMPENSATION_AMOUNT, "status" => status).increment(0.0);

@@ -1,7 +1,8 @@
 //! Reservation blocks (docs/DESIGN.md#reservation-blocks): a relay reserves a limited key's
 //! turns in blocks of several turns' expected cost, one `turn_reservations` row each, and its
 //! turns draw from the block in memory — the round trip a turn paid for its reservation is paid
-//! once a block. The block's row holds what is unused plus every draw whose record has not
+//! once a block. A key's blocks grow (to `max_turns` turns) while they run out before their
+//! time, and shrink back while they close half unused. The block's row holds what is unused plus every draw whose record has not
 //! landed; each record takes its draw off the row in the transaction that debits the turn, and
 //! what is unused when the block closes (`billing.reservation_block_ms` after it opened) goes
 //! back at once — as a row of its own with the negative amount, keyed by the block, so giving
@@ -39,9 +40,9 @@ pub struct GiveBack {
 pub enum Ask {
     /// Drawn from the key's open block: nothing to do in the database.
     Drawn,
-    /// Take a block of `size` named `id` in the database (or, when it does not fit, a row of
-    /// its own), in the transaction that first gives back what the key's previous block left
-    /// unused; then `acquired` or `not_acquired`.
+    /// Take a block of up to `size` named `id` in the database (or, when it does not fit, a
+    /// row of its own), in the transaction that first gives back what the key's previous block
+    /// left unused; then `acquired` with the size taken, or `not_acquired`.
     Acquire {
         id: BlockId,
         size: i64,
@@ -67,6 +68,7 @@ pub enum Released {
 struct Open {
     id: BlockId,
     holder: Holder,
+    size: i64,
     unused: i64,
     until: Instant,
 }
@@ -82,10 +84,16 @@ impl Open {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Key {
     open: Option<Open>,
     acquiring: bool,
+    /// Turns the key's next block holds.
+    turns: u32,
+    /// A turn took a row of its own while a block was being taken: the next block grows.
+    crowded: bool,
+    /// When its last block closed (a key without a block is forgotten after a block's time).
+    closed_at: Instant,
 }
 
 #[derive(Debug)]
@@ -109,8 +117,10 @@ struct Inner {
 /// A relay's open blocks and the draws on them, shared by every session and request.
 #[derive(Debug)]
 pub struct Blocks {
-    /// Turns a block holds (≤ 1: no blocks, a row per turn).
+    /// Turns a key's first block holds (≤ 1: no blocks, a row per turn).
     turns: u32,
+    /// Turns a block grows to at most.
+    max_turns: u32,
     open_for: Duration,
     /// A draw forgotten (its turn never ended nor was released) after this long.
     forget_after: Duration,
@@ -118,9 +128,10 @@ pub struct Blocks {
 }
 
 impl Blocks {
-    pub fn new(turns: u32, open_for: Duration, forget_after: Duration) -> Self {
+    pub fn new(turns: u32, max_turns: u32, open_for: Duration, forget_after: Duration) -> Self {
         Self {
             turns,
+            max_turns: max_turns.max(turns),
             open_for,
             forget_after,
             inner: Mutex::default(),
@@ -138,7 +149,13 @@ impl Blocks {
         }
         let mut g = self.lock();
         let inner = &mut *g;
-        let k = inner.keys.entry(key).or_default();
+        let k = inner.keys.entry(key).or_insert_with(|| Key {
+            open: None,
+            acquiring: false,
+            turns: self.turns,
+            crowded: false,
+            closed_at: now,
+        });
         if let Some(open) = k.open.as_mut()
             && now < open.until
             && open.unused >= amount
@@ -155,19 +172,27 @@ impl Blocks {
             return Ask::Drawn;
         }
         if k.acquiring {
+            k.crowded = true;
             return Ask::Exact;
+        }
+        // Used up before its time, or too small for the turns arriving at once: the next
+        // block is twice as large.
+        let crowded = std::mem::take(&mut k.crowded);
+        if crowded || k.open.as_ref().is_some_and(|o| now < o.until) {
+            k.turns = k.turns.saturating_mul(2).min(self.max_turns);
         }
         // The open block cannot serve this turn: it closes, its unused part goes back with
         // the next block's reservation.
         k.acquiring = true;
         Ask::Acquire {
             id: BlockId::random(),
-            size: amount.saturating_mul(i64::from(self.turns)),
+            size: amount.saturating_mul(i64::from(k.turns)),
             give_back: k.open.take().and_then(Open::close),
         }
     }
 
-    /// The block asked for is taken: it opens with the asking turn's draw.
+    /// The block asked for is taken, of `size` (at most what was asked): it opens with the
+    /// asking turn's draw.
     pub fn acquired(
         &self,
         id: BlockId,
@@ -180,7 +205,15 @@ impl Blocks {
         let mut g = self.lock();
         let inner = &mut *g;
         let key = holder.key;
-        let k = inner.keys.entry(key).or_default();
+        let Some(k) = inner.keys.get_mut(&key) else {
+            // Forgotten meanwhile (not while acquiring): the block gives back at once.
+            inner.returns.push(GiveBack {
+                row_id: format!("{id}.unused"),
+                holder,
+                amount: size.saturating_sub(amount),
+            });
+            return;
+        };
         k.acquiring = false;
         if let Some(back) = k.open.take().and_then(Open::close) {
             inner.returns.push(back);
@@ -188,6 +221,7 @@ impl Blocks {
         k.open = Some(Open {
             id: id.clone(),
             holder: holder.clone(),
+            size,
             unused: size.saturating_sub(amount),
             until: now + self.open_for,
         });
@@ -273,13 +307,23 @@ impl Blocks {
         let mut g = self.lock();
         let inner = &mut *g;
         for k in inner.keys.values_mut() {
-            if k.open.as_ref().is_some_and(|o| now >= o.until)
-                && let Some(back) = k.open.take().and_then(Open::close)
-            {
+            if k.open.as_ref().is_none_or(|o| now < o.until) {
+                continue;
+            }
+            let Some(open) = k.open.take() else { continue };
+            // Half unused at its end: the key's next block is half as large.
+            if open.unused.saturating_mul(2) > open.size {
+                k.turns = (k.turns / 2).max(self.turns);
+            }
+            k.closed_at = now;
+            if let Some(back) = open.close() {
                 inner.returns.push(back);
             }
         }
-        inner.keys.retain(|_, k| k.open.is_some() || k.acquiring);
+        let open_for = self.open_for;
+        inner.keys.retain(|_, k| {
+            k.open.is_some() || k.acquiring || now.saturating_duration_since(k.closed_at) < open_for
+        });
         let forget = self.forget_after;
         inner
             .draws
@@ -301,7 +345,7 @@ mod tests {
     const SEC: Duration = Duration::from_secs(1);
 
     fn blocks() -> Blocks {
-        Blocks::new(4, SEC, Duration::from_secs(3600))
+        Blocks::new(4, 4, SEC, Duration::from_secs(3600))
     }
 
     fn holder(key: i64) -> Holder {
@@ -382,7 +426,7 @@ mod tests {
         assert_eq!(b.ask(1, "t2", 100, t0), Ask::Exact);
         b.not_acquired(1);
         assert!(matches!(b.ask(1, "t3", 100, t0), Ask::Acquire { .. }));
-        assert_eq!(Blocks::new(1, SEC, SEC).ask(1, "t", 100, t0), Ask::Exact);
+        assert_eq!(Blocks::new(1, 8, SEC, SEC).ask(1, "t", 100, t0), Ask::Exact);
     }
 
     #[test]
@@ -435,8 +479,52 @@ mod tests {
     }
 
     #[test]
+    fn blocks_grow_while_used_up_early_and_shrink_while_half_unused() {
+        let b = Blocks::new(4, 16, SEC, Duration::from_secs(3600));
+        let t0 = Instant::now();
+        let size = |ask: Ask| match ask {
+            Ask::Acquire { size, .. } => size,
+            other => panic!("expected to acquire, got {other:?}"),
+        };
+        let take = |req: &str, size: i64| {
+            b.acquired(BlockId::random(), holder(1), size, req, 100, t0);
+        };
+        assert_eq!(size(b.ask(1, "t1", 100, t0)), 400);
+        take("t1", 400);
+        for t in ["t2", "t3", "t4"] {
+            assert_eq!(b.ask(1, t, 100, t0), Ask::Drawn);
+        }
+        // Used up within its second: twice as large; a turn arriving meanwhile reserves alone.
+        assert_eq!(size(b.ask(1, "t5", 100, t0)), 800);
+        assert_eq!(b.ask(1, "t6", 100, t0), Ask::Exact);
+        // The database granted less (half of what the key had left): the block is that size.
+        take("t5", 500);
+        for t in ["t7", "t8", "t9", "t10"] {
+            assert_eq!(b.ask(1, t, 100, t0), Ask::Drawn);
+        }
+        // Used up early and crowded: doubled once; never beyond 16 turns.
+        assert_eq!(size(b.ask(1, "t11", 100, t0)), 1_600);
+        take("t11", 1_600);
+        for n in 12..27 {
+            assert_eq!(b.ask(1, &format!("t{n}"), 100, t0), Ask::Drawn);
+        }
+        assert_eq!(size(b.ask(1, "t27", 100, t0)), 1_600);
+        take("t27", 1_600);
+        // Closed more than half unused: the next block is half as large, and so on to four.
+        assert_eq!(b.close_due(t0 + SEC).len(), 1);
+        assert_eq!(size(b.ask(1, "t28", 100, t0 + SEC)), 800);
+        take("t28", 800);
+        assert_eq!(b.close_due(t0 + 3 * SEC).len(), 1);
+        assert_eq!(size(b.ask(1, "t29", 100, t0 + 3 * SEC)), 400);
+        b.not_acquired(1);
+        // A key without a block for a block's time starts over.
+        let _ = b.close_due(t0 + 5 * SEC);
+        assert_eq!(size(b.ask(1, "t30", 100, t0 + 5 * SEC)), 400);
+    }
+
+    #[test]
     fn draws_never_ended_are_forgotten() {
-        let b = Blocks::new(4, SEC, 10 * SEC);
+        let b = Blocks::new(4, 4, SEC, 10 * SEC);
         let t0 = Instant::now();
         acquire(&b, 1, "t1", 100, t0);
         let _ = b.close_due(t0 + 10 * SEC);

@@ -71,24 +71,39 @@ pub fn decide(h: &Holdings, amount: i64) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// What a reservation took: a block of several turns (docs/DESIGN.md#reservation-blocks) or
-/// the turn's own row.
+/// What a reservation took: a block of several turns of this size
+/// (docs/DESIGN.md#reservation-blocks) or the turn's own row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
-    Block,
+    Block(i64),
     Own,
 }
 
-/// A turn reserving `amount`, offered a block of `block`: the block while another as large
-/// would still fit after it — near the end of a quota or balance, turns reserve one by one,
-/// so a block never refuses a turn that its own row would have let through on this relay,
-/// and other relays' blocks hold little of what is left — else the turn's own row if it fits.
+/// What the key's quota and its user's balance leave for more reservations (the smaller;
+/// `i128::MAX` when neither is limited).
+fn room(h: &Holdings) -> i128 {
+    let wide = i128::from;
+    let quota = h.quota.map_or(i128::MAX, |q| {
+        wide(q) - wide(h.spent) - wide(h.key_reserved)
+    });
+    let balance = h
+        .balance
+        .map_or(i128::MAX, |b| wide(b) - wide(h.user_reserved));
+    quota.min(balance)
+}
+
+/// A turn reserving `amount`, offered a block of up to `block`: a block of at most half of
+/// what is left — so a block always leaves at least as much as it takes, for this relay's and
+/// other relays' turns — and at least two turns' worth (smaller is not worth holding); else
+/// the turn's own row if it fits. Near the end of a quota or balance turns reserve one by one,
+/// so a block never refuses a turn its own row would have let through.
 pub fn choose(h: &Holdings, amount: i64, block: Option<i64>) -> Result<Taken, Refusal> {
-    if let Some(size) = block
-        && size > amount
-        && decide(h, size.saturating_mul(2)).is_ok()
-    {
-        return Ok(Taken::Block);
+    if let Some(offered) = block {
+        let half = i64::try_from((room(h) / 2).max(0)).unwrap_or(i64::MAX);
+        let size = offered.min(half);
+        if size >= amount.saturating_mul(2) && decide(h, size).is_ok() {
+            return Ok(Taken::Block(size));
+        }
     }
     decide(h, amount).map(|()| Taken::Own)
 }
@@ -214,32 +229,40 @@ mod tests {
     #[test]
     fn blocks_are_taken_only_with_room_for_another() {
         let quota = Some(1_000);
+        let take = |h: Holdings, block: Option<i64>| choose(&h, 100, block);
         assert_eq!(
-            choose(&holdings(quota, 0, None, 0), 100, Some(400)),
-            Ok(Taken::Block)
+            take(holdings(quota, 0, None, 0), Some(400)),
+            Ok(Taken::Block(400))
         );
         assert_eq!(
-            choose(&holdings(quota, 201, None, 0), 100, Some(400)),
+            take(holdings(quota, 201, None, 0), Some(400)),
+            Ok(Taken::Block(399)),
+            "at most half of what is left"
+        );
+        assert_eq!(
+            take(holdings(quota, 500, None, 101), Some(400)),
             Ok(Taken::Own),
-            "room for one block only: the turn reserves alone"
+            "less than two turns' worth: the turn reserves alone"
         );
         assert_eq!(
-            choose(&holdings(quota, 0, None, 901), 100, Some(400)),
+            take(holdings(quota, 0, None, 901), Some(400)),
             Err(Refusal::Quota)
         );
         assert_eq!(
-            choose(&holdings(None, 0, Some(800), 0), 100, Some(400)),
-            Ok(Taken::Block),
+            take(holdings(None, 0, Some(800), 0), Some(400)),
+            Ok(Taken::Block(400)),
             "a balance as well"
         );
         assert_eq!(
-            choose(&holdings(None, 0, Some(799), 0), 100, Some(400)),
-            Ok(Taken::Own)
+            take(holdings(Some(10_000), 0, Some(799), 0), Some(400)),
+            Ok(Taken::Block(399)),
+            "the smaller of the two rooms"
         );
         assert_eq!(
-            choose(&holdings(None, 0, None, 0), 100, None),
+            take(holdings(None, 0, Some(399), 0), Some(400)),
             Ok(Taken::Own)
         );
+        assert_eq!(take(holdings(None, 0, None, 0), None), Ok(Taken::Own));
     }
 
     #[test]

@@ -188,7 +188,10 @@ pub fn take_reservation(
     let ask = blocks.ask(key, &reservation.request_id, amount, Instant::now());
     async move {
         let block = match ask {
-            Ask::Drawn => return Ok(()),
+            Ask::Drawn => {
+                ::metrics::counter!(metric::RESERVATIONS, "how" => "drawn").increment(1);
+                return Ok(());
+            }
             Ask::Acquire {
                 id,
                 size,
@@ -219,7 +222,7 @@ pub fn take_reservation(
                 // The give-back is written (in the reservation's transaction).
                 b.give_back = None;
             }
-            if let Ok(Ok(Taken::Block)) = taken {
+            if let Ok(Ok(Taken::Block(size))) = taken {
                 b.done = true;
                 let holder = Holder {
                     key,
@@ -229,7 +232,7 @@ pub fn take_reservation(
                 b.blocks.acquired(
                     b.id.clone(),
                     holder,
-                    b.size,
+                    size,
                     &request_id,
                     amount,
                     Instant::now(),
@@ -237,7 +240,14 @@ pub fn take_reservation(
             }
         }
         match taken {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(taken)) => {
+                let how = match taken {
+                    Taken::Block(_) => "block",
+                    Taken::Own => "own",
+                };
+                ::metrics::counter!(metric::RESERVATIONS, "how" => how).increment(1);
+                Ok(())
+            }
             Ok(Err(Refusal::Quota)) => Err((
                 ErrorCode::QuotaExhausted,
                 "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",

@@ -93,7 +93,7 @@ fn holdings(
 }
 
 /// Takes `n` if it fits the key's quota and the user's balance with every live reservation —
-/// or, asked for `block` (its id and size), that block instead when `choose` says so —
+/// or, asked for `block` (its id and largest size), a block instead when `choose` says so —
 /// after writing `given_back` (what the key's previous block left unused); `Ok(Err(_))` says
 /// what does not fit. One transaction holding the key's and the user's rows (PostgreSQL:
 /// `FOR UPDATE`, key before user as every writer does; SQLite: `BEGIN IMMEDIATE`).
@@ -105,13 +105,13 @@ pub async fn reserve(
 ) -> Result<Result<Taken, Refusal>, DbError> {
     let given_back = given_back.cloned();
     let at = n.created_at;
-    let block = block.map(|(id, size)| (id.to_string(), size));
-    let size = block.as_ref().map(|(_, size)| *size);
+    let size = block.map(|(_, size)| size);
+    let block = block.map(|(id, _)| id.to_string());
     // The row taken: the turn's own, or the block's.
     let row = move |n: &NewReservation, taken: Taken| match (&block, taken) {
-        (Some((id, size)), Taken::Block) => NewReservation {
+        (Some(id), Taken::Block(size)) => NewReservation {
             request_id: id.clone(),
-            amount_nanousd: *size,
+            amount_nanousd: size,
             ..n.clone()
         },
         _ => n.clone(),
