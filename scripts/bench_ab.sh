@@ -12,7 +12,8 @@
 # `bench ttfe` with SESSIONS: time to first event, fresh and warm). BENCH_AB_ENV_OLD and
 # BENCH_AB_ENV_NEW: environment assignments for each build's relay (the same binary twice with
 # two settings, e.g. BENCH_AB_ENV_OLD=TURNPIKE_BILLING__RESERVATION_BLOCK_TURNS=1);
-# BENCH_QUOTA_USD gives the relays' key a quota (its turns reserve). BENCH_DB=postgres puts each relay on
+# BENCH_QUOTA_USD gives the relays' key a quota (its turns reserve); BENCH_AB_QUOTA_OLD and
+# BENCH_AB_QUOTA_NEW set it per build (empty: no quota). BENCH_DB=postgres puts each relay on
 # a fresh PostgreSQL database (BENCH_PG_URL, default postgres://postgres@127.0.0.1:5432; needs
 # psql) instead of a SQLite file. Never run beside a build or a test run: only same-run ratios
 # count.
@@ -63,7 +64,8 @@ run_build() { # label binary round
       db="$PG/$name" ;;
     *) echo "bench_ab: BENCH_DB is sqlite or postgres" >&2; exit 2 ;;
   esac
-  key=$(bench_relay "$bin" "$WORK/$label.toml" "$port" "$db" "$UP")
+  local quota=BENCH_AB_QUOTA_${label^^}
+  key=$(BENCH_QUOTA_USD=${!quota-${BENCH_QUOTA_USD:-}} bench_relay "$bin" "$WORK/$label.toml" "$port" "$db" "$UP")
   local envs=BENCH_AB_ENV_${label^^}
   # shellcheck disable=SC2086 # assignments split on purpose
   env ${!envs:-} "$bin" --config "$WORK/$label.toml" serve 2>>"$WORK/$label.log" & pid=$!
