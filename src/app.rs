@@ -291,20 +291,27 @@ fn give_back_blocks(settings: &Settings, db: &DbPool) -> Arc<crate::billing::blo
         loop {
             tokio::time::sleep(every / 4).await;
             let mut failed = None;
-            for back in shared.close_due(std::time::Instant::now()) {
+            let now = std::time::Instant::now();
+            for back in shared.close_due(now) {
                 let row = crate::db::queries::reservations::NewReservation::given_back(&back);
                 if let Err(e) = crate::db::queries::reservations::hold(&db, &row).await {
                     failed.get_or_insert(e);
                     shared.retry(back);
                 }
             }
+            for id in shared.unclear_due(now) {
+                if let Err(e) = crate::db::queries::reservations::release(&db, id.as_str()).await {
+                    failed.get_or_insert(e);
+                    shared.unclear(id, now.checked_sub(every).unwrap_or(now));
+                }
+            }
             match (failed, failing) {
                 (Some(e), false) => {
-                    warn!(error = %e, "unused parts of reservation blocks not given back (held until given back or expired); retrying");
+                    warn!(error = %e, "reservation blocks' unused parts not given back, or unclear blocks not deleted (held until done or expired); retrying");
                     failing = true;
                 }
                 (None, true) => {
-                    info!("unused parts of reservation blocks given back again");
+                    info!("reservation blocks given back again");
                     failing = false;
                 }
                 _ => {}

@@ -112,6 +112,9 @@ struct Inner {
     draws: HashMap<String, Draw>,
     /// Unused parts of closed blocks not yet given back (retried until the database takes them).
     returns: Vec<GiveBack>,
+    /// Blocks whose taking had no clear answer (a timeout, a dropped connection): their rows,
+    /// if they were written after all, are deleted once any commit in flight has landed.
+    unclear: Vec<(BlockId, Instant)>,
 }
 
 /// A relay's open blocks and the draws on them, shared by every session and request.
@@ -336,6 +339,24 @@ impl Blocks {
     pub fn retry(&self, back: GiveBack) {
         self.lock().returns.push(back);
     }
+
+    /// Block `id` may have been written though its taking failed (`since`: when it was
+    /// asked): its row is to be deleted — no turn draws from it.
+    pub fn unclear(&self, id: BlockId, since: Instant) {
+        self.lock().unclear.push((id, since));
+    }
+
+    /// The unclear blocks whose rows are now to be deleted: those asked for a block's time
+    /// ago (a commit in flight then has long landed). One whose deletion fails goes back
+    /// through `unclear`.
+    pub fn unclear_due(&self, now: Instant) -> Vec<BlockId> {
+        let mut g = self.lock();
+        let (due, wait) = std::mem::take(&mut g.unclear)
+            .into_iter()
+            .partition(|(_, since)| now.saturating_duration_since(*since) >= self.open_for);
+        g.unclear = wait;
+        due.into_iter().map(|(id, _)| id).collect()
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +541,19 @@ mod tests {
         // A key without a block for a block's time starts over.
         let _ = b.close_due(t0 + 5 * SEC);
         assert_eq!(size(b.ask(1, "t30", 100, t0 + 5 * SEC)), 400);
+    }
+
+    #[test]
+    fn a_block_taken_without_a_clear_answer_is_deleted_a_block_time_later() {
+        let (b, t0) = (blocks(), Instant::now());
+        let id = BlockId::random();
+        b.unclear(id.clone(), t0);
+        assert!(
+            b.unclear_due(t0 + SEC / 2).is_empty(),
+            "a commit may still be in flight"
+        );
+        assert_eq!(b.unclear_due(t0 + SEC), vec![id]);
+        assert!(b.unclear_due(t0 + 2 * SEC).is_empty(), "once");
     }
 
     #[test]

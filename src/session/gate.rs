@@ -202,7 +202,9 @@ pub fn take_reservation(
                 give_back,
                 id,
                 size,
+                asked: Instant::now(),
                 done: false,
+                answered: false,
             }),
             Ask::Exact => None,
         };
@@ -219,8 +221,10 @@ pub fn take_reservation(
         let taken = crate::db::within(crate::db::READ_DEADLINE, call).await;
         if let Some(mut b) = block {
             if taken.is_ok() {
-                // The give-back is written (in the reservation's transaction).
+                // The give-back is written (in the reservation's transaction), and the block
+                // was either taken or surely not.
                 b.give_back = None;
+                b.answered = true;
             }
             if let Ok(Ok(Taken::Block(size))) = taken {
                 b.done = true;
@@ -265,14 +269,19 @@ pub fn take_reservation(
 }
 
 /// A block being taken for a key: the key may ask for another once this ends, whichever way
-/// (dropped with its turn too); a give-back not surely written is tried again.
+/// (dropped with its turn too); a give-back not surely written is tried again, and a block
+/// without a clear answer is deleted in case it was written.
 struct Acquiring {
     blocks: Arc<Blocks>,
     key: i64,
     give_back: Option<GiveBack>,
     id: BlockId,
     size: i64,
+    asked: Instant,
+    /// Acquired: it serves turns.
     done: bool,
+    /// The database answered (taken or not); else its row may exist unknown to the relay.
+    answered: bool,
 }
 
 impl Drop for Acquiring {
@@ -282,6 +291,9 @@ impl Drop for Acquiring {
         }
         if !self.done {
             self.blocks.not_acquired(self.key);
+        }
+        if !self.answered {
+            self.blocks.unclear(self.id.clone(), self.asked);
         }
     }
 }
