@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
-use common::ledger::{assert_invariant, exec};
+use common::ledger::{assert_invariant, exec, reservation_rows};
 use common::stack::{Stack, StackOptions, block};
 use common::ws::{Client, Recv};
 use serde_json::json;
@@ -180,25 +180,6 @@ fn two_relays_on_one_database_hold_one_quota() {
     );
     drop(second);
     s.finish();
-}
-
-/// The reservation rows of the key, by id: (request_id, amount).
-fn reservation_rows(db: &TestDb) -> Vec<(String, i64)> {
-    use diesel::prelude::*;
-    use diesel_async::RunQueryDsl;
-    use turnpike::db::schema::turn_reservations as r;
-    let query = || {
-        r::table
-            .select((r::request_id, r::amount_nanousd))
-            .order(r::request_id)
-    };
-    block(async {
-        match db.pool() {
-            turnpike::db::DbPool::Postgres(p) => query().load(&mut p.get().await.unwrap()).await,
-            turnpike::db::DbPool::Sqlite(p) => query().load(&mut p.get().await.unwrap()).await,
-        }
-        .unwrap()
-    })
 }
 
 /// docs/DESIGN.md#reservation-blocks: a limited key's turns on one relay draw from one block —

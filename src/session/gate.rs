@@ -172,26 +172,124 @@ fn reservation_row(
     }
 }
 
+/// What taking a reservation answers: `Ok` when the turn may run, else the client's code and
+/// words.
+pub type Reserved = Result<(), (ErrorCode, &'static str)>;
+
 /// Takes a reservation (docs/DESIGN.md#reservations): a draw on the key's open block in
 /// memory, else a new block or the turn's own row in the database
 /// (docs/DESIGN.md#reservation-blocks). A refusal comes with the client's code and words (a
-/// database that does not answer refuses: money fails closed).
+/// database that does not answer refuses: money fails closed). The database work runs on its
+/// own: a turn whose session stops meanwhile (its client vanished) has whatever it took
+/// released when it is taken, not left held until the TTL.
 pub fn take_reservation(
     deps: &SessionDeps,
     reservation: NewReservation,
     span: Span,
-) -> impl Future<Output = Result<(), (ErrorCode, &'static str)>> + 'static {
-    let db = deps.db.clone();
-    let blocks = deps.blocks.clone();
+) -> impl Future<Output = Reserved> + 'static {
+    let (db, blocks) = (deps.db.clone(), deps.blocks.clone());
+    let request_id = reservation.request_id.clone();
+    let ask = blocks.ask(
+        reservation.api_key_id,
+        &request_id,
+        reservation.amount_nanousd,
+        Instant::now(),
+    );
+    let mut answer = Answer {
+        blocks: blocks.clone(),
+        db: db.clone(),
+        request_id,
+        now: None,
+        later: None,
+        delivered: false,
+    };
+    if ask == Ask::Drawn {
+        ::metrics::counter!(metric::RESERVATIONS, "how" => "drawn").increment(1);
+        answer.now = Some(Ok(()));
+    } else {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        answer.later = Some(rx);
+        let (release_db, release_blocks, id) =
+            (db.clone(), blocks.clone(), answer.request_id.clone());
+        actix::spawn(async move {
+            let reserved = reserve_in_db(db, blocks, reservation, ask, span).await;
+            if let Err(Ok(())) = tx.send(reserved) {
+                // Nobody waits for it any more: what was taken goes back.
+                release(&release_blocks, &release_db, vec![id]);
+            }
+        });
+    }
+    async move {
+        let reserved = match (answer.now.take(), answer.later.as_mut()) {
+            (Some(now), _) => now,
+            (None, Some(later)) => later.await.unwrap_or(Err((
+                ErrorCode::AccountingUnavailable,
+                ACCOUNTING_UNAVAILABLE,
+            ))),
+            (None, None) => Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE)),
+        };
+        answer.deliver(reserved)
+    }
+}
+
+/// A reservation's answer on its way to its turn: dropped undelivered (the session stopped),
+/// it releases what was taken — or leaves that to the database task, which then finds nobody
+/// to tell.
+struct Answer {
+    blocks: Arc<Blocks>,
+    db: crate::db::DbPool,
+    request_id: String,
+    now: Option<Reserved>,
+    later: Option<tokio::sync::oneshot::Receiver<Reserved>>,
+    delivered: bool,
+}
+
+impl Answer {
+    /// The turn has its answer: nothing left to release on its behalf.
+    fn deliver(mut self, reserved: Reserved) -> Reserved {
+        self.delivered = true;
+        reserved
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.delivered {
+            return;
+        }
+        let taken = match (self.now.take(), self.later.as_mut()) {
+            (Some(now), _) => now.is_ok(),
+            (None, Some(later)) => {
+                // From here the task's send fails (and it releases); an answer sent before
+                // is released here.
+                later.close();
+                matches!(later.try_recv(), Ok(Ok(())))
+            }
+            (None, None) => false,
+        };
+        if taken {
+            release(
+                &self.blocks,
+                &self.db,
+                vec![std::mem::take(&mut self.request_id)],
+            );
+        }
+    }
+}
+
+/// The database part of `take_reservation`: a new block or the turn's own row.
+async fn reserve_in_db(
+    db: crate::db::DbPool,
+    blocks: Arc<Blocks>,
+    reservation: NewReservation,
+    ask: Ask,
+    span: Span,
+) -> Reserved {
     let (key, amount) = (reservation.api_key_id, reservation.amount_nanousd);
     let reservation_user = reservation.user_id;
-    let ask = blocks.ask(key, &reservation.request_id, amount, Instant::now());
-    async move {
+    {
         let block = match ask {
-            Ask::Drawn => {
-                ::metrics::counter!(metric::RESERVATIONS, "how" => "drawn").increment(1);
-                return Ok(());
-            }
+            Ask::Drawn => return Ok(()),
             Ask::Acquire {
                 id,
                 size,
@@ -301,10 +399,14 @@ impl Drop for Acquiring {
 /// Drops reservations whose turns will not run (in the background; they expire anyway): a
 /// draw goes back to its block, a row of the turn's own is deleted.
 pub fn release_reservations(deps: &SessionDeps, ids: Vec<String>) {
+    release(&deps.blocks, &deps.db, ids);
+}
+
+fn release(blocks: &Blocks, db: &crate::db::DbPool, ids: Vec<String>) {
     let work: Vec<(String, Released)> = ids
         .into_iter()
         .map(|id| {
-            let released = deps.blocks.release(&id);
+            let released = blocks.release(&id);
             (id, released)
         })
         .filter(|(_, r)| *r != Released::Local)
@@ -312,7 +414,7 @@ pub fn release_reservations(deps: &SessionDeps, ids: Vec<String>) {
     if work.is_empty() {
         return;
     }
-    let db = deps.db.clone();
+    let db = db.clone();
     actix::spawn(async move {
         for (id, released) in work {
             let _ = match released {

@@ -64,6 +64,25 @@ pub fn exec(db: &TestDb, sql: &str) {
     })
 }
 
+/// The reservation rows, by id: (request_id, amount).
+pub fn reservation_rows(db: &TestDb) -> Vec<(String, i64)> {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use turnpike::db::schema::turn_reservations as r;
+    let query = || {
+        r::table
+            .select((r::request_id, r::amount_nanousd))
+            .order(r::request_id)
+    };
+    block(async {
+        match db.pool() {
+            turnpike::db::DbPool::Postgres(p) => query().load(&mut p.get().await.unwrap()).await,
+            turnpike::db::DbPool::Sqlite(p) => query().load(&mut p.get().await.unwrap()).await,
+        }
+        .unwrap()
+    })
+}
+
 pub fn wait_rows(db: &TestDb, n: i64) -> Sums {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
