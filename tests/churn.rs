@@ -256,25 +256,11 @@ fn churn_with_lanes_leaks_no_lease() {
 /// afterwards every response is billed once and nothing stays reserved.
 #[test]
 fn churn_of_a_limited_key_leaves_nothing_reserved() {
-    for db in block(TestDb::all()) {
-        storm(
-            db,
-            20,
-            Duration::from_secs(5),
-            4,
-            3,
-            Some((1_000_000_000_000, "8")),
-        );
-    }
-    for db in block(TestDb::all()) {
-        storm(
-            db,
-            20,
-            Duration::from_secs(5),
-            4,
-            3,
-            Some((1_000_000_000_000, "1")),
-        );
+    for block_turns in ["8", "1"] {
+        for db in block(TestDb::all()) {
+            let quota = Some((1_000_000_000_000, block_turns));
+            storm(db, 20, Duration::from_secs(5), 4, 3, quota);
+        }
     }
 }
 
