@@ -389,10 +389,34 @@ fn a_killed_relays_block_holds_only_its_unused_part_until_it_expires() {
 fn blocks_hold_a_quota_across_relays() {
     let Some(pg) = postgres() else { return };
     // About 40 turns' reservations: blocks of 8 at first, then turn by turn.
-    let quota = 40 * RESERVED;
-    let s = stack_with_quota(pg, Some(quota));
+    spend_across_relays(pg, 20, 6, 40);
+}
+
+/// The same with 200 sessions of the key at once (blocks grow to serve them, docs/DESIGN.md#reservation-blocks):
+/// the quota holds, most of it is used, and once the blocks close nothing stays reserved.
+#[test]
+fn two_hundred_sessions_spend_a_quota_through_growing_blocks() {
+    let Some(pg) = postgres() else { return };
+    spend_across_relays(pg, 200, 3, 200);
+}
+
+/// `sessions` clients on two relays, `turns` turns each, against a quota of `quota_turns`
+/// turns' reservations: spent ≤ quota and ≥ half of it, the money adds up, nothing held after.
+fn spend_across_relays(pg: TestDb, sessions: usize, turns: usize, quota_turns: i64) {
+    let quota = quota_turns * RESERVED;
+    let s = Stack::start(
+        pg,
+        StackOptions {
+            max_conns: sessions,
+            key: KeyRequest {
+                quota_nanousd: Some(quota),
+                ..KeyRequest::default()
+            },
+            ..StackOptions::default()
+        },
+    );
     let (second, addr2, _dir) = s.second_relay(&[]);
-    let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, 20, 6);
+    let (done, refused) = fire(&[s.addr.clone(), addr2], &s.key, sessions, turns);
     assert!(refused >= 1, "{done} completed, {refused} refused");
     let sums = common::ledger::wait_rows(&s.db, done as i64);
     assert_invariant(&sums);
@@ -407,6 +431,11 @@ fn blocks_hold_a_quota_across_relays() {
         "blocks kept turns out: {done} completed, spent {} of {quota}",
         sums.spent
     );
+    let deadline = std::time::Instant::now() + T;
+    while held(&s.db) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(held(&s.db), 0, "{:?}", reservation_rows(&s.db));
     drop(second);
     s.finish();
 }
