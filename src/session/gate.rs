@@ -195,22 +195,13 @@ pub fn take_reservation(
         reservation.amount_nanousd,
         Instant::now(),
     );
-    let mut answer = Answer {
-        blocks: blocks.clone(),
-        db: db.clone(),
-        request_id,
-        now: None,
-        later: None,
-        delivered: false,
-    };
-    if ask == Ask::Drawn {
+    let coming = if ask == Ask::Drawn {
         ::metrics::counter!(metric::RESERVATIONS, "how" => "drawn").increment(1);
-        answer.now = Some(Ok(()));
+        Coming::Now(Ok(()))
     } else {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        answer.later = Some(rx);
-        let (release_db, release_blocks, id) =
-            (db.clone(), blocks.clone(), answer.request_id.clone());
+        let (release_db, release_blocks, id) = (db.clone(), blocks.clone(), request_id.clone());
+        let (db, blocks) = (db.clone(), blocks.clone());
         actix::spawn(async move {
             let reserved = reserve_in_db(db, blocks, reservation, ask, span).await;
             if let Err(Ok(())) = tx.send(reserved) {
@@ -218,18 +209,32 @@ pub fn take_reservation(
                 release(&release_blocks, &release_db, vec![id]);
             }
         });
-    }
+        Coming::Later(rx)
+    };
+    let mut answer = Answer {
+        blocks,
+        db,
+        request_id,
+        coming: Some(coming),
+    };
     async move {
-        let reserved = match (answer.now.take(), answer.later.as_mut()) {
-            (Some(now), _) => now,
-            (None, Some(later)) => later.await.unwrap_or(Err((
+        let reserved = match answer.coming.as_mut() {
+            Some(Coming::Now(now)) => std::mem::replace(now, Ok(())),
+            Some(Coming::Later(later)) => later.await.unwrap_or(Err((
                 ErrorCode::AccountingUnavailable,
                 ACCOUNTING_UNAVAILABLE,
             ))),
-            (None, None) => Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE)),
+            None => Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE)),
         };
-        answer.deliver(reserved)
+        answer.delivered();
+        reserved
     }
+}
+
+/// Where a reservation's answer comes from: at once (a draw), or from the database task.
+enum Coming {
+    Now(Reserved),
+    Later(tokio::sync::oneshot::Receiver<Reserved>),
 }
 
 /// A reservation's answer on its way to its turn: dropped undelivered (the session stopped),
@@ -239,33 +244,28 @@ struct Answer {
     blocks: Arc<Blocks>,
     db: crate::db::DbPool,
     request_id: String,
-    now: Option<Reserved>,
-    later: Option<tokio::sync::oneshot::Receiver<Reserved>>,
-    delivered: bool,
+    /// `None` once the turn has its answer: nothing left to release on its behalf.
+    coming: Option<Coming>,
 }
 
 impl Answer {
     /// The turn has its answer: nothing left to release on its behalf.
-    fn deliver(mut self, reserved: Reserved) -> Reserved {
-        self.delivered = true;
-        reserved
+    fn delivered(&mut self) {
+        self.coming = None;
     }
 }
 
 impl Drop for Answer {
     fn drop(&mut self) {
-        if self.delivered {
-            return;
-        }
-        let taken = match (self.now.take(), self.later.as_mut()) {
-            (Some(now), _) => now.is_ok(),
-            (None, Some(later)) => {
+        let taken = match self.coming.take() {
+            None => false,
+            Some(Coming::Now(now)) => now.is_ok(),
+            Some(Coming::Later(mut later)) => {
                 // From here the task's send fails (and it releases); an answer sent before
                 // is released here.
                 later.close();
                 matches!(later.try_recv(), Ok(Ok(())))
             }
-            (None, None) => false,
         };
         if taken {
             release(
@@ -287,81 +287,79 @@ async fn reserve_in_db(
 ) -> Reserved {
     let (key, amount) = (reservation.api_key_id, reservation.amount_nanousd);
     let reservation_user = reservation.user_id;
-    {
-        let block = match ask {
-            Ask::Drawn => return Ok(()),
-            Ask::Acquire {
-                id,
-                size,
-                give_back,
-            } => Some(Acquiring {
-                blocks,
-                key,
-                give_back,
-                id,
-                size,
-                asked: Instant::now(),
-                done: false,
-                answered: false,
-            }),
-            Ask::Exact => None,
-        };
-        let given_back = block
-            .as_ref()
-            .and_then(|b| b.give_back.as_ref())
-            .map(NewReservation::given_back);
-        let offer = block.as_ref().map(|b| (b.id.clone(), b.size));
-        let (request_id, expires_at) = (reservation.request_id.clone(), reservation.expires_at);
-        let call = async move {
-            let offer = offer.as_ref().map(|(id, size)| (id.as_str(), *size));
-            queries::reservations::reserve(&db, &reservation, offer, given_back.as_ref()).await
-        };
-        let taken = crate::db::within(crate::db::READ_DEADLINE, call).await;
-        if let Some(mut b) = block {
-            if taken.is_ok() {
-                // The give-back is written (in the reservation's transaction), and the block
-                // was either taken or surely not.
-                b.give_back = None;
-                b.answered = true;
-            }
-            if let Ok(Ok(Taken::Block(size))) = taken {
-                b.done = true;
-                let holder = Holder {
-                    key,
-                    user: reservation_user,
-                    expires_at,
-                };
-                b.blocks.acquired(
-                    b.id.clone(),
-                    holder,
-                    size,
-                    &request_id,
-                    amount,
-                    Instant::now(),
-                );
-            }
+    let block = match ask {
+        Ask::Drawn => return Ok(()),
+        Ask::Acquire {
+            id,
+            size,
+            give_back,
+        } => Some(Acquiring {
+            blocks,
+            key,
+            give_back,
+            id,
+            size,
+            asked: Instant::now(),
+            done: false,
+            answered: false,
+        }),
+        Ask::Exact => None,
+    };
+    let given_back = block
+        .as_ref()
+        .and_then(|b| b.give_back.as_ref())
+        .map(NewReservation::given_back);
+    let offer = block.as_ref().map(|b| (b.id.clone(), b.size));
+    let (request_id, expires_at) = (reservation.request_id.clone(), reservation.expires_at);
+    let call = async move {
+        let offer = offer.as_ref().map(|(id, size)| (id.as_str(), *size));
+        queries::reservations::reserve(&db, &reservation, offer, given_back.as_ref()).await
+    };
+    let taken = crate::db::within(crate::db::READ_DEADLINE, call).await;
+    if let Some(mut b) = block {
+        if taken.is_ok() {
+            // The give-back is written (in the reservation's transaction), and the block
+            // was either taken or surely not.
+            b.give_back = None;
+            b.answered = true;
         }
-        match taken {
-            Ok(Ok(taken)) => {
-                let how = match taken {
-                    Taken::Block(_) => "block",
-                    Taken::Own => "own",
-                };
-                ::metrics::counter!(metric::RESERVATIONS, "how" => how).increment(1);
-                Ok(())
-            }
-            Ok(Err(Refusal::Quota)) => Err((
-                ErrorCode::QuotaExhausted,
-                "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
-            )),
-            Ok(Err(Refusal::Balance)) => Err((
-                ErrorCode::BalanceExhausted,
-                "the remaining balance does not cover the turn's expected cost (turns in flight included)",
-            )),
-            Err(e) => {
-                warn!(parent: &span, error = %e, "turn reservation not taken; the turn is refused");
-                Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
-            }
+        if let Ok(Ok(Taken::Block(size))) = taken {
+            b.done = true;
+            let holder = Holder {
+                key,
+                user: reservation_user,
+                expires_at,
+            };
+            b.blocks.acquired(
+                b.id.clone(),
+                holder,
+                size,
+                &request_id,
+                amount,
+                Instant::now(),
+            );
+        }
+    }
+    match taken {
+        Ok(Ok(taken)) => {
+            let how = match taken {
+                Taken::Block(_) => "block",
+                Taken::Own => "own",
+            };
+            ::metrics::counter!(metric::RESERVATIONS, "how" => how).increment(1);
+            Ok(())
+        }
+        Ok(Err(Refusal::Quota)) => Err((
+            ErrorCode::QuotaExhausted,
+            "this key's remaining quota does not cover the turn's expected cost (turns in flight included)",
+        )),
+        Ok(Err(Refusal::Balance)) => Err((
+            ErrorCode::BalanceExhausted,
+            "the remaining balance does not cover the turn's expected cost (turns in flight included)",
+        )),
+        Err(e) => {
+            warn!(parent: &span, error = %e, "turn reservation not taken; the turn is refused");
+            Err((ErrorCode::AccountingUnavailable, ACCOUNTING_UNAVAILABLE))
         }
     }
 }
